@@ -1,0 +1,1 @@
+"""Serving: the inference engine, the rolling context, the conversation logic and Telegram."""

@@ -1,0 +1,98 @@
+"""Building the Telegram application: every handler registered here, dependencies injected.
+
+`build_application` takes ready-made settings, store and conversation (the model already
+loaded), so tests can pass fakes and the CLI decides where things come from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
+from telegram.ext import (
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
+
+from bot.commands import COMMANDS
+from bot.conversation import Conversation
+from bot.handlers import Handlers
+from bot.status import write_runtime
+from config.settings import Settings
+from memory.store import Store
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 5.0
+
+
+def build_application(settings: Settings, store: Store, conversation: Conversation, *, token: str,
+                      base_url: str | None = None) -> Application:
+    h = Handlers(settings, store, conversation, started_at=time.time())
+    builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(True)
+    if base_url:
+        base = base_url.rstrip("/")
+        builder = builder.base_url(base).base_file_url(base.replace("/bot", "/file/bot"))
+    builder = builder.connect_timeout(10).read_timeout(30).write_timeout(30).pool_timeout(10)
+    builder = builder.get_updates_read_timeout(40)
+    app = builder.post_init(lambda a: _post_init(a, settings, h)).post_shutdown(_post_shutdown).build()
+    app.bot_data["handlers"] = h
+
+    admins = filters.User(user_id=settings.admin_ids, allow_empty=False)
+    app.add_handler(TypeHandler(Update, h.gate), group=-1)
+    app.add_handler(CommandHandler("start", h.start))
+    app.add_handler(CommandHandler("help", h.help))
+    app.add_handler(CommandHandler("reset", h.reset))
+    app.add_handler(CommandHandler("privacy", h.privacy))
+    for cmd in COMMANDS:
+        if cmd.admin:
+            app.add_handler(CommandHandler(cmd.name, getattr(h, cmd.name), filters=admins))
+            app.add_handler(CommandHandler(cmd.name, h.refuse_admin))
+    app.add_handler(CallbackQueryHandler(h.button))
+    app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
+    app.add_handler(MessageHandler(filters.COMMAND, h.unknown_command))
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.text))
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.non_text))
+    app.add_error_handler(h.on_error)
+    return app
+
+
+async def _ignore(update: Update, context) -> None:
+    """Edited messages: the original was already answered; silently ignored."""
+
+
+async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
+    """Register the command menu (admins see theirs too) and start the status heartbeat."""
+    public = [BotCommand(c.name, c.description) for c in COMMANDS if not c.admin]
+    everything = [BotCommand(c.name, c.description) for c in COMMANDS]
+    try:
+        await app.bot.set_my_commands(public, scope=BotCommandScopeDefault())
+        for admin in settings.admin_ids:
+            await app.bot.set_my_commands(everything, scope=BotCommandScopeChat(admin))
+    except Exception:
+        log.warning("could not register the command menu", exc_info=True)
+
+    async def heartbeat() -> None:
+        while True:
+            try:
+                write_runtime(settings, h.runtime_info())
+            except OSError:
+                log.warning("could not write the runtime status file", exc_info=True)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    app.bot_data["heartbeat"] = asyncio.create_task(heartbeat())
+
+
+async def _post_shutdown(app: Application) -> None:
+    task = app.bot_data.get("heartbeat")
+    if task:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

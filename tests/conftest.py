@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from bot.conversation import Conversation
+from bot.worker import InferenceWorker
+from config.settings import load_settings
+from memory.store import Store
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test reads the developer's environment or data folder."""
+    for var in ("OURO_ADMIN_IDS", "OURO_ALLOWED_USER_IDS", "OURO_BASE_MODEL", "TELEGRAM_BOT_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OURO_DATA_DIR", str(tmp_path / "data"))
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def store(settings):
+    s = Store.open(settings.db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake_engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def conversation(settings, store, fake_engine):
+    worker = InferenceWorker(fake_engine, max_backlog=settings.max_backlog)
+    yield Conversation(settings, store, worker)
+    worker.close()

@@ -1,0 +1,120 @@
+"""The store: turns written before replies, ratings, preferences, corrections, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from memory.migrations import MIGRATIONS, migrate, pending
+from memory.store import Store
+
+
+def test_user_message_is_stored_as_pending_before_reply(store):
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="hello", user_message_id=11)
+    t = store.turn(turn)
+    assert t.status == "pending" and t.user_text == "hello" and t.reply_text is None
+    assert store.pending_turns()[0]["id"] == turn
+    store.complete_turn(turn, reply_text="hi!", generation_id="gen-0000", prompt_tokens=12, completion_tokens=2,
+                        latency_s=0.5, ttft_s=0.1, context_start_turn_id=None)
+    t = store.turn(turn)
+    assert t.status == "answered" and t.reply_text == "hi!" and t.generation_id == "gen-0000"
+    assert store.pending_turns() == []
+
+
+def test_rating_is_one_per_user_per_reply_and_can_change(store):
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="q")
+    assert store.rate(turn, 7, 1) == "new"
+    assert store.rate(turn, 7, 1) == "same"
+    assert store.rate(turn, 7, -1) == "changed"
+    assert store.rating(turn, 7) == -1
+    assert store.database.scalar("SELECT COUNT(*) FROM ratings") == 1
+
+
+def test_pick_records_preference_once_and_context_uses_kept_sample(store):
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="q")
+    store.complete_turn(turn, reply_text="first", generation_id="g", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=turn)
+    alt = store.add_alternative(turn, "second", "g")
+    assert store.pick(turn, alt, 7, keep_alternative=True) is True
+    assert store.pick(turn, alt, 7, keep_alternative=False) is False  # replayed press
+    pref = store.database.one("SELECT chosen, rejected, source FROM preferences")
+    assert pref == {"chosen": "second", "rejected": "first", "source": "regenerate"}
+    session = store.current_session(5)
+    assert [e.reply_text for e in store.history(session)] == ["second"]
+
+
+def test_correction_is_stored_with_preference_and_only_when_awaited(store):
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="q")
+    store.complete_turn(turn, reply_text="meh", generation_id="g", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=turn)
+    assert store.take_correction(5, 7, "not awaited") is None
+    store.await_correction(5, 7, turn)
+    assert store.take_correction(5, 8, "someone else") is None
+    assert store.take_correction(5, 7, "much better") == turn
+    assert store.take_correction(5, 7, "again") is None
+    assert store.database.one("SELECT text FROM corrections") == {"text": "much better"}
+    assert store.database.one("SELECT chosen, rejected, source FROM preferences") == {
+        "chosen": "much better", "rejected": "meh", "source": "correction"}
+
+
+def test_reset_starts_a_new_session_with_empty_history(store):
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="q")
+    store.complete_turn(turn, reply_text="a", generation_id="g", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=turn)
+    old = store.current_session(5)
+    new = store.reset_session(5, user_id=7)
+    assert new != old and store.history(new) == [] and len(store.history(old)) == 1
+
+
+def test_blank_database_gets_every_migration_and_wal(tmp_path):
+    store = Store.open(tmp_path / "x.db")
+    assert pending(store.database.conn) == []
+    assert store.database.scalar("PRAGMA journal_mode") == "wal"
+    names = [r["name"] for r in store.database.query("SELECT name FROM _migrations")]
+    assert names == [name for name, _ in MIGRATIONS]
+    assert (tmp_path / "x.db").stat().st_mode & 0o077 == 0  # private to its owner
+    store.close()
+
+
+def test_older_schema_is_migrated_with_rows_kept(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, stop_before="m002_feedback")
+    conn.execute("INSERT INTO users VALUES (7, 'ann', 'Ann', 'then', 'then')")
+    conn.execute("INSERT INTO chats VALUES (5, 'private', NULL, 'then')")
+    conn.execute("INSERT INTO sessions (chat_id, started_at) VALUES (5, 'then')")
+    conn.execute("INSERT INTO turns (session_id, chat_id, user_id, user_text, created_at, status, reply_text) "
+                 "VALUES (1, 5, 7, 'old question', 'then', 'answered', 'old answer')")
+    conn.execute("INSERT INTO ratings VALUES (1, 7, 1, 'then', 'then')")
+    conn.close()
+    store = Store.open(path)
+    assert pending(store.database.conn) == []
+    assert [(e.user_text, e.reply_text) for e in store.history(1)] == [("old question", "old answer")]
+    assert store.rating(1, 7) == 1
+    assert store.stats()["ratings_up"] == 1
+    # the new columns and tables work on the old rows
+    alt = store.add_alternative(1, "new take", "gen-0000")
+    assert store.pick(1, alt, 7, keep_alternative=True)
+    store.close()
+
+
+def test_failed_migration_rolls_back_and_leaves_nothing_half_applied(tmp_path):
+    from memory import migrations
+
+    conn = sqlite3.connect(tmp_path / "y.db", isolation_level=None)
+
+    def broken(c):
+        c.execute("CREATE TABLE half (x)")
+        raise RuntimeError("boom")
+
+    migrations.MIGRATIONS.append(("m999_broken", broken))
+    try:
+        try:
+            migrate(conn)
+        except RuntimeError:
+            pass
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'half'").fetchone()[0] == 0
+        assert "m999_broken" in pending(conn)
+        assert "m003_generations_and_events" not in pending(conn)
+    finally:
+        migrations.MIGRATIONS.pop()
+        conn.close()

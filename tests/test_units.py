@@ -1,0 +1,80 @@
+"""Small pieces: callback data, message splitting, settings validation, command table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bot import keyboards
+from bot.commands import COMMANDS, help_text
+from bot.splitting import split_text
+from config.settings import load_settings
+from ouro.errors import OuroError
+
+
+def test_callback_data_round_trips_and_rejects_forgeries():
+    assert keyboards.decode(keyboards.encode("up", 12)) == keyboards.Press("up", 12)
+    assert keyboards.decode(keyboards.encode("keep", 3, 4, 2)) == keyboards.Press("keep", 3, 4, 2)
+    for bad in ["", None, "o1:up", "o1:up:-1", "o1:nuke:1", "o1:keep:1", "o1:up:1:2:1", "x" * 65,
+                "o1:up:1\n", "o1:keep:1:2:3", "o1:up:99999999999999"]:
+        assert keyboards.decode(bad) is None, bad
+
+
+@given(st.text(max_size=80))
+def test_decode_never_raises(data):
+    keyboards.decode(data)
+
+
+def test_every_button_fits_telegram_64_bytes():
+    kb = keyboards.reply_keyboard(10**12 - 1)
+    for button in kb.inline_keyboard[0]:
+        assert len(button.callback_data.encode()) <= 64
+
+
+@given(st.text(min_size=0, max_size=20000))
+def test_split_keeps_every_character_within_limit(text):
+    pieces = split_text(text, 4096)
+    assert all(len(p) <= 4096 for p in pieces)
+    assert "".join(pieces).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+
+
+def test_split_prefers_paragraph_boundaries():
+    text = ("word " * 600).strip() + "\n\n" + ("next " * 300).strip()
+    pieces = split_text(text, 4096)
+    assert len(pieces) == 2 and pieces[1].startswith("next")
+
+
+def test_settings_from_env_and_clear_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("OURO_ADMIN_IDS", "1, 2,3")
+    monkeypatch.setenv("OURO_N_CTX", "4096")
+    s = load_settings(data_dir=tmp_path)
+    assert s.admin_ids == [1, 2, 3] and s.n_ctx == 4096
+    assert s.is_admin(2) and not s.is_admin(4)
+    assert s.may_chat(99)  # no allow-list: everyone
+    monkeypatch.setenv("OURO_ALLOWED_USER_IDS", "5")
+    s = load_settings(data_dir=tmp_path)
+    assert s.may_chat(5) and s.may_chat(1) and not s.may_chat(99)
+    monkeypatch.setenv("OURO_ADMIN_IDS", "alice")
+    with pytest.raises(OuroError, match="admin_ids"):
+        load_settings(data_dir=tmp_path)
+    monkeypatch.delenv("OURO_ADMIN_IDS")
+    with pytest.raises(OuroError, match="n_ctx"):
+        load_settings(data_dir=tmp_path, n_ctx=-5)
+
+
+def test_settings_file_in_data_dir(monkeypatch, tmp_path):
+    (tmp_path / "settings.toml").write_text('temperature = 0.2\nadmin_ids = [42]\n')
+    monkeypatch.setenv("OURO_DATA_DIR", str(tmp_path))
+    s = load_settings()
+    assert s.temperature == 0.2 and s.admin_ids == [42] and s.data_dir == tmp_path
+
+
+def test_help_lists_commands_and_readme_matches():
+    assert "/status" in help_text(is_admin=True) and "/status" not in help_text(is_admin=False)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for cmd in COMMANDS:
+        assert re.search(rf"`/{cmd.name}`[^\n]*{re.escape(cmd.description)}", readme), cmd.name

@@ -1,0 +1,1 @@
+"""Learning: one module per stage of the cycle, plus the lineage of generations."""
