@@ -19,8 +19,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $@
 
-.stamp-emulator: tests/emulator/package.json
-	cd tests/emulator && npm install --no-audit --no-fund --loglevel=error
+.stamp-emulator: emulator/package.json emulator/package-lock.json
+	cd emulator && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 # The main job on its embedded default. With TELEGRAM_BOT_TOKEN set it serves Telegram;

@@ -96,3 +96,25 @@ async def _post_shutdown(app: Application) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def running(app: Application, *, poll_timeout: int = 10):
+    """Run `app` (polling) inside an existing event loop — for tests, the demo and benchmarks.
+
+    `run_polling` owns its loop and signals; this does the same steps by hand: initialize,
+    post_init, start, poll; then the reverse, post_shutdown included.
+    """
+    await app.initialize()
+    if app.post_init:
+        await app.post_init(app)
+    await app.start()
+    await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES, poll_interval=0.0)
+    try:
+        yield app
+    finally:
+        await app.updater.stop()
+        await app.stop()
+        if app.post_shutdown:
+            await app.post_shutdown(app)
+        await app.shutdown()

@@ -35,7 +35,7 @@ def decode(data: str | None) -> Press | None:
     """A Press, or None for anything this bot did not make."""
     if not data or len(data) > 64:
         return None
-    m = _PATTERN.match(data)
+    m = _PATTERN.fullmatch(data)
     if not m:
         return None
     action, turn, alt, keep = m.groups()

@@ -35,6 +35,7 @@ class StreamingReply:
         self.message_ids: list[int] = []
         self._shown: list[str] = []
         self._changed = asyncio.Event()
+        self._done = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_call = 0.0
 
@@ -47,11 +48,17 @@ class StreamingReply:
         self._task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
+        # Never cancelled mid-request: a send cut off after Telegram got it would be sent twice.
         while True:
             await self._changed.wait()
+            if self._done.is_set():
+                return
             wait = self.interval - (time.monotonic() - self._last_call)
             if wait > 0:
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), wait)
+                if self._done.is_set():
+                    return
             self._changed.clear()
             try:
                 await self._flush(streaming=True)
@@ -60,10 +67,10 @@ class StreamingReply:
 
     async def finish(self, text: str | None = None, markup: InlineKeyboardMarkup | None = None) -> list[int]:
         """Show the final text (with the keyboard on the last message); return all message ids."""
+        self._done.set()
+        self._changed.set()
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         if text is not None:
             self.text = text
         await self._flush(streaming=False, markup=markup)

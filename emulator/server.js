@@ -469,7 +469,7 @@ const methods = {
     cb.answered = true;
     cb.answer = {
       text: p.text, show_alert: p.show_alert === true || p.show_alert === 'true',
-      url: p.url, cache_time: p.cache_time !== undefined ? Number(p.cache_time) : undefined, time: Date.now(),
+      url: p.url, cache_time: p.cache_time !== undefined ? Number(p.cache_time) : undefined, time: Date.now() / 1000,
     };
     bumpVersion();
     return true;

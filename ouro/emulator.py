@@ -1,7 +1,7 @@
-"""Drive the local Telegram Bot API emulator (``tests/emulator/server.js``) from tests.
+"""Drive the local Telegram Bot API emulator (``emulator/server.js``) from tests.
 
 The emulator is ``telegram-test-api`` 4.2.1 behind a small Node launcher that
-bridges what python-telegram-bot 22.x needs (see ``tests/emulator/README.md``).
+bridges what python-telegram-bot 22.x needs (see ``emulator/README.md``).
 A bot under test talks to it exactly as to Telegram::
 
     with Emulator() as emu:
@@ -44,7 +44,7 @@ import httpx
 
 __all__ = ["DEFAULT_TOKEN", "BotMessage", "Button", "EmulatedUser", "Emulator", "EmulatorError"]
 
-EMULATOR_DIR = Path(__file__).resolve().parent / "emulator"
+EMULATOR_DIR = Path(__file__).resolve().parent.parent / "emulator"
 DEFAULT_TOKEN = "123456789:TEST-emulator-token"
 """Bot token used when none is given; the emulator derives the bot id (123456789) from it."""
 
@@ -116,7 +116,17 @@ class BotMessage:
     @property
     def kind(self) -> str:
         """'text', 'photo', 'document', 'sticker', ... (first media field present)."""
-        for key in ("text", "photo", "document", "audio", "video", "animation", "voice", "video_note", "sticker"):
+        for key in (
+            "text",
+            "photo",
+            "document",
+            "audio",
+            "video",
+            "animation",
+            "voice",
+            "video_note",
+            "sticker",
+        ):
             if key in self.message:
                 return key
         return "other"
@@ -161,11 +171,18 @@ class BotMessage:
 Predicate = Callable[[BotMessage], bool]
 
 
+def _async_client() -> httpx.AsyncClient:
+    # Local plain HTTP: skip loading the CA bundle (~80 ms per client) and ignore *_PROXY variables.
+    return httpx.AsyncClient(timeout=30, verify=False, trust_env=False)
+
+
 def _check(resp: httpx.Response) -> Any:
     try:
         body = resp.json()
     except ValueError as exc:
-        raise EmulatorError(f"emulator answered {resp.status_code} with non-JSON: {resp.text[:200]!r}") from exc
+        raise EmulatorError(
+            f"emulator answered {resp.status_code} with non-JSON: {resp.text[:200]!r}"
+        ) from exc
     if not body.get("ok"):
         raise EmulatorError(f"emulator refused {resp.request.url.path}: {body.get('description', body)}")
     return body
@@ -211,11 +228,21 @@ class EmulatedUser:
             if username:
                 self.chat["username"] = username
         else:
-            self.chat = {"id": self.chat_id, "type": chat_type, "title": chat_title or f"Test {chat_type} {self.chat_id}"}
+            self.chat = {
+                "id": self.chat_id,
+                "type": chat_type,
+                "title": chat_title or f"Test {chat_type} {self.chat_id}",
+            }
 
     # ---- payload builders (shared by the sync and async API)
     def _message(self, **fields: Any) -> _JSON:
-        return {"botToken": self.bot_token, "from": self.user, "chat": self.chat, "date": int(time.time()), **fields}
+        return {
+            "botToken": self.bot_token,
+            "from": self.user,
+            "chat": self.chat,
+            "date": int(time.time()),
+            **fields,
+        }
 
     def _text_payload(self, text: str, reply_to: int | None) -> _JSON:
         fields: _JSON = {"text": text}
@@ -231,6 +258,10 @@ class EmulatedUser:
         return "/sendCommand", self._message(text=text, entities=entities)
 
     def _reply_stub(self, message_id: int) -> _JSON:
+        """The replied-to message as Telegram embeds it: the bot's own message when it is one."""
+        for m in self.bot_messages():
+            if m.message_id == message_id:
+                return dict(m.message)
         return {"message_id": message_id, "chat": self.chat, "date": int(time.time())}
 
     def _callback_payload(self, data: str, message_id: int, force: bool) -> _JSON:
@@ -260,7 +291,9 @@ class EmulatedUser:
     # ---- sync API
     def send_text(self, text: str, *, reply_to: int | None = None) -> int:
         """Send a text message; returns its message_id."""
-        return int(self.emulator._post("/sendMessage", self._text_payload(text, reply_to))["result"]["message_id"])
+        return int(
+            self.emulator._post("/sendMessage", self._text_payload(text, reply_to))["result"]["message_id"]
+        )
 
     def send_command(self, command: str, args: str = "") -> int:
         """Send ``/command args`` with a bot_command entity; returns its message_id."""
@@ -274,13 +307,23 @@ class EmulatedUser:
     def send_photo(self, data: bytes, caption: str | None = None, *, width: int = 0, height: int = 0) -> int:
         """Send a photo (the bytes are downloadable by the bot via get_file)."""
         f = self.emulator.upload_file(data, "photo.jpg", "image/jpeg")
-        size = {"file_id": f["file_id"], "file_unique_id": f["file_unique_id"], "file_size": len(data),
-                "width": width, "height": height}
+        size = {
+            "file_id": f["file_id"],
+            "file_unique_id": f["file_unique_id"],
+            "file_size": len(data),
+            "width": width,
+            "height": height,
+        }
         extra = {"caption": caption} if caption else {}
         return self.send_message(photo=[size], **extra)
 
-    def send_document(self, data: bytes, file_name: str, mime_type: str = "application/octet-stream",
-                      caption: str | None = None) -> int:
+    def send_document(
+        self,
+        data: bytes,
+        file_name: str,
+        mime_type: str = "application/octet-stream",
+        caption: str | None = None,
+    ) -> int:
         f = self.emulator.upload_file(data, file_name, mime_type)
         doc = {k: f[k] for k in ("file_id", "file_unique_id", "file_size", "file_name", "mime_type")}
         extra = {"caption": caption} if caption else {}
@@ -288,8 +331,16 @@ class EmulatedUser:
 
     def send_sticker(self, emoji: str = "👍") -> int:
         f = self.emulator.upload_file(b"RIFF\x00\x00\x00\x00WEBP", "sticker.webp", "image/webp")
-        sticker = {"file_id": f["file_id"], "file_unique_id": f["file_unique_id"], "width": 512, "height": 512,
-                   "is_animated": False, "is_video": False, "type": "regular", "emoji": emoji}
+        sticker = {
+            "file_id": f["file_id"],
+            "file_unique_id": f["file_unique_id"],
+            "width": 512,
+            "height": 512,
+            "is_animated": False,
+            "is_video": False,
+            "type": "regular",
+            "emoji": emoji,
+        }
         return self.send_message(sticker=sticker)
 
     def edit_text(self, message_id: int, text: str) -> None:
@@ -315,17 +366,28 @@ class EmulatedUser:
         body = _check(self.emulator._http.get(self.emulator.base_url + "/_messages", params=self._query()))
         return self._views(body, include_user, include_deleted)
 
-    def wait_for(self, predicate: Predicate = lambda m: True, timeout: float = 10.0, *,
-                 after: int | None = None, include_user: bool = False) -> BotMessage:
+    def wait_for(
+        self,
+        predicate: Predicate = lambda m: True,
+        timeout: float = 10.0,
+        *,
+        after: int | None = None,
+        include_user: bool = False,
+    ) -> BotMessage:
         """Block until a bot message (newer than message_id ``after``) satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         version = -1
         seen: list[BotMessage] = []
         while True:
             left = deadline - time.monotonic()
-            params = {**self._query(), "since_version": str(version), "wait_ms": str(max(int(left * 1000), 0))}
-            resp = self.emulator._http.get(self.emulator.base_url + "/_messages", params=params,
-                                           timeout=max(left, 0) + 5)
+            params = {
+                **self._query(),
+                "since_version": str(version),
+                "wait_ms": str(max(int(left * 1000), 0)),
+            }
+            resp = self.emulator._http.get(
+                self.emulator.base_url + "/_messages", params=params, timeout=max(left, 0) + 5
+            )
             body = _check(resp)
             version = body["version"]
             seen = self._views(body, include_user, False)
@@ -341,14 +403,18 @@ class EmulatedUser:
 
     def chat_actions(self) -> list[str]:
         """Actions (``typing`` ...) the bot sent to this chat, oldest first."""
-        return [c["params"].get("action") for c in self.emulator.calls("sendChatAction", self.bot_token)
-                if str(c["params"].get("chat_id")) == str(self.chat_id) and c["status"] == 200]
+        return [
+            c["params"].get("action")
+            for c in self.emulator.calls("sendChatAction", self.bot_token)
+            if str(c["params"].get("chat_id")) == str(self.chat_id) and c["status"] == 200
+        ]
 
     def callback_answer(self, callback_query_id: str) -> _JSON | None:
         """The bot's answerCallbackQuery for that press (text, show_alert ...), or None if unanswered."""
         for a in self.emulator.callback_answers(self.bot_token):
             if a["callback_query_id"] == callback_query_id:
-                return a["answer"]
+                answer = a.get("answer")
+                return dict(answer) if answer else None
         return None
 
     # ---- async twins
@@ -361,31 +427,50 @@ class EmulatedUser:
         return int((await self.emulator._apost(path, payload))["result"]["message_id"])
 
     async def asend_message(self, **fields: Any) -> int:
-        return int((await self.emulator._apost("/sendMessage", self._message(**fields)))["result"]["message_id"])
+        return int(
+            (await self.emulator._apost("/sendMessage", self._message(**fields)))["result"]["message_id"]
+        )
 
     async def apress(self, callback_data: str, message_id: int | None = None, *, force: bool = False) -> str:
         if message_id is None:
             message_id = self._pick_message(await self.abot_messages(), callback_data)
-        body = await self.emulator._apost("/sendCallback", self._callback_payload(callback_data, message_id, force))
+        body = await self.emulator._apost(
+            "/sendCallback", self._callback_payload(callback_data, message_id, force)
+        )
         return str(body["result"]["callback_query_id"])
 
-    async def abot_messages(self, *, include_user: bool = False, include_deleted: bool = False) -> list[BotMessage]:
-        async with httpx.AsyncClient(timeout=30) as http:
+    async def abot_messages(
+        self, *, include_user: bool = False, include_deleted: bool = False
+    ) -> list[BotMessage]:
+        async with _async_client() as http:
             body = _check(await http.get(self.emulator.base_url + "/_messages", params=self._query()))
         return self._views(body, include_user, include_deleted)
 
-    async def await_for(self, predicate: Predicate = lambda m: True, timeout: float = 10.0, *,
-                        after: int | None = None, include_user: bool = False) -> BotMessage:
+    async def await_for(
+        self,
+        predicate: Predicate = lambda m: True,
+        timeout: float = 10.0,
+        *,
+        after: int | None = None,
+        include_user: bool = False,
+    ) -> BotMessage:
         """Async ``wait_for`` (does not block the event loop the bot may be running in)."""
         deadline = time.monotonic() + timeout
         version = -1
         seen: list[BotMessage] = []
-        async with httpx.AsyncClient() as http:
+        async with _async_client() as http:
             while True:
                 left = deadline - time.monotonic()
-                params = {**self._query(), "since_version": str(version), "wait_ms": str(max(int(left * 1000), 0))}
-                body = _check(await http.get(self.emulator.base_url + "/_messages", params=params,
-                                             timeout=max(left, 0) + 5))
+                params = {
+                    **self._query(),
+                    "since_version": str(version),
+                    "wait_ms": str(max(int(left * 1000), 0)),
+                }
+                body = _check(
+                    await http.get(
+                        self.emulator.base_url + "/_messages", params=params, timeout=max(left, 0) + 5
+                    )
+                )
                 version = body["version"]
                 seen = self._views(body, include_user, False)
                 for m in seen:
@@ -398,21 +483,33 @@ class EmulatedUser:
         return await self.await_for(lambda m: True, timeout, after=after)
 
     def _timeout_message(self, timeout: float, seen: list[BotMessage]) -> str:
-        tail = "; ".join(f"#{m.message_id}{'*' if m.edit_count else ''}: {m.content[:60]!r}" for m in seen[-5:])
-        return f"no matching bot message in chat {self.chat_id} within {timeout}s (last seen: {tail or 'none'})"
+        tail = "; ".join(
+            f"#{m.message_id}{'*' if m.edit_count else ''}: {m.content[:60]!r}" for m in seen[-5:]
+        )
+        return (
+            f"no matching bot message in chat {self.chat_id} within {timeout}s (last seen: {tail or 'none'})"
+        )
 
 
 # --------------------------------------------------------------------------- emulator
 class Emulator:
-    """Runs ``node tests/emulator/server.js`` for the lifetime of a ``with`` block.
+    """Runs ``node emulator/server.js`` for the lifetime of a ``with`` block.
 
     ``port=0`` lets the OS choose. ``node`` defaults to ``$OURO_EMULATOR_NODE`` or
-    the ``node`` on PATH. When ``tests/emulator/node_modules`` is missing it runs
+    the ``node`` on PATH. When ``emulator/node_modules`` is missing it runs
     ``npm ci`` (or ``npm install``) first unless ``install=False``.
     """
 
-    def __init__(self, *, port: int = 0, token: str = DEFAULT_TOKEN, node: str | None = None,
-                 install: bool = True, startup_timeout: float = 30.0, install_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        token: str = DEFAULT_TOKEN,
+        node: str | None = None,
+        install: bool = True,
+        startup_timeout: float = 30.0,
+        install_timeout: float = 300.0,
+    ) -> None:
         self.token = token
         self._requested_port = port
         self._node = node or os.environ.get("OURO_EMULATOR_NODE") or shutil.which("node")
@@ -422,7 +519,7 @@ class Emulator:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
         self._port: int | None = None
-        self._http = httpx.Client(timeout=30)
+        self._http = httpx.Client(timeout=30, trust_env=False)
 
     # ---- discovery / install
     @staticmethod
@@ -430,17 +527,21 @@ class Emulator:
         """True when node is on PATH and the package is installed or npm can install it."""
         if not (os.environ.get("OURO_EMULATOR_NODE") or shutil.which("node")):
             return False
-        return (EMULATOR_DIR / "node_modules" / "telegram-test-api").is_dir() or shutil.which("npm") is not None
+        return (EMULATOR_DIR / "node_modules" / "telegram-test-api").is_dir() or shutil.which(
+            "npm"
+        ) is not None
 
     @staticmethod
     def ensure_installed(timeout: float = 300.0) -> None:
-        """Install tests/emulator's node_modules if missing (safe across parallel test workers)."""
+        """Install emulator's node_modules if missing (safe across parallel test workers)."""
         marker = EMULATOR_DIR / "node_modules" / "telegram-test-api" / "package.json"
         if marker.exists():
             return
         npm = shutil.which("npm")
         if npm is None:
-            raise EmulatorError("npm not found: cannot install tests/emulator/node_modules (install Node.js >= 18)")
+            raise EmulatorError(
+                "npm not found: cannot install emulator/node_modules (install Node.js >= 18)"
+            )
         lock_name = "ouro-emulator-" + hashlib.sha1(str(EMULATOR_DIR).encode()).hexdigest()[:12] + ".lock"
         with open(Path(tempfile.gettempdir()) / lock_name, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -453,7 +554,9 @@ class Emulator:
             except subprocess.TimeoutExpired as exc:
                 raise EmulatorError(f"`npm {verb}` in {EMULATOR_DIR} timed out after {timeout}s") from exc
             if done.returncode != 0 or not marker.exists():
-                raise EmulatorError(f"`npm {verb}` in {EMULATOR_DIR} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+                raise EmulatorError(
+                    f"`npm {verb}` in {EMULATOR_DIR} failed ({done.returncode}):\n{done.stderr[-2000:]}"
+                )
 
     # ---- lifecycle
     def start(self) -> Emulator:
@@ -465,18 +568,32 @@ class Emulator:
             self.ensure_installed(self._install_timeout)
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [self._node, str(EMULATOR_DIR / "server.js"), "--port", str(self._requested_port), "--exit-on-stdin-close"],
-            cwd=EMULATOR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            [
+                self._node,
+                str(EMULATOR_DIR / "server.js"),
+                "--port",
+                str(self._requested_port),
+                "--exit-on-stdin-close",
+            ],
+            cwd=EMULATOR_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
         )
         line: list[bytes] = []
         reader = threading.Thread(target=lambda: line.append(self._proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
         reader.start()
         reader.join(self._startup_timeout)
         if not line or not line[0].strip():
-            why = "timed out" if not line else f"exited with {self._proc.poll()}"
+            if line:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(2)
+                why = f"it exited with code {self._proc.poll()} before printing its ready line"
+            else:
+                why = f"no ready line within {self._startup_timeout}s"
             err = self._stderr_tail()
             self.stop()
-            raise EmulatorError(f"emulator did not become ready ({why} after {self._startup_timeout}s): {err}")
+            raise EmulatorError(f"emulator did not start: {why}; stderr: {err or '(empty)'}")
         try:
             ready = json.loads(line[0])
             self._port = int(ready["port"])
@@ -517,7 +634,8 @@ class Emulator:
         if self._stderr is None:
             return ""
         self._stderr.seek(0)
-        return self._stderr.read()[-2000:].decode(errors="replace").strip()
+        data: bytes = self._stderr.read()
+        return data[-2000:].decode(errors="replace").strip()
 
     # ---- addresses
     @property
@@ -541,22 +659,43 @@ class Emulator:
         return f"{self.base_url}/file/bot"
 
     # ---- users
-    def client(self, user_id: int, first_name: str, chat_id: int | None = None, chat_type: str = "private",
-               bot_token: str | None = None, **kwargs: Any) -> EmulatedUser:
+    def client(
+        self,
+        user_id: int,
+        first_name: str,
+        chat_id: int | None = None,
+        chat_type: str = "private",
+        bot_token: str | None = None,
+        **kwargs: Any,
+    ) -> EmulatedUser:
         """A simulated user. For groups pass a negative ``chat_id`` and ``chat_type="group"``/``"supergroup"``."""
         return EmulatedUser(self, user_id, first_name, chat_id, chat_type, bot_token or self.token, **kwargs)
 
     # ---- test hooks
-    def inject_fault(self, method: str, status: int | None = 429, *, count: int = 1, retry_after: int | None = None,
-                     description: str | None = None, delay_ms: int | None = None, token: str | None = None) -> None:
+    def inject_fault(
+        self,
+        method: str,
+        status: int | None = 429,
+        *,
+        count: int = 1,
+        retry_after: int | None = None,
+        description: str | None = None,
+        delay_ms: int | None = None,
+        token: str | None = None,
+    ) -> None:
         """Make the next ``count`` bot calls of ``method`` ("*" = any) fail in Bot-API shape.
 
         429 gets ``parameters.retry_after`` (default 1). ``status=None`` with
         ``delay_ms`` only delays those calls, which then succeed.
         """
         payload: _JSON = {"method": method, "count": count}
-        for key, value in (("status", status), ("retry_after", retry_after), ("description", description),
-                           ("delay_ms", delay_ms), ("token", token)):
+        for key, value in (
+            ("status", status),
+            ("retry_after", retry_after),
+            ("description", description),
+            ("delay_ms", delay_ms),
+            ("token", token),
+        ):
             if value is not None:
                 payload[key] = value
         if status is None and not delay_ms:
@@ -574,21 +713,31 @@ class Emulator:
         params = {k: v for k, v in (("method", method), ("token", token)) if v}
         return list(_check(self._http.get(self.base_url + "/_calls", params=params))["result"])
 
-    def bot_commands(self, token: str | None = None, scope_type: str = "default",
-                     language_code: str = "") -> list[_JSON]:
+    def bot_commands(
+        self, token: str | None = None, scope_type: str = "default", language_code: str = ""
+    ) -> list[_JSON]:
         """The commands the bot registered via set_my_commands for that scope/language."""
-        for entry in _check(self._http.get(self.base_url + "/_commands", params={"token": token or self.token}))["result"]:
+        for entry in _check(
+            self._http.get(self.base_url + "/_commands", params={"token": token or self.token})
+        )["result"]:
             if entry["scope"].get("type") == scope_type and entry["language_code"] == language_code:
                 return list(entry["commands"])
         return []
 
     def callback_answers(self, token: str | None = None) -> list[_JSON]:
-        return list(_check(self._http.get(self.base_url + "/_callbackAnswers",
-                                          params={"token": token or self.token}))["result"])
+        return list(
+            _check(
+                self._http.get(self.base_url + "/_callbackAnswers", params={"token": token or self.token})
+            )["result"]
+        )
 
     def upload_file(self, data: bytes, file_name: str, mime_type: str = "application/octet-stream") -> _JSON:
         """Store bytes in the emulator; returns ``{file_id, file_unique_id, file_size, ...}``."""
-        payload = {"content_base64": base64.b64encode(data).decode(), "file_name": file_name, "mime_type": mime_type}
+        payload = {
+            "content_base64": base64.b64encode(data).decode(),
+            "file_name": file_name,
+            "mime_type": mime_type,
+        }
         return dict(self._post("/_files", payload)["result"])
 
     def file_bytes(self, file_id: str) -> bytes:
@@ -611,6 +760,5 @@ class Emulator:
         return dict(_check(self._http.post(self.base_url + path, json=payload)))
 
     async def _apost(self, path: str, payload: _JSON) -> _JSON:
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with _async_client() as http:
             return dict(_check(await http.post(self.base_url + path, json=payload)))
-
