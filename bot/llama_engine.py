@@ -10,7 +10,9 @@ its whole history.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -32,17 +34,51 @@ def _raise(message: str):
     raise OuroError(f"chat template error: {message}")
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(*, extra_buffers: bool):
+    """Load with llama.cpp's "extra buffer types" (AMX / weight repacking) on or off.
+
+    Why: on Xeon CPUs that report AMX inside a VM (the machines this project runs on), the
+    AMX buffer type that llama.cpp picks for Q4_1 weights segfaults on the first decode.
+    `Llama()` has no argument for `llama_model_params.use_extra_bufts`, so the default-params
+    factory it calls is wrapped for the duration of the load (under a lock).
+    """
+    import llama_cpp.llama_cpp as C
+
+    if extra_buffers:
+        yield
+        return
+    with _LOAD_LOCK:
+        original = C.llama_model_default_params
+
+        def without_extra_buffers():
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        C.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            C.llama_model_default_params = original
+
+
 class LlamaEngine:
     def __init__(self, model_path: Path, *, generation_id: str, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "") -> None:
+                 n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "",
+                 extra_buffers: bool = False) -> None:
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
         self.generation_id = generation_id
         self.model_sha256 = model_sha256
         try:
-            self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, verbose=False)
+            with _model_params(extra_buffers=extra_buffers):
+                self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
+                                 n_gpu_layers=n_gpu_layers, verbose=False)
         except Exception as exc:  # llama.cpp says little; the file check upstream says more
             raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
         self.n_ctx = self.llm.n_ctx()

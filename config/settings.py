@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="Sampling seed; set it for reproducible replies.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores).")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1 = all; needs a CUDA build).")
+    llama_extra_buffers: bool = Field(False, description=(
+        "Let llama.cpp use its extra CPU buffer types (AMX, weight repacking). Off by default: on VMs that "
+        "report AMX, Q4_1 models segfault with them on."))
     kv_cache_chats: int = Field(8, ge=0, le=256, description=(
         "Recently active chats whose KV state is kept in memory, so a returning chat does not re-read its history."))
 

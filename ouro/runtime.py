@@ -55,7 +55,7 @@ def load_engine(settings: Settings, gen: Generation):
     check_gguf(gen.gguf)
     return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                        n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
-                       model_sha256=gen.sha256)
+                       model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers)
 
 
 def open_runtime(settings: Settings) -> Runtime:

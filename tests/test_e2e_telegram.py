@@ -11,8 +11,8 @@ import pytest
 from bot.app import build_application, running
 from bot.commands import COMMANDS
 from bot.conversation import Conversation
-from bot.splitting import split_text
 from bot.handlers import ADMIN_ONLY, CORRECTION_THANKS, NON_TEXT, NOT_ALLOWED, NOT_YOURS
+from bot.splitting import split_text
 from bot.worker import InferenceWorker
 from config.settings import load_settings
 from memory.store import Store

@@ -1,0 +1,130 @@
+"""The packaged SmolLM2 GGUF through real llama.cpp (marked `model`; runs in CI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bot.conversation import Speaker
+from bot.engine import Sampling
+from config.settings import load_settings
+from ouro.errors import OuroError
+from ouro.runtime import load_engine, open_runtime, open_store, register_base
+from trainer.gguf_check import check_gguf
+from trainer.lineage import Lineage, packaged_base_gguf, sha256_file
+
+pytestmark = pytest.mark.model
+GREEDY = Sampling(temperature=0.0, top_k=1, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("real"), reply_max_tokens=24, seed=7)
+    rt = open_runtime(settings)
+    yield rt
+    rt.close()
+
+
+def test_generation_zero_is_registered_once_from_the_packaged_gguf(runtime):
+    lineage: Lineage = runtime.lineage
+    gen = lineage.active()
+    assert gen.id == "gen-0000" and lineage.active_id() == "gen-0000"
+    assert gen.sha256 == sha256_file(packaged_base_gguf()) == sha256_file(gen.gguf)
+    meta = json.loads((gen.folder / "meta.json").read_text())
+    assert meta["parent_id"] is None and meta["status"] == "base"
+    assert [r["GEN_ID"] for r in lineage.ledger()] == ["gen-0000"]
+    assert runtime.store.generation("gen-0000")["gguf_sha256"] == gen.sha256
+    # a second start registers nothing new
+    register_base(runtime.settings, runtime.store)
+    assert len(lineage.ledger()) == 1 and len(lineage.generations()) == 1
+
+
+def test_prompt_uses_the_gguf_template_and_counts_real_tokens(runtime):
+    engine = runtime.worker.engine
+    msgs = [{"role": "system", "content": "You are Ouro."}, {"role": "user", "content": "hi 👋"}]
+    rendered = engine.render(msgs)
+    assert rendered == ("<|im_start|>system\nYou are Ouro.<|im_end|>\n<|im_start|>user\nhi 👋<|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    tokens = engine.tokenize(msgs)
+    assert engine.count_tokens(msgs) == len(tokens)
+    assert tokens.count(1) == 3 and tokens.count(2) == 2  # <|im_start|> / <|im_end|> are single tokens
+
+
+def test_greedy_reply_streams_cleanly_and_ends_the_turn(runtime):
+    engine = runtime.worker.engine
+    pieces: list[str] = []
+    msgs = [{"role": "system", "content": "You are Ouro."}, {"role": "user", "content": "Say hello with an emoji 😀"}]
+    c = runtime.worker.run_sync(lambda e: e.generate(msgs, chat_key="t1", sampling=GREEDY, on_text=pieces.append))
+    assert c.text and "".join(pieces).strip() == c.text
+    assert "<|im_" not in c.text and c.finish_reason in ("stop", "length")
+    assert 0 < c.completion_tokens <= GREEDY.max_tokens and c.prompt_tokens == engine.count_tokens(msgs)
+    again = runtime.worker.run_sync(lambda e: e.generate(msgs, chat_key="t1", sampling=GREEDY))
+    assert again.text == c.text  # greedy is deterministic
+
+
+def _chat_a(engine, *, interrupt: bool):
+    """Three turns of chat A, optionally another chat in between, then A's next turn."""
+    hist = [{"role": "system", "content": "You are Ouro, a cheerful friend who loves rivers and old bridges."}]
+    for q in ["Tell me about the river in your town.", "What about the bridge?", "Who built it?"]:
+        hist.append({"role": "user", "content": q})
+        hist.append({"role": "assistant", "content": engine.generate(hist, chat_key="A", sampling=GREEDY).text})
+    hist.append({"role": "user", "content": "Thanks!"})
+    warm_prefix = engine.states.common_prefix(engine.tokenize(hist))
+    if interrupt:
+        engine.generate([{"role": "user", "content": "a different chat entirely"}], chat_key="B", sampling=GREEDY)
+        assert engine.states.common_prefix(engine.tokenize(hist)) < warm_prefix  # B replaced A's KV
+    return hist, warm_prefix, engine.generate(hist, chat_key="A", sampling=GREEDY)
+
+
+def test_kv_state_is_reused_within_a_chat_and_restored_after_another(runtime):
+    interrupted = load_engine(runtime.settings, runtime.lineage.active())
+    straight = load_engine(runtime.settings, runtime.lineage.active())
+    try:
+        hist, warm_prefix, back = _chat_a(interrupted, interrupt=True)
+        _, same_prefix, warm = _chat_a(straight, interrupt=False)
+        assert warm_prefix > 0.8 * interrupted.count_tokens(hist)   # within a chat only new tokens are read
+        assert interrupted.states.restores == 1
+        assert back.cached_tokens == warm_prefix == same_prefix == warm.cached_tokens
+        assert back.text == warm.text   # the restored state is the state A left, bit for bit
+    finally:
+        interrupted.close()
+        straight.close()
+
+
+async def test_conversation_on_the_real_model_logs_the_turn(runtime):
+    out = await runtime.conversation.handle_text(Speaker(chat_id=77, user_id=77), "Hi! What's your name?")
+    assert out.kind == "answered" and out.text
+    turn = runtime.store.turn(out.turn_id)
+    assert turn.generation_id == "gen-0000" and turn.reply_text == out.text
+    row = runtime.store.database.one("SELECT prompt_tokens, completion_tokens, ttft_s FROM turns WHERE id = ?",
+                                     (out.turn_id,))
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 0 and row["ttft_s"] > 0
+
+
+def test_truncated_or_foreign_files_are_refused_before_llama_cpp(tmp_path):
+    good = packaged_base_gguf()
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(OuroError, match="truncated or corrupt"):
+        check_gguf(truncated)
+    foreign = tmp_path / "notes.gguf"
+    foreign.write_text("hello")
+    with pytest.raises(OuroError, match="not a GGUF"):
+        check_gguf(foreign)
+    info = check_gguf(good)
+    assert info.architecture == "llama" and "im_start" in info.chat_template
+
+
+def test_a_corrupt_base_model_is_refused_with_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    settings = load_settings(data_dir=tmp_path / "d", base_model=bad)
+    store = open_store(settings)
+    try:
+        with pytest.raises(OuroError, match="truncated or corrupt"):
+            register_base(settings, store)
+        assert not (settings.models_dir / "gen-0000").exists()
+        assert not (settings.models_dir / "ACTIVE").exists()
+    finally:
+        store.close()
