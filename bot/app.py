@@ -79,6 +79,8 @@ async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
     except Exception:
         log.warning("could not register the command menu", exc_info=True)
 
+    await h.recover_interrupted(app.bot)
+
     async def heartbeat() -> None:
         while True:
             try:

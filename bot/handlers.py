@@ -17,7 +17,7 @@ from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot import keyboards
 from bot.commands import help_text
-from bot.conversation import Conversation, Speaker
+from bot.conversation import TERMINAL_CHAT_ID, Conversation, Speaker
 from bot.retry import call_with_retry
 from bot.status import format_status, status_report
 from bot.streaming import StreamingReply
@@ -42,6 +42,7 @@ UNKNOWN_COMMAND = "I don't know that command — /help lists the ones I understa
 STALE_BUTTON = "That button belongs to a reply I can't act on anymore."
 NOT_YOURS = "Only the person I was answering can use these buttons."
 CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
+RESEND = "Sorry — I was restarted while answering “{}”. Could you send it again?"
 CORRECTION_THANKS = "Thanks — noted as a better answer. I'll learn from it. ✍️"
 
 
@@ -225,6 +226,19 @@ class Handlers:
             await query.edit_message_reply_markup(None)
         except Exception:
             log.debug("could not remove the pick keyboard", exc_info=True)
+
+    async def recover_interrupted(self, bot) -> None:
+        """Turns left pending by a crash: close them and ask their authors to resend."""
+        for turn in self.store.pending_turns():
+            snippet = turn["user_text"][:60] + ("…" if len(turn["user_text"]) > 60 else "")
+            text = RESEND.format(snippet)
+            self.store.mark_turn(turn["id"], "failed", text)
+            if turn["chat_id"] == TERMINAL_CHAT_ID:  # no Telegram side to tell
+                continue
+            try:
+                await call_with_retry(lambda t=turn, m=text: bot.send_message(t["chat_id"], m), attempts=2)
+            except Exception:
+                log.warning("could not ask chat %s to resend", turn["chat_id"], exc_info=True)
 
     # --- errors ---------------------------------------------------------------------------
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

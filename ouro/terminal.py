@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bot.conversation import Speaker
+from bot.conversation import TERMINAL_CHAT_ID, TERMINAL_USER_ID, Speaker
 from ouro.runtime import Runtime
-
-TERMINAL_CHAT_ID = -1      # a chat id Telegram never uses for private chats
-TERMINAL_USER_ID = 0
 
 HELP = """Commands: /good  /bad  rate my last reply · /better <text>  store a better answer for it
           /reset  start over · /help  this text · /quit  leave (Ctrl-D works too)"""

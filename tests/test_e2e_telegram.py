@@ -228,3 +228,17 @@ async def test_restart_mid_conversation_keeps_the_context(emu, make_bot):
         assert msg.text == "you are Ann"
         contents = [m["content"] for m in bot.engine.prompts[0]]
         assert contents[1:] == ["my name is Ann", "nice to meet you, Ann", "what's my name?"]
+
+
+async def test_a_reply_cut_off_by_a_crash_is_followed_up_after_restart(emu, make_bot, tmp_path):
+    """The message was stored but the process died before answering: after restart the user
+    is asked to resend, and the turn is closed (never left pending)."""
+    settings = load_settings(data_dir=tmp_path / "data")
+    store = Store.open(settings.db_path)
+    turn_id = store.add_user_turn(chat_id=ANN, user_id=ANN, text="are you there?")
+    store.close()
+    async with make_bot() as bot:
+        ann = emu.client(ANN, "Ann")
+        msg = await ann.await_for(lambda m: "send it again" in (m.text or ""))
+        assert "are you there?" in msg.text
+        assert bot.store.turn(turn_id).status == "failed" and bot.store.pending_turns() == []

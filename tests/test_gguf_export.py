@@ -1,0 +1,245 @@
+"""Merge-and-convert stage: HF <-> GGUF round trips on a tiny random Llama with SmolLM2's real tokenizer.
+
+The tiny model (2 layers, hidden 64, 4 heads / 2 KV heads, tied embeddings like SmolLM2, vocab
+49152) is written as a GGUF whose metadata parent is the packaged SmolLM2 file, so tokenizer and
+chat template are the real ones while every weight and shape is the tiny model's. Tests that run
+llama.cpp are marked `model`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from ouro.errors import OuroError
+from trainer import gguf_export
+from trainer.gguf_check import check_gguf
+from trainer.gguf_export import (
+    QUANT_TYPES,
+    compare_logits,
+    dequantize_gguf_to_hf,
+    logit_agreement,
+    quantize_gguf,
+    write_gguf,
+)
+from trainer.lineage import packaged_base_gguf
+
+# "<|im_start|>system\nYou are Ouro.<|im_end|>\n<|im_start|>user\nHello! Who are you? 👋<|im_end|>\n
+#  <|im_start|>assistant\n" through the packaged GGUF's tokenizer
+PROMPT_IDS = [1, 9690, 198, 2683, 359, 492, 1392, 30, 2, 198, 1, 4093, 198, 19556, 17, 6244, 359, 346, 47,
+              15107, 235, 229, 2, 198, 1, 520, 9531, 198]
+N_LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = 2, 64, 4, 2, 128
+
+
+def _fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    out = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    out["__tensors__"] = {t.name: t.tensor_type for t in reader.tensors}
+    return out
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny HF Llama, and its F32 GGUF whose metadata comes from the packaged SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("gguf_export")
+    torch.manual_seed(1234)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=N_LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=49152,
+                         tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms, so a norm written to the wrong slot would show
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(root / "hf")
+    parent = root / "parent-f32.gguf"
+    write_gguf(root / "hf", packaged_base_gguf(), parent, dtype="f32")
+    return {"root": root, "hf": root / "hf", "parent": parent, "model": model}
+
+
+@pytest.fixture(scope="module")
+def child_f16(tiny):
+    out = tiny["root"] / "child-f16.gguf"
+    write_gguf(tiny["hf"], tiny["parent"], out, dtype="f16", name="ouro gen-0001")
+    return out
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+def test_shapes_come_from_the_child_and_tokenizer_and_template_from_the_parent(tiny):
+    base, parent = _fields(packaged_base_gguf()), _fields(tiny["parent"])
+    # architecture keys describe the tiny child, not SmolLM2's 30 x 576
+    assert parent["llama.block_count"] == N_LAYERS and base["llama.block_count"] == 30
+    assert parent["llama.embedding_length"] == HIDDEN
+    assert parent["llama.feed_forward_length"] == FFN
+    assert parent["llama.attention.head_count"] == HEADS
+    assert parent["llama.attention.head_count_kv"] == KV_HEADS
+    assert parent["llama.rope.dimension_count"] == HIDDEN // HEADS
+    assert parent["llama.context_length"] == 4096 and parent["llama.vocab_size"] == 49152
+    assert parent["llama.rope.freq_base"] == pytest.approx(100000.0)
+    assert parent["general.file_type"] == 0 and base["general.file_type"] == 3
+    # everything about text is inherited byte for byte
+    for key in ("tokenizer.chat_template", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "general.name"):
+        assert parent[key] == base[key], key
+    # tied embeddings: no output.weight; norms F32, matrices in the requested dtype
+    tensors = parent["__tensors__"]
+    assert "output.weight" not in tensors and len(tensors) == 2 + 9 * N_LAYERS
+    assert set(tensors.values()) == {gguf.GGMLQuantizationType.F32}
+
+    info = check_gguf(tiny["parent"])
+    assert info.architecture == "llama" and info.tensor_count == 2 + 9 * N_LAYERS
+    assert info.chat_template == check_gguf(packaged_base_gguf()).chat_template
+    assert info.context_length == 4096
+
+
+def test_f16_child_keeps_norms_in_f32_and_takes_a_new_name(tiny, child_f16):
+    fields = _fields(child_f16)
+    parent = _fields(tiny["parent"])
+    assert fields["general.file_type"] == 1 and fields["general.name"] == "ouro gen-0001"
+    assert fields["tokenizer.ggml.tokens"] == parent["tokenizer.ggml.tokens"]
+    assert fields["tokenizer.chat_template"] == parent["tokenizer.chat_template"]
+    types = fields["__tensors__"]
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.1.attn_q.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert _leftovers(tiny["root"]) == []
+
+
+# --- logits: the two runtimes compute the same function -------------------------------------
+
+@pytest.mark.model
+def test_f32_gguf_logits_match_transformers(tiny):
+    agreement = logit_agreement(tiny["hf"], tiny["parent"], PROMPT_IDS)
+    # measured ~6e-7: only float summation order differs
+    assert agreement.max_rel_diff < 1e-3 and agreement.correlation > 0.99999 and agreement.same_argmax
+    assert compare_logits(tiny["hf"], tiny["parent"], PROMPT_IDS) == pytest.approx(agreement.max_rel_diff)
+
+
+@pytest.mark.model
+def test_f16_gguf_logits_match_transformers_within_f16_rounding(tiny, child_f16):
+    agreement = logit_agreement(tiny["hf"], child_f16, PROMPT_IDS)
+    # F16 weights (and llama.cpp's F16 activations in those matmuls) cost precision: measured
+    # ~1e-3 relative on this model, so the honest bound is 5e-3, not the F32 case's 1e-3
+    assert agreement.max_rel_diff < 5e-3 and agreement.correlation > 0.9999 and agreement.same_argmax
+
+
+@pytest.mark.model
+def test_q8_0_is_smaller_and_still_correlates(tiny, child_f16):
+    q8 = tiny["root"] / "child-q8_0.gguf"
+    quantize_gguf(tiny["parent"], q8, "Q8_0")
+    assert q8.stat().st_size < child_f16.stat().st_size < tiny["parent"].stat().st_size
+    info = check_gguf(q8)
+    assert info.tensor_count == 2 + 9 * N_LAYERS and info.chat_template
+    types = _fields(q8)["__tensors__"]
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    agreement = logit_agreement(tiny["hf"], q8, PROMPT_IDS)
+    assert agreement.correlation > 0.99, agreement
+    assert _leftovers(tiny["root"]) == []
+
+
+# --- GGUF -> HF ---------------------------------------------------------------------------------
+
+def test_dequantize_round_trip_gives_back_the_exact_weights(tiny):
+    out = tiny["root"] / "dequantized"
+    dequantize_gguf_to_hf(tiny["parent"], out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert config["num_hidden_layers"] == N_LAYERS and config["num_key_value_heads"] == KV_HEADS
+    back = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    original = tiny["model"].state_dict()
+    for name, tensor in back.state_dict().items():
+        # F32 GGUF: the q/k permutation written by write_gguf is undone exactly by transformers
+        assert torch.equal(tensor, original[name]), name
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.chat_template == _fields(tiny["parent"])["tokenizer.chat_template"]
+    assert len(tokenizer) == 49152
+    assert _leftovers(tiny["root"]) == []
+    with pytest.raises(OuroError, match="already exists"):
+        dequantize_gguf_to_hf(tiny["parent"], out)
+
+
+# --- failures leave nothing behind --------------------------------------------------------------
+
+def test_unknown_qtype_names_the_allowed_ones_and_writes_nothing(tiny, tmp_path):
+    dst = tmp_path / "x.gguf"
+    with pytest.raises(OuroError) as err:
+        quantize_gguf(tiny["parent"], dst, "Q3_WHATEVER")
+    assert all(q in str(err.value) for q in QUANT_TYPES)
+    with pytest.raises(OuroError, match="f32, f16, bf16"):
+        write_gguf(tiny["hf"], tiny["parent"], dst, dtype="q8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_inputs_are_refused_before_anything_is_written(tiny, tmp_path):
+    data = tiny["parent"].read_bytes()
+    truncated = tmp_path / "in" / "truncated.gguf"
+    truncated.parent.mkdir()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OuroError, match="truncated"):
+        quantize_gguf(truncated, out / "q.gguf")
+    with pytest.raises(OuroError, match="truncated"):
+        write_gguf(tiny["hf"], truncated, out / "child.gguf")
+    assert list(out.iterdir()) == []
+
+
+def test_disk_full_mid_write_removes_the_temp_file(tiny, tmp_path, monkeypatch):
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = {"n": 0}
+
+    def fail_on_third(self, tensor, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail_on_third)
+    with pytest.raises(OuroError, match="disk full"):
+        write_gguf(tiny["hf"], tiny["parent"], tmp_path / "child.gguf")
+    assert calls["n"] == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_failed_quantize_removes_its_partial_output(tiny, tmp_path, monkeypatch):
+    import llama_cpp
+
+    def half_written(src, dst, params):
+        Path(dst.decode()).write_bytes(b"GGUF partial")
+        return 1
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", half_written)
+    with pytest.raises(OuroError, match="could not quantize"):
+        quantize_gguf(tiny["parent"], tmp_path / "q.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_weights_are_never_exported(tiny, tmp_path, monkeypatch):
+    real = gguf_export._encode
+
+    def poisoned(plan, data, dtype):
+        if plan.gguf_name == "blk.1.ffn_down.weight":
+            data = data.copy()
+            data[0, 0] = np.nan
+        return real(plan, data, dtype)
+
+    monkeypatch.setattr(gguf_export, "_encode", poisoned)
+    with pytest.raises(OuroError, match="NaN"):
+        write_gguf(tiny["hf"], tiny["parent"], tmp_path / "child.gguf")
+    assert list(tmp_path.iterdir()) == []

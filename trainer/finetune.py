@@ -1,0 +1,456 @@
+"""Fine-tuning stage: LoRA SFT on packed rows, then DPO on preference pairs, then merge and save.
+
+    base_dir (HF checkpoint, full precision) ──► LoRA on q,k,v,o,gate,up,down
+        ──► SFT: a plain loop over packed rows (trainer.dataset), loss on replies only
+        ──► DPO (trl DPOTrainer) on the same adapter; the frozen reference is the SFT adapter
+        ──► merge_and_unload, checked: merged logits == adapter logits
+        ──► out_dir: merged model + tokenizer (+ training.json), written under a temp name and renamed
+
+Why a plain loop and not trl's SFTTrainer: the loop runs the decoder once and applies the LM
+head only at the positions that have a label (the reply tokens). With a 49k vocabulary the
+head is a fifth of the model's FLOPs, and most tokens of a chat example are context, so this
+beats computing logits for every token, which SFTTrainer (via the model's forward) does. The
+packed rows carry restarting position ids and no attention mask, so transformers isolates
+the examples of a row from each other (see trainer/dataset.py).
+
+On CUDA the base is loaded in 4-bit nf4 (QLoRA); the adapter is then merged into a
+full-precision copy of the base, since merging into 4-bit weights would round them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ouro.errors import OuroError
+from trainer.dataset import (
+    IGNORE_INDEX,
+    DPOPair,
+    PackedRow,
+    collate_packed,
+    dpo_records,
+    encode_all,
+    encode_pair,
+    pack,
+)
+from trainer.template import ChatFormat, Message
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfigError(OuroError, ValueError):
+    """A training setting out of range; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    rank: int = field(default=16, metadata={"help": "LoRA rank r (≥ 1)."})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the SFT pass."})
+    epochs: int = field(default=2, metadata={"help": "Passes over the SFT examples."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop SFT after this many steps (None: all epochs)."})
+    batch: int = field(default=4, metadata={"help": "Packed rows per SFT step; preference pairs per DPO step."})
+    max_seq_len: int = field(default=1024, metadata={"help": "Tokens per packed row (and per DPO sequence)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta: how far from the SFT model."})
+    dpo_steps: int = field(default=20, metadata={"help": "DPO optimizer steps (0: skip DPO)."})
+    dpo_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the DPO pass."})
+    seed: int = field(default=1234, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise TrainConfigError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.rank, int) and self.rank >= 1, "rank", "an integer ≥ 1")
+        need(self.alpha > 0, "alpha", "> 0")
+        need(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        need(self.lr > 0, "lr", "> 0")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer ≥ 1")
+        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+             "max_steps", "None or an integer ≥ 1")
+        need(isinstance(self.batch, int) and self.batch >= 1, "batch", "an integer ≥ 1")
+        need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 16, "max_seq_len", "an integer ≥ 16")
+        need(self.dpo_beta > 0, "dpo_beta", "> 0")
+        need(isinstance(self.dpo_steps, int) and self.dpo_steps >= 0, "dpo_steps", "an integer ≥ 0")
+        need(self.dpo_lr > 0, "dpo_lr", "> 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer ≥ 0")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+@dataclass
+class TrainResult:
+    loss_start: float            # SFT loss of the first batch, before any update
+    loss_end: float              # SFT loss of the last batch
+    steps: int                   # SFT optimizer steps
+    tokens: int                  # tokens the SFT pass ran through (prompt + reply, padding excluded)
+    tokens_per_s: float          # tokens / SFT loop wall time
+    wall_s: float                # the whole call
+    peak_rss_mb: float           # peak resident memory during the call
+    examples: int = 0            # SFT examples used (after dropping those whose reply alone overflows)
+    dropped: int = 0
+    truncated: int = 0           # examples whose oldest context was cut to fit max_seq_len
+    rows: int = 0                # packed rows per epoch
+    row_fill: float = 0.0        # mean share of max_seq_len a packed row holds
+    target_tokens: int = 0       # reply tokens the SFT loss covered (per pass over the data)
+    trained_tensors_changed: float = 0.0  # share of trainable tensors that SFT+DPO changed
+    dpo_steps: int = 0
+    dpo_loss_start: float | None = None
+    dpo_loss_end: float | None = None
+    dpo_margin_start: float | None = None  # mean log p(chosen) − log p(rejected) over the pairs, before DPO
+    dpo_margin_end: float | None = None
+    merge_max_abs_diff: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    stage_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+# --- memory --------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since start (or since reset_peak_rss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class _Stages:
+    """Wall time and peak RSS of each named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def run(self, name: str):
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.peak_mb[name] = round(peak_rss_mb(), 1)
+
+
+# --- model ---------------------------------------------------------------------------------
+def load_base(base_dir: Path, *, quantize_4bit: bool = False):
+    """(model, tokenizer) from an HF checkpoint: float32 on CPU; 4-bit nf4 for QLoRA when CUDA is there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(base_dir) / "config.json").exists():
+        raise OuroError(f"{base_dir} holds no model checkpoint (config.json is missing)")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if quantize_4bit:  # pragma: no cover - needs CUDA and bitsandbytes
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=LORA_TARGETS,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def reply_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over labelled positions; the LM head runs only where a label is.
+
+    Works for an HF causal LM and for a peft model around one (LoRA sits inside the decoder).
+    """
+    from peft import PeftModel
+
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    device = _device(model)
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:].to(device)
+    keep = targets != IGNORE_INDEX
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+
+@dataclass
+class SFTStats:
+    losses: list[float]
+    steps: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *, progress: bool = True) -> SFTStats:
+    """The SFT loop: shuffled packed rows, `cfg.batch` rows a step, AdamW at a constant rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(rows) / cfg.batch)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    tokens = 0
+    model.train()
+    started = time.perf_counter()
+    with tqdm(total=total, desc="SFT", unit="step", disable=not progress) as bar:
+        while len(losses) < total:
+            order = torch.randperm(len(rows), generator=generator).tolist()
+            for i in range(0, len(order), cfg.batch):
+                if len(losses) == total:
+                    break
+                chunk = [rows[j] for j in order[i:i + cfg.batch]]
+                loss, _ = reply_loss(model, collate_packed(chunk, pad_id))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += sum(len(r) for r in chunk)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+                bar.update(1)
+    return SFTStats(losses=losses, steps=len(losses), tokens=tokens, seconds=time.perf_counter() - started)
+
+
+@torch.no_grad()
+def dataset_loss(model, rows: Sequence[PackedRow], pad_id: int, batch: int = 4) -> float:
+    """Mean reply-token loss over all rows (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch):
+        loss, n = reply_loss(model, collate_packed(rows[i:i + batch], pad_id))
+        total += loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def preference_margin(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair]) -> float:
+    """Mean over pairs of log p(chosen | prompt) − log p(rejected | prompt), summed over reply tokens."""
+    was_training = model.training
+    model.eval()
+    margins = []
+    for pair in pairs:
+        prompt, chosen, rejected = encode_pair(pair, tokenizer, fmt)
+        logps = []
+        for reply in (chosen, rejected):
+            ids = torch.tensor([prompt + reply])
+            labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + reply])
+            loss, n = reply_loss(model, {"input_ids": ids, "labels": labels})
+            logps.append(-loss.item() * n)
+        margins.append(logps[0] - logps[1])
+    model.train(was_training)
+    return sum(margins) / len(margins)
+
+
+def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: TrainConfig, *,
+              progress: bool = True) -> dict:
+    """trl's DPOTrainer on the peft model as it stands.
+
+    Given a peft model that already holds a trained adapter, trl 1.16 copies it into a frozen
+    "ref" adapter and keeps training "default": the reference is the SFT model, not the base.
+    The "ref" copy is deleted afterwards so only the trained adapter remains.
+    """
+    from datasets import Dataset
+    from transformers.utils import logging as hf_logging
+    from trl import DPOConfig, DPOTrainer
+
+    records = dpo_records(pairs, tokenizer, fmt)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ouro-dpo-") as tmp:
+            args = DPOConfig(
+                output_dir=tmp, per_device_train_batch_size=min(cfg.batch, len(records)),
+                max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_lr, lr_scheduler_type="constant", beta=cfg.dpo_beta,
+                max_length=cfg.max_seq_len, truncation_mode="keep_end", logging_steps=1, save_strategy="no",
+                report_to="none", disable_tqdm=not progress, seed=cfg.seed, data_seed=cfg.seed,
+                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, max_grad_norm=1.0)
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
+                                 processing_class=tokenizer)
+            first = trainer.train_dataset[0]
+            ours = encode_pair(pairs[0], tokenizer, fmt)
+            if (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) != ours:
+                raise OuroError("trl tokenized a preference pair differently from the serving template's ids")
+            trainer.train()
+            history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    model.set_adapter("default")
+    return {"steps": trainer.state.global_step, "loss_start": history[0] if history else None,
+            "loss_end": history[-1] if history else None}
+
+
+@torch.no_grad()
+def max_logit_diff(model_a, model_b, batch: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two models' logits on one batch (eval mode)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    a = model_a(**{k: v.to(_device(model_a)) for k, v in inputs.items()}, use_cache=False).logits.float().cpu()
+    b = model_b(**{k: v.to(_device(model_b)) for k, v in inputs.items()}, use_cache=False).logits.float().cpu()
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def merge_checked(peft_model, batch: dict[str, torch.Tensor], *, atol: float = 1e-4):
+    """Merge the adapter into the base weights and check the logits did not move.
+
+    Returns (merged model, max |Δlogit|); raises OuroError when the difference exceeds atol.
+    """
+    peft_model.eval()
+    inputs = {k: v.to(_device(peft_model)) for k, v in batch.items() if k != "labels"}
+    before = peft_model(**inputs, use_cache=False).logits.float().cpu()
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    after = merged(**inputs, use_cache=False).logits.float().cpu()
+    diff = (before - after).abs().max().item()
+    if not diff <= atol:
+        raise OuroError(f"merging the adapter changed the logits by up to {diff:.3g} (allowed {atol:g})")
+    return merged, diff
+
+
+def _full_precision_with_adapter(peft_model, base_dir: Path):  # pragma: no cover - QLoRA path, needs CUDA
+    """The trained adapter on a float32 copy of the base, for an exact merge after 4-bit training."""
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="ouro-adapter-") as tmp:
+        peft_model.save_pretrained(tmp)
+        base, _ = load_base(base_dir, quantize_4bit=False)
+        return PeftModel.from_pretrained(base, tmp)
+
+
+def _trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _share_changed(model, snapshot: dict[str, torch.Tensor]) -> float:
+    params = dict(model.named_parameters())
+    changed = sum(not torch.equal(params[n].detach(), v) for n, v in snapshot.items() if n in params)
+    return changed / max(len(snapshot), 1)
+
+
+# --- the stage -----------------------------------------------------------------------------
+def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: Sequence[DPOPair],
+          out_dir: Path, cfg: TrainConfig, progress: bool = True, *,
+          chat_format: ChatFormat | None = None) -> TrainResult:
+    """Fine-tune the checkpoint in base_dir and save the merged model into out_dir.
+
+    `chat_format` is the parent GGUF's template (`ChatFormat.from_gguf`); by default the one
+    the checkpoint's tokenizer carries (saved from that GGUF). out_dir must not exist yet.
+    """
+    started = time.perf_counter()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.exists():
+        raise OuroError(f"{out_dir} already exists; a finished checkpoint is never overwritten")
+    if not sft_examples:
+        raise OuroError("no SFT examples to train on")
+    dpo_pairs = [DPOPair(*p) for p in dpo_pairs]
+    stages = _Stages()
+    reset_peak_rss()
+
+    quantized = torch.cuda.is_available()
+    with stages.run("load"):
+        model, tokenizer = load_base(base_dir, quantize_4bit=quantized)
+        fmt = chat_format or ChatFormat.from_tokenizer(tokenizer)
+        model = add_lora(model, cfg)
+        snapshot = _trainable_snapshot(model)
+    with stages.run("encode"):
+        encoded, dropped = encode_all(sft_examples, tokenizer, fmt, cfg.max_seq_len)
+        if not encoded:
+            raise OuroError(f"every SFT example's reply is longer than max_seq_len={cfg.max_seq_len}")
+        rows = pack(encoded, cfg.max_seq_len)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with stages.run("sft"):
+        sft = sft_train(model, rows, cfg, pad_id, progress=progress)
+    dpo: dict = {"steps": 0, "loss_start": None, "loss_end": None}
+    margin_start = margin_end = None
+    if dpo_pairs and cfg.dpo_steps:
+        probe_pairs = dpo_pairs[:32]
+        with stages.run("dpo"):
+            margin_start = preference_margin(model, tokenizer, fmt, probe_pairs)
+            dpo = dpo_train(model, tokenizer, fmt, dpo_pairs, cfg, progress=progress)
+            margin_end = preference_margin(model, tokenizer, fmt, probe_pairs)
+    changed = _share_changed(model, snapshot)
+    del snapshot
+    with stages.run("merge"):
+        if quantized:  # pragma: no cover - QLoRA path, needs CUDA
+            model = _full_precision_with_adapter(model, base_dir)
+        merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
+    result = TrainResult(
+        loss_start=sft.losses[0], loss_end=sft.losses[-1], steps=sft.steps, tokens=sft.tokens,
+        tokens_per_s=round(sft.tokens_per_s, 1), wall_s=0.0, peak_rss_mb=0.0, examples=len(encoded),
+        dropped=dropped, truncated=sum(e.truncated for e in encoded), rows=len(rows),
+        row_fill=round(sum(len(r) for r in rows) / (len(rows) * cfg.max_seq_len), 3),
+        target_tokens=sum(e.n_target for e in encoded), trained_tensors_changed=round(changed, 3),
+        dpo_steps=dpo["steps"], dpo_loss_start=dpo["loss_start"], dpo_loss_end=dpo["loss_end"],
+        dpo_margin_start=margin_start, dpo_margin_end=margin_end, merge_max_abs_diff=diff, losses=sft.losses)
+    with stages.run("save"):
+        tokenizer.chat_template = fmt.template  # the next generation renders with the same template
+        _save(merged, tokenizer, out_dir, result, cfg, started, stages)
+    result.stage_s, result.stage_peak_rss_mb = stages.seconds, stages.peak_mb
+    result.peak_rss_mb = max(stages.peak_mb.values())
+    result.wall_s = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _save(model, tokenizer, out_dir: Path, result: TrainResult, cfg: TrainConfig, started: float,
+          stages: _Stages) -> None:
+    """Write into a sibling temp folder, training.json last, then rename into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"config": asdict(cfg), "result": asdict(result), "stage_s": dict(stages.seconds),
+                  "wall_s_before_save": round(time.perf_counter() - started, 2)}
+        (staging / "training.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
