@@ -128,3 +128,21 @@ def test_a_corrupt_base_model_is_refused_with_a_clear_error(tmp_path):
         assert not (settings.models_dir / "ACTIVE").exists()
     finally:
         store.close()
+
+
+@pytest.mark.e2e
+async def test_the_packaged_model_answers_through_telegram(runtime):
+    from bot.app import build_application, running
+    from ouro.emulator import Emulator
+
+    with Emulator() as emu:
+        app = build_application(runtime.settings, runtime.store, runtime.conversation, token=emu.token,
+                                base_url=emu.api_url)
+        async with running(app, poll_timeout=1):
+            user = emu.client(31337, "Real")
+            mid = await user.asend_text("Hello! Who are you?")
+            reply = await user.await_for(lambda m: bool(m.callback_data), after=mid, timeout=120)
+    assert reply.text.strip() and "<|im_" not in reply.text
+    assert reply.button_texts == ["👍", "👎", "🔁", "✏️"]
+    turn = runtime.store.turn(runtime.store.latest_answered_turn(31337))
+    assert turn.reply_text == reply.text and turn.generation_id == "gen-0000"
