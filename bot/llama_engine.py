@@ -69,7 +69,7 @@ def _model_params(*, extra_buffers: bool):
 class LlamaEngine:
     def __init__(self, model_path: Path, *, generation_id: str, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "",
-                 extra_buffers: bool = False) -> None:
+                 extra_buffers: bool = False, logits_all: bool = False) -> None:
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
@@ -78,7 +78,7 @@ class LlamaEngine:
         try:
             with _model_params(extra_buffers=extra_buffers):
                 self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                                 n_gpu_layers=n_gpu_layers, verbose=False)
+                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=False)
         except Exception as exc:  # llama.cpp says little; the file check upstream says more
             raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
         self.n_ctx = self.llm.n_ctx()
@@ -113,8 +113,8 @@ class LlamaEngine:
         ids.add(self.llm.token_eos())
         return ids
 
-    def render(self, messages: list[Message]) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=True,
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self._bos, eos_token=self._eos)
 
     def tokenize(self, messages: list[Message]) -> list[int]:

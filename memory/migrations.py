@@ -127,6 +127,15 @@ def m003_generations_and_events(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m004_training_consent(conn: sqlite3.Connection) -> None:
+    """Whether a person's chats may be trained on (default from settings, set by /optout, /optin)."""
+    _script(conn, """
+    ALTER TABLE users ADD COLUMN training_opt_out INTEGER;        -- NULL: the settings' default
+    CREATE INDEX turns_created ON turns(created_at);
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -296,10 +296,12 @@ def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: 
     The "ref" copy is deleted afterwards so only the trained adapter remains.
     """
     from datasets import Dataset
+    from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
     records = dpo_records(pairs, tokenizer, fmt)
+    cuda = torch.cuda.is_available()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -309,15 +311,19 @@ def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: 
                 max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_lr, lr_scheduler_type="constant", beta=cfg.dpo_beta,
                 max_length=cfg.max_seq_len, truncation_mode="keep_end", logging_steps=1, save_strategy="no",
                 report_to="none", disable_tqdm=not progress, seed=cfg.seed, data_seed=cfg.seed,
-                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, max_grad_norm=1.0)
+                # trl defaults to bf16 autocast, on CPU too; keep CPU training in float32 like the SFT pass
+                bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0)
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
                                  processing_class=tokenizer)
+            trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
             first = trainer.train_dataset[0]
             ours = encode_pair(pairs[0], tokenizer, fmt)
             if (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) != ours:
                 raise OuroError("trl tokenized a preference pair differently from the serving template's ids")
             trainer.train()
             history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            # accelerate leaves an autocast/fp32 wrapper on model.forward; take it off before merging
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
         hf_logging.set_verbosity(verbosity)
     if "ref" in model.peft_config:

@@ -1,0 +1,87 @@
+"""The gate: may this child be served? And the stop rule: should we stop training at all?
+
+A child passes only when every check holds:
+- invariants from the cycle (merge left logits unchanged, GGUF readable and its logits agree
+  with the merged weights) — passed in as `invariant_failures`;
+- absolute thresholds (defaults: recall ≥ 0.90, generalization ≥ 0.85, style drift ≤ 2,
+  format ≥ 0.8);
+- no regression against the parent beyond a margin on the scores both are measured on
+  (style drift and format; recall and generalization are already relative to the parent).
+
+Stop rule (design doc): if for two consecutive generations generalization improved by less
+than 0.05 while style drift rose by more than 0.1, stop: keep the parent and tell the admins
+to fix the data, not the model size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_recall: float = 0.90
+    min_generalization: float = 0.85
+    max_style_drift: float = 2.0
+    min_format: float = 0.8
+    style_drift_margin: float = 1.0     # child may be at most this much worse than its parent
+    format_margin: float = 0.2
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)   # why it was refused (empty when passed)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "reasons": self.reasons, "notes": self.notes}
+
+
+def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failures: list[str] | None = None) -> GateResult:
+    """`child`/`parent`: {"recall", "generalization", "style_drift", "format"} (parent may lack some)."""
+    reasons = list(invariant_failures or [])
+    recall, gen = child.get("recall"), child.get("generalization")
+    drift, fmt = child.get("style_drift"), child.get("format")
+    if recall is None or recall < th.min_recall:
+        reasons.append(f"recall {recall} < {th.min_recall}: it forgot what earlier generations knew")
+    if gen is None:
+        reasons.append("generalization not measured: no held-out examples in the new data")
+    elif gen < th.min_generalization:
+        reasons.append(f"generalization {gen} < {th.min_generalization}: it did not learn the new data")
+    if drift is None or drift > th.max_style_drift:
+        reasons.append(f"style drift {drift} > {th.max_style_drift}: too much assistant voice")
+    if fmt is None or fmt < th.min_format:
+        reasons.append(f"format {fmt} < {th.min_format}: replies are not clean single turns")
+    notes = []
+    if parent:
+        p_drift, p_fmt = parent.get("style_drift"), parent.get("format")
+        if drift is not None and p_drift is not None and drift > p_drift + th.style_drift_margin:
+            reasons.append(f"style drift regressed: {drift} vs parent {p_drift} (margin {th.style_drift_margin})")
+        if fmt is not None and p_fmt is not None and fmt < p_fmt - th.format_margin:
+            reasons.append(f"format regressed: {fmt} vs parent {p_fmt} (margin {th.format_margin})")
+        if drift is not None and p_drift is not None:
+            notes.append(f"style drift {p_drift} → {drift}")
+    return GateResult(passed=not reasons, reasons=reasons, notes=notes)
+
+
+def stop_rule(history: list[dict], *, min_gain: float = 0.05, max_drift_rise: float = 0.1) -> str | None:
+    """`history`: scores of consecutive generations, oldest first, the candidate last.
+
+    Returns the admins' message when the last two steps both stalled on generalization while
+    style drift rose; None otherwise.
+    """
+    if len(history) < 3:
+        return None
+    steps = list(zip(history[-3:-1], history[-2:], strict=True))
+    for before, after in steps:
+        g0, g1 = before.get("generalization"), after.get("generalization")
+        d0, d1 = before.get("style_drift"), after.get("style_drift")
+        if None in (g0, g1, d0, d1):
+            return None
+        if not (g1 - g0 < min_gain and d1 - d0 > max_drift_rise):
+            return None
+    return ("stop rule: for two consecutive generations generalization improved by < "
+            f"{min_gain} while style drift rose by > {max_drift_rise}. Training is halted and the parent "
+            "kept. Fix the data (more varied, better-rated examples), not the model size; then run "
+            "`ouro cycle --force` to resume.")

@@ -1,0 +1,70 @@
+"""The two measurements every eval is built from, both through llama.cpp.
+
+- `reply_nll`: mean negative log-likelihood (nats per token) of a reference reply, teacher
+  forced after its prompt, over the reply's tokens and its end-of-turn token. Lower means
+  the model finds that reply more natural. Deterministic: a single forward pass.
+- `greedy_reply`: the reply the model would give with greedy decoding (temperature 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bot.engine import Sampling
+from bot.llama_engine import LlamaEngine
+
+GREEDY = Sampling(temperature=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, seed=0, max_tokens=96)
+
+
+class EvalModel:
+    """A GGUF loaded for scoring (logits at every position) and greedy generation."""
+
+    def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int = 1024, n_threads: int | None = None) -> None:
+        self.engine = LlamaEngine(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
+                                  kv_cache_chats=0, logits_all=True)
+        self._nll_cache: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def reply_nll(self, messages: list[dict]) -> float:
+        """`messages` ends with the assistant reply being scored."""
+        key = repr(messages)
+        if key in self._nll_cache:
+            return self._nll_cache[key]
+        llm = self.engine.llm
+        prompt = self.engine.tokenize(messages[:-1])
+        full_text = self.engine.render(messages, add_generation_prompt=False)
+        full = llm.tokenize(full_text.encode("utf-8"), add_bos=False, special=True)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the template does not render the prompt as a prefix of the full conversation")
+        end = len(full)
+        # score through the end-of-turn token, not the newline the template writes after it
+        while end > len(prompt) and full[end - 1] not in self.engine._stop_ids:
+            end -= 1
+        if end <= len(prompt):
+            end = len(full)
+        tokens = full[:end]
+        n_ctx = self.engine.n_ctx
+        if len(tokens) > n_ctx:
+            cut = len(tokens) - n_ctx
+            tokens, prompt_len = tokens[cut:], max(1, len(prompt) - cut)
+        else:
+            prompt_len = len(prompt)
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+        pred = logits[prompt_len - 1: len(tokens) - 1]
+        targets = np.asarray(tokens[prompt_len:])
+        peak = pred.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(pred - peak).sum(axis=1)) + peak[:, 0]
+        nll = float(np.mean(logz - pred[np.arange(len(targets)), targets]))
+        self._nll_cache[key] = nll
+        return nll
+
+    def greedy_reply(self, messages: list[dict], max_tokens: int = 96):
+        sampling = Sampling(**{**GREEDY.__dict__, "max_tokens": max_tokens})
+        self.engine.llm.reset()
+        return self.engine.generate(messages, chat_key="eval", sampling=sampling)
