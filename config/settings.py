@@ -83,6 +83,44 @@ class Settings(BaseSettings):
         "Replies waiting for the model at most; beyond it users get 'busy, try again' (also stored)."))
     log_level: str = Field("INFO", description="Python logging level.")
 
+    # --- learning: data -----------------------------------------------------------------
+    training_opt_out_default: bool = Field(False, description=(
+        "Whether people's chats are left out of training unless they /optin (False: used unless they /optout)."))
+    data_budget: int = Field(400, ge=1, le=1_000_000, description=(
+        "Most new examples per generation; with more rated material, the top quartile by rating is taken."))
+    replay_size: int = Field(100, ge=0, le=100_000, description=(
+        "Examples sampled from the ancestors' data and rehearsed with the new data (against forgetting)."))
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description=(
+        "Newest share of the new data held out (chronological split) for the generalization eval."))
+
+    # --- learning: training -------------------------------------------------------------
+    lora_rank: int = Field(16, ge=1, le=512, description="LoRA rank r.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (update scaled by alpha / rank).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Learning rate of supervised fine-tuning.")
+    train_epochs: int = Field(2, ge=1, le=100, description="Passes over the training examples.")
+    train_max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (empty: all epochs).")
+    train_batch: int = Field(4, ge=1, le=1024, description="Packed rows per optimizer step.")
+    max_seq_len: int = Field(768, ge=64, le=32768, description="Tokens per packed training row.")
+    dpo_steps: int = Field(20, ge=0, le=100_000, description="DPO steps after SFT when preference pairs exist (0: off).")
+    dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
+    dpo_lr: float = Field(5e-5, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
+    train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
+    quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
+    keep_full_precision: int = Field(3, ge=1, le=1000, description=(
+        "Generations whose full-precision weights are kept (the active one and its parent always are). "
+        "GGUFs and the ledger are never pruned."))
+
+    # --- learning: evals and gate -------------------------------------------------------
+    probes_file: Path = Field(CONFIG_DIR / "probes.toml", description="Tone, format and recall probes for the evals.")
+    eval_max_items: int = Field(40, ge=1, le=100_000, description="Most items per NLL-based eval (newest first).")
+    recall_tolerance: float = Field(0.10, ge=0.0, le=10.0, description=(
+        "Nats per token a child may be worse than its parent on an old item and still count as remembering it."))
+    min_recall: float = Field(0.90, ge=0.0, le=1.0, description="Gate: lowest recall promoted.")
+    min_generalization: float = Field(0.85, ge=0.0, le=1.0, description="Gate: lowest generalization promoted.")
+    max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")
+    min_format: float = Field(0.8, ge=0.0, le=1.0, description="Gate: lowest share of well-formed replies.")
+
     @field_validator("admin_ids", "allowed_user_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
@@ -94,6 +132,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected comma-separated numeric Telegram user ids, got {value!r}") from exc
         if isinstance(value, int):
             return [value]
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _qtype(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"Q8_0", "Q4_K_M", "F16"}:
+            raise ValueError("must be one of Q8_0, Q4_K_M, F16")
         return value
 
     @field_validator("log_level")

@@ -120,6 +120,129 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cycle(args: argparse.Namespace) -> int:
+    from ouro.logs import setup_logging
+    from ouro.runtime import open_store, register_base
+    from trainer.cycle import run_cycle
+
+    settings = _settings(args)
+    setup_logging("WARNING")
+    store = open_store(settings)
+    try:
+        register_base(settings, store)
+        say = (lambda stage: None) if args.json else (lambda stage: print(f"▶ {stage}", file=sys.stderr))
+        report = run_cycle(settings, store, actor=args.actor, force=args.force, progress=not args.json, on_stage=say)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(f"{report.status}: {report.gen_id or '-'} (parent {report.parent_id})")
+        for key in ("recall", "generalization", "style_drift", "format"):
+            if key in report.scores:
+                print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
+        for reason in report.reasons:
+            print(f"  - {reason}")
+    return 0 if report.status in ("promoted", "skipped", "refused") else 1
+
+
+def _generation_rows(settings) -> list[dict]:
+    from trainer.lineage import Lineage
+
+    lineage = Lineage(settings.models_dir)
+    active = lineage.active_id()
+    rows = []
+    for g in lineage.generations():
+        scores = g.meta.get("scores") or {}
+        data = g.meta.get("data") or {}
+        rows.append({"id": g.id, "parent": g.parent_id, "created_at": g.meta.get("created_at"),
+                     "status": g.meta.get("status"), "active": g.id == active,
+                     "examples": data.get("new_examples"), "pairs": data.get("new_pairs"),
+                     "recall": scores.get("recall"), "generalization": scores.get("generalization"),
+                     "style_drift": scores.get("style_drift"), "format": scores.get("format"),
+                     "reasons": g.meta.get("reasons", []), "gguf_sha256": g.sha256})
+    return rows
+
+
+def cmd_generations(args: argparse.Namespace) -> int:
+    rows = _generation_rows(_settings(args))
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no generations yet — `ouro chat` or `ouro serve` registers gen-0000")
+        return 0
+    fmt = "{:1} {:9} {:9} {:20} {:9} {:>5} {:>7} {:>7} {:>6} {:>6}"
+    print(fmt.format("", "id", "parent", "created", "status", "data", "recall", "general", "drift", "format"))
+    for r in rows:
+        cell = lambda v: "—" if v is None else v  # noqa: E731
+        print(fmt.format("*" if r["active"] else "", r["id"], cell(r["parent"]), (r["created_at"] or "")[:19],
+                         r["status"] or "", cell(r["examples"]), cell(r["recall"]), cell(r["generalization"]),
+                         cell(r["style_drift"]), cell(r["format"])))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.lineage import Lineage
+
+    settings = _settings(args)
+    gen = Lineage(settings.models_dir).generation(args.gen)
+    path = gen.folder / "evals.json"
+    if not path.exists():
+        raise OuroError(f"{gen.id} has no evals (generation 0 is the baseline)")
+    evals = json.loads(path.read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(evals, indent=2, ensure_ascii=False))
+        return 0
+    gate = evals.get("gate", {})
+    print(f"{gen.id} vs its parent {gen.parent_id}: {'passed' if gate.get('passed') else 'refused'}")
+    for key in ("recall", "generalization", "style_drift", "format"):
+        c = (evals["child"].get(key) or {})
+        p = (evals["parent"].get(key) or {})
+        print(f"  {key:15} child {c.get('score')!s:>8}   parent {p.get('score')!s:>8}")
+    for reason in gate.get("reasons", []):
+        print(f"  - {reason}")
+    drifted = [r for r in evals["child"].get("style_drift", {}).get("replies", []) if r["assistant_voice"]]
+    for r in drifted[:5]:
+        print(f"  assistant voice on {r['probe']!r}: {r['reply'][:80]!r}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from ouro.runtime import open_store
+    from trainer.cycle import promote
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        promote(settings, store, args.gen, actor=args.actor, why=args.why or "promoted by hand")
+    finally:
+        store.close()
+    print(f"active generation: {args.gen}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from ouro.runtime import open_store
+    from trainer.cycle import promote
+    from trainer.lineage import Lineage
+
+    settings = _settings(args)
+    lineage = Lineage(settings.models_dir)
+    active = lineage.active()
+    target = args.gen or active.parent_id
+    if target is None:
+        raise OuroError(f"{active.id} has no parent to roll back to")
+    store = open_store(settings)
+    try:
+        promote(settings, store, target, actor=args.actor, why=args.why or f"rollback from {active.id}",
+                event="rollback")
+    finally:
+        store.close()
+    print(f"rolled back: {active.id} → {target} (nothing was deleted)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ouro", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +267,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="every setting with its current value and meaning")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_settings)
+
+    p = sub.add_parser("cycle", help="train, evaluate and maybe promote the next generation",
+                       description="One learning generation: export what was reviewed since the active generation, "
+                                   "fine-tune (LoRA, +DPO on preference pairs), convert to GGUF, evaluate against the "
+                                   "parent, gate, record in models/lineage_ledger.csv, promote if it passed.")
+    p.add_argument("--force", action="store_true", help="run even when the stop rule halted training (clears it)")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="who is recorded as starting it")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("generations", help="the lineage as a table (* marks the active one)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_generations)
+
+    p = sub.add_parser("eval", help="a generation's eval details against its parent")
+    p.add_argument("gen", help="generation id, e.g. gen-0003")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("promote", help="make a generation the active one (checked by SHA-256)")
+    p.add_argument("gen", help="generation id")
+    p.add_argument("--why", help="recorded in the ledger")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as who did it")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="back to the active generation's parent (or GEN); deletes nothing")
+    p.add_argument("gen", nargs="?", help="generation id (default: the active generation's parent)")
+    p.add_argument("--why", help="recorded in the ledger")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as who did it")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "

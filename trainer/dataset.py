@@ -35,7 +35,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False   # the oldest prompt tokens were cut to fit max_seq_len
+    trimmed: bool = False   # its oldest exchanges were dropped to fit max_seq_len
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -55,7 +55,8 @@ class DPOPair(NamedTuple):
 
 def end_of_turn_token(tokenizer) -> str:
     """The token that ends an assistant turn (what serving stops on): ChatML's, else EOS."""
-    if "<|im_end|>" in tokenizer.get_vocab():
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id:
         return "<|im_end|>"
     if tokenizer.eos_token is None:
         raise OuroError("the tokenizer has neither <|im_end|> nor an EOS token: cannot tell where a reply ends")
@@ -84,25 +85,44 @@ def split_reply(fmt: ChatFormat, prompt: Sequence[Message], reply: str, end_toke
     return head, tail[: end + len(end_token)]
 
 
+def _drop_oldest_exchange(messages: list[Message], keep_last: int) -> bool:
+    """Remove the oldest user/assistant exchange after the system message, as the rolling context does.
+
+    Returns False when nothing but the system message and the last `keep_last` messages remain.
+    """
+    start = 1 if messages[0].get("role") == "system" else 0
+    if len(messages) - start <= keep_last:
+        return False
+    del messages[start:min(start + 2, len(messages) - keep_last)]
+    return True
+
+
 def encode_sft(messages: Sequence[Message], tokenizer, fmt: ChatFormat, max_seq_len: int) -> Encoded | None:
-    """Ids and labels of one example; None when even its reply alone does not fit max_seq_len."""
+    """Ids and labels of one example.
+
+    When it is longer than max_seq_len, its oldest exchanges are dropped (the system message
+    stays), the way serving's rolling context drops them; None when even the last user message
+    and the reply do not fit.
+    """
     if not messages or messages[-1].get("role") != "assistant":
         raise OuroError("a training example must end with the assistant's reply")
-    head, reply = split_reply(fmt, messages[:-1], messages[-1]["content"], end_of_turn_token(tokenizer))
-    prompt_ids = tokenize(tokenizer, fmt, head)
-    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-    ids = prompt_ids + reply_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + reply_ids
-    if len(ids) <= max_seq_len:
-        return Encoded(ids, labels)
-    if len(reply_ids) >= max_seq_len:
-        return None
-    return Encoded(ids[-max_seq_len:], labels[-max_seq_len:], truncated=True)
+    end = end_of_turn_token(tokenizer)
+    context, reply = list(messages[:-1]), messages[-1]["content"]
+    trimmed = False
+    while True:
+        head, tail = split_reply(fmt, context, reply, end)
+        prompt_ids = tokenize(tokenizer, fmt, head)
+        reply_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + len(reply_ids) <= max_seq_len:
+            return Encoded(prompt_ids + reply_ids, [IGNORE_INDEX] * len(prompt_ids) + reply_ids, trimmed)
+        if not _drop_oldest_exchange(context, keep_last=1):
+            return None
+        trimmed = True
 
 
 def encode_all(examples: Sequence[Sequence[Message]], tokenizer, fmt: ChatFormat,
                max_seq_len: int) -> tuple[list[Encoded], int]:
-    """Encode every example; returns (encoded, number dropped because their reply alone overflows)."""
+    """Encode every example; returns (encoded, number dropped because they cannot fit max_seq_len)."""
     out = []
     for i, messages in enumerate(examples):
         try:
@@ -171,24 +191,48 @@ def collate_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def dpo_records(pairs: Sequence[DPOPair], tokenizer, fmt: ChatFormat) -> list[dict[str, str]]:
-    """Preference pairs as trl's plain-text DPO format: prompt rendered with the generation prompt,
-    chosen/rejected = reply text through the end-of-turn token (so trl adds no second EOS)."""
+@dataclass(frozen=True)
+class EncodedPair:
+    """A preference pair as trl's plain-text DPO format wants it, and as ids (ours, to check trl's)."""
+
+    prompt: str            # rendered with the generation prompt
+    chosen: str            # reply text through the end-of-turn token, so trl adds no second EOS
+    rejected: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def record(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+
+
+def encode_pair(pair: DPOPair, tokenizer, fmt: ChatFormat, max_seq_len: int) -> EncodedPair | None:
+    """Render and tokenize a pair; the oldest exchanges go until prompt + longer reply fit (None if never)."""
+    if not pair.prompt or pair.prompt[-1].get("role") != "user":
+        raise OuroError("a preference pair's prompt must end with the user's message")
     end = end_of_turn_token(tokenizer)
-    records = []
+    context = list(pair.prompt)
+    while True:
+        head, chosen = split_reply(fmt, context, pair.chosen, end)
+        _, rejected = split_reply(fmt, context, pair.rejected, end)
+        prompt_ids = tokenize(tokenizer, fmt, head)
+        chosen_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
+        rejected_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_seq_len:
+            return EncodedPair(head, chosen, rejected, prompt_ids, chosen_ids, rejected_ids)
+        if not _drop_oldest_exchange(context, keep_last=1):
+            return None
+
+
+def encode_pairs(pairs: Sequence[DPOPair], tokenizer, fmt: ChatFormat,
+                 max_seq_len: int) -> tuple[list[EncodedPair], int]:
+    """Encode every pair; returns (encoded, number dropped because they cannot fit max_seq_len)."""
+    out = []
     for i, pair in enumerate(pairs):
-        if not pair.prompt or pair.prompt[-1].get("role") != "user":
-            raise OuroError(f"preference pair {i}: its prompt must end with the user's message")
-        prompt, chosen = split_reply(fmt, pair.prompt, pair.chosen, end)
-        _, rejected = split_reply(fmt, pair.prompt, pair.rejected, end)
-        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return records
-
-
-def encode_pair(pair: DPOPair, tokenizer, fmt: ChatFormat) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen reply ids, rejected reply ids) — our own tokenization, for checks and margins."""
-    end = end_of_turn_token(tokenizer)
-    prompt, chosen = split_reply(fmt, pair.prompt, pair.chosen, end)
-    _, rejected = split_reply(fmt, pair.prompt, pair.rejected, end)
-    return (tokenize(tokenizer, fmt, prompt), tokenizer(chosen, add_special_tokens=False)["input_ids"],
-            tokenizer(rejected, add_special_tokens=False)["input_ids"])
+        try:
+            enc = encode_pair(DPOPair(*pair), tokenizer, fmt, max_seq_len)
+        except OuroError as exc:
+            raise OuroError(f"preference pair {i}: {exc}") from exc
+        if enc is not None:
+            out.append(enc)
+    return out, len(pairs) - len(out)

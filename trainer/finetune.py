@@ -39,11 +39,11 @@ from ouro.errors import OuroError
 from trainer.dataset import (
     IGNORE_INDEX,
     DPOPair,
+    EncodedPair,
     PackedRow,
     collate_packed,
-    dpo_records,
     encode_all,
-    encode_pair,
+    encode_pairs,
     pack,
 )
 from trainer.template import ChatFormat, Message
@@ -105,11 +105,13 @@ class TrainResult:
     peak_rss_mb: float           # peak resident memory during the call
     examples: int = 0            # SFT examples used (after dropping those whose reply alone overflows)
     dropped: int = 0
-    truncated: int = 0           # examples whose oldest context was cut to fit max_seq_len
+    trimmed: int = 0             # examples whose oldest exchanges were dropped to fit max_seq_len
     rows: int = 0                # packed rows per epoch
     row_fill: float = 0.0        # mean share of max_seq_len a packed row holds
     target_tokens: int = 0       # reply tokens the SFT loss covered (per pass over the data)
     trained_tensors_changed: float = 0.0  # share of trainable tensors that SFT+DPO changed
+    dpo_pairs: int = 0           # preference pairs used (after dropping those that cannot fit)
+    dpo_dropped: int = 0
     dpo_steps: int = 0
     dpo_loss_start: float | None = None
     dpo_loss_end: float | None = None
@@ -269,17 +271,16 @@ def dataset_loss(model, rows: Sequence[PackedRow], pad_id: int, batch: int = 4) 
 
 
 @torch.no_grad()
-def preference_margin(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair]) -> float:
+def preference_margin(model, pairs: Sequence[EncodedPair]) -> float:
     """Mean over pairs of log p(chosen | prompt) − log p(rejected | prompt), summed over reply tokens."""
     was_training = model.training
     model.eval()
     margins = []
     for pair in pairs:
-        prompt, chosen, rejected = encode_pair(pair, tokenizer, fmt)
         logps = []
-        for reply in (chosen, rejected):
-            ids = torch.tensor([prompt + reply])
-            labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + reply])
+        for reply in (pair.chosen_ids, pair.rejected_ids):
+            ids = torch.tensor([pair.prompt_ids + reply])
+            labels = torch.tensor([[IGNORE_INDEX] * len(pair.prompt_ids) + reply])
             loss, n = reply_loss(model, {"input_ids": ids, "labels": labels})
             logps.append(-loss.item() * n)
         margins.append(logps[0] - logps[1])
@@ -287,7 +288,7 @@ def preference_margin(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair
     return sum(margins) / len(margins)
 
 
-def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: TrainConfig, *,
+def dpo_train(model, tokenizer, pairs: Sequence[EncodedPair], cfg: TrainConfig, *,
               progress: bool = True) -> dict:
     """trl's DPOTrainer on the peft model as it stands.
 
@@ -296,29 +297,35 @@ def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: 
     The "ref" copy is deleted afterwards so only the trained adapter remains.
     """
     from datasets import Dataset
+    from datasets.utils import logging as datasets_logging
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
-    records = dpo_records(pairs, tokenizer, fmt)
+    records = [p.record() for p in pairs]
     cuda = torch.cuda.is_available()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars_were_on = datasets_logging.is_progress_bar_enabled()
+    if not progress:
+        datasets_logging.disable_progress_bar()
     try:
         with tempfile.TemporaryDirectory(prefix="ouro-dpo-") as tmp:
             args = DPOConfig(
                 output_dir=tmp, per_device_train_batch_size=min(cfg.batch, len(records)),
                 max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_lr, lr_scheduler_type="constant", beta=cfg.dpo_beta,
-                max_length=cfg.max_seq_len, truncation_mode="keep_end", logging_steps=1, save_strategy="no",
+                max_length=cfg.max_seq_len, logging_steps=1, save_strategy="no",
                 report_to="none", disable_tqdm=not progress, seed=cfg.seed, data_seed=cfg.seed,
                 # trl defaults to bf16 autocast, on CPU too; keep CPU training in float32 like the SFT pass
-                bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0)
+                bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
+                # trl turns activation checkpointing on by default: ~2x slower steps, not needed at this size on CPU
+                activation_checkpointing=cuda)
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
                                  processing_class=tokenizer)
             trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
-            first = trainer.train_dataset[0]
-            ours = encode_pair(pairs[0], tokenizer, fmt)
-            if (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) != ours:
+            first, ours = trainer.train_dataset[0], pairs[0]
+            if (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) != (
+                    ours.prompt_ids, ours.chosen_ids, ours.rejected_ids):
                 raise OuroError("trl tokenized a preference pair differently from the serving template's ids")
             trainer.train()
             history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -326,6 +333,8 @@ def dpo_train(model, tokenizer, fmt: ChatFormat, pairs: Sequence[DPOPair], cfg: 
             trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets_logging.enable_progress_bar()
     if "ref" in model.peft_config:
         model.delete_adapter("ref")
     model.set_adapter("default")
@@ -395,7 +404,6 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         raise OuroError(f"{out_dir} already exists; a finished checkpoint is never overwritten")
     if not sft_examples:
         raise OuroError("no SFT examples to train on")
-    dpo_pairs = [DPOPair(*p) for p in dpo_pairs]
     stages = _Stages()
     reset_peak_rss()
 
@@ -410,17 +418,17 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         if not encoded:
             raise OuroError(f"every SFT example's reply is longer than max_seq_len={cfg.max_seq_len}")
         rows = pack(encoded, cfg.max_seq_len)
+        pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.max_seq_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with stages.run("sft"):
         sft = sft_train(model, rows, cfg, pad_id, progress=progress)
     dpo: dict = {"steps": 0, "loss_start": None, "loss_end": None}
     margin_start = margin_end = None
-    if dpo_pairs and cfg.dpo_steps:
-        probe_pairs = dpo_pairs[:32]
+    if pairs and cfg.dpo_steps:
         with stages.run("dpo"):
-            margin_start = preference_margin(model, tokenizer, fmt, probe_pairs)
-            dpo = dpo_train(model, tokenizer, fmt, dpo_pairs, cfg, progress=progress)
-            margin_end = preference_margin(model, tokenizer, fmt, probe_pairs)
+            margin_start = preference_margin(model, pairs[:32])
+            dpo = dpo_train(model, tokenizer, pairs, cfg, progress=progress)
+            margin_end = preference_margin(model, pairs[:32])
     changed = _share_changed(model, snapshot)
     del snapshot
     with stages.run("merge"):
@@ -430,10 +438,10 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
     result = TrainResult(
         loss_start=sft.losses[0], loss_end=sft.losses[-1], steps=sft.steps, tokens=sft.tokens,
         tokens_per_s=round(sft.tokens_per_s, 1), wall_s=0.0, peak_rss_mb=0.0, examples=len(encoded),
-        dropped=dropped, truncated=sum(e.truncated for e in encoded), rows=len(rows),
+        dropped=dropped, trimmed=sum(e.trimmed for e in encoded), rows=len(rows),
         row_fill=round(sum(len(r) for r in rows) / (len(rows) * cfg.max_seq_len), 3),
         target_tokens=sum(e.n_target for e in encoded), trained_tensors_changed=round(changed, 3),
-        dpo_steps=dpo["steps"], dpo_loss_start=dpo["loss_start"], dpo_loss_end=dpo["loss_end"],
+        dpo_pairs=len(pairs), dpo_dropped=dpo_dropped, dpo_steps=dpo["steps"], dpo_loss_start=dpo["loss_start"], dpo_loss_end=dpo["loss_end"],
         dpo_margin_start=margin_start, dpo_margin_end=margin_end, merge_max_abs_diff=diff, losses=sft.losses)
     with stages.run("save"):
         tokenizer.chat_template = fmt.template  # the next generation renders with the same template

@@ -249,6 +249,9 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for written in tmp.iterdir():
+            if written.is_file():
+                _fsync(written)
         os.replace(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

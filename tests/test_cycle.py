@@ -1,0 +1,184 @@
+"""`ouro cycle` end to end on a tiny Llama built by the tests: seconds on CPU, no downloads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+
+from config.settings import load_settings
+from memory.store import Store
+from ouro.errors import OuroError
+from trainer import cycle as cycle_mod
+from trainer.cycle import HALT_FILE, run_cycle
+from trainer.lineage import LEDGER_COLUMNS, Lineage
+from tests.tiny import build_tiny_base
+
+pytestmark = pytest.mark.model
+
+LENIENT = dict(min_recall=0.0, min_generalization=0.0, max_style_drift=10.0, min_format=0.0,
+               train_epochs=1, train_batch=2, max_seq_len=256, dpo_steps=2, eval_max_items=4, replay_size=4)
+
+
+@pytest.fixture(scope="module")
+def base_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinybase")
+    build_tiny_base(root / "models", tmp_path_factory.getbasetemp())
+    return root / "models"
+
+
+@pytest.fixture
+def world(tmp_path, base_template):
+    """A data folder whose models/ holds the tiny gen-0000, and a store with reviewed turns."""
+    data = tmp_path / "data"
+    shutil.copytree(base_template, data / "models")
+
+    def make(**overrides):
+        settings = load_settings(data_dir=data, **{**LENIENT, **overrides})
+        return settings
+
+    store = Store.open(data / "ouro.db")
+    yield make, store
+    store.close()
+
+
+def add_reviewed(store, n: int, *, start: int = 0, with_pairs: bool = True) -> None:
+    for i in range(start, start + n):
+        t = store.add_user_turn(chat_id=1000 + i, user_id=1000 + i, text=f"hey, tell me about topic {i}")
+        store.complete_turn(t, reply_text=f"ooh topic {i}! totally my favourite thing ✨", generation_id="gen-0000",
+                            prompt_tokens=10, completion_tokens=8, latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
+        store.rate(t, 1000 + i, 1)
+        if with_pairs and i % 3 == 0:
+            store.await_correction(1000 + i, 1000 + i, t)
+            store.take_correction(1000 + i, 1000 + i, f"topic {i}? love it, let's dig in 🌊")
+
+
+def ledger(settings) -> list[dict]:
+    with open(settings.models_dir / "lineage_ledger.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_nothing_reviewed_is_a_recorded_skip(world):
+    make, store = world
+    settings = make()
+    report = run_cycle(settings, store, progress=False)
+    assert report.status == "skipped" and "nothing reviewed" in report.reasons[0]
+    assert [g.id for g in Lineage(settings.models_dir).generations()] == ["gen-0000"]
+    assert ledger(settings)[-1]["event"] == "skip"
+
+
+def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
+    make, store = world
+    settings = make()
+    add_reviewed(store, 10)
+    report = run_cycle(settings, store, progress=False)
+    assert report.status == "promoted", report.reasons
+    lineage = Lineage(settings.models_dir)
+    child = lineage.generation("gen-0001")
+    assert lineage.active_id() == "gen-0001" and child.parent_id == "gen-0000"
+    files = {p.name for p in child.folder.iterdir()}
+    assert {"model.gguf", "meta.json", "evals.json", "hf", "data"} <= files
+    assert not any(p.name.startswith(".") for p in settings.models_dir.iterdir() if p.is_dir())
+    # the ledger: the design doc's columns first, a candidate row and a promotion
+    with open(settings.models_dir / "lineage_ledger.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:12] == LEDGER_COLUMNS[:12]
+    rows = ledger(settings)
+    cand = [r for r in rows if r["event"] == "candidate"][0]
+    assert cand["GEN_ID"] == "gen-0001" and cand["child_sha"] == child.sha256 and cand["gate"] == "passed"
+    assert cand["parent_sha"] == lineage.generation("gen-0000").sha256
+    import hashlib
+    assert cand["data_delta_sha"] == hashlib.sha256((child.folder / "data" / "new.jsonl").read_bytes()).hexdigest()
+    assert 0 < float(cand["loss_end"]) < 20 and 0 < float(cand["loss_start"]) < 20  # finite, recorded
+    assert rows[-1]["event"] == "promote"
+    evals = json.loads((child.folder / "evals.json").read_text())
+    assert evals["child"]["gguf_agreement"]["correlation"] > 0.98
+    assert report.train["trained_tensors_changed"] > 0 and report.train["dpo_steps"] > 0
+    assert report.data["heldout"] >= 1 and report.data["new_pairs"] >= 1
+    assert store.generation("gen-0001")["status"] == "promoted"
+    # the next cycle has nothing new: a skip, not a generation
+    assert run_cycle(settings, store, progress=False).status == "skipped"
+
+
+def test_a_refused_child_stays_on_disk_and_nothing_served_changes(world):
+    make, store = world
+    settings = make(min_format=1.0, min_generalization=1.0)
+    add_reviewed(store, 6)
+    report = run_cycle(settings, store, progress=False)
+    assert report.status == "refused" and report.reasons
+    lineage = Lineage(settings.models_dir)
+    assert lineage.active_id() == "gen-0000"
+    refused = lineage.generation("gen-0001")
+    assert refused.meta["status"] == "refused" and refused.meta["reasons"] == report.reasons
+    assert ledger(settings)[-1]["gate"] == "refused"
+
+
+def test_a_crash_mid_training_leaves_nothing_visible_and_the_next_cycle_runs(world, monkeypatch):
+    make, store = world
+    settings = make()
+    add_reviewed(store, 6)
+
+    import trainer.finetune as finetune
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in training")
+
+    monkeypatch.setattr(finetune, "train", boom)
+    with pytest.raises(OuroError, match="failed during train"):
+        run_cycle(settings, store, progress=False)
+    lineage = Lineage(settings.models_dir)
+    assert [g.id for g in lineage.generations()] == ["gen-0000"] and lineage.active_id() == "gen-0000"
+    assert not list(settings.models_dir.glob(".gen-*"))
+    assert ledger(settings)[-1]["event"] == "failed" and "simulated crash" in ledger(settings)[-1]["reason"]
+    monkeypatch.undo()
+    assert run_cycle(settings, store, progress=False).status == "promoted"
+
+
+def test_a_killed_cycle_is_cleaned_up_and_recorded_by_the_next(world):
+    make, store = world
+    settings = make()
+    dead = settings.models_dir / ".gen-0001.tmp-999999"
+    dead.mkdir()
+    (dead / "STAGE").write_text("999999 convert\n")
+    (dead / "model-f16.gguf").write_bytes(b"half")
+    run_cycle(settings, store, progress=False)
+    assert not dead.exists()
+    died = [r for r in ledger(settings) if r["event"] == "died"]
+    assert died and "convert" in died[0]["reason"]
+
+
+def test_two_cycles_never_run_at_once(world):
+    make, store = world
+    settings = make()
+    from trainer.lock import CycleLock
+
+    with CycleLock(settings.models_dir / ".cycle.lock"):
+        with pytest.raises(OuroError, match=f"pid {os.getpid()}"):
+            run_cycle(settings, store, progress=False)
+    assert run_cycle(settings, store, progress=False).status == "skipped"  # the lock was released
+
+
+def test_halted_training_is_skipped_until_forced(world):
+    make, store = world
+    settings = make()
+    (settings.models_dir / HALT_FILE).write_text("stop rule: fix the data\n")
+    assert run_cycle(settings, store, progress=False).reasons == ["stop rule: fix the data"]
+    report = run_cycle(settings, store, progress=False, force=True)
+    assert report.status == "skipped" and "nothing reviewed" in report.reasons[0]
+    assert not (settings.models_dir / HALT_FILE).exists()
+
+
+def test_full_precision_pruning_keeps_active_and_parent(world):
+    make, store = world
+    settings = make(keep_full_precision=1)
+    for round_ in range(3):
+        add_reviewed(store, 4, start=100 * (round_ + 1), with_pairs=False)
+        assert run_cycle(settings, store, progress=False).status == "promoted"
+    lineage = Lineage(settings.models_dir)
+    with_hf = {g.id for g in lineage.generations() if (g.folder / "hf").exists()}
+    assert with_hf == {"gen-0000", "gen-0002", "gen-0003"}  # base (never pruned), parent, active
+    assert all((g.folder / "model.gguf").exists() for g in lineage.generations())
+    _ = cycle_mod

@@ -1,0 +1,70 @@
+"""Export of reviewed turns: what becomes training data, and what never does."""
+
+from __future__ import annotations
+
+from memory.export import Delta, reviewed_since, served_context
+
+
+def answered(store, chat, user, text, reply, anchor=None):
+    t = store.add_user_turn(chat_id=chat, user_id=user, text=text)
+    store.complete_turn(t, reply_text=reply, generation_id="gen-0000", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=anchor or t)
+    return t
+
+
+def test_thumbs_up_becomes_an_example_with_its_served_context(store):
+    t1 = answered(store, 1, 1, "hi", "hello!")
+    t2 = answered(store, 1, 1, "my email is ann@example.com", "noted", anchor=t1)
+    store.rate(t2, 1, 1)
+    delta = reviewed_since(store, persona="P", since=None)
+    assert len(delta.examples) == 1
+    assert delta.examples[0].messages == [
+        {"role": "system", "content": "P"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "my email is [email]"},
+        {"role": "assistant", "content": "noted"}]
+    assert served_context(store, t2, "P")[-1]["content"] == "my email is ann@example.com"  # store keeps it
+
+
+def test_thumbs_down_without_alternative_is_never_a_target(store):
+    t = answered(store, 1, 1, "q", "bad answer")
+    store.rate(t, 1, -1)
+    delta = reviewed_since(store, persona="P", since=None)
+    assert delta.examples == [] and delta.pairs == [] and delta.dropped["not_positive"] == 1
+
+
+def test_correction_is_an_example_and_a_pair_and_picks_are_pairs(store):
+    t = answered(store, 1, 1, "q", "meh")
+    store.await_correction(1, 1, t)
+    store.take_correction(1, 1, "great answer")
+    t2 = answered(store, 2, 2, "joke?", "first")
+    alt = store.add_alternative(t2, "second", "gen-0000")
+    store.pick(t2, alt, 2, keep_alternative=True)
+    delta = reviewed_since(store, persona="P", since=None)
+    assert [e.messages[-1]["content"] for e in delta.examples] == ["great answer"]
+    assert {(p.chosen, p.rejected, p.source) for p in delta.pairs} == {
+        ("great answer", "meh", "correction"), ("second", "first", "regenerate")}
+
+
+def test_window_duplicates_budget_and_round_trip(store):
+    ids = [answered(store, 10 + i, 10 + i, "same question", "same answer") for i in range(3)]
+    for i, t in enumerate(ids):
+        store.rate(t, 10 + i, 1)
+    delta = reviewed_since(store, persona="P", since=None)
+    assert len(delta.examples) == 1 and delta.dropped["duplicate"] == 2
+    cutoff = store.database.scalar("SELECT MAX(updated_at) FROM ratings")
+    assert reviewed_since(store, persona="P", since=cutoff).examples == []
+    many = [answered(store, 100 + i, 100 + i, f"q{i}", f"a{i}") for i in range(20)]
+    for i, t in enumerate(many):
+        store.rate(t, 100 + i, 1)
+    small = reviewed_since(store, persona="P", since=cutoff, budget=8)
+    assert len(small.examples) == 5 and small.dropped["over_budget"] == 15  # top quartile of 20
+    again = Delta.from_jsonl(small.to_jsonl())
+    assert [e.messages for e in again.examples] == [e.messages for e in small.examples]
+
+
+def test_people_who_opted_out_are_left_out(store):
+    t = answered(store, 1, 1, "q", "a")
+    store.rate(t, 1, 1)
+    store.database.conn.execute("UPDATE users SET training_opt_out = 1 WHERE id = 1")
+    assert reviewed_since(store, persona="P", since=None).examples == []
+    assert reviewed_since(store, persona="P", since=None, opt_out_by_default=True).examples == []

@@ -1,0 +1,276 @@
+"""The training stage on a tiny Llama with the real SmolLM2 tokenizer (from the packaged GGUF).
+
+Covers: reply-only labels rendered exactly as serving renders, packing (whole examples, rows
+filled, attention isolated per example), LoRA training that changes the adapter and lowers
+the loss, a merge that leaves logits unchanged, a DPO pass that widens the chosen-over-
+rejected margin, and config validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from ouro.errors import OuroError
+from trainer.dataset import (
+    IGNORE_INDEX,
+    DPOPair,
+    Encoded,
+    collate_packed,
+    encode_all,
+    encode_pairs,
+    encode_sft,
+    pack,
+    tokenize,
+)
+from trainer.finetune import (
+    TrainConfig,
+    TrainConfigError,
+    add_lora,
+    dataset_loss,
+    load_base,
+    max_logit_diff,
+    merge_checked,
+    preference_margin,
+    sft_train,
+    train,
+)
+from trainer.lineage import packaged_base_gguf
+from trainer.template import ChatFormat
+
+PERSONA = "You are Mia 🌸: warm, playful, brief."
+CHATS = [
+    [{"role": "system", "content": PERSONA},
+     {"role": "user", "content": "hey!! 😂 how's it going? 👍🏽"},
+     {"role": "assistant", "content": "good! just made tea 🍵 you?"},
+     {"role": "user", "content": "café naïve — 日本語 test 🧪"},
+     {"role": "assistant", "content": "ooh fancy 😄 what are you testing?"}],
+    [{"role": "user", "content": "no persona here, just hi 👋"},
+     {"role": "assistant", "content": "hi hi! 🙌"}],
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The SmolLM2 tokenizer, read once from the packaged GGUF and saved (reloads in ~0.3 s)."""
+    from transformers import AutoTokenizer
+
+    gguf = packaged_base_gguf()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def fmt(tokenizer):
+    return ChatFormat.from_tokenizer(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer):
+    """A 2-layer Llama (hidden 64, 4 heads / 2 KV heads) with SmolLM2's vocabulary, saved as a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def persona_chats(n: int, seed: int = 3) -> list[list[dict]]:
+    rng = random.Random(seed)
+    topics = ["tea 🍵", "rain 🌧️", "cats 🐈", "pizza 🍕", "guitar 🎸", "books 📚"]
+    out = []
+    for i in range(n):
+        topic = rng.choice(topics)
+        out.append([{"role": "system", "content": PERSONA},
+                    {"role": "user", "content": f"what do you think about {topic}? #{i}"},
+                    {"role": "assistant", "content": f"{topic} is the best, obviously 😄"}])
+    return out
+
+
+# --- (1) labels and the serving template ---------------------------------------------------
+def test_labels_cover_only_the_reply_and_its_end_token(tokenizer, fmt):
+    for chat in CHATS:
+        enc = encode_sft(chat, tokenizer, fmt, max_seq_len=512)
+        n_prompt = next(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+        assert all(label == IGNORE_INDEX for label in enc.labels[:n_prompt])
+        assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
+        assert tokenizer.decode(enc.input_ids[n_prompt:]) == chat[-1]["content"] + "<|im_end|>"
+        # the prompt is the serving render (generation prompt included), and ids match a one-piece tokenization
+        prompt = fmt.render(chat[:-1], add_generation_prompt=True)
+        assert tokenizer.decode(enc.input_ids[:n_prompt]) == prompt
+        assert enc.input_ids[:n_prompt] == tokenize(tokenizer, fmt, prompt)
+        assert enc.input_ids == tokenize(tokenizer, fmt, prompt + chat[-1]["content"] + "<|im_end|>")
+    with pytest.raises(OuroError, match="end with the assistant"):
+        encode_sft(CHATS[0][:-1], tokenizer, fmt, max_seq_len=512)
+
+
+@pytest.mark.model
+def test_template_and_ids_match_llama_cpp_serving(tokenizer, fmt):
+    from bot.llama_engine import LlamaEngine
+
+    gguf = packaged_base_gguf()
+    assert ChatFormat.from_gguf(gguf) == fmt
+    engine = LlamaEngine(gguf, generation_id="x")
+    try:
+        for chat in CHATS:
+            prompt = chat[:-1]
+            assert fmt.render(prompt, add_generation_prompt=True) == engine.render(prompt)
+            enc = encode_sft(chat, tokenizer, fmt, max_seq_len=512)
+            served = engine.tokenize(prompt)
+            assert enc.input_ids[:len(served)] == served
+            assert enc.labels[len(served) - 1] == IGNORE_INDEX and enc.labels[len(served)] != IGNORE_INDEX
+    finally:
+        engine.close()
+
+
+def test_too_long_example_drops_its_oldest_exchanges(tokenizer, fmt):
+    chat = [CHATS[0][0]]
+    for i in range(6):
+        chat += [{"role": "user", "content": f"message {i} " + "blah " * 10},
+                 {"role": "assistant", "content": f"reply {i} " + "ok " * 10}]
+    full = encode_sft(chat, tokenizer, fmt, max_seq_len=4096)
+    short = encode_sft(chat, tokenizer, fmt, max_seq_len=len(full) - 10)
+    assert not full.trimmed and short.trimmed and len(short) <= len(full) - 10
+    assert tokenizer.decode(short.input_ids).startswith("<|im_start|>system\n" + PERSONA)
+    assert short.labels[-short.n_target:] == full.labels[-full.n_target:]
+    assert encode_sft(chat, tokenizer, fmt, max_seq_len=full.n_target) is None
+
+
+# --- (2) packing -----------------------------------------------------------------------------
+def test_packing_fills_rows_and_never_splits_an_example():
+    rng = random.Random(0)
+    examples = [Encoded(input_ids=[i] * n, labels=[i] * n) for i, n in enumerate(rng.randint(5, 120) for _ in range(80))]
+    rows = pack(examples, max_seq_len=256)
+    total = sum(len(e) for e in examples)
+    assert len(rows) <= math.ceil(total / 256) + 1          # first-fit-decreasing: nearly no waste
+    seen = []
+    for row in rows:
+        assert len(row) <= 256 and sum(row.lengths) == len(row)
+        start = 0
+        for n in row.lengths:                               # each example whole and contiguous
+            piece = row.input_ids[start:start + n]
+            assert len(set(piece)) == 1 and len(piece) == len(examples[piece[0]])
+            assert row.position_ids[start:start + n] == list(range(n))
+            seen.append(piece[0])
+            start += n
+    assert sorted(seen) == list(range(len(examples)))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        pack([Encoded([1] * 300, [1] * 300)], max_seq_len=256)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_base, tokenizer, fmt):
+    model, _ = load_base(tiny_base)
+    model.eval()
+    encoded, _ = encode_all(persona_chats(4) + CHATS, tokenizer, fmt, max_seq_len=512)
+    row = pack(encoded, max_seq_len=512)[0]
+    assert len(row.lengths) > 2
+    batch = collate_packed([row], pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        for n in row.lengths:
+            alone = model(input_ids=torch.tensor([row.input_ids[start:start + n]])).logits[0]
+            assert torch.allclose(alone, packed[start:start + n], atol=1e-5)
+            start += n
+
+
+# --- (3) training, (4) merge -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tiny_base, tokenizer, fmt):
+    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=4, batch=2, max_seq_len=256, seed=1)
+    model, _ = load_base(tiny_base)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = add_lora(model, cfg)
+    encoded, _ = encode_all(persona_chats(16), tokenizer, fmt, cfg.max_seq_len)
+    rows = pack(encoded, cfg.max_seq_len)
+    before_params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss_before = dataset_loss(model, rows, pad_id=0)
+    stats = sft_train(model, rows, cfg, pad_id=0, progress=False)
+    return {"model": model, "rows": rows, "stats": stats, "loss_before": loss_before,
+            "loss_after": dataset_loss(model, rows, pad_id=0), "before_params": before_params,
+            "base_weights": base_weights}
+
+
+def test_training_changes_the_lora_parameters_and_lowers_the_loss(trained):
+    model = trained["model"]
+    params = dict(model.named_parameters())
+    assert trained["before_params"] and all("lora_" in n for n in trained["before_params"])
+    changed = [n for n, v in trained["before_params"].items() if not torch.equal(params[n], v)]
+    assert len(changed) == len(trained["before_params"])
+    for name, weight in trained["base_weights"].items():     # the base itself stays frozen
+        peft_name = next(n for n in params if n.endswith(name.replace(".weight", ".base_layer.weight"))
+                         or n.endswith(name))
+        assert torch.equal(params[peft_name], weight)
+    assert trained["loss_after"] < trained["loss_before"] - 0.5
+    assert trained["stats"].steps == 4 * math.ceil(len(trained["rows"]) / 2) and trained["stats"].tokens > 0
+
+
+def test_merge_leaves_logits_unchanged(trained):
+    peft_model = copy.deepcopy(trained["model"])
+    reference = copy.deepcopy(trained["model"]).eval()
+    batch = collate_packed(trained["rows"][:2], pad_id=0)
+    merged, diff = merge_checked(peft_model, batch, atol=1e-4)
+    assert diff < 1e-4
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert max_logit_diff(reference, merged, batch) < 1e-4
+    # the adapter did something: the merged model is not the base model
+    base = copy.deepcopy(reference)
+    with base.disable_adapter():
+        assert max_logit_diff(base, merged, batch) > 1e-3
+
+
+# --- (5) DPO, end to end through train() ---------------------------------------------------------
+def test_train_runs_sft_then_dpo_and_saves_the_merged_model(tiny_base, tokenizer, fmt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pairs = [DPOPair([{"role": "system", "content": PERSONA}, {"role": "user", "content": f"tea or coffee? #{i}"}],
+                     "tea, always 🍵", "As an AI, I'd be happy to help you choose a beverage.") for i in range(4)]
+    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=2, batch=2, max_seq_len=256, dpo_steps=6, dpo_lr=5e-3,
+                      dpo_beta=0.1, seed=2)
+    out = tmp_path / "child"
+    result = train(tiny_base, persona_chats(8), pairs, out, cfg, progress=False)
+    assert result.dpo_steps == 6 and result.dpo_pairs == 4
+    assert result.dpo_margin_end > result.dpo_margin_start + 0.5
+    assert result.merge_max_abs_diff < 1e-4 and result.trained_tensors_changed == 1.0
+    assert result.steps > 0 and result.tokens_per_s > 0 and result.peak_rss_mb > 0
+    assert set(result.stage_s) == {"load", "encode", "sft", "dpo", "merge", "save"}
+    # out_dir is a complete checkpoint: the saved model has the DPO'd preferences, the tokenizer its template
+    assert json.loads((out / "training.json").read_text())["config"]["dpo_steps"] == 6
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    child = AutoModelForCausalLM.from_pretrained(out)
+    child_tok = AutoTokenizer.from_pretrained(out)
+    assert ChatFormat.from_tokenizer(child_tok) == fmt
+    encoded, _ = encode_pairs(pairs, child_tok, fmt, cfg.max_seq_len)
+    assert preference_margin(child, encoded[:32]) == pytest.approx(result.dpo_margin_end, abs=1e-2)
+    with pytest.raises(OuroError, match="already exists"):
+        train(tiny_base, persona_chats(2), [], out, cfg, progress=False)
+
+
+# --- (6) config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("rank", 0), ("alpha", 0), ("dropout", 1.0), ("lr", 0.0), ("epochs", 0), ("max_steps", 0),
+    ("batch", 0), ("max_seq_len", 8), ("dpo_beta", -0.1), ("dpo_steps", -1), ("dpo_lr", 0), ("seed", -1),
+])
+def test_bad_config_values_name_their_field(field, value):
+    with pytest.raises(TrainConfigError, match=rf"TrainConfig\.{field} must be"):
+        TrainConfig(**{field: value})
+    assert issubclass(TrainConfigError, OuroError) and issubclass(TrainConfigError, ValueError)
+    assert field in TrainConfig.help()

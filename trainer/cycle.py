@@ -1,0 +1,345 @@
+"""`ouro cycle`: one learning generation, end to end, restartable and all-or-nothing.
+
+export → hold-out + replay → LoRA fine-tune (+DPO) → merge → GGUF → quantize → evals →
+gate → record → promote. The child is assembled in a hidden staging folder and renamed into
+`models/gen-NNNN` only after `meta.json` is written, so a crash at any stage leaves nothing
+half-made visible and the active generation untouched; the next cycle notices the leftover
+staging folder, records how the previous run died, and removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from config.probes import load_probes
+from config.settings import Settings
+from evals.gate import Thresholds, decide, stop_rule
+from memory.export import reviewed_since
+from memory.migrations import now
+from memory.store import Store
+from ouro.errors import OuroError
+from trainer.lineage import GGUF_NAME, Generation, Lineage, atomic_write_text, sha256_file, utcnow
+from trainer.lock import CycleLock, pid_alive
+from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
+
+log = logging.getLogger(__name__)
+HALT_FILE = "HALTED"
+
+
+@dataclass
+class CycleReport:
+    status: str                       # promoted | refused | skipped | failed
+    gen_id: str | None = None
+    parent_id: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    scores: dict = field(default_factory=dict)
+    parent_scores: dict = field(default_factory=dict)
+    stage_s: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stages:
+    """Times each stage and leaves a breadcrumb in the staging folder for post-mortems."""
+
+    def __init__(self, on_stage: Callable[[str], None] | None) -> None:
+        self.on_stage = on_stage
+        self.current = "start"
+        self.times: dict[str, float] = {}
+        self.staging: Path | None = None
+        self._t = time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        t = time.perf_counter()
+        self.times[self.current] = round(t - self._t, 2)
+        self.current, self._t = name, t
+        if self.staging is not None and self.staging.exists():
+            (self.staging / "STAGE").write_text(f"{os.getpid()} {name}\n")
+        if self.on_stage:
+            self.on_stage(name)
+
+    def close(self) -> dict:
+        self.times[self.current] = round(time.perf_counter() - self._t, 2)
+        self.times.pop("start", None)
+        return self.times
+
+
+def _scores(evals: dict) -> dict:
+    return {k: (evals.get(k) or {}).get("score") for k in ("recall", "generalization", "style_drift", "format")}
+
+
+def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=None, scores=None,
+                event="", gate="", reason="", actor="") -> dict:
+    train, scores = train or {}, scores or {}
+    return {"GEN_ID": gen_id, "parent_sha": parent.sha256, "child_sha": child_sha, "data_delta_sha": data_sha,
+            "steps": train.get("steps", ""), "lr": train.get("lr", ""),
+            "walltime_min": train.get("walltime_min", ""), "loss_start": train.get("loss_start", ""),
+            "loss_end": train.get("loss_end", ""), "eval_recall": scores.get("recall", ""),
+            "eval_generalization": scores.get("generalization", ""),
+            "eval_style_drift": scores.get("style_drift", ""), "event": event, "parent_id": parent.id,
+            "gate": gate, "reason": reason, "actor": actor}
+
+
+def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
+    """Remove staging folders of cycles that died, recording where each one died."""
+    found = []
+    for staging in lineage.dir.glob(".gen-*.tmp-*"):
+        breadcrumb = staging / "STAGE"
+        pid, stage = 0, "unknown"
+        if breadcrumb.exists():
+            parts = breadcrumb.read_text().split()
+            pid, stage = int(parts[0]), parts[1] if len(parts) > 1 else "unknown"
+        if pid and pid_alive(pid) and pid != os.getpid():
+            continue
+        reason = f"previous cycle (pid {pid or '?'}) died during stage '{stage}'; its partial files were removed"
+        store.log_event("cycle_died", detail={"staging": staging.name, "stage": stage})
+        lineage.append_ledger({"GEN_ID": staging.name.split(".tmp-")[0].lstrip("."), "event": "died",
+                               "reason": reason, "actor": "system"})
+        shutil.rmtree(staging, ignore_errors=True)
+        found.append(reason)
+    return found
+
+
+def next_gen_id(lineage: Lineage) -> str:
+    numbers = [int(p.name.split("-")[1]) for p in lineage.dir.glob("gen-*") if p.name.split("-")[1].isdigit()]
+    return f"gen-{(max(numbers) + 1 if numbers else 0):04d}"
+
+
+def ensure_full_precision(gen: Generation) -> Path:
+    """The parent's full-precision weights; generation 0's come from dequantizing its GGUF."""
+    hf = gen.folder / "hf"
+    if (hf / "config.json").exists():
+        return hf
+    if gen.parent_id is None:
+        from trainer.gguf_export import dequantize_gguf_to_hf
+
+        dequantize_gguf_to_hf(gen.gguf, hf)
+        return hf
+    raise OuroError(f"{gen.id} has no full-precision weights (pruned by keep_full_precision)",
+                    hint="promote a newer generation or raise OURO_KEEP_FULL_PRECISION; training never "
+                         "starts from a quantized file")
+
+
+def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
+    active = lineage.active()
+    protected = {active.id, active.parent_id}
+    with_hf = [g for g in lineage.generations() if (g.folder / "hf").exists()]
+    promoted = [g for g in with_hf if g.meta.get("status") in ("promoted", "base")]
+    protected |= {g.id for g in promoted[-keep:]}
+    pruned = []
+    for g in with_hf:
+        if g.id not in protected and g.parent_id is not None:
+            shutil.rmtree(g.folder / "hf", ignore_errors=True)
+            pruned.append(g.id)
+    return pruned
+
+
+def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bool = False, progress: bool = True,
+              on_stage: Callable[[str], None] | None = None) -> CycleReport:
+    lineage = Lineage(settings.models_dir)
+    with CycleLock(settings.models_dir / ".cycle.lock"):
+        cleanup_stale(lineage, store)
+        halt = settings.models_dir / HALT_FILE
+        if halt.exists() and not force:
+            return _skip(lineage, store, actor, halt.read_text().strip())
+        if force and halt.exists():
+            halt.unlink()
+        return _cycle(settings, store, lineage, actor=actor, progress=progress, stages=_Stages(on_stage))
+
+
+def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleReport:
+    parent = lineage.active()
+    lineage.append_ledger(_ledger_row("", parent, event="skip", reason=reason, actor=actor))
+    store.log_event("cycle_skipped", detail={"reason": reason})
+    return CycleReport(status="skipped", parent_id=parent.id, reasons=[reason])
+
+
+def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, progress: bool,
+           stages: _Stages) -> CycleReport:
+    parent = lineage.active()
+    persona = settings.persona()
+    until = now()
+    stages.enter("export")
+    delta = reviewed_since(store, persona=persona, since=parent.meta.get("data_cutoff"), until=until,
+                           budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default)
+    if not delta.examples and not delta.pairs:
+        return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
+                                            f"(considered {delta.considered} rated items)")
+    gen_id = next_gen_id(lineage)
+    staging = lineage.dir / f".{gen_id}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "data").mkdir(parents=True)
+    stages.staging = staging
+    stages.enter("export")
+    report = CycleReport(status="failed", gen_id=gen_id, parent_id=parent.id)
+    try:
+        delta_text = delta.to_jsonl()
+        (staging / "data" / "new.jsonl").write_text(delta_text, encoding="utf-8")
+        data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
+        chain = ancestors(lineage, parent)
+        split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
+                           seed=settings.train_seed)
+        write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
+        write_jsonl(staging / "data" / "heldout.jsonl", [{"messages": m} for m in split.heldout])
+        write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
+        report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
+                       "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
+                       "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha}
+
+        stages.enter("train")
+        from trainer.dataset import DPOPair
+        from trainer.finetune import TrainConfig, train
+        from trainer.template import ChatFormat
+
+        base_hf = ensure_full_precision(parent)
+        cfg = TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                          lr=settings.learning_rate, epochs=settings.train_epochs, max_steps=settings.train_max_steps,
+                          batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
+                          dpo_steps=settings.dpo_steps, dpo_lr=settings.dpo_lr, seed=settings.train_seed)
+        sft = [e.messages for e in split.train + split.replay]
+        pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
+        result = train(base_hf, sft, pairs, staging / "hf", cfg, progress=progress,
+                       chat_format=ChatFormat.from_gguf(parent.gguf))
+        report.train = {"steps": result.steps, "lr": settings.learning_rate,
+                        "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
+                        "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
+                        "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,
+                        "dpo_margin_end": result.dpo_margin_end, "merge_max_abs_diff": result.merge_max_abs_diff,
+                        "trained_tensors_changed": result.trained_tensors_changed}
+
+        stages.enter("convert")
+        from trainer.gguf_export import quantize_gguf, write_gguf
+
+        f16 = staging / "model-f16.gguf"
+        write_gguf(staging / "hf", parent.gguf, f16, dtype="f16", name=f"ouroboros {gen_id}")
+        if settings.quantization == "F16":
+            os.replace(f16, staging / GGUF_NAME)
+        else:
+            quantize_gguf(f16, staging / GGUF_NAME, settings.quantization)
+            f16.unlink()
+
+        stages.enter("eval")
+        evals, invariants = _evaluate(settings, staging, parent, chain, split.heldout, persona)
+        report.scores, report.parent_scores = _scores(evals["child"]), _scores(evals["parent"])
+
+        stages.enter("gate")
+        th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
+                        max_style_drift=settings.max_style_drift, min_format=settings.min_format)
+        if result.trained_tensors_changed <= 0:
+            invariants.append("training changed no trainable parameter")
+        gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants)
+        history = [g.meta.get("scores", {}) for g in reversed(chain[:2])] + [report.scores]
+        halt_message = stop_rule(history) if gate.passed else None
+        if halt_message:
+            gate.passed = False
+            gate.reasons.append(halt_message)
+            atomic_write_text(settings.models_dir / HALT_FILE, halt_message + "\n")
+        report.reasons = gate.reasons
+        report.status = "promoted" if gate.passed else "refused"
+
+        stages.enter("record")
+        child_sha = sha256_file(staging / GGUF_NAME)
+        atomic_write_text(staging / "evals.json", json.dumps({**evals, "gate": gate.to_dict()}, indent=2,
+                                                             ensure_ascii=False))
+        report.stage_s = stages.close()
+        meta = {"id": gen_id, "parent_id": parent.id, "gguf": GGUF_NAME, "gguf_sha256": child_sha,
+                "created_at": utcnow(), "status": report.status, "reasons": gate.reasons, "scores": report.scores,
+                "parent_scores": report.parent_scores, "data_cutoff": until, "data": report.data,
+                "train": report.train, "stage_s": report.stage_s, "quantization": settings.quantization,
+                "actor": actor}
+        (staging / "STAGE").unlink(missing_ok=True)
+        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
+        os.replace(staging, lineage.dir / gen_id)
+    except BaseException as exc:
+        stage = stages.current
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = f"failed during {stage}: {exc}"
+        lineage.append_ledger(_ledger_row(gen_id, parent, event="failed", reason=reason[:500], actor=actor))
+        store.log_event("cycle_failed", detail={"gen": gen_id, "stage": stage, "error": repr(exc)[:500]})
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise OuroError(f"the learning cycle {reason}; nothing served changed") from exc
+
+    gen = lineage.generation(gen_id)
+    lineage.append_ledger(_ledger_row(gen_id, parent, child_sha=child_sha, data_sha=data_sha, train=report.train,
+                                      scores=report.scores, event="candidate",
+                                      gate="passed" if gate.passed else "refused",
+                                      reason="; ".join(gate.reasons) or "all checks passed", actor=actor))
+    store.upsert_generation(gen_id=gen_id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=child_sha,
+                            status="candidate" if gate.passed else "refused", meta=meta)
+    if gate.passed:
+        promote(settings, store, gen_id, actor=actor, why=f"passed the gate against {parent.id}")
+        prune_full_precision(lineage, settings.keep_full_precision)
+    else:
+        store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
+    return report
+
+
+def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list[Generation],
+              heldout: list[list[dict]], persona: str) -> tuple[dict, list[str]]:
+    from evals.format_check import format_score
+    from evals.generalization import generalization_score
+    from evals.recall import recall_score
+    from evals.scoring import EvalModel
+    from evals.style_drift import style_drift_score
+    from trainer.gguf_check import check_gguf
+
+    invariants: list[str] = []
+    try:
+        check_gguf(staging / GGUF_NAME)
+    except OuroError as exc:
+        return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
+    probes = load_probes(settings.probes_file)
+    n = settings.eval_max_items
+    recall_items = (probes.recall + list(reversed(ancestor_heldout(chain))))[:n]
+    gen_items = heldout[-n:]
+    child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads)
+    par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads)
+    try:
+        out = {"child": {}, "parent": {}}
+        out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
+        out["child"]["generalization"] = generalization_score(child, par, gen_items)
+        for who, model in (("child", child), ("parent", par)):
+            out[who]["style_drift"] = style_drift_score(model, persona, probes.tone)
+            out[who]["format"] = format_score(model, persona, probes.format)
+        out["parent"]["recall"] = {"score": 1.0}
+        out["parent"]["generalization"] = {"score": (parent.meta.get("scores") or {}).get("generalization")}
+        # the served artifact must agree with the merged weights it came from
+        from trainer.gguf_export import logit_agreement
+
+        ids = child.engine.tokenize(recall_items[0][:-1] if recall_items else [{"role": "user", "content": "hi"}])
+        agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, ids[-256:])
+        out["child"]["gguf_agreement"] = asdict(agreement)
+        if agreement.correlation < 0.98:
+            invariants.append(f"GGUF logits disagree with the merged weights (correlation {agreement.correlation:.4f})")
+    finally:
+        child.close()
+        par.close()
+    return out, invariants
+
+
+def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote") -> None:
+    """Move the active pointer (atomically) and record who, when and why."""
+    lineage = Lineage(settings.models_dir)
+    previous = lineage.active()
+    gen = lineage.generation(gen_id)
+    if sha256_file(gen.gguf) != gen.sha256:
+        raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
+    lineage.set_active(gen_id)
+    lineage.append_ledger({"GEN_ID": gen_id, "parent_sha": previous.sha256, "child_sha": gen.sha256,
+                           "event": event, "parent_id": previous.id, "gate": gen.meta.get("status", ""),
+                           "reason": why, "actor": actor})
+    store.upsert_generation(gen_id=gen_id, parent_id=gen.parent_id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
+                            status="promoted" if event == "promote" else "rolled_back_to", meta=gen.meta)
+    store.log_event(event, detail={"gen": gen_id, "from": previous.id, "actor": actor, "why": why})
