@@ -7,7 +7,7 @@ LoRA config, same number of epochs, same machine, same run:
    then a short DPO pass, merge (checked) and save; every stage timed.
 2. plain — transformers + peft as usually written: one example per row, right-padded to the
    batch's longest, `model(**batch).loss`; as many optimizer steps per epoch as ours.
-3. packed-full-logits — ours' packed rows through `model(**batch).loss`: separates the gain of
+3. packed-full-logits (with `ablation`) — ours' packed rows through `model(**batch).loss`: separates the gain of
    packing from the gain of skipping the LM head on context tokens.
 
 Each trainer runs in a fresh process, so its peak RSS is its own. Tokens are real tokens
@@ -71,6 +71,13 @@ def synthetic_pairs(n: int = N_PAIRS, seed: int = 11) -> list[tuple]:
 
 
 # --- children (each in a fresh process) -----------------------------------------------------
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _child_convert(gguf: str, base_dir: str) -> dict:
     from trainer.finetune import peak_rss_mb
     from trainer.gguf_export import dequantize_gguf_to_hf
@@ -80,15 +87,17 @@ def _child_convert(gguf: str, base_dir: str) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def _child_ours(base_dir: str, out_dir: str, cfg: dict, examples: list, pairs: list, progress: bool) -> dict:
+def _child_ours(base_dir: str, out_dir: str, cfg: dict, examples: list, pairs: list, progress: bool,
+                threads: int | None) -> dict:
     from trainer.finetune import TrainConfig, train
 
+    _set_threads(threads)
     result = train(Path(base_dir), examples, pairs, Path(out_dir), TrainConfig(**cfg), progress=progress)
     return asdict(result)
 
 
 def _child_plain(base_dir: str, cfg: dict, examples: list, batch_examples: int, packed: bool,
-                 progress: bool) -> dict:
+                 progress: bool, threads: int | None) -> dict:
     """The comparison loops: the model's own forward + loss (full logits at every position)."""
     import torch
     from tqdm import tqdm
@@ -97,6 +106,7 @@ def _child_plain(base_dir: str, cfg: dict, examples: list, batch_examples: int, 
     from trainer.finetune import TrainConfig, add_lora, load_base, peak_rss_mb, reset_peak_rss
     from trainer.template import ChatFormat
 
+    _set_threads(threads)
     config = TrainConfig(**cfg)
     t0 = time.perf_counter()
     model, tokenizer = load_base(Path(base_dir))
@@ -145,7 +155,13 @@ def _in_fresh_process(fn, *args):
 
 # --- the bench --------------------------------------------------------------------------------
 def run_bench_train(settings: Settings | None = None, json_output: bool = False, *, epochs: int = 1,
-                    max_seq_len: int = 512, batch: int = 2, ablation: bool = True) -> dict:
+                    max_seq_len: int = 512, batch: int = 2, ablation: bool = False,
+                    threads: int | None = None) -> dict:
+    """Run the three trainers (the third only with `ablation`) and return/print their figures.
+
+    `threads`: torch threads in each trainer (default: torch's, i.e. all cores). On a busy
+    machine 1 thread is steadier: oversubscribed OpenMP threads slow every op several-fold.
+    """
     from trainer.lineage import packaged_base_gguf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,15 +174,16 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
     with tempfile.TemporaryDirectory(prefix="ouro-bench-train-") as tmp:
         base_dir, out_dir = Path(tmp) / "base", Path(tmp) / "out"
         convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir))
-        ours = _in_fresh_process(_child_ours, str(base_dir), str(out_dir), cfg, examples, pairs, progress)
+        ours = _in_fresh_process(_child_ours, str(base_dir), str(out_dir), cfg, examples, pairs, progress, threads)
         # the plain loop takes as many optimizer steps per epoch as ours: same examples, same epochs
         batch_examples = math.ceil(len(examples) / math.ceil(ours["rows"] / batch))
-        plain = _in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, False, progress)
-        packed_full = (_in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, True, progress)
-                       if ablation else None)
+        plain = _in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, False, progress,
+                                  threads)
+        packed_full = (_in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, True, progress,
+                                         threads) if ablation else None)
     result = {
         "model": Path(gguf).name, "examples": len(examples), "epochs": epochs, "max_seq_len": max_seq_len,
-        "lora_rank": cfg["rank"], "threads": _threads(),
+        "lora_rank": cfg["rank"], "threads": threads or _threads(),
         "ours": {"tokens_per_s": ours["tokens_per_s"], "steps": ours["steps"], "rows": ours["rows"],
                  "row_fill": ours["row_fill"], "tokens": ours["tokens"], "target_tokens": ours["target_tokens"],
                  "sft_s": ours["stage_s"]["sft"], "sft_peak_rss_mb": ours["stage_peak_rss_mb"]["sft"],

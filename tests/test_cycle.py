@@ -12,15 +12,15 @@ import pytest
 from config.settings import load_settings
 from memory.store import Store
 from ouro.errors import OuroError
-from trainer import cycle as cycle_mod
+from tests.tiny import build_tiny_base
 from trainer.cycle import HALT_FILE, run_cycle
 from trainer.lineage import LEDGER_COLUMNS, Lineage
-from tests.tiny import build_tiny_base
 
 pytestmark = pytest.mark.model
 
 LENIENT = dict(min_recall=0.0, min_generalization=0.0, max_style_drift=10.0, min_format=0.0,
-               train_epochs=1, train_batch=2, max_seq_len=256, dpo_steps=2, eval_max_items=4, replay_size=4)
+               train_epochs=1, train_batch=2, max_seq_len=256, dpo_steps=2, eval_max_items=4, replay_size=4,
+               eval_reply_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +171,25 @@ def test_halted_training_is_skipped_until_forced(world):
     assert not (settings.models_dir / HALT_FILE).exists()
 
 
-def test_full_precision_pruning_keeps_active_and_parent(world):
-    make, store = world
-    settings = make(keep_full_precision=1)
-    for round_ in range(3):
-        add_reviewed(store, 4, start=100 * (round_ + 1), with_pairs=False)
-        assert run_cycle(settings, store, progress=False).status == "promoted"
-    lineage = Lineage(settings.models_dir)
-    with_hf = {g.id for g in lineage.generations() if (g.folder / "hf").exists()}
-    assert with_hf == {"gen-0000", "gen-0002", "gen-0003"}  # base (never pruned), parent, active
+def test_full_precision_pruning_keeps_base_active_parent_and_the_newest(tmp_path):
+    """Retention on a lineage of fake folders: only full-precision copies go, never GGUFs."""
+    from trainer.cycle import prune_full_precision
+    from trainer.lineage import atomic_write_text
+
+    lineage = Lineage(tmp_path / "models")
+    parent = None
+    for i in range(6):
+        folder = lineage.dir / f"gen-{i:04d}"
+        (folder / "hf").mkdir(parents=True)
+        (folder / "model.gguf").write_bytes(b"GGUF")
+        status = "refused" if i == 4 else ("base" if i == 0 else "promoted")
+        atomic_write_text(folder / "meta.json", json.dumps({"id": folder.name, "parent_id": parent,
+                                                             "gguf_sha256": "x", "status": status}))
+        if status != "refused":
+            parent = folder.name
+    lineage.set_active("gen-0005")  # parent gen-0003
+    pruned = prune_full_precision(lineage, keep=1)
+    assert sorted(pruned) == ["gen-0001", "gen-0002", "gen-0004"]
+    kept = {g.id for g in lineage.generations() if (g.folder / "hf").exists()}
+    assert kept == {"gen-0000", "gen-0003", "gen-0005"}
     assert all((g.folder / "model.gguf").exists() for g in lineage.generations())
-    _ = cycle_mod

@@ -311,8 +311,9 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
         out["child"]["generalization"] = generalization_score(child, par, gen_items)
         for who, model in (("child", child), ("parent", par)):
-            out[who]["style_drift"] = style_drift_score(model, persona, probes.tone)
-            out[who]["format"] = format_score(model, persona, probes.format)
+            out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,
+                                                        max_tokens=settings.eval_reply_tokens)
+            out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.eval_reply_tokens)
         out["parent"]["recall"] = {"score": 1.0}
         out["parent"]["generalization"] = {"score": (parent.meta.get("scores") or {}).get("generalization")}
         # the served artifact must agree with the merged weights it came from

@@ -163,7 +163,7 @@ class _Stages:
 
 # --- model ---------------------------------------------------------------------------------
 def load_base(base_dir: Path, *, quantize_4bit: bool = False):
-    """(model, tokenizer) from an HF checkpoint: float32 on CPU; 4-bit nf4 for QLoRA when CUDA is there."""
+    """(model, tokenizer) from an HF checkpoint: float32, or 4-bit nf4 on the GPU for QLoRA (CUDA only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(base_dir) / "config.json").exists():
@@ -352,10 +352,11 @@ def max_logit_diff(model_a, model_b, batch: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def merge_checked(peft_model, batch: dict[str, torch.Tensor], *, atol: float = 1e-4):
+def merge_checked(peft_model, batch: dict[str, torch.Tensor], *, atol: float = 1e-3):
     """Merge the adapter into the base weights and check the logits did not move.
 
-    Returns (merged model, max |Δlogit|); raises OuroError when the difference exceeds atol.
+    Returns (merged model, max |Δlogit|); raises OuroError when the difference exceeds atol. 1e-3: on
+    the 135M model float32 re-association alone moves logits (magnitude ~20) by ~1e-4.
     """
     peft_model.eval()
     inputs = {k: v.to(_device(peft_model)) for k, v in batch.items() if k != "labels"}
