@@ -243,6 +243,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from ouro.experiment import run_experiment
+    from ouro.logs import setup_logging
+
+    setup_logging("WARNING")
+    result = run_experiment(cycles=args.cycles, data_dir=args.keep, json_output=args.json)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ouro", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--why", help="recorded in the ledger")
     p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as who did it")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("experiment", help="prove the loop learns: a simulated rater rewards one style",
+                       description="Simulated users chat with the persona; a rater likes replies that open with "
+                                   "'Ahoy!' and corrects the others; real cycles run. Prints, per generation, the "
+                                   "share of probe replies in that style and the recall score.")
+    p.add_argument("--cycles", type=int, default=3, help="learning cycles to run")
+    p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "

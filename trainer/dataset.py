@@ -12,7 +12,16 @@ an example is never split across rows. Positions restart at 0 for every example,
 attention mask is passed, so transformers (≥ 4.53, here 5.23) derives a block-diagonal
 causal mask from the position ids for sdpa and eager attention: tokens attend only within
 their own example (`masking_utils.find_packed_sequence_indices`). The padding at the end of
-a batch's shorter rows is one more "example" with its own positions and no labels.
+a batch's shorter rows is one more "example" with its own positions and no labels. Gotcha:
+that detection is skipped whenever a KV cache is passed, and a forward with `use_cache=True`
+(the config default) creates one, so packed forwards must say `use_cache=False`, or the
+examples of a row silently attend to each other.
+
+Too long: an example that exceeds max_seq_len loses its oldest exchanges (the system message
+stays), as serving's rolling context would have dropped them; never a cut mid-message.
+
+Preference pairs become trl's plain-text DPO records, rendered with the same template, and
+their ids (ours) let the trainer check that trl tokenized them identically.
 """
 
 from __future__ import annotations

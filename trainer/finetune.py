@@ -6,12 +6,17 @@
         ──► merge_and_unload, checked: merged logits == adapter logits
         ──► out_dir: merged model + tokenizer (+ training.json), written under a temp name and renamed
 
-Why a plain loop and not trl's SFTTrainer: the loop runs the decoder once and applies the LM
-head only at the positions that have a label (the reply tokens). With a 49k vocabulary the
-head is a fifth of the model's FLOPs, and most tokens of a chat example are context, so this
-beats computing logits for every token, which SFTTrainer (via the model's forward) does. The
-packed rows carry restarting position ids and no attention mask, so transformers isolates
-the examples of a row from each other (see trainer/dataset.py).
+Why a plain loop and not trl's SFTTrainer: measured on the 135M model, same 60 examples, same
+packing budget, 1 thread: 78 tokens/s for this loop against 54 for SFTTrainer(packing="bfd",
+completion_only_loss). Both run the LM head only where a label is (trl 1.16 patches in a
+fused head), but SFTTrainer's padding-free collator flattens a whole batch into one row, so
+CPU attention (no varlen kernel: it scores every pair of the row, masked or not) grows with
+the square of the batch; it also computes entropy and top-1 accuracy at every step. Here
+the batch is `batch` rows of at most max_seq_len; within a row, restarting position ids and
+no attention mask make transformers isolate the examples (see trainer/dataset.py).
+
+LoRA dropout is off by default: on CPU its Bernoulli masks (7 per layer, fresh every step)
+cost ~25% of the step time (76 → 101 tokens/s at 0.05 → 0.0).
 
 On CUDA the base is loaded in 4-bit nf4 (QLoRA); the adapter is then merged into a
 full-precision copy of the base, since merging into 4-bit weights would round them.
@@ -59,7 +64,8 @@ class TrainConfigError(OuroError, ValueError):
 class TrainConfig:
     rank: int = field(default=16, metadata={"help": "LoRA rank r (≥ 1)."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA input, in [0, 1). 0 by default: on CPU it costs ~25% of the step time."})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the SFT pass."})
     epochs: int = field(default=2, metadata={"help": "Passes over the SFT examples."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop SFT after this many steps (None: all epochs)."})
