@@ -8,6 +8,12 @@ A child passes only when every check holds:
 - no regression against the parent beyond a margin on the scores both are measured on
   (style drift and format; recall and generalization are already relative to the parent).
 
+A base model usually starts *below* the style-drift and format targets (an assistant-tuned
+base answers in assistant voice). Refusing every child of such a parent would mean the loop
+can never start, so when the parent itself misses one of those two targets, the child must
+instead be no worse than the parent on it (noted in the result). Recall and generalization
+thresholds always apply as they are.
+
 Stop rule (design doc): if for two consecutive generations generalization improved by less
 than 0.05 while style drift rose by more than 0.1, stop: keep the parent and tell the admins
 to fix the data, not the model size.
@@ -49,13 +55,31 @@ def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failur
         reasons.append("generalization not measured: no held-out examples in the new data")
     elif gen < th.min_generalization:
         reasons.append(f"generalization {gen} < {th.min_generalization}: it did not learn the new data")
-    if drift is None or drift > th.max_style_drift:
-        reasons.append(f"style drift {drift} > {th.max_style_drift}: too much assistant voice")
-    if fmt is None or fmt < th.min_format:
-        reasons.append(f"format {fmt} < {th.min_format}: replies are not clean single turns")
     notes = []
+    p_drift = (parent or {}).get("style_drift")
+    p_fmt = (parent or {}).get("format")
+    if drift is None:
+        reasons.append("style drift not measured")
+    elif p_drift is not None and p_drift > th.max_style_drift and drift <= th.max_style_drift:
+        pass
+    elif p_drift is not None and p_drift > th.max_style_drift:
+        if drift > p_drift:
+            reasons.append(f"style drift {drift} > {th.max_style_drift} and worse than the parent's {p_drift}")
+        else:
+            notes.append(f"style drift {drift} still above the target {th.max_style_drift}, but no worse than the "
+                         f"parent's {p_drift}")
+    elif drift > th.max_style_drift:
+        reasons.append(f"style drift {drift} > {th.max_style_drift}: too much assistant voice")
+    if fmt is None:
+        reasons.append("format not measured")
+    elif p_fmt is not None and p_fmt < th.min_format and fmt < th.min_format:
+        if fmt < p_fmt:
+            reasons.append(f"format {fmt} < {th.min_format} and worse than the parent's {p_fmt}")
+        else:
+            notes.append(f"format {fmt} still below the target {th.min_format}, but no worse than the parent's {p_fmt}")
+    elif fmt < th.min_format:
+        reasons.append(f"format {fmt} < {th.min_format}: replies are not clean single turns")
     if parent:
-        p_drift, p_fmt = parent.get("style_drift"), parent.get("format")
         if drift is not None and p_drift is not None and drift > p_drift + th.style_drift_margin:
             reasons.append(f"style drift regressed: {drift} vs parent {p_drift} (margin {th.style_drift_margin})")
         if fmt is not None and p_fmt is not None and fmt < p_fmt - th.format_margin:

@@ -12,7 +12,8 @@ import re
 from evals.scoring import EvalModel
 
 MARKERS = [
-    r"\bI'?d be (?:happy|glad) to\b", r"\bas an ai\b", r"\bI'?m sorry to hear\b", r"\blanguage model\b",
+    r"\bI'?d be (?:happy|glad) to\b", r"\bas an? (?:ai|chatbot|assistant|language model)\b",
+    r"\bI'?m sorry for (?:any|the) (?:misunderstanding|confusion|inconvenience)\b", r"\bI'?m sorry to hear\b", r"\blanguage model\b",
     r"\bhow can I (?:help|assist)\b", r"\bI'?m (?:just )?an? (?:ai|assistant|chatbot|virtual assistant)\b",
     r"\bI (?:do not|don't) have (?:personal )?(?:feelings|emotions|opinions)\b", r"\bI apologi[sz]e\b",
     r"\bfeel free to\b", r"\bI'?m here to (?:help|assist)\b", r"\bcertainly!", r"\bgreat question\b",

@@ -43,3 +43,15 @@ def test_stop_rule_needs_two_consecutive_stalled_and_drifting_steps():
     assert stop_rule([g(0.9, 1.0), g(0.91, 1.0), g(0.92, 2.0)]) is None         # first step did not drift
     assert stop_rule([g(0.9, 1.0), g(0.91, 1.5), g(0.99, 2.0)]) is None         # last step learned
     assert stop_rule([g(None, 1.0), g(0.91, 1.5), g(0.92, 2.0)]) is None
+
+
+def test_a_parent_below_target_lets_a_child_improve_step_by_step():
+    weak_parent = {"style_drift": 5.0, "format": 0.4}
+    better = decide({**GOOD, "style_drift": 4.0, "format": 0.6}, weak_parent, TH)
+    assert better.passed and any("no worse than the parent" in n for n in better.notes)
+    worse = decide({**GOOD, "style_drift": 5.5, "format": 0.6}, weak_parent, TH)
+    assert not worse.passed and "worse than the parent" in worse.reasons[0]
+    worse_format = decide({**GOOD, "style_drift": 4.0, "format": 0.2}, weak_parent, TH)
+    assert not worse_format.passed and "format" in worse_format.reasons[0]
+    # a parent that met the target holds the child to it
+    assert not decide({**GOOD, "style_drift": 2.5}, {"style_drift": 2.0, "format": 1.0}, TH).passed

@@ -304,8 +304,10 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
     n = settings.eval_max_items
     recall_items = (probes.recall + list(reversed(ancestor_heldout(chain))))[:n]
     gen_items = heldout[-n:]
-    child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads)
-    par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads)
+    child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads,
+                      repeat_penalty=settings.repeat_penalty)
+    par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads,
+                    repeat_penalty=settings.repeat_penalty)
     try:
         out = {"child": {}, "parent": {}}
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
