@@ -112,8 +112,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ouro.bench_serve import run_bench_serve
 
     settings = _settings(args)
-    if args.what != "serve":
-        raise OuroError(f"unknown benchmark {args.what!r}", hint="available: serve")
+    if args.what == "train":
+        from ouro.bench_train import run_bench_train
+
+        run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
+        return 0
     result = run_bench_serve(settings, turns=args.turns, json_output=args.json)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -320,8 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "
-                                   "others ÷ warm; a reply through the bot and the emulator ÷ the bare model.")
-    p.add_argument("what", choices=["serve"], help="which benchmark")
+                                   "others ÷ warm; a reply through the bot and the emulator ÷ the bare model. "
+                                   "train: training tokens/s of our trainer (packed) ÷ a plain transformers + peft "
+                                   "loop (padded) on the same data, model and machine; peak memory of each; stage "
+                                   "times.")
+    p.add_argument("what", choices=["serve", "train"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_bench)

@@ -32,6 +32,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -312,6 +313,8 @@ def dpo_train(model, tokenizer, pairs: Sequence[EncodedPair], cfg: TrainConfig, 
     cuda = torch.cuda.is_available()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    # trl/peft call transformers' renamed checkpointing API: noise nobody here can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     bars_were_on = datasets_logging.is_progress_bar_enabled()
     if not progress:
         datasets_logging.disable_progress_bar()
