@@ -103,17 +103,29 @@ def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     assert run_cycle(settings, store, progress=False).status == "skipped"
 
 
-def test_a_refused_child_stays_on_disk_and_nothing_served_changes(world):
+def test_a_truncated_candidate_is_refused_kept_on_disk_and_nothing_served_changes(world, monkeypatch):
     make, store = world
-    settings = make(min_format=1.0, min_generalization=1.0)
+    settings = make()
     add_reviewed(store, 6)
+    import trainer.gguf_export as gguf_export
+
+    real_quantize = gguf_export.quantize_gguf
+
+    def truncating_quantize(src, dst, qtype="Q8_0"):
+        real_quantize(src, dst, qtype)
+        data = dst.read_bytes()
+        dst.write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(gguf_export, "quantize_gguf", truncating_quantize)
     report = run_cycle(settings, store, progress=False)
-    assert report.status == "refused" and report.reasons
+    assert report.status == "refused"
+    assert any("candidate GGUF refused" in r and "truncated" in r for r in report.reasons), report.reasons
     lineage = Lineage(settings.models_dir)
     assert lineage.active_id() == "gen-0000"
     refused = lineage.generation("gen-0001")
     assert refused.meta["status"] == "refused" and refused.meta["reasons"] == report.reasons
     assert ledger(settings)[-1]["gate"] == "refused"
+    assert store.generation("gen-0001")["status"] == "refused"
 
 
 def test_a_crash_mid_training_leaves_nothing_visible_and_the_next_cycle_runs(world, monkeypatch):
