@@ -168,7 +168,16 @@ def _generation_rows(settings) -> list[dict]:
 
 
 def cmd_generations(args: argparse.Namespace) -> int:
-    rows = _generation_rows(_settings(args))
+    settings = _settings(args)
+    rows = _generation_rows(settings)
+    if args.chart:
+        from ouro.chart import lineage_chart
+        from trainer.lineage import Lineage
+
+        if not rows:
+            raise OuroError("no generations to draw yet")
+        path = lineage_chart(Lineage(settings.models_dir), args.chart)
+        print(f"chart written to {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generations", help="the lineage as a table (* marks the active one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--chart", type=Path, metavar="PNG", help="also draw the lineage of eval scores into this PNG")
     p.set_defaults(func=cmd_generations)
 
     p = sub.add_parser("eval", help="a generation's eval details against its parent")

@@ -74,3 +74,10 @@ def test_generations_and_eval_report_as_table_and_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["gate"]["passed"] is True
     assert main(["--data-dir", str(tmp_path), "eval", "gen-0002"]) == 0
     assert "passed" in capsys.readouterr().out
+
+
+def test_lineage_chart_is_a_png(tmp_path, capsys):
+    make_lineage(tmp_path)
+    out = tmp_path / "chart.png"
+    assert main(["--data-dir", str(tmp_path), "generations", "--chart", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
