@@ -137,8 +137,8 @@ class Handlers:
             if outcome.error is not None:
                 await self.notify_admins(context, f"Reply to turn {outcome.turn_id} failed", outcome.error)
             return
-        ids = await stream.finish(outcome.text, markup=keyboards.reply_keyboard(outcome.turn_id))
-        self.store.set_reply_message_ids(outcome.turn_id, ids)
+        await stream.finish(outcome.text, markup=keyboards.reply_keyboard(outcome.turn_id),
+                            before_markup=lambda ids: self.store.set_reply_message_ids(outcome.turn_id, ids))
 
     async def non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stickers, photos, voice, documents: kept as a note in the log, answered kindly."""
@@ -209,8 +209,8 @@ class Handlers:
             await stream.finish("I couldn't come up with another take just now, sorry.")
             await self.notify_admins(context, f"Regenerating turn {turn.id} failed", exc)
             return
-        ids = await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id))
-        self.store.set_alternative_message_ids(alt_id, ids)
+        await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id),
+                            before_markup=lambda ids: self.store.set_alternative_message_ids(alt_id, ids))
 
     async def _keep(self, query, turn, press: keyboards.Press) -> None:
         alt = self.store.alternative(press.alternative_id)

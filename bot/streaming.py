@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from telegram import Bot, InlineKeyboardMarkup
 from telegram.error import BadRequest
@@ -65,41 +66,50 @@ class StreamingReply:
             except Exception:  # a failed intermediate edit is not worth a lost reply
                 log.warning("intermediate edit failed", exc_info=True)
 
-    async def finish(self, text: str | None = None, markup: InlineKeyboardMarkup | None = None) -> list[int]:
-        """Show the final text (with the keyboard on the last message); return all message ids."""
+    async def finish(self, text: str | None = None, markup: InlineKeyboardMarkup | None = None,
+                     before_markup: Callable[[list[int]], None] | None = None) -> list[int]:
+        """Show the final text, then the keyboard on the last message; return all message ids.
+
+        `before_markup(ids)` runs once the final messages exist and before any button is
+        visible, so the store knows which messages carry the buttons before anyone can press one.
+        """
         self._done.set()
         self._changed.set()
         if self._task:
             await self._task
         if text is not None:
             self.text = text
-        await self._flush(streaming=False, markup=markup)
-        return list(self.message_ids)
+        await self._flush(streaming=False)
+        ids = list(self.message_ids)
+        if before_markup is not None:
+            before_markup(ids)
+        if markup is not None and ids:
+            await call_with_retry(lambda: self.bot.edit_message_reply_markup(
+                chat_id=self.chat_id, message_id=ids[-1], reply_markup=markup))
+        return ids
 
-    async def _flush(self, *, streaming: bool, markup: InlineKeyboardMarkup | None = None) -> None:
+    async def _flush(self, *, streaming: bool) -> None:
         body = self.text.strip() or ("…" if streaming else "🤔")
         pieces = split_text(body, self.limit)
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             shown = piece + (CURSOR if streaming and last else "")
-            kb = markup if (last and not streaming) else None
             if i < len(self.message_ids):
-                if i < len(self._shown) and self._shown[i] == shown and kb is None:
+                if i < len(self._shown) and self._shown[i] == shown:
                     continue
-                await self._edit(self.message_ids[i], shown, kb)
+                await self._edit(self.message_ids[i], shown)
                 self._shown[i] = shown
             else:
-                msg = await call_with_retry(lambda s=shown, k=kb: self.bot.send_message(
-                    self.chat_id, s, reply_markup=k,
-                    reply_to_message_id=self.reply_to if not self.message_ids else None))
+                msg = await call_with_retry(lambda s=shown: self.bot.send_message(
+                    self.chat_id, s, reply_to_message_id=self.reply_to if not self.message_ids else None))
                 self.message_ids.append(msg.message_id)
                 self._shown.append(shown)
             self._last_call = time.monotonic()
 
-    async def _edit(self, message_id: int, text: str, markup: InlineKeyboardMarkup | None) -> None:
+    async def _edit(self, message_id: int, text: str) -> None:
         try:
             await call_with_retry(lambda: self.bot.edit_message_text(
-                text, chat_id=self.chat_id, message_id=message_id, reply_markup=markup))
+                text, chat_id=self.chat_id, message_id=message_id))
         except BadRequest as exc:
             if "not modified" not in str(exc).lower():
                 raise

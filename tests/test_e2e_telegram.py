@@ -242,3 +242,34 @@ async def test_a_reply_cut_off_by_a_crash_is_followed_up_after_restart(emu, make
         msg = await ann.await_for(lambda m: "send it again" in (m.text or ""))
         assert "are you there?" in msg.text
         assert bot.store.turn(turn_id).status == "failed" and bot.store.pending_turns() == []
+
+
+async def test_flood_control_and_server_errors_are_retried_and_nothing_is_lost(emu, make_bot):
+    async with make_bot(FakeEngine(["survived the flood"])) as bot:
+        emu.inject_fault("sendMessage", 429, retry_after=1, count=1)
+        emu.inject_fault("editMessageText", 502, count=1)
+        ann = emu.client(ANN, "Ann")
+        _, msg = await reply_to(ann, "are you there?", timeout=30)
+        assert msg.text == "survived the flood"
+        assert bot.store.turn(bot.store.latest_answered_turn(ANN)).reply_message_ids == [msg.message_id]
+
+
+async def test_a_slow_reply_streams_in_with_throttled_edits(emu, make_bot):
+    words = " ".join(f"w{i}" for i in range(40))
+    async with make_bot(FakeEngine([words], delay_s=1.5)):
+        ann = emu.client(ANN, "Ann")
+        mid = await ann.asend_text("go slowly")
+        final = await ann.await_for(lambda m: bool(m.callback_data), after=mid, timeout=20)
+        assert final.text == words
+        assert 2 <= final.edit_count <= 10  # ~1.5 s at one edit per 0.2 s, not one edit per word (40)
+        calls = emu.calls("editMessageText")
+        assert len(calls) + 1 == final.edit_count  # text edits, then one edit that adds the buttons
+
+
+async def test_edited_messages_are_ignored(emu, make_bot):
+    async with make_bot() as bot:
+        ann = emu.client(ANN, "Ann")
+        mid, msg = await reply_to(ann, "first version")
+        ann.edit_text(mid, "second version")
+        mid2, _ = await reply_to(ann, "next")
+        assert [p[-1]["content"] for p in bot.engine.prompts] == ["first version", "next"]
