@@ -16,23 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from bot.chat_states import ChatStates
 from bot.engine import Completion, Message, OnText, Sampling
 from ouro.errors import OuroError
+from trainer.template import CHATML, ChatFormat
 
 log = logging.getLogger(__name__)
-
-# Used only when a GGUF carries no template: plain ChatML, what SmolLM2 and most chat models use.
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
-
-
-def _raise(message: str):
-    raise OuroError(f"chat template error: {message}")
-
 
 _LOAD_LOCK = threading.Lock()
 
@@ -83,15 +72,15 @@ class LlamaEngine:
             raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
         self.n_ctx = self.llm.n_ctx()
         meta = self.llm.metadata
-        self.template_source = meta.get("tokenizer.chat_template") or CHATML
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        self._template = env.from_string(self.template_source)
-        self._bos = self._piece(self.llm.token_bos())
-        self._eos = self._piece(self.llm.token_eos())
-        # the template writes BOS itself when the model wants one; never add a second
-        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true" \
-            and "bos_token" not in self.template_source
+        template = meta.get("tokenizer.chat_template") or CHATML
+        # One renderer for serving and training (trainer/template.py): a generation is trained
+        # on exactly the prompts it will be served. The template writes BOS itself when the
+        # model wants one; never add a second.
+        self.format = ChatFormat(template=template, bos_token=self._piece(self.llm.token_bos()),
+                                 eos_token=self._piece(self.llm.token_eos()),
+                                 add_bos=meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+                                 and "bos_token" not in template)
+        self._add_bos = self.format.add_bos
         self._stop_ids = self._end_of_turn_ids()
         self.states = ChatStates(self.llm, max_chats=kv_cache_chats)
 
@@ -114,8 +103,7 @@ class LlamaEngine:
         return ids
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self._bos, eos_token=self._eos)
+        return self.format.render(messages, add_generation_prompt=add_generation_prompt)
 
     def tokenize(self, messages: list[Message]) -> list[int]:
         return self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=self._add_bos, special=True)
