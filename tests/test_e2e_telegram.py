@@ -273,3 +273,14 @@ async def test_edited_messages_are_ignored(emu, make_bot):
         ann.edit_text(mid, "second version")
         mid2, _ = await reply_to(ann, "next")
         assert [p[-1]["content"] for p in bot.engine.prompts] == ["first version", "next"]
+
+
+async def test_a_model_failure_shows_users_a_kind_word_and_admins_the_traceback(emu, make_bot):
+    async with make_bot(FakeEngine(fail_with=RuntimeError("kaboom in llama"))) as bot:
+        ann, admin = emu.client(ANN, "Ann"), emu.client(ADMIN, "Boss")
+        mid = await ann.asend_text("hello?")
+        msg = await ann.await_for(lambda m: m.text is not None and "▌" not in m.text, after=mid)
+        assert "went wrong" in msg.text and "kaboom" not in msg.text and "Traceback" not in msg.text
+        alert = await admin.await_for(lambda m: "Traceback" in (m.text or ""))
+        assert "kaboom in llama" in alert.text and emu.token not in alert.text
+        assert bot.store.turn(bot.store.stats()["turns"]).status == "failed"
