@@ -117,8 +117,8 @@ class Settings(BaseSettings):
     eval_max_items: int = Field(40, ge=1, le=100_000, description="Most items per NLL-based eval (newest first).")
     eval_reply_tokens: int = Field(64, ge=8, le=1024, description=(
         "Longest reply generated per tone/format probe (a reply still running then fails the format check)."))
-    recall_tolerance: float = Field(0.10, ge=0.0, le=10.0, description=(
-        "Nats per token a child may be worse than its parent on an old item and still count as remembering it."))
+    recall_tolerance: float = Field(1.0, ge=0.0, le=20.0, description=(
+        "Nats a token's log-probability may drop (child vs parent) and still count as remembered (recall eval)."))
     min_recall: float = Field(0.90, ge=0.0, le=1.0, description="Gate: lowest recall promoted.")
     min_generalization: float = Field(0.85, ge=0.0, le=1.0, description="Gate: lowest generalization promoted.")
     max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")

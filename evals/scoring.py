@@ -1,8 +1,9 @@
 """The two measurements every eval is built from, both through llama.cpp.
 
-- `reply_nll`: mean negative log-likelihood (nats per token) of a reference reply, teacher
-  forced after its prompt, over the reply's tokens and its end-of-turn token. Lower means
-  the model finds that reply more natural. Deterministic: a single forward pass.
+- `reply_logprobs`: the log-probability of each token of a reference reply (and its
+  end-of-turn token), teacher forced after its prompt. Deterministic: one forward pass.
+- `reply_nll`: their negative mean (nats per token). Lower means the model finds that reply
+  more natural.
 - `greedy_reply`: the reply the model would give with greedy decoding (temperature 0) and
   the serving repeat penalty (1.1 by default): deterministic, and closer to what people see
   than raw greedy decoding, which loops ("I'm sorry. I'm sorry. …") on small models.
@@ -28,16 +29,20 @@ class EvalModel:
         self.repeat_penalty = repeat_penalty
         self.engine = LlamaEngine(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
                                   kv_cache_chats=0, logits_all=True)
-        self._nll_cache: dict[str, float] = {}
+        self._cache: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
         self.engine.close()
 
     def reply_nll(self, messages: list[dict]) -> float:
         """`messages` ends with the assistant reply being scored."""
+        return float(-np.mean(self.reply_logprobs(messages)))
+
+    def reply_logprobs(self, messages: list[dict]) -> np.ndarray:
+        """Per-token log-probabilities of the final assistant reply (`messages[-1]`)."""
         key = repr(messages)
-        if key in self._nll_cache:
-            return self._nll_cache[key]
+        if key in self._cache:
+            return self._cache[key]
         llm = self.engine.llm
         prompt = self.engine.tokenize(messages[:-1])
         full_text = self.engine.render(messages, add_generation_prompt=False)
@@ -64,9 +69,9 @@ class EvalModel:
         targets = np.asarray(tokens[prompt_len:])
         peak = pred.max(axis=1, keepdims=True)
         logz = np.log(np.exp(pred - peak).sum(axis=1)) + peak[:, 0]
-        nll = float(np.mean(logz - pred[np.arange(len(targets)), targets]))
-        self._nll_cache[key] = nll
-        return nll
+        logprobs = pred[np.arange(len(targets)), targets] - logz
+        self._cache[key] = logprobs
+        return logprobs
 
     def greedy_reply(self, messages: list[dict], max_tokens: int = 96):
         sampling = Sampling(**{**GREEDY.__dict__, "max_tokens": max_tokens, "repeat_penalty": self.repeat_penalty})
