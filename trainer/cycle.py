@@ -302,7 +302,9 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
     probes = load_probes(settings.probes_file)
     n = settings.eval_max_items
-    recall_items = (probes.recall + list(reversed(ancestor_heldout(chain))))[:n]
+    pinned = [{"role": "system", "content": persona}] if persona else []
+    fixed = [conv if conv[0]["role"] == "system" else pinned + conv for conv in probes.recall]  # as served
+    recall_items = (fixed + list(reversed(ancestor_heldout(chain))))[:n]
     gen_items = heldout[-n:]
     child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads,
                       repeat_penalty=settings.repeat_penalty)
