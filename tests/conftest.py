@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # no test may reach a model hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from bot.conversation import Conversation
 from bot.worker import InferenceWorker
