@@ -1,7 +1,8 @@
 """Recall (0–1): the child did not forget what its ancestors knew.
 
-Items: every ancestor generation's held-out examples plus the fixed recall probes in
-config/probes.toml, each ending with a reference reply. For every token of a reference reply
+Items — what the parent knows: its own greedy answers (as served, persona pinned) to the
+fixed recall prompts in config/probes.toml, plus every ancestor generation's held-out
+examples; each ends with a reference reply. For every token of a reference reply
 (teacher forced, through llama.cpp, evals/scoring.py) we ask whether the child still gives it
 at least e^-tolerance of the probability the parent gave it (default tolerance 1.0 nat: at
 least ~37%). An item's retention is the share of its tokens still known; recall is the mean

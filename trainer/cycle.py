@@ -303,14 +303,22 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
     probes = load_probes(settings.probes_file)
     n = settings.eval_max_items
     pinned = [{"role": "system", "content": persona}] if persona else []
-    fixed = [conv if conv[0]["role"] == "system" else pinned + conv for conv in probes.recall]  # as served
-    recall_items = (fixed + list(reversed(ancestor_heldout(chain))))[:n]
-    gen_items = heldout[-n:]
     child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads,
                       repeat_penalty=settings.repeat_penalty)
     par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads,
                     repeat_penalty=settings.repeat_penalty)
     try:
+        # What the parent knows: its own (greedy, deterministic) answers to the fixed recall prompts,
+        # asked as served (persona pinned), plus the ancestors' held-out data.
+        known = []
+        for conv in probes.recall:
+            prompt = conv[:-1] if conv and conv[-1]["role"] == "assistant" else conv
+            prompt = prompt if prompt[0]["role"] == "system" else pinned + prompt
+            answer = par.greedy_reply(prompt, max_tokens=settings.eval_reply_tokens).text
+            if answer.strip():
+                known.append(prompt + [{"role": "assistant", "content": answer}])
+        recall_items = (known + list(reversed(ancestor_heldout(chain))))[:n]
+        gen_items = heldout[-n:]
         out = {"child": {}, "parent": {}}
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
         out["child"]["generalization"] = generalization_score(child, par, gen_items)
