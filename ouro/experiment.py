@@ -52,8 +52,9 @@ def experiment_settings(data_dir: Path, base: Settings | None = None) -> Setting
     return load_settings(**values)
 
 
-def style_share(settings: Settings, lineage: Lineage, persona: str) -> tuple[float, list[str]]:
-    engine = load_engine(settings, lineage.active())
+def style_share(settings: Settings, lineage: Lineage, persona: str, gen_id: str | None = None) -> tuple[float, list[str]]:
+    """Share of greedy replies to the probe prompts in the style, for the active (or a named) generation."""
+    engine = load_engine(settings, lineage.generation(gen_id) if gen_id else lineage.active())
     try:
         replies = []
         for prompt in PROBE_PROMPTS:
@@ -119,14 +120,20 @@ def run_experiment(*, cycles: int = 3, data_dir: Path | None = None, json_output
         finally:
             store.close()
         share, replies = style_share(settings, lineage, persona)
+        candidate_share = None
+        if report.gen_id and report.status in ("promoted", "refused"):
+            candidate_share = share if report.status == "promoted" else style_share(
+                settings, lineage, persona, report.gen_id)[0]
         rows.append({"generation": report.gen_id, "status": report.status, "style_share": share,
+                     "candidate_style_share": candidate_share,
                      "recall": report.scores.get("recall"), "generalization": report.scores.get("generalization"),
                      "style_drift": report.scores.get("style_drift"), "format": report.scores.get("format"),
                      "reasons": report.reasons, "rated": counts, "active": lineage.active_id(),
                      "example": replies[0]})
         if not json_output:
-            print(f"{report.gen_id}: {report.status}; active {lineage.active_id()} answers {share:.0%} in style; "
-                  f"recall {report.scores.get('recall')}  e.g. {replies[0][:60]!r}")
+            cand = "" if candidate_share is None else f" (the candidate itself: {candidate_share:.0%})"
+            print(f"{report.gen_id}: {report.status}; active {lineage.active_id()} answers {share:.0%} in style"
+                  f"{cand}; recall {report.scores.get('recall')}  e.g. {replies[0][:60]!r}")
             for reason in report.reasons:
                 print(f"    - {reason}")
     result = {"style": f"replies that open with {STYLE!r}", "generations": rows, "data_dir": str(data_dir),
