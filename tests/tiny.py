@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 from trainer.lineage import GEN_ZERO, Lineage, atomic_write_text, packaged_base_gguf, sha256_file, utcnow
@@ -47,7 +46,3 @@ def build_tiny_base(models_dir: Path, cache: Path, *, seed: int = 1234) -> Linea
     lineage.set_active(GEN_ZERO)
     lineage.append_ledger({"GEN_ID": GEN_ZERO, "child_sha": meta["gguf_sha256"], "event": "base", "actor": "test"})
     return lineage
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)

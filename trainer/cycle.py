@@ -64,10 +64,13 @@ class _Stages:
         t = time.perf_counter()
         self.times[self.current] = round(t - self._t, 2)
         self.current, self._t = name, t
-        if self.staging is not None and self.staging.exists():
-            (self.staging / "STAGE").write_text(f"{os.getpid()} {name}\n")
+        self.breadcrumb()
         if self.on_stage:
             self.on_stage(name)
+
+    def breadcrumb(self) -> None:
+        if self.staging is not None and self.staging.exists():
+            (self.staging / "STAGE").write_text(f"{os.getpid()} {self.current}\n")
 
     def close(self) -> dict:
         self.times[self.current] = round(time.perf_counter() - self._t, 2)
@@ -181,7 +184,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "data").mkdir(parents=True)
     stages.staging = staging
-    stages.enter("export")
+    stages.breadcrumb()
     report = CycleReport(status="failed", gen_id=gen_id, parent_id=parent.id)
     try:
         delta_text = delta.to_jsonl()
