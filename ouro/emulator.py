@@ -377,25 +377,13 @@ class EmulatedUser:
         """Block until a bot message (newer than message_id ``after``) satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         version = -1
-        seen: list[BotMessage] = []
         while True:
-            left = deadline - time.monotonic()
-            params = {
-                **self._query(),
-                "since_version": str(version),
-                "wait_ms": str(max(int(left * 1000), 0)),
-            }
-            resp = self.emulator._http.get(
-                self.emulator.base_url + "/_messages", params=params, timeout=max(left, 0) + 5
-            )
-            body = _check(resp)
-            version = body["version"]
-            seen = self._views(body, include_user, False)
-            for m in seen:
-                if (after is None or m.message_id > after) and predicate(m):
-                    return m
-            if time.monotonic() >= deadline:
-                raise TimeoutError(self._timeout_message(timeout, seen))
+            params, left = self._poll_params(version, deadline)
+            body = _check(self.emulator._http.get(
+                self.emulator.base_url + "/_messages", params=params, timeout=left + 5))
+            version, found = self._poll_result(body, predicate, after, include_user, deadline, timeout)
+            if found is not None:
+                return found
 
     def next_message(self, after: int | None = None, timeout: float = 10.0) -> BotMessage:
         """The first bot message with message_id > ``after``."""
@@ -457,27 +445,30 @@ class EmulatedUser:
         """Async ``wait_for`` (does not block the event loop the bot may be running in)."""
         deadline = time.monotonic() + timeout
         version = -1
-        seen: list[BotMessage] = []
         async with _async_client() as http:
             while True:
-                left = deadline - time.monotonic()
-                params = {
-                    **self._query(),
-                    "since_version": str(version),
-                    "wait_ms": str(max(int(left * 1000), 0)),
-                }
-                body = _check(
-                    await http.get(
-                        self.emulator.base_url + "/_messages", params=params, timeout=max(left, 0) + 5
-                    )
-                )
-                version = body["version"]
-                seen = self._views(body, include_user, False)
-                for m in seen:
-                    if (after is None or m.message_id > after) and predicate(m):
-                        return m
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(self._timeout_message(timeout, seen))
+                params, left = self._poll_params(version, deadline)
+                body = _check(await http.get(
+                    self.emulator.base_url + "/_messages", params=params, timeout=left + 5))
+                version, found = self._poll_result(body, predicate, after, include_user, deadline, timeout)
+                if found is not None:
+                    return found
+
+    def _poll_params(self, version: int, deadline: float) -> tuple[dict[str, str], float]:
+        """One long-poll of /_messages: wait (server side) for anything newer than ``version``."""
+        left = max(deadline - time.monotonic(), 0.0)
+        return {**self._query(), "since_version": str(version), "wait_ms": str(int(left * 1000))}, left
+
+    def _poll_result(self, body: _JSON, predicate: Predicate, after: int | None, include_user: bool,
+                     deadline: float, timeout: float) -> tuple[int, BotMessage | None]:
+        """(new version, the first matching message or None); TimeoutError once past the deadline."""
+        seen = self._views(body, include_user, False)
+        for m in seen:
+            if (after is None or m.message_id > after) and predicate(m):
+                return body["version"], m
+        if time.monotonic() >= deadline:
+            raise TimeoutError(self._timeout_message(timeout, seen))
+        return body["version"], None
 
     async def anext_message(self, after: int | None = None, timeout: float = 10.0) -> BotMessage:
         return await self.await_for(lambda m: True, timeout, after=after)
