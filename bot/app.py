@@ -22,9 +22,12 @@ from telegram.ext import (
     filters,
 )
 
+from bot.admin import CONFIRM_PATTERN, AdminHandlers
 from bot.commands import COMMANDS
 from bot.conversation import Conversation
 from bot.handlers import Handlers
+from bot.loop import LearningLoop
+from bot.retry import call_with_retry
 from bot.status import write_runtime
 from config.settings import Settings
 from memory.store import Store
@@ -34,7 +37,10 @@ HEARTBEAT_S = 5.0
 
 
 def build_application(settings: Settings, store: Store, conversation: Conversation, *, token: str,
-                      base_url: str | None = None) -> Application:
+                      base_url: str | None = None, learning: bool | LearningLoop = False) -> Application:
+    """`learning`: True builds the learning loop (schedule, /train, hot-swap, live watch) around the
+    conversation's worker; a LearningLoop uses that one (tests give it a fake loader); False leaves
+    it out (the lineage commands then say so)."""
     h = Handlers(settings, store, conversation, started_at=time.time())
     builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(True)
     if base_url:
@@ -44,6 +50,15 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     builder = builder.get_updates_read_timeout(40)
     app = builder.post_init(lambda a: _post_init(a, settings, h)).post_shutdown(_post_shutdown).build()
     app.bot_data["handlers"] = h
+    loop = None
+    if learning is True:
+        loop = LearningLoop(settings, store, conversation.worker)
+    elif isinstance(learning, LearningLoop):
+        loop = learning
+    if loop is not None:
+        loop.notify = lambda text: _tell_admins(app, settings, text)
+        h.admin = AdminHandlers(settings, store, loop)
+        app.bot_data["learning"] = loop
 
     admins = filters.User(user_id=settings.admin_ids, allow_empty=False)
     app.add_handler(TypeHandler(Update, h.gate), group=-1)
@@ -53,8 +68,10 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.add_handler(CommandHandler("privacy", h.privacy))
     for cmd in COMMANDS:
         if cmd.admin:
-            app.add_handler(CommandHandler(cmd.name, getattr(h, cmd.name), filters=admins))
+            app.add_handler(CommandHandler(cmd.name, h.admin_command(cmd.name), filters=admins))
             app.add_handler(CommandHandler(cmd.name, h.refuse_admin))
+    if h.admin is not None:
+        app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=CONFIRM_PATTERN))
     app.add_handler(CallbackQueryHandler(h.button))
     app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
     app.add_handler(MessageHandler(filters.COMMAND, h.unknown_command))
@@ -90,9 +107,23 @@ async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
             await asyncio.sleep(HEARTBEAT_S)
 
     app.bot_data["heartbeat"] = asyncio.create_task(heartbeat())
+    loop: LearningLoop | None = app.bot_data.get("learning")
+    if loop is not None:
+        await loop.start()
+
+
+async def _tell_admins(app: Application, settings: Settings, text: str) -> None:
+    for admin in settings.admin_ids:
+        try:
+            await call_with_retry(lambda a=admin: app.bot.send_message(a, text[:4096]), attempts=3)
+        except Exception:
+            log.warning("could not tell admin %s: %s", admin, text[:80])
 
 
 async def _post_shutdown(app: Application) -> None:
+    loop: LearningLoop | None = app.bot_data.get("learning")
+    if loop is not None:
+        await loop.stop()
     task = app.bot_data.get("heartbeat")
     if task:
         task.cancel()

@@ -21,7 +21,16 @@ COMMANDS: tuple[Command, ...] = (
     Command("help", "List every command"),
     Command("reset", "Start a fresh conversation: I forget the current context"),
     Command("privacy", "What is stored about you, and why"),
-    Command("status", "Active generation, uptime, traffic, model file and speed", admin=True),
+    Command("status", "Active generation, uptime, traffic, model file, speed; next training, cycle progress",
+            admin=True),
+    Command("generations", "The lineage: id, parent, date, data size, eval scores, gate, active mark", admin=True),
+    Command("lineage", "A chart of recall, generalization, style drift and loss across generations", admin=True),
+    Command("evals", "A generation's evals against its parent: /evals gen-0003", admin=True),
+    Command("promote", "Serve a named generation (asks to confirm): /promote gen-0003 [why]", admin=True),
+    Command("rollback", "Back to the parent, or a named generation (asks to confirm)", admin=True),
+    Command("train", "Start a learning cycle now, in its own process", admin=True),
+    Command("pause", "Pause scheduled training (kept across restarts)", admin=True),
+    Command("resume", "Resume scheduled training", admin=True),
 )
 
 

@@ -53,6 +53,7 @@ class Handlers:
         self.conversation = conversation
         self.started_at = started_at
         self._chat_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.admin = None   # bot.admin.AdminHandlers when the learning loop runs in this process
 
     # --- gates ----------------------------------------------------------------------------
     async def gate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -87,9 +88,23 @@ class Handlers:
         await update.effective_message.reply_text(PRIVACY)
 
     async def status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Admins: the live figures."""
+        """Admins: the live figures, the training schedule and the cycle in progress."""
         report = status_report(self.settings, self.store, self.runtime_info())
-        await update.effective_message.reply_text(format_status(report))
+        extra = self.admin.status_lines() if self.admin is not None else []
+        await update.effective_message.reply_text("\n".join([format_status(report), *extra]))
+
+    def admin_command(self, name: str):
+        """The handler of an admin command: ours (/status) or the lineage ones in bot/admin.py."""
+        if name == "status":
+            return self.status
+        if self.admin is not None:
+            return getattr(self.admin, name)
+
+        async def unavailable(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            await update.effective_message.reply_text(
+                "The learning loop does not run in this process (ouro serve runs it).")
+
+        return unavailable
 
     async def refuse_admin(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Non-admins trying an admin command: refuse and keep a record."""

@@ -124,6 +124,21 @@ class Settings(BaseSettings):
     max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")
     min_format: float = Field(0.8, ge=0.0, le=1.0, description="Gate: lowest share of well-formed replies.")
 
+    # --- the loop inside the running bot -------------------------------------------------
+    cycle_schedule: str = Field("daily", description=(
+        "When the bot runs a learning cycle: 'daily' (03:00), 'off', 'every 6h' / 'every 30m' (interval), "
+        "or a crontab line such as '0 3 * * 1' (cron). Missed runs (bot down) run once on the next start."))
+    cycle_timezone: str = Field("UTC", description="Time zone of the cycle schedule's cron times.")
+    cycle_nice: int = Field(10, ge=0, le=19, description=(
+        "Scheduling niceness of the training process, so replies keep the CPU they need."))
+    watch_min_ratings: int = Field(20, ge=1, le=100_000, description=(
+        "Live watch: a newly promoted generation is judged on its first N rated replies."))
+    watch_margin: float = Field(0.15, ge=0.0, le=1.0, description=(
+        "Live watch: roll back automatically when the new generation's 👎 share exceeds its parent's by more "
+        "than this (0-1)."))
+    swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
+        "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
+
     @field_validator("admin_ids", "allowed_user_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
@@ -136,6 +151,14 @@ class Settings(BaseSettings):
         if isinstance(value, int):
             return [value]
         return value
+
+    @field_validator("cycle_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        from trainer.schedule import parse_schedule  # the one parser, shared with the scheduler
+
+        parse_schedule(value, "UTC")
+        return value.strip()
 
     @field_validator("quantization")
     @classmethod

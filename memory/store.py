@@ -271,6 +271,24 @@ class Store:
         return self.database.query(
             "SELECT * FROM events WHERE (? IS NULL OR kind = ?) ORDER BY id DESC LIMIT ?", (kind, kind, limit))
 
+    def generation_ratings(self, gen_id: str, *, limit: int, newest: bool = False) -> list[int]:
+        """Ratings (+1/−1) of the replies `gen_id` wrote, one per turn, in the order they were first given.
+
+        `newest` takes the latest `limit` instead of the first. A turn rated by several people
+        (groups) counts by the sign of its ratings' sum; a tie counts as neither.
+        """
+        order = "DESC" if newest else "ASC"
+        rows = self.database.query(
+            "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at FROM ratings r JOIN turns t ON t.id = r.turn_id "
+            f"WHERE t.generation_id = ? GROUP BY r.turn_id HAVING v != 0 ORDER BY first_at {order}, r.turn_id {order} "
+            "LIMIT ?", (gen_id, limit))
+        values = [1 if r["v"] > 0 else -1 for r in rows]
+        return values[::-1] if newest else values
+
+    def last_event(self, kinds: tuple[str, ...]) -> dict | None:
+        marks = ",".join("?" * len(kinds))
+        return self.database.one(f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT 1", kinds)
+
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict:
         q = self.database.scalar

@@ -73,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("note: OURO_ADMIN_IDS is empty, so nobody can use admin commands", file=sys.stderr)
     rt = open_runtime(settings)
     try:
-        app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url)
+        app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url,
+                                learning=True)
         app.run_polling(allowed_updates=Update.ALL_TYPES, close_loop=False)
     finally:
         rt.close()
@@ -150,21 +151,10 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 
 def _generation_rows(settings) -> list[dict]:
+    from evals.report import generation_rows
     from trainer.lineage import Lineage
 
-    lineage = Lineage(settings.models_dir)
-    active = lineage.active_id()
-    rows = []
-    for g in lineage.generations():
-        scores = g.meta.get("scores") or {}
-        data = g.meta.get("data") or {}
-        rows.append({"id": g.id, "parent": g.parent_id, "created_at": g.meta.get("created_at"),
-                     "status": g.meta.get("status"), "active": g.id == active,
-                     "examples": data.get("new_examples"), "pairs": data.get("new_pairs"),
-                     "recall": scores.get("recall"), "generalization": scores.get("generalization"),
-                     "style_drift": scores.get("style_drift"), "format": scores.get("format"),
-                     "reasons": g.meta.get("reasons", []), "gguf_sha256": g.sha256})
-    return rows
+    return generation_rows(Lineage(settings.models_dir))
 
 
 def cmd_generations(args: argparse.Namespace) -> int:
@@ -184,13 +174,9 @@ def cmd_generations(args: argparse.Namespace) -> int:
     if not rows:
         print("no generations yet — `ouro chat` or `ouro serve` registers gen-0000")
         return 0
-    fmt = "{:1} {:9} {:9} {:20} {:9} {:>5} {:>7} {:>7} {:>6} {:>6}"
-    print(fmt.format("", "id", "parent", "created", "status", "data", "recall", "general", "drift", "format"))
-    for r in rows:
-        cell = lambda v: "—" if v is None else v  # noqa: E731
-        print(fmt.format("*" if r["active"] else "", r["id"], cell(r["parent"]), (r["created_at"] or "")[:19],
-                         r["status"] or "", cell(r["examples"]), cell(r["recall"]), cell(r["generalization"]),
-                         cell(r["style_drift"]), cell(r["format"])))
+    from evals.report import table_lines
+
+    print("\n".join(table_lines(rows)))
     return 0
 
 
@@ -199,24 +185,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     gen = Lineage(settings.models_dir).generation(args.gen)
-    path = gen.folder / "evals.json"
-    if not path.exists():
-        raise OuroError(f"{gen.id} has no evals (generation 0 is the baseline)")
-    evals = json.loads(path.read_text(encoding="utf-8"))
+    from evals.report import eval_lines, load_evals
+
+    evals = load_evals(gen)
     if args.json:
         print(json.dumps(evals, indent=2, ensure_ascii=False))
         return 0
-    gate = evals.get("gate", {})
-    print(f"{gen.id} vs its parent {gen.parent_id}: {'passed' if gate.get('passed') else 'refused'}")
-    for key in ("recall", "generalization", "style_drift", "format"):
-        c = (evals["child"].get(key) or {})
-        p = (evals["parent"].get(key) or {})
-        print(f"  {key:15} child {c.get('score')!s:>8}   parent {p.get('score')!s:>8}")
-    for reason in gate.get("reasons", []):
-        print(f"  - {reason}")
-    drifted = [r for r in evals["child"].get("style_drift", {}).get("replies", []) if r["assistant_voice"]]
-    for r in drifted[:5]:
-        print(f"  assistant voice on {r['probe']!r}: {r['reply'][:80]!r}")
+    print("\n".join(eval_lines(gen, evals)))
     return 0
 
 

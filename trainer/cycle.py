@@ -149,7 +149,8 @@ def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
 
 
 def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bool = False, progress: bool = True,
-              on_stage: Callable[[str], None] | None = None) -> CycleReport:
+              on_stage: Callable[[str], None] | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> CycleReport:
     lineage = Lineage(settings.models_dir)
     with CycleLock(settings.models_dir / ".cycle.lock"):
         cleanup_stale(lineage, store)
@@ -158,7 +159,8 @@ def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bo
             return _skip(lineage, store, actor, halt.read_text().strip())
         if force and halt.exists():
             halt.unlink()
-        return _cycle(settings, store, lineage, actor=actor, progress=progress, stages=_Stages(on_stage))
+        return _cycle(settings, store, lineage, actor=actor, progress=progress, stages=_Stages(on_stage),
+                      on_step=on_step)
 
 
 def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleReport:
@@ -169,7 +171,7 @@ def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleRepor
 
 
 def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, progress: bool,
-           stages: _Stages) -> CycleReport:
+           stages: _Stages, on_step: Callable[[int, int], None] | None = None) -> CycleReport:
     parent = lineage.active()
     persona = settings.persona()
     until = now()
@@ -213,7 +215,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         sft = [e.messages for e in split.train + split.replay]
         pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
         result = train(base_hf, sft, pairs, staging / "hf", cfg, progress=progress,
-                       chat_format=ChatFormat.from_gguf(parent.gguf))
+                       chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step)
         report.train = {"steps": result.steps, "lr": settings.learning_rate,
                         "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
                         "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),

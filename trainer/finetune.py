@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -232,7 +232,8 @@ class SFTStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *, progress: bool = True) -> SFTStats:
+def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *, progress: bool = True,
+              on_step: Callable[[int, int], None] | None = None) -> SFTStats:
     """The SFT loop: shuffled packed rows, `cfg.batch` rows a step, AdamW at a constant rate."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -260,6 +261,8 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update(1)
+                if on_step is not None:
+                    on_step(len(losses), total)
     return SFTStats(losses=losses, steps=len(losses), tokens=tokens, seconds=time.perf_counter() - started)
 
 
@@ -402,7 +405,8 @@ def _share_changed(model, snapshot: dict[str, torch.Tensor]) -> float:
 # --- the stage -----------------------------------------------------------------------------
 def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: Sequence[DPOPair],
           out_dir: Path, cfg: TrainConfig, progress: bool = True, *,
-          chat_format: ChatFormat | None = None) -> TrainResult:
+          chat_format: ChatFormat | None = None,
+          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Fine-tune the checkpoint in base_dir and save the merged model into out_dir.
 
     `chat_format` is the parent GGUF's template (`ChatFormat.from_gguf`); by default the one
@@ -431,7 +435,7 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.max_seq_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with stages.run("sft"):
-        sft = sft_train(model, rows, cfg, pad_id, progress=progress)
+        sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step)
     dpo: dict = {"steps": 0, "loss_start": None, "loss_end": None}
     margin_start = margin_end = None
     if pairs and cfg.dpo_steps:

@@ -1,0 +1,95 @@
+"""Putting a new generation in front of people without stopping the bot.
+
+The new model is loaded beside the old one on a helper thread (the inference thread keeps
+answering meanwhile), checked against its recorded SHA-256, and smoke-tested: it must
+produce a few tokens of a greedy reply to a plain greeting. Only then is it swapped into the
+worker — under the inference lock, so a reply being generated finishes on the old model and
+the next one starts on the new. The old model is closed afterwards, which also drops every
+cached chat KV state (they belong to the old weights). One swap at a time.
+
+Memory stays flat because nothing else holds the old engine: the worker gave up its only
+reference, and `close()` frees llama.cpp's buffers at once instead of waiting for the GC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bot.engine import Engine, Sampling
+from bot.worker import InferenceWorker
+from trainer.lineage import Generation, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwapResult:
+    ok: bool
+    gen_id: str
+    previous_id: str
+    reason: str = ""
+    load_s: float = 0.0
+    smoke_s: float = 0.0
+    pause_s: float = 0.0      # time the swap itself held the inference lock (waiting for a reply included)
+
+
+class HotSwapper:
+    def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
+                 smoke_tokens: int = 8) -> None:
+        self.worker = worker
+        self.load = load
+        self.persona = persona
+        self.smoke_tokens = smoke_tokens
+        self._lock = asyncio.Lock()
+        self.swaps = 0
+
+    def serving(self) -> tuple[str, str]:
+        engine = self.worker.engine
+        return engine.generation_id, getattr(engine, "model_sha256", "")
+
+    def _prepare(self, gen: Generation) -> tuple[Engine, float, float]:
+        t0 = time.perf_counter()
+        if sha256_file(gen.gguf) != gen.sha256:
+            raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
+        engine = self.load(gen)
+        t1 = time.perf_counter()
+        try:
+            self.smoke_test(engine)
+        except BaseException:
+            engine.close()
+            raise
+        return engine, t1 - t0, time.perf_counter() - t1
+
+    def smoke_test(self, engine: Engine) -> None:
+        messages = ([{"role": "system", "content": self.persona}] if self.persona else []) + \
+                   [{"role": "user", "content": "Hi! How are you?"}]
+        out = engine.generate(messages, chat_key="__smoke__", sampling=Sampling(
+            temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=self.smoke_tokens))
+        engine.forget("__smoke__")
+        if out.completion_tokens < 1 or not out.text.strip():
+            raise RuntimeError(f"the smoke test got an empty reply (finish: {out.finish_reason})")
+
+    async def swap_to(self, gen: Generation) -> SwapResult:
+        async with self._lock:
+            previous, sha = self.serving()
+            if previous == gen.id and sha == gen.sha256:
+                return SwapResult(True, gen.id, previous, "already serving")
+            try:
+                engine, load_s, smoke_s = await asyncio.to_thread(self._prepare, gen)
+            except Exception as exc:  # the old generation keeps serving
+                log.warning("hot-swap to %s failed", gen.id, exc_info=True)
+                return SwapResult(False, gen.id, previous, f"{type(exc).__name__}: {exc}")
+            t = time.perf_counter()
+            old = await asyncio.to_thread(self.worker.swap, engine)
+            pause = time.perf_counter() - t
+            await asyncio.to_thread(old.close)
+            del old
+            gc.collect()
+            self.swaps += 1
+            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs", gen.id, previous, load_s, smoke_s)
+            return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4))

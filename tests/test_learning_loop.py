@@ -1,0 +1,250 @@
+"""The loop inside the bot, piece by piece, with fake engines: schedule, hot-swap, live watch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bot.hotswap import HotSwapper
+from bot.loop import LearningLoop
+from bot.worker import InferenceWorker
+from config.settings import load_settings
+from evals.live_watch import judge
+from memory.store import Store
+from ouro.errors import OuroError
+from tests.fakes import FakeEngine
+from trainer.lineage import Generation, Lineage, atomic_write_text, sha256_file, utcnow
+from trainer.schedule import parse_schedule
+from trainer.scheduler import JOB_ID, CycleScheduler, scheduled_cycle
+
+
+def make_generation(models_dir, gen_id: str, parent_id: str | None, payload: bytes = b"", status="promoted"):
+    """A finished generation folder around an arbitrary file (fake engines never read it)."""
+    folder = models_dir / gen_id
+    folder.mkdir(parents=True)
+    (folder / "model.gguf").write_bytes(payload or gen_id.encode() * 100)
+    meta = {"id": gen_id, "parent_id": parent_id, "gguf": "model.gguf",
+            "gguf_sha256": sha256_file(folder / "model.gguf"), "created_at": utcnow(), "status": status}
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
+    return Lineage(models_dir).generation(gen_id)
+
+
+class Loader:
+    """Builds fake engines for generations; a set of ids fails to load or returns empty replies."""
+
+    def __init__(self, broken: set[str] = frozenset(), empty: set[str] = frozenset()) -> None:
+        self.broken, self.empty, self.engines = set(broken), set(empty), []
+
+    def __call__(self, gen: Generation) -> FakeEngine:
+        if gen.id in self.broken:
+            raise RuntimeError(f"cannot load {gen.id}")
+        engine = FakeEngine([""] if gen.id in self.empty else None, generation_id=gen.id)
+        engine.model_sha256 = gen.sha256
+        self.engines.append(engine)
+        return engine
+
+
+@pytest.fixture
+def lineage_world(tmp_path):
+    settings = load_settings(data_dir=tmp_path / "data", watch_min_ratings=10, watch_margin=0.15,
+                             cycle_schedule="off")
+    models = settings.models_dir
+    g0 = make_generation(models, "gen-0000", None, status="base")
+    make_generation(models, "gen-0001", "gen-0000")
+    Lineage(models).set_active("gen-0000")
+    store = Store.open(settings.db_path)
+    first = FakeEngine(generation_id="gen-0000")
+    first.model_sha256 = g0.sha256
+    worker = InferenceWorker(first)
+    yield settings, store, worker, first
+    worker.close()
+    store.close()
+
+
+# --- schedule -----------------------------------------------------------------------------------
+def test_schedule_language():
+    assert parse_schedule("off") is None
+    assert "hour='3'" in str(parse_schedule("daily"))
+    assert str(parse_schedule("every 6h")) == "interval[6:00:00]"
+    assert str(parse_schedule("every 30m")) == "interval[0:30:00]"
+    assert "day_of_week='1'" in str(parse_schedule("0 3 * * 1"))
+    for bad in ("sometimes", "every 0h", "61 3 * * *", "every h"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+    with pytest.raises(OuroError, match="cycle_schedule"):
+        load_settings(cycle_schedule="now and then")
+
+
+async def test_schedule_and_pause_survive_a_restart_and_a_missed_run_fires_once(tmp_path):
+    settings = load_settings(data_dir=tmp_path / "data", cycle_schedule="every 1h")
+    fired: list[str] = []
+
+    async def on_due(actor: str) -> None:
+        fired.append(actor)
+
+    s = CycleScheduler(settings, on_due)
+    s.start()
+    first_next = s.next_run()
+    assert first_next is not None and not s.paused
+    assert s.pause() and s.paused
+    await s.shutdown()
+
+    s = CycleScheduler(settings, on_due)      # "restart": the pause is remembered
+    s.start()
+    assert s.paused and s.next_run() is None
+    assert s.resume() and not s.paused
+    await s.shutdown()
+    # while the bot is down, the run falls due (twice over): on start it runs once — not never, not twice
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    offline = AsyncIOScheduler(jobstores={"default": SQLAlchemyJobStore(
+        url=f"sqlite:///{settings.data_dir / 'run' / 'schedule.sqlite'}")}, timezone="UTC")
+    offline.start(paused=True)
+    offline.modify_job(JOB_ID, next_run_time=datetime.now(UTC) - timedelta(hours=2, minutes=5))
+    offline.shutdown(wait=False)
+    s = CycleScheduler(settings, on_due)
+    s.start()
+    for _ in range(50):
+        if fired:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
+    assert fired == ["scheduler"]
+    assert s.next_run() > datetime.now(UTC)
+    await s.shutdown()
+
+    # changing the setting replaces the trigger; 'off' removes the job
+    s = CycleScheduler(load_settings(data_dir=tmp_path / "data", cycle_schedule="every 2h"), on_due)
+    s.start()
+    assert str(s.scheduler.get_job(JOB_ID).trigger) == "interval[2:00:00]"
+    await s.shutdown()
+    s = CycleScheduler(load_settings(data_dir=tmp_path / "data", cycle_schedule="off"), on_due)
+    s.start()
+    assert not s.enabled and not s.pause()
+    await s.shutdown()
+
+
+async def test_the_persisted_job_without_a_bot_does_nothing(tmp_path):
+    await scheduled_cycle(str(tmp_path / "nobody"))   # logs, does not raise
+
+
+# --- hot-swap ------------------------------------------------------------------------------------
+async def test_swap_waits_for_the_running_reply_then_closes_the_old_model(lineage_world):
+    settings, store, worker, first = lineage_world
+    loader = Loader()
+    swapper = HotSwapper(worker, loader)
+    slow = FakeEngine(["one two three four"], delay_s=0.6)
+    worker.swap(slow)  # a slow model is serving
+    slow.generation_id, slow.model_sha256 = first.generation_id, first.model_sha256
+    started = threading.Event()
+
+    def job(engine):
+        started.set()
+        return engine.generate([{"role": "user", "content": "hi"}], chat_key=1, sampling=None).text, engine
+
+    reply = asyncio.ensure_future(worker.run(job))
+    await asyncio.to_thread(started.wait, 5)
+    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"))
+    text, engine_used = await reply
+    assert result.ok and text == "one two three four"
+    assert engine_used is slow and slow.closed            # finished on the old model, which was then closed
+    assert worker.engine is loader.engines[-1] and worker.engine.generation_id == "gen-0001"
+    assert result.pause_s > 0.1                            # the swap waited for the reply in flight
+    again = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"))
+    assert again.ok and again.reason == "already serving" and len(loader.engines) == 1
+
+
+@pytest.mark.parametrize("problem", ["broken", "empty", "tampered"])
+async def test_a_bad_new_model_never_serves_and_admins_are_told(lineage_world, problem):
+    settings, store, worker, first = lineage_world
+    loader = Loader(broken={"gen-0001"} if problem == "broken" else set(),
+                    empty={"gen-0001"} if problem == "empty" else set())
+    if problem == "tampered":
+        (settings.models_dir / "gen-0001" / "model.gguf").write_bytes(b"not what was recorded")
+    told: list[str] = []
+
+    async def notify(text):
+        told.append(text)
+
+    loop = LearningLoop(settings, store, worker, notify=notify, load=loader)
+    atomic_write_text(settings.models_dir / "ACTIVE", "gen-0001\n")   # e.g. `ouro promote` while the bot runs
+    result = await loop.sync()
+    assert result is not None and not result.ok
+    assert worker.engine is first and not first.closed
+    assert Lineage(settings.models_dir).active_id() == "gen-0000"      # the pointer follows what is served
+    assert told and "gen-0001" in told[0] and "gen-0000" in told[0]
+    assert store.events("swap_failed")
+    if problem == "empty":
+        assert loader.engines[0].closed                                  # the rejected model was freed
+    assert await loop.sync() is None                                     # and is not retried in a loop
+
+
+# --- live watch ------------------------------------------------------------------------------------
+def test_watch_verdicts():
+    up, down = 1, -1
+    assert judge("c", "p", [up] * 5, [up] * 10, min_ratings=10, margin=0.15).status == "waiting"
+    assert judge("c", "p", [up] * 10, [up] * 2, min_ratings=10, margin=0.15).status == "no_baseline"
+    worse = judge("c", "p", [down] * 5 + [up] * 5, [down] * 2 + [up] * 8, min_ratings=10, margin=0.15)
+    assert worse.status == "worse" and worse.child_down_share == 0.5 and worse.parent_down_share == 0.2
+    within = judge("c", "p", [down] * 3 + [up] * 7, [down] * 2 + [up] * 8, min_ratings=10, margin=0.15)
+    assert within.status == "ok"
+    # only the first N of the child and the latest N of the parent count
+    late = judge("c", "p", [up] * 10 + [down] * 30, [down] * 30 + [up] * 10, min_ratings=10, margin=0.15)
+    assert late.status == "ok" and late.child_down_share == 0.0 and late.parent_down_share == 0.0
+
+
+def rate_replies(store: Store, gen_id: str, values: list[int], start: int) -> None:
+    for i, v in enumerate(values):
+        uid = start + i
+        t = store.add_user_turn(chat_id=uid, user_id=uid, text="hello")
+        store.complete_turn(t, reply_text="hi", generation_id=gen_id, prompt_tokens=1, completion_tokens=1,
+                            latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
+        store.rate(t, uid, v)
+
+
+def test_generation_ratings_are_per_generation_and_ordered(lineage_world):
+    _, store, _, _ = lineage_world
+    rate_replies(store, "gen-0000", [1, -1, 1], 100)
+    rate_replies(store, "gen-0001", [-1, -1], 200)
+    assert store.generation_ratings("gen-0000", limit=10) == [1, -1, 1]
+    assert store.generation_ratings("gen-0000", limit=2) == [1, -1]
+    assert store.generation_ratings("gen-0000", limit=2, newest=True) == [-1, 1]
+    assert store.generation_ratings("gen-0001", limit=10) == [-1, -1]
+
+
+@pytest.mark.parametrize("child_downs,fires", [(6, True), (3, False)])
+async def test_the_live_watch_rolls_back_a_clearly_worse_generation(lineage_world, child_downs, fires):
+    settings, store, worker, first = lineage_world
+    told: list[str] = []
+
+    async def notify(text):
+        told.append(text)
+
+    loop = LearningLoop(settings, store, worker, notify=notify, load=Loader())
+    rate_replies(store, "gen-0000", [-1] * 2 + [1] * 8, 100)             # parent: 20% 👎
+    await loop.promote("gen-0001", actor="test", why="passed the gate")
+    assert worker.engine.generation_id == "gen-0001"
+    assert loop.watched() == ("gen-0001", "gen-0000")
+    rate_replies(store, "gen-0001", [-1] * child_downs + [1] * (9 - child_downs), 300)
+    assert (await loop.check_watch()).status == "waiting"                 # 9 of 10 ratings so far
+    rate_replies(store, "gen-0001", [1], 400)
+    verdict = await loop.check_watch()
+    lineage = Lineage(settings.models_dir)
+    ledger = lineage.ledger()
+    if fires:
+        assert verdict.status == "worse"
+        assert lineage.active_id() == "gen-0000" and worker.engine.generation_id == "gen-0000"
+        assert ledger[-1]["event"] == "auto_rollback" and "live watch" in ledger[-1]["reason"]
+        assert ledger[-1]["actor"] == "live-watch" and "60%" in ledger[-1]["reason"]
+        assert any("Automatic rollback" in t for t in told)
+    else:
+        assert verdict.status == "ok"
+        assert lineage.active_id() == "gen-0001" and worker.engine.generation_id == "gen-0001"
+        assert all(r["event"] != "auto_rollback" for r in ledger)
+    assert loop.watched() is None and await loop.check_watch() is None   # judged once
+    assert (settings.models_dir / "gen-0001" / "model.gguf").exists()     # rollback deletes nothing

@@ -1,0 +1,178 @@
+"""The learning cycle as its own process: what the bot's schedule and /train start.
+
+Why a process and not a thread: training holds the GIL in long Python stretches and would
+starve the event loop, a crash or an out-of-memory kill in torch must not take the bot with
+it, and an admin must be able to stop a cycle outright. The child runs `run_cycle` with the
+exact settings of the bot that started it (passed as a JSON file), lowers its own priority
+and leaves one core to llama.cpp, writes where it is to `run/cycle.json` (stage, step) for
+/status, and prints its report as the last line of stdout.
+
+    python -m trainer.cycle_job --settings run/cycle-settings.json --actor scheduler
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.settings import Settings
+from trainer.lineage import atomic_write_text
+from trainer.lock import pid_alive
+
+log = logging.getLogger(__name__)
+
+
+def status_path(settings: Settings) -> Path:
+    return settings.data_dir / "run" / "cycle.json"
+
+
+def read_cycle_status(settings: Settings) -> dict | None:
+    """The cycle in progress, if its process is still alive."""
+    try:
+        info = json.loads(status_path(settings).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not info.get("running") or not pid_alive(int(info.get("pid", 0))):
+        return None
+    return info
+
+
+# --- the child ---------------------------------------------------------------------------------
+def _child(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.cycle_job")
+    ap.add_argument("--settings", type=Path, required=True)
+    ap.add_argument("--actor", default="scheduler")
+    args = ap.parse_args(argv)
+
+    values = json.loads(args.settings.read_text(encoding="utf-8"))
+    cores = os.cpu_count() or 1
+    # leave a core to the bot's llama.cpp thread; must be set before torch is imported
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores - 1)))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from config.settings import load_settings
+    from memory.store import Store
+    from trainer.cycle import run_cycle
+
+    settings = load_settings(**values)
+    with contextlib.suppress(OSError):
+        os.nice(settings.cycle_nice)
+    state = {"pid": os.getpid(), "running": True, "actor": args.actor, "started_at": time.time(),
+             "stage": "start", "step": 0, "total": 0}
+    path = status_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last_write = [0.0]
+
+    def write(force: bool = False) -> None:
+        now = time.time()
+        if force or now - last_write[0] > 1.0:
+            last_write[0] = now
+            atomic_write_text(path, json.dumps({**state, "updated": now}))
+
+    def on_stage(stage: str) -> None:
+        state.update(stage=stage, step=0, total=0)
+        write(force=True)
+
+    def on_step(step: int, total: int) -> None:
+        state.update(step=step, total=total)
+        write()
+
+    write(force=True)
+    store = Store.open(settings.db_path)
+    try:
+        from ouro.errors import OuroError
+
+        try:
+            report = run_cycle(settings, store, actor=args.actor, progress=False, on_stage=on_stage,
+                               on_step=on_step).to_dict()
+        except OuroError as exc:
+            report = {"status": "failed", "reasons": [str(exc)]}
+    finally:
+        store.close()
+        state.update(running=False, stage="done")
+        write(force=True)
+    sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    return 0 if report["status"] != "failed" else 1
+
+
+# --- the parent side ---------------------------------------------------------------------------
+@dataclass
+class CycleOutcome:
+    status: str                    # promoted | refused | skipped | failed | killed
+    report: dict = field(default_factory=dict)
+    returncode: int | None = None
+    stderr_tail: str = ""
+
+    @property
+    def reasons(self) -> list[str]:
+        return list(self.report.get("reasons") or [])
+
+
+class CycleRunner:
+    """Starts at most one cycle process at a time and awaits its report, without blocking the loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc: asyncio.subprocess.Process | None = None
+        self.actor: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def run(self, actor: str) -> CycleOutcome:
+        from ouro.errors import OuroError
+
+        if self.running:
+            raise OuroError(f"a learning cycle is already running (pid {self.proc.pid}, started by {self.actor})")
+        run_dir = self.settings.data_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        settings_file = run_dir / "cycle-settings.json"
+        atomic_write_text(settings_file, self.settings.model_dump_json())
+        os.chmod(settings_file, 0o600)
+        self.actor = actor
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "trainer.cycle_job", "--settings", str(settings_file), "--actor", actor,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = await self.proc.communicate()
+        except asyncio.CancelledError:
+            self.kill()
+            raise
+        code = self.proc.returncode
+        tail = err.decode(errors="replace")[-3000:]
+        report: dict = {}
+        for line in reversed(out.decode(errors="replace").splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                report = json.loads(line)
+                break
+        if code is not None and code < 0:
+            status = "killed"
+            report.setdefault("reasons", [f"the cycle process was killed by signal {-code}; nothing served changed"])
+        else:
+            status = report.get("status", "failed")
+            if not report:
+                report = {"status": "failed", "reasons": [f"the cycle process exited {code} without a report"]}
+        if status in ("killed", "failed"):
+            log.warning("cycle %s (exit %s): %s", status, code, tail[-800:])
+        return CycleOutcome(status=status, report=report, returncode=code, stderr_tail=tail)
+
+    def kill(self) -> bool:
+        if not self.running:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
