@@ -105,8 +105,9 @@ class AdminHandlers:
         """Ask to confirm going back to the parent (or a named generation)."""
         args = context.args or []
         active = self.loop.lineage.active()
-        gen_id = _gen_id(args[0]) if args else active.parent_id
-        reason = " ".join(args[1:] if args and _gen_id(args[0]) else args)
+        named = _gen_id(args[0]) if args else None
+        gen_id = named or active.parent_id
+        reason = " ".join(args[1:] if named else args)
         if gen_id is None:
             await update.effective_message.reply_text(f"{active.id} has no parent to roll back to. "
                                                       "Usage: /rollback [gen-0002] [why]")

@@ -96,7 +96,12 @@ class LearningLoop:
 
     # --- cycles ---------------------------------------------------------------------------
     def cycle_status(self) -> dict | None:
-        return read_cycle_status(self.settings) if self.runner.running else None
+        """Stage and step of the cycle in progress (read from its process's status file)."""
+        if self._cycle_task is None or self._cycle_task.done():
+            if not self.runner.running:
+                return None
+        info = read_cycle_status(self.settings) if self.runner.running else None
+        return info or {"stage": "starting", "actor": self.runner.actor}
 
     def start_cycle(self, actor: str) -> bool:
         """Start a cycle in the background (for /train); False when one is already running."""
@@ -136,6 +141,8 @@ class LearningLoop:
         if (gen.id, gen.sha256) == (serving_id, serving_sha) or (gen.id, gen.sha256) == self._failed:
             return None
         result = await self.swapper.swap_to(gen)
+        if result.ok and result.reason == "already serving":   # the ticker and a command raced; one swapped
+            return result
         if result.ok:
             self._failed = None
             self.store.log_event("hot_swap", detail={"gen": gen.id, "from": result.previous_id,

@@ -44,3 +44,13 @@ def conversation(settings, store, fake_engine):
     worker = InferenceWorker(fake_engine, max_backlog=settings.max_backlog)
     yield Conversation(settings, store, worker)
     worker.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A models/ folder holding the tiny generation 0 (tests/tiny.py); copy it, never write into it."""
+    from tests.tiny import build_tiny_base
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_base(root / "models", tmp_path_factory.getbasetemp())
+    return root / "models"
