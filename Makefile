@@ -23,10 +23,14 @@ $(BIN)/python:
 	cd emulator && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# The main job on its embedded default. With TELEGRAM_BOT_TOKEN set it serves Telegram;
-# without one it opens the terminal chat on the packaged model (nothing to configure).
+# The main job on its embedded default. With TELEGRAM_BOT_TOKEN set it serves Telegram (and
+# learns on its schedule); without one it runs the narrated demo of the whole loop against a
+# local Telegram emulator (nothing to configure).
 run: setup
-	@if [ -n "$$TELEGRAM_BOT_TOKEN" ]; then $(BIN)/ouro serve; else $(BIN)/ouro chat; fi
+	@if [ -n "$$TELEGRAM_BOT_TOKEN" ]; then $(BIN)/ouro serve; else $(BIN)/ouro demo; fi
+
+demo: setup
+	$(BIN)/ouro demo
 
 chat: setup
 	$(BIN)/ouro chat

@@ -47,7 +47,7 @@ def in_style(text: str) -> bool:
 def experiment_settings(data_dir: Path, base: Settings | None = None) -> Settings:
     """Enough optimizer steps for ~24 new examples per generation on 2 CPU cores."""
     values = base.model_dump() if base else {}
-    values.update(data_dir=data_dir, max_seq_len=256, train_batch=2, train_epochs=3, learning_rate=2e-4,
+    values.update(data_dir=data_dir, max_seq_len=256, train_batch=2, train_epochs=2, learning_rate=2e-4,
                   dpo_steps=4, replay_size=24, eval_max_items=12, seed=None, temperature=0.8)
     return load_settings(**values)
 
