@@ -114,6 +114,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ouro.bench_serve import run_bench_serve
 
     settings = _settings(args)
+    if args.what == "swap":
+        from ouro.bench_swap import run_bench_swap
+
+        result = run_bench_swap(settings, json_output=args.json)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
     if args.what == "train":
         from ouro.bench_train import run_bench_train
 
@@ -333,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "others ÷ warm; a reply through the bot and the emulator ÷ the bare model. "
                                    "train: training tokens/s of our trainer (packed) ÷ a plain transformers + peft "
                                    "loop (padded) on the same data, model and machine; peak memory of each; stage "
-                                   "times.")
-    p.add_argument("what", choices=["serve", "train"], help="which benchmark")
+                                   "times. swap: longest pause in replies during a hot-swap ÷ the median reply; "
+                                   "memory after 20 swaps ÷ after 1; p95 time to first token while a cycle trains "
+                                   "÷ idle.")
+    p.add_argument("what", choices=["serve", "train", "swap"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_bench)

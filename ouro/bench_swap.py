@@ -1,0 +1,191 @@
+"""`ouro bench swap`: what a hot-swap and a training cycle cost the people chatting, in one run.
+
+1. Pause: four chats take turns talking to the bot's conversation stack without a break
+   while the learning loop hot-swaps between two generations 10 times. The pause is the
+   longest stretch with no reply text flowing (the gap between consecutive streamed pieces,
+   across replies) during a swap, ÷ the median reply time without swaps (goal ≤ 1.0: a
+   swap costs less than one reply). The same gap measured without swaps is reported too.
+2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models).
+3. Contention: p95 time to first token of fresh chats while a real learning cycle
+   (trainer/cycle_job.py, its own process, niced, one core left to llama.cpp) is in its
+   training stage ÷ the same chats idle (goal ≤ 2.0).
+Default model (the packaged SmolLM2) on this machine; nothing is compared across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bot.conversation import Speaker
+from bot.loop import LearningLoop
+from config.settings import Settings, load_settings
+from ouro.bench_serve import MESSAGES
+from ouro.runtime import open_runtime
+from trainer.lineage import Lineage, atomic_write_text, sha256_file, utcnow
+
+
+def _settings(base: Settings, data_dir: Path) -> Settings:
+    values = base.model_dump()
+    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, reply_max_tokens=32,
+                  cycle_schedule="off", log_level="WARNING", train_epochs=50, dpo_steps=0, max_seq_len=256,
+                  train_batch=2)
+    return load_settings(**values)
+
+
+def _second_generation(lineage: Lineage) -> None:
+    base = lineage.generation("gen-0000")
+    folder = lineage.dir / "gen-0001"
+    folder.mkdir()
+    shutil.copyfile(base.gguf, folder / "model.gguf")
+    meta = {"id": "gen-0001", "parent_id": "gen-0000", "gguf": "model.gguf", "created_at": utcnow(),
+            "gguf_sha256": sha256_file(folder / "model.gguf"), "status": "promoted", "note": "bench copy"}
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
+
+
+async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list[float]) -> None:
+    chats = [Speaker(chat_id=100 + i, user_id=100 + i) for i in range(4)]
+    n = 0
+    while not stop.is_set():
+        who = chats[n % 4]
+        t = time.perf_counter()
+        out = await rt.conversation.handle_text(who, MESSAGES[n % len(MESSAGES)],
+                                                on_text=lambda piece: stamps.append(time.perf_counter()))
+        if out.kind != "answered":
+            raise RuntimeError(f"a reply failed during the benchmark: {out.text}")
+        replies.append(time.perf_counter() - t)
+        stamps.append(time.perf_counter())
+        n += 1
+
+
+def _max_gap(stamps: list[float], start: float, end: float) -> float:
+    inside = [s for s in stamps if start <= s <= end]
+    before = [s for s in stamps if s < start]
+    after = [s for s in stamps if s > end]
+    points = ([before[-1]] if before else []) + inside + ([after[0]] if after else [])
+    return max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+
+
+async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
+    stamps: list[float] = []
+    replies: list[float] = []
+    stop = asyncio.Event()
+    chat = asyncio.create_task(_chat_loop(rt, stop, stamps, replies))
+    await asyncio.sleep(12)                                     # baseline: no swaps
+    base_stamps, base_replies = list(stamps), list(replies)
+    windows = []
+    rss = []
+    proc = psutil.Process()
+    for i in range(20):
+        target = "gen-0001" if i % 2 == 0 else "gen-0000"
+        t0 = time.perf_counter()
+        result = await loop.promote(target, actor="bench", why=f"swap {i}")
+        if result is None or not result.ok:
+            raise RuntimeError(f"swap {i} failed: {result}")
+        t1 = time.perf_counter()
+        windows.append((t0, t1 + 3.0))                          # the swap and the first replies after it
+        gc.collect()
+        rss.append(proc.memory_info().rss)
+        if not quiet:
+            sys.stderr.write(f"\rswaps {i + 1}/20")
+        await asyncio.sleep(3.0 if i < 10 else 0.5)
+    stop.set()
+    await chat
+    if not quiet:
+        sys.stderr.write("\n")
+    median_reply = statistics.median(base_replies)
+    swap_gap = max(_max_gap(stamps, a, b) for a, b in windows[:10])
+    base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
+    return {"median_reply_s": round(median_reply, 4), "longest_pause_during_swap_s": round(swap_gap, 4),
+            "longest_pause_without_swap_s": round(base_gap, 4),
+            "swap_pause_ratio": round(swap_gap / median_reply, 3), "swap_pause_goal": 1.0,
+            "rss_after_1_swap_mb": round(rss[0] / 2**20, 1), "rss_after_20_swaps_mb": round(rss[-1] / 2**20, 1),
+            "rss_ratio": round(rss[-1] / rss[0], 3), "rss_goal": 1.10, "replies_during_swaps": len(replies)}
+
+
+async def _ttft(rt, tag: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        who = Speaker(chat_id=hash((tag, i)) % 10**9, user_id=7)
+        o = await rt.conversation.handle_text(who, MESSAGES[i % len(MESSAGES)])
+        out.append(o.completion.ttft_s)
+    return out
+
+
+def _p95(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+
+
+async def _contention(rt, loop: LearningLoop, *, quiet: bool, n: int = 20) -> dict:
+    from trainer.cycle_job import read_cycle_status
+
+    idle = await _ttft(rt, "idle", n)
+    for i in range(200):                                         # reviewed turns for the cycle to learn from
+        t = rt.store.add_user_turn(chat_id=900_000 + i, user_id=900_000 + i, text=f"tell me about topic {i}")
+        rt.store.complete_turn(t, reply_text=f"topic {i} is lovely, let me tell you why ✨", generation_id="gen-0000",
+                               prompt_tokens=10, completion_tokens=10, latency_s=0.1, ttft_s=0.01,
+                               context_start_turn_id=t)
+        rt.store.rate(t, 900_000 + i, 1)
+    task = asyncio.create_task(loop.run_cycle("bench"))
+    t0 = time.monotonic()
+    while True:
+        info = read_cycle_status(rt.settings)
+        if info and info.get("stage") == "train" and info.get("step", 0) >= 1:
+            break
+        if task.done() or time.monotonic() - t0 > 600:
+            raise RuntimeError("the learning cycle never reached its training stage")
+        await asyncio.sleep(0.5)
+    if not quiet:
+        sys.stderr.write("cycle is training; measuring time to first token\n")
+    loaded = await _ttft(rt, "loaded", n)
+    still = read_cycle_status(rt.settings)
+    loop.runner.kill()
+    await task
+    return {"idle_ttft_p95_s": round(_p95(idle), 4), "training_ttft_p95_s": round(_p95(loaded), 4),
+            "training_ttft_ratio": round(_p95(loaded) / _p95(idle), 3), "training_ttft_goal": 2.0,
+            "cycle_stage_while_measuring": still and still.get("stage")}
+
+
+def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ouro-bench-swap-") as tmp:
+        settings = _settings(base, Path(tmp))
+        rt = open_runtime(settings)
+        _second_generation(rt.lineage)
+
+        async def main() -> dict:
+            loop = LearningLoop(settings, rt.store, rt.worker)
+            await loop.start(schedule=False)
+            try:
+                result = await _pause_and_memory(rt, loop, quiet=json_output)
+                await loop.promote("gen-0000", actor="bench", why="back to the base") \
+                    if rt.lineage.active_id() != "gen-0000" else None
+                result.update(await _contention(rt, loop, quiet=json_output))
+                return result
+            finally:
+                await loop.stop()
+
+        try:
+            result = asyncio.run(main())
+        finally:
+            rt.close()
+    result["cores"] = psutil.cpu_count()
+    if not json_output:
+        print("\nouro bench swap")
+        print(f"  longest pause during a swap ÷ median reply: {result['swap_pause_ratio']:.2f}  (goal ≤ 1.0; "
+              f"{result['longest_pause_during_swap_s']:.2f}s vs {result['median_reply_s']:.2f}s; without swaps "
+              f"{result['longest_pause_without_swap_s']:.2f}s)")
+        print(f"  memory after 20 swaps ÷ after 1:            {result['rss_ratio']:.3f}  (goal ≤ 1.10; "
+              f"{result['rss_after_1_swap_mb']:.0f} → {result['rss_after_20_swaps_mb']:.0f} MB)")
+        print(f"  p95 TTFT while a cycle trains ÷ idle:       {result['training_ttft_ratio']:.2f}  (goal ≤ 2.0; "
+              f"{result['training_ttft_p95_s']:.3f}s vs {result['idle_ttft_p95_s']:.3f}s)")
+    return result
