@@ -199,10 +199,11 @@ class AdminHandlers:
         self.store.log_event("schedule_resumed", user_id=update.effective_user.id)
         await update.effective_message.reply_text("▶️ Scheduled training resumed: " + self.loop.scheduler.describe())
 
-    def status_lines(self) -> list[str]:
-        lines = [f"Training: {self.loop.scheduler.describe()}", f"Cycle: {cycle_progress(self.loop.cycle_status())}"]
+    def loop_info(self) -> dict:
+        """The loop's part of /status and of the heartbeat file `ouro status` reads."""
+        info = {"training": self.loop.scheduler.describe(), "cycle": cycle_progress(self.loop.cycle_status())}
         watched = self.loop.watched()
         if watched:
             n = len(self.store.generation_ratings(watched[0], limit=self.settings.watch_min_ratings))
-            lines.append(f"Live watch: {watched[0]} vs {watched[1]}, {n}/{self.settings.watch_min_ratings} ratings")
-        return lines
+            info["live_watch"] = f"{watched[0]} vs {watched[1]}, {n}/{self.settings.watch_min_ratings} ratings"
+        return info

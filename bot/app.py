@@ -27,7 +27,9 @@ from bot.commands import COMMANDS
 from bot.conversation import Conversation
 from bot.handlers import Handlers
 from bot.loop import LearningLoop
+from bot.privacy import FORGET_PATTERN, PrivacyHandlers
 from bot.retry import call_with_retry
+from bot.review import REVIEW_PATTERN, ReviewHandlers
 from bot.status import write_runtime
 from config.settings import Settings
 from memory.store import Store
@@ -42,6 +44,8 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     conversation's worker; a LearningLoop uses that one (tests give it a fake loader); False leaves
     it out (the lineage commands then say so)."""
     h = Handlers(settings, store, conversation, started_at=time.time())
+    privacy = PrivacyHandlers(settings, store, conversation.worker)
+    review = ReviewHandlers(settings, store)   # works with or without the learning loop
     builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(True)
     if base_url:
         base = base_url.rstrip("/")
@@ -65,16 +69,24 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.add_handler(CommandHandler("start", h.start))
     app.add_handler(CommandHandler("help", h.help))
     app.add_handler(CommandHandler("reset", h.reset))
-    app.add_handler(CommandHandler("privacy", h.privacy))
+    app.add_handler(CommandHandler("privacy", privacy.privacy))
+    app.add_handler(CommandHandler("optout", privacy.optout))
+    app.add_handler(CommandHandler("optin", privacy.optin))
+    app.add_handler(CommandHandler("forget", privacy.forget))
     for cmd in COMMANDS:
         if cmd.admin:
-            app.add_handler(CommandHandler(cmd.name, h.admin_command(cmd.name), filters=admins))
+            handler = review.review if cmd.name == "review" else h.admin_command(cmd.name)
+            app.add_handler(CommandHandler(cmd.name, handler, filters=admins))
             app.add_handler(CommandHandler(cmd.name, h.refuse_admin))
+    app.add_handler(CallbackQueryHandler(review.press, pattern=REVIEW_PATTERN))
+    app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=FORGET_PATTERN))
     if h.admin is not None:
         app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=CONFIRM_PATTERN))
     app.add_handler(CallbackQueryHandler(h.button))
     app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
     app.add_handler(MessageHandler(filters.COMMAND, h.unknown_command))
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_edit,
+                                   review.take_edit))   # an admin's edited reply after ✏️ Edit in /review
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.text))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.non_text))
     app.add_error_handler(h.on_error)

@@ -66,7 +66,10 @@ class ChatStates:
         return n
 
     def forget(self, key: int | str) -> None:
+        """Drop `key`'s saved state; when it is the live one, it is not saved away at the next switch."""
         self._saved.pop(key, None)
+        if key == self.current:
+            self.current = None
 
     def clear(self) -> None:
         self._saved.clear()

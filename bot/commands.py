@@ -20,7 +20,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("start", "Say hello and see what I can do"),
     Command("help", "List every command"),
     Command("reset", "Start a fresh conversation: I forget the current context"),
-    Command("privacy", "What is stored about you, and why"),
+    Command("privacy", "What is stored about you, and why; whether your chats may be used for training"),
+    Command("optout", "Keep your chats out of training (what you said before included)"),
+    Command("optin", "Let your chats be used for training"),
+    Command("forget", "Delete everything stored about you (asks to confirm)"),
     Command("status", "Active generation, uptime, traffic, model file, speed; next training, cycle progress",
             admin=True),
     Command("generations", "The lineage: id, parent, date, data size, eval scores, gate, active mark", admin=True),
@@ -31,6 +34,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "Start a learning cycle now, in its own process", admin=True),
     Command("pause", "Pause scheduled training (kept across restarts)", admin=True),
     Command("resume", "Resume scheduled training", admin=True),
+    Command("review", "Review answered turns one by one: approve, reject, edit or skip", admin=True),
 )
 
 

@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 WELCOME = ("Hi! I'm a persona that learns from how people talk to me. Just write to me.\n"
            "Rate my replies with the buttons below them — that is how I get better.\n"
            "/help lists everything; /privacy says what I keep.")
-PRIVACY = ("What I store: your Telegram id, name and username; the messages you send me and my replies; "
-           "your ratings, picks and corrections; when each happened and which model version answered.\n"
-           "Why: to keep our conversation's context across restarts, and to train the next version of me "
-           "on replies people rated well. Personal data (emails, phone numbers, card numbers…) is redacted "
-           "before anything is used for training. Only the bot's owner can read the database.")
 NOT_ALLOWED = "Sorry — this bot is private, and you're not on its list of users. Ask its owner for access."
 ADMIN_ONLY = "Sorry, that command is for the bot's admins."
 NON_TEXT = "I can only read text for now — tell me in words? 🙂"
@@ -83,15 +78,10 @@ class Handlers:
         self.conversation.reset(_speaker(update))
         await update.effective_message.reply_text("Fresh start — I've set our earlier conversation aside. 🌱")
 
-    async def privacy(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Say what is stored and why."""
-        await update.effective_message.reply_text(PRIVACY)
-
     async def status(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Admins: the live figures, the training schedule and the cycle in progress."""
         report = status_report(self.settings, self.store, self.runtime_info())
-        extra = self.admin.status_lines() if self.admin is not None else []
-        await update.effective_message.reply_text("\n".join([format_status(report), *extra]))
+        await update.effective_message.reply_text(format_status(report))
 
     def admin_command(self, name: str):
         """The handler of an admin command: ours (/status) or the lineage ones in bot/admin.py."""
@@ -284,9 +274,12 @@ class Handlers:
     # --- helpers --------------------------------------------------------------------------
     def runtime_info(self) -> dict:
         engine = self.conversation.worker.engine
-        return {"started_at": self.started_at, "queue_depth": self.conversation.worker.backlog,
+        info = {"started_at": self.started_at, "queue_depth": self.conversation.worker.backlog,
                 "generation_id": engine.generation_id, "model_file": str(engine.model_path),
                 "updated": time.time()}
+        if self.admin is not None:
+            info.update(self.admin.loop_info())
+        return info
 
     def _addressed_to_me(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> bool:
         """Private chats: always. Groups: only when mentioned, or when replying to me."""

@@ -54,6 +54,9 @@ def status_report(settings: Settings, store: Store, runtime: dict | None) -> dic
         "queue_depth": runtime.get("queue_depth", 0) if runtime else 0,
         "loaded_generation": runtime.get("generation_id") if runtime else None,
         "model": model,
+        "training": runtime.get("training") if runtime else None,
+        "cycle": runtime.get("cycle") if runtime else None,
+        "live_watch": runtime.get("live_watch") if runtime else None,
         **store.stats(),
     }
 
@@ -63,6 +66,8 @@ def format_status(report: dict) -> str:
     uptime = "not running" if up is None else f"{int(up // 3600)}h {int(up % 3600 // 60)}m {int(up % 60)}s"
     model = report.get("model") or {}
     tps = report.get("recent_tokens_per_s")
+    loop = [f"{label}: {report[key]}" for key, label in (("training", "Training"), ("cycle", "Cycle"),
+                                                          ("live_watch", "Live watch")) if report.get(key)]
     return "\n".join([
         f"Active generation: {report['active_generation']}"
         + (f" (parent {model['parent']})" if model.get("parent") else ""),
@@ -75,4 +80,5 @@ def format_status(report: dict) -> str:
         f"Model file: {model.get('file', '—')}",
         f"SHA-256: {model.get('sha256', '—')}",
         f"Recent speed: {tps if tps is not None else '—'} tokens/s",
+        *loop,
     ])

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")
     min_format: float = Field(0.8, ge=0.0, le=1.0, description="Gate: lowest share of well-formed replies.")
 
+    # --- exports (`ouro export`) -----------------------------------------------------------
+    openai_price_per_mtok: float = Field(3.0, ge=0.0, le=10_000.0, description=(
+        "USD per million training tokens for the OpenAI export's cost estimate (3.00: OpenAI's price for "
+        "fine-tuning gpt-4o-mini; 25.00 for gpt-4o). Billed tokens = tokens in the file x epochs."))
+    openai_max_tokens_per_example: int = Field(65536, ge=1, le=10_000_000, description=(
+        "Longest training example OpenAI accepts, in tokens (65,536 for gpt-4o-mini and gpt-4o per OpenAI's "
+        "fine-tuning guide); longer ones are reported, and OpenAI truncates them."))
+
     # --- the loop inside the running bot -------------------------------------------------
     cycle_schedule: str = Field("daily", description=(
         "When the bot runs a learning cycle: 'daily' (03:00), 'off', 'every 6h' / 'every 30m' (interval), "

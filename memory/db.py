@@ -21,12 +21,14 @@ BUSY_TIMEOUT_MS = 15_000
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create `path` (and parents) readable by its owner only."""
+    """Create `path` (and parents) readable by its owner only; parents that existed are left as they are."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - e.g. a folder owned by someone else; leave it as it is
-        pass
+    for folder in {path, *created}:
+        try:
+            os.chmod(folder, 0o700)
+        except OSError:  # pragma: no cover - e.g. a folder owned by someone else; leave it as it is
+            pass
 
 
 class Database:
@@ -37,6 +39,8 @@ class Database:
         if self.path is not None:
             ensure_private_dir(self.path.parent)
             fresh = not self.path.exists()
+            if fresh:  # created 0600 from the start (SQLite gives its -wal and -shm files the same mode)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                    timeout=BUSY_TIMEOUT_MS / 1000)
             if fresh:

@@ -3,7 +3,12 @@
 Sources, per the design: a 👍'd reply is a supervised example with the very context it was
 served with; a ✏️ correction is a supervised example (the user's better answer) and a
 preference pair against the reply it corrected; a 🔁 pick is a preference pair. A 👎 reply
-without an alternative never becomes a target. Everything passes PII redaction before it is
+without an alternative never becomes a target. Admins' verdicts (/review, `ouro review`): an
+approved turn is an example like a 👍 one; an edited turn is an example with the admin's reply
+and a pair against the served one (whose 👍s no longer count); a rejected turn is never a target
+nor a pair, whatever its ratings. Windows imported from a chat history (memory/importers)
+come in whole, the persona in front, with their own train/held-out split and outside the
+rating budget (nobody rated them; the admin chose them). Everything passes PII redaction before it is
 returned; exact duplicates are dropped; people who opted out are left out entirely.
 """
 
@@ -22,10 +27,11 @@ class Example:
     """Messages ending with the assistant's target reply."""
 
     messages: list[dict]
-    source: str                  # thumbs_up | correction | import | probe
+    source: str                  # thumbs_up | correction | review | review_edit | import | probe
     created_at: str
     turn_id: int | None = None
     score: float = 0.0
+    split: str | None = None     # an import's own 90/10 split (train | heldout); None: replay.holdout decides
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
@@ -36,7 +42,7 @@ class Pair:
     prompt: list[dict]            # messages up to and including the user's message
     chosen: str
     rejected: str
-    source: str                   # regenerate | correction
+    source: str                   # regenerate | correction | review_edit
     created_at: str
     turn_id: int | None = None
 
@@ -108,6 +114,9 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     delta.considered += len(rated)
     positive = [r for r in rated if r["score"] > 0]
     delta.dropped["not_positive"] = len(rated) - len(positive)
+    verdicts = _verdicts(store)   # /review: rejected turns are never targets; edited ones only with the admin's text
+    delta.dropped["overruled"] = sum(verdicts.get(r["id"]) in ("rejected", "edited") for r in positive)
+    positive = [r for r in positive if verdicts.get(r["id"]) not in ("rejected", "edited")]
     candidates = [Example(messages=served_context(store, r["id"], persona) + [{"role": "assistant", "content": r["reply"]}],
                           source="thumbs_up", created_at=r["created_at"], turn_id=r["id"], score=float(r["score"]))
                   for r in positive]
@@ -118,6 +127,8 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         (int(opt_out_by_default), *params_window))
     delta.considered += len(corrections)
     for c in corrections:
+        if verdicts.get(c["turn_id"]) == "rejected":
+            continue
         prompt = served_context(store, c["turn_id"], persona)
         candidates.append(Example(messages=prompt + [{"role": "assistant", "content": c["text"]}], source="correction",
                                   created_at=c["created_at"], turn_id=c["turn_id"], score=2.0))
@@ -127,11 +138,18 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         f"JOIN users u ON u.id = p.user_id WHERE {consent} AND {window.format(col='p.created_at')} ORDER BY p.id",
         (int(opt_out_by_default), *params_window))
     for p in picks:
-        if p["chosen"].strip() == p["rejected"].strip():
+        if p["chosen"].strip() == p["rejected"].strip() or verdicts.get(p["turn_id"]) == "rejected":
             continue
         delta.pairs.append(Pair(prompt=_clean(served_context(store, p["turn_id"], persona)), chosen=redact(p["chosen"]),
                                 rejected=redact(p["rejected"]), source=p["source"], created_at=p["created_at"],
                                 turn_id=p["turn_id"]))
+
+    reviewed, review_pairs = _admin_reviews(store, persona, since=since, until=until,
+                                            opt_out_by_default=opt_out_by_default,
+                                            have={e.turn_id for e in candidates if e.source == "thumbs_up"})
+    delta.considered += len(reviewed) + len(review_pairs)
+    candidates += reviewed
+    delta.pairs += review_pairs
 
     if len(candidates) > budget:
         # more than the budget: keep the top quartile by rating (then at most `budget`)
@@ -139,8 +157,11 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         keep = ranked[: min(budget, max(1, len(ranked) // 4))]
         delta.dropped["over_budget"] = len(candidates) - len(keep)
         candidates = keep
+    system = [{"role": "system", "content": persona}] if persona else []
+    imported = [Example(messages=system + r["messages"], source="import", created_at=r["created_at"], split=r["split"])
+                for r in store.imported_examples(since=since, until=until)]
     seen: set[str] = set()
-    for ex in sorted(candidates, key=lambda e: (e.created_at, e.turn_id or 0)):
+    for ex in sorted(candidates + imported, key=lambda e: (e.created_at, e.turn_id or 0)):
         ex.messages = _clean(ex.messages)
         k = ex.key()
         if k in seen:
@@ -149,3 +170,63 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         seen.add(k)
         delta.examples.append(ex)
     return delta
+
+
+def _verdicts(store: Store) -> dict[int, str]:
+    """Every admin verdict, whenever it was given: a rejection holds for good."""
+    return {r["turn_id"]: r["verdict"] for r in store.database.query("SELECT turn_id, verdict FROM reviews")}
+
+
+def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str | None, opt_out_by_default: bool,
+                   have: set) -> tuple[list[Example], list[Pair]]:
+    """Turns approved or edited by an admin in (since, until]: examples (and a pair per edit)."""
+    rows = store.database.query(
+        "SELECT v.turn_id, v.verdict, v.edited_text, t.created_at, COALESCE(a.text, t.reply_text) AS reply "
+        "FROM reviews v JOIN turns t ON t.id = v.turn_id JOIN users u ON u.id = t.user_id "
+        "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
+        "WHERE v.verdict IN ('approved', 'edited') AND t.status = 'answered' "
+        "AND COALESCE(u.training_opt_out, ?) = 0 "
+        "AND (? IS NULL OR v.created_at > ?) AND (? IS NULL OR v.created_at <= ?) ORDER BY v.turn_id",
+        (int(opt_out_by_default), since, since, until, until))
+    examples, pairs = [], []
+    for r in rows:
+        if r["verdict"] == "approved" and r["turn_id"] in have:   # already an example through its 👍
+            continue
+        prompt = served_context(store, r["turn_id"], persona)
+        target = r["edited_text"] if r["verdict"] == "edited" else r["reply"]
+        examples.append(Example(messages=prompt + [{"role": "assistant", "content": target}],
+                                source="review" if r["verdict"] == "approved" else "review_edit",
+                                created_at=r["created_at"], turn_id=r["turn_id"], score=2.0))
+        if r["verdict"] == "edited" and (r["reply"] or "").strip() != target.strip():
+            pairs.append(Pair(prompt=_clean(prompt), chosen=redact(target), rejected=redact(r["reply"] or ""),
+                              source="review_edit", created_at=r["created_at"], turn_id=r["turn_id"]))
+    return examples, pairs
+
+
+LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit")   # examples made from a stored chat turn
+
+
+def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default: bool) -> list[Example]:
+    """Ancestors' examples that may still be trained on (replay). One made from a chat turn needs the turn
+    to exist (not /forget-ten), its author's consent now (not /optout-ed), no admin rejection (nor an
+    edit, for the reply as served), and its context as the store gives it now: in a group, someone
+    else's /forget removes their messages from the conversation, so an example that quoted them goes.
+    The rest (imports, probes) pass."""
+    ids = sorted({e.turn_id for e in examples if e.source in LIVE_SOURCES and e.turn_id is not None})
+    rows = store.database.query(
+        "SELECT t.id, v.verdict FROM turns t JOIN users u ON u.id = t.user_id LEFT JOIN reviews v ON v.turn_id = t.id "
+        "WHERE t.id IN (SELECT value FROM json_each(?)) AND COALESCE(u.training_opt_out, ?) = 0",
+        (json.dumps(ids), int(opt_out_by_default))) if ids else []
+    allowed = {r["id"]: r["verdict"] for r in rows if r["verdict"] != "rejected"}
+
+    def keep(e: Example) -> bool:
+        if e.source not in LIVE_SOURCES:
+            return True
+        if e.turn_id not in allowed:
+            return False
+        if e.source == "thumbs_up" and allowed[e.turn_id] == "edited":
+            return False
+        then = [m for m in e.messages[:-1] if m["role"] != "system"]
+        return then == [m for m in _clean(served_context(store, e.turn_id, "")) if m["role"] != "system"]
+
+    return [e for e in examples if keep(e)]

@@ -136,6 +136,58 @@ def m004_training_consent(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m005_imports(conn: sqlite3.Connection) -> None:
+    """Chat-history imports (cold start): each run, and the redacted windows it produced for training."""
+    _script(conn, """
+    CREATE TABLE imports (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,                -- telegram | whatsapp
+        file TEXT NOT NULL, file_sha256 TEXT NOT NULL,
+        owner TEXT NOT NULL,               -- the --me name: whose messages became the assistant's
+        created_at TEXT NOT NULL,
+        summary TEXT NOT NULL              -- JSON: read, kept, dropped by reason, windows, tokens, …
+    );
+    CREATE TABLE imported_examples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        import_id INTEGER NOT NULL REFERENCES imports(id),
+        messages TEXT NOT NULL,            -- JSON [{role, content}], redacted; the persona is added at export
+        split TEXT NOT NULL CHECK (split IN ('train', 'heldout')),
+        ended_at TEXT,                     -- when the window's last message was written (the chat's clock)
+        created_at TEXT NOT NULL,          -- when it was imported: the cycle's data window looks at this
+        sha256 TEXT NOT NULL UNIQUE        -- of `messages`: importing the same chat twice adds nothing
+    );
+    CREATE INDEX imported_examples_created ON imported_examples(created_at);
+    """)
+
+
+# Migrations run in the order they are defined here (not sorted by name): keep m005 above m006.
+@migration
+def m006_review_and_forget(conn: sqlite3.Connection) -> None:
+    """Admins' verdicts on turns (/review, `ouro review`), and tombstones of people who used /forget."""
+    _script(conn, """
+    CREATE TABLE reviews (
+        turn_id INTEGER PRIMARY KEY REFERENCES turns(id),
+        reviewer_id INTEGER,               -- admin's Telegram id (0: `ouro review`); NULL once they /forget
+        verdict TEXT NOT NULL CHECK (verdict IN ('approved', 'rejected', 'edited')),
+        edited_text TEXT,                  -- the admin's reply, for 'edited'
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX reviews_created ON reviews(created_at);
+    CREATE TABLE awaiting_review_edits (   -- an admin pressed ✏️ Edit: their next message is the new reply
+        chat_id INTEGER NOT NULL, reviewer_id INTEGER NOT NULL,
+        turn_id INTEGER NOT NULL REFERENCES turns(id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (chat_id, reviewer_id)
+    );
+    CREATE TABLE tombstones (              -- that a /forget happened; nothing about who or what
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        forgotten_at TEXT NOT NULL,
+        counts TEXT NOT NULL               -- JSON: rows deleted per table
+    );
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

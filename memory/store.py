@@ -9,6 +9,7 @@ never a half-recorded one.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,24 @@ class TurnRef:
     reply_message_ids: list[int]
     generation_id: str | None
     context_start_turn_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """An answered turn as an admin reviews it: the exchange, a little context, what people said of it."""
+
+    turn_id: int
+    chat_type: str
+    user_text: str
+    reply_text: str                  # the reply the user kept (the 🔁 sample if they picked it)
+    generation_id: str | None
+    created_at: str
+    ups: int
+    downs: int
+    corrected: bool
+    verdict: str | None
+    context: list[Exchange]          # the exchanges before it in its served context, oldest first
+    remaining: int = 0               # turns waiting for review, this one included
 
 
 class Store:
@@ -246,6 +265,175 @@ class Store:
             conn.execute("DELETE FROM awaiting_corrections WHERE chat_id = ? AND user_id = ?", (chat_id, user_id))
             return turn_id
 
+    # --- admin review (/review, `ouro review`) --------------------------------------------
+    def next_review(self, *, opt_out_by_default: bool, skip: Collection[int] = (),
+                    context_turns: int = 3) -> ReviewItem | None:
+        """The next answered turn without a verdict, or None.
+
+        Order: 👍'd turns first (the next cycle trains on them, so a check matters most), then other
+        rated ones (👎: candidates for an edit), then unrated; oldest first within each. Turns of
+        people who keep their chats out of training are not queued; `skip` leaves turns out.
+        """
+        queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
+                 "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
+                 "AND t.id NOT IN (SELECT value FROM json_each(?))")
+        params = (int(opt_out_by_default), json.dumps(sorted(skip)))
+        row = self.database.one(
+            "SELECT t.id, (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) AS score, "
+            "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n " + queue
+            + " ORDER BY CASE WHEN score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT 1", params)
+        if row is None:
+            return None
+        remaining = self.database.scalar("SELECT COUNT(*) " + queue, params)
+        return self.review_item(row["id"], context_turns=context_turns, remaining=remaining)
+
+    def review_item(self, turn_id: int, *, context_turns: int = 3, remaining: int = 0) -> ReviewItem | None:
+        """An answered turn with its context and feedback; None for anything else."""
+        row = self.database.one(
+            "SELECT t.*, COALESCE(a.text, t.reply_text) AS reply, c.type AS chat_type FROM turns t "
+            "JOIN chats c ON c.id = t.chat_id LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
+            "WHERE t.id = ?", (turn_id,))
+        if row is None or row["status"] != "answered":
+            return None
+        values = [r["value"] for r in self.database.query("SELECT value FROM ratings WHERE turn_id = ?", (turn_id,))]
+        start = row["context_start_turn_id"] or turn_id
+        context = [e for e in self.history(row["session_id"], before_turn_id=turn_id) if e.turn_id >= start]
+        return ReviewItem(
+            turn_id=turn_id, chat_type=row["chat_type"], user_text=row["user_text"], reply_text=row["reply"] or "",
+            generation_id=row["generation_id"], created_at=row["created_at"],
+            ups=values.count(1), downs=values.count(-1),
+            corrected=bool(self.database.scalar("SELECT COUNT(*) FROM corrections WHERE turn_id = ?", (turn_id,))),
+            verdict=self.review_verdict(turn_id),
+            context=context[-context_turns:] if context_turns > 0 else [], remaining=remaining)
+
+    def review_verdict(self, turn_id: int) -> str | None:
+        return self.database.scalar("SELECT verdict FROM reviews WHERE turn_id = ?", (turn_id,))
+
+    def record_review(self, turn_id: int, reviewer_id: int, verdict: str, edited_text: str | None = None) -> bool:
+        """An admin's verdict on an answered turn. The first verdict stands: False if it had one (or is gone)."""
+        if verdict not in ("approved", "rejected", "edited"):
+            raise ValueError(f"unknown verdict {verdict!r}")
+        if (verdict == "edited") != bool(edited_text and edited_text.strip()):
+            raise ValueError("an edited verdict needs the edited text, and only it does")
+        with self.database.transaction() as conn:
+            status = conn.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            if status is None or status[0] != "answered":
+                return False
+            return conn.execute(
+                "INSERT INTO reviews (turn_id, reviewer_id, verdict, edited_text, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(turn_id) DO NOTHING",
+                (turn_id, reviewer_id, verdict, edited_text.strip() if edited_text else None, now())).rowcount > 0
+
+    def await_review_edit(self, chat_id: int, reviewer_id: int, turn_id: int) -> None:
+        with self.database.transaction() as conn:
+            conn.execute("INSERT INTO awaiting_review_edits (chat_id, reviewer_id, turn_id, created_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT(chat_id, reviewer_id) DO UPDATE SET "
+                         "turn_id = excluded.turn_id, created_at = excluded.created_at",
+                         (chat_id, reviewer_id, turn_id, now()))
+
+    def awaiting_review_edit(self, chat_id: int, reviewer_id: int) -> int | None:
+        return self.database.scalar("SELECT turn_id FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                                    (chat_id, reviewer_id))
+
+    def cancel_review_edit(self, chat_id: int, reviewer_id: int) -> bool:
+        with self.database.transaction() as conn:
+            return conn.execute("DELETE FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                                (chat_id, reviewer_id)).rowcount > 0
+
+    def take_review_edit(self, chat_id: int, reviewer_id: int, text: str) -> int | None:
+        """If this admin owes an edit in this chat, record `text` as the turn's reply ('edited').
+
+        Returns the turn's id, or None when no edit was awaited or the turn got a verdict meanwhile.
+        """
+        with self.database.transaction() as conn:
+            turn_id = self.awaiting_review_edit(chat_id, reviewer_id)
+            if turn_id is None:
+                return None
+            conn.execute("DELETE FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                         (chat_id, reviewer_id))
+            return turn_id if text.strip() and self.record_review(turn_id, reviewer_id, "edited", text) else None
+
+    # --- privacy (/optout, /optin, /forget) ----------------------------------------------
+    def set_training_opt_out(self, user_id: int, opt_out: bool, *, username: str | None = None,
+                             first_name: str | None = None) -> None:
+        """Whether this person's chats are kept out of training (the person need not have chatted yet)."""
+        ts = now()
+        with self.database.transaction() as conn:
+            conn.execute(
+                "INSERT INTO users (id, username, first_name, created_at, last_seen, training_opt_out) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "training_opt_out = excluded.training_opt_out, last_seen = excluded.last_seen",
+                (user_id, username, first_name, ts, ts, int(opt_out)))
+
+    def training_opt_out(self, user_id: int) -> bool | None:
+        """True/False as the person chose; None when they never chose (the settings' default applies)."""
+        value = self.database.scalar("SELECT training_opt_out FROM users WHERE id = ?", (user_id,))
+        return None if value is None else bool(value)
+
+    def user_data_counts(self, user_id: int) -> dict:
+        """How much is stored about this person: their messages, ratings, corrections, picks."""
+        q = self.database.scalar
+        return {
+            "messages": q("SELECT COUNT(*) FROM turns WHERE user_id = ?", (user_id,)),
+            "ratings": q("SELECT COUNT(*) FROM ratings WHERE user_id = ?", (user_id,)),
+            "corrections": q("SELECT COUNT(*) FROM corrections WHERE user_id = ?", (user_id,)),
+            "picks": q("SELECT COUNT(*) FROM preferences WHERE user_id = ? AND source = 'regenerate'", (user_id,)),
+        }
+
+    def forget_user(self, user_id: int) -> tuple[dict, list[int]]:
+        """Delete everything stored about this person, in one transaction; leave a tombstone without content.
+
+        Gone: their turns (with the replies, alternatives, ratings, picks, corrections, reviews and
+        pending corrections attached to them), their own ratings, picks and corrections anywhere,
+        their private chat and its sessions, their audit events and their user row. Verdicts they
+        gave as an admin stay, unsigned. Deleted pages are zeroed (secure_delete) and the WAL is
+        checkpointed, so the text does not linger in the file. Returns (rows deleted per table, the
+        chats they spoke in — whose cached model state the caller should drop).
+        """
+        mine = "SELECT id FROM turns WHERE user_id = ?"
+        counts: dict[str, int] = {}
+        with self.database.lock:
+            self.database.conn.execute("PRAGMA secure_delete = ON")
+            try:
+                with self.database.transaction() as conn:
+                    def delete(table: str, where: str, params: tuple) -> None:
+                        n = conn.execute(f"DELETE FROM {table} WHERE {where}", params).rowcount
+                        counts[table] = counts.get(table, 0) + n
+
+                    chats = [r[0] for r in conn.execute("SELECT DISTINCT chat_id FROM turns WHERE user_id = ?",
+                                                        (user_id,))]
+                    private = conn.execute("SELECT 1 FROM chats WHERE id = ? AND type = 'private'",
+                                           (user_id,)).fetchone() is not None
+                    delete("reviews", f"turn_id IN ({mine})", (user_id,))
+                    conn.execute("UPDATE reviews SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
+                    delete("awaiting_review_edits", f"turn_id IN ({mine}) OR reviewer_id = ?", (user_id, user_id))
+                    delete("awaiting_corrections", f"turn_id IN ({mine}) OR user_id = ?", (user_id, user_id))
+                    for table in ("corrections", "preferences", "ratings"):
+                        delete(table, f"turn_id IN ({mine}) OR user_id = ?", (user_id, user_id))
+                    delete("alternatives", f"turn_id IN ({mine})", (user_id,))
+                    delete("turns", "user_id = ?", (user_id,))
+                    # their private chat (its id is theirs) goes; groups keep their other members' turns
+                    delete("sessions", "? AND chat_id = ? AND NOT EXISTS (SELECT 1 FROM turns t WHERE "
+                                       "t.session_id = sessions.id)", (private, user_id))
+                    delete("chats", "? AND id = ? AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.chat_id = chats.id)",
+                           (private, user_id))
+                    delete("events", "user_id = ? OR (? AND chat_id = ?)", (user_id, private, user_id))
+                    delete("users", "id = ?", (user_id,))
+                    if any(counts.values()):  # a tombstone says that it happened, and nothing about whom
+                        ts = now()
+                        conn.execute("INSERT INTO tombstones (forgotten_at, counts) VALUES (?, ?)",
+                                     (ts, json.dumps(counts)))
+                        conn.execute("INSERT INTO events (at, kind, detail) VALUES (?, 'forgotten', ?)",
+                                     (ts, json.dumps(counts)))
+                self.database.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self.database.conn.execute("PRAGMA secure_delete = OFF")
+        return counts, chats
+
+    def tombstones(self) -> list[dict]:
+        rows = self.database.query("SELECT * FROM tombstones ORDER BY id")
+        return [{**r, "counts": json.loads(r["counts"])} for r in rows]
+
     # --- generations and audit ----------------------------------------------------------
     def upsert_generation(self, *, gen_id: str, parent_id: str | None, gguf_path: str, gguf_sha256: str,
                           status: str, meta: dict | None = None) -> None:
@@ -288,6 +476,46 @@ class Store:
     def last_event(self, kinds: tuple[str, ...]) -> dict | None:
         marks = ",".join("?" * len(kinds))
         return self.database.one(f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT 1", kinds)
+
+    # --- chat-history imports -------------------------------------------------------------
+    def add_import(self, *, kind: str, file: str, file_sha256: str, owner: str, summary: dict,
+                   examples: list[dict]) -> dict:
+        """Record one import and its windows in a single transaction: all of it lands, or none of it.
+
+        `examples` are {"messages", "split", "ended_at", "sha256"}; a window already stored (same
+        sha256, e.g. the same export imported again) is skipped and counted. Returns `summary`
+        completed with import_id, new_examples and already_present.
+        """
+        ts = now()
+        with self.database.transaction() as conn:
+            import_id = conn.execute(
+                "INSERT INTO imports (kind, file, file_sha256, owner, created_at, summary) VALUES (?, ?, ?, ?, ?, '{}')",
+                (kind, file, file_sha256, owner, ts)).lastrowid
+            new = 0
+            for ex in examples:
+                new += conn.execute(
+                    "INSERT INTO imported_examples (import_id, messages, split, ended_at, created_at, sha256) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
+                    (import_id, json.dumps(ex["messages"], ensure_ascii=False), ex["split"], ex.get("ended_at"),
+                     ts, ex["sha256"])).rowcount
+            summary = {**summary, "import_id": import_id, "new_examples": new,
+                       "already_present": len(examples) - new}
+            conn.execute("UPDATE imports SET summary = ? WHERE id = ?",
+                         (json.dumps(summary, ensure_ascii=False), import_id))
+            self.log_event("import", detail={"import_id": import_id, "kind": kind, "new_examples": new})
+        return summary
+
+    def imported_examples(self, *, since: str | None, until: str | None) -> list[dict]:
+        """Imported windows stored in (since, until], oldest first: {messages, split, created_at, ended_at}."""
+        rows = self.database.query(
+            "SELECT messages, split, created_at, ended_at FROM imported_examples "
+            "WHERE (? IS NULL OR created_at > ?) AND (? IS NULL OR created_at <= ?) ORDER BY created_at, id",
+            (since, since, until, until))
+        return [{**r, "messages": json.loads(r["messages"])} for r in rows]
+
+    def imports(self) -> list[dict]:
+        rows = self.database.query("SELECT * FROM imports ORDER BY id")
+        return [{**r, "summary": json.loads(r["summary"])} for r in rows]
 
     # --- figures ------------------------------------------------------------------------
     def stats(self) -> dict:

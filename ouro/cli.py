@@ -96,6 +96,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from ouro.review import run_terminal_review
+    from ouro.runtime import open_store
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        run_terminal_review(settings, store)
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from config.settings import describe
 
@@ -238,6 +251,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from memory.importers.pipeline import format_summary, import_chat
+    from ouro.runtime import open_store
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        summary = import_chat(store, args.kind, args.path, me=args.me)
+    finally:
+        store.close()
+    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ouro.demo import run_demo
     from ouro.logs import setup_logging
@@ -246,6 +273,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(data_dir=args.keep, prompts=args.prompts)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ouro.exports import report_lines, run_export
+    from ouro.runtime import open_store
+
+    settings = _settings(args)
+    store = None if args.format == "ollama" or args.gen else open_store(settings)
+    try:
+        report = run_export(settings, store, args.format, gen=args.gen, since=args.since, out=args.out)
+    finally:
+        if store is not None:
+            store.close()
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(report_lines(report)))
     return 0
 
 
@@ -285,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_settings)
 
+    p = sub.add_parser("review", help="review answered turns one by one: approve, reject, edit, skip (as /review)",
+                       description="The admins' review queue in the terminal: each answered turn with its context; "
+                                   "a approves it (trained on like a 👍), r rejects it (never trained on), e stores "
+                                   "the reply it should have given, s skips, q quits. 👍'd turns come first.")
+    p.set_defaults(func=cmd_review)
+
     p = sub.add_parser("cycle", help="train, evaluate and maybe promote the next generation",
                        description="One learning generation: export what was reviewed since the active generation, "
                                    "fine-tune (LoRA, +DPO on preference pairs), convert to GGUF, evaluate against the "
@@ -316,13 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as who did it")
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser("import", help="seed the persona from a person's chat history (Telegram or WhatsApp export)",
+                       description="Read a chat export; the --me person's messages become the persona's replies. "
+                                   "Media, system and forwarded messages are left out; one speaker's messages "
+                                   "under 3 minutes apart are merged; a 30-minute gap starts a new conversation; "
+                                   "windows of 6-12 messages ending on --me's message are redacted and stored "
+                                   "(90% train, newest 10% held out) for the next `ouro cycle`. Importing the "
+                                   "same export again adds nothing.")
+    p.add_argument("kind", choices=["telegram", "whatsapp"],
+                   help="telegram: Telegram Desktop's result.json (one chat or the whole account); "
+                        "whatsapp: the chat .txt (or .zip) from Export chat, Android or iOS")
+    p.add_argument("path", type=Path, help="the export file")
+    p.add_argument("--me", required=True, metavar="NAME",
+                   help="your name as it appears in the export (whose messages the persona learns to write)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_import)
+
     p = sub.add_parser("demo", help="the whole loop on this machine: emulator, bot, users, /train, swap, rollback",
                        description="A local Telegram emulator, the real bot on the packaged model, simulated people "
                                    "who chat and rate, an admin who runs /train, a hot-swap to the new generation, "
                                    "then /rollback — narrated. Nothing to configure; about 10 minutes on 2 cores. "
                                    "The data folder is kept (default: <data-dir>/demo/<time>).")
     p.add_argument("--keep", type=Path, help="use this data folder")
-    p.add_argument("--prompts", type=int, default=12, help="messages the simulated people send before /train")
+    p.add_argument("--prompts", type=int, default=24, help="messages the simulated people send before /train")
     p.add_argument("--json", action="store_true", help="also print one JSON document at the end")
     p.set_defaults(func=cmd_demo)
 
@@ -334,6 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("export", help="training data for other tools (OpenAI, TRL SFT/DPO) or an Ollama Modelfile",
+                       description="openai: OpenAI chat fine-tuning JSONL plus a token report (tiktoken o200k_base, "
+                                   "offline) and a cost estimate (OURO_OPENAI_PRICE_PER_MTOK). sft / dpo: JSONL in "
+                                   "TRL's conversational formats, loadable with datasets.load_dataset('json'). "
+                                   "Data: everything reviewed (redacted, opt-outs left out), or with GEN the new data "
+                                   "that generation learned from (not its replay sample). ollama: a Modelfile for GEN "
+                                   "(FROM its GGUF, its chat template translated, the persona as SYSTEM) for "
+                                   "`ollama create`.")
+    p.add_argument("gen", nargs="?", help="generation id, e.g. gen-0003 (required for ollama; for data: the new "
+                                          "data it learned from)")
+    p.add_argument("--format", required=True, choices=["openai", "sft", "dpo", "ollama"], help="what to write")
+    p.add_argument("--out", type=Path, help="file to write (default: <data-dir>/exports/…)")
+    p.add_argument("--since", metavar="GEN", help="only what was reviewed after GEN took its training data")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "

@@ -156,7 +156,7 @@ async def _run(data_dir: Path, prompts: int) -> dict:
     return result
 
 
-def run_demo(*, data_dir: Path | None = None, prompts: int = 12) -> dict:
+def run_demo(*, data_dir: Path | None = None, prompts: int = 24) -> dict:
     from config.settings import load_settings
 
     if data_dir is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from config.probes import load_probes
 from config.settings import Settings
 from evals.gate import Thresholds, decide, stop_rule
-from memory.export import reviewed_since
+from memory.export import reviewed_since, still_trainable
 from memory.migrations import now
 from memory.store import Store
 from ouro.errors import OuroError
@@ -194,7 +194,9 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
         chain = ancestors(lineage, parent)
         split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
-                           seed=settings.train_seed)
+                           seed=settings.train_seed,
+                           allowed=lambda pool: still_trainable(store, pool,
+                                                                opt_out_by_default=settings.training_opt_out_default))
         write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
         write_jsonl(staging / "data" / "heldout.jsonl", [{"messages": m} for m in split.heldout])
         write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from memory.db import ensure_private_dir
 from ouro.errors import OuroError
 
 GEN_ZERO = "gen-0000"
@@ -131,7 +132,7 @@ class Lineage:
         atomic_write_text(self.pointer, gen_id + "\n")
 
     def append_ledger(self, row: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.dir)
         new = not self.ledger_path.exists()
         with open(self.ledger_path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
@@ -158,7 +159,7 @@ class Lineage:
             from trainer.gguf_check import check_gguf  # local: keeps start-up import light
 
             check_gguf(source)
-            self.dir.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self.dir)
             staging = self.dir / f".{GEN_ZERO}.tmp-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,14 @@ class Split:
 
 
 def holdout(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]]]:
-    """Newest `fraction` of all items (examples and pairs, by time) held out; at least one when ≥ 2 items."""
-    items = [(e.created_at, 0, i, e) for i, e in enumerate(delta.examples)]
+    """Newest `fraction` of all items (examples and pairs, by time) held out; at least one when ≥ 2 items.
+
+    Imported examples carry their own chronological split (`Example.split`, 90/10 within the chat
+    history, see memory/importers) and go where it says, outside this count. Their held-out windows
+    come first: that history is older than any live turn, and the eval takes the newest items.
+    """
+    presplit = [e for e in delta.examples if e.split]
+    items = [(e.created_at, 0, i, e) for i, e in enumerate(delta.examples) if not e.split]
     items += [(p.created_at, 1, i, p) for i, p in enumerate(delta.pairs)]
     items.sort(key=lambda t: (t[0], t[1], t[2]))
     n_held = int(round(len(items) * fraction))
@@ -34,9 +41,11 @@ def holdout(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], l
         n_held = max(1, n_held)
     n_held = min(n_held, len(items) - 1) if items else 0
     kept, held = items[: len(items) - n_held], items[len(items) - n_held:]
-    heldout = [(x.messages if isinstance(x, Example) else x.prompt + [{"role": "assistant", "content": x.chosen}])
-               for *_, x in held]
-    return ([x for *_, x in kept if isinstance(x, Example)], [x for *_, x in kept if isinstance(x, Pair)], heldout)
+    heldout = [e.messages for e in presplit if e.split == "heldout"]
+    heldout += [(x.messages if isinstance(x, Example) else x.prompt + [{"role": "assistant", "content": x.chosen}])
+                for *_, x in held]
+    return ([x for *_, x in kept if isinstance(x, Example)] + [e for e in presplit if e.split == "train"],
+            [x for *_, x in kept if isinstance(x, Pair)], heldout)
 
 
 def ancestors(lineage: Lineage, parent: Generation) -> list[Generation]:
@@ -69,9 +78,14 @@ def ancestor_heldout(chain: list[Generation]) -> list[list[dict]]:
     return out
 
 
-def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay_size: int, seed: int) -> Split:
+def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay_size: int, seed: int,
+               allowed: Callable[[list[Example]], list[Example]] | None = None) -> Split:
+    """`allowed` re-checks the ancestors' examples before any is replayed (memory.export.still_trainable:
+    nobody who used /forget or /optout since, no turn an admin rejected)."""
     train, pairs, heldout = holdout(delta, fraction)
     pool = ancestor_examples(chain)
+    if allowed is not None:
+        pool = allowed(pool)
     rng = random.Random(seed)
     replay = rng.sample(pool, min(replay_size, len(pool))) if pool else []
     return Split(train=train, pairs=pairs, heldout=heldout, replay=replay)

@@ -1,0 +1,196 @@
+"""Parsed chat history → redacted training windows in the store: the cold start of design.md.
+
+The steps, each for a reason:
+1. Speakers → roles. The owner (`--me`) is the persona, so their messages are the assistant's;
+   everyone else's are the user's.
+2. Consecutive messages of one speaker less than 3 minutes apart are merged: people type one
+   thought as several bubbles, and the model answers in one message.
+3. A gap of 30 minutes or more starts a new conversation; no window reaches across it.
+4. Rolling windows of 6–12 messages, stride 3, each ending on the owner's message: the shape
+   of a served context (history, then the reply the loss is taken on, see trainer/dataset.py).
+5. A 90/10 chronological split: the newest tenth of the windows is held out for the
+   generalization eval. A training window that shares a message with a held-out one is
+   dropped, or the eval would grade text the model trained on.
+6. Personal data is redacted (memory.redact) before anything is stored; emoji stay as typed.
+The windows are stored without the persona's system message: export adds the current one.
+
+Tokens are an estimate (words, plus each other non-space symbol such as punctuation or an
+emoji: the regex \\w+|[^\\w\\s]); the served model's tokenizer gives different counts, and the
+cycle reports its exact ones when it trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from memory.importers import telegram, whatsapp
+from memory.importers.chat import Message, Parsed
+from memory.redact import redact
+from memory.store import Store
+from ouro.errors import OuroError
+
+MERGE_WITHIN = timedelta(minutes=3)
+NEW_CONVERSATION_AFTER = timedelta(minutes=30)
+WINDOW_MIN, WINDOW_MAX, STRIDE = 6, 12, 3
+HELDOUT_FRACTION = 0.1
+TOKEN_METHOD = r"estimate: words plus other non-space symbols (regex \w+|[^\w\s]), not the model's tokenizer"
+PARSERS = {"telegram": telegram.parse, "whatsapp": whatsapp.parse}
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass
+class Turn:
+    """One message after merging: a speaker's run of bubbles."""
+
+    speaker: str
+    role: str
+    text: str
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True)
+class Window:
+    turns: tuple[Turn, ...]
+    ids: frozenset[tuple[int, int]]      # (conversation, position) of each turn: to find overlaps
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": t.role, "content": t.text} for t in self.turns]
+
+
+def import_chat(store: Store, kind: str, path: Path | str, *, me: str) -> dict:
+    """Parse, build the windows, store them in one transaction; return the summary."""
+    path = Path(path)
+    if kind not in PARSERS:
+        raise OuroError(f"unknown import kind {kind!r}", hint="one of: " + ", ".join(PARSERS))
+    try:
+        parsed = PARSERS[kind](path)
+        file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
+    summary, examples = build(parsed, me, path)
+    return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=me,
+                            summary={"kind": kind, "file": str(path), **summary}, examples=examples)
+
+
+def build(parsed: Parsed, me: str, path: Path) -> tuple[dict, list[dict]]:
+    """(summary, examples for Store.add_import) — everything but the writing."""
+    owner = owner_key(parsed, me, path)
+    conversations = merge_and_split(parsed.messages, owner)
+    for conversation in conversations:
+        for turn in conversation:
+            turn.text = redact(turn.text)
+    windows = [w for n, conversation in enumerate(conversations) for w in rolling_windows(conversation, n)]
+    train, heldout, overlapping = split(windows)
+    examples = [{"messages": w.messages, "split": name, "ended_at": w.turns[-1].end.isoformat(),
+                 "sha256": hashlib.sha256(json.dumps(w.messages, ensure_ascii=False, sort_keys=True)
+                                          .encode()).hexdigest()}
+                for name, part in (("train", train), ("heldout", heldout)) for w in part]
+    with_window = {n for w in windows for n, _ in w.ids}
+    summary = {
+        "owner": me, "messages_read": parsed.read, "messages_kept": len(parsed.messages),
+        "dropped": dict(sorted(parsed.dropped.items())),
+        "merged_messages": sum(len(c) for c in conversations), "conversations": len(conversations),
+        "conversations_without_window": len(conversations) - len(with_window),
+        "windows": len(train) + len(heldout), "windows_train": len(train), "windows_heldout": len(heldout),
+        "windows_dropped_overlap": overlapping,
+        "tokens_estimate": {"messages": sum(tokens(t.text) for c in conversations for t in c),
+                            "windows": sum(tokens(m["content"]) for e in examples for m in e["messages"])},
+        "token_method": TOKEN_METHOD,
+    }
+    return summary, examples
+
+
+def tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def owner_key(parsed: Parsed, me: str, path: Path) -> str:
+    """The owner's name as compared (case and outer spaces ignored); an error lists who was seen."""
+    seen = Counter(m.speaker for m in parsed.messages)
+    if not seen:
+        raise OuroError(f"{path}: no text messages to import ({parsed.read} read, all left out: "
+                        f"{dict(parsed.dropped) or 'none'})")
+    key = me.strip().casefold()
+    if not any(name.strip().casefold() == key for name in seen):
+        listing = ", ".join(f"{name} ({n})" for name, n in seen.most_common(20))
+        raise OuroError(f"{path}: nobody named {me!r} wrote in this chat",
+                        hint=f"--me must be one of the speakers seen (messages): {listing}")
+    return key
+
+
+def merge_and_split(messages: list[Message], owner: str) -> list[list[Turn]]:
+    """Roles, merged runs (< 3 min apart) and conversations (split at gaps ≥ 30 min), per chat."""
+    by_chat: dict[str, list[Message]] = {}
+    for m in messages:
+        by_chat.setdefault(m.chat, []).append(m)
+    conversations: list[list[Turn]] = []
+    for chat in by_chat.values():
+        current: list[Turn] = []
+        for m in chat:
+            last = current[-1] if current else None
+            if last and m.at - last.end >= NEW_CONVERSATION_AFTER:
+                conversations.append(current)
+                current, last = [], None
+            if last and last.speaker == m.speaker and m.at - last.end <= MERGE_WITHIN:
+                last.text += "\n" + m.text
+                last.end = max(last.end, m.at)
+            else:
+                role = "assistant" if m.speaker.strip().casefold() == owner else "user"
+                current.append(Turn(m.speaker, role, m.text, m.at, m.at))
+        if current:
+            conversations.append(current)
+    return conversations
+
+
+def rolling_windows(conversation: list[Turn], number: int) -> list[Window]:
+    """Every STRIDE-th start, up to WINDOW_MAX turns, cut back to end on the owner; kept at ≥ WINDOW_MIN
+    turns with someone else in it."""
+    out = []
+    for start in range(0, max(len(conversation) - WINDOW_MIN + 1, 0), STRIDE):
+        end = min(start + WINDOW_MAX, len(conversation))
+        while end > start and conversation[end - 1].role != "assistant":
+            end -= 1
+        turns = tuple(conversation[start:end])
+        if len(turns) >= WINDOW_MIN and any(t.role == "user" for t in turns):
+            out.append(Window(turns, frozenset((number, i) for i in range(start, end))))
+    return out
+
+
+def split(windows: list[Window]) -> tuple[list[Window], list[Window], int]:
+    """(train, held out, training windows dropped for sharing a message with a held-out one)."""
+    ordered = sorted(windows, key=lambda w: w.turns[-1].end)
+    n_held = max(1, round(len(ordered) * HELDOUT_FRACTION)) if len(ordered) >= 2 else 0
+    cut = len(ordered) - n_held
+    heldout = ordered[cut:]
+    held_ids = frozenset().union(*(w.ids for w in heldout))
+    train = [w for w in ordered[:cut] if not w.ids & held_ids]
+    return train, heldout, cut - len(train)
+
+
+def format_summary(s: dict) -> str:
+    """The summary for a person; `ouro import --json` prints the dict itself."""
+    dropped = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items()) or "none"
+    lines = [
+        f"imported {s['kind']} export {s['file']} as {s['owner']!r} (import #{s['import_id']})",
+        f"  messages   {s['messages_read']} read, {s['messages_kept']} kept; left out: {dropped}",
+        f"  merged     {s['merged_messages']} messages in {s['conversations']} conversations "
+        f"({s['conversations_without_window']} too short for a window)",
+        f"  windows    {s['windows']}: {s['windows_train']} train, {s['windows_heldout']} held out "
+        f"({s['windows_dropped_overlap']} training windows dropped: they overlap held-out ones)",
+        f"  stored     {s['new_examples']} new, {s['already_present']} already there",
+        f"  tokens     ~{s['tokens_estimate']['messages']} in the messages, ~{s['tokens_estimate']['windows']} "
+        "in the windows (estimated: words and symbols, not the model's tokenizer)",
+    ]
+    if s["new_examples"]:
+        lines.append("next: `ouro cycle` trains the next generation on them")
+    elif not s["windows"]:
+        lines.append(f"note: no window of {WINDOW_MIN}+ messages ending on {s['owner']}'s message; nothing to train on")
+    return "\n".join(lines)

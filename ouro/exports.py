@@ -1,0 +1,109 @@
+"""`ouro export`: where the data comes from, where the file goes, what to tell the person.
+
+Data for `openai`, `sft` and `dpo`:
+- no GEN: everything reviewed so far (or since `--since GEN` took its training data), through
+  `memory.export.reviewed_since`, so redaction and opt-outs apply. Not cut to `data_budget`,
+  which limits one generation's training, not what a person may take away.
+- GEN: the new data that generation learned from, as its cycle kept it: `data/train.jsonl`
+  (its delta less the held-out share; the replay sample from ancestors is not stored, so it is
+  not included) and `data/pairs.jsonl`.
+`ollama` writes a Modelfile for GEN (`trainer.ollama`).
+
+Files land in `<data dir>/exports/` (created owner-only) unless `--out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from config.settings import Settings
+from memory.dataset_export import DATASET_FORMATS, write_dataset
+from memory.db import ensure_private_dir
+from memory.export import Delta, Example, Pair, reviewed_since
+from memory.store import Store
+from ouro.errors import OuroError
+from trainer.lineage import Generation, Lineage
+
+FORMATS = (*DATASET_FORMATS, "ollama")
+
+
+def exports_dir(settings: Settings) -> Path:
+    path = settings.data_dir / "exports"
+    ensure_private_dir(path)
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def generation_delta(gen: Generation) -> Delta:
+    """The new examples and pairs `gen` learned from, from the files its cycle kept."""
+    data = gen.folder / "data"
+    if not (data / "train.jsonl").exists():
+        raise OuroError(f"{gen.id} keeps no training data (the base model was not trained here)",
+                        hint="export without a generation for everything reviewed so far")
+    return Delta(examples=[Example(**row) for row in _read_jsonl(data / "train.jsonl")],
+                 pairs=[Pair(**row) for row in _read_jsonl(data / "pairs.jsonl")])
+
+
+def run_export(settings: Settings, store: Store | None, fmt: str, *, gen: str | None = None,
+               since: str | None = None, out: Path | None = None) -> dict:
+    """Write one export and return its report (what `--json` prints)."""
+    if fmt not in FORMATS:
+        raise OuroError(f"unknown export format {fmt!r}", hint=f"one of {', '.join(FORMATS)}")
+    lineage = Lineage(settings.models_dir)
+    if fmt == "ollama":
+        if not gen:
+            raise OuroError("an Ollama export is for one generation", hint="ouro export --format ollama gen-0003")
+        if since:
+            raise OuroError("--since selects training data; it does not apply to --format ollama")
+        from trainer.ollama import write_modelfile
+
+        generation = lineage.generation(gen)
+        return write_modelfile(settings, generation, out or exports_dir(settings) / f"{gen}.Modelfile")
+
+    if gen and since:
+        raise OuroError("give a generation or --since, not both",
+                        hint="GEN exports the new data it learned from; --since GEN what was reviewed after it")
+    if gen:
+        delta, label = generation_delta(lineage.generation(gen)), gen
+        source = {"generation": gen}
+    else:
+        if store is None:
+            raise OuroError("exporting reviewed turns needs the database")
+        cutoff = lineage.generation(since).meta.get("data_cutoff") if since else None
+        delta = reviewed_since(store, persona=settings.persona(), since=cutoff, until=None, budget=10**9,
+                               opt_out_by_default=settings.training_opt_out_default)
+        label = f"reviewed-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+        source = {"reviewed_since": since, "cutoff": cutoff}
+    report = write_dataset(delta, fmt, out or exports_dir(settings) / f"{label}.{fmt}.jsonl",
+                           price_per_mtok=settings.openai_price_per_mtok,
+                           max_tokens_per_example=settings.openai_max_tokens_per_example)
+    return {**report, "source": source}
+
+
+def report_lines(report: dict) -> list[str]:
+    """The report for a person."""
+    if report["format"] == "ollama":
+        return [f"wrote {report['path']}",
+                f"  FROM {report['gguf']}",
+                f"  TEMPLATE {report['template_family']}; stop {' '.join(report['stop'])}",
+                f"next: {report['create']}"]
+    what = "preference pairs" if report["format"] == "dpo" else "examples"
+    lines = [f"wrote {report['rows']} {what} to {report['path']}"]
+    if report["format"] == "openai":
+        lines += [
+            f"  tokens ({report['encoding']}): {report['tokens_total']:,} in total; per example min "
+            f"{report['tokens_min']:,}, mean {report['tokens_mean']:,}, max {report['tokens_max']:,}",
+            f"  over the {report['max_tokens_per_example']:,}-token limit: {report['over_limit']}",
+            f"  estimated training cost: ${report['estimated_cost_usd']:.2f} "
+            f"({report['billed_tokens_per_epoch']:,} tokens × {report['epochs']} epochs × "
+            f"${report['price_per_mtok_usd']:.2f} per million)",
+        ]
+        lines += [f"  warning: {w}" for w in report["warnings"]]
+    return lines
