@@ -56,7 +56,7 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.bot_data["handlers"] = h
     loop = None
     if learning is True:
-        loop = LearningLoop(settings, store, conversation.worker)
+        loop = LearningLoop(settings, store, conversation.worker, warmup=conversation.warmup_plan)
     elif isinstance(learning, LearningLoop):
         loop = learning
     if loop is not None:

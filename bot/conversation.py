@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bot.context import ContextTooLong, build_context
+from bot.context import ContextTooLong, build_context, to_messages
 from bot.engine import Completion, Engine, Sampling
 from bot.worker import Busy, InferenceWorker, loop_callback
 from config.settings import Settings
@@ -136,6 +136,20 @@ class Conversation:
         completion, generation_id = await self.worker.run(job)
         alt_id = self.store.add_alternative(turn_id, completion.text, generation_id)
         return alt_id, completion.text
+
+    def warmup_plan(self, limit: int) -> list[tuple[int, list[dict]]]:
+        """The conversations so far of the `limit` most recently active chats, oldest first —
+        what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`). Read here, on
+        the event loop's thread, so the loading thread never touches the store."""
+        plan = []
+        for chat_id, session in self.store.recent_chats(limit):
+            history = self.store.history(session)
+            anchor = self.store.context_start(session)
+            if anchor is not None:
+                history = [ex for ex in history if ex.turn_id >= anchor]
+            if history:
+                plan.append((chat_id, to_messages(self.persona, history, "")[:-1]))
+        return plan[::-1]
 
     def reset(self, who: Speaker) -> None:
         self.store.reset_session(who.chat_id, chat_type=who.chat_type, user_id=who.user_id,

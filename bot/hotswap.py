@@ -7,15 +7,24 @@ worker — under the inference lock, so a reply being generated finishes on the 
 the next one starts on the new. The old model is closed afterwards, which also drops every
 cached chat KV state (they belong to the old weights). One swap at a time.
 
+Warm-up: dropping the KV states would make every active chat re-read its whole history on the
+new model's first reply — seconds of silence right after the swap. So before swapping, the
+new model reads the conversations of the most recently active chats (`kv_cache_chats`) into
+its own per-chat states on the loading thread, while the old one keeps answering.
+
 Memory stays flat because nothing else holds the old engine: the worker gave up its only
 reference, and `close()` frees llama.cpp's buffers at once instead of waiting for the GC.
+Those buffers were allocated on helper threads, whose glibc malloc arenas keep freed pages
+mapped; `malloc_trim(0)` hands them back (measured: +100 MB over 20 swaps without it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +61,7 @@ class HotSwapper:
         engine = self.worker.engine
         return engine.generation_id, getattr(engine, "model_sha256", "")
 
-    def _prepare(self, gen: Generation) -> tuple[Engine, float, float]:
+    def _prepare(self, gen: Generation, warm: list[tuple[int, list[dict]]]) -> tuple[Engine, float, float]:
         t0 = time.perf_counter()
         if sha256_file(gen.gguf) != gen.sha256:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
@@ -60,6 +69,9 @@ class HotSwapper:
         t1 = time.perf_counter()
         try:
             self.smoke_test(engine)
+            prefill = getattr(engine, "prefill", None)
+            for chat_key, messages in warm if prefill else ():
+                prefill(messages, chat_key=chat_key)
         except BaseException:
             engine.close()
             raise
@@ -77,13 +89,14 @@ class HotSwapper:
             raise RuntimeError(f"the smoke test got an empty reply ({out.completion_tokens} tokens, "
                                f"finish: {out.finish_reason})")
 
-    async def swap_to(self, gen: Generation) -> SwapResult:
+    async def swap_to(self, gen: Generation, warm: list[tuple[int, list[dict]]] | None = None) -> SwapResult:
+        """`warm`: (chat, conversation so far) to read into the new model before it serves."""
         async with self._lock:
             previous, sha = self.serving()
             if previous == gen.id and sha == gen.sha256:
                 return SwapResult(True, gen.id, previous, "already serving")
             try:
-                engine, load_s, smoke_s = await asyncio.to_thread(self._prepare, gen)
+                engine, load_s, smoke_s = await asyncio.to_thread(self._prepare, gen, warm or [])
             except Exception as exc:  # the old generation keeps serving
                 log.warning("hot-swap to %s failed", gen.id, exc_info=True)
                 return SwapResult(False, gen.id, previous, f"{type(exc).__name__}: {exc}")
@@ -93,6 +106,17 @@ class HotSwapper:
             await asyncio.to_thread(old.close)
             del old
             gc.collect()
+            _trim_heap()
             self.swaps += 1
             log.info("now serving %s (was %s): load %.2fs, smoke %.2fs", gen.id, previous, load_s, smoke_s)
             return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4))
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc only; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -154,6 +154,26 @@ class LlamaEngine:
                           ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
                           cached_tokens=cached)
 
+    def prefill(self, messages: list[Message], *, chat_key: int | str) -> int:
+        """Read a chat's conversation so far into its KV state without generating; returns tokens read.
+
+        Used to warm a freshly loaded generation before the hot-swap, so the chats active right
+        now do not each re-read their whole history on the new model's first reply. The text is
+        rendered without a generation prompt: the next turn's prompt extends it token for token
+        (the template closes every message with a special token, so no merge crosses the seam).
+        """
+        text = self.render(messages, add_generation_prompt=False)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+        if not tokens or len(tokens) >= self.n_ctx:
+            return 0
+        self.states.activate(chat_key)
+        keep = self.states.common_prefix(tokens)
+        if keep == len(tokens):
+            return 0
+        self.llm.n_tokens = keep            # eval() drops the KV cells past this point itself
+        self.llm.eval(tokens[keep:])
+        return len(tokens) - keep
+
     def forget(self, chat_key: int | str) -> None:
         self.states.forget(chat_key)
 

@@ -48,7 +48,8 @@ async def _quiet(text: str) -> None:
 
 class LearningLoop:
     def __init__(self, settings: Settings, store: Store, worker: InferenceWorker, *, notify: Notify | None = None,
-                 load=None, tick_s: float = 2.0) -> None:
+                 load=None, tick_s: float = 2.0,
+                 warmup: Callable[[int], list[tuple[int, list[dict]]]] | None = None) -> None:
         from ouro.runtime import load_engine
 
         self.settings = settings
@@ -60,6 +61,7 @@ class LearningLoop:
         self.swapper = HotSwapper(worker, load or partial(load_engine, settings), persona=settings.persona(),
                                   smoke_tokens=settings.swap_smoke_tokens)
         self.tick_s = tick_s
+        self.warmup = warmup      # Conversation.warmup_plan: the chats a new model reads before serving
         self.last_outcome: CycleOutcome | None = None
         self._cycle_task: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
@@ -140,7 +142,8 @@ class LearningLoop:
         serving_id, serving_sha = self.swapper.serving()
         if (gen.id, gen.sha256) == (serving_id, serving_sha) or (gen.id, gen.sha256) == self._failed:
             return None
-        result = await self.swapper.swap_to(gen)
+        warm = self.warmup(self.settings.kv_cache_chats) if self.warmup and self.settings.kv_cache_chats else None
+        result = await self.swapper.swap_to(gen, warm)
         if result.ok and result.reason == "already serving":   # the ticker and a command raced; one swapped
             return result
         if result.ok:

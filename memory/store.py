@@ -166,6 +166,19 @@ class Store:
             (session_id, before_turn_id, before_turn_id))
         return [Exchange(r["id"], r["user_text"], r["reply"]) for r in rows]
 
+    def recent_chats(self, limit: int) -> list[tuple[int, int]]:
+        """(chat, its current session) for the chats answered most recently, newest first."""
+        rows = self.database.query(
+            "SELECT t.chat_id, MAX(t.id) AS last FROM turns t JOIN sessions s ON s.id = t.session_id "
+            "WHERE t.status = 'answered' AND s.ended_at IS NULL GROUP BY t.chat_id ORDER BY last DESC LIMIT ?",
+            (limit,))
+        out = []
+        for r in rows:
+            session = self.current_session(r["chat_id"])
+            if session is not None:
+                out.append((r["chat_id"], session))
+        return out
+
     def context_start(self, session_id: int) -> int | None:
         """Where the last served context of this session began (the rolling window's anchor)."""
         return self.database.scalar(

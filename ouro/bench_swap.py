@@ -163,7 +163,7 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
         _second_generation(rt.lineage)
 
         async def main() -> dict:
-            loop = LearningLoop(settings, rt.store, rt.worker)
+            loop = LearningLoop(settings, rt.store, rt.worker, warmup=rt.conversation.warmup_plan)
             await loop.start(schedule=False)
             try:
                 result = await _pause_and_memory(rt, loop, quiet=json_output)

@@ -146,3 +146,27 @@ async def test_the_packaged_model_answers_through_telegram(runtime):
     assert reply.button_texts == ["👍", "👎", "🔁", "✏️"]
     turn = runtime.store.turn(runtime.store.latest_answered_turn(31337))
     assert turn.reply_text == reply.text and turn.generation_id == "gen-0000"
+
+
+async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_same_words(runtime):
+    """Hot-swap warm-up: the conversations read ahead make the first reply cheap, not different."""
+    who = Speaker(chat_id=4711, user_id=4711)
+    conv = runtime.conversation
+    for text in ("hi! I'm Ann and I love sailing.", "what's a good first boat?", "and where should I sail first?"):
+        await conv.handle_text(who, text)
+    plan = conv.warmup_plan(4)
+    assert plan and plan[-1][0] == 4711 and plan[-1][1][0]["role"] == "system"
+    assert [m["role"] for m in plan[-1][1][1:]] == ["user", "assistant"] * 3
+    nxt = plan[-1][1] + [{"role": "user", "content": "thanks! bye"}]
+    gen = runtime.lineage.active()
+    warm, cold = load_engine(runtime.settings, gen), load_engine(runtime.settings, gen)
+    try:
+        read = warm.prefill(plan[-1][1], chat_key=4711)
+        assert read > 50 and warm.prefill(plan[-1][1], chat_key=4711) == 0     # already read: nothing to do
+        a = warm.generate(nxt, chat_key=4711, sampling=GREEDY)
+        b = cold.generate(nxt, chat_key=4711, sampling=GREEDY)
+        assert a.cached_tokens >= read and b.cached_tokens == 0
+        assert a.text == b.text and a.text
+    finally:
+        warm.close()
+        cold.close()
