@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bot.context import ContextTooLong, build_context, to_messages
 from bot.engine import Completion, Engine, Sampling
-from bot.worker import Busy, InferenceWorker, loop_callback
+from bot.worker import Abandoned, Busy, InferenceWorker, loop_callback
 from config.settings import Settings
 from memory.store import Store
 
@@ -29,6 +29,7 @@ TOO_LONG = "That message is too long for me to read in one go — could you send
 EMPTY = "I only read text messages — send me a few words and I'll answer."
 BUSY = "I'm answering a lot of people right now — please try again in a minute."
 FAILED = "Something went wrong on my side while answering. Please send that again."
+STOPPING = "Sorry — I'm restarting and had to stop before finishing this answer. Please send it again in a minute."
 
 
 @dataclass
@@ -94,11 +95,15 @@ class Conversation:
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
-            completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling, on_text=on_text)
+            completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
+                                         on_text=self.worker.guard(on_text))
             return ctx, completion, engine.generation_id
 
         try:
             ctx, completion, generation_id = await self.worker.run(job)
+        except Abandoned:   # the bot is stopping (SIGTERM) and this reply ran past the grace period
+            self.store.mark_turn(turn_id, "failed", STOPPING)
+            return Outcome(kind="failed", turn_id=turn_id, text=STOPPING)
         except Busy:
             self.store.mark_turn(turn_id, "busy", BUSY)
             return Outcome(kind="busy", turn_id=turn_id, text=BUSY)
@@ -130,7 +135,8 @@ class Conversation:
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
-            return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling, on_text=on_text), \
+            return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
+                                   on_text=self.worker.guard(on_text)), \
                 engine.generation_id
 
         completion, generation_id = await self.worker.run(job)
@@ -138,7 +144,7 @@ class Conversation:
         return alt_id, completion.text
 
     def warmup_plan(self, limit: int) -> list[tuple[int, list[dict]]]:
-        """The conversations so far of the `limit` most recently active chats, oldest first —
+        """The conversations so far of the `limit` most recently active chats, newest first —
         what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`). Read here, on
         the event loop's thread, so the loading thread never touches the store."""
         plan = []
@@ -149,7 +155,7 @@ class Conversation:
                 history = [ex for ex in history if ex.turn_id >= anchor]
             if history:
                 plan.append((chat_id, to_messages(self.persona, history, "")[:-1]))
-        return plan[::-1]
+        return plan
 
     def reset(self, who: Speaker) -> None:
         self.store.reset_session(who.chat_id, chat_type=who.chat_type, user_id=who.user_id,

@@ -59,7 +59,7 @@ class LearningLoop:
         self.runner = CycleRunner(settings)
         self.scheduler = CycleScheduler(settings, self.run_cycle)
         self.swapper = HotSwapper(worker, load or partial(load_engine, settings), persona=settings.persona(),
-                                  smoke_tokens=settings.swap_smoke_tokens)
+                                  smoke_tokens=settings.swap_smoke_tokens, warm_tokens=settings.swap_warm_tokens)
         self.tick_s = tick_s
         self.warmup = warmup      # Conversation.warmup_plan: the chats a new model reads before serving
         self.last_outcome: CycleOutcome | None = None
@@ -142,7 +142,8 @@ class LearningLoop:
         serving_id, serving_sha = self.swapper.serving()
         if (gen.id, gen.sha256) == (serving_id, serving_sha) or (gen.id, gen.sha256) == self._failed:
             return None
-        warm = self.warmup(self.settings.kv_cache_chats) if self.warmup and self.settings.kv_cache_chats else None
+        warm = (self.warmup(self.settings.kv_cache_chats)
+                if self.warmup and self.settings.kv_cache_chats and self.settings.swap_warm_tokens else None)
         result = await self.swapper.swap_to(gen, warm)
         if result.ok and result.reason == "already serving":   # the ticker and a command raced; one swapped
             return result

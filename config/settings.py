@@ -81,7 +81,20 @@ class Settings(BaseSettings):
         "Longer user messages are stored but refused with a note instead of being sent to the model."))
     max_backlog: int = Field(64, ge=1, le=10_000, description=(
         "Replies waiting for the model at most; beyond it users get 'busy, try again' (also stored)."))
+    chat_queue_max: int = Field(4, ge=0, le=1000, description=(
+        "Messages of one chat waiting behind the one being answered, at most; more get 'busy, try again' "
+        "(stored as busy), so one chat cannot fill the model's backlog."))
+    flood_messages: int = Field(30, ge=0, le=100_000, description=(
+        "Text messages one person may send per flood_window_s (0 = no limit). Past it their messages are "
+        "stored with status 'limited' but not answered, and they get one polite notice per window."))
+    flood_window_s: float = Field(60.0, gt=0.0, le=86_400.0, description="The window of flood_messages, in seconds.")
     log_level: str = Field("INFO", description="Python logging level.")
+    shutdown_grace_s: float = Field(5.0, ge=0.0, le=60.0, description=(
+        "On SIGTERM/SIGINT, seconds that replies being written may take to finish; then they are cut off, "
+        "their authors asked to send again, and the bot exits."))
+    telegram_timeout_s: float = Field(30.0, ge=0.5, le=300.0, description=(
+        "Read/write timeout of one Bot API call (long polling excepted); a call that times out is retried "
+        "with backoff."))
 
     # --- learning: data -----------------------------------------------------------------
     training_opt_out_default: bool = Field(False, description=(
@@ -144,6 +157,9 @@ class Settings(BaseSettings):
     watch_margin: float = Field(0.15, ge=0.0, le=1.0, description=(
         "Live watch: roll back automatically when the new generation's 👎 share exceeds its parent's by more "
         "than this (0-1)."))
+    swap_warm_tokens: int = Field(4096, ge=0, le=1_000_000, description=(
+        "Hot-swap warm-up: tokens of the most recently active chats the new model reads before it serves "
+        "(newest chat first), so their next replies do not start by re-reading the history. 0 = off."))
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
 

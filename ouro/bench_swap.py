@@ -1,11 +1,13 @@
 """`ouro bench swap`: what a hot-swap and a training cycle cost the people chatting, in one run.
 
 1. Pause: four chats take turns talking to the bot's conversation stack without a break
-   while the learning loop hot-swaps between two generations 10 times. The pause is the
+   while the learning loop hot-swaps between two generations 10 times (each swap reads the
+   active chats into the new model first, see bot/hotswap.py). The pause is the
    longest stretch with no reply text flowing (the gap between consecutive streamed pieces,
    across replies) during a swap, ÷ the median reply time without swaps (goal ≤ 1.0: a
    swap costs less than one reply). The same gap measured without swaps is reported too.
-2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models).
+2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models); the last
+   10 swaps run with the chats quiet, so the figure is not the conversations' own growth.
 3. Contention: p95 time to first token of fresh chats while a real learning cycle
    (trainer/cycle_job.py, its own process, niced, one core left to llama.cpp) is in its
    training stage ÷ the same chats idle (goal ≤ 2.0).
@@ -86,6 +88,9 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     rss = []
     proc = psutil.Process()
     for i in range(20):
+        if i == 10:                                             # swaps 11-20 only count memory
+            stop.set()
+            await chat
         target = "gen-0001" if i % 2 == 0 else "gen-0000"
         t0 = time.perf_counter()
         result = await loop.promote(target, actor="bench", why=f"swap {i}")
@@ -96,10 +101,8 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
         gc.collect()
         rss.append(proc.memory_info().rss)
         if not quiet:
-            sys.stderr.write(f"\rswaps {i + 1}/20")
-        await asyncio.sleep(3.0 if i < 10 else 0.5)
-    stop.set()
-    await chat
+            sys.stderr.write(f"\rswaps {i + 1}/20 (last took {t1 - t0:.1f}s incl. warm-up)")
+        await asyncio.sleep(3.0 if i < 10 else 0.2)
     if not quiet:
         sys.stderr.write("\n")
     median_reply = statistics.median(base_replies)

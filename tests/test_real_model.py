@@ -155,14 +155,14 @@ async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_sam
     for text in ("hi! I'm Ann and I love sailing.", "what's a good first boat?", "and where should I sail first?"):
         await conv.handle_text(who, text)
     plan = conv.warmup_plan(4)
-    assert plan and plan[-1][0] == 4711 and plan[-1][1][0]["role"] == "system"
-    assert [m["role"] for m in plan[-1][1][1:]] == ["user", "assistant"] * 3
-    nxt = plan[-1][1] + [{"role": "user", "content": "thanks! bye"}]
+    assert plan and plan[0][0] == 4711 and plan[0][1][0]["role"] == "system"
+    assert [m["role"] for m in plan[0][1][1:]] == ["user", "assistant"] * 3
+    nxt = plan[0][1] + [{"role": "user", "content": "thanks! bye"}]
     gen = runtime.lineage.active()
     warm, cold = load_engine(runtime.settings, gen), load_engine(runtime.settings, gen)
     try:
-        read = warm.prefill(plan[-1][1], chat_key=4711)
-        assert read > 50 and warm.prefill(plan[-1][1], chat_key=4711) == 0     # already read: nothing to do
+        read = warm.prefill(plan[0][1], chat_key=4711)
+        assert read > 50 and warm.prefill(plan[0][1], chat_key=4711) == 0     # already read: nothing to do
         a = warm.generate(nxt, chat_key=4711, sampling=GREEDY)
         b = cold.generate(nxt, chat_key=4711, sampling=GREEDY)
         assert a.cached_tokens >= read and b.cached_tokens == 0
