@@ -11,7 +11,10 @@ instead of queueing forever.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -26,6 +29,10 @@ class Busy(OuroError):
     """Too many replies are already waiting for the model."""
 
 
+class Abandoned(Busy):
+    """The bot is stopping: the reply was given up (before or while generating) so the process can exit."""
+
+
 class InferenceWorker:
     def __init__(self, engine: Engine, *, max_backlog: int = 64) -> None:
         self._engine = engine
@@ -33,7 +40,10 @@ class InferenceWorker:
         self._count_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._backlog = 0
+        self._abandon = threading.Event()    # set when stopping: running and queued jobs give up
         self.max_backlog = max_backlog
+        self.peak_backlog = 0
+        self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
 
     @property
     def engine(self) -> Engine:
@@ -44,23 +54,41 @@ class InferenceWorker:
         """Jobs submitted and not yet finished (the one running included)."""
         return self._backlog
 
-    def _run(self, job: Callable[[Engine], T]) -> T:
+    def wait_stats(self) -> dict:
+        """Queue wait (submission → start) of the latest jobs: count, p50, p95 and max in seconds."""
+        waits = sorted(self._waits)
+        if not waits:
+            return {"jobs": 0, "p50_s": None, "p95_s": None, "max_s": None}
+        p95 = waits[min(len(waits) - 1, round(0.95 * (len(waits) - 1)))]
+        return {"jobs": len(waits), "p50_s": round(statistics.median(waits), 4), "p95_s": round(p95, 4),
+                "max_s": round(waits[-1], 4)}
+
+    def reset_stats(self) -> None:
+        self._waits.clear()
+        self.peak_backlog = self._backlog
+
+    def _run(self, job: Callable[[Engine], T], submitted: float) -> T:
         try:
             with self._lock:
+                self._waits.append(time.perf_counter() - submitted)
+                if self._abandon.is_set():
+                    raise Abandoned("the bot is stopping")
                 return job(self._engine)
         finally:
             with self._count_lock:
                 self._backlog -= 1
 
-    async def run(self, job: Callable[[Engine], T]) -> T:
-        """Run `job(engine)` on the inference thread and await its result."""
+    async def run(self, job: Callable[[Engine], T], *, bounded: bool = True) -> T:
+        """Run `job(engine)` on the inference thread and await its result. `bounded=False` is for
+        small jobs that must run even under overload (dropping a forgotten person's cached state)."""
         with self._count_lock:
-            if self._backlog >= self.max_backlog:
+            if bounded and self._backlog >= self.max_backlog:
                 raise Busy(f"{self._backlog} replies are already waiting")
             self._backlog += 1
+            self.peak_backlog = max(self.peak_backlog, self._backlog)
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._executor, self._run, job)
+            future = loop.run_in_executor(self._executor, self._run, job, time.perf_counter())
         except BaseException:
             with self._count_lock:
                 self._backlog -= 1
@@ -71,7 +99,22 @@ class InferenceWorker:
         """The same, for callers without an event loop (the terminal chat, benchmarks)."""
         with self._count_lock:
             self._backlog += 1
-        return self._executor.submit(self._run, job).result()
+        return self._executor.submit(self._run, job, time.perf_counter()).result()
+
+    def abandon(self) -> None:
+        """Stopping: jobs still queued give up at once, a reply being generated at its next piece of text."""
+        self._abandon.set()
+
+    def guard(self, on_text: Callable[[str], None] | None) -> Callable[[str], None]:
+        """Wrap a job's `on_text` so that generation stops (raises Abandoned) once `abandon()` was called."""
+
+        def checked(piece: str) -> None:
+            if self._abandon.is_set():
+                raise Abandoned("the bot is stopping")
+            if on_text is not None:
+                on_text(piece)
+
+        return checked
 
     def swap(self, new_engine: Engine) -> Engine:
         """Put `new_engine` in place between two jobs; return the old one for the caller to close."""
