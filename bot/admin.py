@@ -21,6 +21,7 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import ContextTypes
 
 from bot.admin_text import cycle_progress
+from bot.edits import edit_pressed
 from bot.loop import LearningLoop
 from config.settings import Settings
 from evals.report import eval_lines, generation_rows, load_evals, table_lines
@@ -68,7 +69,7 @@ class AdminHandlers:
         from ouro.chart import lineage_chart
 
         def draw() -> bytes:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory(dir=self.settings.data_dir) as tmp:   # inside the data folder
                 path = lineage_chart(self.loop.lineage, Path(tmp) / "lineage.png")
                 return path.read_bytes()
 
@@ -151,11 +152,11 @@ class AdminHandlers:
         reason = self._reasons.pop((query.message.chat.id, query.message.message_id), "")
         if action == "cancel":
             await query.answer("Cancelled.")
-            await query.edit_message_text("Cancelled — nothing changed.")
+            await edit_pressed(query, "Cancelled — nothing changed.")
             return
         if self.loop.lineage.active_id() != asked_active:
             await query.answer("The lineage changed since — ask again.", show_alert=True)
-            await query.edit_message_text(f"Not done: the active generation is now {self.loop.lineage.active_id()}.")
+            await edit_pressed(query, f"Not done: the active generation is now {self.loop.lineage.active_id()}.")
             return
         await query.answer("On it…")
         why = f"{action} by {_who(update)} from Telegram" + (f": {reason}" if reason else "")
@@ -166,12 +167,12 @@ class AdminHandlers:
             else:
                 frm, _, swap = await self.loop.rollback(gen_id, actor=_who(update), why=why)
         except OuroError as exc:
-            await query.edit_message_text(f"Not done: {str(exc).splitlines()[0]}")
+            await edit_pressed(query, f"Not done: {str(exc).splitlines()[0]}")
             return
         served = self.loop.swapper.serving()[0]
         tail = "" if swap is None or swap.ok else f"\n⚠️ hot-swap failed ({swap.reason}); {served} keeps serving."
         verb = "Promoted" if action == "promote" else "Rolled back"
-        await query.edit_message_text(f"{verb}: {frm} → {gen_id}. Now serving {served}. Nothing was deleted.{tail}")
+        await edit_pressed(query, f"{verb}: {frm} → {gen_id}. Now serving {served}. Nothing was deleted.{tail}")
 
     async def train(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Start a learning cycle now, in its own process."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
@@ -31,6 +32,7 @@ from bot.privacy import FORGET_PATTERN, PrivacyHandlers
 from bot.retry import call_with_retry
 from bot.review import REVIEW_PATTERN, ReviewHandlers
 from bot.status import write_runtime
+from bot.worker import InferenceWorker
 from config.settings import Settings
 from memory.store import Store
 
@@ -39,10 +41,12 @@ HEARTBEAT_S = 5.0
 
 
 def build_application(settings: Settings, store: Store, conversation: Conversation, *, token: str,
-                      base_url: str | None = None, learning: bool | LearningLoop = False) -> Application:
+                      base_url: str | None = None, learning: bool | LearningLoop = False,
+                      notices: list[str] | None = None) -> Application:
     """`learning`: True builds the learning loop (schedule, /train, hot-swap, live watch) around the
     conversation's worker; a LearningLoop uses that one (tests give it a fake loader); False leaves
-    it out (the lineage commands then say so)."""
+    it out (the lineage commands then say so). `notices` are sent to the admins once the bot is up
+    (e.g. the start-up fell back to an older generation: `Runtime.notices`)."""
     h = Handlers(settings, store, conversation, started_at=time.time())
     privacy = PrivacyHandlers(settings, store, conversation.worker)
     review = ReviewHandlers(settings, store)   # works with or without the learning loop
@@ -50,10 +54,12 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     if base_url:
         base = base_url.rstrip("/")
         builder = builder.base_url(base).base_file_url(base.replace("/bot", "/file/bot"))
-    builder = builder.connect_timeout(10).read_timeout(30).write_timeout(30).pool_timeout(10)
+    timeout = settings.telegram_timeout_s
+    builder = builder.connect_timeout(10).read_timeout(timeout).write_timeout(timeout).pool_timeout(10)
     builder = builder.get_updates_read_timeout(40)
     app = builder.post_init(lambda a: _post_init(a, settings, h)).post_shutdown(_post_shutdown).build()
     app.bot_data["handlers"] = h
+    app.bot_data["notices"] = list(notices or [])
     loop = None
     if learning is True:
         loop = LearningLoop(settings, store, conversation.worker, warmup=conversation.warmup_plan)
@@ -109,6 +115,9 @@ async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
         log.warning("could not register the command menu", exc_info=True)
 
     await h.recover_interrupted(app.bot)
+    for notice in app.bot_data.get("notices", []):
+        log.warning("admin notice: %s", notice)
+        await _tell_admins(app, settings, notice)
 
     async def heartbeat() -> None:
         while True:
@@ -141,6 +150,8 @@ async def _post_shutdown(app: Application) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    h: Handlers = app.bot_data["handlers"]
+    h.store.log_event("bot_stopped", detail={"uptime_s": round(time.time() - h.started_at, 1)})
 
 
 @contextlib.asynccontextmanager
@@ -163,3 +174,37 @@ async def running(app: Application, *, poll_timeout: int = 10):
         if app.post_shutdown:
             await app.post_shutdown(app)
         await app.shutdown()
+
+
+def run_until_stopped(app: Application, worker: InferenceWorker, *, grace_s: float) -> None:
+    """`run_polling` for `ouro serve`, with our own handling of SIGTERM and SIGINT.
+
+    PTB's default turns a stop signal into SystemExit and then waits, inside `Application.stop`,
+    for every update being handled — a reply of a few hundred tokens included, however long it
+    takes. Here a signal stops polling at once; replies being written get `grace_s` seconds to
+    finish, after which the worker cuts them off (the reply in progress at its next piece, queued
+    ones before they start): their authors are told to send again and their turns are closed, so
+    nothing is left pending. Then post_shutdown (learning loop, cycle process) runs as usual. A
+    second signal cuts the replies off at once.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stopping = []
+
+    def stop(sig: signal.Signals) -> None:
+        if stopping:
+            worker.abandon()
+            return
+        stopping.append(sig)
+        log.info("%s: stopping; replies being written get %.0fs to finish", sig.name, grace_s)
+        loop.call_later(grace_s, worker.abandon)
+        app.stop_running()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        app.run_polling(allowed_updates=Update.ALL_TYPES, close_loop=False, stop_signals=None)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        loop.close()

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import traceback
-import weakref
+from datetime import UTC, datetime, timedelta
 
 from telegram import Message, Update
 from telegram.constants import ChatAction, ChatType
@@ -18,6 +18,8 @@ from telegram.ext import ApplicationHandlerStop, ContextTypes
 from bot import keyboards
 from bot.commands import help_text
 from bot.conversation import TERMINAL_CHAT_ID, Conversation, Speaker
+from bot.edits import too_old
+from bot.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
 from bot.retry import call_with_retry
 from bot.status import format_status, status_report
 from bot.streaming import StreamingReply
@@ -39,6 +41,9 @@ NOT_YOURS = "Only the person I was answering can use these buttons."
 CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
 RESEND = "Sorry — I was restarted while answering “{}”. Could you send it again?"
 CORRECTION_THANKS = "Thanks — noted as a better answer. I'll learn from it. ✍️"
+QUEUE_FULL = "I'm still answering your earlier messages — please send this one again once I've replied. 🙏"
+FLOOD_NOTICE = ("That's a lot of messages at once — I've kept them, but I'll only answer new ones "
+                "in a little while. 🙂")
 
 
 class Handlers:
@@ -47,21 +52,28 @@ class Handlers:
         self.store = store
         self.conversation = conversation
         self.started_at = started_at
-        self._chat_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.chat_queues = ChatQueues(settings.chat_queue_max)   # one reply at a time per chat, bounded
+        self.flood = FloodLimit(settings.flood_messages, settings.flood_window_s)
         self.admin = None   # bot.admin.AdminHandlers when the learning loop runs in this process
+        self._background: set[asyncio.Task] = set()   # fire-and-forget calls ('typing'), referenced until done
 
     # --- gates ----------------------------------------------------------------------------
     async def gate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Runs before every other handler: people not on the allow-list get one polite refusal."""
         user = update.effective_user
-        if user is None or self.settings.may_chat(user.id):
+        if user is None:   # channel posts, or a message whose sender Telegram left out: nobody to answer
+            raise ApplicationHandlerStop
+        if self.settings.may_chat(user.id):
             return
         self.store.log_event("user_refused", user_id=user.id,
                              chat_id=update.effective_chat.id if update.effective_chat else None)
-        if update.callback_query:
-            await update.callback_query.answer(NOT_ALLOWED, show_alert=True)
-        elif update.effective_message and update.effective_chat and update.effective_chat.type == ChatType.PRIVATE:
-            await call_with_retry(lambda: update.effective_message.reply_text(NOT_ALLOWED))
+        try:
+            if update.callback_query:
+                await update.callback_query.answer(NOT_ALLOWED, show_alert=True)
+            elif update.effective_message and update.effective_chat and update.effective_chat.type == ChatType.PRIVATE:
+                await call_with_retry(lambda: update.effective_message.reply_text(NOT_ALLOWED))
+        except Exception:   # the refusal did not reach them; the update must still go no further
+            log.info("could not tell refused user %s", user.id, exc_info=True)
         raise ApplicationHandlerStop
 
     # --- commands -------------------------------------------------------------------------
@@ -117,21 +129,38 @@ class Handlers:
             return
         text = self._strip_mention(msg.text or "", context)
         who = _speaker(update)
-        lock = self._chat_locks.get(who.chat_id)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._chat_locks[who.chat_id] = lock
-        async with lock:  # one reply at a time per chat keeps each context in order
+        verdict = self.flood.check(who.user_id)
+        queue = self.chat_queues.join(who.chat_id) if verdict == ADMIT else None
+        if queue is None:
+            await self._not_answered(msg, who, text, verdict)
+            return
+        async with queue:  # one reply at a time per chat keeps each context in order
             await self._reply(update, context, who, text, msg)
+
+    async def _not_answered(self, msg: Message, who: Speaker, text: str, verdict: str) -> None:
+        """Over a bound (bot/limits.py): stored, never shown to the model; the person told (once per
+        flood window)."""
+        if verdict == ADMIT:
+            status, notice = "busy", QUEUE_FULL
+        else:
+            status, notice = "limited", FLOOD_NOTICE if verdict == NOTICE else None
+        turn_id = self.store.add_user_turn(chat_id=who.chat_id, user_id=who.user_id, text=text,
+                                           user_message_id=msg.message_id, chat_type=who.chat_type,
+                                           chat_title=who.chat_title, username=who.username,
+                                           first_name=who.first_name, status=status)
+        self.store.mark_turn(turn_id, status, notice)
+        if notice is not None:
+            await call_with_retry(lambda: msg.reply_text(notice))
 
     async def _reply(self, update: Update, context: ContextTypes.DEFAULT_TYPE, who: Speaker, text: str,
                      msg: Message) -> None:
         stream = StreamingReply(context.bot, who.chat_id, reply_to=msg.message_id if who.chat_type != "private" else None,
                                 interval=self.settings.stream_edit_interval_s)
-        try:
-            await context.bot.send_chat_action(who.chat_id, ChatAction.TYPING)
-        except Exception:  # only cosmetic
-            log.debug("send_chat_action failed", exc_info=True)
+        # 'typing' is cosmetic: sent beside the reply, so no network call comes before the message is
+        # stored (handle_text stores it before its first await) and a kill at any point keeps it
+        typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
+        self._background.add(typing)
+        typing.add_done_callback(self._background.discard)
         stream.start()
         outcome = await self.conversation.handle_text(who, text, message_id=msg.message_id, on_text=stream.push)
         if outcome.kind == "correction":
@@ -144,6 +173,13 @@ class Handlers:
             return
         await stream.finish(outcome.text, markup=keyboards.reply_keyboard(outcome.turn_id),
                             before_markup=lambda ids: self.store.set_reply_message_ids(outcome.turn_id, ids))
+
+    @staticmethod
+    async def _typing(bot, chat_id: int) -> None:
+        try:
+            await bot.send_chat_action(chat_id, ChatAction.TYPING)
+        except Exception:  # only cosmetic
+            log.debug("send_chat_action failed", exc_info=True)
 
     async def non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Stickers, photos, voice, documents: kept as a note in the log, answered kindly."""
@@ -244,10 +280,29 @@ class Handlers:
                 await call_with_retry(lambda t=turn, m=text: bot.send_message(t["chat_id"], m), attempts=2)
             except Exception:
                 log.warning("could not ask chat %s to resend", turn["chat_id"], exc_info=True)
+        await self.deliver_interrupted(bot)
+
+    async def deliver_interrupted(self, bot) -> None:
+        """Replies written and stored but cut off while being sent (a crash mid-delivery): send them
+        now, with their buttons. One attempt each; those of the last day only."""
+        since = (datetime.now(UTC) - timedelta(days=1)).isoformat(timespec="milliseconds")
+        for turn in self.store.undelivered_turns(since=since):
+            if turn["chat_id"] == TERMINAL_CHAT_ID:
+                continue
+            stream = StreamingReply(bot, turn["chat_id"])
+            try:
+                await stream.finish(turn["reply_text"], markup=keyboards.reply_keyboard(turn["id"]),
+                                    before_markup=lambda ids, t=turn["id"]: self.store.set_reply_message_ids(t, ids))
+            except Exception:
+                log.warning("could not deliver the stored reply of turn %s", turn["id"], exc_info=True)
+                self.store.set_reply_message_ids(turn["id"], stream.message_ids)   # not retried at every start
 
     # --- errors ---------------------------------------------------------------------------
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log every unhandled error; admins get the traceback, users a kind word at most."""
+        if too_old(context.error):   # a press Telegram gave up on (e.g. made while the bot was down)
+            log.info("a button press came too late to be answered: %s", context.error)
+            return
         log.error("unhandled error while handling an update", exc_info=context.error)
         if isinstance(update, Update) and update.effective_message and update.effective_chat \
                 and update.effective_chat.type == ChatType.PRIVATE:
@@ -260,11 +315,12 @@ class Handlers:
 
     async def notify_admins(self, context: ContextTypes.DEFAULT_TYPE, title: str, error: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        brief = repr(error)
         token = context.bot.token
         if token:
-            tb = tb.replace(token, "<token>")
+            tb, brief = tb.replace(token, "<token>"), brief.replace(token, "<token>")
         text = f"<b>{html.escape(title)}</b>\n<pre>{html.escape(tb[-3500:])}</pre>"
-        self.store.log_event("error", detail={"title": title, "error": repr(error)[:500]})
+        self.store.log_event("error", detail={"title": title, "error": brief[:500]})
         for admin in self.settings.admin_ids:
             try:
                 await context.bot.send_message(admin, text, parse_mode="HTML")

@@ -17,6 +17,7 @@ import re
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import ContextTypes
 
+from bot.edits import answer_pressed, edit_pressed
 from bot.worker import InferenceWorker
 from config.settings import Settings
 from memory.store import Store
@@ -108,16 +109,16 @@ class PrivacyHandlers:
             return
         if answer == "no":
             await query.answer("Cancelled.")
-            await query.edit_message_text("Cancelled — nothing was deleted.")
+            await edit_pressed(query, "Cancelled — nothing was deleted.")
             return
-        await query.answer("Forgetting…")
+        await answer_pressed(query, "Forgetting…")   # a late press still forgets
         counts, chats = await asyncio.to_thread(self.store.forget_user, uid)
         try:  # the model's cached state of those chats holds their words too
-            await self.worker.run(lambda engine: [engine.forget(chat) for chat in chats])
+            await self.worker.run(lambda engine: [engine.forget(chat) for chat in chats], bounded=False)
         except Exception:
             log.warning("could not drop the cached model state of %d chat(s)", len(chats), exc_info=True)
         log.info("forgot a person: %s", counts)
-        await query.edit_message_text(
+        await edit_pressed(query,
             f"Done — I deleted everything I kept about you ({counts.get('turns', 0)} messages with my replies, "
             f"{counts.get('ratings', 0)} ratings, {counts.get('corrections', 0)} corrections). If you write "
             "again, I start from scratch.")

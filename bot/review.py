@@ -18,6 +18,7 @@ import logging
 import re
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram.constants import ChatType
 from telegram.ext import ContextTypes, filters
 
 from bot.retry import call_with_retry
@@ -35,6 +36,7 @@ EMPTY = "Nothing to review: every answered turn has a verdict. 🎉"
 ONLY_SKIPPED = "Only the {} turn(s) you skipped are left — /review goes through them again."
 GONE = "That turn is gone (forgotten at its author's request, or never answered)."
 ADMINS_ONLY = "Sorry, that button is for the bot's admins."
+PRIVATE_ONLY = "Reviews show what people wrote to me, so /review works only in a private chat with me."
 
 _SNIPPET, _TEXT = 300, 1500   # characters of each context message, of the reviewed exchange
 
@@ -91,6 +93,9 @@ class ReviewHandlers:
     async def review(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Admins: the next turn to review, with its context and approve / reject / edit / skip."""
         admin, chat_id = update.effective_user.id, update.effective_chat.id
+        if update.effective_chat.type != ChatType.PRIVATE:   # reviews quote people's chats: never in a group
+            await update.effective_message.reply_text(PRIVATE_ONLY)
+            return
         self.store.cancel_review_edit(chat_id, admin)
         await self._show_next(context, chat_id, admin)
 

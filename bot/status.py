@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from config.settings import Settings
+from memory.db import ensure_private_dir
 from memory.store import Store
 from trainer.lineage import Lineage, atomic_write_text
 
@@ -24,7 +25,7 @@ def runtime_file(settings: Settings) -> Path:
 
 def write_runtime(settings: Settings, info: dict) -> None:
     path = runtime_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps({**info, "pid": os.getpid(), "written_at": time.time()}))
 
 

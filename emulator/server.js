@@ -94,7 +94,7 @@ const state = {
   chats: new Map(),          // String(chat_id) -> Chat object (learned from user messages)
   messages: new Map(),       // `${token}|${chat_id}|${message_id}` -> record (see recordView)
   confirmed: new Map(),      // token -> lowest update_id not yet confirmed by an offset
-  faults: [],                // {method, token, status, description, retry_after, delay_ms, remaining}
+  faults: [],                // {method, token, status, description, retry_after, delay_ms, drop, remaining}
   calls: [],                 // bot API call log
   callSeq: 0,
   callbacks: new Map(),      // callback_query_id -> {token, chat_id, message_id, answered, answer}
@@ -727,6 +727,11 @@ async function handleBotApi(req, res, token, rawMethod, url) {
     params = await parseParams(req, url);
     const fault = takeFault(method, token);
     if (fault && fault.delay_ms) await new Promise((r) => setTimeout(r, fault.delay_ms));
+    if (fault && fault.drop) {                 // the connection dies before any answer; nothing was done
+      logCall(token, rawMethod, params, 0, 'connection dropped (injected fault)');
+      req.socket.destroy();
+      return undefined;
+    }
     if (fault && fault.status) {
       const body = { ok: false, error_code: fault.status, description: fault.description || faultDescription(fault.status, fault.retry_after) };
       if (fault.retry_after !== undefined) body.parameters = { retry_after: fault.retry_after };
@@ -862,11 +867,12 @@ async function handleTestHook(req, res, url) {
       const fault = {
         method: String(body.method).toLowerCase(),
         token: body.token || undefined,
-        status: body.status !== undefined ? Number(body.status) : (body.delay_ms ? undefined : 429),
+        status: body.status !== undefined ? Number(body.status) : (body.delay_ms || body.drop ? undefined : 429),
         description: body.description,
         retry_after: body.retry_after !== undefined ? Number(body.retry_after) : undefined,
         migrate_to_chat_id: body.migrate_to_chat_id,
         delay_ms: body.delay_ms !== undefined ? Number(body.delay_ms) : undefined,
+        drop: body.drop === true || body.drop === 'true',
         remaining: body.count !== undefined ? Number(body.count) : 1,
       };
       if (fault.status === 429 && fault.retry_after === undefined) fault.retry_after = 1;

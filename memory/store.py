@@ -189,6 +189,13 @@ class Store:
         """Turns whose reply never landed (e.g. the process died mid-reply)."""
         return self.database.query("SELECT id, chat_id, user_id, user_text FROM turns WHERE status = 'pending'")
 
+    def undelivered_turns(self, *, since: str) -> list[dict]:
+        """Telegram turns answered (in the store) since `since` whose reply never reached the chat:
+        the process died while sending it. Delivery records the message ids, even an empty list."""
+        return self.database.query(
+            "SELECT id, chat_id, reply_text FROM turns WHERE status = 'answered' AND reply_message_ids IS NULL "
+            "AND user_message_id IS NOT NULL AND answered_at >= ? ORDER BY id", (since,))
+
     # --- feedback -----------------------------------------------------------------------
     def rate(self, turn_id: int, user_id: int, value: int) -> str:
         """One rating per user per reply; returns 'new', 'changed' or 'same'."""

@@ -58,9 +58,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from telegram import Update
-
-    from bot.app import build_application
+    from bot.app import build_application, run_until_stopped
     from ouro.logs import setup_logging
     from ouro.runtime import open_runtime
 
@@ -69,14 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OuroError("TELEGRAM_BOT_TOKEN is not set",
                         hint="get a token from @BotFather, then: TELEGRAM_BOT_TOKEN=123:ABC… ouro serve")
     settings = _settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_file=args.log_file)
     if not settings.admin_ids:
         print("note: OURO_ADMIN_IDS is empty, so nobody can use admin commands", file=sys.stderr)
     rt = open_runtime(settings)
     try:
         app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url,
-                                learning=True)
-        app.run_polling(allowed_updates=Update.ALL_TYPES, close_loop=False)
+                                learning=True, notices=rt.notices)
+        run_until_stopped(app, rt.worker, grace_s=settings.shutdown_grace_s)
     finally:
         rt.close()
     return 0
@@ -127,6 +125,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ouro.bench_serve import run_bench_serve
 
     settings = _settings(args)
+    if args.what == "soak":
+        from ouro.bench_soak import run_bench_soak
+
+        result = run_bench_soak(settings, users=args.users, messages=args.messages, json_output=args.json)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0 if result["ok"] else 1
     if args.what == "swap":
         from ouro.bench_swap import run_bench_swap
 
@@ -312,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Poll Telegram and answer. Token from TELEGRAM_BOT_TOKEN.")
     p.add_argument("--base-url", help="Bot API base URL for a self-hosted server or a local emulator, "
                                       "e.g. http://127.0.0.1:9000/bot (default: api.telegram.org)")
+    p.add_argument("--log-file", type=Path, metavar="PATH",
+                   help="also log to this file (owner-only), rotated at 10 MiB with 5 old files kept; "
+                        "without it the bot logs to stderr only")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with the persona in this terminal",
@@ -422,9 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loop (padded) on the same data, model and machine; peak memory of each; stage "
                                    "times. swap: longest pause in replies during a hot-swap ÷ the median reply; "
                                    "memory after 20 swaps ÷ after 1; p95 time to first token while a cycle trains "
-                                   "÷ idle.")
-    p.add_argument("what", choices=["serve", "train", "swap"], help="which benchmark")
+                                   "÷ idle. soak: simulated people chat, rate and re-roll at once through the "
+                                   "emulator while a real learning cycle runs; every message stored, every one "
+                                   "answered or told 'busy', no errors; reply latency, queue wait, peak memory.")
+    p.add_argument("what", choices=["serve", "train", "swap", "soak"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
+    p.add_argument("--users", type=int, default=50, help="simulated people in the soak benchmark")
+    p.add_argument("--messages", type=int, default=20, help="messages each person sends in the soak benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -673,11 +673,14 @@ class Emulator:
         description: str | None = None,
         delay_ms: int | None = None,
         token: str | None = None,
+        drop: bool = False,
     ) -> None:
         """Make the next ``count`` bot calls of ``method`` ("*" = any) fail in Bot-API shape.
 
         429 gets ``parameters.retry_after`` (default 1). ``status=None`` with
-        ``delay_ms`` only delays those calls, which then succeed.
+        ``delay_ms`` only delays those calls, which then succeed. ``drop=True``
+        (with ``status=None``) closes the connection without any answer (after
+        ``delay_ms`` if given); the call is not carried out.
         """
         payload: _JSON = {"method": method, "count": count}
         for key, value in (
@@ -686,11 +689,12 @@ class Emulator:
             ("description", description),
             ("delay_ms", delay_ms),
             ("token", token),
+            ("drop", drop or None),
         ):
             if value is not None:
                 payload[key] = value
-        if status is None and not delay_ms:
-            raise ValueError("a fault needs a status or a delay_ms")
+        if status is None and not delay_ms and not drop:
+            raise ValueError("a fault needs a status, a delay_ms or drop")
         self._post("/_faults", payload)
 
     def clear_faults(self) -> None:

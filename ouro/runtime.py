@@ -7,13 +7,14 @@ exact same stack.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot.conversation import Conversation
 from bot.worker import InferenceWorker
 from config.settings import Settings
 from memory.db import ensure_private_dir
 from memory.store import Store
+from ouro.fallback import servable_generation
 from trainer.gguf_check import check_gguf
 from trainer.lineage import Generation, Lineage
 
@@ -27,6 +28,7 @@ class Runtime:
     lineage: Lineage
     worker: InferenceWorker
     conversation: Conversation
+    notices: list[str] = field(default_factory=list)   # for the admins once the bot is up (e.g. a fallback)
 
     def close(self) -> None:
         self.worker.close()
@@ -62,11 +64,11 @@ def open_runtime(settings: Settings) -> Runtime:
     store = open_store(settings)
     try:
         lineage = register_base(settings, store)
-        gen = lineage.active()
+        gen, notices = servable_generation(settings, store, lineage)   # never a damaged GGUF (ouro/fallback.py)
         log.info("loading %s (%s)", gen.id, gen.gguf)
         engine = load_engine(settings, gen)
     except BaseException:
         store.close()
         raise
     worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
-    return Runtime(settings, store, lineage, worker, Conversation(settings, store, worker))
+    return Runtime(settings, store, lineage, worker, Conversation(settings, store, worker), notices)

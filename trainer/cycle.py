@@ -9,6 +9,7 @@ staging folder, records how the previous run died, and removes it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -114,6 +115,43 @@ def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
     return found
 
 
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or what caused it) is the disk running out of space."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> str | None:
+    """A generation its cycle renamed into place but died before recording (stage 'promote'):
+    record it now from its meta.json and, if it passed the gate and its parent still serves,
+    promote it — what the dead cycle was about to do. Returns its id, or None."""
+    rows, gens = lineage.ledger(), lineage.generations()
+    if not rows or not gens:
+        return None
+    gen = gens[-1]   # a cycle's generation is always the newest folder
+    if gen.parent_id is None or "data_cutoff" not in gen.meta or \
+            any(r["GEN_ID"] == gen.id and r.get("event") == "candidate" for r in rows):
+        return None      # generation 0, not made by a cycle, or recorded
+    meta, parent = gen.meta, lineage.generation(gen.parent_id)
+    passed = meta.get("status") == "promoted"
+    lineage.append_ledger(_ledger_row(
+        gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
+        train=meta.get("train"), scores=meta.get("scores"), event="candidate",
+        gate="passed" if passed else "refused", actor=meta.get("actor", ""),
+        reason=f"recorded by the next cycle (its own died before recording it): "
+               f"{'; '.join(meta.get('reasons') or []) or 'all checks passed'}"))
+    store.upsert_generation(gen_id=gen.id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
+                            status="candidate" if passed else "refused", meta=meta)
+    store.log_event("cycle_died", detail={"gen": gen.id, "stage": "promote"})
+    if passed and lineage.active_id() == parent.id:
+        promote(settings, store, gen.id, actor=meta.get("actor") or "system",
+                why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
+    return gen.id
+
+
 def next_gen_id(lineage: Lineage) -> str:
     numbers = [int(p.name.split("-")[1]) for p in lineage.dir.glob("gen-*") if p.name.split("-")[1].isdigit()]
     return f"gen-{(max(numbers) + 1 if numbers else 0):04d}"
@@ -154,6 +192,7 @@ def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bo
     lineage = Lineage(settings.models_dir)
     with CycleLock(settings.models_dir / ".cycle.lock"):
         cleanup_stale(lineage, store)
+        finish_interrupted(settings, lineage, store)
         halt = settings.models_dir / HALT_FILE
         if halt.exists() and not force:
             return _skip(lineage, store, actor, halt.read_text().strip())
@@ -271,13 +310,17 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     except BaseException as exc:
         stage = stages.current
         shutil.rmtree(staging, ignore_errors=True)
-        reason = f"failed during {stage}: {exc}"
+        text = exc.args[0] if isinstance(exc, OuroError) and exc.args else str(exc)   # its hint goes last
+        full = "the disk is full: " if _disk_full(exc) and "disk full" not in text else ""
+        reason = f"failed during {stage}: {full}{text}"
         lineage.append_ledger(_ledger_row(gen_id, parent, event="failed", reason=reason[:500], actor=actor))
         store.log_event("cycle_failed", detail={"gen": gen_id, "stage": stage, "error": repr(exc)[:500]})
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise OuroError(f"the learning cycle {reason}; nothing served changed") from exc
+        raise OuroError(f"the learning cycle {reason}; its partial files were removed and nothing served "
+                        "changed", hint=getattr(exc, "hint", None)) from exc
 
+    stages.enter("promote")   # the generation is in place; a death from here on is finished by the next cycle
     gen = lineage.generation(gen_id)
     lineage.append_ledger(_ledger_row(gen_id, parent, child_sha=child_sha, data_sha=data_sha, train=report.train,
                                       scores=report.scores, event="candidate",
@@ -352,14 +395,18 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
 def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote") -> None:
     """Move the active pointer (atomically) and record who, when and why."""
     lineage = Lineage(settings.models_dir)
-    previous = lineage.active()
+    previous_id = lineage.active_id()
+    try:
+        previous_sha = lineage.active().sha256
+    except (OuroError, KeyError):   # the pointer names something unreadable: moving it off is the point
+        previous_sha = ""
     gen = lineage.generation(gen_id)
     if sha256_file(gen.gguf) != gen.sha256:
         raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
     lineage.set_active(gen_id)
-    lineage.append_ledger({"GEN_ID": gen_id, "parent_sha": previous.sha256, "child_sha": gen.sha256,
-                           "event": event, "parent_id": previous.id, "gate": gen.meta.get("status", ""),
+    lineage.append_ledger({"GEN_ID": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
+                           "event": event, "parent_id": previous_id or "", "gate": gen.meta.get("status", ""),
                            "reason": why, "actor": actor})
     store.upsert_generation(gen_id=gen_id, parent_id=gen.parent_id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
                             status="promoted" if event == "promote" else "rolled_back_to", meta=gen.meta)
-    store.log_event(event, detail={"gen": gen_id, "from": previous.id, "actor": actor, "why": why})
+    store.log_event(event, detail={"gen": gen_id, "from": previous_id, "actor": actor, "why": why})

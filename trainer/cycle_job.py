@@ -25,10 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.settings import Settings
+from memory.db import ensure_private_dir
 from trainer.lineage import atomic_write_text
 from trainer.lock import pid_alive
 
 log = logging.getLogger(__name__)
+# Test-only hook: with OURO_TEST_CYCLE_PAUSE_AT=<stage> the cycle process stops at the start of that
+# stage (after its breadcrumb and status file are written) and waits to be killed, so
+# tests/test_faults_cycle.py can SIGKILL it inside stages too short to catch otherwise. Never set it
+# in production: the cycle would wait there forever.
+PAUSE_ENV = "OURO_TEST_CYCLE_PAUSE_AT"
 
 
 def status_path(settings: Settings) -> Path:
@@ -68,7 +74,7 @@ def _child(argv: list[str]) -> int:
     state = {"pid": os.getpid(), "running": True, "actor": args.actor, "started_at": time.time(),
              "stage": "start", "step": 0, "total": 0}
     path = status_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     last_write = [0.0]
 
     def write(force: bool = False) -> None:
@@ -79,7 +85,12 @@ def _child(argv: list[str]) -> int:
 
     def on_stage(stage: str) -> None:
         state.update(stage=stage, step=0, total=0)
+        paused = os.environ.get(PAUSE_ENV) == stage
+        if paused:
+            state["paused"] = True
         write(force=True)
+        while paused:   # test-only (PAUSE_ENV): hold here until the test kills this process
+            time.sleep(1.0)
 
     def on_step(step: int, total: int) -> None:
         state.update(step=step, total=total)
@@ -135,14 +146,15 @@ class CycleRunner:
         if self.running:
             raise OuroError(f"a learning cycle is already running (pid {self.proc.pid}, started by {self.actor})")
         run_dir = self.settings.data_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(run_dir)
         settings_file = run_dir / "cycle-settings.json"
         atomic_write_text(settings_file, self.settings.model_dump_json())
         os.chmod(settings_file, 0o600)
         self.actor = actor
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "trainer.cycle_job", "--settings", str(settings_file), "--actor", actor,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"})   # training needs no token
         try:
             out, err = await self.proc.communicate()
         except asyncio.CancelledError:

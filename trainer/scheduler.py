@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from config.settings import Settings
+from memory.db import ensure_private_dir
 from trainer.schedule import describe, parse_schedule
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class CycleScheduler:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         run_dir = self.settings.data_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(run_dir)
         store = SQLAlchemyJobStore(url=f"sqlite:///{run_dir / 'schedule.sqlite'}")
         self.scheduler = AsyncIOScheduler(
             jobstores={"default": store}, timezone=self.settings.cycle_timezone,

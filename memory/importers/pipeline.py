@@ -72,7 +72,8 @@ def import_chat(store: Store, kind: str, path: Path | str, *, me: str) -> dict:
         raise OuroError(f"unknown import kind {kind!r}", hint="one of: " + ", ".join(PARSERS))
     try:
         parsed = PARSERS[kind](path)
-        file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as f:   # streamed: parsing bounded the file, hashing need not hold it
+            file_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
     summary, examples = build(parsed, me, path)

@@ -17,23 +17,31 @@ from datetime import datetime
 from pathlib import Path
 
 from memory.importers.chat import Message, Parsed
+from memory.importers.limits import read_file
 from ouro.errors import OuroError
 
 HINT = ("export it from Telegram Desktop as JSON: a chat's ⋮ menu → Export chat history, or "
         "Settings → Advanced → Export Telegram data (format: Machine-readable JSON); pass result.json")
-SKIPPED_CHAT_TYPES = {"saved_messages", "public_channel", "private_channel", "bot_chat"}
+SKIPPED_CHAT_TYPES = ("saved_messages", "public_channel", "private_channel", "bot_chat")   # a tuple: "type" may be any JSON
 MEDIA_KEYS = ("photo", "file", "media_type", "sticker_emoji", "poll", "contact_information",
               "location_information", "place_name", "game_title", "invoice_information")
 
 
 def parse(path: Path) -> Parsed:
+    raw = read_file(path, hint=HINT)   # bounded: size and line length (memory/importers/limits.py)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
+        del raw
+        data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise OuroError(f"{path}: byte {exc.start}: not UTF-8 text, so not a Telegram JSON export", hint=HINT) from exc
     except json.JSONDecodeError as exc:
         raise OuroError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})",
                         hint=HINT) from exc
+    except ValueError as exc:   # e.g. an integer of more digits than Python converts
+        raise OuroError(f"{path}: not valid JSON ({exc})", hint=HINT) from exc
+    except RecursionError as exc:
+        raise OuroError(f"{path}: nested deeper than any Telegram export, so not one", hint=HINT) from exc
     parsed = Parsed()
     for where, chat in _chats(path, data):
         _parse_chat(path, where, chat, parsed)
@@ -117,5 +125,5 @@ def _date(m: dict, at: str) -> datetime:
         if isinstance(m.get("date"), str):
             return datetime.fromisoformat(m["date"]).replace(tzinfo=None)
         return datetime.fromtimestamp(int(m["date_unixtime"]))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, OSError) as exc:
         raise OuroError(f"{at}: missing or unreadable \"date\" ({m.get('date')!r})", hint=HINT) from exc

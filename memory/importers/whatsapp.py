@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
 from memory.importers.chat import Message, Parsed
+from memory.importers.limits import read_bounded, read_file
 from ouro.errors import OuroError
 
 HINT = ("in WhatsApp: open the chat → ⋮ (Android) or the contact's name (iOS) → Export chat → Without media; "
@@ -86,13 +88,18 @@ def parse(path: Path) -> Parsed:
 
 
 def _read(path: Path) -> str:
-    raw = path.read_bytes()
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = sorted((n for n in z.namelist() if n.endswith(".txt")), key=lambda n: n != "_chat.txt")
-            if not names:
-                raise OuroError(f"{path}: a zip without a .txt chat inside", hint=HINT)
-            raw = z.read(names[0])
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = sorted((n for n in z.namelist() if n.endswith(".txt")), key=lambda n: n != "_chat.txt")
+                if not names:
+                    raise OuroError(f"{path}: a zip without a .txt chat inside", hint=HINT)
+                with z.open(names[0]) as f:   # inflated 1 MiB at a time, within limits.py's bounds
+                    raw = read_bounded(f, f"{path} ({names[0]})", hint=HINT, size=z.getinfo(names[0]).file_size)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise OuroError(f"{path}: a damaged or encrypted zip ({exc})", hint=HINT) from exc
+    else:
+        raw = read_file(path, hint=HINT)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,0 +1,54 @@
+"""Reading an export file with bounds, so a wrong or hostile file fails fast in little memory.
+
+Chat exports are big but regular: Telegram Desktop writes its JSON one value per line, WhatsApp
+one message per line, and a message is at most a few thousand characters (Telegram: 4096,
+WhatsApp: 65536). So a file is read 1 MiB at a time and refused, naming the file and the line,
+as soon as it passes MAX_FILE_BYTES or a line passes MAX_LINE_BYTES — a 50 MB single line or
+a zip that inflates to gigabytes costs about 2 MiB to refuse. Real exports stay far below both
+limits; for a bigger account, export the chats one by one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from ouro.errors import OuroError
+
+MAX_FILE_BYTES = 256 << 20
+MAX_LINE_BYTES = 1 << 20
+_CHUNK = 1 << 20          # never more than MAX_LINE_BYTES: see read_bounded
+
+
+def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0) -> bytearray:
+    """All of `stream`, or an OuroError naming `name` once it is too big or has too long a line.
+
+    `size`: what the file (or zip entry) says it holds, refused before reading when too big; what
+    is read is counted anyway, since a zip entry's stated size can lie."""
+    data = bytearray()
+    line, run = 1, 0          # the current line's number and its length so far
+    while size <= MAX_FILE_BYTES and (chunk := stream.read(_CHUNK)):
+        size = len(data) + len(chunk)
+        if size > MAX_FILE_BYTES:
+            break
+        first = chunk.find(b"\n")
+        if first < 0:
+            run += len(chunk)
+        elif run + first > MAX_LINE_BYTES:
+            run += first
+        else:   # lines that start and end inside one chunk are shorter than a chunk, so within the limit
+            line += chunk.count(b"\n")
+            run = len(chunk) - chunk.rfind(b"\n") - 1
+        if run > MAX_LINE_BYTES:
+            raise OuroError(f"{name}: line {line}: longer than {MAX_LINE_BYTES >> 20} MiB, more than any message "
+                            "of a chat export", hint=hint)
+        data += chunk
+    if size > MAX_FILE_BYTES:
+        raise OuroError(f"{name}: larger than {MAX_FILE_BYTES >> 20} MiB, more than a chat export holds",
+                        hint=hint + "; for a very large account, export the chats one by one")
+    return data
+
+
+def read_file(path: Path, *, hint: str) -> bytearray:
+    with path.open("rb") as f:
+        return read_bounded(f, path, hint=hint, size=path.stat().st_size)

@@ -1,0 +1,243 @@
+"""Load: a small soak over the emulator with overload on purpose, and the bounds that keep it safe
+(per-person flood limit, per-chat queue, worker backlog, rotated log file).
+
+The soak driver is the one `ouro bench soak` runs (ouro/bench_soak.py), here with the fake
+engine slowed down and a backlog of 2, so many messages meet a full backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.app import build_application, running
+from bot.conversation import BUSY, Conversation
+from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
+from bot.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
+from bot.worker import Busy, InferenceWorker
+from config.settings import load_settings
+from memory.store import Store
+from ouro import logs
+from ouro.bench_soak import FIRST_USER, SoakPlan, run_soak
+from ouro.cli import build_parser
+from ouro.emulator import Emulator
+from tests.fakes import FakeEngine
+
+ANN = 1001
+
+
+# --- units ------------------------------------------------------------------------------------
+def test_flood_limit_admits_then_tells_once_per_window_then_recovers():
+    now = [0.0]
+    flood = FloodLimit(3, 60.0, clock=lambda: now[0])
+    assert [flood.check(ANN) for _ in range(3)] == [ADMIT] * 3
+    assert flood.check(ANN) == NOTICE
+    assert [flood.check(ANN) for _ in range(5)] == [SILENT] * 5
+    assert flood.check(2002) == ADMIT                      # someone else is not affected
+    now[0] = 59.0
+    assert flood.check(ANN) == SILENT                       # still inside the window of the first three
+    now[0] = 60.5
+    assert flood.check(ANN) == ADMIT                        # the first three aged out
+    now[0] = 200.0
+    assert flood.check(3003) == ADMIT
+    assert len(flood) == 1                                  # people quiet for a window are forgotten
+    unlimited = FloodLimit(0, 60.0)
+    assert {unlimited.check(ANN) for _ in range(500)} == {ADMIT} and len(unlimited) == 0
+
+
+async def test_chat_queue_answers_in_order_and_refuses_past_its_bound():
+    queues = ChatQueues(max_waiting=1)
+    order: list[str] = []
+
+    async def use(place, name: str) -> None:
+        async with place:
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    first, second = queues.join(7), queues.join(7)
+    assert queues.join(7) is None                           # one answering + one waiting = full
+    other = queues.join(8)
+    assert other is not None                                # chats do not share a bound
+    await asyncio.gather(use(first, "a"), use(second, "b"), use(other, "c"))
+    assert order[:1] == ["a"] and order.index("a") < order.index("b")
+    assert len(queues) == 0 and queues.peak_waiting == 1    # nothing left behind
+
+    holder, waiter = queues.join(7), queues.join(7)
+    async with holder:
+        task = asyncio.create_task(use(waiter, "cancelled"))
+        await asyncio.sleep(0.01)
+        assert queues.waiting(7) == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert queues.waiting(7) == 0                       # a cancelled waiter gives its place back
+    assert len(queues) == 0 and "cancelled" not in order
+
+
+async def test_worker_bounds_its_backlog_and_records_queue_wait():
+    worker = InferenceWorker(FakeEngine(), max_backlog=1)
+    try:
+        slow = asyncio.create_task(worker.run(lambda engine: time.sleep(0.3)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy):
+            await worker.run(lambda engine: "refused")
+        assert await worker.run(lambda engine: "must run", bounded=False) == "must run"
+        await slow
+        stats = worker.wait_stats()
+        assert stats["jobs"] == 2 and stats["max_s"] >= 0.1  # the second job waited for the slow one
+        assert worker.peak_backlog == 2 and worker.backlog == 0
+    finally:
+        worker.close()
+
+
+def test_log_file_is_rotated_with_a_size_cap_and_private(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "LOG_FILE_MAX_BYTES", 2000)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    token = "123456789:" + "A" * 35
+    try:
+        logs.setup_logging("INFO", log_file=tmp_path / "log" / "ouro.log")
+        for i in range(300):
+            logging.getLogger("soak-test").info("line %d %s token=%s", i, "x" * 40, token)
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    files = sorted((tmp_path / "log").iterdir())
+    assert [f.name for f in files] == ["ouro.log"] + [f"ouro.log.{i}" for i in range(1, logs.LOG_FILE_BACKUPS + 1)]
+    assert all(f.stat().st_size <= 2000 for f in files)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    text = files[0].read_text()
+    assert "line 299" in text and token not in text and "<token>" in text
+
+
+def test_cli_knows_the_soak_and_the_log_file():
+    args = build_parser().parse_args(["bench", "soak", "--users", "3", "--messages", "2", "--json"])
+    assert (args.what, args.users, args.messages, args.json) == ("soak", 3, 2, True)
+    assert build_parser().parse_args(["serve", "--log-file", "x.log"]).log_file == Path("x.log")
+
+
+def test_new_settings_are_documented_and_validated():
+    s = load_settings()
+    assert (s.chat_queue_max, s.flood_messages, s.flood_window_s) == (4, 30, 60.0)
+    from config.settings import describe
+    from ouro.errors import OuroError
+
+    helps = {name: text for name, _, text in describe()}
+    assert "limited" in helps["flood_messages"] and "busy" in helps["chat_queue_max"]
+    with pytest.raises(OuroError, match="flood_window_s"):
+        load_settings(flood_window_s=0)
+
+
+# --- over the emulator ------------------------------------------------------------------------
+pytest_e2e = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with Emulator() as e:
+        yield e
+
+
+@pytest.fixture
+def make_bot(emu, tmp_path):
+    @contextlib.asynccontextmanager
+    async def factory(engine: FakeEngine, **overrides):
+        values = dict(data_dir=tmp_path / "data", stream_edit_interval_s=0.2)
+        values.update(overrides)
+        settings = load_settings(**values)
+        store = Store.open(settings.db_path)
+        worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
+        app = build_application(settings, store, Conversation(settings, store, worker), token=emu.token,
+                                base_url=emu.api_url)
+        try:
+            async with running(app, poll_timeout=1):
+                yield type("Bot", (), {"store": store, "engine": engine, "app": app, "worker": worker})
+        finally:
+            worker.close()
+            store.close()
+
+    emu.reset()
+    return factory
+
+
+async def _settled(store, chat_id: int, n: int, timeout: float = 20.0) -> list[dict]:
+    """The chat's turns once `n` are stored and none is still pending."""
+    end = time.monotonic() + timeout
+    while True:
+        rows = store.database.query("SELECT * FROM turns WHERE chat_id = ? ORDER BY id", (chat_id,))
+        if len(rows) >= n and all(r["status"] != "pending" for r in rows) or time.monotonic() > end:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+async def _replies(user, n: int, timeout: float = 20.0) -> list:
+    """The chat's bot messages once `n` replies carry their rating buttons."""
+    end = time.monotonic() + timeout
+    while True:
+        messages = await user.abot_messages()
+        if sum(len(m.callback_data) == 4 for m in messages) >= n or time.monotonic() > end:
+            return messages
+        await asyncio.sleep(0.1)
+
+
+@pytest_e2e
+async def test_small_soak_under_overload_stores_everything_and_answers_everyone(emu, make_bot):
+    plan = SoakPlan(users=8, messages=5, think_s=0.2, rate_p=0.6, regen_p=0.2, outcome_timeout_s=30)
+    async with make_bot(FakeEngine(delay_s=0.2), max_backlog=3) as bot:
+        result = await run_soak(emu, bot.app, plan)
+        busy_rows = bot.store.database.query(
+            "SELECT status, reply_text FROM turns WHERE chat_id >= ? AND status = 'busy'", (FIRST_USER,))
+    assert result["sent"] == 40 and result["stored"] == 40 and result["lost"] == 0 and result["extra_turns"] == 0
+    assert result["unreplied"] == 0 and result["failed"] == 0 and result["pending"] == 0
+    assert result["unhandled_errors"] == 0, result["errors_sample"]
+    assert result["busy"] > 0 and result["replied"] > 0             # overload did happen, and was survived
+    assert result["replied"] + result["busy"] + result["limited"] == 40
+    assert result["presses_unrecorded"] == 0 and result["rating_presses"] > 0, result
+    assert result["peak_backlog"] <= 3 and result["model_jobs"] >= result["replied"]
+    assert result["reply_p50_s"] is not None and result["queue_wait_p95_s"] is not None
+    assert len(busy_rows) == result["busy"] and all(r["reply_text"] in (BUSY, QUEUE_FULL) for r in busy_rows)
+    assert result["ok"]
+
+
+@pytest_e2e
+async def test_a_flood_is_stored_as_limited_with_one_notice(emu, make_bot):
+    async with make_bot(FakeEngine(delay_s=0.3), flood_messages=2, flood_window_s=600) as bot:
+        ann = emu.client(ANN, "Ann")
+        for i in range(6):
+            await ann.asend_text(f"message {i}")
+        rows = await _settled(bot.store, ANN, 6)
+        messages = await _replies(ann, 2)
+    assert len(rows) == 6                                           # nothing lost
+    assert sorted(r["status"] for r in rows) == ["answered"] * 2 + ["limited"] * 4
+    assert sum(r["reply_text"] == FLOOD_NOTICE for r in rows) == 1  # told once per window, not per message
+    assert sum(m.text == FLOOD_NOTICE for m in messages) == 1
+    assert sum(len(m.callback_data) == 4 for m in messages) == 2
+    # limited messages never reach the model, not even as context of the answered ones
+    answered = {r["user_text"] for r in rows if r["status"] == "answered"}
+    assert len(bot.engine.prompts) == 2 and {p[-1]["content"] for p in bot.engine.prompts} == answered
+    limited = {r["user_text"] for r in rows if r["status"] == "limited"}
+    assert not limited & {m["content"] for p in bot.engine.prompts for m in p}
+
+
+@pytest_e2e
+async def test_a_full_chat_queue_answers_busy_and_stores_it(emu, make_bot):
+    async with make_bot(FakeEngine(delay_s=1.5), chat_queue_max=1) as bot:
+        ann = emu.client(ANN, "Ann")
+        for i in range(4):
+            await ann.asend_text(f"quick {i}")
+        rows = await _settled(bot.store, ANN, 4)
+        messages = await _replies(ann, 2)
+        peak = bot.app.bot_data["handlers"].chat_queues.peak_waiting
+    assert len(rows) == 4
+    assert sorted(r["status"] for r in rows) == ["answered"] * 2 + ["busy"] * 2
+    assert all(r["reply_text"] == QUEUE_FULL for r in rows if r["status"] == "busy")
+    assert sum(m.text == QUEUE_FULL for m in messages) == 2
+    assert peak == 1 and len(bot.engine.prompts) == 2
