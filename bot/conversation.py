@@ -36,7 +36,7 @@ STOPPING = "Sorry — I'm restarting and had to stop before finishing this answe
 class Outcome:
     """What happened to a message, for the transport to show."""
 
-    kind: str                      # answered | correction | refused | busy | failed
+    kind: str                      # answered | correction | refused | busy | failed | pending (stored, not yet answered)
     turn_id: int | None = None
     text: str = ""                 # the reply (answered) or what to tell the user
     completion: Completion | None = None
@@ -68,6 +68,16 @@ class Conversation:
     async def handle_text(self, who: Speaker, text: str, *, message_id: int | None = None,
                           on_text: Callable[[str], None] | None = None) -> Outcome:
         """Everything that happens to one text message; never raises for bad input."""
+        received = self.receive(who, text, message_id=message_id)
+        if received.kind != "pending":
+            return received
+        return await self.answer(received.turn_id, on_text=on_text)
+
+    def receive(self, who: Speaker, text: str, *, message_id: int | None = None) -> Outcome:
+        """Store the message the moment it arrives — before it waits for its chat's turn or the
+        model — and settle what needs no model: a correction, an empty or too-long message. Kind
+        "pending" means: stored, to be answered with `answer(turn_id)` (or marked busy/limited).
+        A crash while it waits leaves it pending, so the restarted bot asks its author to resend."""
         corrected = self.store.take_correction(who.chat_id, who.user_id, text)
         if corrected is not None:
             return Outcome(kind="correction", turn_id=corrected, text=text)
@@ -80,9 +90,10 @@ class Conversation:
         if len(text) > self.settings.max_input_chars:
             self.store.mark_turn(turn_id, "refused", TOO_LONG)
             return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
-        return await self._answer(turn_id, on_text=on_text)
+        return Outcome(kind="pending", turn_id=turn_id)
 
-    async def _answer(self, turn_id: int, *, on_text: Callable[[str], None] | None) -> Outcome:
+    async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None) -> Outcome:
+        """Generate the reply to a stored pending turn; every failure is stored on the turn."""
         turn = self.store.turn(turn_id)
         assert turn is not None
         history = self.store.history(turn.session_id, before_turn_id=turn_id)

@@ -17,7 +17,7 @@ from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot import keyboards
 from bot.commands import help_text
-from bot.conversation import TERMINAL_CHAT_ID, Conversation, Speaker
+from bot.conversation import TERMINAL_CHAT_ID, Conversation, Outcome, Speaker
 from bot.edits import too_old
 from bot.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
 from bot.retry import call_with_retry
@@ -39,7 +39,8 @@ UNKNOWN_COMMAND = "I don't know that command — /help lists the ones I understa
 STALE_BUTTON = "That button belongs to a reply I can't act on anymore."
 NOT_YOURS = "Only the person I was answering can use these buttons."
 CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
-RESEND = "Sorry — I was restarted while answering “{}”. Could you send it again?"
+RESEND = "Sorry — I was restarted while answering {}. Could you send it again?"
+RESEND_MANY = "Sorry — I was restarted before answering your last {} messages ({}). Could you send them again?"
 CORRECTION_THANKS = "Thanks — noted as a better answer. I'll learn from it. ✍️"
 QUEUE_FULL = "I'm still answering your earlier messages — please send this one again once I've replied. 🙏"
 FLOOD_NOTICE = ("That's a lot of messages at once — I've kept them, but I'll only answer new ones "
@@ -129,43 +130,46 @@ class Handlers:
             return
         text = self._strip_mention(msg.text or "", context)
         who = _speaker(update)
+        # stored first: a message waiting behind others (or past a bound) is in the database before
+        # anything else happens to it, so a crash while it waits cannot lose it
+        received = self.conversation.receive(who, text, message_id=msg.message_id)
+        if received.kind != "pending":
+            await self._show(msg, received)
+            return
         verdict = self.flood.check(who.user_id)
         queue = self.chat_queues.join(who.chat_id) if verdict == ADMIT else None
         if queue is None:
-            await self._not_answered(msg, who, text, verdict)
+            await self._not_answered(msg, received.turn_id, verdict)
             return
         async with queue:  # one reply at a time per chat keeps each context in order
-            await self._reply(update, context, who, text, msg)
+            await self._reply(update, context, who, received.turn_id, msg)
 
-    async def _not_answered(self, msg: Message, who: Speaker, text: str, verdict: str) -> None:
-        """Over a bound (bot/limits.py): stored, never shown to the model; the person told (once per
+    async def _show(self, msg: Message, outcome: Outcome) -> None:
+        """What a message settled without the model gets: thanks for a correction, or why not."""
+        await call_with_retry(lambda: msg.reply_text(CORRECTION_THANKS if outcome.kind == "correction"
+                                                     else outcome.text))
+
+    async def _not_answered(self, msg: Message, turn_id: int, verdict: str) -> None:
+        """Over a bound (bot/limits.py): kept, never shown to the model; the person told (once per
         flood window)."""
         if verdict == ADMIT:
             status, notice = "busy", QUEUE_FULL
         else:
             status, notice = "limited", FLOOD_NOTICE if verdict == NOTICE else None
-        turn_id = self.store.add_user_turn(chat_id=who.chat_id, user_id=who.user_id, text=text,
-                                           user_message_id=msg.message_id, chat_type=who.chat_type,
-                                           chat_title=who.chat_title, username=who.username,
-                                           first_name=who.first_name, status=status)
         self.store.mark_turn(turn_id, status, notice)
         if notice is not None:
             await call_with_retry(lambda: msg.reply_text(notice))
 
-    async def _reply(self, update: Update, context: ContextTypes.DEFAULT_TYPE, who: Speaker, text: str,
+    async def _reply(self, update: Update, context: ContextTypes.DEFAULT_TYPE, who: Speaker, turn_id: int,
                      msg: Message) -> None:
         stream = StreamingReply(context.bot, who.chat_id, reply_to=msg.message_id if who.chat_type != "private" else None,
                                 interval=self.settings.stream_edit_interval_s)
-        # 'typing' is cosmetic: sent beside the reply, so no network call comes before the message is
-        # stored (handle_text stores it before its first await) and a kill at any point keeps it
+        # 'typing' is cosmetic: sent beside the reply (the message is already stored)
         typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
         self._background.add(typing)
         typing.add_done_callback(self._background.discard)
         stream.start()
-        outcome = await self.conversation.handle_text(who, text, message_id=msg.message_id, on_text=stream.push)
-        if outcome.kind == "correction":
-            await stream.finish(CORRECTION_THANKS)
-            return
+        outcome = await self.conversation.answer(turn_id, on_text=stream.push)
         if outcome.kind != "answered":
             await stream.finish(outcome.text)
             if outcome.error is not None:
@@ -269,17 +273,22 @@ class Handlers:
             log.debug("could not remove the pick keyboard", exc_info=True)
 
     async def recover_interrupted(self, bot) -> None:
-        """Turns left pending by a crash: close them and ask their authors to resend."""
+        """Turns left pending by a crash (being answered, or waiting their chat's turn): close them
+        and ask their authors to resend — one message per chat, naming each."""
+        by_chat: dict[int, list[dict]] = {}
         for turn in self.store.pending_turns():
-            snippet = turn["user_text"][:60] + ("…" if len(turn["user_text"]) > 60 else "")
-            text = RESEND.format(snippet)
-            self.store.mark_turn(turn["id"], "failed", text)
-            if turn["chat_id"] == TERMINAL_CHAT_ID:  # no Telegram side to tell
+            by_chat.setdefault(turn["chat_id"], []).append(turn)
+        for chat_id, turns in by_chat.items():
+            snippets = ["“" + t["user_text"][:60] + ("…" if len(t["user_text"]) > 60 else "") + "”" for t in turns]
+            text = RESEND.format(snippets[0]) if len(turns) == 1 else RESEND_MANY.format(len(turns), ", ".join(snippets))
+            for turn in turns:
+                self.store.mark_turn(turn["id"], "failed", text)
+            if chat_id == TERMINAL_CHAT_ID:  # no Telegram side to tell
                 continue
             try:
-                await call_with_retry(lambda t=turn, m=text: bot.send_message(t["chat_id"], m), attempts=2)
+                await call_with_retry(lambda c=chat_id, m=text: bot.send_message(c, m), attempts=2)
             except Exception:
-                log.warning("could not ask chat %s to resend", turn["chat_id"], exc_info=True)
+                log.warning("could not ask chat %s to resend", chat_id, exc_info=True)
         await self.deliver_interrupted(bot)
 
     async def deliver_interrupted(self, bot) -> None:

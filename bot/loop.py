@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -142,7 +143,7 @@ class LearningLoop:
         serving_id, serving_sha = self.swapper.serving()
         if (gen.id, gen.sha256) == (serving_id, serving_sha) or (gen.id, gen.sha256) == self._failed:
             return None
-        warm = (self.warmup(self.settings.kv_cache_chats)
+        warm = (functools.partial(self.warmup, self.settings.kv_cache_chats)
                 if self.warmup and self.settings.kv_cache_chats and self.settings.swap_warm_tokens else None)
         result = await self.swapper.swap_to(gen, warm)
         if result.ok and result.reason == "already serving":   # the ticker and a command raced; one swapped

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,19 +124,24 @@ def test_sigkill_while_the_model_writes_then_restart_asks_to_resend(emu, serve, 
     ann = emu.client(ANN, "Ann")
     mid = ann.send_text(LONG)
     partial = ann.wait_for(lambda m: CURSOR.strip() in (m.text or ""), after=mid, timeout=20)
+    # two more while the first is being answered: they wait in Ann's chat queue, already stored
+    behind = ["and then?", "hello??"]
+    for text in behind:
+        ann.send_text(text)
+    wait_until(lambda: len(turn_rows(data, ANN)) == 3, 20, "the waiting messages to be stored", bot)
     bot.proc.kill()                                              # SIGKILL while the reply streams in
     bot.proc.wait(10)
 
     rows = turn_rows(data, ANN)
-    assert [r["user_text"] for r in rows] == [LONG]              # the message was stored before the model ran
-    assert rows[0]["status"] == "pending", "the reply had finished before the kill; nothing was tested"
+    assert [r["user_text"] for r in rows] == [LONG, *behind]    # stored before the model ran, and while waiting
+    assert [r["status"] for r in rows] == ["pending"] * 3, "the reply had finished before the kill; nothing tested"
     assert integrity(data) == "ok"
 
     serve(reply_max_tokens=1500).start()
-    ask = ann.wait_for(lambda m: "send it again" in (m.text or ""), after=partial.message_id, timeout=120)
-    assert LONG[:40] in ask.text
+    ask = ann.wait_for(lambda m: "send them again" in (m.text or ""), after=partial.message_id, timeout=120)
+    assert LONG[:40] in ask.text and all(f"“{t}”" in ask.text for t in behind)   # one message naming each
     rows = turn_rows(data, ANN)
-    assert [r["status"] for r in rows] == ["failed"] and rows[0]["reply_text"] == ask.text
+    assert [r["status"] for r in rows] == ["failed"] * 3 and rows[0]["reply_text"] == ask.text
     assert integrity(data) == "ok"
 
 
@@ -172,7 +178,9 @@ def test_sigterm_cuts_off_replies_after_the_grace_and_exits_within_ten_seconds(e
     mid = ann.send_text(LONG)
     ann.wait_for(lambda m: CURSOR.strip() in (m.text or ""), after=mid, timeout=120)
     bob_mid = bob.send_text("hello, are you there?")               # waits behind Ann's reply for the model
-    wait_until(lambda: turn_rows(data, BOB), 30, "Bob's message to be stored", bot)
+    ann.send_text("and after that, count backwards")              # waits in Ann's own chat queue
+    wait_until(lambda: turn_rows(data, BOB) and len(turn_rows(data, ANN)) == 2, 30,
+               "the waiting messages to be stored", bot)
 
     started = time.monotonic()
     bot.proc.send_signal(signal.SIGTERM)
@@ -183,15 +191,15 @@ def test_sigterm_cuts_off_replies_after_the_grace_and_exits_within_ten_seconds(e
     assert time.monotonic() - started < 10
     assert code == 0, bot.tail()
 
-    for user, after in ((ann, mid), (bob, bob_mid)):
+    for user, after, sent in ((ann, mid, 2), (bob, bob_mid, 1)):
         rows = turn_rows(data, user.user_id)
-        assert len(rows) == 1 and rows[0]["status"] in ("answered", "failed")   # stored, and none left pending
-        last = user.bot_messages()[-1]
-        assert last.message_id > after and CURSOR.strip() not in last.text       # not left half-written
-        if rows[0]["status"] == "failed":
-            assert rows[0]["reply_text"] == STOPPING == last.text               # told to send it again
-        else:
-            assert last.callback_data and last.text == rows[0]["reply_text"]
+        assert len(rows) == sent and {r["status"] for r in rows} <= {"answered", "failed"}   # none left pending
+        shown = [m.text for m in user.bot_messages() if m.message_id > after]
+        assert not any(CURSOR.strip() in t for t in shown)                       # nothing left half-written
+        for row in rows:                                                         # each told: its reply, or
+            assert row["status"] == "answered" or row["reply_text"] == STOPPING  # to send it again
+        assert Counter(shown)[STOPPING] == sum(r["status"] == "failed" for r in rows)
+        assert all(r["reply_text"] in shown for r in rows)
     assert turn_rows(data, ANN)[0]["status"] == "failed"                         # 1500 tokens take > 2 s
     assert integrity(data) == "ok"
     conn = sqlite3.connect(data / "ouro.db")

@@ -16,7 +16,7 @@ from config.settings import load_settings
 from evals.live_watch import judge
 from memory.store import Store
 from ouro.errors import OuroError
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, word_count
 from trainer.lineage import Generation, Lineage, atomic_write_text, sha256_file, utcnow
 from trainer.schedule import parse_schedule
 from trainer.scheduler import JOB_ID, CycleScheduler, scheduled_cycle
@@ -157,6 +157,48 @@ async def test_swap_waits_for_the_running_reply_then_closes_the_old_model(lineag
     assert result.pause_s > 0.1                            # the swap waited for the reply in flight
     again = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"))
     assert again.ok and again.reason == "already serving" and len(loader.engines) == 1
+
+
+class PrefillingEngine(FakeEngine):
+    """Reads conversations ahead like LlamaEngine.prefill: only what it has not read yet, per chat."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.read: dict[int, int] = {}
+        self.calls: list[tuple[int, int]] = []
+
+    def prefill(self, messages, *, chat_key):
+        total = word_count(messages)
+        new = total - self.read.get(chat_key, 0)
+        self.read[chat_key] = total
+        self.calls.append((chat_key, new))
+        return new
+
+
+async def test_warm_up_reads_the_active_chats_then_catches_up_with_what_they_said_meanwhile(lineage_world):
+    settings, store, worker, first = lineage_world
+    engines: list[PrefillingEngine] = []
+
+    def load(gen):
+        engines.append(PrefillingEngine(generation_id=gen.id))
+        engines[-1].model_sha256 = gen.sha256
+        return engines[-1]
+
+    ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
+    plans = [[(1, ann)],                                                        # when the swap starts
+             [(2, ann[:1]), (1, ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}])],
+             [(2, ann[:1]), (1, ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}])]]
+    calls = iter(plans)
+    swapper = HotSwapper(worker, load, warm_tokens=1000)
+    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), lambda: next(calls))
+    assert result.ok and worker.engine is engines[0]
+    # pass 1 read Ann's chat; the catch-up read Bob's new chat whole and only Ann's new turn; pass 3 found nothing
+    assert engines[0].calls == [(1, word_count(ann)), (2, word_count(ann[:1])), (1, 10), (2, 0), (1, 0)]
+
+    tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1)   # the budget counts every pass
+    result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
+                                 lambda: [(3, ann), (4, ann), (5, ann)])
+    assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, word_count(ann))]   # spent: no catch-up
 
 
 @pytest.mark.parametrize("problem", ["broken", "empty", "tampered"])
