@@ -169,13 +169,15 @@ class LlamaEngine:
         finally:
             llama_cpp.llama_set_n_threads(self.llm.ctx, self.llm.n_threads, self.llm.n_threads_batch)
 
-    def prefill(self, messages: list[Message], *, chat_key: int | str) -> int:
+    def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
         """Read a chat's conversation so far into its KV state without generating; returns tokens read.
 
         Used to warm a freshly loaded generation before the hot-swap, so the chats active right
         now do not each re-read their whole history on the new model's first reply. The text is
         rendered without a generation prompt: the next turn's prompt extends it token for token
         (the template closes every message with a special token, so no merge crosses the seam).
+        `max_tokens` reads only that many: the next call goes on from there (the common prefix),
+        so a long conversation can be read in short steps between replies.
         """
         text = self.render(messages, add_generation_prompt=False)
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
@@ -183,11 +185,12 @@ class LlamaEngine:
             return 0
         self.states.activate(chat_key)
         keep = self.states.common_prefix(tokens)
-        if keep == len(tokens):
+        end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
+        if keep >= end:
             return 0
         self.llm.n_tokens = keep            # eval() drops the KV cells past this point itself
-        self.llm.eval(tokens[keep:])
-        return len(tokens) - keep
+        self.llm.eval(tokens[keep:end])
+        return end - keep
 
     def forget(self, chat_key: int | str) -> None:
         self.states.forget(chat_key)

@@ -146,12 +146,13 @@ class LearningLoop:
         warm = (functools.partial(self.warmup, self.settings.kv_cache_chats)
                 if self.warmup and self.settings.kv_cache_chats and self.settings.swap_warm_tokens else None)
         result = await self.swapper.swap_to(gen, warm)
-        if result.ok and result.reason == "already serving":   # the ticker and a command raced; one swapped
+        if result.ok and result.reason == "already serving" or result.stopping:   # a race, or shutting down
             return result
         if result.ok:
             self._failed = None
             self.store.log_event("hot_swap", detail={"gen": gen.id, "from": result.previous_id,
                                                      "load_s": result.load_s, "smoke_s": result.smoke_s,
+                                                     "warm_s": result.warm_s, "warm_tokens": result.warm_tokens,
                                                      "pause_s": result.pause_s})
             return result
         self._failed = (gen.id, gen.sha256)

@@ -11,6 +11,7 @@ instead of queueing forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import threading
 import time
@@ -44,6 +45,7 @@ class InferenceWorker:
         self.max_backlog = max_backlog
         self.peak_backlog = 0
         self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
+        self._next_in_line: deque = deque()                  # (job, future, loop): run before the queue
 
     @property
     def engine(self) -> Engine:
@@ -67,9 +69,12 @@ class InferenceWorker:
         self._waits.clear()
         self.peak_backlog = self._backlog
 
-    def _run(self, job: Callable[[Engine], T], submitted: float) -> T:
+    def _run(self, job: Callable[[Engine], T] | None, submitted: float) -> T | None:
         try:
             with self._lock:
+                self._run_next_ones()
+                if job is None:        # only here to run a `next_in_line` job when nothing else is queued
+                    return None
                 self._waits.append(time.perf_counter() - submitted)
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
@@ -78,9 +83,35 @@ class InferenceWorker:
             with self._count_lock:
                 self._backlog -= 1
 
-    async def run(self, job: Callable[[Engine], T], *, bounded: bool = True) -> T:
+    def _run_next_ones(self) -> None:
+        """Jobs submitted with `next_in_line=True` run before whatever the queue holds next."""
+        while self._next_in_line:
+            job, future, loop = self._next_in_line.popleft()
+            try:
+                if self._abandon.is_set():
+                    raise Abandoned("the bot is stopping")
+                result = job(self._engine)
+            except BaseException as exc:   # handed to the awaiting coroutine, as run() does
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    async def run(self, job: Callable[[Engine], T], *, bounded: bool = True, next_in_line: bool = False) -> T:
         """Run `job(engine)` on the inference thread and await its result. `bounded=False` is for
-        small jobs that must run even under overload (dropping a forgotten person's cached state)."""
+        small jobs that must run even under overload (dropping a forgotten person's cached state).
+        `next_in_line=True` runs it as soon as the job running now is done, ahead of the queue: for
+        short steps of background work (the hot-swap warm-up) that must take turns with replies
+        rather than wait behind every queued one each time."""
+        if next_in_line:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            self._next_in_line.append((job, future, loop))
+            with self._count_lock:
+                self._backlog += 1
+            # an empty job at the back of the queue, so it also runs when nothing else is queued;
+            # not awaited: the job itself runs (and `future` settles) as soon as the current one ends
+            loop.run_in_executor(self._executor, self._run, None, time.perf_counter())
+            return await future
         with self._count_lock:
             if bounded and self._backlog >= self.max_backlog:
                 raise Busy(f"{self._backlog} replies are already waiting")
@@ -124,8 +155,21 @@ class InferenceWorker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        while self._next_in_line:       # never run: whoever awaits them is told the worker stopped
+            _, future, loop = self._next_in_line.popleft()
+            with contextlib.suppress(RuntimeError):   # that loop is closed already
+                loop.call_soon_threadsafe(_settle, future, None, Abandoned("the worker was closed"))
         with self._lock:
             self._engine.close()
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def loop_callback(loop: asyncio.AbstractEventLoop, fn: Callable[[str], None]) -> Callable[[str], None]:

@@ -157,9 +157,10 @@ class Settings(BaseSettings):
     watch_margin: float = Field(0.15, ge=0.0, le=1.0, description=(
         "Live watch: roll back automatically when the new generation's 👎 share exceeds its parent's by more "
         "than this (0-1)."))
-    swap_warm_tokens: int = Field(4096, ge=0, le=1_000_000, description=(
+    swap_warm_tokens: int = Field(8192, ge=0, le=1_000_000, description=(
         "Hot-swap warm-up: tokens of the most recently active chats the new model reads before it serves "
-        "(newest chat first), so their next replies do not start by re-reading the history. 0 = off."))
+        "(newest chat first, in short steps between replies), so their next replies do not start by "
+        "re-reading the history. 0 = off."))
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
 

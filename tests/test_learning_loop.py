@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -160,22 +161,27 @@ async def test_swap_waits_for_the_running_reply_then_closes_the_old_model(lineag
 
 
 class PrefillingEngine(FakeEngine):
-    """Reads conversations ahead like LlamaEngine.prefill: only what it has not read yet, per chat."""
+    """Reads conversations ahead like LlamaEngine.prefill: only what it has not read yet, per chat,
+    at most `max_tokens` per call."""
 
-    def __init__(self, **kw) -> None:
+    def __init__(self, step_s: float = 0.0, **kw) -> None:
         super().__init__(**kw)
+        self.step_s = step_s
         self.read: dict[int, int] = {}
         self.calls: list[tuple[int, int]] = []
+        self.threads: set[str] = set()
 
-    def prefill(self, messages, *, chat_key):
-        total = word_count(messages)
-        new = total - self.read.get(chat_key, 0)
-        self.read[chat_key] = total
+    def prefill(self, messages, *, chat_key, max_tokens=None):
+        self.threads.add(threading.current_thread().name)
+        have = self.read.get(chat_key, 0)
+        new = min(word_count(messages) - have, max_tokens if max_tokens is not None else 10**9)
+        self.read[chat_key] = have + new
         self.calls.append((chat_key, new))
+        time.sleep(self.step_s)
         return new
 
 
-async def test_warm_up_reads_the_active_chats_then_catches_up_with_what_they_said_meanwhile(lineage_world):
+async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what_they_said_meanwhile(lineage_world):
     settings, store, worker, first = lineage_world
     engines: list[PrefillingEngine] = []
 
@@ -185,20 +191,44 @@ async def test_warm_up_reads_the_active_chats_then_catches_up_with_what_they_sai
         return engines[-1]
 
     ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
-    plans = [[(1, ann)],                                                        # when the swap starts
-             [(2, ann[:1]), (1, ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}])],
-             [(2, ann[:1]), (1, ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}])]]
-    calls = iter(plans)
-    swapper = HotSwapper(worker, load, warm_tokens=1000)
-    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), lambda: next(calls))
-    assert result.ok and worker.engine is engines[0]
-    # pass 1 read Ann's chat; the catch-up read Bob's new chat whole and only Ann's new turn; pass 3 found nothing
-    assert engines[0].calls == [(1, word_count(ann)), (2, word_count(ann[:1])), (1, 10), (2, 0), (1, 0)]
+    later = ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]
+    plans = iter([[(1, ann)],                       # when the swap starts
+                  [(2, ann[:1]), (1, later)],        # meanwhile Bob wrote, and Ann said more
+                  [(2, ann[:1]), (1, later)]])
+    swapper = HotSwapper(worker, load, warm_tokens=1000, warm_step=4)
+    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), lambda: next(plans))
+    assert result.ok and worker.engine is engines[0] and result.warm_tokens == word_count(later) + word_count(ann[:1])
+    assert engines[0].calls == [(1, 4), (1, 4), (1, 4), (1, 4), (1, 1),            # Ann's chat, in steps of 4
+                                (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
+                                (2, 0), (1, 0)]                                    # nothing new: swap
+    assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
 
     tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1)   # the budget counts every pass
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
                                  lambda: [(3, ann), (4, ann), (5, ann)])
-    assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, word_count(ann))]   # spent: no catch-up
+    assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, 1)]
+
+
+async def test_replies_are_answered_between_warm_up_steps(lineage_world):
+    """The warm-up takes turns with replies on the one inference thread: a reply asked for while a
+    long warm-up runs is answered within a step, not after the whole warm-up."""
+    settings, store, worker, first = lineage_world
+    new = PrefillingEngine(step_s=0.05, generation_id="gen-0001")
+    new.model_sha256 = Lineage(settings.models_dir).generation("gen-0001").sha256
+    long_chat = [{"role": "user", "content": "word " * 400}]             # 400+ tokens: 7 steps of 64
+    swapper = HotSwapper(worker, lambda gen: new, warm_tokens=4096)
+    swap = asyncio.create_task(swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"),
+                                               lambda: [(1, long_chat)]))
+    while not new.calls:
+        await asyncio.sleep(0.005)
+    asked = time.perf_counter()
+    text = await worker.run(lambda engine: engine.generate([{"role": "user", "content": "hi"}], chat_key=2,
+                                                           sampling=None).text)
+    answered = time.perf_counter() - asked
+    assert text == "echo: hi" and not swap.done()          # answered by the old model, mid-warm-up
+    result = await swap
+    assert result.ok and result.warm_tokens == word_count(long_chat) and len(new.calls) >= 7
+    assert answered < 0.2 < result.warm_s                  # waited for one step at most, not the whole warm-up
 
 
 @pytest.mark.parametrize("problem", ["broken", "empty", "tampered"])

@@ -95,6 +95,34 @@ async def test_worker_bounds_its_backlog_and_records_queue_wait():
         worker.close()
 
 
+async def test_a_next_in_line_job_runs_right_after_the_current_one_ahead_of_the_queue():
+    worker = InferenceWorker(FakeEngine())
+    order: list[str] = []
+
+    def job(name: str, pause: float = 0.0):
+        def run(engine):
+            time.sleep(pause)
+            order.append(name)
+            return name
+        return run
+
+    try:
+        running = asyncio.ensure_future(worker.run(job("running", 0.3)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(worker.run(job(f"queued{i}"))) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert await worker.run(job("step"), next_in_line=True) == "step"
+        await asyncio.gather(running, *queued)
+        assert order == ["running", "step", "queued0", "queued1", "queued2"]
+        assert await worker.run(job("alone"), next_in_line=True) == "alone"     # also with nothing queued
+        with pytest.raises(ZeroDivisionError):                                # its errors reach the caller
+            await worker.run(lambda engine: 1 / 0, next_in_line=True)
+        await asyncio.sleep(0.05)
+        assert worker.backlog == 0
+    finally:
+        worker.close()
+
+
 def test_log_file_is_rotated_with_a_size_cap_and_private(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "LOG_FILE_MAX_BYTES", 2000)
     root = logging.getLogger()
