@@ -1,23 +1,24 @@
 """Putting a new generation in front of people without stopping the bot.
 
-The new model is loaded beside the old one on a helper thread (the inference thread keeps
-answering meanwhile), checked against its recorded SHA-256, and smoke-tested: it must
-answer a plain greeting (greedy, a few tokens, on one thread) without ending its turn
-empty-handed. Only then is it swapped into the worker — under the inference lock, so a reply
-being generated finishes on the old model and the next one starts on the new. The old model is
-closed afterwards, which also drops every cached chat KV state (they belong to the old
-weights). One swap at a time.
+The new GGUF is checked against its recorded SHA-256 and loaded beside the old one on a
+low-priority thread of its own (the serving model keeps answering), then smoke-tested: it must
+answer a plain greeting (greedy, a few tokens) without ending its turn empty-handed. Only then
+is it swapped into the worker — under the inference lock, so a reply being generated finishes
+on the old model and the next one starts on the new. The old model is closed afterwards, which
+also drops every cached chat KV state (they belong to the old weights). One swap at a time.
 
 Warm-up: dropping the KV states would make every active chat re-read its whole history on the
 new model's first reply — seconds of silence right after the swap. So before swapping, the
 new model reads the conversations of the most recently active chats (newest first, at most
-`swap_warm_tokens` tokens in all) into its own per-chat states. It does so in short steps
-(`warm_step` tokens, a fraction of a second each) on the inference thread, each run right after
-the job running now (`next_in_line`), so steps and replies alternate — not on a thread of its own: ggml's threads spin while they wait, so two models computing at once
-on a small machine slow each other several-fold (measured: a warm-up beside four busy chats
-took 20 s, then 44 s, then 110 s per swap and still left chats unread). Interleaved, the serving
-model and the new one take turns at full speed, and no step holds a reply up for longer than a
-short reply takes. Chats move on meanwhile, so the plan is read again after each pass; a pass
+`swap_warm_tokens` tokens in all) into its own per-chat states. It does so — like the
+smoke test — in short steps (`warm_step` tokens, a fraction of a second each) on the inference
+thread, each run right after the job running now (`next_in_line`), so steps and replies
+alternate. Not on a thread of its own: ggml's threads spin while they wait, so two models
+computing at once on a small machine slow each other several-fold (measured: a warm-up beside
+four busy chats took 20 s, then 44 s, then 110 s per swap and still left chats unread).
+Interleaved, the serving model and the new one take turns at full speed, and no step holds a
+reply up for longer than a short reply takes. Chats move on meanwhile, so the plan is read
+again after each pass; a pass
 that finds (almost) nothing new ends the warm-up, and the swap follows at once.
 
 Memory stays flat because nothing else holds the old engine: the worker gave up its only
@@ -33,16 +34,20 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bot.engine import Engine, Sampling
 from bot.worker import Abandoned, InferenceWorker
 from trainer.lineage import Generation, sha256_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,21 +81,11 @@ class HotSwapper:
         engine = self.worker.engine
         return engine.generation_id, getattr(engine, "model_sha256", "")
 
-    def _prepare(self, gen: Generation) -> tuple[Engine, float, float]:
-        """Check, load and smoke-test on a helper thread; the serving model keeps answering."""
-        t0 = time.perf_counter()
+    def _load(self, gen: Generation) -> Engine:
+        """Check and load, on a low-priority thread of its own (`_low_priority`)."""
         if sha256_file(gen.gguf) != gen.sha256:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
-        engine = self.load(gen)
-        t1 = time.perf_counter()
-        try:
-            quiet = getattr(engine, "background_threads", None)
-            with quiet() if quiet else contextlib.nullcontext():
-                self.smoke_test(engine)
-        except BaseException:
-            engine.close()
-            raise
-        return engine, t1 - t0, time.perf_counter() - t1
+        return self.load(gen)
 
     async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
         """Read the planned chats into `engine` in steps queued on the inference thread; tokens read."""
@@ -140,8 +135,12 @@ class HotSwapper:
                 return SwapResult(True, gen.id, previous, "already serving")
             engine = None
             try:
-                engine, load_s, smoke_s = await asyncio.to_thread(self._prepare, gen)
                 t = time.perf_counter()
+                engine = await _low_priority(self._load, gen)
+                load_s, t = time.perf_counter() - t, time.perf_counter()
+                # the smoke test and the warm-up run on the inference thread, between replies
+                await self.worker.run(lambda _serving: self.smoke_test(engine), bounded=False, next_in_line=True)
+                smoke_s, t = time.perf_counter() - t, time.perf_counter()
                 read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
                 warm_s = time.perf_counter() - t
             except Abandoned:   # the bot is stopping: nothing about the new model was wrong
@@ -157,15 +156,49 @@ class HotSwapper:
             t = time.perf_counter()
             old = await asyncio.to_thread(self.worker.swap, engine)
             pause = time.perf_counter() - t
-            await asyncio.to_thread(old.close)
+            await asyncio.to_thread(_dispose, old)
             del old
-            gc.collect()
-            _trim_heap()
             self.swaps += 1
             log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens)",
                      gen.id, previous, load_s, smoke_s, warm_s, read)
             return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4),
                               warm_s=round(warm_s, 3), warm_tokens=read)
+
+
+def _dispose(engine: Engine) -> None:
+    """Close the old model and give its memory back, off the event loop (a full collection and
+    `malloc_trim` can take a noticeable moment with a big heap)."""
+    engine.close()
+    gc.collect()
+    _trim_heap()
+
+
+async def _low_priority(fn: Callable[..., T], *args) -> T:
+    """Run `fn` on a fresh thread at the lowest CPU priority (Linux sets nice per thread).
+
+    Hashing and loading the new GGUF is CPU work beside a model answering on every core: at
+    normal priority it preempts one of ggml's threads, whose partners then spin at each barrier
+    and a reply slows several-fold. Niced, it gets only what the serving model leaves.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result, exc) -> None:
+        if not future.cancelled():
+            future.set_exception(exc) if exc is not None else future.set_result(result)
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="hotswap-load", daemon=True).start()
+    return await future
 
 
 def _trim_heap() -> None:

@@ -1,8 +1,9 @@
 """`ouro bench swap`: what a hot-swap and a training cycle cost the people chatting, in one run.
 
-1. Pause: four chats take turns talking to the bot's conversation stack without a break
-   while the learning loop hot-swaps between two generations 10 times (each swap reads the
-   active chats into the new model first, see bot/hotswap.py). The pause is the
+1. Pause: four chats take turns talking to the bot's conversation stack without a break (each
+   starting a new conversation every 8 turns) while the learning loop hot-swaps between two
+   generations 10 times (each swap reads the active chats into the new model first, in steps
+   between replies, see bot/hotswap.py). The pause is the
    longest stretch with no reply text flowing (the gap between consecutive streamed pieces,
    across replies) during a swap, ÷ the median reply time without swaps (goal ≤ 1.0: a
    swap costs less than one reply). The same gap measured without swaps is reported too.
@@ -38,13 +39,17 @@ from trainer.lineage import Lineage, atomic_write_text, sha256_file, utcnow
 
 def _settings(base: Settings, data_dir: Path) -> Settings:
     values = base.model_dump()
-    # n_ctx 1024: the four chats talk non-stop for ~20 minutes, so each runs into its context limit;
-    # at 1024 tokens a swap has up to ~4000 tokens of conversation to read ahead (within the default
-    # warm-up budget) and the benchmark ends in well under half an hour on 2 cores
-    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, reply_max_tokens=32, n_ctx=1024,
+    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, reply_max_tokens=32,
                   cycle_schedule="off", log_level="WARNING", train_epochs=50, dpo_steps=0, max_seq_len=256,
                   train_batch=2)
     return load_settings(**values)
+
+
+# Each chat starts a new conversation (/reset) every 8 turns. Without that, four chats talking
+# non-stop for twenty minutes run into their context limit again and again, and each trim makes
+# that chat re-read its kept history (seconds) — with or without a swap, which would blur what
+# this measures. Conversations of ≤ 8 turns also keep each swap's warm-up (≤ ~2000 tokens) short.
+TURNS_PER_SESSION = 8
 
 
 def _second_generation(lineage: Lineage) -> None:
@@ -62,6 +67,8 @@ async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list
     n = 0
     while not stop.is_set():
         who = chats[n % 4]
+        if n % (4 * TURNS_PER_SESSION) < 4 and n >= 4:
+            rt.conversation.reset(who)    # a new conversation now and then, as people do
         t = time.perf_counter()
         out = await rt.conversation.handle_text(who, MESSAGES[n % len(MESSAGES)],
                                                 on_text=lambda piece: stamps.append(time.perf_counter()))

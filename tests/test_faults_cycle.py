@@ -76,6 +76,11 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
                 await asyncio.sleep(0.1)
             else:
                 pytest.fail(f"the cycle never reached stage {stage}")
+            # niced, in our session (Linux gives each session's autogroup an equal CPU share whatever
+            # the nice value) but its own process group, which the kill takes whole
+            pid = loop.runner.proc.pid
+            assert os.getsid(pid) == os.getsid(0) and os.getpgid(pid) == pid
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= settings.cycle_nice
             assert loop.runner.kill()                   # SIGKILL, inside the stage
             outcome = await asyncio.wait_for(task, 60)
             assert outcome.status == "killed", (stage, outcome)

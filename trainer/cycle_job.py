@@ -151,9 +151,14 @@ class CycleRunner:
         atomic_write_text(settings_file, self.settings.model_dump_json())
         os.chmod(settings_file, 0o600)
         self.actor = actor
+        # Its own process group (so `kill` takes its helpers too) but NOT its own session: Linux's
+        # scheduler autogroups give each session an equal share of the CPU whatever the nice value,
+        # so with start_new_session the niced trainer took a full core from the bot, and llama.cpp's
+        # two threads, one of them preempted at every barrier, made the first token 25x slower
+        # (p95 0.29 s → 7.9 s on 2 cores; `ouro bench swap`). In the bot's session nice works.
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "trainer.cycle_job", "--settings", str(settings_file), "--actor", actor,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, process_group=0,
             env={k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"})   # training needs no token
         try:
             out, err = await self.proc.communicate()
