@@ -43,6 +43,7 @@ from bot import keyboards
 from bot.conversation import BUSY, FAILED
 from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
 from config.settings import Settings, load_settings
+from ouro import cpu_steal
 from ouro.bench_serve import MESSAGES
 from ouro.errors import OuroError
 
@@ -434,10 +435,12 @@ def run_bench_soak(base: Settings, *, users: int = 50, messages: int = 20, json_
     with tempfile.TemporaryDirectory(prefix="ouro-bench-soak-") as tmp:
         settings = _bench_settings(base, Path(tmp), users)
         rt = open_runtime(settings)
+        steal = cpu_steal.snapshot()
         try:
             result = asyncio.run(_bench(rt, plan, quiet=json_output))
         finally:
             rt.close()
+        result["cpu_stolen_share"] = cpu_steal.share(steal, cpu_steal.snapshot())
     if not json_output:
         _print(result)
     return result
@@ -461,4 +464,6 @@ def _print(r: dict) -> None:
     print(f"  memory: {r['rss_start_mb']:.0f} MB at start, {r['rss_end_mb']:.0f} MB at the end, peak "
           f"{r['peak_rss_mb']:.0f} MB (cycle process peak {r.get('peak_cycle_rss_mb', 0):.0f} MB)")
     print(f"  cycle: stages {' → '.join(r['cycle_stages_seen']) or '-'}; {r['cycle_outcome']}")
+    if r.get("cpu_stolen_share") is not None:
+        print(f"  CPU time taken by the VM's host meanwhile (steal): {r['cpu_stolen_share']:.0%}")
     print(f"  wall time {r['wall_s']:.0f}s ({r['replies_per_min']} replies/min) — {'OK' if r['ok'] else 'FAILED'}")

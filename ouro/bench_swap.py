@@ -32,6 +32,7 @@ import psutil
 from bot.conversation import Speaker
 from bot.loop import LearningLoop
 from config.settings import Settings, load_settings
+from ouro import cpu_steal
 from ouro.bench_serve import MESSAGES
 from ouro.runtime import open_runtime
 from trainer.lineage import Lineage, atomic_write_text, sha256_file, utcnow
@@ -181,6 +182,7 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
         settings = _settings(base, Path(tmp))
         rt = open_runtime(settings)
         _second_generation(rt.lineage)
+        steal = cpu_steal.snapshot()
 
         async def main() -> dict:
             loop = LearningLoop(settings, rt.store, rt.worker, warmup=rt.conversation.warmup_plan)
@@ -199,6 +201,7 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
         finally:
             rt.close()
     result["cores"] = psutil.cpu_count()
+    result["cpu_stolen_share"] = cpu_steal.share(steal, cpu_steal.snapshot())
     if not json_output:
         print("\nouro bench swap")
         print(f"  longest pause during a swap ÷ median reply: {result['swap_pause_ratio']:.2f}  (goal ≤ 1.0; "
@@ -208,6 +211,8 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
               f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies)")
         print(f"  memory after 20 swaps ÷ after 1:            {result['rss_ratio']:.3f}  (goal ≤ 1.10; "
               f"{result['rss_after_1_swap_mb']:.0f} → {result['rss_after_20_swaps_mb']:.0f} MB)")
+        if result["cpu_stolen_share"] is not None:
+            print(f"  CPU time taken by the VM's host meanwhile (steal): {result['cpu_stolen_share']:.0%}")
         print(f"  p95 TTFT while a cycle trains ÷ idle:       {result['training_ttft_ratio']:.2f}  (goal ≤ 2.0; "
               f"{result['training_ttft_p95_s']:.3f}s vs {result['idle_ttft_p95_s']:.3f}s)")
     return result

@@ -78,3 +78,16 @@ def test_help_lists_commands_and_readme_matches():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for cmd in COMMANDS:
         assert re.search(rf"`/{cmd.name}`[^\n]*{re.escape(cmd.description)}", readme), cmd.name
+
+
+def test_cpu_steal_share_reads_proc_stat_and_computes_the_stolen_share(tmp_path, monkeypatch):
+    from ouro import cpu_steal
+
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(cpu_steal, "STAT", stat)
+    stat.write_text("cpu  100 0 50 800 0 0 0 50 0 0\ncpu0 1 2 3\n")
+    start = cpu_steal.snapshot()
+    stat.write_text("cpu  200 0 50 850 0 0 0 100 0 0\ncpu0 1 2 3\n")
+    assert start == (50, 1000) and cpu_steal.share(start, cpu_steal.snapshot()) == 0.25   # 50 of 200 jiffies
+    stat.write_text("intr 1 2\n")
+    assert cpu_steal.snapshot() is None and cpu_steal.share(start, None) is None
