@@ -11,7 +11,7 @@ Warm-up: dropping the KV states would make every active chat re-read its whole h
 new model's first reply — seconds of silence right after the swap. So before swapping, the
 new model reads the conversations of the most recently active chats (newest first, at most
 `swap_warm_tokens` tokens in all) into its own per-chat states. It does so — like the
-smoke test — in short steps (`warm_step` tokens, a fraction of a second each) on the inference
+smoke test — in short steps (`warm_step` tokens, ~0.3 s each here) on the inference
 thread, each run right after the job running now (`next_in_line`), so steps and replies
 alternate. Not on a thread of its own: ggml's threads spin while they wait, so two models
 computing at once on a small machine slow each other several-fold (measured: a warm-up beside
@@ -48,6 +48,7 @@ from trainer.lineage import Generation, sha256_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SMOKE_KEY = "__smoke__"
 
 
 @dataclass
@@ -66,7 +67,7 @@ class SwapResult:
 
 class HotSwapper:
     def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
-                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 64) -> None:
+                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 32) -> None:
         self.worker = worker
         self.load = load
         self.persona = persona
@@ -111,12 +112,27 @@ class HotSwapper:
                 break
         return read
 
+    def smoke_messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.persona}] if self.persona else []) + \
+               [{"role": "user", "content": "Hi! How are you?"}]
+
+    async def _smoke(self, engine: Engine) -> None:
+        """The smoke test on the inference thread. Its prompt (the persona: often hundreds of tokens,
+        seconds of reading on a small CPU) is read first in `warm_step` steps between replies, so
+        the test itself only writes its few tokens."""
+        prefill = getattr(engine, "prefill", None)
+        if prefill is not None:
+            messages, step = self.smoke_messages(), max(self.warm_step, 1)
+            while await self.worker.run(lambda _serving: prefill(messages, chat_key=SMOKE_KEY, max_tokens=step),
+                                        bounded=False, next_in_line=True) == step:
+                pass
+        await self.worker.run(lambda _serving: self.smoke_test(engine), bounded=False, next_in_line=True)
+
     def smoke_test(self, engine: Engine) -> None:
-        messages = ([{"role": "system", "content": self.persona}] if self.persona else []) + \
-                   [{"role": "user", "content": "Hi! How are you?"}]
-        out = engine.generate(messages, chat_key="__smoke__", sampling=Sampling(
+        messages = self.smoke_messages()
+        out = engine.generate(messages, chat_key=SMOKE_KEY, sampling=Sampling(
             temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=self.smoke_tokens))
-        engine.forget("__smoke__")
+        engine.forget(SMOKE_KEY)
         # a model that ends its turn at once without a word is broken; one still going after a few
         # tokens of whitespace (a leading newline or two) is merely slow to start
         if out.completion_tokens < 1 or (out.finish_reason == "stop" and not out.text.strip()):
@@ -139,7 +155,7 @@ class HotSwapper:
                 engine = await _low_priority(self._load, gen)
                 load_s, t = time.perf_counter() - t, time.perf_counter()
                 # the smoke test and the warm-up run on the inference thread, between replies
-                await self.worker.run(lambda _serving: self.smoke_test(engine), bounded=False, next_in_line=True)
+                await self._smoke(engine)
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
                 read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
                 warm_s = time.perf_counter() - t

@@ -178,7 +178,8 @@ class PrefillingEngine(FakeEngine):
         have = self.read.get(chat_key, 0)
         new = min(word_count(messages) - have, max_tokens if max_tokens is not None else 10**9)
         self.read[chat_key] = have + new
-        self.calls.append((chat_key, new))
+        if chat_key != "__smoke__":   # the smoke test's prompt, read ahead of it
+            self.calls.append((chat_key, new))
         time.sleep(self.step_s)
         return new
 
