@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from bot.engine import Engine, Sampling
-from bot.worker import Abandoned, InferenceWorker
+from bot.worker import Abandoned, InferenceWorker, settle
 from trainer.lineage import Generation, sha256_file
 
 log = logging.getLogger(__name__)
@@ -199,19 +199,15 @@ async def _low_priority(fn: Callable[..., T], *args) -> T:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
-    def settle(result, exc) -> None:
-        if not future.cancelled():
-            future.set_exception(exc) if exc is not None else future.set_result(result)
-
     def run() -> None:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
+            loop.call_soon_threadsafe(settle, future, None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            loop.call_soon_threadsafe(settle, future, result, None)
 
     threading.Thread(target=run, name="hotswap-load", daemon=True).start()
     return await future

@@ -92,9 +92,9 @@ class InferenceWorker:
                     raise Abandoned("the bot is stopping")
                 result = job(self._engine)
             except BaseException as exc:   # handed to the awaiting coroutine, as run() does
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+                loop.call_soon_threadsafe(settle, future, None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                loop.call_soon_threadsafe(settle, future, result, None)
 
     async def run(self, job: Callable[[Engine], T], *, bounded: bool = True, next_in_line: bool = False) -> T:
         """Run `job(engine)` on the inference thread and await its result. `bounded=False` is for
@@ -158,12 +158,13 @@ class InferenceWorker:
         while self._next_in_line:       # never run: whoever awaits them is told the worker stopped
             _, future, loop = self._next_in_line.popleft()
             with contextlib.suppress(RuntimeError):   # that loop is closed already
-                loop.call_soon_threadsafe(_settle, future, None, Abandoned("the worker was closed"))
+                loop.call_soon_threadsafe(settle, future, None, Abandoned("the worker was closed"))
         with self._lock:
             self._engine.close()
 
 
-def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+def settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    """Complete `future` (on its loop's thread) with a result or an exception, unless it was cancelled."""
     if future.cancelled():
         return
     if exc is not None:
