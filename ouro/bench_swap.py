@@ -154,15 +154,11 @@ def _p95(values: list[float]) -> float:
 
 
 async def _contention(rt, loop: LearningLoop, *, quiet: bool, n: int = 20) -> dict:
+    from ouro.bench_soak import seed_reviewed_turns
     from trainer.cycle_job import read_cycle_status
 
     idle = await _ttft(rt, "idle", n)
-    for i in range(200):                                         # reviewed turns for the cycle to learn from
-        t = rt.store.add_user_turn(chat_id=900_000 + i, user_id=900_000 + i, text=f"tell me about topic {i}")
-        rt.store.complete_turn(t, reply_text=f"topic {i} is lovely, let me tell you why ✨", generation_id="gen-0000",
-                               prompt_tokens=10, completion_tokens=10, latency_s=0.1, ttft_s=0.01,
-                               context_start_turn_id=t)
-        rt.store.rate(t, 900_000 + i, 1)
+    seed_reviewed_turns(rt.store)                                # reviewed turns for the cycle to learn from
     task = asyncio.create_task(loop.run_cycle("bench"))
     t0 = time.monotonic()
     while True:
