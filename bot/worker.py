@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from bot.engine import Engine
@@ -34,6 +35,16 @@ class Abandoned(Busy):
     """The bot is stopping: the reply was given up (before or while generating) so the process can exit."""
 
 
+@dataclass(eq=False)
+class _NextInLine:
+    """A job submitted with `next_in_line=True`, waiting to run (compared by identity)."""
+
+    job: Callable[[Engine], object]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    taken: bool = False     # popped by the inference thread (run, or running now)
+
+
 class InferenceWorker:
     def __init__(self, engine: Engine, *, max_backlog: int = 64) -> None:
         self._engine = engine
@@ -45,7 +56,7 @@ class InferenceWorker:
         self.max_backlog = max_backlog
         self.peak_backlog = 0
         self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
-        self._next_in_line: deque = deque()                  # (job, future, loop): run before the queue
+        self._next_in_line: deque[_NextInLine] = deque()     # run before the queue
 
     @property
     def engine(self) -> Engine:
@@ -69,10 +80,10 @@ class InferenceWorker:
         self._waits.clear()
         self.peak_backlog = self._backlog
 
-    def _run(self, job: Callable[[Engine], T] | None, submitted: float) -> T | None:
+    def _run(self, job: Callable[[Engine], T] | None, submitted: float, until: _NextInLine | None = None) -> T | None:
         try:
             with self._lock:
-                self._run_next_ones()
+                self._run_next_ones(until)
                 if job is None:        # only here to run a `next_in_line` job when nothing else is queued
                     return None
                 self._waits.append(time.perf_counter() - submitted)
@@ -83,10 +94,21 @@ class InferenceWorker:
             with self._count_lock:
                 self._backlog -= 1
 
-    def _run_next_ones(self) -> None:
-        """Jobs submitted with `next_in_line=True` run before whatever the queue holds next."""
-        while self._next_in_line:
-            job, future, loop = self._next_in_line.popleft()
+    def _run_next_ones(self, until: _NextInLine | None = None) -> None:
+        """Jobs submitted with `next_in_line=True` run before whatever the queue holds next.
+
+        `until`: called from the placeholder queued with one such job, run the waiting ones only
+        up to that job. A placeholder whose job already ran (before some reply) would otherwise
+        run the *next* step submitted meanwhile — and placeholders left over from earlier steps
+        pile up in the queue, so a reply submitted behind them waited for several steps in a row
+        (measured: up to 6 warm-up steps, ~2 s, before one reply during a hot-swap).
+        """
+        if until is not None and until.taken:
+            return
+        for _ in range(len(self._next_in_line)):    # only those waiting now, not ones submitted meanwhile
+            entry = self._next_in_line.popleft()
+            entry.taken = True
+            job, future, loop = entry.job, entry.future, entry.loop
             try:
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
@@ -95,6 +117,8 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(settle, future, None, exc)
             else:
                 loop.call_soon_threadsafe(settle, future, result, None)
+            if entry is until:
+                return
 
     async def run(self, job: Callable[[Engine], T], *, bounded: bool = True, next_in_line: bool = False) -> T:
         """Run `job(engine)` on the inference thread and await its result. `bounded=False` is for
@@ -105,12 +129,13 @@ class InferenceWorker:
         if next_in_line:
             loop = asyncio.get_running_loop()
             future = loop.create_future()
-            self._next_in_line.append((job, future, loop))
+            entry = _NextInLine(job, future, loop)
+            self._next_in_line.append(entry)
             with self._count_lock:
                 self._backlog += 1
-            # an empty job at the back of the queue, so it also runs when nothing else is queued;
+            # a placeholder at the back of the queue, so it also runs when nothing else is queued;
             # not awaited: the job itself runs (and `future` settles) as soon as the current one ends
-            loop.run_in_executor(self._executor, self._run, None, time.perf_counter())
+            loop.run_in_executor(self._executor, self._run, None, time.perf_counter(), entry)
             return await future
         with self._count_lock:
             if bounded and self._backlog >= self.max_backlog:
@@ -156,7 +181,8 @@ class InferenceWorker:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         while self._next_in_line:       # never run: whoever awaits them is told the worker stopped
-            _, future, loop = self._next_in_line.popleft()
+            entry = self._next_in_line.popleft()
+            future, loop = entry.future, entry.loop
             with contextlib.suppress(RuntimeError):   # that loop is closed already
                 loop.call_soon_threadsafe(settle, future, None, Abandoned("the worker was closed"))
         with self._lock:

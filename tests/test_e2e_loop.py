@@ -138,6 +138,13 @@ async def test_replies_keep_flowing_through_ten_hot_swaps(emu, tmp_path):
             async def chatter(user) -> None:
                 n = 0
                 while not stop.is_set():
+                    if n and n % 6 == 0:
+                        # a fresh conversation now and then, as people do: without it three chats
+                        # talking non-stop grow ~1500-token histories that each swap's new model must
+                        # re-read (the warm-up here is kept to 256 tokens for speed) — minutes of
+                        # reading on a slow CI machine, which is not what this test is about
+                        rid = await user.asend_command("/reset")
+                        await user.await_for(lambda m: "Fresh start" in (m.text or ""), after=rid, timeout=60)
                     mid = await user.asend_text(f"message {n} from {user.user_id}")
                     # a finished reply carries the four buttons; an apology or a lost update never does
                     msg = await user.await_for(lambda m: bool(m.callback_data), after=mid, timeout=60)

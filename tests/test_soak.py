@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +118,47 @@ async def test_a_next_in_line_job_runs_right_after_the_current_one_ahead_of_the_
         assert await worker.run(job("alone"), next_in_line=True) == "alone"     # also with nothing queued
         with pytest.raises(ZeroDivisionError):                                # its errors reach the caller
             await worker.run(lambda engine: 1 / 0, next_in_line=True)
+        await asyncio.sleep(0.05)
+        assert worker.backlog == 0
+    finally:
+        worker.close()
+
+
+
+async def test_steps_submitted_while_a_step_runs_do_not_jump_ahead_of_a_waiting_reply():
+    """A hot-swap's warm-up submits its next step the moment the previous one ends — on a busy
+    event loop, often before the inference thread has looked at its queue again. A reply waiting
+    then must run after at most one more step, not after every step submitted meanwhile."""
+    worker = InferenceWorker(FakeEngine())
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    pending: list[asyncio.Future] = []
+
+    def step(n: int):
+        def run(engine):
+            order.append(f"step{n}")
+            if n < 9:   # the next step is submitted while this one still runs (the worst case of the race)
+                appended = threading.Event()
+                loop.call_soon_threadsafe(lambda: pending.append(
+                    asyncio.ensure_future(worker.run(step(n + 1), bounded=False, next_in_line=True))))
+                loop.call_soon_threadsafe(appended.set)      # runs after that task appended its step
+                appended.wait(5)
+            time.sleep(0.02)
+            return n
+        return run
+
+    try:
+        first = asyncio.ensure_future(worker.run(step(0), bounded=False, next_in_line=True))
+        await asyncio.sleep(0.005)
+        reply = await worker.run(lambda engine: order.append("reply") or "reply")
+        assert reply == "reply"
+        await first
+        while len(pending) < 9 or not all(f.done() for f in pending):
+            await asyncio.sleep(0.01)
+        # step0 was running when the reply came, step1 had been submitted before it, and step2 was
+        # next in line when step1 ended; then the reply — not after all ten
+        assert order.index("reply") <= 3, order
+        assert [e for e in order if e != "reply"] == [f"step{n}" for n in range(10)]   # steps in order, all run
         await asyncio.sleep(0.05)
         assert worker.backlog == 0
     finally:
