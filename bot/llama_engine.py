@@ -154,21 +154,6 @@ class LlamaEngine:
                           ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
                           cached_tokens=cached)
 
-    @contextlib.contextmanager
-    def background_threads(self, n: int = 1):
-        """Run on `n` threads for a while (warm-up beside a serving model), then back to the configured ones.
-
-        ggml's worker threads spin while they wait; two models each running 2 threads on 2 cores
-        slow each other down several-fold, so the model being prepared gets one.
-        """
-        import llama_cpp
-
-        llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
-        try:
-            yield
-        finally:
-            llama_cpp.llama_set_n_threads(self.llm.ctx, self.llm.n_threads, self.llm.n_threads_batch)
-
     def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
         """Read a chat's conversation so far into its KV state without generating; returns tokens read.
 
