@@ -11,15 +11,15 @@ Warm-up: dropping the KV states would make every active chat re-read its whole h
 new model's first reply — seconds of silence right after the swap. So before swapping, the
 new model reads the conversations of the most recently active chats (newest first, at most
 `swap_warm_tokens` tokens in all) into its own per-chat states. It does so — like the
-smoke test — in short steps (`warm_step` tokens, ~0.3 s each here) on the inference
-thread, each run right after the job running now (`next_in_line`), so steps and replies
-alternate. Not on a thread of its own: ggml's threads spin while they wait, so two models
+smoke test — in steps on the inference thread, each run right after the job running now
+(`next_in_line`), so steps and replies alternate. A step reads `warm_step`-token pieces
+(~0.3 s each here) and goes on while no reply waits (`InferenceWorker.waiting`): a reply
+never waits for more than the piece being read, and when people are quiet the warm-up runs
+at full speed. Not on a thread of its own: ggml's threads spin while they wait, so two models
 computing at once on a small machine slow each other several-fold (measured: a warm-up beside
 four busy chats took 20 s, then 44 s, then 110 s per swap and still left chats unread).
-Interleaved, the serving model and the new one take turns at full speed, and no step holds a
-reply up for longer than a short reply takes. Chats move on meanwhile, so the plan is read
-again after each pass; a pass
-that finds (almost) nothing new ends the warm-up, and the swap follows at once.
+Chats move on meanwhile, so the plan is read again after each pass; a pass that finds
+(almost) nothing new ends the warm-up, and the swap follows at once.
 
 Memory stays flat because nothing else holds the old engine: the worker gave up its only
 reference, and `close()` frees llama.cpp's buffers at once instead of waiting for the GC.
@@ -88,6 +88,26 @@ class HotSwapper:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
         return self.load(gen)
 
+    def _read(self, prefill: Callable[..., int], messages: list[dict], key: int | str, limit: int) -> tuple[int, bool]:
+        """One step on the inference thread: read up to `limit` more tokens of a conversation, in
+        `warm_step` pieces, stopping after the piece during which a reply came to wait (so a reply
+        never waits for more than one piece). (tokens read, whether the conversation is read to its end)."""
+        read = 0
+        while read < limit:
+            want = min(self.warm_step, limit - read)
+            n = prefill(messages, chat_key=key, max_tokens=want)
+            read += n
+            if n < want:
+                return read, True
+            if self.worker.waiting() or self.worker.stopping:
+                break
+        return read, False
+
+    async def _step(self, prefill: Callable[..., int], messages: list[dict], key: int | str,
+                    limit: int) -> tuple[int, bool]:
+        return await self.worker.run(lambda _serving: self._read(prefill, messages, key, limit),
+                                     bounded=False, next_in_line=True)
+
     async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
         """Read the planned chats into `engine` in steps queued on the inference thread; tokens read."""
         prefill = getattr(engine, "prefill", None)
@@ -97,15 +117,11 @@ class HotSwapper:
         for _ in range(passes):
             this_pass = 0
             for chat_key, messages in plan():
-                while read < self.warm_tokens:
-                    step = min(self.warm_step, self.warm_tokens - read)
-                    n = await self.worker.run(
-                        lambda _serving, m=messages, k=chat_key, s=step: prefill(m, chat_key=k, max_tokens=s),
-                        bounded=False, next_in_line=True)
+                finished = False
+                while not finished and read < self.warm_tokens:
+                    n, finished = await self._step(prefill, messages, chat_key, self.warm_tokens - read)
                     read += n
                     this_pass += n
-                    if n < step:    # this chat is read to its end
-                        break
                 if read >= self.warm_tokens:
                     return read
             if this_pass <= self.warm_step:   # the chats are (nearly) all read: swap now
@@ -118,14 +134,13 @@ class HotSwapper:
 
     async def _smoke(self, engine: Engine) -> None:
         """The smoke test on the inference thread. Its prompt (the persona: often hundreds of tokens,
-        seconds of reading on a small CPU) is read first in `warm_step` steps between replies, so
-        the test itself only writes its few tokens."""
+        seconds of reading on a small CPU) is read first in steps between replies, so the test
+        itself only writes its few tokens."""
         prefill = getattr(engine, "prefill", None)
         if prefill is not None:
-            messages, step = self.smoke_messages(), max(self.warm_step, 1)
-            while await self.worker.run(lambda _serving: prefill(messages, chat_key=SMOKE_KEY, max_tokens=step),
-                                        bounded=False, next_in_line=True) == step:
-                pass
+            finished = False
+            while not finished:
+                _, finished = await self._step(prefill, self.smoke_messages(), SMOKE_KEY, 1 << 30)
         await self.worker.run(lambda _serving: self.smoke_test(engine), bounded=False, next_in_line=True)
 
     def smoke_test(self, engine: Engine) -> None:

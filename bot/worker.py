@@ -52,6 +52,7 @@ class InferenceWorker:
         self._count_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._backlog = 0
+        self._queued = 0                       # regular jobs submitted and not yet started
         self._abandon = threading.Event()    # set when stopping: running and queued jobs give up
         self.max_backlog = max_backlog
         self.peak_backlog = 0
@@ -66,6 +67,15 @@ class InferenceWorker:
     def backlog(self) -> int:
         """Jobs submitted and not yet finished (the one running included)."""
         return self._backlog
+
+    def waiting(self) -> int:
+        """Regular jobs (replies) submitted and not yet started. A long background job on the
+        inference thread checks this between its short pieces and yields as soon as one waits."""
+        return self._queued
+
+    @property
+    def stopping(self) -> bool:
+        return self._abandon.is_set()
 
     def wait_stats(self) -> dict:
         """Queue wait (submission → start) of the latest jobs: count, p50, p95 and max in seconds."""
@@ -84,6 +94,9 @@ class InferenceWorker:
         try:
             with self._lock:
                 self._run_next_ones(until)
+                if job is not None:
+                    with self._count_lock:
+                        self._queued -= 1
                 if job is None:        # only here to run a `next_in_line` job when nothing else is queued
                     return None
                 self._waits.append(time.perf_counter() - submitted)
@@ -141,6 +154,7 @@ class InferenceWorker:
             if bounded and self._backlog >= self.max_backlog:
                 raise Busy(f"{self._backlog} replies are already waiting")
             self._backlog += 1
+            self._queued += 1
             self.peak_backlog = max(self.peak_backlog, self._backlog)
         loop = asyncio.get_running_loop()
         try:
@@ -148,6 +162,7 @@ class InferenceWorker:
         except BaseException:
             with self._count_lock:
                 self._backlog -= 1
+                self._queued -= 1
             raise
         return await future
 
@@ -155,6 +170,7 @@ class InferenceWorker:
         """The same, for callers without an event loop (the terminal chat, benchmarks)."""
         with self._count_lock:
             self._backlog += 1
+            self._queued += 1
         return self._executor.submit(self._run, job, time.perf_counter()).result()
 
     def abandon(self) -> None:

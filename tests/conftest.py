@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -9,9 +11,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from bot.conversation import Conversation
 from bot.worker import InferenceWorker
-from config.settings import load_settings
+from config.settings import Settings, load_settings
 from memory.store import Store
 from tests.fakes import FakeEngine
+
+ADMIN = 4242   # the admin of every bot `make_bot` builds
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +58,49 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-models")
     build_tiny_base(root / "models", tmp_path_factory.getbasetemp())
     return root / "models"
+
+
+# --- a bot over the Telegram emulator -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emu():
+    """The Bot API emulator (node emulator/server.js), one per test module."""
+    from ouro.emulator import Emulator
+
+    with Emulator() as e:
+        yield e
+
+
+@dataclass
+class RunningBot:
+    store: Store
+    engine: FakeEngine
+    settings: Settings
+    app: object
+    worker: InferenceWorker
+
+
+@pytest.fixture
+def make_bot(emu, tmp_path):
+    """`async with make_bot(engine, **settings) as bot:` — a real python-telegram-bot application
+    polling the emulator, with a fake engine, its own store and `ADMIN` as admin; stopped and
+    closed on the way out. The emulator's chats are cleared first."""
+    from bot.app import build_application, running
+
+    @contextlib.asynccontextmanager
+    async def factory(engine: FakeEngine | None = None, **overrides):
+        values = {"data_dir": tmp_path / "data", "admin_ids": [ADMIN], "stream_edit_interval_s": 0.2, **overrides}
+        settings = load_settings(**values)
+        store = Store.open(settings.db_path)
+        engine = engine or FakeEngine()
+        worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
+        app = build_application(settings, store, Conversation(settings, store, worker), token=emu.token,
+                                base_url=emu.api_url)
+        try:
+            async with running(app, poll_timeout=1):
+                yield RunningBot(store, engine, settings, app, worker)
+        finally:
+            worker.close()
+            store.close()
+
+    emu.reset()
+    return factory

@@ -13,19 +13,12 @@ import pytest
 from bot.app import build_application, running
 from bot.handlers import ADMIN_ONLY
 from config.settings import load_settings
-from ouro.emulator import Emulator
 from ouro.runtime import open_runtime
 from tests.test_cycle import LENIENT
 from trainer.lineage import Lineage, atomic_write_text, packaged_base_gguf, sha256_file, utcnow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 ADMIN, ANN, EVE = 4242, 1001, 6666
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator() as e:
-        yield e
 
 
 async def reply_to(user, text: str, timeout: float = 30):

@@ -6,56 +6,18 @@ The engine is the recording fake; the bot runs without the learning loop (review
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
 
-from bot.app import build_application, running
-from bot.conversation import Conversation
 from bot.handlers import ADMIN_ONLY
 from bot.privacy import NOT_YOURS
 from bot.review import ADMINS_ONLY, EDIT_PROMPT, EMPTY, GONE
-from bot.worker import InferenceWorker
-from config.settings import load_settings
 from memory.export import reviewed_since
-from memory.store import Store
-from ouro.emulator import Emulator
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.e2e
 ADMIN, ANN, BOB = 4242, 1001, 1002
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator() as e:
-        yield e
-
-
-@pytest.fixture
-def make_bot(emu, tmp_path):
-    """Build settings + store + fake engine + application; `async with make_bot() as bot:`."""
-
-    @contextlib.asynccontextmanager
-    async def factory(engine: FakeEngine | None = None, **overrides):
-        values = dict(data_dir=tmp_path / "data", admin_ids=[ADMIN], stream_edit_interval_s=0.2)
-        values.update(overrides)
-        settings = load_settings(**values)
-        store = Store.open(settings.db_path)
-        engine = engine or FakeEngine()
-        worker = InferenceWorker(engine)
-        conv = Conversation(settings, store, worker)
-        app = build_application(settings, store, conv, token=emu.token, base_url=emu.api_url)
-        try:
-            async with running(app, poll_timeout=1):
-                yield type("Bot", (), {"store": store, "engine": engine, "settings": settings, "app": app})
-        finally:
-            worker.close()
-            store.close()
-
-    emu.reset()
-    return factory
 
 
 async def chat(user, text: str):

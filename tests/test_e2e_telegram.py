@@ -8,51 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from bot.app import build_application, running
 from bot.commands import COMMANDS
-from bot.conversation import Conversation
 from bot.handlers import ADMIN_ONLY, CORRECTION_THANKS, NON_TEXT, NOT_ALLOWED, NOT_YOURS
 from bot.splitting import split_text
-from bot.worker import InferenceWorker
 from config.settings import load_settings
 from memory.store import Store
-from ouro.emulator import Emulator
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.e2e
 ADMIN, ANN, BOB, EVE = 4242, 1001, 1002, 6666
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator() as e:
-        yield e
-
-
-@pytest.fixture
-def make_bot(emu, tmp_path):
-    """Build settings + store + fake engine + application; `async with make_bot() as bot:`."""
-    import contextlib
-
-    @contextlib.asynccontextmanager
-    async def factory(engine: FakeEngine | None = None, **overrides):
-        values = dict(data_dir=tmp_path / "data", admin_ids=[ADMIN], stream_edit_interval_s=0.2)
-        values.update(overrides)
-        settings = load_settings(**values)
-        store = Store.open(settings.db_path)
-        engine = engine or FakeEngine()
-        worker = InferenceWorker(engine)
-        conv = Conversation(settings, store, worker)
-        app = build_application(settings, store, conv, token=emu.token, base_url=emu.api_url)
-        try:
-            async with running(app, poll_timeout=1):
-                yield type("Bot", (), {"store": store, "engine": engine, "settings": settings, "app": app})
-        finally:
-            worker.close()
-            store.close()
-
-    emu.reset()
-    return factory
 
 
 async def reply_to(user, text: str, timeout: float = 15):

@@ -5,7 +5,6 @@ pattern). The learning cycle's faults are in tests/test_faults_cycle.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,11 +19,9 @@ from pathlib import Path
 import pytest
 
 from bot.app import build_application, running
-from bot.conversation import STOPPING, Conversation
+from bot.conversation import STOPPING
 from bot.streaming import CURSOR
-from bot.worker import InferenceWorker
 from config.settings import load_settings
-from memory.store import Store
 from ouro.emulator import Emulator
 from ouro.errors import OuroError
 from ouro.runtime import open_runtime
@@ -35,12 +32,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN, ANN, BOB, CAROL = 4242, 1001, 1002, 1003
 LONG = "Count from 1 to 500, one number per line, and do not stop early."   # a reply of many seconds
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator() as e:
-        yield e
 
 
 # --- the bot as a real process --------------------------------------------------------------------
@@ -210,30 +201,10 @@ def test_sigterm_cuts_off_replies_after_the_grace_and_exits_within_ten_seconds(e
 
 
 # --- a flaky Bot API ---------------------------------------------------------------------------
-@pytest.fixture
-def make_bot(emu, tmp_path):
-    @contextlib.asynccontextmanager
-    async def factory(engine: FakeEngine, **overrides):
-        settings = load_settings(**{"data_dir": tmp_path / "data", "admin_ids": [ADMIN],
-                                    "stream_edit_interval_s": 0.2, **overrides})
-        store = Store.open(settings.db_path)
-        worker = InferenceWorker(engine)
-        app = build_application(settings, store, Conversation(settings, store, worker), token=emu.token,
-                                base_url=emu.api_url)
-        try:
-            async with running(app, poll_timeout=1):
-                yield store
-        finally:
-            worker.close()
-            store.close()
-
-    emu.reset()
-    return factory
-
-
 async def test_bot_api_timeouts_drops_429_and_5xx_are_retried_with_backoff_and_nothing_is_lost(emu, make_bot):
     words = " ".join(f"word{i}" for i in range(12))
-    async with make_bot(FakeEngine([words, "still here"], delay_s=1.2), telegram_timeout_s=1.0) as store:
+    async with make_bot(FakeEngine([words, "still here"], delay_s=1.2), telegram_timeout_s=1.0) as bot:
+        store = bot.store
         emu.inject_fault("getUpdates", None, drop=True, count=2)               # polling loses its connection
         emu.inject_fault("sendMessage", None, drop=True, count=1)              # the reply's first message, dropped
         emu.inject_fault("sendMessage", 429, retry_after=1, count=1)           # then flood control

@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import build_application, running
-from bot.conversation import BUSY, Conversation
+from bot.conversation import BUSY
 from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
 from bot.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
 from bot.worker import Busy, InferenceWorker
 from config.settings import load_settings
-from memory.store import Store
 from ouro import logs
 from ouro.bench_soak import FIRST_USER, SoakPlan, run_soak
 from ouro.cli import build_parser
-from ouro.emulator import Emulator
 from tests.fakes import FakeEngine
 
 ANN = 1001
@@ -208,34 +205,6 @@ def test_new_settings_are_documented_and_validated():
 
 # --- over the emulator ------------------------------------------------------------------------
 pytest_e2e = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator() as e:
-        yield e
-
-
-@pytest.fixture
-def make_bot(emu, tmp_path):
-    @contextlib.asynccontextmanager
-    async def factory(engine: FakeEngine, **overrides):
-        values = dict(data_dir=tmp_path / "data", stream_edit_interval_s=0.2)
-        values.update(overrides)
-        settings = load_settings(**values)
-        store = Store.open(settings.db_path)
-        worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
-        app = build_application(settings, store, Conversation(settings, store, worker), token=emu.token,
-                                base_url=emu.api_url)
-        try:
-            async with running(app, poll_timeout=1):
-                yield type("Bot", (), {"store": store, "engine": engine, "app": app, "worker": worker})
-        finally:
-            worker.close()
-            store.close()
-
-    emu.reset()
-    return factory
 
 
 async def _settled(store, chat_id: int, n: int, timeout: float = 20.0) -> list[dict]:
