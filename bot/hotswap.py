@@ -11,15 +11,17 @@ Warm-up: dropping the KV states would make every active chat re-read its whole h
 new model's first reply — seconds of silence right after the swap. So before swapping, the
 new model reads the conversations of the most recently active chats (newest first, at most
 `swap_warm_tokens` tokens in all) into its own per-chat states. It does so — like the
-smoke test — in steps on the inference thread, each run right after the job running now
-(`next_in_line`), so steps and replies alternate. A step reads `warm_step`-token pieces
-(~0.3 s each here) and goes on while no reply waits (`InferenceWorker.waiting`): a reply
-never waits for more than the piece being read, and when people are quiet the warm-up runs
-at full speed. Not on a thread of its own: ggml's threads spin while they wait, so two models
-computing at once on a small machine slow each other several-fold (measured: a warm-up beside
-four busy chats took 20 s, then 44 s, then 110 s per swap and still left chats unread).
-Chats move on meanwhile, so the plan is read again after each pass; a pass that finds
-(almost) nothing new ends the warm-up, and the swap follows at once.
+smoke test — as background work on the inference thread (`InferenceWorker.background`), in
+pieces of `warm_step` tokens (~0.15 s each here): whenever no reply waits, and while a reply
+streams, one piece between its tokens whenever the reply has had as much time as the
+pieces (`background_share`). The reply slows down for the minute of the swap; its text never
+stops for longer than one piece. How the alternatives measured (`ouro bench swap`, 4 chats):
+a warm-up on a thread of its own beside the serving model made both crawl (ggml threads spin:
+swaps took 20 → 44 → 110 s and still left chats unread); whole steps between replies left
+each chat silent for the length of a step, 2-4 s at worst; short steps between replies could
+not keep up with chats that kept talking, so each chat's first reply after the swap re-read
+several turns. Chats move on meanwhile, so the plan is read again after each pass; a pass
+that finds (almost) nothing new ends the warm-up, and the swap follows at once.
 
 Memory stays flat because nothing else holds the old engine: the worker gave up its only
 reference, and `close()` frees llama.cpp's buffers at once instead of waiting for the GC.
@@ -67,7 +69,7 @@ class SwapResult:
 
 class HotSwapper:
     def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
-                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 32) -> None:
+                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 16) -> None:
         self.worker = worker
         self.load = load
         self.persona = persona
@@ -88,25 +90,23 @@ class HotSwapper:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
         return self.load(gen)
 
-    def _read(self, prefill: Callable[..., int], messages: list[dict], key: int | str, limit: int) -> tuple[int, bool]:
-        """One step on the inference thread: read up to `limit` more tokens of a conversation, in
-        `warm_step` pieces, stopping after the piece during which a reply came to wait (so a reply
-        never waits for more than one piece). (tokens read, whether the conversation is read to its end)."""
-        read = 0
-        while read < limit:
+    async def _step(self, prefill: Callable[..., int], messages: list[dict], key: int | str,
+                    limit: int) -> tuple[int, bool]:
+        """Read up to `limit` more tokens of one conversation into the new model, as background work
+        on the inference thread (`InferenceWorker.background`) in `warm_step`-token pieces.
+        (tokens read, whether the conversation is read to its end)."""
+        read, finished = 0, False
+
+        def piece() -> bool:
+            nonlocal read, finished
             want = min(self.warm_step, limit - read)
             n = prefill(messages, chat_key=key, max_tokens=want)
             read += n
-            if n < want:
-                return read, True
-            if self.worker.waiting() or self.worker.stopping:
-                break
-        return read, False
+            finished = n < want
+            return finished or read >= limit
 
-    async def _step(self, prefill: Callable[..., int], messages: list[dict], key: int | str,
-                    limit: int) -> tuple[int, bool]:
-        return await self.worker.run(lambda _serving: self._read(prefill, messages, key, limit),
-                                     bounded=False, next_in_line=True)
+        await self.worker.background(piece)
+        return read, finished
 
     async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
         """Read the planned chats into `engine` in steps queued on the inference thread; tokens read."""
@@ -124,7 +124,7 @@ class HotSwapper:
                     this_pass += n
                 if read >= self.warm_tokens:
                     return read
-            if this_pass <= self.warm_step:   # the chats are (nearly) all read: swap now
+            if this_pass <= 4 * self.warm_step:   # the chats are (nearly) all read: swap now
                 break
         return read
 

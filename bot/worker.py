@@ -45,6 +45,15 @@ class _NextInLine:
     taken: bool = False     # popped by the inference thread (run, or running now)
 
 
+@dataclass(eq=False)
+class _Background:
+    """Work done in short pieces whenever the model is free, and between the text pieces of replies."""
+
+    piece: Callable[[], bool]        # one short piece; True once the whole task is done
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
 class InferenceWorker:
     def __init__(self, engine: Engine, *, max_backlog: int = 64) -> None:
         self._engine = engine
@@ -54,10 +63,15 @@ class InferenceWorker:
         self._backlog = 0
         self._queued = 0                       # regular jobs submitted and not yet started
         self._abandon = threading.Event()    # set when stopping: running and queued jobs give up
+        self._closing = threading.Event()    # set by close(): background work stops at its next piece
         self.max_backlog = max_backlog
         self.peak_backlog = 0
         self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
         self._next_in_line: deque[_NextInLine] = deque()     # run before the queue
+        self._background: deque[_Background] = deque()       # run in pieces, see `background`
+        self.background_share = 1.0     # background seconds per second of reply, at most, while a reply streams
+        self._job_started = 0.0
+        self._job_background_s = 0.0
 
     @property
     def engine(self) -> Engine:
@@ -97,13 +111,27 @@ class InferenceWorker:
                 if job is not None:
                     with self._count_lock:
                         self._queued -= 1
-                if job is None:        # only here to run a `next_in_line` job when nothing else is queued
+                if job is None:        # a placeholder: runs `next_in_line` and background work when idle
+                    self._background_while_idle()
                     return None
                 self._waits.append(time.perf_counter() - submitted)
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
+                self._job_started, self._job_background_s = time.perf_counter(), 0.0
                 return job(self._engine)
         finally:
+            if job is not None and self._background:
+                # background work goes on once this job's caller has its result, not before
+                self._placeholder()
+            with self._count_lock:
+                self._backlog -= 1
+
+    def _placeholder(self) -> None:
+        with self._count_lock:
+            self._backlog += 1
+        try:
+            self._executor.submit(self._run, None, time.perf_counter())
+        except RuntimeError:          # shut down: close() tells whoever waits
             with self._count_lock:
                 self._backlog -= 1
 
@@ -173,6 +201,51 @@ class InferenceWorker:
             self._queued += 1
         return self._executor.submit(self._run, job, time.perf_counter()).result()
 
+    async def background(self, piece: Callable[[], bool]) -> None:
+        """Run `piece()` again and again on the inference thread until it returns True: whenever no
+        reply is waiting, and — while a reply streams — between its pieces of text, taking at most
+        `background_share` of the time (the reply slows down; its text never stops for longer than
+        one piece). For the hot-swap warm-up: a step between replies left the chats without text for
+        as long as the step took, and steps short enough to hide could not keep up with chats that
+        kept talking. Each piece should take well under a second."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._background.append(_Background(piece, future, loop))
+        self._placeholder()   # so the work starts at once when the model is free
+        await future
+
+    def _background_piece(self) -> None:
+        task = self._background[0]
+        try:
+            if self._abandon.is_set() or self._closing.is_set():
+                raise Abandoned("the bot is stopping")
+            done = task.piece()
+        except BaseException as exc:   # handed to the awaiting coroutine
+            self._background.popleft()
+            with contextlib.suppress(RuntimeError):    # its loop is closed already
+                task.loop.call_soon_threadsafe(settle, task.future, None, exc)
+            return
+        if done:
+            self._background.popleft()
+            with contextlib.suppress(RuntimeError):
+                task.loop.call_soon_threadsafe(settle, task.future, None, None)
+
+    def _background_while_idle(self) -> None:
+        """Background pieces until a reply comes to wait (checked between pieces)."""
+        while self._background and not self._queued:
+            self._background_piece()
+
+    def _between_text(self) -> None:
+        """Called on the inference thread after each piece of a reply's text: one background piece
+        when the reply has had its share of the time."""
+        if not self._background:
+            return
+        now = time.perf_counter()
+        if self._job_background_s > self.background_share * (now - self._job_started - self._job_background_s):
+            return
+        self._background_piece()
+        self._job_background_s += time.perf_counter() - now
+
     def abandon(self) -> None:
         """Stopping: jobs still queued give up at once, a reply being generated at its next piece of text."""
         self._abandon.set()
@@ -185,6 +258,7 @@ class InferenceWorker:
                 raise Abandoned("the bot is stopping")
             if on_text is not None:
                 on_text(piece)
+            self._between_text()
 
         return checked
 
@@ -195,12 +269,17 @@ class InferenceWorker:
         return old
 
     def close(self) -> None:
+        self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
         while self._next_in_line:       # never run: whoever awaits them is told the worker stopped
             entry = self._next_in_line.popleft()
             future, loop = entry.future, entry.loop
             with contextlib.suppress(RuntimeError):   # that loop is closed already
                 loop.call_soon_threadsafe(settle, future, None, Abandoned("the worker was closed"))
+        while self._background:
+            task = self._background.popleft()
+            with contextlib.suppress(RuntimeError):
+                task.loop.call_soon_threadsafe(settle, task.future, None, Abandoned("the worker was closed"))
         with self._lock:
             self._engine.close()
 

@@ -199,26 +199,26 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
                   [(2, ann[:1]), (1, later)],        # meanwhile Bob wrote, and Ann said more
                   [(2, ann[:1]), (1, later)]])
     swapper = HotSwapper(worker, load, warm_tokens=1000, warm_step=4)
-    jobs = []                                          # the swap's jobs on the inference thread
-    run = worker.run
+    tasks = []                                         # the swap's background tasks on the inference thread
+    background = worker.background
 
-    async def counted(job, **kw):
-        jobs.append(kw.get("next_in_line"))
-        return await run(job, **kw)
+    async def counted(piece):
+        tasks.append(piece)
+        return await background(piece)
 
-    worker.run = counted
+    worker.background = counted
     result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), lambda: next(plans))
-    del worker.run
+    del worker.background
     assert result.ok and worker.engine is engines[0] and result.warm_tokens == word_count(later) + word_count(ann[:1])
     assert engines[0].calls == [(1, 4), (1, 4), (1, 4), (1, 4), (1, 1),            # Ann's chat, in steps of 4
                                 (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
                                 (2, 0), (1, 0)]                                    # nothing new: swap
     assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
-    # with no reply waiting, a step reads piece after piece: one job per chat and pass (the smoke
-    # prompt and the smoke test, then Ann; Bob, Ann; Bob, Ann), not one per piece
-    assert jobs == [True] * 7
+    # one background task per chat and pass, read piece by piece (the smoke prompt, then Ann; Bob,
+    # Ann; Bob, Ann), not one per piece
+    assert len(tasks) == 6
 
-    tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1)   # the budget counts every pass
+    tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1, warm_step=64)   # the budget counts every pass
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
                                  lambda: [(3, ann), (4, ann), (5, ann)])
     assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, 1)]

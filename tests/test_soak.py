@@ -162,6 +162,64 @@ async def test_steps_submitted_while_a_step_runs_do_not_jump_ahead_of_a_waiting_
         worker.close()
 
 
+async def test_background_work_runs_when_idle_and_between_the_text_of_a_reply_without_stopping_it():
+    """`InferenceWorker.background` (the hot-swap warm-up): pieces run whenever no reply waits, a
+    reply that comes waits for one piece at most, and while a reply streams one piece runs between
+    its pieces of text when the reply has had its share — its text never stops for two pieces."""
+    worker = InferenceWorker(FakeEngine())
+    order: list[str] = []
+    count = {"n": 0}
+
+    def piece(total: int, pause: float = 0.01):
+        def run() -> bool:
+            count["n"] += 1
+            order.append("bg")
+            time.sleep(pause)
+            return count["n"] >= total
+        return run
+
+    def streaming(engine):
+        text = worker.guard(lambda t: order.append(t))
+        for i in range(20):
+            time.sleep(0.01)
+            text(f"t{i}")
+        return "streamed"
+
+    worker.background_share = 0.5
+    try:
+        await worker.background(piece(5))                      # idle: runs to the end at once
+        assert order == ["bg"] * 5
+        order.clear()
+        count["n"] = 0
+        work = asyncio.ensure_future(worker.background(piece(10_000)))
+        while not order:
+            await asyncio.sleep(0.001)
+        assert await worker.run(streaming) == "streamed"
+        start = order.index("t0")
+        stream = order[start:order.index("t19") + 1]
+        assert "bg" in order[:start]                    # it ran before the reply came
+        assert 6 <= stream.count("bg") <= 12            # half as much time as the reply (share 0.5): ~10 pieces
+        assert "bg,bg" not in ",".join(stream)          # never two in a row: the text keeps coming
+        assert not work.done()
+        await asyncio.sleep(0.05)
+        assert order[-1] == "bg"                        # and on, once the reply is done
+        worker.close()                                  # what is left is given up, and its waiter told
+        with pytest.raises(Busy):
+            await asyncio.wait_for(work, 5)
+    finally:
+        worker.close()
+
+
+async def test_a_failing_background_piece_reaches_its_caller():
+    worker = InferenceWorker(FakeEngine())
+    try:
+        with pytest.raises(ZeroDivisionError):
+            await worker.background(lambda: 1 / 0)
+        assert await worker.run(lambda engine: "still serving") == "still serving"
+    finally:
+        worker.close()
+
+
 def test_log_file_is_rotated_with_a_size_cap_and_private(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "LOG_FILE_MAX_BYTES", 2000)
     root = logging.getLogger()
