@@ -2,12 +2,13 @@
 
 1. Pause: four chats take turns talking to the bot's conversation stack without a break (each
    starting a new conversation every 8 turns) while the learning loop hot-swaps between two
-   generations 10 times (each swap reads the active chats into the new model first, in steps
-   between replies, see bot/hotswap.py). The pause is the
-   longest stretch with no reply text flowing (the gap between consecutive streamed pieces,
-   across replies) during a swap, ÷ the median reply time without swaps (goal ≤ 1.0: a
-   swap costs less than one reply). The same gap measured over 30 s without swaps (after the
-   chats' first, cold replies) is reported too, and each swap's own longest gap.
+   generations 10 times (each swap reads the active chats into the new model first, in short
+   pieces whenever the model is free and between the tokens of replies, see bot/hotswap.py).
+   The pause is the longest stretch with no reply text flowing (the gap between consecutive
+   streamed pieces, across replies) during a swap, ÷ the median reply time without swaps
+   (goal ≤ 1.0: a swap costs less than one reply). The same gap measured over 30 s without
+   swaps (after the chats' first, cold replies) is reported too, each swap's own longest gap,
+   and how long replies asked during a swap took (the warm-up shares the model with them).
 2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models); the last
    10 swaps run with the chats quiet, so the figure is not the conversations' own growth.
 3. Contention: p95 time to first token of fresh chats while a real learning cycle
@@ -64,7 +65,7 @@ def _second_generation(lineage: Lineage) -> None:
     atomic_write_text(folder / "meta.json", json.dumps(meta))
 
 
-async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list[float]) -> None:
+async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list[tuple[float, float]]) -> None:
     chats = [Speaker(chat_id=100 + i, user_id=100 + i) for i in range(4)]
     n = 0
     while not stop.is_set():
@@ -76,7 +77,7 @@ async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list
                                                 on_text=lambda piece: stamps.append(time.perf_counter()))
         if out.kind != "answered":
             raise RuntimeError(f"a reply failed during the benchmark: {out.text}")
-        replies.append(time.perf_counter() - t)
+        replies.append((t, time.perf_counter() - t))          # (asked at, seconds to the whole reply)
         stamps.append(time.perf_counter())
         n += 1
 
@@ -91,7 +92,7 @@ def _max_gap(stamps: list[float], start: float, end: float) -> float:
 
 async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     stamps: list[float] = []
-    replies: list[float] = []
+    replies: list[tuple[float, float]] = []
     stop = asyncio.Event()
     chat = asyncio.create_task(_chat_loop(rt, stop, stamps, replies))
     await asyncio.sleep(8)                                      # the chats' first, cold replies: not counted
@@ -123,7 +124,9 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
         await asyncio.sleep(3.0 if i < 10 else 0.2)
     if not quiet:
         sys.stderr.write("\n")
-    median_reply = statistics.median(base_replies)
+    median_reply = statistics.median(d for _, d in base_replies)
+    # replies asked while a swap was under way: the warm-up's pieces run between their tokens
+    during = [d for t, d in replies if any(a <= t <= b - 3.0 for a, b in windows[:10])]
     gaps = [_max_gap(stamps, a, b) for a, b in windows[:10]]
     swap_gap = max(gaps)
     base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
@@ -133,7 +136,8 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
             "median_of_longest_pause_per_swap_s": round(statistics.median(gaps), 4),
             "swap_pause_ratio": round(swap_gap / median_reply, 3), "swap_pause_goal": 1.0,
             "rss_after_1_swap_mb": round(rss[0] / 2**20, 1), "rss_after_20_swaps_mb": round(rss[-1] / 2**20, 1),
-            "rss_ratio": round(rss[-1] / rss[0], 3), "rss_goal": 1.10, "replies_during_swaps": len(replies),
+            "rss_ratio": round(rss[-1] / rss[0], 3), "rss_goal": 1.10, "replies_during_swaps": len(during),
+            "median_reply_during_swaps_s": round(statistics.median(during), 4) if during else None,
             "swap_s_median": round(statistics.median(t for t, _ in took), 2),
             "swap_s_max": round(max(t for t, _ in took), 2),
             "warm_tokens_median": statistics.median(n for _, n in took)}
@@ -212,6 +216,10 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
               f"{result['median_of_longest_pause_per_swap_s']:.2f}s)")
         print(f"  a swap while 4 chats talk took {result['swap_s_median']:.1f}s median, {result['swap_s_max']:.1f}s "
               f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies)")
+        if result["median_reply_during_swaps_s"] is not None:
+            print(f"  a reply asked during a swap took {result['median_reply_during_swaps_s']:.2f}s median "
+                  f"({result['replies_during_swaps']} replies; {result['median_reply_s']:.2f}s without swaps): "
+                  f"the warm-up's pieces run between its tokens")
         print(f"  memory after 20 swaps ÷ after 1:            {result['rss_ratio']:.3f}  (goal ≤ 1.10; "
               f"{result['rss_after_1_swap_mb']:.0f} → {result['rss_after_20_swaps_mb']:.0f} MB)")
         if result["cpu_stolen_share"] is not None:
