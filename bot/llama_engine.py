@@ -162,7 +162,7 @@ class LlamaEngine:
         rendered without a generation prompt: the next turn's prompt extends it token for token
         (the template closes every message with a special token, so no merge crosses the seam).
         `max_tokens` reads only that many: the next call goes on from there (the common prefix),
-        so a long conversation can be read in short steps between replies.
+        so a long conversation can be read in short pieces between replies.
         """
         text = self.render(messages, add_generation_prompt=False)
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)

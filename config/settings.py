@@ -159,7 +159,8 @@ class Settings(BaseSettings):
         "than this (0-1)."))
     swap_warm_tokens: int = Field(8192, ge=0, le=1_000_000, description=(
         "Hot-swap warm-up: tokens of the most recently active chats the new model reads before it serves "
-        "(newest chat first, in short steps between replies), so their next replies do not start by "
+        "(newest chat first, in short pieces when the model is free and between the tokens of replies), so "
+        "their next replies do not start by "
         "re-reading the history. 0 = off."))
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
