@@ -134,14 +134,19 @@ class HotSwapper:
 
     async def _smoke(self, engine: Engine) -> None:
         """The smoke test on the inference thread. Its prompt (the persona: often hundreds of tokens,
-        seconds of reading on a small CPU) is read first in steps between replies, so the test
-        itself only writes its few tokens."""
+        seconds of reading on a small CPU) is read first in background pieces, so the test itself
+        only writes its few tokens."""
         prefill = getattr(engine, "prefill", None)
         if prefill is not None:
             finished = False
             while not finished:
                 _, finished = await self._step(prefill, self.smoke_messages(), SMOKE_KEY, 1 << 30)
-        await self.worker.run(lambda _serving: self.smoke_test(engine), bounded=False, next_in_line=True)
+
+        def test() -> bool:
+            self.smoke_test(engine)
+            return True
+
+        await self.worker.background(test)   # one piece: a few greedy tokens
 
     def smoke_test(self, engine: Engine) -> None:
         messages = self.smoke_messages()

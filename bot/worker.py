@@ -5,7 +5,8 @@ generations at once, so every model call is a job on a single FIFO thread. The e
 only awaits the job's future; streamed text is handed back to the loop thread with
 `call_soon_threadsafe`. Jobs run in submission order, so two chats writing at once are both
 answered, in order. The backlog is bounded: past `max_backlog` a job is refused with `Busy`
-instead of queueing forever.
+instead of queueing forever. Work that must not hold anyone up (the hot-swap warm-up) runs
+as `background` pieces: when no reply waits, and between the tokens of one that streams.
 """
 
 from __future__ import annotations
@@ -36,16 +37,6 @@ class Abandoned(Busy):
 
 
 @dataclass(eq=False)
-class _NextInLine:
-    """A job submitted with `next_in_line=True`, waiting to run (compared by identity)."""
-
-    job: Callable[[Engine], object]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    taken: bool = False     # popped by the inference thread (run, or running now)
-
-
-@dataclass(eq=False)
 class _Background:
     """Work done in short pieces whenever the model is free, and between the text pieces of replies."""
 
@@ -67,7 +58,6 @@ class InferenceWorker:
         self.max_backlog = max_backlog
         self.peak_backlog = 0
         self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
-        self._next_in_line: deque[_NextInLine] = deque()     # run before the queue
         self._background: deque[_Background] = deque()       # run in pieces, see `background`
         self.background_share = 1.0     # background seconds per second of reply, at most, while a reply streams
         self._job_started = 0.0
@@ -82,15 +72,6 @@ class InferenceWorker:
         """Jobs submitted and not yet finished (the one running included)."""
         return self._backlog
 
-    def waiting(self) -> int:
-        """Regular jobs (replies) submitted and not yet started. A long background job on the
-        inference thread checks this between its short pieces and yields as soon as one waits."""
-        return self._queued
-
-    @property
-    def stopping(self) -> bool:
-        return self._abandon.is_set()
-
     def wait_stats(self) -> dict:
         """Queue wait (submission → start) of the latest jobs: count, p50, p95 and max in seconds."""
         waits = sorted(self._waits)
@@ -104,16 +85,14 @@ class InferenceWorker:
         self._waits.clear()
         self.peak_backlog = self._backlog
 
-    def _run(self, job: Callable[[Engine], T] | None, submitted: float, until: _NextInLine | None = None) -> T | None:
+    def _run(self, job: Callable[[Engine], T] | None, submitted: float) -> T | None:
         try:
             with self._lock:
-                self._run_next_ones(until)
-                if job is not None:
-                    with self._count_lock:
-                        self._queued -= 1
-                if job is None:        # a placeholder: runs `next_in_line` and background work when idle
+                if job is None:        # a placeholder: background work while no reply waits
                     self._background_while_idle()
                     return None
+                with self._count_lock:
+                    self._queued -= 1
                 self._waits.append(time.perf_counter() - submitted)
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
@@ -135,49 +114,9 @@ class InferenceWorker:
             with self._count_lock:
                 self._backlog -= 1
 
-    def _run_next_ones(self, until: _NextInLine | None = None) -> None:
-        """Jobs submitted with `next_in_line=True` run before whatever the queue holds next.
-
-        `until`: called from the placeholder queued with one such job, run the waiting ones only
-        up to that job. A placeholder whose job already ran (before some reply) would otherwise
-        run the *next* step submitted meanwhile — and placeholders left over from earlier steps
-        pile up in the queue, so a reply submitted behind them waited for several steps in a row
-        (measured: up to 6 warm-up steps, ~2 s, before one reply during a hot-swap).
-        """
-        if until is not None and until.taken:
-            return
-        for _ in range(len(self._next_in_line)):    # only those waiting now, not ones submitted meanwhile
-            entry = self._next_in_line.popleft()
-            entry.taken = True
-            job, future, loop = entry.job, entry.future, entry.loop
-            try:
-                if self._abandon.is_set():
-                    raise Abandoned("the bot is stopping")
-                result = job(self._engine)
-            except BaseException as exc:   # handed to the awaiting coroutine, as run() does
-                loop.call_soon_threadsafe(settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, future, result, None)
-            if entry is until:
-                return
-
-    async def run(self, job: Callable[[Engine], T], *, bounded: bool = True, next_in_line: bool = False) -> T:
+    async def run(self, job: Callable[[Engine], T], *, bounded: bool = True) -> T:
         """Run `job(engine)` on the inference thread and await its result. `bounded=False` is for
-        small jobs that must run even under overload (dropping a forgotten person's cached state).
-        `next_in_line=True` runs it as soon as the job running now is done, ahead of the queue: for
-        short steps of background work (the hot-swap warm-up) that must take turns with replies
-        rather than wait behind every queued one each time."""
-        if next_in_line:
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            entry = _NextInLine(job, future, loop)
-            self._next_in_line.append(entry)
-            with self._count_lock:
-                self._backlog += 1
-            # a placeholder at the back of the queue, so it also runs when nothing else is queued;
-            # not awaited: the job itself runs (and `future` settles) as soon as the current one ends
-            loop.run_in_executor(self._executor, self._run, None, time.perf_counter(), entry)
-            return await future
+        small jobs that must run even under overload (dropping a forgotten person's cached state)."""
         with self._count_lock:
             if bounded and self._backlog >= self.max_backlog:
                 raise Busy(f"{self._backlog} replies are already waiting")
@@ -271,14 +210,9 @@ class InferenceWorker:
     def close(self) -> None:
         self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        while self._next_in_line:       # never run: whoever awaits them is told the worker stopped
-            entry = self._next_in_line.popleft()
-            future, loop = entry.future, entry.loop
-            with contextlib.suppress(RuntimeError):   # that loop is closed already
-                loop.call_soon_threadsafe(settle, future, None, Abandoned("the worker was closed"))
-        while self._background:
+        while self._background:         # never finished: whoever awaits it is told the worker stopped
             task = self._background.popleft()
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError):   # that loop is closed already
                 task.loop.call_soon_threadsafe(settle, task.future, None, Abandoned("the worker was closed"))
         with self._lock:
             self._engine.close()

@@ -214,9 +214,9 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
                                 (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
                                 (2, 0), (1, 0)]                                    # nothing new: swap
     assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
-    # one background task per chat and pass, read piece by piece (the smoke prompt, then Ann; Bob,
-    # Ann; Bob, Ann), not one per piece
-    assert len(tasks) == 6
+    # one background task per chat and pass, read piece by piece (the smoke prompt and the smoke
+    # test, then Ann; Bob, Ann; Bob, Ann), not one per piece
+    assert len(tasks) == 7
 
     tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1, warm_step=64)   # the budget counts every pass
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
