@@ -90,26 +90,24 @@ class HotSwapper:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
         return self.load(gen)
 
-    async def _step(self, prefill: Callable[..., int], messages: list[dict], key: int | str,
-                    limit: int) -> tuple[int, bool]:
-        """Read up to `limit` more tokens of one conversation into the new model, as background work
-        on the inference thread (`InferenceWorker.background`) in `warm_step`-token pieces.
-        (tokens read, whether the conversation is read to its end)."""
-        read, finished = 0, False
+    async def _read(self, prefill: Callable[..., int], messages: list[dict], key: int | str, limit: int) -> int:
+        """Read one conversation into the new model, to its end or `limit` more tokens, as
+        background work on the inference thread (`InferenceWorker.background`) in `warm_step`-token
+        pieces; tokens read."""
+        read = 0
 
         def piece() -> bool:
-            nonlocal read, finished
+            nonlocal read
             want = min(self.warm_step, limit - read)
             n = prefill(messages, chat_key=key, max_tokens=want)
             read += n
-            finished = n < want
-            return finished or read >= limit
+            return n < want or read >= limit
 
         await self.worker.background(piece)
-        return read, finished
+        return read
 
     async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
-        """Read the planned chats into `engine` in steps queued on the inference thread; tokens read."""
+        """Read the planned chats into `engine`, one background task per chat and pass; tokens read."""
         prefill = getattr(engine, "prefill", None)
         if prefill is None or self.warm_tokens <= 0:
             return 0
@@ -117,11 +115,9 @@ class HotSwapper:
         for _ in range(passes):
             this_pass = 0
             for chat_key, messages in plan():
-                finished = False
-                while not finished and read < self.warm_tokens:
-                    n, finished = await self._step(prefill, messages, chat_key, self.warm_tokens - read)
-                    read += n
-                    this_pass += n
+                n = await self._read(prefill, messages, chat_key, self.warm_tokens - read)
+                read += n
+                this_pass += n
                 if read >= self.warm_tokens:
                     return read
             if this_pass <= 4 * self.warm_step:   # the chats are (nearly) all read: swap now
@@ -138,9 +134,7 @@ class HotSwapper:
         only writes its few tokens."""
         prefill = getattr(engine, "prefill", None)
         if prefill is not None:
-            finished = False
-            while not finished:
-                _, finished = await self._step(prefill, self.smoke_messages(), SMOKE_KEY, 1 << 30)
+            await self._read(prefill, self.smoke_messages(), SMOKE_KEY, 1 << 30)
 
         def test() -> bool:
             self.smoke_test(engine)
