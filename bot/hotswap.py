@@ -14,7 +14,9 @@ new model reads the conversations of the most recently active chats (newest firs
 smoke test — as background work on the inference thread (`InferenceWorker.background`), in
 pieces of `warm_step` tokens (~0.15 s each here): whenever no reply waits, and while a reply
 streams, one piece between its tokens whenever the reply has had as much time as the
-pieces (`background_share`). The reply slows down for the minute of the swap; its text never
+pieces (`background_share`). The pieces are read with one thread (`warm_threads`): on a
+busy machine two threads stall each other at every step, and a piece that takes 1-3 s instead
+of 0.15 s is a reply silent for that long. The reply slows down for the minute of the swap; its text never
 stops for longer than one piece. How the alternatives measured (`ouro bench swap`, 4 chats):
 a warm-up on a thread of its own beside the serving model made both crawl (ggml threads spin:
 swaps took 20 → 44 → 110 s and still left chats unread); whole steps between replies left
@@ -69,13 +71,15 @@ class SwapResult:
 
 class HotSwapper:
     def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
-                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 16) -> None:
+                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 16,
+                 warm_threads: int = 1) -> None:
         self.worker = worker
         self.load = load
         self.persona = persona
         self.smoke_tokens = smoke_tokens
         self.warm_tokens = warm_tokens
         self.warm_step = warm_step
+        self.warm_threads = warm_threads   # 0: as many as the serving model reads with
         self.catch_up_passes = 2
         self._lock = asyncio.Lock()
         self.swaps = 0
@@ -168,11 +172,18 @@ class HotSwapper:
                 t = time.perf_counter()
                 engine = await _low_priority(self._load, gen)
                 load_s, t = time.perf_counter() - t, time.perf_counter()
-                # the smoke test and the warm-up run on the inference thread, between replies
+                # the smoke test and the warm-up run on the inference thread, between replies,
+                # reading with fewer threads (see LlamaEngine.set_batch_threads); nothing else
+                # uses the new engine yet, so its threads can be changed from here
+                threads = getattr(engine, "set_batch_threads", None)
+                if threads is not None and self.warm_threads:
+                    threads(self.warm_threads)
                 await self._smoke(engine)
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
                 read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
                 warm_s = time.perf_counter() - t
+                if threads is not None:
+                    threads(None)
             except Abandoned:   # the bot is stopping: nothing about the new model was wrong
                 if engine is not None:
                     engine.close()

@@ -177,6 +177,23 @@ class LlamaEngine:
         self.llm.eval(tokens[keep:end])
         return end - keep
 
+    def set_batch_threads(self, n: int | None) -> None:
+        """Threads llama.cpp uses to read a batch of prompt tokens (None: the loaded default).
+
+        The hot-swap warm-up reads with one thread. Measured on 2 vCPUs beside one busy
+        process (16-token reads, /tmp probe in the session-5 notes): two threads median
+        426 ms, max 960 ms — each waits at every step of the graph for the other, which the
+        OS or the VM host has descheduled; one thread median 283 ms, max 341 ms. Quiet, two
+        threads win (150 vs 268 ms), but the warm-up is not in a hurry and its worst piece is
+        what a reply it interrupts waits for. Single-token generation already uses
+        llama-cpp-python's default of half the cores.
+        """
+        import llama_cpp
+
+        params = self.llm.context_params
+        llama_cpp.llama_set_n_threads(self.llm.ctx, params.n_threads,
+                                      n if n else params.n_threads_batch)
+
     def forget(self, chat_key: int | str) -> None:
         self.states.forget(chat_key)
 

@@ -60,7 +60,8 @@ class LearningLoop:
         self.runner = CycleRunner(settings)
         self.scheduler = CycleScheduler(settings, self.run_cycle)
         self.swapper = HotSwapper(worker, load or partial(load_engine, settings), persona=settings.persona(),
-                                  smoke_tokens=settings.swap_smoke_tokens, warm_tokens=settings.swap_warm_tokens)
+                                  smoke_tokens=settings.swap_smoke_tokens, warm_tokens=settings.swap_warm_tokens,
+                                  warm_threads=settings.swap_warm_threads)
         self.tick_s = tick_s
         self.warmup = warmup      # Conversation.warmup_plan: the chats a new model reads before serving
         self.last_outcome: CycleOutcome | None = None

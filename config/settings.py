@@ -162,6 +162,9 @@ class Settings(BaseSettings):
         "(newest chat first, in short pieces when the model is free and between the tokens of replies), so "
         "their next replies do not start by "
         "re-reading the history. 0 = off."))
+    swap_warm_threads: int = Field(1, ge=0, le=256, description=(
+        "Hot-swap warm-up: CPU threads the new model reads with (0 = as many as the serving model). One "
+        "is steadier on a busy machine: several threads wait for each other at every step."))
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
 

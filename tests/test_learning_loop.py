@@ -172,6 +172,10 @@ class PrefillingEngine(FakeEngine):
         self.read: dict[int, int] = {}
         self.calls: list[tuple[int, int]] = []
         self.threads: set[str] = set()
+        self.batch_threads: list[tuple[int | None, int]] = []    # (threads set, prefill calls before)
+
+    def set_batch_threads(self, n):
+        self.batch_threads.append((n, len(self.calls)))
 
     def prefill(self, messages, *, chat_key, max_tokens=None):
         self.threads.add(threading.current_thread().name)
@@ -214,6 +218,8 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
                                 (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
                                 (2, 0), (1, 0)]                                    # nothing new: swap
     assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
+    # read with one thread (steadier beside replies on a busy machine), serving with the default
+    assert engines[0].batch_threads == [(1, 0), (None, len(engines[0].calls))]
     # one background task per chat and pass, read piece by piece (the smoke prompt and the smoke
     # test, then Ann; Bob, Ann; Bob, Ann), not one per piece
     assert len(tasks) == 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import llama_cpp
 import pytest
 
 from bot.conversation import Speaker
@@ -161,8 +162,13 @@ async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_sam
     gen = runtime.lineage.active()
     warm, cold = load_engine(runtime.settings, gen), load_engine(runtime.settings, gen)
     try:
+        default = llama_cpp.llama_n_threads_batch(warm.llm.ctx)
+        warm.set_batch_threads(1)                # the hot-swap reads ahead with one thread
+        assert llama_cpp.llama_n_threads_batch(warm.llm.ctx) == 1
         read = warm.prefill(plan[0][1], chat_key=4711)
         assert read > 50 and warm.prefill(plan[0][1], chat_key=4711) == 0     # already read: nothing to do
+        warm.set_batch_threads(None)             # and serves with the loaded default
+        assert llama_cpp.llama_n_threads_batch(warm.llm.ctx) == default
         a = warm.generate(nxt, chat_key=4711, sampling=GREEDY)
         b = cold.generate(nxt, chat_key=4711, sampling=GREEDY)
         assert a.cached_tokens >= read and b.cached_tokens == 0
