@@ -9,8 +9,9 @@
    (goal ≤ 1.0: a swap costs less than one reply). The same gap measured over 30 s without
    swaps (after the chats' first, cold replies) is reported too, each swap's own longest gap,
    and how long replies asked during a swap took (the warm-up shares the model with them).
-2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models); the last
-   10 swaps run with the chats quiet, so the figure is not the conversations' own growth.
+2. Memory: resident memory after 20 swaps ÷ after 1 (goal ≤ 1.10: no leaked models), over 20
+   more swaps once the chats have stopped, so both ends are measured alike and the figure is
+   not the conversations' own growth (each swap still reads the chats' histories ahead).
 3. Contention: p95 time to first token of fresh chats while a real learning cycle
    (trainer/cycle_job.py, its own process, niced, one core left to llama.cpp) is in its
    training stage ÷ the same chats idle (goal ≤ 2.0).
@@ -103,8 +104,8 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     took: list[tuple[float, int]] = []      # (seconds the swap took, warm-up tokens) while people chat
     rss = []
     proc = psutil.Process()
-    for i in range(20):
-        if i == 10:                                             # swaps 11-20 only count memory
+    for i in range(30):
+        if i == 10:                                             # swaps 11-30 only count memory
             stop.set()
             await chat
         target = "gen-0001" if i % 2 == 0 else "gen-0000"
@@ -115,11 +116,12 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
         t1 = time.perf_counter()
         if i < 10:
             took.append((t1 - t0, result.warm_tokens))
-        windows.append((t0, t1 + 3.0))                          # the swap and the first replies after it
-        gc.collect()
-        rss.append(proc.memory_info().rss)
+            windows.append((t0, t1 + 3.0))                      # the swap and the first replies after it
+        else:
+            gc.collect()
+            rss.append(proc.memory_info().rss)
         if not quiet:
-            sys.stderr.write(f"\rswaps {i + 1}/20 (last took {t1 - t0:.1f}s incl. a warm-up of "
+            sys.stderr.write(f"\rswaps {i + 1}/30 (last took {t1 - t0:.1f}s incl. a warm-up of "
                              f"{result.warm_tokens} tokens)")
         await asyncio.sleep(3.0 if i < 10 else 0.2)
     if not quiet:
@@ -136,7 +138,8 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
             "median_of_longest_pause_per_swap_s": round(statistics.median(gaps), 4),
             "swap_pause_ratio": round(swap_gap / median_reply, 3), "swap_pause_goal": 1.0,
             "rss_after_1_swap_mb": round(rss[0] / 2**20, 1), "rss_after_20_swaps_mb": round(rss[-1] / 2**20, 1),
-            "rss_ratio": round(rss[-1] / rss[0], 3), "rss_goal": 1.10, "replies_during_swaps": len(during),
+            "rss_ratio": round(rss[-1] / rss[0], 3),
+            "rss_per_swap_mb": [round(r / 2**20) for r in rss], "rss_goal": 1.10, "replies_during_swaps": len(during),
             "median_reply_during_swaps_s": round(statistics.median(during), 4) if during else None,
             "swap_s_median": round(statistics.median(t for t, _ in took), 2),
             "swap_s_max": round(max(t for t, _ in took), 2),
