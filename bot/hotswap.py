@@ -12,18 +12,23 @@ new model's first reply — seconds of silence right after the swap. So before s
 new model reads the conversations of the most recently active chats (newest first, at most
 `swap_warm_tokens` tokens in all) into its own per-chat states. It does so — like the
 smoke test — as background work on the inference thread (`InferenceWorker.background`), in
-pieces of `warm_step` tokens (~0.15 s each here): whenever no reply waits, and while a reply
-streams, one piece between its tokens whenever the reply has had as much time as the
-pieces (`background_share`). The pieces are read with one thread (`warm_threads`): on a
-busy machine two threads stall each other at every step, and a piece that takes 1-3 s instead
-of 0.15 s is a reply silent for that long. The reply slows down for the minute of the swap; its text never
-stops for longer than one piece. How the alternatives measured (`ouro bench swap`, 4 chats):
-a warm-up on a thread of its own beside the serving model made both crawl (ggml threads spin:
-swaps took 20 → 44 → 110 s and still left chats unread); whole steps between replies left
-each chat silent for the length of a step, 2-4 s at worst; short steps between replies could
-not keep up with chats that kept talking, so each chat's first reply after the swap re-read
-several turns. Chats move on meanwhile, so the plan is read again after each pass; a pass
-that finds (almost) nothing new ends the warm-up, and the swap follows at once.
+pieces of `warm_step` tokens (8, ~0.13 s here): whenever no reply waits, and while a reply
+streams, one piece between its tokens whenever the reply has had as much time as the pieces
+(`background_share`). The pieces are read with one thread (`warm_threads`): on a busy machine
+two threads stall each other at every step, and a piece that takes 1-3 s instead of 0.15 s is
+a reply silent for that long; one thread reads as many tokens per second whatever the piece
+size, so the pieces can be short. A reply slows down while a swap runs; its text never stops
+for longer than one piece. Chats move on meanwhile, so the plan is read again after each pass;
+a pass that finds (almost) nothing new, or the last of `catch_up_passes`, ends the warm-up and
+the swap follows at once. One more pass runs once the new model serves: chats that spoke
+during the last pass are a turn behind, and reading that turn now, before they speak again,
+keeps it out of their next reply's time to first token.
+
+How the alternatives measured (`ouro bench swap`, 4 chats): a warm-up on a thread of its own
+beside the serving model made both crawl (ggml threads spin: swaps took 20 → 44 → 110 s and
+still left chats unread); whole steps between replies left each chat silent for the length of
+a step, 2-4 s at worst; short steps between replies could not keep up with chats that kept
+talking, so each chat's first reply after the swap re-read several turns.
 
 Memory stays flat because nothing else holds the old engine: the worker gave up its only
 reference, and `close()` frees llama.cpp's buffers at once instead of waiting for the GC.
@@ -66,13 +71,14 @@ class SwapResult:
     pause_s: float = 0.0      # time the swap itself held the inference lock (waiting for a reply included)
     warm_s: float = 0.0
     warm_tokens: int = 0
+    caught_up_tokens: int = 0  # read once the new model served: what the chats said during the last pass
     stopping: bool = False    # given up because the bot is stopping, not because of the model
 
 
 class HotSwapper:
     def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
-                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 16,
-                 warm_threads: int = 1) -> None:
+                 smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 8,
+                 warm_threads: int = 1, nearly_read: int = 64) -> None:
         self.worker = worker
         self.load = load
         self.persona = persona
@@ -80,6 +86,7 @@ class HotSwapper:
         self.warm_tokens = warm_tokens
         self.warm_step = warm_step
         self.warm_threads = warm_threads   # 0: as many as the serving model reads with
+        self.nearly_read = nearly_read     # tokens: a warm-up pass that found no more than this is the last
         self.catch_up_passes = 2
         self._lock = asyncio.Lock()
         self.swaps = 0
@@ -94,37 +101,46 @@ class HotSwapper:
             raise RuntimeError(f"{gen.gguf} does not match the SHA-256 recorded for {gen.id}")
         return self.load(gen)
 
-    async def _read(self, prefill: Callable[..., int], messages: list[dict], key: int | str, limit: int) -> int:
-        """Read one conversation into the new model, to its end or `limit` more tokens, as
-        background work on the inference thread (`InferenceWorker.background`) in `warm_step`-token
-        pieces; tokens read."""
+    async def _read(self, engine: Engine, messages: list[dict], key: int | str, limit: int) -> int:
+        """Read one conversation into `engine`, to its end or `limit` more tokens, as background
+        work on the inference thread (`InferenceWorker.background`) in `warm_step`-token pieces;
+        tokens read. Each piece reads with `warm_threads` threads (`LlamaEngine.set_batch_threads`),
+        set and restored around it on the inference thread, so the replies in between read their
+        prompts with the engine's own."""
         read = 0
+        threads = getattr(engine, "set_batch_threads", None) if self.warm_threads else None
 
         def piece() -> bool:
             nonlocal read
             want = min(self.warm_step, limit - read)
-            n = prefill(messages, chat_key=key, max_tokens=want)
+            if threads is not None:
+                threads(self.warm_threads)
+            try:
+                n = engine.prefill(messages, chat_key=key, max_tokens=want)
+            finally:
+                if threads is not None:
+                    threads(None)
             read += n
             return n < want or read >= limit
 
         await self.worker.background(piece)
         return read
 
-    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
+    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int,
+                    budget: int) -> int:
         """Read the planned chats into `engine`, one background task per chat and pass; tokens read."""
-        prefill = getattr(engine, "prefill", None)
-        if prefill is None or self.warm_tokens <= 0:
+        if getattr(engine, "prefill", None) is None or budget <= 0:
             return 0
         read = 0
         for _ in range(passes):
             this_pass = 0
             for chat_key, messages in plan():
-                n = await self._read(prefill, messages, chat_key, self.warm_tokens - read)
+                n = await self._read(engine, messages, chat_key, budget - read)
                 read += n
                 this_pass += n
-                if read >= self.warm_tokens:
+                if read >= budget:
                     return read
-            if this_pass <= 4 * self.warm_step:   # the chats are (nearly) all read: swap now
+            if this_pass <= self.nearly_read:   # the chats are (nearly) all read: swap now
                 break
         return read
 
@@ -136,9 +152,8 @@ class HotSwapper:
         """The smoke test on the inference thread. Its prompt (the persona: often hundreds of tokens,
         seconds of reading on a small CPU) is read first in background pieces, so the test itself
         only writes its few tokens."""
-        prefill = getattr(engine, "prefill", None)
-        if prefill is not None:
-            await self._read(prefill, self.smoke_messages(), SMOKE_KEY, 1 << 30)
+        if getattr(engine, "prefill", None) is not None:
+            await self._read(engine, self.smoke_messages(), SMOKE_KEY, 1 << 30)
 
         def test() -> bool:
             self.smoke_test(engine)
@@ -172,18 +187,12 @@ class HotSwapper:
                 t = time.perf_counter()
                 engine = await _low_priority(self._load, gen)
                 load_s, t = time.perf_counter() - t, time.perf_counter()
-                # the smoke test and the warm-up run on the inference thread, between replies,
-                # reading with fewer threads (see LlamaEngine.set_batch_threads); nothing else
-                # uses the new engine yet, so its threads can be changed from here
-                threads = getattr(engine, "set_batch_threads", None)
-                if threads is not None and self.warm_threads:
-                    threads(self.warm_threads)
+                # the smoke test and the warm-up run on the inference thread, between replies
                 await self._smoke(engine)
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
-                read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
+                read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1,
+                                        self.warm_tokens)
                 warm_s = time.perf_counter() - t
-                if threads is not None:
-                    threads(None)
             except Abandoned:   # the bot is stopping: nothing about the new model was wrong
                 if engine is not None:
                     engine.close()
@@ -200,10 +209,24 @@ class HotSwapper:
             await asyncio.to_thread(_dispose, old)
             del old
             self.swaps += 1
-            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens)",
-                     gen.id, previous, load_s, smoke_s, warm_s, read)
+            caught = await self._catch_up(engine, plan, read) if callable(warm) else 0
+            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens, %d more "
+                     "after the swap)", gen.id, previous, load_s, smoke_s, warm_s, read, caught)
             return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4),
-                              warm_s=round(warm_s, 3), warm_tokens=read)
+                              warm_s=round(warm_s, 3), warm_tokens=read, caught_up_tokens=caught)
+
+    async def _catch_up(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], read: int) -> int:
+        """One more pass once the new model serves: what the chats said during the last pass
+        (usually a turn in some of them) is read in background pieces now, before those chats
+        speak again, instead of by their next reply. Still under the swap lock, so no other swap
+        can close this engine meanwhile; a chat that speaks first just reads it itself."""
+        try:
+            return await self._warm(engine, plan, 1, self.warm_tokens - read)
+        except Abandoned:
+            return 0
+        except Exception:   # the swap is done; a chat whose state failed reads its history itself
+            log.warning("catching up after the swap to %s failed", engine.generation_id, exc_info=True)
+            return 0
 
 
 def _dispose(engine: Engine) -> None:

@@ -172,13 +172,15 @@ class PrefillingEngine(FakeEngine):
         self.read: dict[int, int] = {}
         self.calls: list[tuple[int, int]] = []
         self.threads: set[str] = set()
-        self.batch_threads: list[tuple[int | None, int]] = []    # (threads set, prefill calls before)
+        self.batch_threads: list[int | None] = []
+        self.prefills = 0
 
     def set_batch_threads(self, n):
-        self.batch_threads.append((n, len(self.calls)))
+        self.batch_threads.append(n)
 
     def prefill(self, messages, *, chat_key, max_tokens=None):
         self.threads.add(threading.current_thread().name)
+        self.prefills += 1
         have = self.read.get(chat_key, 0)
         new = min(word_count(messages) - have, max_tokens if max_tokens is not None else 10**9)
         self.read[chat_key] = have + new
@@ -199,10 +201,12 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
 
     ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
     later = ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]
+    latest = later + [{"role": "user", "content": "and again"}, {"role": "assistant", "content": "yes"}]
     plans = iter([[(1, ann)],                       # when the swap starts
                   [(2, ann[:1]), (1, later)],        # meanwhile Bob wrote, and Ann said more
-                  [(2, ann[:1]), (1, later)]])
-    swapper = HotSwapper(worker, load, warm_tokens=1000, warm_step=4)
+                  [(2, ann[:1]), (1, later)],        # nothing new: swap
+                  [(2, ann[:1]), (1, latest)]])      # once the new model serves: Ann spoke during the last pass
+    swapper = HotSwapper(worker, load, warm_tokens=1000, warm_step=4, nearly_read=16)
     tasks = []                                         # the swap's background tasks on the inference thread
     background = worker.background
 
@@ -216,13 +220,17 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
     assert result.ok and worker.engine is engines[0] and result.warm_tokens == word_count(later) + word_count(ann[:1])
     assert engines[0].calls == [(1, 4), (1, 4), (1, 4), (1, 4), (1, 1),            # Ann's chat, in steps of 4
                                 (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
-                                (2, 0), (1, 0)]                                    # nothing new: swap
+                                (2, 0), (1, 0),                                    # nothing new: swap
+                                (2, 0), (1, 4), (1, 4), (1, 3)]                    # serving: Ann's last turn
+    assert result.caught_up_tokens == word_count(latest) - word_count(later) == 11
     assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
-    # read with one thread (steadier beside replies on a busy machine), serving with the default
-    assert engines[0].batch_threads == [(1, 0), (None, len(engines[0].calls))]
+    # each piece read with one thread (steadier beside replies on a busy machine), the engine's
+    # default restored after it for the replies in between
+    assert engines[0].prefills > len(engines[0].calls)          # the smoke prompt's pieces too
+    assert engines[0].batch_threads == [1, None] * engines[0].prefills
     # one background task per chat and pass, read piece by piece (the smoke prompt and the smoke
-    # test, then Ann; Bob, Ann; Bob, Ann), not one per piece
-    assert len(tasks) == 7
+    # test, then Ann; Bob, Ann; Bob, Ann; once serving: Bob, Ann), not one per piece
+    assert len(tasks) == 9
 
     tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1, warm_step=64)   # the budget counts every pass
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
