@@ -112,6 +112,10 @@ class HotSwapper:
 
         def piece() -> bool:
             nonlocal read
+            if getattr(engine, "generating", False):
+                # between the tokens of a reply on this very model (the catch-up after the swap):
+                # its context is the reply's until the reply ends; try again at the next chance
+                return False
             want = min(self.warm_step, limit - read)
             if threads is not None:
                 threads(self.warm_threads)

@@ -83,6 +83,9 @@ class LlamaEngine:
         self._add_bos = self.format.add_bos
         self._stop_ids = self._end_of_turn_ids()
         self.states = ChatStates(self.llm, max_chats=kv_cache_chats)
+        # True while generate() streams: the worker may run background work between its tokens,
+        # and that work must not touch this model's context meanwhile (see prefill)
+        self.generating = False
 
     # --- prompt ---------------------------------------------------------------------------
     def _piece(self, token: int) -> str:
@@ -129,21 +132,26 @@ class LlamaEngine:
         text_parts: list[str] = []
         ttft = None
         finish = "length"
-        for token in self.llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p,
-                                       top_k=sampling.top_k, repeat_penalty=sampling.repeat_penalty, reset=True):
-            if ttft is None:
-                ttft = time.perf_counter() - started
-            if token in self._stop_ids:
-                finish = "stop"
-                break
-            out.append(token)
-            piece = decoder.decode(self.llm.detokenize([token], special=False))
-            if piece:
-                text_parts.append(piece)
-                if on_text:
-                    on_text(piece)
-            if len(out) >= max_tokens:
-                break
+        self.generating = True
+        try:
+            for token in self.llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p,
+                                           top_k=sampling.top_k, repeat_penalty=sampling.repeat_penalty,
+                                           reset=True):
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                if token in self._stop_ids:
+                    finish = "stop"
+                    break
+                out.append(token)
+                piece = decoder.decode(self.llm.detokenize([token], special=False))
+                if piece:
+                    text_parts.append(piece)
+                    if on_text:
+                        on_text(piece)
+                if len(out) >= max_tokens:
+                    break
+        finally:
+            self.generating = False
         tail = decoder.decode(b"", final=True)
         if tail:
             text_parts.append(tail)
@@ -163,7 +171,14 @@ class LlamaEngine:
         (the template closes every message with a special token, so no merge crosses the seam).
         `max_tokens` reads only that many: the next call goes on from there (the common prefix),
         so a long conversation can be read in short pieces between replies.
+
+        Never while this model streams a reply (`generating`): the reply's sampler reads the
+        context's last logits and KV cells, which reading another chat would replace (llama.cpp
+        then aborts the process on a null logits pointer — seen once, in a catch-up read that
+        ran between the tokens of a reply on the same model).
         """
+        if self.generating:
+            raise RuntimeError("prefill() while this model streams a reply: it would corrupt the reply's context")
         text = self.render(messages, add_generation_prompt=False)
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
         if not tokens or len(tokens) >= self.n_ctx:

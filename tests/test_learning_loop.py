@@ -174,13 +174,23 @@ class PrefillingEngine(FakeEngine):
         self.threads: set[str] = set()
         self.batch_threads: list[int | None] = []
         self.prefills = 0
+        self.generating = False
+        self.during_reply = 0     # prefill calls made while this engine streamed a reply
 
     def set_batch_threads(self, n):
         self.batch_threads.append(n)
 
+    def generate(self, *args, **kw):
+        self.generating = True
+        try:
+            return super().generate(*args, **kw)
+        finally:
+            self.generating = False
+
     def prefill(self, messages, *, chat_key, max_tokens=None):
         self.threads.add(threading.current_thread().name)
         self.prefills += 1
+        self.during_reply += self.generating
         have = self.read.get(chat_key, 0)
         new = min(word_count(messages) - have, max_tokens if max_tokens is not None else 10**9)
         self.read[chat_key] = have + new
@@ -236,6 +246,34 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
                                  lambda: [(3, ann), (4, ann), (5, ann)])
     assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, 1)]
+
+
+async def test_the_catch_up_after_the_swap_never_reads_between_the_tokens_of_a_reply_on_the_same_model(
+        lineage_world):
+    """Once the new model serves, its catch-up pass shares the model with replies: a piece due between
+    a reply's tokens waits for the reply to end (reading another chat then would hand the reply's
+    sampler another chat's context — llama.cpp aborted on it), and still catches the chat up."""
+    settings, store, worker, first = lineage_world
+    new = PrefillingEngine(generation_id="gen-0001", delay_s=0.3)
+    new.model_sha256 = Lineage(settings.models_dir).generation("gen-0001").sha256
+    ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
+    later = ann + [{"role": "user", "content": "tell me more about the sea please"},
+                   {"role": "assistant", "content": "it is wide and deep and blue"}]
+    replies = []
+
+    def plan():
+        if worker.engine is new:    # serving: a reply starts on the new model just as the catch-up does
+            replies.append(asyncio.ensure_future(worker.run(lambda engine: engine.generate(
+                [{"role": "user", "content": "one two three four five six"}], chat_key=9, sampling=None,
+                on_text=worker.guard(None)).text)))
+            return [(1, later)]
+        return [(1, ann)]
+
+    swapper = HotSwapper(worker, lambda gen: new, warm_tokens=1000, warm_step=2)
+    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), plan)
+    assert result.ok and await replies[0] == "echo: one two three four five six"
+    assert result.caught_up_tokens == word_count(later) - word_count(ann) > 0
+    assert new.during_reply == 0
 
 
 async def test_replies_are_answered_between_warm_up_steps(lineage_world):

@@ -169,7 +169,17 @@ async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_sam
         assert read > 50 and warm.prefill(plan[0][1], chat_key=4711) == 0     # already read: nothing to do
         warm.set_batch_threads(None)             # and serves with the loaded default
         assert llama_cpp.llama_n_threads_batch(warm.llm.ctx) == default
-        a = warm.generate(nxt, chat_key=4711, sampling=GREEDY)
+        refused = []
+
+        def read_another_chat(piece):   # what a background piece between the reply's tokens could try
+            try:
+                warm.prefill([{"role": "user", "content": "someone else"}], chat_key=99)
+            except RuntimeError as exc:
+                refused.append(exc)
+
+        a = warm.generate(nxt, chat_key=4711, sampling=GREEDY, on_text=read_another_chat)
+        assert refused                  # refused, and the reply below is still word for word the cold one
+        assert not warm.generating and warm.prefill([{"role": "user", "content": "someone else"}], chat_key=99) > 0
         b = cold.generate(nxt, chat_key=4711, sampling=GREEDY)
         assert a.cached_tokens >= read and b.cached_tokens == 0
         assert a.text == b.text and a.text
