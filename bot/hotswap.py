@@ -20,9 +20,12 @@ a reply silent for that long; one thread reads as many tokens per second whateve
 size, so the pieces can be short. A reply slows down while a swap runs; its text never stops
 for longer than one piece. Chats move on meanwhile, so the plan is read again after each pass;
 a pass that finds (almost) nothing new, or the last of `catch_up_passes`, ends the warm-up and
-the swap follows at once. One more pass runs once the new model serves: chats that spoke
-during the last pass are a turn behind, and reading that turn now, before they speak again,
-keeps it out of their next reply's time to first token.
+the swap follows at once; a chat that spoke during the last pass reads that turn in its next
+reply. (Tried and dropped: one more pass once the new model serves. Between replies on the
+same model it raced the chats themselves — a piece read a stale snapshot of a chat over the
+state its own reply had just extended, the reply re-read it, and so on, holding the swap for
+minutes; and a piece between the tokens of a reply on the same model corrupts that reply, see
+`LlamaEngine.prefill`.)
 
 How the alternatives measured (`ouro bench swap`, 4 chats): a warm-up on a thread of its own
 beside the serving model made both crawl (ggml threads spin: swaps took 20 → 44 → 110 s and
@@ -71,7 +74,6 @@ class SwapResult:
     pause_s: float = 0.0      # time the swap itself held the inference lock (waiting for a reply included)
     warm_s: float = 0.0
     warm_tokens: int = 0
-    caught_up_tokens: int = 0  # read once the new model served: what the chats said during the last pass
     stopping: bool = False    # given up because the bot is stopping, not because of the model
 
 
@@ -112,10 +114,6 @@ class HotSwapper:
 
         def piece() -> bool:
             nonlocal read
-            if getattr(engine, "generating", False):
-                # between the tokens of a reply on this very model (the catch-up after the swap):
-                # its context is the reply's until the reply ends; try again at the next chance
-                return False
             want = min(self.warm_step, limit - read)
             if threads is not None:
                 threads(self.warm_threads)
@@ -213,24 +211,10 @@ class HotSwapper:
             await asyncio.to_thread(_dispose, old)
             del old
             self.swaps += 1
-            caught = await self._catch_up(engine, plan, read) if callable(warm) else 0
-            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens, %d more "
-                     "after the swap)", gen.id, previous, load_s, smoke_s, warm_s, read, caught)
+            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens)",
+                     gen.id, previous, load_s, smoke_s, warm_s, read)
             return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4),
-                              warm_s=round(warm_s, 3), warm_tokens=read, caught_up_tokens=caught)
-
-    async def _catch_up(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], read: int) -> int:
-        """One more pass once the new model serves: what the chats said during the last pass
-        (usually a turn in some of them) is read in background pieces now, before those chats
-        speak again, instead of by their next reply. Still under the swap lock, so no other swap
-        can close this engine meanwhile; a chat that speaks first just reads it itself."""
-        try:
-            return await self._warm(engine, plan, 1, self.warm_tokens - read)
-        except Abandoned:
-            return 0
-        except Exception:   # the swap is done; a chat whose state failed reads its history itself
-            log.warning("catching up after the swap to %s failed", engine.generation_id, exc_info=True)
-            return 0
+                              warm_s=round(warm_s, 3), warm_tokens=read)
 
 
 def _dispose(engine: Engine) -> None:

@@ -174,8 +174,8 @@ class LlamaEngine:
 
         Never while this model streams a reply (`generating`): the reply's sampler reads the
         context's last logits and KV cells, which reading another chat would replace (llama.cpp
-        then aborts the process on a null logits pointer — seen once, in a catch-up read that
-        ran between the tokens of a reply on the same model).
+        then aborts the process on a null logits pointer — seen when a trial catch-up pass after
+        the swap, since dropped, ran between the tokens of a reply on the same model).
         """
         if self.generating:
             raise RuntimeError("prefill() while this model streams a reply: it would corrupt the reply's context")

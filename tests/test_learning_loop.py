@@ -174,23 +174,13 @@ class PrefillingEngine(FakeEngine):
         self.threads: set[str] = set()
         self.batch_threads: list[int | None] = []
         self.prefills = 0
-        self.generating = False
-        self.during_reply = 0     # prefill calls made while this engine streamed a reply
 
     def set_batch_threads(self, n):
         self.batch_threads.append(n)
 
-    def generate(self, *args, **kw):
-        self.generating = True
-        try:
-            return super().generate(*args, **kw)
-        finally:
-            self.generating = False
-
     def prefill(self, messages, *, chat_key, max_tokens=None):
         self.threads.add(threading.current_thread().name)
         self.prefills += 1
-        self.during_reply += self.generating
         have = self.read.get(chat_key, 0)
         new = min(word_count(messages) - have, max_tokens if max_tokens is not None else 10**9)
         self.read[chat_key] = have + new
@@ -211,11 +201,9 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
 
     ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
     later = ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]
-    latest = later + [{"role": "user", "content": "and again"}, {"role": "assistant", "content": "yes"}]
     plans = iter([[(1, ann)],                       # when the swap starts
                   [(2, ann[:1]), (1, later)],        # meanwhile Bob wrote, and Ann said more
-                  [(2, ann[:1]), (1, later)],        # nothing new: swap
-                  [(2, ann[:1]), (1, latest)]])      # once the new model serves: Ann spoke during the last pass
+                  [(2, ann[:1]), (1, later)]])       # nothing new: swap
     swapper = HotSwapper(worker, load, warm_tokens=1000, warm_step=4, nearly_read=16)
     tasks = []                                         # the swap's background tasks on the inference thread
     background = worker.background
@@ -230,50 +218,20 @@ async def test_warm_up_reads_the_active_chats_in_steps_then_catches_up_with_what
     assert result.ok and worker.engine is engines[0] and result.warm_tokens == word_count(later) + word_count(ann[:1])
     assert engines[0].calls == [(1, 4), (1, 4), (1, 4), (1, 4), (1, 1),            # Ann's chat, in steps of 4
                                 (2, 4), (2, 4), (2, 3), (1, 4), (1, 4), (1, 2),    # Bob whole, Ann only what is new
-                                (2, 0), (1, 0),                                    # nothing new: swap
-                                (2, 0), (1, 4), (1, 4), (1, 3)]                    # serving: Ann's last turn
-    assert result.caught_up_tokens == word_count(latest) - word_count(later) == 11
+                                (2, 0), (1, 0)]                                    # nothing new: swap
     assert {name.startswith("inference") for name in engines[0].threads} == {True}  # on the inference thread
     # each piece read with one thread (steadier beside replies on a busy machine), the engine's
     # default restored after it for the replies in between
     assert engines[0].prefills > len(engines[0].calls)          # the smoke prompt's pieces too
     assert engines[0].batch_threads == [1, None] * engines[0].prefills
     # one background task per chat and pass, read piece by piece (the smoke prompt and the smoke
-    # test, then Ann; Bob, Ann; Bob, Ann; once serving: Bob, Ann), not one per piece
-    assert len(tasks) == 9
+    # test, then Ann; Bob, Ann; Bob, Ann), not one per piece
+    assert len(tasks) == 7
 
     tight = HotSwapper(worker, load, warm_tokens=word_count(ann) + 1, warm_step=64)   # the budget counts every pass
     result = await tight.swap_to(Lineage(settings.models_dir).generation("gen-0000"),
                                  lambda: [(3, ann), (4, ann), (5, ann)])
     assert result.ok and engines[1].calls == [(3, word_count(ann)), (4, 1)]
-
-
-async def test_the_catch_up_after_the_swap_never_reads_between_the_tokens_of_a_reply_on_the_same_model(
-        lineage_world):
-    """Once the new model serves, its catch-up pass shares the model with replies: a piece due between
-    a reply's tokens waits for the reply to end (reading another chat then would hand the reply's
-    sampler another chat's context — llama.cpp aborted on it), and still catches the chat up."""
-    settings, store, worker, first = lineage_world
-    new = PrefillingEngine(generation_id="gen-0001", delay_s=0.3)
-    new.model_sha256 = Lineage(settings.models_dir).generation("gen-0001").sha256
-    ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
-    later = ann + [{"role": "user", "content": "tell me more about the sea please"},
-                   {"role": "assistant", "content": "it is wide and deep and blue"}]
-    replies = []
-
-    def plan():
-        if worker.engine is new:    # serving: a reply starts on the new model just as the catch-up does
-            replies.append(asyncio.ensure_future(worker.run(lambda engine: engine.generate(
-                [{"role": "user", "content": "one two three four five six"}], chat_key=9, sampling=None,
-                on_text=worker.guard(None)).text)))
-            return [(1, later)]
-        return [(1, ann)]
-
-    swapper = HotSwapper(worker, lambda gen: new, warm_tokens=1000, warm_step=2)
-    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0001"), plan)
-    assert result.ok and await replies[0] == "echo: one two three four five six"
-    assert result.caught_up_tokens == word_count(later) - word_count(ann) > 0
-    assert new.during_reply == 0
 
 
 async def test_replies_are_answered_between_warm_up_steps(lineage_world):
