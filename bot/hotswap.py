@@ -128,9 +128,9 @@ class HotSwapper:
         await self.worker.background(piece)
         return read
 
-    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int,
-                    budget: int) -> int:
+    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
         """Read the planned chats into `engine`, one background task per chat and pass; tokens read."""
+        budget = self.warm_tokens
         if getattr(engine, "prefill", None) is None or budget <= 0:
             return 0
         read = 0
@@ -192,8 +192,7 @@ class HotSwapper:
                 # the smoke test and the warm-up run on the inference thread, between replies
                 await self._smoke(engine)
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
-                read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1,
-                                        self.warm_tokens)
+                read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
                 warm_s = time.perf_counter() - t
             except Abandoned:   # the bot is stopping: nothing about the new model was wrong
                 if engine is not None:

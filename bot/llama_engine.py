@@ -196,7 +196,7 @@ class LlamaEngine:
         """Threads llama.cpp uses to read a batch of prompt tokens (None: the loaded default).
 
         The hot-swap warm-up reads with one thread. Measured on 2 vCPUs beside one busy
-        process (16-token reads, /tmp probe in the session-5 notes): two threads median
+        process (16-token reads, a probe run in session 5): two threads median
         426 ms, max 960 ms — each waits at every step of the graph for the other, which the
         OS or the VM host has descheduled; one thread median 283 ms, max 341 ms. Quiet, two
         threads win (150 vs 268 ms), but the warm-up is not in a hurry and its worst piece is
