@@ -130,17 +130,16 @@ class HotSwapper:
 
     async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
         """Read the planned chats into `engine`, one background task per chat and pass; tokens read."""
-        budget = self.warm_tokens
-        if getattr(engine, "prefill", None) is None or budget <= 0:
+        if getattr(engine, "prefill", None) is None or self.warm_tokens <= 0:
             return 0
         read = 0
         for _ in range(passes):
             this_pass = 0
             for chat_key, messages in plan():
-                n = await self._read(engine, messages, chat_key, budget - read)
+                n = await self._read(engine, messages, chat_key, self.warm_tokens - read)
                 read += n
                 this_pass += n
-                if read >= budget:
+                if read >= self.warm_tokens:
                     return read
             if this_pass <= self.nearly_read:   # the chats are (nearly) all read: swap now
                 break
