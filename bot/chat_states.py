@@ -65,6 +65,19 @@ class ChatStates:
             n += 1
         return n
 
+    def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
+        """How many of `tokens` `key`'s state already holds, without switching to it: its saved
+        state, or (live, or none saved) what is live — what `activate` then `common_prefix` would give."""
+        saved = self._saved.get(key) if key != self.current else None
+        if saved is None:
+            return self.common_prefix(tokens)
+        n = 0
+        for a, b in zip(saved.tokens, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
     def forget(self, key: int | str) -> None:
         """Drop `key`'s saved state; when it is the live one, it is not saved away at the next switch."""
         self._saved.pop(key, None)

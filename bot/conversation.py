@@ -106,6 +106,7 @@ class Conversation:
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            engine = self.worker.route(turn.chat_id, ctx.messages)   # during a hot-swap, maybe the new model
             completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
                                          on_text=self.worker.guard(on_text))
             return ctx, completion, engine.generation_id
@@ -146,6 +147,7 @@ class Conversation:
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            engine = self.worker.route(turn.chat_id, ctx.messages)
             return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
                                    on_text=self.worker.guard(on_text)), \
                 engine.generation_id

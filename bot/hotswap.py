@@ -3,9 +3,10 @@
 The new GGUF is checked against its recorded SHA-256 and loaded beside the old one on a
 low-priority thread of its own (the serving model keeps answering), then smoke-tested: it must
 answer a plain greeting (greedy, a few tokens) without ending its turn empty-handed. Only then
-is it swapped into the worker — under the inference lock, so a reply being generated finishes
-on the old model and the next one starts on the new. The old model is closed afterwards, which
-also drops every cached chat KV state (they belong to the old weights). One swap at a time.
+does it take over — chat by chat (the handover, below), the last step under the inference lock,
+so a reply being generated finishes on the model it started on. The old model is closed
+afterwards, which also drops its cached chat KV states (they belong to the old weights). One
+swap at a time.
 
 Warm-up: dropping the KV states would make every active chat re-read its whole history on the
 new model's first reply — seconds of silence right after the swap. So before swapping, the
@@ -18,14 +19,23 @@ streams, one piece between its tokens whenever the reply has had as much time as
 two threads stall each other at every step, and a piece that takes 1-3 s instead of 0.15 s is
 a reply silent for that long; one thread reads as many tokens per second whatever the piece
 size, so the pieces can be short. A reply slows down while a swap runs; its text never stops
-for longer than one piece. Chats move on meanwhile, so the plan is read again after each pass;
-a pass that finds (almost) nothing new, or the last of `catch_up_passes`, ends the warm-up and
-the swap follows at once; a chat that spoke during the last pass reads that turn in its next
-reply. (Tried and dropped: one more pass once the new model serves. Between replies on the
-same model it raced the chats themselves — a piece read a stale snapshot of a chat over the
-state its own reply had just extended, the reply re-read it, and so on, holding the swap for
-minutes; and a piece between the tokens of a reply on the same model corrupts that reply, see
-`LlamaEngine.prefill`.)
+for longer than one piece.
+
+Handover, chat by chat: chats move on while the new model reads them, and a chat whose last
+turn the new model has not read pays for it in its next reply (70-120 tokens, 0.7-1.2 s before
+the first word, measured when every chat switched at once). So once the smoke test passed the
+worker holds both models (`InferenceWorker.begin_handover`) and each reply asks `route`: a chat
+moves to the new model as soon as the new model has read as much of it as the old one, and
+stays there; until then the old model answers it. The warm-up reads the chats not moved yet,
+in passes (the plan is read again before each, so a pass reads only what is new); a pass that
+finds (almost) nothing new, or the last of `catch_up_passes`, ends it, and the new model then
+serves every chat (`finish_handover`). A chat moves by itself as soon as its reply finds it read,
+so the work left shrinks pass by pass even while every chat keeps talking. A piece never reads
+a chat that has moved (its own replies keep its state, and a piece would read a stale snapshot
+over it), nor runs between the tokens of a reply on the new model (see `LlamaEngine.prefill`).
+If the new model fails during the handover, every chat goes back to the old one. (Tried and
+dropped: swapping every chat at once, then a catch-up pass on the new model, which raced the
+chats' own replies and held a swap for minutes.)
 
 How the alternatives measured (`ouro bench swap`, 4 chats): a warm-up on a thread of its own
 beside the serving model made both crawl (ggml threads spin: swaps took 20 → 44 → 110 s and
@@ -89,7 +99,7 @@ class HotSwapper:
         self.warm_step = warm_step
         self.warm_threads = warm_threads   # 0: as many as the serving model reads with
         self.nearly_read = nearly_read     # tokens: a warm-up pass that found no more than this is the last
-        self.catch_up_passes = 2
+        self.catch_up_passes = 6         # passes after the first; each reads only what is new, of chats not moved
         self._lock = asyncio.Lock()
         self.swaps = 0
 
@@ -114,6 +124,10 @@ class HotSwapper:
 
         def piece() -> bool:
             nonlocal read
+            if self.worker.has_moved(key):   # the new model answers this chat now: its own replies keep it read
+                return True
+            if getattr(engine, "generating", False):   # between the tokens of a moved chat's reply: wait
+                return False
             want = min(self.warm_step, limit - read)
             if threads is not None:
                 threads(self.warm_threads)
@@ -135,7 +149,10 @@ class HotSwapper:
         read = 0
         for _ in range(passes):
             this_pass = 0
+            moved = self.worker.moved()
             for chat_key, messages in plan():
+                if chat_key in moved:
+                    continue
                 n = await self._read(engine, messages, chat_key, self.warm_tokens - read)
                 read += n
                 this_pass += n
@@ -184,6 +201,7 @@ class HotSwapper:
             if previous == gen.id and sha == gen.sha256:
                 return SwapResult(True, gen.id, previous, "already serving")
             engine = None
+            handing_over = False
             try:
                 t = time.perf_counter()
                 engine = await _low_priority(self._load, gen)
@@ -191,20 +209,24 @@ class HotSwapper:
                 # the smoke test and the warm-up run on the inference thread, between replies
                 await self._smoke(engine)
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
+                await asyncio.to_thread(self.worker.begin_handover, engine)
+                handing_over = True
                 read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
                 warm_s = time.perf_counter() - t
-            except Abandoned:   # the bot is stopping: nothing about the new model was wrong
-                if engine is not None:
-                    engine.close()
-                return SwapResult(False, gen.id, previous, "the bot is stopping", stopping=True)
-            except Exception as exc:  # the old generation keeps serving
-                log.warning("hot-swap to %s failed", gen.id, exc_info=True)
-                if engine is not None:   # failed while warming; _prepare closes its own on failure
+            except BaseException as exc:
+                if handing_over:   # chats the new model answered go back to the old one
+                    engine = await asyncio.to_thread(self.worker.abort_handover)
+                if engine is not None:   # (None: the worker was closed, and closed it)
                     with contextlib.suppress(Exception):
                         engine.close()
+                if isinstance(exc, Abandoned):   # the bot is stopping: nothing about the new model was wrong
+                    return SwapResult(False, gen.id, previous, "the bot is stopping", stopping=True)
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("hot-swap to %s failed", gen.id, exc_info=True)   # the old generation keeps serving
                 return SwapResult(False, gen.id, previous, f"{type(exc).__name__}: {exc}")
             t = time.perf_counter()
-            old = await asyncio.to_thread(self.worker.swap, engine)
+            old = await asyncio.to_thread(self.worker.finish_handover)
             pause = time.perf_counter() - t
             await asyncio.to_thread(_dispose, old)
             del old

@@ -162,6 +162,12 @@ class LlamaEngine:
                           ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
                           cached_tokens=cached)
 
+    def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
+        """Prompt tokens `generate(messages, chat_key=...)` would read now (the rest is cached).
+        The hot-swap's handover compares it between two models to move a chat when it costs nothing."""
+        tokens = self.tokenize(messages)
+        return len(tokens) - self.states.cached_prefix(chat_key, tokens)
+
     def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
         """Read a chat's conversation so far into its KV state without generating; returns tokens read.
 

@@ -114,7 +114,7 @@ class PrivacyHandlers:
         await answer_pressed(query, "Forgetting…")   # a late press still forgets
         counts, chats = await asyncio.to_thread(self.store.forget_user, uid)
         try:  # the model's cached state of those chats holds their words too
-            await self.worker.run(lambda engine: [engine.forget(chat) for chat in chats], bounded=False)
+            await self.worker.run(lambda engine: self.worker.forget(chats), bounded=False)
         except Exception:
             log.warning("could not drop the cached model state of %d chat(s)", len(chats), exc_info=True)
         log.info("forgot a person: %s", counts)

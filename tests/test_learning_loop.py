@@ -174,11 +174,29 @@ class PrefillingEngine(FakeEngine):
         self.threads: set[str] = set()
         self.batch_threads: list[int | None] = []
         self.prefills = 0
+        self.generating = False
+        self.failing = False
 
     def set_batch_threads(self, n):
         self.batch_threads.append(n)
 
+    def unread(self, messages, *, chat_key):
+        return max(0, word_count(messages) - self.read.get(chat_key, 0))
+
+    def generate(self, messages, *, chat_key, sampling, on_text=None):
+        self.generating = True
+        try:
+            out = super().generate(messages, chat_key=chat_key, sampling=sampling, on_text=on_text)
+        finally:
+            self.generating = False
+        self.read[chat_key] = word_count(messages) + out.completion_tokens
+        return out
+
     def prefill(self, messages, *, chat_key, max_tokens=None):
+        if self.generating:   # as LlamaEngine: reading between a reply's tokens would corrupt it
+            raise RuntimeError("prefill() while this model streams a reply")
+        if self.failing:
+            raise RuntimeError("the new model broke while reading")
         self.threads.add(threading.current_thread().name)
         self.prefills += 1
         have = self.read.get(chat_key, 0)
@@ -254,6 +272,95 @@ async def test_replies_are_answered_between_warm_up_steps(lineage_world):
     result = await swap
     assert result.ok and result.warm_tokens == word_count(long_chat) and len(new.calls) >= 7
     assert answered < 0.2 < result.warm_s                  # waited for one step at most, not the whole warm-up
+
+
+def _reply(worker: InferenceWorker, chat: int, messages: list[dict]):
+    """A reply job as Conversation.answer runs it: the worker picks the model for the chat."""
+
+    def job(engine):
+        chosen = worker.route(chat, messages)
+        out = chosen.generate(messages, chat_key=chat, sampling=None, on_text=worker.guard(None))
+        return out.text, chosen.generation_id
+
+    return worker.run(job)
+
+
+@pytest.fixture
+def handover_world(lineage_world):
+    """An old model that keeps chats' states (like LlamaEngine) serving Ann (1) and Cal (3), and a
+    new one that reads slowly, so replies can be asked for while it reads."""
+    settings, store, worker, first = lineage_world
+    lineage = Lineage(settings.models_dir)
+    old = PrefillingEngine(generation_id="gen-0000")
+    old.model_sha256 = lineage.generation("gen-0000").sha256
+    worker.swap(old).close()
+    new = PrefillingEngine(step_s=0.03, generation_id="gen-0001", delay_s=0.2,
+                           replies=["one two three four five six seven eight"] * 5)
+    new.model_sha256 = lineage.generation("gen-0001").sha256
+    ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
+    cal = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "many words"}]
+    bob = [{"role": "user", "content": "word " * 200}]          # ~50 pieces of 4: over a second of reading
+    old.read.update({1: word_count(ann), 3: word_count(cal)})
+    return worker, old, new, lineage.generation("gen-0001"), ann, bob, cal
+
+
+async def test_during_the_handover_a_chat_moves_to_the_new_model_once_it_has_read_it(handover_world):
+    """The handover, chat by chat: Ann's chat, read by the new model, moves to it at her next reply
+    (and the warm-up never reads it again); Cal's, which it has not read, stays on the old model
+    until the swap ends. A piece never runs between the tokens of the new model's reply."""
+    worker, old, new, gen, ann, bob, cal = handover_world
+    passes = []
+
+    def plan():
+        passes.append(worker.moved())
+        return [(1, ann), (2, bob)]
+
+    swap = asyncio.create_task(HotSwapper(worker, lambda g: new, warm_tokens=4096, warm_step=4).swap_to(gen, plan))
+    while not new.read.get(2):               # Ann read, Bob being read
+        await asyncio.sleep(0.005)
+    ann_next = ann + [{"role": "user", "content": "and now?"}]
+    text, by = await _reply(worker, 1, ann_next)
+    assert by == "gen-0001" and text.startswith("one two") and not swap.done()
+    assert worker.moved() == {1}
+    _, by = await _reply(worker, 3, cal + [{"role": "user", "content": "and me?"}])
+    assert by == "gen-0000" and not swap.done()     # the new model would have to read all of Cal's chat
+    result = await swap
+    assert result.ok and worker.engine is new and worker.incoming is None and old.closed
+    assert len(passes) >= 2 and all(1 in moved for moved in passes[1:])
+    assert sum(n for chat, n in new.calls if chat == 1) == word_count(ann)    # read once, before it moved
+    assert sum(n for chat, n in new.calls if chat == 2) == word_count(bob)
+    _, by = await _reply(worker, 3, cal + [{"role": "user", "content": "and me?"}])
+    assert by == "gen-0001" and worker.moved() == frozenset()
+
+
+async def test_a_new_model_failing_during_the_handover_gives_every_chat_back_to_the_old(handover_world):
+    worker, old, new, gen, ann, bob, cal = handover_world
+    swap = asyncio.create_task(HotSwapper(worker, lambda g: new, warm_tokens=4096, warm_step=4)
+                               .swap_to(gen, lambda: [(1, ann), (2, bob)]))
+    while not new.read.get(2):
+        await asyncio.sleep(0.005)
+    _, by = await _reply(worker, 1, ann + [{"role": "user", "content": "and now?"}])
+    assert by == "gen-0001"
+    new.failing = True
+    result = await swap
+    assert not result.ok and "broke while reading" in result.reason and new.closed and not old.closed
+    assert worker.engine is old and worker.incoming is None and worker.moved() == frozenset()
+    _, by = await _reply(worker, 1, ann + [{"role": "user", "content": "still there?"}])
+    assert by == "gen-0000"
+
+
+async def test_forgetting_a_chat_during_the_handover_reaches_both_models_and_ends_its_warm_up(handover_world):
+    worker, old, new, gen, ann, bob, cal = handover_world
+    swap = asyncio.create_task(HotSwapper(worker, lambda g: new, warm_tokens=4096, warm_step=4)
+                               .swap_to(gen, lambda: [(2, bob)]))
+    while not new.read.get(2):               # Bob's chat is being read
+        await asyncio.sleep(0.005)
+    await worker.run(lambda engine: worker.forget([2]), bounded=False)
+    assert old.forgotten == [2] and new.forgotten == ["__smoke__", 2]
+    assert worker.moved() == {2} and worker.route(2, bob) is new   # it starts afresh on the new model
+    assert worker.route(3, cal + [{"role": "user", "content": "x"}]) is old    # not read by the new one
+    result = await swap
+    assert result.ok and sum(n for chat, n in new.calls if chat == 2) < word_count(bob) / 2   # not read on
 
 
 @pytest.mark.parametrize("problem", ["broken", "empty", "tampered"])

@@ -165,8 +165,11 @@ async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_sam
         default = llama_cpp.llama_n_threads_batch(warm.llm.ctx)
         warm.set_batch_threads(1)                # the hot-swap reads ahead with one thread
         assert llama_cpp.llama_n_threads_batch(warm.llm.ctx) == 1
+        whole = warm.count_tokens(nxt)
+        assert warm.unread(nxt, chat_key=4711) == whole                       # nothing read yet
         read = warm.prefill(plan[0][1], chat_key=4711)
         assert read > 50 and warm.prefill(plan[0][1], chat_key=4711) == 0     # already read: nothing to do
+        assert warm.unread(nxt, chat_key=4711) == whole - read                # only the new message is left
         warm.set_batch_threads(None)             # and serves with the loaded default
         assert llama_cpp.llama_n_threads_batch(warm.llm.ctx) == default
         refused = []
@@ -180,6 +183,7 @@ async def test_a_new_model_warmed_with_a_chat_answers_it_from_cache_with_the_sam
         a = warm.generate(nxt, chat_key=4711, sampling=GREEDY, on_text=read_another_chat)
         assert refused                  # refused, and the reply below is still word for word the cold one
         assert not warm.generating and warm.prefill([{"role": "user", "content": "someone else"}], chat_key=99) > 0
+        assert warm.unread(nxt, chat_key=4711) == 0     # from its saved state: it read nxt and replied
         b = cold.generate(nxt, chat_key=4711, sampling=GREEDY)
         assert a.cached_tokens >= read and b.cached_tokens == 0
         assert a.text == b.text and a.text
