@@ -84,6 +84,7 @@ class SwapResult:
     pause_s: float = 0.0      # time the swap itself held the inference lock (waiting for a reply included)
     warm_s: float = 0.0
     warm_tokens: int = 0
+    moved: int = 0            # chats the new model answered already before it took over the rest
     stopping: bool = False    # given up because the bot is stopping, not because of the model
 
 
@@ -225,16 +226,17 @@ class HotSwapper:
                     raise
                 log.warning("hot-swap to %s failed", gen.id, exc_info=True)   # the old generation keeps serving
                 return SwapResult(False, gen.id, previous, f"{type(exc).__name__}: {exc}")
+            moved = len(self.worker.moved())
             t = time.perf_counter()
             old = await asyncio.to_thread(self.worker.finish_handover)
             pause = time.perf_counter() - t
             await asyncio.to_thread(_dispose, old)
             del old
             self.swaps += 1
-            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens)",
-                     gen.id, previous, load_s, smoke_s, warm_s, read)
+            log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens, %d chats "
+                     "moved before the end)", gen.id, previous, load_s, smoke_s, warm_s, read, moved)
             return SwapResult(True, gen.id, previous, "", round(load_s, 3), round(smoke_s, 3), round(pause, 4),
-                              warm_s=round(warm_s, 3), warm_tokens=read)
+                              warm_s=round(warm_s, 3), warm_tokens=read, moved=moved)
 
 
 def _dispose(engine: Engine) -> None:

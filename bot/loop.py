@@ -154,7 +154,7 @@ class LearningLoop:
             self.store.log_event("hot_swap", detail={"gen": gen.id, "from": result.previous_id,
                                                      "load_s": result.load_s, "smoke_s": result.smoke_s,
                                                      "warm_s": result.warm_s, "warm_tokens": result.warm_tokens,
-                                                     "pause_s": result.pause_s})
+                                                     "moved": result.moved, "pause_s": result.pause_s})
             return result
         self._failed = (gen.id, gen.sha256)
         why = f"{gen.id} failed to load or its smoke test ({result.reason}); {serving_id} kept serving"

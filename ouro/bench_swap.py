@@ -101,7 +101,7 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     await asyncio.sleep(30)                                     # baseline: no swaps
     base_stamps, base_replies = stamps[skip_stamps:], replies[skip_replies:]
     windows = []
-    took: list[tuple[float, int]] = []      # (seconds the swap took, warm-up tokens) while people chat
+    took: list[tuple[float, int, int]] = []   # (seconds the swap took, warm-up tokens, chats moved early), amid chats
     rss = []
     proc = psutil.Process()
     for i in range(30):
@@ -115,7 +115,7 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
             raise RuntimeError(f"swap {i} failed: {result}")
         t1 = time.perf_counter()
         if i < 10:
-            took.append((t1 - t0, result.warm_tokens))
+            took.append((t1 - t0, result.warm_tokens, result.moved))
             windows.append((t0, t1 + 3.0))                      # the swap and the first replies after it
         else:
             gc.collect()
@@ -141,9 +141,10 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
             "rss_ratio": round(rss[-1] / rss[0], 3),
             "rss_per_swap_mb": [round(r / 2**20) for r in rss], "rss_goal": 1.10, "replies_during_swaps": len(during),
             "median_reply_during_swaps_s": round(statistics.median(during), 4) if during else None,
-            "swap_s_median": round(statistics.median(t for t, _ in took), 2),
-            "swap_s_max": round(max(t for t, _ in took), 2),
-            "warm_tokens_median": statistics.median(n for _, n in took)}
+            "swap_s_median": round(statistics.median(t for t, _, _ in took), 2),
+            "swap_s_max": round(max(t for t, _, _ in took), 2),
+            "warm_tokens_median": statistics.median(n for _, n, _ in took),
+            "chats_moved_before_the_end_per_swap": [m for _, _, m in took]}
 
 
 async def _ttft(rt, tag: str, n: int) -> list[float]:
@@ -218,7 +219,8 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
               f"{result['longest_pause_without_swap_s']:.2f}s; per swap, median "
               f"{result['median_of_longest_pause_per_swap_s']:.2f}s)")
         print(f"  a swap while 4 chats talk took {result['swap_s_median']:.1f}s median, {result['swap_s_max']:.1f}s "
-              f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies)")
+              f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies; "
+              f"chats handed over before the end: {result['chats_moved_before_the_end_per_swap']})")
         if result["median_reply_during_swaps_s"] is not None:
             print(f"  a reply asked during a swap took {result['median_reply_during_swaps_s']:.2f}s median "
                   f"({result['replies_during_swaps']} replies; {result['median_reply_s']:.2f}s without swaps): "

@@ -325,7 +325,7 @@ async def test_during_the_handover_a_chat_moves_to_the_new_model_once_it_has_rea
     _, by = await _reply(worker, 3, cal + [{"role": "user", "content": "and me?"}])
     assert by == "gen-0000" and not swap.done()     # the new model would have to read all of Cal's chat
     result = await swap
-    assert result.ok and worker.engine is new and worker.incoming is None and old.closed
+    assert result.ok and result.moved == 1 and worker.engine is new and worker.incoming is None and old.closed
     assert len(passes) >= 2 and all(1 in moved for moved in passes[1:])
     assert sum(n for chat, n in new.calls if chat == 1) == word_count(ann)    # read once, before it moved
     assert sum(n for chat, n in new.calls if chat == 2) == word_count(bob)
