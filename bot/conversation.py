@@ -8,8 +8,10 @@ tokenizer), generate, then store the reply and its metadata in one transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ class Conversation:
         self.store = store
         self.worker = worker
         self.persona = settings.persona()
+        self._answering: Counter = Counter()   # chat → replies asked for and not finished (see warmup_plan)
 
     def sampling(self, *, seed: int | None = None) -> Sampling:
         s = self.settings
@@ -96,6 +99,21 @@ class Conversation:
         """Generate the reply to a stored pending turn; every failure is stored on the turn."""
         turn = self.store.turn(turn_id)
         assert turn is not None
+        with self._replying(turn.chat_id):
+            return await self._answer(turn, on_text)
+
+    @contextlib.contextmanager
+    def _replying(self, chat_id: int):
+        self._answering[chat_id] += 1
+        try:
+            yield
+        finally:
+            self._answering[chat_id] -= 1
+            if self._answering[chat_id] <= 0:
+                del self._answering[chat_id]
+
+    async def _answer(self, turn, on_text: Callable[[str], None] | None) -> Outcome:
+        turn_id = turn.id
         history = self.store.history(turn.session_id, before_turn_id=turn_id)
         anchor = self.store.context_start(turn.session_id)
         sampling = self.sampling()
@@ -152,14 +170,17 @@ class Conversation:
                                    on_text=self.worker.guard(on_text)), \
                 engine.generation_id
 
-        completion, generation_id = await self.worker.run(job)
+        with self._replying(turn.chat_id):
+            completion, generation_id = await self.worker.run(job)
         alt_id = self.store.add_alternative(turn_id, completion.text, generation_id)
         return alt_id, completion.text
 
-    def warmup_plan(self, limit: int) -> list[tuple[int, list[dict]]]:
+    def warmup_plan(self, limit: int) -> list[tuple[int, list[dict], bool]]:
         """The conversations so far of the `limit` most recently active chats, newest first —
-        what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`). Read here, on
-        the event loop's thread, so the loading thread never touches the store."""
+        what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`) — each with
+        whether a reply in it is under way (its words are not here yet: the hot-swap waits for them
+        rather than hand the chat over a turn behind). Read here, on the event loop's thread, so
+        the loading thread never touches the store."""
         plan = []
         for chat_id, session in self.store.recent_chats(limit):
             history = self.store.history(session)
@@ -167,7 +188,7 @@ class Conversation:
             if anchor is not None:
                 history = [ex for ex in history if ex.turn_id >= anchor]
             if history:
-                plan.append((chat_id, to_messages(self.persona, history, "")[:-1]))
+                plan.append((chat_id, to_messages(self.persona, history, "")[:-1], chat_id in self._answering))
         return plan
 
     def reset(self, who: Speaker) -> None:

@@ -28,8 +28,9 @@ worker holds both models (`InferenceWorker.begin_handover`) and each reply asks 
 moves to the new model as soon as the new model has read as much of it as the old one, and
 stays there; until then the old model answers it. The warm-up reads the chats not moved yet,
 in passes (the plan is read again before each, so a pass reads only what is new); a pass that
-finds (almost) nothing new, or the last of `catch_up_passes`, ends it, and the new model then
-serves every chat (`finish_handover`). A chat moves by itself as soon as its reply finds it read,
+finds nothing new while none of those chats has a reply under way (its words are not in the
+plan yet), or `catch_up_s` after the first pass, ends it, and the new model then serves every
+chat (`finish_handover`). A chat moves by itself as soon as its reply finds it read,
 so the work left shrinks pass by pass even while every chat keeps talking. A piece never reads
 a chat that has moved (its own replies keep its state, and a piece would read a stale snapshot
 over it), nor runs between the tokens of a reply on the new model (see `LlamaEngine.prefill`).
@@ -91,7 +92,7 @@ class SwapResult:
 class HotSwapper:
     def __init__(self, worker: InferenceWorker, load: Callable[[Generation], Engine], *, persona: str = "",
                  smoke_tokens: int = 8, warm_tokens: int = 8192, warm_step: int = 8,
-                 warm_threads: int = 1, nearly_read: int = 64) -> None:
+                 warm_threads: int = 1, nearly_read: int = 0) -> None:
         self.worker = worker
         self.load = load
         self.persona = persona
@@ -100,7 +101,8 @@ class HotSwapper:
         self.warm_step = warm_step
         self.warm_threads = warm_threads   # 0: as many as the serving model reads with
         self.nearly_read = nearly_read     # tokens: a warm-up pass that found no more than this is the last
-        self.catch_up_passes = 6         # passes after the first; each reads only what is new, of chats not moved
+        self.catch_up_s = 30.0             # passes after the first (each reads only what is new) end by then
+        self.recheck_s = 0.1
         self._lock = asyncio.Lock()
         self.swaps = 0
 
@@ -143,25 +145,36 @@ class HotSwapper:
         await self.worker.background(piece)
         return read
 
-    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple[int, list[dict]]]], passes: int) -> int:
-        """Read the planned chats into `engine`, one background task per chat and pass; tokens read."""
+    async def _warm(self, engine: Engine, plan: Callable[[], list[tuple]], catch_up: bool) -> int:
+        """Read the planned chats into `engine`, one background task per chat and pass; tokens read.
+
+        `plan()` gives (chat, conversation so far[, a reply under way]). With `catch_up`, passes go
+        on until one finds nothing new (at most `nearly_read` tokens) while no chat left to hand
+        over has a reply under way — that reply is not in the plan yet, and a chat handed over
+        without it reads it in its next reply — or `catch_up_s` after the first pass ends."""
         if getattr(engine, "prefill", None) is None or self.warm_tokens <= 0:
             return 0
-        read = 0
-        for _ in range(passes):
-            this_pass = 0
+        read, deadline = 0, None
+        while True:
+            this_pass, busy = 0, False
             moved = self.worker.moved()
-            for chat_key, messages in plan():
+            for chat_key, messages, *under_way in plan():
                 if chat_key in moved:
                     continue
+                busy = busy or bool(under_way and under_way[0])
                 n = await self._read(engine, messages, chat_key, self.warm_tokens - read)
                 read += n
                 this_pass += n
                 if read >= self.warm_tokens:
                     return read
-            if this_pass <= self.nearly_read:   # the chats are (nearly) all read: swap now
-                break
-        return read
+            if not catch_up:
+                return read
+            if deadline is None:
+                deadline = time.monotonic() + self.catch_up_s
+            if (this_pass <= self.nearly_read and not busy) or time.monotonic() >= deadline:
+                return read
+            if this_pass == 0:   # only a reply under way is left: look again once it may have landed
+                await asyncio.sleep(self.recheck_s)
 
     def smoke_messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.persona}] if self.persona else []) + \
@@ -212,7 +225,7 @@ class HotSwapper:
                 smoke_s, t = time.perf_counter() - t, time.perf_counter()
                 await asyncio.to_thread(self.worker.begin_handover, engine)
                 handing_over = True
-                read = await self._warm(engine, plan, 1 + self.catch_up_passes if callable(warm) else 1)
+                read = await self._warm(engine, plan, catch_up=callable(warm))
                 warm_s = time.perf_counter() - t
             except BaseException as exc:
                 if handing_over:   # chats the new model answered go back to the old one

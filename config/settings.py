@@ -158,9 +158,9 @@ class Settings(BaseSettings):
         "Live watch: roll back automatically when the new generation's 👎 share exceeds its parent's by more "
         "than this (0-1)."))
     swap_warm_tokens: int = Field(8192, ge=0, le=1_000_000, description=(
-        "Hot-swap warm-up: tokens of the most recently active chats the new model reads before it serves "
-        "(newest chat first, in short pieces when the model is free and between the tokens of replies), so "
-        "their next replies do not start by "
+        "Hot-swap warm-up: tokens of the most recently active chats the new model reads before it answers "
+        "them (newest chat first, in short pieces when the model is free and between the tokens of replies; "
+        "each chat moves to the new model once it is read), so their next replies do not start by "
         "re-reading the history. 0 = off."))
     swap_warm_threads: int = Field(1, ge=0, le=256, description=(
         "Hot-swap warm-up: CPU threads the new model reads with (0 = as many as the serving model). One "

@@ -110,6 +110,21 @@ async def test_two_chats_at_once_are_both_answered_in_order(settings, store):
     assert engine.chat_keys == [100, 200]
 
 
+async def test_the_warm_up_plan_marks_a_chat_whose_reply_is_under_way(settings, store):
+    """The hot-swap's read-ahead must know a chat's newest words are not in the plan yet."""
+    conv = Conversation(settings, store, InferenceWorker(FakeEngine(["first", "second"], delay_s=0.3)))
+    await conv.handle_text(ANN, "hello")
+    assert [(chat, busy) for chat, _, busy in conv.warmup_plan(4)] == [(ANN.chat_id, False)]
+    task = asyncio.create_task(conv.handle_text(ANN, "again"))
+    await asyncio.sleep(0.1)
+    (chat, messages, busy), = conv.warmup_plan(4)
+    assert busy and messages[-1]["content"] == "first"      # the reply under way is not in it yet
+    await task
+    (chat, messages, busy), = conv.warmup_plan(4)
+    assert not busy and [m["content"] for m in messages[-2:]] == ["again", "second"]
+    conv.worker.close()
+
+
 async def test_backlog_bound_gives_busy_and_stores_the_turn(settings, store):
     engine = FakeEngine(delay_s=0.2)
     conv = Conversation(settings, store, InferenceWorker(engine, max_backlog=1))

@@ -274,6 +274,34 @@ async def test_replies_are_answered_between_warm_up_steps(lineage_world):
     assert answered < 0.2 < result.warm_s                  # waited for one step at most, not the whole warm-up
 
 
+async def test_the_warm_up_waits_for_a_reply_under_way_before_it_hands_the_rest_over(lineage_world):
+    """A chat with a reply under way is not handed over yet: that reply is not in the plan, and the
+    chat would read it again in its next reply. The passes wait for it (to `catch_up_s` at most)."""
+    settings, store, worker, first = lineage_world
+    gen = Lineage(settings.models_dir).generation("gen-0001")
+    ann = [{"role": "user", "content": "hello there my friend"}, {"role": "assistant", "content": "hi Ann"}]
+    later = ann + [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok then"}]
+    plans = [[(1, ann, False)], [(1, ann, True)], [(1, ann, True)], [(1, later, False)], [(1, later, False)]]
+    asked = []
+
+    def plan():
+        asked.append(1)
+        return plans[min(len(asked), len(plans)) - 1]
+
+    new = PrefillingEngine(generation_id="gen-0001")
+    new.model_sha256 = gen.sha256
+    result = await HotSwapper(worker, lambda g: new, warm_tokens=1000, warm_step=64).swap_to(gen, plan)
+    assert result.ok and len(asked) == 5 and result.warm_tokens == word_count(later)
+    assert new.calls == [(1, word_count(ann)), (1, 0), (1, 0), (1, word_count(later) - word_count(ann)), (1, 0)]
+
+    stuck = PrefillingEngine(generation_id="gen-0000")       # a reply that never lands: to catch_up_s
+    stuck.model_sha256 = Lineage(settings.models_dir).generation("gen-0000").sha256
+    swapper = HotSwapper(worker, lambda g: stuck, warm_tokens=1000)
+    swapper.catch_up_s = 0.5
+    result = await swapper.swap_to(Lineage(settings.models_dir).generation("gen-0000"), lambda: [(1, ann, True)])
+    assert result.ok and worker.engine is stuck and 0.5 <= result.warm_s < 3 and len(stuck.calls) > 2
+
+
 def _reply(worker: InferenceWorker, chat: int, messages: list[dict]):
     """A reply job as Conversation.answer runs it: the worker picks the model for the chat."""
 
