@@ -244,6 +244,7 @@ class HotSwapper:
             old = await asyncio.to_thread(self.worker.finish_handover)
             pause = time.perf_counter() - t
             await asyncio.to_thread(_dispose, old)
+            await _low_priority(_trim_heap)
             del old
             self.swaps += 1
             log.info("now serving %s (was %s): load %.2fs, smoke %.2fs, warm-up %.2fs (%d tokens, %d chats "
@@ -253,15 +254,17 @@ class HotSwapper:
 
 
 def _dispose(engine: Engine) -> None:
-    """Close the old model and give its memory back, off the event loop (a full collection and
-    `malloc_trim` can take a noticeable moment with a big heap)."""
+    """Close the old model, off the event loop. The heap is trimmed afterwards on a niced thread
+    (`malloc_trim` walks the whole heap, CPU work right when the new model answers its first
+    replies); not the collection: it holds the GIL throughout, and a niced thread holding the GIL
+    would hold up the inference thread's Python between tokens."""
     engine.close()
     gc.collect()
-    _trim_heap()
 
 
 async def _low_priority(fn: Callable[..., T], *args) -> T:
     """Run `fn` on a fresh thread at the lowest CPU priority (Linux sets nice per thread).
+    For loading the new model and trimming the heap after the old one.
 
     Hashing and loading the new GGUF is CPU work beside a model answering on every core: at
     normal priority it preempts one of ggml's threads, whose partners then spin at each barrier
@@ -280,7 +283,7 @@ async def _low_priority(fn: Callable[..., T], *args) -> T:
         else:
             loop.call_soon_threadsafe(settle, future, result, None)
 
-    threading.Thread(target=run, name="hotswap-load", daemon=True).start()
+    threading.Thread(target=run, name="hotswap-niced", daemon=True).start()
     return await future
 
 

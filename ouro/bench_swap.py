@@ -66,7 +66,10 @@ def _second_generation(lineage: Lineage) -> None:
     atomic_write_text(folder / "meta.json", json.dumps(meta))
 
 
-async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list[tuple[float, float]]) -> None:
+async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list[tuple[float, float]],
+                     firsts: dict[float, str]) -> None:
+    """`firsts`: the time of each reply's first piece of text → what that reply had to do first
+    (seconds since it was asked, prompt tokens it read, the generation), to name the longest pauses."""
     chats = [Speaker(chat_id=100 + i, user_id=100 + i) for i in range(4)]
     n = 0
     while not stop.is_set():
@@ -74,28 +77,45 @@ async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list
         if n % (4 * TURNS_PER_SESSION) < 4 and n >= 4:
             rt.conversation.reset(who)    # a new conversation now and then, as people do
         t = time.perf_counter()
-        out = await rt.conversation.handle_text(who, MESSAGES[n % len(MESSAGES)],
-                                                on_text=lambda piece: stamps.append(time.perf_counter()))
+        first: list[float] = []
+
+        def on_text(piece: str, first=first) -> None:
+            stamps.append(time.perf_counter())
+            if not first:
+                first.append(stamps[-1])
+
+        out = await rt.conversation.handle_text(who, MESSAGES[n % len(MESSAGES)], on_text=on_text)
         if out.kind != "answered":
             raise RuntimeError(f"a reply failed during the benchmark: {out.text}")
         replies.append((t, time.perf_counter() - t))          # (asked at, seconds to the whole reply)
         stamps.append(time.perf_counter())
+        if first and out.completion is not None:
+            c = out.completion
+            firsts[first[0]] = (f"a reply's first word ({first[0] - t:.2f}s after it was asked; "
+                                f"{c.prompt_tokens - c.cached_tokens} prompt tokens read, on "
+                                f"{rt.store.turn(out.turn_id).generation_id})")
         n += 1
 
 
 def _max_gap(stamps: list[float], start: float, end: float) -> float:
+    return _longest(stamps, start, end)[0]
+
+
+def _longest(stamps: list[float], start: float, end: float) -> tuple[float, float]:
+    """(longest stretch between consecutive pieces of text in [start, end], the time it ended)."""
     inside = [s for s in stamps if start <= s <= end]
     before = [s for s in stamps if s < start]
     after = [s for s in stamps if s > end]
     points = ([before[-1]] if before else []) + inside + ([after[0]] if after else [])
-    return max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+    return max(((b - a, b) for a, b in zip(points, points[1:], strict=False)), default=(0.0, end))
 
 
 async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     stamps: list[float] = []
     replies: list[tuple[float, float]] = []
+    firsts: dict[float, str] = {}
     stop = asyncio.Event()
-    chat = asyncio.create_task(_chat_loop(rt, stop, stamps, replies))
+    chat = asyncio.create_task(_chat_loop(rt, stop, stamps, replies, firsts))
     await asyncio.sleep(8)                                      # the chats' first, cold replies: not counted
     skip_stamps, skip_replies = len(stamps), len(replies)
     await asyncio.sleep(30)                                     # baseline: no swaps
@@ -129,12 +149,17 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     median_reply = statistics.median(d for _, d in base_replies)
     # replies asked while a swap was under way: the warm-up's pieces run between their tokens
     during = [d for t, d in replies if any(a <= t <= b - 3.0 for a, b in windows[:10])]
-    gaps = [_max_gap(stamps, a, b) for a, b in windows[:10]]
+    longest = [_longest(stamps, a, b) for a, b in windows[:10]]
+    gaps = [gap for gap, _ in longest]
     swap_gap = max(gaps)
+    # what ended each swap's longest pause: a reply's first word (it read its prompt first), or a
+    # piece of text in the middle of a reply (the model was busy with something else meanwhile)
+    causes = [firsts.get(ended, "the next piece of a reply already streaming") for _, ended in longest]
     base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
     return {"median_reply_s": round(median_reply, 4), "longest_pause_during_swap_s": round(swap_gap, 4),
             "longest_pause_without_swap_s": round(base_gap, 4),
             "longest_pause_per_swap_s": [round(g, 2) for g in gaps],
+            "longest_pause_ended_by": causes,
             "median_of_longest_pause_per_swap_s": round(statistics.median(gaps), 4),
             "swap_pause_ratio": round(swap_gap / median_reply, 3), "swap_pause_goal": 1.0,
             "rss_after_1_swap_mb": round(rss[0] / 2**20, 1), "rss_after_20_swaps_mb": round(rss[-1] / 2**20, 1),
@@ -218,6 +243,8 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
               f"{result['longest_pause_during_swap_s']:.2f}s vs {result['median_reply_s']:.2f}s; without swaps "
               f"{result['longest_pause_without_swap_s']:.2f}s; per swap, median "
               f"{result['median_of_longest_pause_per_swap_s']:.2f}s)")
+        worst = max(range(len(result["longest_pause_per_swap_s"])), key=result["longest_pause_per_swap_s"].__getitem__)
+        print(f"  the longest pause ended with {result['longest_pause_ended_by'][worst]}")
         print(f"  a swap while 4 chats talk took {result['swap_s_median']:.1f}s median, {result['swap_s_max']:.1f}s "
               f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies; "
               f"chats handed over before the end: {result['chats_moved_before_the_end_per_swap']})")
