@@ -57,26 +57,13 @@ class ChatStates:
         # (at least the pinned persona) — still better than starting from nothing.
 
     def common_prefix(self, tokens: list[int]) -> int:
-        live = self.llm.input_ids[: self.llm.n_tokens]
-        n = 0
-        for a, b in zip(live, tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return _shared_prefix(self.llm.input_ids[: self.llm.n_tokens], tokens)
 
     def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
         """How many of `tokens` `key`'s state already holds, without switching to it: its saved
         state, or (live, or none saved) what is live — what `activate` then `common_prefix` would give."""
         saved = self._saved.get(key) if key != self.current else None
-        if saved is None:
-            return self.common_prefix(tokens)
-        n = 0
-        for a, b in zip(saved.tokens, tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return self.common_prefix(tokens) if saved is None else _shared_prefix(saved.tokens, tokens)
 
     def forget(self, key: int | str) -> None:
         """Drop `key`'s saved state; when it is the live one, it is not saved away at the next switch."""
@@ -113,3 +100,12 @@ class ChatStates:
         self.llm.n_tokens = n
         self.llm._requires_eval = True      # logits are not live; generate() replays one token if needed
         self.restores += 1
+
+
+def _shared_prefix(held, tokens: list[int]) -> int:
+    n = 0
+    for a, b in zip(held, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

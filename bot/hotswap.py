@@ -205,10 +205,11 @@ class HotSwapper:
                                f"finish: {out.finish_reason})")
 
     async def swap_to(self, gen: Generation,
-                      warm: Callable[[], list[tuple[int, list[dict]]]] | list | None = None) -> SwapResult:
-        """`warm`: (chat, conversation so far) to read into the new model before it serves — or a
-        function returning them, called on the event loop before each pass, so the chats that moved
-        on while the new model read them are caught up (a pass reads only what is new)."""
+                      warm: Callable[[], list[tuple]] | list | None = None) -> SwapResult:
+        """`warm`: (chat, conversation so far[, a reply under way]) to read into the new model before
+        it answers them — or a function returning them, called on the event loop before each pass,
+        so the chats that moved on while the new model read them are caught up (a pass reads only
+        what is new)."""
         plan = warm if callable(warm) else (lambda: warm or [])
         async with self._lock:
             previous, sha = self.serving()

@@ -50,7 +50,7 @@ async def _quiet(text: str) -> None:
 class LearningLoop:
     def __init__(self, settings: Settings, store: Store, worker: InferenceWorker, *, notify: Notify | None = None,
                  load=None, tick_s: float = 2.0,
-                 warmup: Callable[[int], list[tuple[int, list[dict]]]] | None = None) -> None:
+                 warmup: Callable[[int], list[tuple]] | None = None) -> None:
         from ouro.runtime import load_engine
 
         self.settings = settings

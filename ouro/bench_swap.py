@@ -121,6 +121,7 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     await asyncio.sleep(30)                                     # baseline: no swaps
     base_stamps, base_replies = stamps[skip_stamps:], replies[skip_replies:]
     windows = []
+    phases: list[list[tuple[float, str]]] = []   # per swap: (until when, what the swap was doing)
     took: list[tuple[float, int, int]] = []   # (seconds the swap took, warm-up tokens, chats moved early), amid chats
     rss = []
     proc = psutil.Process()
@@ -137,6 +138,10 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
         if i < 10:
             took.append((t1 - t0, result.warm_tokens, result.moved))
             windows.append((t0, t1 + 3.0))                      # the swap and the first replies after it
+            phases.append([(t0 + result.load_s, "loading the new model"),
+                           (t0 + result.load_s + result.smoke_s, "the smoke test"),
+                           (t0 + result.load_s + result.smoke_s + result.warm_s, "the read-ahead and handover"),
+                           (t1, "the last step and closing the old model"), (float("inf"), "after the swap")])
         else:
             gc.collect()
             rss.append(proc.memory_info().rss)
@@ -154,7 +159,9 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     swap_gap = max(gaps)
     # what ended each swap's longest pause: a reply's first word (it read its prompt first), or a
     # piece of text in the middle of a reply (the model was busy with something else meanwhile)
-    causes = [firsts.get(ended, "the next piece of a reply already streaming") for _, ended in longest]
+    causes = [f"{firsts.get(ended, 'the next piece of a reply already streaming')}, during "
+              f"{next(name for until, name in phase if ended - gap < until)}"
+              for (gap, ended), phase in zip(longest, phases, strict=True)]
     base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
     return {"median_reply_s": round(median_reply, 4), "longest_pause_during_swap_s": round(swap_gap, 4),
             "longest_pause_without_swap_s": round(base_gap, 4),
