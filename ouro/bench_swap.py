@@ -97,6 +97,23 @@ async def _chat_loop(rt, stop: asyncio.Event, stamps: list[float], replies: list
         n += 1
 
 
+async def _sample_steal(samples: list, stop: asyncio.Event) -> None:
+    """/proc/stat's steal counter four times a second until the chats stop: a pause that the
+    VM's host caused shows up as a burst of steal across it."""
+    while not stop.is_set():
+        samples.append((time.perf_counter(), cpu_steal.snapshot()))
+        await asyncio.sleep(0.25)
+    samples.append((time.perf_counter(), cpu_steal.snapshot()))
+
+
+def _stolen(samples: list, start: float, end: float) -> str:
+    """', host stole N% of the CPU meanwhile' for [start, end] (samples around it), or ''."""
+    before = [snap for t, snap in samples if t <= start]
+    after = [snap for t, snap in samples if t >= end]
+    got = cpu_steal.share(before[-1], after[0]) if before and after else None
+    return "" if got is None else f"; the VM's host stole {got:.0%} of the CPU meanwhile"
+
+
 def _max_gap(stamps: list[float], start: float, end: float) -> float:
     return _longest(stamps, start, end)[0]
 
@@ -116,6 +133,8 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     firsts: dict[float, str] = {}
     stop = asyncio.Event()
     chat = asyncio.create_task(_chat_loop(rt, stop, stamps, replies, firsts))
+    steal: list[tuple[float, tuple[int, int] | None]] = []
+    sampler = asyncio.create_task(_sample_steal(steal, stop))
     await asyncio.sleep(8)                                      # the chats' first, cold replies: not counted
     skip_stamps, skip_replies = len(stamps), len(replies)
     await asyncio.sleep(30)                                     # baseline: no swaps
@@ -159,8 +178,10 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     swap_gap = max(gaps)
     # what ended each swap's longest pause: a reply's first word (it read its prompt first), or a
     # piece of text in the middle of a reply (the model was busy with something else meanwhile)
+    await sampler
     causes = [f"{firsts.get(ended, 'the next piece of a reply already streaming')}, during "
               f"{next(name for until, name in phase if ended - gap < until)}"
+              f"{_stolen(steal, ended - gap, ended)}"
               for (gap, ended), phase in zip(longest, phases, strict=True)]
     base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
     return {"median_reply_s": round(median_reply, 4), "longest_pause_during_swap_s": round(swap_gap, 4),

@@ -100,3 +100,13 @@ def test_bench_swap_names_the_longest_pause_with_the_piece_that_ended_it():
     assert _longest(stamps, 0.5, 4.0) == (2.5, 6.0)      # the stretch running past the window counts
     assert _max_gap(stamps, 0.5, 3.2) == 2.0
     assert _longest([], 0.0, 1.0) == (0.0, 1.0)
+
+
+def test_bench_swap_tells_how_much_the_host_stole_across_a_pause():
+    from ouro.bench_swap import _stolen
+
+    samples = [(0.0, (100, 1000)), (1.0, (150, 1200)), (2.0, (400, 1600)), (3.0, (400, 1800))]
+    assert _stolen(samples, 1.2, 1.9) == "; the VM's host stole 62% of the CPU meanwhile"   # 250 of 400
+    assert _stolen(samples, 2.0, 3.0) == "; the VM's host stole 0% of the CPU meanwhile"
+    assert _stolen(samples, 2.5, 3.5) == ""                                             # no sample after it
+    assert _stolen([(0.0, None), (1.0, None)], 0.2, 0.8) == ""
