@@ -114,6 +114,18 @@ def _stolen(samples: list, start: float, end: float) -> str:
     return "" if got is None else f"; the VM's host stole {got:.0%} of the CPU meanwhile"
 
 
+def _loop_lag(samples: list, start: float, end: float) -> str:
+    """The sampler runs on the event loop: a long gap between its samples across [start, end] is
+    the loop itself held up (a synchronous call that blocked), not the model."""
+    times = [t for t, _ in samples]
+    inside = [t for t in times if start <= t <= end]
+    before = [t for t in times if t < start][-1:]
+    after = [t for t in times if t > end][:1]
+    points = before + inside + after
+    lag = max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+    return f"; the event loop went {lag:.1f}s without a turn" if lag > 1.0 else ""
+
+
 def _max_gap(stamps: list[float], start: float, end: float) -> float:
     return _longest(stamps, start, end)[0]
 
@@ -181,7 +193,7 @@ async def _pause_and_memory(rt, loop: LearningLoop, *, quiet: bool) -> dict:
     await sampler
     causes = [f"{firsts.get(ended, 'the next piece of a reply already streaming')}, during "
               f"{next(name for until, name in phase if ended - gap < until)}"
-              f"{_stolen(steal, ended - gap, ended)}"
+              f"{_stolen(steal, ended - gap, ended)}{_loop_lag(steal, ended - gap, ended)}"
               for (gap, ended), phase in zip(longest, phases, strict=True)]
     base_gap = _max_gap(base_stamps, base_stamps[0], base_stamps[-1])
     return {"median_reply_s": round(median_reply, 4), "longest_pause_during_swap_s": round(swap_gap, 4),

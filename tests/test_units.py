@@ -110,3 +110,11 @@ def test_bench_swap_tells_how_much_the_host_stole_across_a_pause():
     assert _stolen(samples, 2.0, 3.0) == "; the VM's host stole 0% of the CPU meanwhile"
     assert _stolen(samples, 2.5, 3.5) == ""                                             # no sample after it
     assert _stolen([(0.0, None), (1.0, None)], 0.2, 0.8) == ""
+
+
+def test_bench_swap_tells_when_the_event_loop_itself_was_held_up():
+    from ouro.bench_swap import _loop_lag
+
+    samples = [(t, None) for t in (0.0, 0.25, 0.5, 4.0, 4.25)]     # no turn from 0.5 s to 4.0 s
+    assert _loop_lag(samples, 1.0, 2.0) == "; the event loop went 3.5s without a turn"
+    assert _loop_lag(samples, 0.1, 0.4) == ""
