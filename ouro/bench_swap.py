@@ -117,12 +117,7 @@ def _stolen(samples: list, start: float, end: float) -> str:
 def _loop_lag(samples: list, start: float, end: float) -> str:
     """The sampler runs on the event loop: a long gap between its samples across [start, end] is
     the loop itself held up (a synchronous call that blocked), not the model."""
-    times = [t for t, _ in samples]
-    inside = [t for t in times if start <= t <= end]
-    before = [t for t in times if t < start][-1:]
-    after = [t for t in times if t > end][:1]
-    points = before + inside + after
-    lag = max((b - a for a, b in zip(points, points[1:], strict=False)), default=0.0)
+    lag, _ = _longest([t for t, _ in samples], start, end)
     return f"; the event loop went {lag:.1f}s without a turn" if lag > 1.0 else ""
 
 
