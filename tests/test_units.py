@@ -112,6 +112,23 @@ def test_bench_swap_tells_how_much_the_host_stole_across_a_pause():
     assert _stolen([(0.0, None), (1.0, None)], 0.2, 0.8) == ""
 
 
+def test_bench_swap_sets_pauses_the_host_disturbed_apart_from_the_rest():
+    from ouro.bench_swap import HOST_BUSY, _longest_host_quiet, _window
+
+    assert HOST_BUSY == 0.25
+    stamps = [0.0, 0.5, 3.5, 4.0, 5.2, 5.4]        # gaps 0.5, 3.0 (host busy), 0.5, 1.2, 0.2
+    steal = [(0.0, (0, 0)), (1.0, (10, 100)), (3.0, (160, 300)), (4.0, (160, 400)), (6.0, (170, 600))]
+    # the 3.0 s gap (0.5 to 3.5) lies between the samples at 0.0 and 4.0: 160 of 400 jiffies stolen
+    assert _longest_host_quiet(stamps, steal, 0.0, 5.4) == pytest.approx(1.2)
+    assert _longest_host_quiet(stamps, [], 0.0, 5.4) == 3.0         # steal unknown: nothing left out
+    w = _window(stamps, {3.5: "a reply's first word"}, steal, 0.0, 5.4,
+                [(2.0, "loading the new model"), (float("inf"), "after the swap")])
+    assert w["longest_s"] == 3.0 and w["host_steal"] == 0.4 and w["longest_host_quiet_s"] == pytest.approx(1.2)
+    assert w["ended_by"] == ("a reply's first word, during loading the new model; "
+                             "the VM's host stole 40% of the CPU meanwhile; "
+                             "the event loop went 2.0s without a turn")     # the samples 1.0 s → 3.0 s
+
+
 def test_bench_swap_tells_when_the_event_loop_itself_was_held_up():
     from ouro.bench_swap import _loop_lag
 
