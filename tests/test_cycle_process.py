@@ -4,19 +4,15 @@ served, and the next scheduled cycle runs normally (tiny model, real training, r
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
 
 from bot.loop import LearningLoop
-from bot.worker import InferenceWorker
 from config.settings import load_settings
-from memory.store import Store
-from tests.fakes import FakeEngine
-from tests.test_cycle import LENIENT, add_reviewed
+from tests.beds import fake_served_bot
+from tests.test_cycle import LENIENT
 from tests.test_learning_loop import Loader
 from trainer.cycle_job import read_cycle_status
-from trainer.lineage import Lineage
 from trainer.scheduler import scheduled_cycle
 
 pytestmark = pytest.mark.model
@@ -24,19 +20,9 @@ pytestmark = pytest.mark.model
 
 async def test_a_killed_cycle_process_leaves_serving_untouched_and_the_next_scheduled_cycle_runs(tmp_path,
                                                                                                 tiny_models):
-    data = tmp_path / "data"
-    shutil.copytree(tiny_models, data / "models")
-    lineage = Lineage(data / "models")
-    store = Store.open(data / "ouro.db")
-    add_reviewed(store, 12)
-    serving = FakeEngine(generation_id="gen-0000")
-    serving.model_sha256 = lineage.active().sha256
-    worker = InferenceWorker(serving)
-    told: list[str] = []
-
-    async def notify(text: str) -> None:
-        told.append(text)
-
+    bed = fake_served_bot(tmp_path, tiny_models, reviewed=12)
+    data, lineage, store, serving, worker, told, notify = (bed.data, bed.lineage, bed.store, bed.serving,
+                                                           bed.worker, bed.told, bed.notify)
     slow = load_settings(data_dir=data, **{**LENIENT, "train_epochs": 100}, cycle_schedule="off")
     loop = LearningLoop(slow, store, worker, notify=notify, load=Loader())
     try:
@@ -76,5 +62,4 @@ async def test_a_killed_cycle_process_leaves_serving_untouched_and_the_next_sche
         assert "promoted" in told[-1] and "/evals gen-0001" in told[-1]
     finally:
         await loop.stop()
-        worker.close()
-        store.close()
+        bed.close()

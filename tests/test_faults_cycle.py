@@ -26,6 +26,7 @@ from config.settings import load_settings
 from memory.store import Store
 from ouro.errors import OuroError
 from ouro.runtime import open_runtime
+from tests.beds import fake_served_bot
 from tests.fakes import FakeEngine
 from tests.test_cycle import LENIENT, add_reviewed
 from tests.test_faults import add_generation, damage_file
@@ -46,19 +47,10 @@ def hello(worker: InferenceWorker):
 
 async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next_one_succeeds(
         tmp_path, tiny_models, monkeypatch):
-    data = tmp_path / "data"
-    shutil.copytree(tiny_models, data / "models")
-    lineage = Lineage(data / "models")
+    bed = fake_served_bot(tmp_path, tiny_models, reviewed=8, with_pairs=False)
+    data, lineage, store, serving, worker, told, notify = (bed.data, bed.lineage, bed.store, bed.serving,
+                                                           bed.worker, bed.told, bed.notify)
     base_sha = sha256_file(lineage.active().gguf)
-    store = Store.open(data / "ouro.db")
-    add_reviewed(store, 8, with_pairs=False)
-    serving = FakeEngine(generation_id="gen-0000")
-    serving.model_sha256 = lineage.active().sha256
-    worker = InferenceWorker(serving)
-    told: list[str] = []
-
-    async def notify(text: str) -> None:
-        told.append(text)
 
     # kept short: 8 runs, each in a fresh process (DPO has its own test in tests/test_cycle.py)
     settings = load_settings(data_dir=data, **{**LENIENT, "dpo_steps": 0, "train_max_steps": 2}, cycle_schedule="off")
@@ -115,8 +107,7 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
         assert not list(data.joinpath("models").glob(".gen-*"))       # no staging folder left behind
     finally:
         await loop.stop()
-        worker.close()
-        store.close()
+        bed.close()
 
 
 def test_the_bot_and_a_cycle_writing_sqlite_at_once_lose_nothing(tmp_path):
