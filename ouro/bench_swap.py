@@ -326,33 +326,38 @@ def run_bench_swap(base: Settings, *, json_output: bool = False) -> dict:
     result["cores"] = psutil.cpu_count()
     result["cpu_stolen_share"] = cpu_steal.share(steal, cpu_steal.snapshot())
     if not json_output:
-        print("\nouro bench swap")
-        print(f"  longest pause during a swap ÷ median reply: {result['swap_pause_ratio']:.2f}  (goal ≤ 1.0; "
-              f"{result['longest_pause_during_swap_s']:.2f}s vs {result['median_reply_s']:.2f}s; without swaps "
-              f"{result['longest_pause_without_swap_s']:.2f}s; per swap, median "
-              f"{result['median_of_longest_pause_per_swap_s']:.2f}s)")
-        worst = max(range(len(result["longest_pause_per_swap_s"])), key=result["longest_pause_per_swap_s"].__getitem__)
-        print(f"  the longest pause ended with {result['longest_pause_ended_by'][worst]}")
-        print(f"  the same chats, as long again with no swap after each: longest pause ÷ median reply "
-              f"{result['no_swap_pause_ratio']:.2f} (per window, median "
-              f"{result['median_of_longest_pause_per_no_swap_window_s']:.2f}s); it ended with "
-              f"{result['longest_pause_without_swap_ended_by']}")
-        hit = result["pauses_the_host_disturbed"]
-        print(f"  leaving out pauses across which the VM's host took ≥ {result['host_busy_share']:.0%} of the CPU "
-              f"(each window's longest was such a pause in {hit['during_swaps']} of 10 swaps and "
-              f"{hit['without_swaps']} of 10 windows without): with swaps {result['swap_pause_ratio_host_quiet']:.2f}, "
-              f"without {result['no_swap_pause_ratio_host_quiet']:.2f}")
-        print(f"  a swap while 4 chats talk took {result['swap_s_median']:.1f}s median, {result['swap_s_max']:.1f}s "
-              f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies; "
-              f"chats handed over before the end: {result['chats_moved_before_the_end_per_swap']})")
-        if result["median_reply_during_swaps_s"] is not None:
-            print(f"  a reply asked during a swap took {result['median_reply_during_swaps_s']:.2f}s median "
-                  f"({result['replies_during_swaps']} replies; {result['median_reply_s']:.2f}s without swaps): "
-                  f"the warm-up's pieces run between its tokens")
-        print(f"  memory after 20 swaps ÷ after 1:            {result['rss_ratio']:.3f}  (goal ≤ 1.10; "
-              f"{result['rss_after_1_swap_mb']:.0f} → {result['rss_after_20_swaps_mb']:.0f} MB)")
-        if result["cpu_stolen_share"] is not None:
-            print(f"  CPU time taken by the VM's host meanwhile (steal): {result['cpu_stolen_share']:.0%}")
-        print(f"  p95 TTFT while a cycle trains ÷ idle:       {result['training_ttft_ratio']:.2f}  (goal ≤ 2.0; "
-              f"{result['training_ttft_p95_s']:.3f}s vs {result['idle_ttft_p95_s']:.3f}s)")
+        print_report(result)
     return result
+
+
+def print_report(result: dict) -> None:
+    """The human-readable report (`--json` prints the dict instead)."""
+    print("\nouro bench swap")
+    print(f"  longest pause during a swap ÷ median reply: {result['swap_pause_ratio']:.2f}  (goal ≤ 1.0; "
+          f"{result['longest_pause_during_swap_s']:.2f}s vs {result['median_reply_s']:.2f}s; without swaps "
+          f"{result['longest_pause_without_swap_s']:.2f}s; per swap, median "
+          f"{result['median_of_longest_pause_per_swap_s']:.2f}s)")
+    worst = max(range(len(result["longest_pause_per_swap_s"])), key=result["longest_pause_per_swap_s"].__getitem__)
+    print(f"  the longest pause ended with {result['longest_pause_ended_by'][worst]}")
+    print(f"  the same chats, as long again with no swap after each: longest pause ÷ median reply "
+          f"{result['no_swap_pause_ratio']:.2f} (per window, median "
+          f"{result['median_of_longest_pause_per_no_swap_window_s']:.2f}s); it ended with "
+          f"{result['longest_pause_without_swap_ended_by']}")
+    hit = result["pauses_the_host_disturbed"]
+    print(f"  leaving out pauses across which the VM's host took ≥ {result['host_busy_share']:.0%} of the CPU "
+          f"(each window's longest was such a pause in {hit['during_swaps']} of 10 swaps and "
+          f"{hit['without_swaps']} of 10 windows without): with swaps {result['swap_pause_ratio_host_quiet']:.2f}, "
+          f"without {result['no_swap_pause_ratio_host_quiet']:.2f}")
+    print(f"  a swap while 4 chats talk took {result['swap_s_median']:.1f}s median, {result['swap_s_max']:.1f}s "
+          f"max (load, smoke test, warm-up of ~{result['warm_tokens_median']:.0f} tokens between replies; "
+          f"chats handed over before the end: {result['chats_moved_before_the_end_per_swap']})")
+    if result["median_reply_during_swaps_s"] is not None:
+        print(f"  a reply asked during a swap took {result['median_reply_during_swaps_s']:.2f}s median "
+              f"({result['replies_during_swaps']} replies; {result['median_reply_s']:.2f}s without swaps): "
+              f"the warm-up's pieces run between its tokens")
+    print(f"  memory after 20 swaps ÷ after 1:            {result['rss_ratio']:.3f}  (goal ≤ 1.10; "
+          f"{result['rss_after_1_swap_mb']:.0f} → {result['rss_after_20_swaps_mb']:.0f} MB)")
+    if result["cpu_stolen_share"] is not None:
+        print(f"  CPU time taken by the VM's host meanwhile (steal): {result['cpu_stolen_share']:.0%}")
+    print(f"  p95 TTFT while a cycle trains ÷ idle:       {result['training_ttft_ratio']:.2f}  (goal ≤ 2.0; "
+          f"{result['training_ttft_p95_s']:.3f}s vs {result['idle_ttft_p95_s']:.3f}s)")

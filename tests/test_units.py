@@ -129,6 +129,29 @@ def test_bench_swap_sets_pauses_the_host_disturbed_apart_from_the_rest():
                              "the event loop went 2.0s without a turn")     # the samples 1.0 s → 3.0 s
 
 
+def test_bench_swap_prints_the_raw_pause_the_control_and_the_host_quiet_figures(capsys):
+    from ouro.bench_swap import print_report
+
+    result = {"swap_pause_ratio": 6.65, "longest_pause_during_swap_s": 7.26, "median_reply_s": 1.09,
+              "longest_pause_without_swap_s": 0.41, "median_of_longest_pause_per_swap_s": 0.61,
+              "longest_pause_per_swap_s": [0.44, 7.26, 0.5], "longest_pause_ended_by": ["a", "the worst", "c"],
+              "no_swap_pause_ratio": 0.38, "median_of_longest_pause_per_no_swap_window_s": 0.21,
+              "longest_pause_without_swap_ended_by": "a reply's first word", "host_busy_share": 0.25,
+              "pauses_the_host_disturbed": {"during_swaps": 1, "without_swaps": 0},
+              "swap_pause_ratio_host_quiet": 0.46, "no_swap_pause_ratio_host_quiet": 0.38,
+              "swap_s_median": 30.0, "swap_s_max": 40.0, "warm_tokens_median": 600,
+              "chats_moved_before_the_end_per_swap": [4, 4, 4], "median_reply_during_swaps_s": 1.3,
+              "replies_during_swaps": 170, "rss_ratio": 1.01, "rss_after_1_swap_mb": 320, "rss_after_20_swaps_mb": 323,
+              "cpu_stolen_share": 0.05, "training_ttft_ratio": 0.95, "training_ttft_p95_s": 0.14,
+              "idle_ttft_p95_s": 0.15}
+    print_report(result)
+    out = capsys.readouterr().out
+    assert "during a swap ÷ median reply: 6.65" in out and "ended with the worst" in out
+    assert "with no swap after each: longest pause ÷ median reply 0.38" in out
+    assert "≥ 25% of the CPU" in out and "in 1 of 10 swaps and 0 of 10 windows" in out
+    assert "with swaps 0.46, without 0.38" in out
+
+
 def test_bench_swap_tells_when_the_event_loop_itself_was_held_up():
     from ouro.bench_swap import _loop_lag
 
