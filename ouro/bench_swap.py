@@ -136,10 +136,6 @@ def _loop_lag(samples: list, start: float, end: float) -> str:
     return f"; the event loop went {lag:.1f}s without a turn" if lag > 1.0 else ""
 
 
-def _max_gap(stamps: list[float], start: float, end: float) -> float:
-    return _longest(stamps, start, end)[0]
-
-
 def _gaps(stamps: list[float], start: float, end: float) -> list[tuple[float, float]]:
     """(stretch between consecutive pieces of text, the time it ended) for every stretch that
     touches [start, end]: the one running into the window and the one running out of it count."""

@@ -94,11 +94,12 @@ def test_cpu_steal_share_reads_proc_stat_and_computes_the_stolen_share(tmp_path,
 
 
 def test_bench_swap_names_the_longest_pause_with_the_piece_that_ended_it():
-    from ouro.bench_swap import _longest, _max_gap
+    from ouro.bench_swap import _gaps, _longest
 
     stamps = [0.0, 1.0, 3.0, 3.5, 6.0]          # pieces of text; a window from 0.5 to 4.0
     assert _longest(stamps, 0.5, 4.0) == (2.5, 6.0)      # the stretch running past the window counts
-    assert _max_gap(stamps, 0.5, 3.2) == 2.0
+    assert _longest(stamps, 0.5, 3.2) == (2.0, 3.0)
+    assert _gaps(stamps, 3.2, 3.4) == [(0.5, 3.5)]                 # a stretch across the whole window
     assert _longest([], 0.0, 1.0) == (0.0, 1.0)
 
 
