@@ -1,1 +1,1 @@
-"""Serving: the inference engine, the rolling context, the conversation logic and Telegram."""
+"""Telegram only: the application, handlers, buttons, admin/review/privacy commands and streaming."""

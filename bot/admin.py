@@ -17,24 +17,24 @@ import re
 import tempfile
 from pathlib import Path
 
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram import Update
 from telegram.ext import ContextTypes
 
-from bot.admin_text import cycle_progress
+from bot import keyboards
 from bot.edits import edit_pressed
-from bot.loop import LearningLoop
 from config.settings import Settings
+from core.errors import OuroError
 from evals.report import eval_lines, generation_rows, load_evals, table_lines
 from memory.store import Store
-from ouro.errors import OuroError
+from serving.loop import LearningLoop
+from serving.notices import cycle_progress
 
 log = logging.getLogger(__name__)
-CONFIRM_PATTERN = r"^o1:adm:"
-_CONFIRM = re.compile(r"o1:adm:(promote|rollback|cancel):(gen-\d{4,8}):(gen-\d{4,8})")
 GEN_ARG = re.compile(r"gen-\d{4,8}|\d{1,8}")
 
 
-def _gen_id(arg: str) -> str | None:
+def parse_gen_id(arg: str) -> str | None:
+    """Turn "gen-0003" or "3" into "gen-0003"; anything else (a path, a traversal) into None."""
     if not GEN_ARG.fullmatch(arg or ""):
         return None
     return arg if arg.startswith("gen-") else f"gen-{int(arg):04d}"
@@ -66,7 +66,7 @@ class AdminHandlers:
 
     async def lineage(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """The chart of recall, generalization, style drift and loss; promotions and rollbacks marked."""
-        from ouro.chart import lineage_chart
+        from lineage.chart import lineage_chart
 
         def draw() -> bytes:
             with tempfile.TemporaryDirectory(dir=self.settings.data_dir) as tmp:   # inside the data folder
@@ -80,7 +80,7 @@ class AdminHandlers:
     async def evals(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A generation's evals against its parent (default: the active one)."""
         args = context.args or []
-        gen_id = _gen_id(args[0]) if args else self.loop.lineage.active_id()
+        gen_id = parse_gen_id(args[0]) if args else self.loop.lineage.active_id()
         if gen_id is None:
             await update.effective_message.reply_text("Usage: /evals gen-0003 (or just /evals 3)")
             return
@@ -96,7 +96,7 @@ class AdminHandlers:
     async def promote(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Ask to confirm serving a named generation."""
         args = context.args or []
-        gen_id = _gen_id(args[0]) if args else None
+        gen_id = parse_gen_id(args[0]) if args else None
         if gen_id is None:
             await update.effective_message.reply_text("Usage: /promote gen-0003 [why]")
             return
@@ -106,7 +106,7 @@ class AdminHandlers:
         """Ask to confirm going back to the parent (or a named generation)."""
         args = context.args or []
         active = self.loop.lineage.active()
-        named = _gen_id(args[0]) if args else None
+        named = parse_gen_id(args[0]) if args else None
         gen_id = named or active.parent_id
         reason = " ".join(args[1:] if named else args)
         if gen_id is None:
@@ -127,10 +127,7 @@ class AdminHandlers:
             return
         note = "" if gen.meta.get("status") in ("promoted", "base") else \
             f"\nNote: the gate marked it {gen.meta.get('status')}: " + "; ".join(gen.meta.get("reasons", []))[:300]
-        keyboard = InlineKeyboardMarkup([[
-            InlineKeyboardButton(f"Yes, {action} to {gen.id}", callback_data=f"o1:adm:{action}:{gen.id}:{active}"),
-            InlineKeyboardButton("Cancel", callback_data=f"o1:adm:cancel:{gen.id}:{active}"),
-        ]])
+        keyboard = keyboards.confirm_keyboard(action, gen.id, active)
         sent = await update.effective_message.reply_text(
             f"{action.capitalize()} from {active} to {gen.id}?{note}", reply_markup=keyboard)
         if reason:
@@ -144,11 +141,11 @@ class AdminHandlers:
                                  chat_id=query.message.chat.id if query.message else None, detail=query.data[:64])
             await query.answer("Sorry, that button is for the bot's admins.", show_alert=True)
             return
-        m = _CONFIRM.fullmatch(query.data or "")
-        if m is None or query.message is None:
+        fields = keyboards.decode("admin", query.data)
+        if fields is None or query.message is None:
             await query.answer("That button is not one of mine.")
             return
-        action, gen_id, asked_active = m.groups()
+        action, gen_id, asked_active = fields
         reason = self._reasons.pop((query.message.chat.id, query.message.message_id), "")
         if action == "cancel":
             await query.answer("Cancelled.")

@@ -23,18 +23,19 @@ from telegram.ext import (
     filters,
 )
 
-from bot.admin import CONFIRM_PATTERN, AdminHandlers
+from bot import keyboards
+from bot.admin import AdminHandlers
 from bot.commands import COMMANDS
-from bot.conversation import Conversation
 from bot.handlers import Handlers
-from bot.loop import LearningLoop
-from bot.privacy import FORGET_PATTERN, PrivacyHandlers
+from bot.privacy import PrivacyHandlers
 from bot.retry import call_with_retry
-from bot.review import REVIEW_PATTERN, ReviewHandlers
-from bot.status import write_runtime
-from bot.worker import InferenceWorker
+from bot.review import ReviewHandlers
 from config.settings import Settings
+from engine.worker import InferenceWorker
 from memory.store import Store
+from serving.conversation import Conversation
+from serving.loop import LearningLoop
+from serving.status import write_runtime
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
@@ -84,10 +85,10 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
             handler = review.review if cmd.name == "review" else h.admin_command(cmd.name)
             app.add_handler(CommandHandler(cmd.name, handler, filters=admins))
             app.add_handler(CommandHandler(cmd.name, h.refuse_admin))
-    app.add_handler(CallbackQueryHandler(review.press, pattern=REVIEW_PATTERN))
-    app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=FORGET_PATTERN))
+    app.add_handler(CallbackQueryHandler(review.press, pattern=keyboards.REVIEW_PATTERN))
+    app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=keyboards.FORGET_PATTERN))
     if h.admin is not None:
-        app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=CONFIRM_PATTERN))
+        app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=keyboards.ADMIN_PATTERN))
     app.add_handler(CallbackQueryHandler(h.button))
     app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
     app.add_handler(MessageHandler(filters.COMMAND, h.unknown_command))

@@ -17,15 +17,15 @@ from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot import keyboards
 from bot.commands import help_text
-from bot.conversation import TERMINAL_CHAT_ID, Conversation, Outcome, Speaker
 from bot.edits import too_old
-from bot.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
 from bot.retry import call_with_retry
-from bot.status import format_status, status_report
 from bot.streaming import StreamingReply
-from bot.worker import Busy
 from config.settings import Settings
+from engine.worker import Busy
 from memory.store import Store
+from serving.conversation import TERMINAL_CHAT_ID, Conversation, Outcome, Speaker
+from serving.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
+from serving.status import format_status, status_report
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Handlers:
                                                      else outcome.text))
 
     async def _not_answered(self, msg: Message, turn_id: int, verdict: str) -> None:
-        """Over a bound (bot/limits.py): kept, never shown to the model; the person told (once per
+        """Over a bound (serving/limits.py): kept, never shown to the model; the person told (once per
         flood window)."""
         if verdict == ADMIT:
             status, notice = "busy", QUEUE_FULL
@@ -203,7 +203,7 @@ class Handlers:
     async def button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """👍 👎 🔁 ✏️ and the pick after 🔁 — each press checked against the store."""
         query = update.callback_query
-        press = keyboards.decode(query.data)
+        press = keyboards.reply_press(query.data)
         message = query.message
         if press is None or message is None:
             await query.answer(STALE_BUTTON)

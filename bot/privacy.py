@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram import Update
 from telegram.ext import ContextTypes
 
+from bot import keyboards
 from bot.edits import answer_pressed, edit_pressed
-from bot.worker import InferenceWorker
 from config.settings import Settings
+from engine.worker import InferenceWorker
 from memory.store import Store
 
 log = logging.getLogger(__name__)
 
-FORGET_PATTERN = r"^o1:fg:"
-_CONFIRM = re.compile(r"o1:fg:(yes|no):(\d{1,12})")
 
 PRIVACY = ("What I store: your Telegram id, name and username; the messages you send me and my replies; "
            "your ratings, picks and corrections; when each happened and which model version answered.\n"
@@ -87,10 +85,7 @@ class PrivacyHandlers:
     async def forget(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Ask to confirm deleting everything stored about this person."""
         uid = update.effective_user.id
-        keyboard = InlineKeyboardMarkup([[
-            InlineKeyboardButton("🗑 Yes, forget me", callback_data=f"o1:fg:yes:{uid}"),
-            InlineKeyboardButton("Cancel", callback_data=f"o1:fg:no:{uid}"),
-        ]])
+        keyboard = keyboards.forget_keyboard(uid)
         await update.effective_message.reply_text(
             f"This deletes everything I keep about you ({_amounts(self.store.user_data_counts(uid))}, your "
             "settings) and keeps it out of every future training set. It can't be undone. Versions of me "
@@ -99,11 +94,11 @@ class PrivacyHandlers:
     async def confirm(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """The /forget confirmation button: only the person it asked may press it."""
         query = update.callback_query
-        m = _CONFIRM.fullmatch(query.data or "")
-        if m is None or query.message is None:
+        fields = keyboards.decode("forget", query.data)
+        if fields is None or query.message is None:
             await query.answer("That button is not one of mine.")
             return
-        answer, uid = m.group(1), int(m.group(2))
+        answer, uid = fields[0], int(fields[1])
         if query.from_user.id != uid:
             await query.answer(NOT_YOURS, show_alert=True)
             return

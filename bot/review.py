@@ -15,20 +15,18 @@ commands in bot/admin.py, this works whether or not the learning loop runs in th
 from __future__ import annotations
 
 import logging
-import re
 
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram import Message, Update
 from telegram.constants import ChatType
 from telegram.ext import ContextTypes, filters
 
+from bot import keyboards
 from bot.retry import call_with_retry
 from config.settings import Settings
 from memory.store import ReviewItem, Store
 
 log = logging.getLogger(__name__)
 
-REVIEW_PATTERN = r"^o1:rv:"
-_PRESS = re.compile(r"o1:rv:(ok|no|ed|sk):(\d{1,12})")
 VERDICTS = {"ok": "approved", "no": "rejected"}
 MARKS = {"approved": "✅ approved", "rejected": "🚫 rejected", "edited": "✏️ edited", "skipped": "⏭ skipped"}
 EDIT_PROMPT = "✏️ Send the reply it should have given, as your next message here. (/review again: skip the edit.)"
@@ -60,15 +58,6 @@ def review_text(item: ReviewItem) -> str:
     lines += [f"👤 {_cut(item.user_text, _TEXT)}", f"🤖 {_cut(item.reply_text, _TEXT)}", "",
               f"{item.remaining} waiting for review, this one included."]
     return "\n".join(lines)
-
-
-def review_keyboard(turn_id: int) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[
-        InlineKeyboardButton("✅ Approve", callback_data=f"o1:rv:ok:{turn_id}"),
-        InlineKeyboardButton("🚫 Reject", callback_data=f"o1:rv:no:{turn_id}"),
-        InlineKeyboardButton("✏️ Edit", callback_data=f"o1:rv:ed:{turn_id}"),
-        InlineKeyboardButton("⏭ Skip", callback_data=f"o1:rv:sk:{turn_id}"),
-    ]])
 
 
 class AwaitingEdit(filters.MessageFilter):
@@ -108,11 +97,11 @@ class ReviewHandlers:
                                  chat_id=query.message.chat.id if query.message else None, detail=(query.data or "")[:64])
             await query.answer(ADMINS_ONLY, show_alert=True)
             return
-        m = _PRESS.fullmatch(query.data or "")
-        if m is None or query.message is None:
+        fields = keyboards.decode("review", query.data)
+        if fields is None or query.message is None:
             await query.answer("That button is not one of mine.")
             return
-        action, turn_id = m.group(1), int(m.group(2))
+        action, turn_id = fields[0], int(fields[1])
         chat_id = query.message.chat.id
         if self.store.review_item(turn_id, context_turns=0) is None:
             await query.answer(GONE)
@@ -162,7 +151,7 @@ class ReviewHandlers:
             await call_with_retry(lambda: context.bot.send_message(chat_id, text))
             return
         await call_with_retry(lambda: context.bot.send_message(chat_id, review_text(item),
-                                                               reply_markup=review_keyboard(item.turn_id)))
+                                                               reply_markup=keyboards.review_keyboard(item.turn_id)))
 
     @staticmethod
     async def _mark(query, mark: str) -> None:

@@ -6,7 +6,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 DEFAULT_PROBES = Path(__file__).resolve().parent / "probes.toml"
 

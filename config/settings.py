@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = CONFIG_DIR.parent
@@ -184,7 +184,7 @@ class Settings(BaseSettings):
     @field_validator("cycle_schedule")
     @classmethod
     def _schedule(cls, value: str) -> str:
-        from trainer.schedule import parse_schedule  # the one parser, shared with the scheduler
+        from config.schedule import parse_schedule
 
         parse_schedule(value, "UTC")
         return value.strip()
@@ -233,14 +233,20 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
-        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+        given = init_settings.init_kwargs.get("data_dir")   # an InitSettingsSource: what load_settings was given
+        return (init_settings, env_settings, _TomlFileSource(settings_cls, given))
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):
-    """Reads `<data_dir>/settings.toml` when it exists (data_dir from env or the default)."""
+    """Reads `<data_dir>/settings.toml` when it exists (data_dir as given — `--data-dir` —, else
+    from the environment, else the default)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data_dir: Path | str | None = None) -> None:
+        super().__init__(settings_cls)
+        self.data_dir = data_dir
 
     def __call__(self) -> dict[str, Any]:
-        data_dir = Path(os.environ.get("OURO_DATA_DIR") or default_data_dir())
+        data_dir = Path(self.data_dir or os.environ.get("OURO_DATA_DIR") or default_data_dir())
         path = data_dir / "settings.toml"
         if not path.exists():
             return {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from ouro.errors import OuroError
-from trainer.lineage import Generation, Lineage
+from core.errors import OuroError
+from lineage.generations import Generation, Lineage
 
 SCORES = ("recall", "generalization", "style_drift", "format")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bot.engine import Sampling
-from bot.llama_engine import LlamaEngine
+from engine.llama import LlamaEngine
+from engine.protocol import Sampling
 
 GREEDY = Sampling(temperature=0.0, top_k=1, top_p=1.0, repeat_penalty=1.1, seed=0, max_tokens=96)
 
@@ -51,7 +51,7 @@ class EvalModel:
             raise ValueError("the template does not render the prompt as a prefix of the full conversation")
         end = len(full)
         # score through the end-of-turn token, not the newline the template writes after it
-        while end > len(prompt) and full[end - 1] not in self.engine._stop_ids:
+        while end > len(prompt) and full[end - 1] not in self.engine.stop_ids:
             end -= 1
         if end <= len(prompt):
             end = len(full)

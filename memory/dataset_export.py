@@ -32,8 +32,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.errors import OuroError
 from memory.export import Delta
-from ouro.errors import OuroError
 
 DATASET_FORMATS = ("openai", "sft", "dpo")
 

@@ -15,24 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import sqlite_utils
+from core.files import ensure_private_dir
 
 BUSY_TIMEOUT_MS = 15_000
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create `path` (and parents) readable by its owner only; parents that existed are left as they are."""
-    created = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    for folder in {path, *created}:
-        try:
-            os.chmod(folder, 0o700)
-        except OSError:  # pragma: no cover - e.g. a folder owned by someone else; leave it as it is
-            pass
-
-
 class Database:
-    """A sqlite-utils Database plus a lock, so the event loop and worker thread can share it."""
+    """One sqlite3 connection plus a lock, so the event loop and the worker thread can share it.
+
+    Plain sqlite3, no wrapper library: the store writes its own SQL (every query is in
+    memory/store.py) and memory/migrations.py keeps its own record of applied migrations, so
+    sqlite-utils was a dependency nothing used and is gone."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if str(path) != ":memory:" else None
@@ -52,7 +45,6 @@ class Database:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()
 
     @contextmanager

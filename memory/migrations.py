@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime
+
+from core.files import now
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -198,10 +199,6 @@ def _script(conn: sqlite3.Connection, sql: str) -> None:
             buffer = ""
     if buffer.strip():
         conn.execute(buffer)
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def applied(conn: sqlite3.Connection) -> list[str]:

@@ -13,8 +13,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.files import now
 from memory.db import Database
-from memory.migrations import migrate, now
+from memory.migrations import migrate
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 DESCRIPTION = """\
 Ouroboros — a Telegram persona bot that keeps learning from the people who talk to it.
@@ -38,15 +38,17 @@ Run `ouro settings` to see every setting with its default and meaning.
 
 
 def _settings(args: argparse.Namespace, **extra):
+    """The one settings object for a command: `--data-dir` beats OURO_DATA_DIR beats the default."""
     from config.settings import load_settings
 
-    return load_settings(**extra)
+    data_dir = args.data_dir.resolve() if args.data_dir else None
+    return load_settings(data_dir=data_dir, **extra)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
-    from ouro.runtime import open_runtime
     from ouro.terminal import run_terminal_chat
+    from serving.runtime import open_runtime
 
     settings = _settings(args)
     setup_logging("WARNING")
@@ -60,7 +62,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bot.app import build_application, run_until_stopped
     from ouro.logs import setup_logging
-    from ouro.runtime import open_runtime
+    from serving.runtime import open_runtime
 
     token = os.environ.get("TELEGRAM_BOT_TOKEN", "").strip()
     if not token:
@@ -81,8 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bot.status import format_status, read_runtime, status_report
-    from ouro.runtime import open_store
+    from serving.runtime import open_store
+    from serving.status import format_status, read_runtime, status_report
 
     settings = _settings(args)
     store = open_store(settings)
@@ -96,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     from ouro.review import run_terminal_review
-    from ouro.runtime import open_store
+    from serving.runtime import open_store
 
     settings = _settings(args)
     store = open_store(settings)
@@ -122,25 +124,25 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ouro.bench_serve import run_bench_serve
+    from ouro.bench.serve import run_bench_serve
 
     settings = _settings(args)
     if args.what == "soak":
-        from ouro.bench_soak import run_bench_soak
+        from ouro.bench.soak import run_bench_soak
 
         result = run_bench_soak(settings, users=args.users, messages=args.messages, json_output=args.json)
         if args.json:
             print(json.dumps(result, indent=2))
         return 0 if result["ok"] else 1
     if args.what == "swap":
-        from ouro.bench_swap import run_bench_swap
+        from ouro.bench.swap import run_bench_swap
 
         result = run_bench_swap(settings, json_output=args.json)
         if args.json:
             print(json.dumps(result, indent=2))
         return 0
     if args.what == "train":
-        from ouro.bench_train import run_bench_train
+        from ouro.bench.train import run_bench_train
 
         run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
         return 0
@@ -152,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_cycle(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
-    from ouro.runtime import open_store, register_base
+    from serving.runtime import open_store, register_base
     from trainer.cycle import run_cycle
 
     settings = _settings(args)
@@ -178,7 +180,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 def _generation_rows(settings) -> list[dict]:
     from evals.report import generation_rows
-    from trainer.lineage import Lineage
+    from lineage.generations import Lineage
 
     return generation_rows(Lineage(settings.models_dir))
 
@@ -187,8 +189,8 @@ def cmd_generations(args: argparse.Namespace) -> int:
     settings = _settings(args)
     rows = _generation_rows(settings)
     if args.chart:
-        from ouro.chart import lineage_chart
-        from trainer.lineage import Lineage
+        from lineage.chart import lineage_chart
+        from lineage.generations import Lineage
 
         if not rows:
             raise OuroError("no generations to draw yet")
@@ -207,7 +209,7 @@ def cmd_generations(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.lineage import Lineage
+    from lineage.generations import Lineage
 
     settings = _settings(args)
     gen = Lineage(settings.models_dir).generation(args.gen)
@@ -222,8 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from ouro.runtime import open_store
-    from trainer.cycle import promote
+    from lineage.promote import promote
+    from serving.runtime import open_store
 
     settings = _settings(args)
     store = open_store(settings)
@@ -236,29 +238,22 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from ouro.runtime import open_store
-    from trainer.cycle import promote
-    from trainer.lineage import Lineage
+    from lineage.promote import rollback
+    from serving.runtime import open_store
 
     settings = _settings(args)
-    lineage = Lineage(settings.models_dir)
-    active = lineage.active()
-    target = args.gen or active.parent_id
-    if target is None:
-        raise OuroError(f"{active.id} has no parent to roll back to")
     store = open_store(settings)
     try:
-        promote(settings, store, target, actor=args.actor, why=args.why or f"rollback from {active.id}",
-                event="rollback")
+        was, now_serving = rollback(settings, store, args.gen, actor=args.actor, why=args.why)
     finally:
         store.close()
-    print(f"rolled back: {active.id} → {target} (nothing was deleted)")
+    print(f"rolled back: {was} → {now_serving} (nothing was deleted)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from memory.importers.pipeline import format_summary, import_chat
-    from ouro.runtime import open_store
+    from serving.runtime import open_store
 
     settings = _settings(args)
     store = open_store(settings)
@@ -271,11 +266,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ouro.demo import run_demo
+    from ouro.demo.run import run_demo
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    result = run_demo(data_dir=args.keep, prompts=args.prompts)
+    result = run_demo(data_dir=args.keep, prompts=args.prompts, home=_settings(args).data_dir)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -283,7 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ouro.exports import report_lines, run_export
-    from ouro.runtime import open_store
+    from serving.runtime import open_store
 
     settings = _settings(args)
     store = None if args.format == "ollama" or args.gen else open_store(settings)
@@ -297,7 +292,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from ouro.experiment import run_experiment
+    from ouro.bench.experiment import run_experiment
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
@@ -448,8 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data_dir:
-        os.environ["OURO_DATA_DIR"] = str(args.data_dir.resolve())
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

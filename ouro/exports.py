@@ -7,7 +7,7 @@ Data for `openai`, `sft` and `dpo`:
 - GEN: the new data that generation learned from, as its cycle kept it: `data/train.jsonl`
   (its delta less the held-out share; the replay sample from ancestors is not stored, so it is
   not included) and `data/pairs.jsonl`.
-`ollama` writes a Modelfile for GEN (`trainer.ollama`).
+`ollama` writes a Modelfile for GEN (`lineage.ollama`).
 
 Files land in `<data dir>/exports/` (created owner-only) unless `--out` says otherwise.
 """
@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from config.settings import Settings
+from core.errors import OuroError
+from core.files import ensure_private_dir
+from lineage.generations import Generation, Lineage
 from memory.dataset_export import DATASET_FORMATS, write_dataset
-from memory.db import ensure_private_dir
 from memory.export import Delta, Example, Pair, reviewed_since
 from memory.store import Store
-from ouro.errors import OuroError
-from trainer.lineage import Generation, Lineage
 
 FORMATS = (*DATASET_FORMATS, "ollama")
 
@@ -62,7 +62,7 @@ def run_export(settings: Settings, store: Store | None, fmt: str, *, gen: str | 
             raise OuroError("an Ollama export is for one generation", hint="ouro export --format ollama gen-0003")
         if since:
             raise OuroError("--since selects training data; it does not apply to --format ollama")
-        from trainer.ollama import write_modelfile
+        from lineage.ollama import write_modelfile
 
         generation = lineage.generation(gen)
         return write_modelfile(settings, generation, out or exports_dir(settings) / f"{gen}.Modelfile")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-from bot.conversation import TERMINAL_USER_ID
 from bot.review import EMPTY, review_text
 from config.settings import Settings
 from memory.store import Store
+from serving.conversation import TERMINAL_USER_ID
 
 KEYS = "[a]pprove  [r]eject  [e]dit  [s]kip  [q]uit"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bot.conversation import TERMINAL_CHAT_ID, TERMINAL_USER_ID, Speaker
-from ouro.runtime import Runtime
+from serving.conversation import TERMINAL_CHAT_ID, TERMINAL_USER_ID, Speaker
+from serving.runtime import Runtime
 
 HELP = """Commands: /good  /bad  rate my last reply · /better <text>  store a better answer for it
           /reset  start over · /help  this text · /quit  leave (Ctrl-D works too)"""

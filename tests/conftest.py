@@ -9,11 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # no test may reach a model hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from bot.conversation import Conversation
-from bot.worker import InferenceWorker
 from config.settings import Settings, load_settings
+from engine.worker import InferenceWorker
 from memory.store import Store
-from tests.fakes import FakeEngine
+from serving.conversation import Conversation
+from tests.helpers.fakes import FakeEngine
 
 ADMIN = 4242   # the admin of every bot `make_bot` builds
 
@@ -52,8 +52,8 @@ def conversation(settings, store, fake_engine):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """A models/ folder holding the tiny generation 0 (tests/tiny.py); copy it, never write into it."""
-    from tests.tiny import build_tiny_base
+    """A models/ folder holding the tiny generation 0 (tests/helpers/tiny.py); copy it, never write into it."""
+    from tests.helpers.tiny import build_tiny_base
 
     root = tmp_path_factory.mktemp("tiny-models")
     build_tiny_base(root / "models", tmp_path_factory.getbasetemp())
@@ -64,7 +64,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def emu():
     """The Bot API emulator (node emulator/server.js), one per test module."""
-    from ouro.emulator import Emulator
+    from ouro.demo.emulator import Emulator
 
     with Emulator() as e:
         yield e

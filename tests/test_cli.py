@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 
-from bot.conversation import TERMINAL_CHAT_ID, Conversation
-from bot.worker import InferenceWorker
+from engine.worker import InferenceWorker
+from lineage.generations import Lineage
 from memory.store import Store
 from ouro.cli import build_parser, main
-from ouro.runtime import Runtime
 from ouro.terminal import run_terminal_chat
-from tests.fakes import FakeEngine
-from trainer.lineage import Lineage
+from serving.conversation import TERMINAL_CHAT_ID, Conversation
+from serving.runtime import Runtime
+from tests.helpers.fakes import FakeEngine
 
 
 def test_help_lists_every_command_with_a_description(capsys):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bot.context import ContextTooLong, build_context, to_messages
 from memory.store import Exchange
-from tests.fakes import word_count
+from serving.context import ContextTooLong, build_context, to_messages
+from tests.helpers.fakes import word_count
 
 PERSONA = "You are Ouro."
 

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from bot.conversation import BUSY, EMPTY, FAILED, TOO_LONG, Conversation, Speaker
-from bot.worker import InferenceWorker
 from config.settings import load_settings
+from engine.worker import InferenceWorker
 from memory.store import Store
-from tests.fakes import FakeEngine, word_count
+from serving.conversation import BUSY, EMPTY, FAILED, TOO_LONG, Conversation, Speaker
+from tests.helpers.fakes import FakeEngine, word_count
 
 ANN = Speaker(chat_id=100, user_id=7, first_name="Ann")
 

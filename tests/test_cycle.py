@@ -10,18 +10,14 @@ import shutil
 import pytest
 
 from config.settings import load_settings
+from core.errors import OuroError
+from lineage.generations import LEDGER_COLUMNS, Lineage
 from memory.store import Store
-from ouro.errors import OuroError
-from tests.tiny import build_tiny_base
+from tests.helpers.lineages import LENIENT, add_reviewed
+from tests.helpers.tiny import build_tiny_base
 from trainer.cycle import HALT_FILE, run_cycle
-from trainer.lineage import LEDGER_COLUMNS, Lineage
 
 pytestmark = pytest.mark.model
-
-LENIENT = dict(min_recall=0.0, min_generalization=0.0, max_style_drift=10.0, min_format=0.0,
-               train_epochs=1, train_batch=2, max_seq_len=256, dpo_steps=2, eval_max_items=4, replay_size=4,
-               eval_reply_tokens=12)
-
 
 @pytest.fixture(scope="module")
 def base_template(tmp_path_factory):
@@ -43,17 +39,6 @@ def world(tmp_path, base_template):
     store = Store.open(data / "ouro.db")
     yield make, store
     store.close()
-
-
-def add_reviewed(store, n: int, *, start: int = 0, with_pairs: bool = True) -> None:
-    for i in range(start, start + n):
-        t = store.add_user_turn(chat_id=1000 + i, user_id=1000 + i, text=f"hey, tell me about topic {i}")
-        store.complete_turn(t, reply_text=f"ooh topic {i}! totally my favourite thing ✨", generation_id="gen-0000",
-                            prompt_tokens=10, completion_tokens=8, latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
-        store.rate(t, 1000 + i, 1)
-        if with_pairs and i % 3 == 0:
-            store.await_correction(1000 + i, 1000 + i, t)
-            store.take_correction(1000 + i, 1000 + i, f"topic {i}? love it, let's dig in 🌊")
 
 
 def ledger(settings) -> list[dict]:
@@ -107,7 +92,7 @@ def test_a_truncated_candidate_is_refused_kept_on_disk_and_nothing_served_change
     make, store = world
     settings = make()
     add_reviewed(store, 6)
-    import trainer.gguf_export as gguf_export
+    import trainer.convert as gguf_export
 
     real_quantize = gguf_export.quantize_gguf
 
@@ -185,8 +170,8 @@ def test_halted_training_is_skipped_until_forced(world):
 
 def test_full_precision_pruning_keeps_base_active_parent_and_the_newest(tmp_path):
     """Retention on a lineage of fake folders: only full-precision copies go, never GGUFs."""
+    from core.files import atomic_write_text
     from trainer.cycle import prune_full_precision
-    from trainer.lineage import atomic_write_text
 
     lineage = Lineage(tmp_path / "models")
     parent = None

@@ -7,11 +7,10 @@ import asyncio
 
 import pytest
 
-from bot.loop import LearningLoop
 from config.settings import load_settings
-from tests.beds import fake_served_bot
-from tests.test_cycle import LENIENT
-from tests.test_learning_loop import Loader
+from serving.loop import LearningLoop
+from tests.helpers.beds import fake_served_bot
+from tests.helpers.lineages import LENIENT, Loader
 from trainer.cycle_job import read_cycle_status
 from trainer.scheduler import scheduled_cycle
 

@@ -13,9 +13,10 @@ import pytest
 from bot.app import build_application, running
 from bot.handlers import ADMIN_ONLY
 from config.settings import load_settings
-from ouro.runtime import open_runtime
-from tests.test_cycle import LENIENT
-from trainer.lineage import Lineage, atomic_write_text, packaged_base_gguf, sha256_file, utcnow
+from core.files import atomic_write_text, now, sha256_file
+from lineage.generations import Lineage, packaged_base_gguf
+from serving.runtime import open_runtime
+from tests.helpers.lineages import LENIENT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 ADMIN, ANN, EVE = 4242, 1001, 6666
@@ -108,7 +109,7 @@ def copy_generation(models, gen_id: str, parent: str, source) -> None:
     folder = models / gen_id
     folder.mkdir()
     shutil.copyfile(source, folder / "model.gguf")
-    meta = {"id": gen_id, "parent_id": parent, "gguf": "model.gguf", "created_at": utcnow(),
+    meta = {"id": gen_id, "parent_id": parent, "gguf": "model.gguf", "created_at": now("seconds"),
             "gguf_sha256": sha256_file(folder / "model.gguf"), "status": "promoted"}
     atomic_write_text(folder / "meta.json", json.dumps(meta))
 

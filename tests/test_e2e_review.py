@@ -14,7 +14,7 @@ from bot.handlers import ADMIN_ONLY
 from bot.privacy import NOT_YOURS
 from bot.review import ADMINS_ONLY, EDIT_PROMPT, EMPTY, GONE
 from memory.export import reviewed_since
-from tests.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine
 
 pytestmark = pytest.mark.e2e
 ADMIN, ANN, BOB = 4242, 1001, 1002

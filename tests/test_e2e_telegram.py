@@ -13,7 +13,7 @@ from bot.handlers import ADMIN_ONLY, CORRECTION_THANKS, NON_TEXT, NOT_ALLOWED, N
 from bot.splitting import split_text
 from config.settings import load_settings
 from memory.store import Store
-from tests.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine
 
 pytestmark = pytest.mark.e2e
 ADMIN, ANN, BOB, EVE = 4242, 1001, 1002, 6666

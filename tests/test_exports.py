@@ -20,14 +20,15 @@ import re
 import pytest
 
 from config.settings import load_settings
+from core.errors import OuroError
+from core.files import atomic_write_text
+from engine.template import ChatFormat, render_chat
+from lineage.generations import Lineage
+from lineage.ollama import probe_conversations, translate
 from memory.dataset_export import VOCAB_FILE, default_epochs
 from memory.export import Example, Pair
 from ouro.cli import main
-from ouro.errors import OuroError
 from ouro.exports import run_export
-from trainer.lineage import Lineage, atomic_write_text
-from trainer.ollama import probe_conversations, translate
-from trainer.template import ChatFormat, render_chat
 
 PERSONA = 'You are Ouro, a "tidal" bot.\nKeep it short — and kind 🌊'
 
@@ -301,7 +302,7 @@ def packaged_metadata():
     """The packaged GGUF's chat template and vocabulary, read with gguf-py (not our own scanner)."""
     from gguf import GGUFReader
 
-    from trainer.lineage import packaged_base_gguf
+    from lineage.generations import packaged_base_gguf
 
     reader = GGUFReader(packaged_base_gguf())
 
@@ -317,7 +318,7 @@ def packaged_metadata():
 
 
 def test_modelfile_for_a_generation_matches_its_gguf(cfg, store, tmp_path, packaged_metadata):
-    from ouro.runtime import register_base
+    from serving.runtime import register_base
 
     register_base(cfg, store)
     gen = Lineage(cfg.models_dir).generation("gen-0000")
@@ -384,7 +385,7 @@ def test_unknown_or_lookalike_templates_are_refused():
 
 
 def test_a_persona_ollama_cannot_quote_is_refused(cfg, store, tmp_path):
-    from ouro.runtime import register_base
+    from serving.runtime import register_base
 
     register_base(cfg, store)
     cfg.persona_file.write_text('say """hi"""', encoding="utf-8")

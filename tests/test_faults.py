@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 
 from bot.app import build_application, running
-from bot.conversation import STOPPING
 from bot.streaming import CURSOR
 from config.settings import load_settings
-from ouro.emulator import Emulator
-from ouro.errors import OuroError
-from ouro.runtime import open_runtime
-from tests.fakes import FakeEngine
-from trainer.lineage import Lineage, atomic_write_text, sha256_file, utcnow
+from core.errors import OuroError
+from core.files import atomic_write_text
+from lineage.generations import Lineage
+from ouro.demo.emulator import Emulator
+from serving.conversation import STOPPING
+from serving.runtime import open_runtime
+from tests.helpers.fakes import FakeEngine
+from tests.helpers.lineages import damage_file, make_generation
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,28 +240,6 @@ async def test_bot_api_timeouts_drops_429_and_5xx_are_retried_with_backoff_and_n
 
 
 # --- a damaged model file ------------------------------------------------------------------------
-def add_generation(models: Path, gen_id: str, parent_id: str, gguf: bytes, status: str = "promoted") -> Path:
-    folder = models / gen_id
-    folder.mkdir()
-    (folder / "model.gguf").write_bytes(gguf)
-    meta = {"id": gen_id, "parent_id": parent_id, "gguf": "model.gguf",
-            "gguf_sha256": sha256_file(folder / "model.gguf"), "created_at": utcnow(), "status": status}
-    atomic_write_text(folder / "meta.json", json.dumps(meta))
-    return folder
-
-
-def damage_file(path: Path, *, rerecord: bool) -> None:
-    """Truncate a GGUF to half; with `rerecord` its meta.json is made to match, so only the GGUF
-    check can tell (a file 'placed' in the models folder, not a bit-rotted one)."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    if rerecord:
-        meta_path = path.parent / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        meta["gguf_sha256"] = sha256_file(path)
-        atomic_write_text(meta_path, json.dumps(meta))
-
-
 @pytest.fixture
 def lineage3(tmp_path, tiny_models):
     """gen-0000 ← gen-0001 ← gen-0002 (active), all the tiny model, all good."""
@@ -267,8 +247,8 @@ def lineage3(tmp_path, tiny_models):
     shutil.copytree(tiny_models, data / "models")
     models = data / "models"
     gguf = (models / "gen-0000" / "model.gguf").read_bytes()
-    add_generation(models, "gen-0001", "gen-0000", gguf)
-    add_generation(models, "gen-0002", "gen-0001", gguf)
+    make_generation(models, "gen-0001", "gen-0000", gguf)
+    make_generation(models, "gen-0002", "gen-0001", gguf)
     Lineage(models).set_active("gen-0002")
     return data
 

@@ -1,6 +1,6 @@
 """Faults around the learning cycle: its process killed at every stage, the bot and a cycle writing
 SQLite at once, a disk that fills up during conversion, and a damaged GGUF meeting the hot-swap.
-Tiny model (tests/tiny.py), real training and real processes; serving is a recording fake except
+Tiny model (tests/helpers/tiny.py), real training and real processes; serving is a recording fake except
 in the hot-swap test, which loads real GGUFs."""
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine import Sampling
-from bot.loop import LearningLoop
-from bot.worker import InferenceWorker
 from config.settings import load_settings
+from core.errors import OuroError
+from core.files import atomic_write_text, sha256_file
+from engine.protocol import Sampling
+from engine.worker import InferenceWorker
+from lineage.generations import Lineage
 from memory.store import Store
-from ouro.errors import OuroError
-from ouro.runtime import open_runtime
-from tests.beds import fake_served_bot
-from tests.fakes import FakeEngine
-from tests.test_cycle import LENIENT, add_reviewed
-from tests.test_faults import add_generation, damage_file
-from tests.test_learning_loop import Loader
+from serving.loop import LearningLoop
+from serving.runtime import open_runtime
+from tests.helpers.beds import fake_served_bot
+from tests.helpers.fakes import FakeEngine
+from tests.helpers.fault_helpers import paused_cycle_command
+from tests.helpers.lineages import LENIENT, Loader, add_reviewed, damage_file, make_generation
 from trainer.cycle import run_cycle
-from trainer.cycle_job import PAUSE_ENV, read_cycle_status
-from trainer.lineage import Lineage, atomic_write_text, sha256_file
+from trainer.cycle_job import CHILD_COMMAND, read_cycle_status
 
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +57,11 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
     loop = LearningLoop(settings, store, worker, notify=notify, load=Loader())
     try:
         for stage in STAGES:
-            monkeypatch.setenv(PAUSE_ENV, stage)        # the cycle process waits at the start of `stage`
+            loop.runner.command = paused_cycle_command(stage)   # the cycle process waits at the start of `stage`
             task = asyncio.create_task(loop.run_cycle("test"))
             for _ in range(3000):
                 info = read_cycle_status(settings)
-                if info and info["stage"] == stage and info.get("paused"):
+                if info and info["stage"] == stage:
                     break
                 if task.done():
                     pytest.fail(f"the cycle ended before stage {stage}: {task.result()}")
@@ -90,7 +90,7 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
                 assert "candidate" not in [r["event"] for r in lineage.ledger() if r["GEN_ID"] == "gen-0001"]
             assert "stopped" in told[-1] and "nothing served changed" in told[-1]
 
-        monkeypatch.delenv(PAUSE_ENV)
+        loop.runner.command = CHILD_COMMAND
         add_reviewed(store, 6, start=100, with_pairs=False)   # something new for the next generation
         outcome = await asyncio.wait_for(loop.run_cycle("test"), 600)
         assert outcome.status == "promoted", outcome.reasons
@@ -115,7 +115,7 @@ def test_the_bot_and_a_cycle_writing_sqlite_at_once_lose_nothing(tmp_path):
     store = Store.open(db)
     add_reviewed(store, 20, with_pairs=False)            # something for the cycle's export to read
     seconds = 15.0
-    cycle = subprocess.Popen([sys.executable, "-m", "tests.fault_helpers", "cycle-writer", str(db), str(seconds)],
+    cycle = subprocess.Popen([sys.executable, "-m", "tests.helpers.fault_helpers", "cycle-writer", str(db), str(seconds)],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors: list[BaseException] = []
     written: dict[str, int] = {}
@@ -220,7 +220,7 @@ async def test_a_truncated_gguf_over_a_promoted_generation_is_refused_by_the_hot
     data = tmp_path / "data"
     shutil.copytree(tiny_models, data / "models")
     models = data / "models"
-    add_generation(models, "gen-0001", "gen-0000", (models / "gen-0000" / "model.gguf").read_bytes())
+    make_generation(models, "gen-0001", "gen-0000", (models / "gen-0000" / "model.gguf").read_bytes())
     settings = load_settings(data_dir=data, cycle_schedule="off", n_ctx=512, reply_max_tokens=16)
     rt = open_runtime(settings)                                  # real llama.cpp engines from here on
     told: list[str] = []

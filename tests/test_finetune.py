@@ -16,7 +16,9 @@ import random
 import pytest
 import torch
 
-from ouro.errors import OuroError
+from core.errors import OuroError
+from engine.template import ChatFormat
+from lineage.generations import packaged_base_gguf
 from trainer.dataset import (
     IGNORE_INDEX,
     DPOPair,
@@ -40,8 +42,6 @@ from trainer.finetune import (
     sft_train,
     train,
 )
-from trainer.lineage import packaged_base_gguf
-from trainer.template import ChatFormat
 
 PERSONA = "You are Mia 🌸: warm, playful, brief."
 CHATS = [
@@ -124,7 +124,7 @@ def test_labels_cover_only_the_reply_and_its_end_token(tokenizer, fmt):
 
 @pytest.mark.model
 def test_template_and_ids_match_llama_cpp_serving(tokenizer, fmt):
-    from bot.llama_engine import LlamaEngine
+    from engine.llama import LlamaEngine
 
     gguf = packaged_base_gguf()
     assert ChatFormat.from_gguf(gguf) == fmt

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from ouro.errors import OuroError
+from core.errors import OuroError
+from engine.gguf import check_gguf
+from lineage.generations import packaged_base_gguf
 from trainer import gguf_export
-from trainer.gguf_check import check_gguf
-from trainer.gguf_export import (
+from trainer.convert import (
     QUANT_TYPES,
     compare_logits,
     dequantize_gguf_to_hf,
@@ -30,7 +31,6 @@ from trainer.gguf_export import (
     quantize_gguf,
     write_gguf,
 )
-from trainer.lineage import packaged_base_gguf
 
 # "<|im_start|>system\nYou are Ouro.<|im_end|>\n<|im_start|>user\nHello! Who are you? 👋<|im_end|>\n
 #  <|im_start|>assistant\n" through the packaged GGUF's tokenizer

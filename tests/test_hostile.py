@@ -1,7 +1,7 @@
 """Hostile and malformed input: random updates at the real handlers, adversarial import files.
 
 The handler fuzz drives the application exactly as `ouro serve` builds it (learning loop and
-its admin handlers included) against an offline Bot API (tests/offline_bot.py), so hundreds of
+its admin handlers included) against an offline Bot API (tests/helpers/offline_bot.py), so hundreds of
 scenarios of dozens of updates run in seconds. After each scenario it checks that the error
 handler never fired and that the store still holds only what people could legitimately cause.
 """
@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 
 from bot import keyboards
 from bot.commands import COMMANDS
+from core.errors import OuroError
 from memory.importers import limits, telegram, whatsapp
 from memory.importers.limits import MAX_LINE_BYTES
 from memory.importers.pipeline import import_chat
 from memory.store import Store
-from ouro.errors import OuroError
-from tests.fakes import FakeEngine
-from tests.offline_bot import ADMIN, ANN, BOB, BOT, EVE, GROUP, OfflineBot, offline_bot
+from tests.helpers.fakes import FakeEngine
+from tests.helpers.offline_bot import ADMIN, ANN, BOB, BOT, EVE, GROUP, OfflineBot, offline_bot
 
 # Derandomized, so CI runs the same 80 scenarios every time; OURO_FUZZ_EXAMPLES=500 OURO_FUZZ_RANDOM=1 explores.
 FUZZ = settings(max_examples=int(os.environ.get("OURO_FUZZ_EXAMPLES", "80")), deadline=None,
@@ -219,7 +219,7 @@ def check_invariants(bot: OfflineBot, presses: list[Pressed], queries: list[str]
         assert turn["user_id"] == r["user_id"] and turn["status"] == "answered", (r, turn)
         shown = json.loads(turn["reply_message_ids"] or "[]")
         assert all((turn["chat_id"], mid) in bot.tg.messages for mid in shown)   # the reply was sent there
-        seen = [(p, press) for p in presses if (press := keyboards.decode(p.data)) and press.turn_id == turn["id"]
+        seen = [(p, press) for p in presses if (press := keyboards.reply_press(p.data)) and press.turn_id == turn["id"]
                 and press.action in ("up", "down") and p.uid == r["user_id"] and p.chat == turn["chat_id"]
                 and p.message_id in shown]
         assert seen, f"rating {r} has no press of its author on the reply they were shown"
@@ -305,10 +305,10 @@ async def test_stale_confirmations_and_inaccessible_messages_are_not_errors(tmp_
 @pytest.mark.e2e
 async def test_hostile_sample_over_the_emulator(tmp_path):
     from bot.app import build_application, running
-    from bot.conversation import Conversation
-    from bot.worker import InferenceWorker
     from config.settings import load_settings
-    from ouro.emulator import Emulator
+    from engine.worker import InferenceWorker
+    from ouro.demo.emulator import Emulator
+    from serving.conversation import Conversation
 
     with Emulator() as emu:
         settings = load_settings(data_dir=tmp_path / "data", admin_ids=[ADMIN], stream_edit_interval_s=0.2)

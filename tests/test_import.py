@@ -7,14 +7,15 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from core.errors import OuroError
+from core.files import now
 from memory.export import Delta, reviewed_since
 from memory.importers import telegram, whatsapp
 from memory.importers.chat import Message
 from memory.importers.pipeline import import_chat, merge_and_split, rolling_windows, split
-from memory.migrations import migrate, now
+from memory.migrations import migrate
 from memory.store import Store
 from ouro.cli import main
-from ouro.errors import OuroError
 from trainer.replay import holdout
 
 NNBSP = "\u202f"   # iOS (and newer Android) put this narrow no-break space before AM/PM

@@ -3,50 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bot.hotswap import HotSwapper
-from bot.loop import LearningLoop
-from bot.worker import InferenceWorker
+from config.schedule import parse_schedule
 from config.settings import load_settings
+from core.errors import OuroError
+from core.files import atomic_write_text
+from engine.worker import InferenceWorker
 from evals.live_watch import judge
+from lineage.generations import Lineage
 from memory.store import Store
-from ouro.errors import OuroError
-from tests.fakes import FakeEngine, word_count
-from trainer.lineage import Generation, Lineage, atomic_write_text, sha256_file, utcnow
-from trainer.schedule import parse_schedule
+from serving.hotswap import HotSwapper
+from serving.loop import LearningLoop
+from tests.helpers.fakes import FakeEngine, word_count
+from tests.helpers.lineages import Loader, make_generation
 from trainer.scheduler import JOB_ID, CycleScheduler, scheduled_cycle
-
-
-def make_generation(models_dir, gen_id: str, parent_id: str | None, payload: bytes = b"", status="promoted"):
-    """A finished generation folder around an arbitrary file (fake engines never read it)."""
-    folder = models_dir / gen_id
-    folder.mkdir(parents=True)
-    (folder / "model.gguf").write_bytes(payload or gen_id.encode() * 100)
-    meta = {"id": gen_id, "parent_id": parent_id, "gguf": "model.gguf",
-            "gguf_sha256": sha256_file(folder / "model.gguf"), "created_at": utcnow(), "status": status}
-    atomic_write_text(folder / "meta.json", json.dumps(meta))
-    return Lineage(models_dir).generation(gen_id)
-
-
-class Loader:
-    """Builds fake engines for generations; a set of ids fails to load or returns empty replies."""
-
-    def __init__(self, broken: set[str] = frozenset(), empty: set[str] = frozenset()) -> None:
-        self.broken, self.empty, self.engines = set(broken), set(empty), []
-
-    def __call__(self, gen: Generation) -> FakeEngine:
-        if gen.id in self.broken:
-            raise RuntimeError(f"cannot load {gen.id}")
-        engine = FakeEngine([""] if gen.id in self.empty else None, generation_id=gen.id)
-        engine.model_sha256 = gen.sha256
-        self.engines.append(engine)
-        return engine
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
+from core.files import atomic_write_text, sha256_file
+from lineage.generations import Lineage
 from ouro.cli import main
-from trainer.lineage import Lineage, atomic_write_text, sha256_file
 
 
 def make_lineage(data_dir, n=3):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from bot.engine import Sampling
 from config.settings import load_settings
-from ouro.runtime import load_engine, open_store, register_base
-from tests.test_cycle import add_reviewed
+from engine.protocol import Sampling
+from lineage.generations import Lineage
+from serving.runtime import load_engine, open_store, register_base
+from tests.helpers.lineages import add_reviewed
 from trainer.cycle import run_cycle
-from trainer.lineage import Lineage
 
 pytestmark = pytest.mark.model
 

@@ -7,13 +7,14 @@ import json
 import llama_cpp
 import pytest
 
-from bot.conversation import Speaker
-from bot.engine import Sampling
 from config.settings import load_settings
-from ouro.errors import OuroError
-from ouro.runtime import load_engine, open_runtime, open_store, register_base
-from trainer.gguf_check import check_gguf
-from trainer.lineage import Lineage, packaged_base_gguf, sha256_file
+from core.errors import OuroError
+from core.files import sha256_file
+from engine.gguf import check_gguf
+from engine.protocol import Sampling
+from lineage.generations import Lineage, packaged_base_gguf
+from serving.conversation import Speaker
+from serving.runtime import load_engine, open_runtime, open_store, register_base
 
 pytestmark = pytest.mark.model
 GREEDY = Sampling(temperature=0.0, top_k=1, max_tokens=24)
@@ -134,7 +135,7 @@ def test_a_corrupt_base_model_is_refused_with_a_clear_error(tmp_path):
 @pytest.mark.e2e
 async def test_the_packaged_model_answers_through_telegram(runtime):
     from bot.app import build_application, running
-    from ouro.emulator import Emulator
+    from ouro.demo.emulator import Emulator
 
     with Emulator() as emu:
         app = build_application(runtime.settings, runtime.store, runtime.conversation, token=emu.token,

@@ -9,14 +9,14 @@ import stat
 
 import pytest
 
-from bot.chat_states import ChatStates
-from memory.db import ensure_private_dir
+from core.files import ensure_private_dir
+from engine.chat_states import ChatStates
+from lineage.generations import Lineage
 from memory.export import Example, reviewed_since, served_context, still_trainable
 from memory.migrations import migrate, pending
 from memory.store import Store
 from ouro.logs import RedactSecrets
 from ouro.review import run_terminal_review
-from trainer.lineage import Lineage
 
 ANN, BOB, ADMIN = 777001, 777002, 4242
 GROUP = -900100

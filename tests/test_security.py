@@ -2,7 +2,7 @@
 and the bot token nowhere but in memory.
 
 Most tests drive the application as `ouro serve` builds it, learning loop and admin handlers
-included, against the offline Bot API of tests/offline_bot.py.
+included, against the offline Bot API of tests/helpers/offline_bot.py.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from bot.admin import _gen_id
+from bot.admin import parse_gen_id
 from bot.commands import COMMANDS
 from bot.handlers import ADMIN_ONLY, NOT_ALLOWED
 from bot.privacy import NOT_YOURS as NOT_YOURS_FORGET
 from bot.review import PRIVATE_ONLY
-from bot.status import write_runtime
 from memory.redact import redact
 from ouro.logs import setup_logging
-from tests.fakes import FakeEngine
-from tests.offline_bot import ADMIN, ANN, BOB, EVE, GROUP, TOKEN, OfflineBot, offline_bot
+from serving.status import write_runtime
+from tests.helpers.fakes import FakeEngine
+from tests.helpers.offline_bot import ADMIN, ANN, BOB, EVE, GROUP, TOKEN, OfflineBot, offline_bot
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_COMMANDS = [c.name for c in COMMANDS if c.admin]
@@ -322,7 +322,7 @@ def test_the_sql_scan_flags_built_sql(snippet):
 # --- files: only inside the data folder, never a path from Telegram --------------------------------
 # Where code reachable from Telegram writes files (bot/): (file, function) → where, and why no input picks it.
 BOT_WRITES = {
-    ("bot/status.py", "write_runtime"): "<data>/run/serve.json, a fixed name",
+    ("serving/status.py", "write_runtime"): "<data>/run/serve.json, a fixed name",
     ("bot/admin.py", "draw"): "the /lineage chart in a temporary folder inside <data>, deleted after sending",
 }
 _WRITE_CALLS = {"open", "write_text", "write_bytes", "mkdir", "atomic_write_text", "TemporaryDirectory",
@@ -358,7 +358,7 @@ TRAVERSALS = ["../../../tmp/owned", "gen-0001/../../x", "/etc/passwd", "gen-0001
 
 
 async def test_no_path_comes_from_telegram_input(tmp_path, monkeypatch):
-    assert [_gen_id(t) for t in TRAVERSALS] == [None] * len(TRAVERSALS)
+    assert [parse_gen_id(t) for t in TRAVERSALS] == [None] * len(TRAVERSALS)
     outside = {p for p in tmp_path.rglob("*")}
     temporary: list[Path] = []
     mkdtemp = tempfile.mkdtemp
@@ -460,7 +460,7 @@ async def test_the_bot_token_never_leaks(tmp_path, monkeypatch):
 def test_settings_cannot_hold_the_token(monkeypatch, tmp_path):
     """The token is read from TELEGRAM_BOT_TOKEN by `ouro serve` alone; no setting takes it."""
     from config.settings import Settings, load_settings
-    from ouro.errors import OuroError
+    from core.errors import OuroError
 
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)
     assert not [f for f in Settings.model_fields if "token" in f and "tokens" not in f]

@@ -1,7 +1,7 @@
 """Load: a small soak over the emulator with overload on purpose, and the bounds that keep it safe
 (per-person flood limit, per-chat queue, worker backlog, rotated log file).
 
-The soak driver is the one `ouro bench soak` runs (ouro/bench_soak.py), here with the fake
+The soak driver is the one `ouro bench soak` runs (ouro/bench/soak.py), here with the fake
 engine slowed down and a backlog of 2, so many messages meet a full backlog.
 """
 
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import BUSY
 from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
-from bot.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
-from bot.worker import Busy, InferenceWorker
 from config.settings import load_settings
+from engine.worker import Busy, InferenceWorker
 from ouro import logs
-from ouro.bench_soak import FIRST_USER, SoakPlan, run_soak
+from ouro.bench.soak import FIRST_USER, SoakPlan, run_soak
 from ouro.cli import build_parser
-from tests.fakes import FakeEngine
+from serving.conversation import BUSY
+from serving.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
+from tests.helpers.fakes import FakeEngine
 
 ANN = 1001
 
@@ -185,7 +185,7 @@ def test_new_settings_are_documented_and_validated():
     s = load_settings()
     assert (s.chat_queue_max, s.flood_messages, s.flood_window_s) == (4, 30, 60.0)
     from config.settings import describe
-    from ouro.errors import OuroError
+    from core.errors import OuroError
 
     helps = {name: text for name, _, text in describe()}
     assert "limited" in helps["flood_messages"] and "busy" in helps["chat_queue_max"]

@@ -13,26 +13,40 @@ from bot import keyboards
 from bot.commands import COMMANDS, help_text
 from bot.splitting import split_text
 from config.settings import load_settings
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 
 def test_callback_data_round_trips_and_rejects_forgeries():
-    assert keyboards.decode(keyboards.encode("up", 12)) == keyboards.Press("up", 12)
-    assert keyboards.decode(keyboards.encode("keep", 3, 4, 2)) == keyboards.Press("keep", 3, 4, 2)
+    assert keyboards.reply_press(keyboards.reply_data("up", 12)) == keyboards.Press("up", 12)
+    assert keyboards.reply_press(keyboards.reply_data("keep", 3, 4, 2)) == keyboards.Press("keep", 3, 4, 2)
     for bad in ["", None, "o1:up", "o1:up:-1", "o1:nuke:1", "o1:keep:1", "o1:up:1:2:1", "x" * 65,
                 "o1:up:1\n", "o1:keep:1:2:3", "o1:up:99999999999999"]:
-        assert keyboards.decode(bad) is None, bad
+        assert keyboards.reply_press(bad) is None, bad
+    assert keyboards.decode("admin", keyboards.encode("admin", "promote", "gen-0002", "gen-0001")) == \
+        ("promote", "gen-0002", "gen-0001")
+    assert keyboards.decode("review", "o1:rv:ok:7") == ("ok", "7")
+    assert keyboards.decode("forget", "o1:fg:yes:42") == ("yes", "42")
+    for family, bad in [("admin", "o1:adm:promote:../x:gen-0001"), ("admin", "o1:adm:nuke:gen-0001:gen-0000"),
+                        ("review", "o1:rv:zz:1"), ("review", "o1:fg:yes:1"), ("forget", "o1:fg:yes:-1"),
+                        ("reply", "o1:rv:ok:1")]:
+        assert keyboards.decode(family, bad) is None, (family, bad)
+    with pytest.raises(ValueError):
+        keyboards.encode("review", "ok", "not-a-turn")
 
 
-@given(st.text(max_size=80))
-def test_decode_never_raises(data):
-    keyboards.decode(data)
+@given(st.sampled_from(sorted(keyboards.FAMILIES)), st.text(max_size=80))
+def test_decode_never_raises(family, data):
+    keyboards.decode(family, data)
+    keyboards.reply_press(data)
 
 
 def test_every_button_fits_telegram_64_bytes():
-    kb = keyboards.reply_keyboard(10**12 - 1)
-    for button in kb.inline_keyboard[0]:
-        assert len(button.callback_data.encode()) <= 64
+    big, gen = 10**12 - 1, "gen-99999999"
+    keyboards_ = [keyboards.reply_keyboard(big), keyboards.pick_keyboard(big, big), keyboards.review_keyboard(big),
+                  keyboards.confirm_keyboard("rollback", gen, gen), keyboards.forget_keyboard(big)]
+    for kb in keyboards_:
+        for button in kb.inline_keyboard[0]:
+            assert len(button.callback_data.encode()) <= 64
 
 
 @given(st.text(min_size=0, max_size=20000))
@@ -81,7 +95,7 @@ def test_help_lists_commands_and_readme_matches():
 
 
 def test_cpu_steal_share_reads_proc_stat_and_computes_the_stolen_share(tmp_path, monkeypatch):
-    from ouro import cpu_steal
+    from ouro.bench import cpu_steal
 
     stat = tmp_path / "stat"
     monkeypatch.setattr(cpu_steal, "STAT", stat)
@@ -94,35 +108,35 @@ def test_cpu_steal_share_reads_proc_stat_and_computes_the_stolen_share(tmp_path,
 
 
 def test_bench_swap_names_the_longest_pause_with_the_piece_that_ended_it():
-    from ouro.bench_swap import _gaps, _longest
+    from ouro.bench.swap import gaps, longest
 
     stamps = [0.0, 1.0, 3.0, 3.5, 6.0]          # pieces of text; a window from 0.5 to 4.0
-    assert _longest(stamps, 0.5, 4.0) == (2.5, 6.0)      # the stretch running past the window counts
-    assert _longest(stamps, 0.5, 3.2) == (2.0, 3.0)
-    assert _gaps(stamps, 3.2, 3.4) == [(0.5, 3.5)]                 # a stretch across the whole window
-    assert _longest([], 0.0, 1.0) == (0.0, 1.0)
+    assert longest(stamps, 0.5, 4.0) == (2.5, 6.0)      # the stretch running past the window counts
+    assert longest(stamps, 0.5, 3.2) == (2.0, 3.0)
+    assert gaps(stamps, 3.2, 3.4) == [(0.5, 3.5)]                 # a stretch across the whole window
+    assert longest([], 0.0, 1.0) == (0.0, 1.0)
 
 
 def test_bench_swap_tells_how_much_the_host_stole_across_a_pause():
-    from ouro.bench_swap import _stolen
+    from ouro.bench.swap import stolen
 
     samples = [(0.0, (100, 1000)), (1.0, (150, 1200)), (2.0, (400, 1600)), (3.0, (400, 1800))]
-    assert _stolen(samples, 1.2, 1.9) == "; the VM's host stole 62% of the CPU meanwhile"   # 250 of 400
-    assert _stolen(samples, 2.0, 3.0) == "; the VM's host stole 0% of the CPU meanwhile"
-    assert _stolen(samples, 2.5, 3.5) == ""                                             # no sample after it
-    assert _stolen([(0.0, None), (1.0, None)], 0.2, 0.8) == ""
+    assert stolen(samples, 1.2, 1.9) == "; the VM's host stole 62% of the CPU meanwhile"   # 250 of 400
+    assert stolen(samples, 2.0, 3.0) == "; the VM's host stole 0% of the CPU meanwhile"
+    assert stolen(samples, 2.5, 3.5) == ""                                             # no sample after it
+    assert stolen([(0.0, None), (1.0, None)], 0.2, 0.8) == ""
 
 
 def test_bench_swap_sets_pauses_the_host_disturbed_apart_from_the_rest():
-    from ouro.bench_swap import HOST_BUSY, _longest_host_quiet, _window
+    from ouro.bench.swap import HOST_BUSY, longest_host_quiet, window
 
     assert HOST_BUSY == 0.25
     stamps = [0.0, 0.5, 3.5, 4.0, 5.2, 5.4]        # gaps 0.5, 3.0 (host busy), 0.5, 1.2, 0.2
     steal = [(0.0, (0, 0)), (1.0, (10, 100)), (3.0, (160, 300)), (4.0, (160, 400)), (6.0, (170, 600))]
     # the 3.0 s gap (0.5 to 3.5) lies between the samples at 0.0 and 4.0: 160 of 400 jiffies stolen
-    assert _longest_host_quiet(stamps, steal, 0.0, 5.4) == pytest.approx(1.2)
-    assert _longest_host_quiet(stamps, [], 0.0, 5.4) == 3.0         # steal unknown: nothing left out
-    w = _window(stamps, {3.5: "a reply's first word"}, steal, 0.0, 5.4,
+    assert longest_host_quiet(stamps, steal, 0.0, 5.4) == pytest.approx(1.2)
+    assert longest_host_quiet(stamps, [], 0.0, 5.4) == 3.0         # steal unknown: nothing left out
+    w = window(stamps, {3.5: "a reply's first word"}, steal, 0.0, 5.4,
                 [(2.0, "loading the new model"), (float("inf"), "after the swap")])
     assert w["longest_s"] == 3.0 and w["host_steal"] == 0.4 and w["longest_host_quiet_s"] == pytest.approx(1.2)
     assert w["ended_by"] == ("a reply's first word, during loading the new model; "
@@ -131,7 +145,7 @@ def test_bench_swap_sets_pauses_the_host_disturbed_apart_from_the_rest():
 
 
 def test_bench_swap_prints_the_raw_pause_the_control_and_the_host_quiet_figures(capsys):
-    from ouro.bench_swap import print_report
+    from ouro.bench.swap import print_report
 
     result = {"swap_pause_ratio": 6.65, "longest_pause_during_swap_s": 7.26, "median_reply_s": 1.09,
               "longest_pause_without_swap_s": 0.41, "median_of_longest_pause_per_swap_s": 0.61,
@@ -154,8 +168,8 @@ def test_bench_swap_prints_the_raw_pause_the_control_and_the_host_quiet_figures(
 
 
 def test_bench_swap_tells_when_the_event_loop_itself_was_held_up():
-    from ouro.bench_swap import _loop_lag
+    from ouro.bench.swap import loop_lag
 
     samples = [(t, None) for t in (0.0, 0.25, 0.5, 4.0, 4.25)]     # no turn from 0.5 s to 4.0 s
-    assert _loop_lag(samples, 1.0, 2.0) == "; the event loop went 3.5s without a turn"
-    assert _loop_lag(samples, 0.1, 0.4) == ""
+    assert loop_lag(samples, 1.0, 2.0) == "; the event loop went 3.5s without a turn"
+    assert loop_lag(samples, 0.1, 0.4) == ""

@@ -1,1 +1,2 @@
-"""Learning: one module per stage of the cycle, plus the lineage of generations."""
+"""Learning: one module per stage of the cycle (dataset, replay, fine-tune, convert), the cycle
+that strings them together, its process, its lock and the scheduler."""

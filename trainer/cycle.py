@@ -22,12 +22,13 @@ from pathlib import Path
 
 from config.probes import load_probes
 from config.settings import Settings
+from core.errors import OuroError
+from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
+from lineage.generations import GGUF_NAME, Generation, Lineage
+from lineage.promote import promote
 from memory.export import reviewed_since, still_trainable
-from memory.migrations import now
 from memory.store import Store
-from ouro.errors import OuroError
-from trainer.lineage import GGUF_NAME, Generation, Lineage, atomic_write_text, sha256_file, utcnow
 from trainer.lock import CycleLock, pid_alive
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
 
@@ -163,7 +164,7 @@ def ensure_full_precision(gen: Generation) -> Path:
     if (hf / "config.json").exists():
         return hf
     if gen.parent_id is None:
-        from trainer.gguf_export import dequantize_gguf_to_hf
+        from trainer.convert import dequantize_gguf_to_hf
 
         dequantize_gguf_to_hf(gen.gguf, hf)
         return hf
@@ -244,9 +245,9 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                        "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha}
 
         stages.enter("train")
+        from engine.template import ChatFormat
         from trainer.dataset import DPOPair
         from trainer.finetune import TrainConfig, train
-        from trainer.template import ChatFormat
 
         base_hf = ensure_full_precision(parent)
         cfg = TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
@@ -265,7 +266,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                         "trained_tensors_changed": result.trained_tensors_changed}
 
         stages.enter("convert")
-        from trainer.gguf_export import quantize_gguf, write_gguf
+        from trainer.convert import quantize_gguf, write_gguf
 
         f16 = staging / "model-f16.gguf"
         write_gguf(staging / "hf", parent.gguf, f16, dtype="f16", name=f"ouroboros {gen_id}")
@@ -300,7 +301,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                                                              ensure_ascii=False))
         report.stage_s = stages.close()
         meta = {"id": gen_id, "parent_id": parent.id, "gguf": GGUF_NAME, "gguf_sha256": child_sha,
-                "created_at": utcnow(), "status": report.status, "reasons": gate.reasons, "scores": report.scores,
+                "created_at": now("seconds"), "status": report.status, "reasons": gate.reasons, "scores": report.scores,
                 "parent_scores": report.parent_scores, "data_cutoff": until, "data": report.data,
                 "train": report.train, "stage_s": report.stage_s, "quantization": settings.quantization,
                 "actor": actor}
@@ -338,12 +339,12 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
 
 def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list[Generation],
               heldout: list[list[dict]], persona: str) -> tuple[dict, list[str]]:
+    from engine.gguf import check_gguf
     from evals.format_check import format_score
     from evals.generalization import generalization_score
     from evals.recall import recall_score
     from evals.scoring import EvalModel
     from evals.style_drift import style_drift_score
-    from trainer.gguf_check import check_gguf
 
     invariants: list[str] = []
     try:
@@ -379,7 +380,7 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         out["parent"]["recall"] = {"score": 1.0}
         out["parent"]["generalization"] = {"score": (parent.meta.get("scores") or {}).get("generalization")}
         # the served artifact must agree with the merged weights it came from
-        from trainer.gguf_export import logit_agreement
+        from trainer.convert import logit_agreement
 
         ids = child.engine.tokenize(recall_items[0][:-1] if recall_items else [{"role": "user", "content": "hi"}])
         agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, ids[-256:])
@@ -390,23 +391,3 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         child.close()
         par.close()
     return out, invariants
-
-
-def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote") -> None:
-    """Move the active pointer (atomically) and record who, when and why."""
-    lineage = Lineage(settings.models_dir)
-    previous_id = lineage.active_id()
-    try:
-        previous_sha = lineage.active().sha256
-    except (OuroError, KeyError):   # the pointer names something unreadable: moving it off is the point
-        previous_sha = ""
-    gen = lineage.generation(gen_id)
-    if sha256_file(gen.gguf) != gen.sha256:
-        raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
-    lineage.set_active(gen_id)
-    lineage.append_ledger({"GEN_ID": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
-                           "event": event, "parent_id": previous_id or "", "gate": gen.meta.get("status", ""),
-                           "reason": why, "actor": actor})
-    store.upsert_generation(gen_id=gen_id, parent_id=gen.parent_id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
-                            status="promoted" if event == "promote" else "rolled_back_to", meta=gen.meta)
-    store.log_event(event, detail={"gen": gen_id, "from": previous_id, "actor": actor, "why": why})

@@ -21,20 +21,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.settings import Settings
-from memory.db import ensure_private_dir
-from trainer.lineage import atomic_write_text
+from core.files import atomic_write_text, ensure_private_dir
 from trainer.lock import pid_alive
 
 log = logging.getLogger(__name__)
-# Test-only hook: with OURO_TEST_CYCLE_PAUSE_AT=<stage> the cycle process stops at the start of that
-# stage (after its breadcrumb and status file are written) and waits to be killed, so
-# tests/test_faults_cycle.py can SIGKILL it inside stages too short to catch otherwise. Never set it
-# in production: the cycle would wait there forever.
-PAUSE_ENV = "OURO_TEST_CYCLE_PAUSE_AT"
+CHILD_COMMAND = (sys.executable, "-m", "trainer.cycle_job")
 
 
 def status_path(settings: Settings) -> Path:
@@ -53,7 +49,12 @@ def read_cycle_status(settings: Settings) -> dict | None:
 
 
 # --- the child ---------------------------------------------------------------------------------
-def _child(argv: list[str]) -> int:
+def run_child(argv: list[str], *, at_stage: Callable[[str], None] | None = None) -> int:
+    """The cycle process's body: run one cycle, keep its status file current, print its report.
+
+    `at_stage` is called at the start of each stage, once the status file names it (a process
+    wrapping this one can stop there; tests/helpers/fault_helpers.py does, to be killed inside
+    stages too short to catch otherwise)."""
     ap = argparse.ArgumentParser(prog="python -m trainer.cycle_job")
     ap.add_argument("--settings", type=Path, required=True)
     ap.add_argument("--actor", default="scheduler")
@@ -85,12 +86,9 @@ def _child(argv: list[str]) -> int:
 
     def on_stage(stage: str) -> None:
         state.update(stage=stage, step=0, total=0)
-        paused = os.environ.get(PAUSE_ENV) == stage
-        if paused:
-            state["paused"] = True
         write(force=True)
-        while paused:   # test-only (PAUSE_ENV): hold here until the test kills this process
-            time.sleep(1.0)
+        if at_stage is not None:
+            at_stage(stage)
 
     def on_step(step: int, total: int) -> None:
         state.update(step=step, total=total)
@@ -99,7 +97,7 @@ def _child(argv: list[str]) -> int:
     write(force=True)
     store = Store.open(settings.db_path)
     try:
-        from ouro.errors import OuroError
+        from core.errors import OuroError
 
         try:
             report = run_cycle(settings, store, actor=args.actor, progress=False, on_stage=on_stage,
@@ -131,8 +129,9 @@ class CycleOutcome:
 class CycleRunner:
     """Starts at most one cycle process at a time and awaits its report, without blocking the loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, command: tuple[str, ...] = CHILD_COMMAND) -> None:
         self.settings = settings
+        self.command = command           # the program that runs `run_child` (its arguments follow)
         self.proc: asyncio.subprocess.Process | None = None
         self.actor: str | None = None
 
@@ -141,7 +140,7 @@ class CycleRunner:
         return self.proc is not None and self.proc.returncode is None
 
     async def run(self, actor: str) -> CycleOutcome:
-        from ouro.errors import OuroError
+        from core.errors import OuroError
 
         if self.running:
             raise OuroError(f"a learning cycle is already running (pid {self.proc.pid}, started by {self.actor})")
@@ -157,7 +156,7 @@ class CycleRunner:
         # two threads, one of them preempted at every barrier, made the first token 25x slower
         # (p95 0.29 s → 7.9 s on 2 cores; `ouro bench swap`). In the bot's session nice works.
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trainer.cycle_job", "--settings", str(settings_file), "--actor", actor,
+            *self.command, "--settings", str(settings_file), "--actor", actor,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, process_group=0,
             env={k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"})   # training needs no token
         try:
@@ -192,4 +191,4 @@ class CycleRunner:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    sys.exit(run_child(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 An SFT example is the rolling context a reply was served with plus the reply: a list of
 {"role", "content"} messages ending with the assistant's message. Its prompt is rendered with
-the model's own chat template (`trainer.template`) and tokenized exactly as llama_engine does
+the model's own chat template (`engine.template`) and tokenized exactly as llama_engine does
 at serving time, so the model trains on the very ids it will be prompted with. The loss
 covers only the final reply and its end-of-turn token (`<|im_end|>` for ChatML): the model
 learns to answer and to stop, never to write the user's side.
@@ -32,8 +32,8 @@ from typing import NamedTuple
 
 import torch
 
-from ouro.errors import OuroError
-from trainer.template import ChatFormat, Message
+from core.errors import OuroError
+from engine.template import ChatFormat, Message
 
 IGNORE_INDEX = -100
 

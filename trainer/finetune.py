@@ -6,17 +6,8 @@
         ──► merge_and_unload, checked: merged logits == adapter logits
         ──► out_dir: merged model + tokenizer (+ training.json), written under a temp name and renamed
 
-Why a plain loop and not trl's SFTTrainer: measured on the 135M model, same 60 examples, same
-packing budget, 1 thread: 78 tokens/s for this loop against 54 for SFTTrainer(packing="bfd",
-completion_only_loss). Both run the LM head only where a label is (trl 1.16 patches in a
-fused head), but SFTTrainer's padding-free collator flattens a whole batch into one row, so
-CPU attention (no varlen kernel: it scores every pair of the row, masked or not) grows with
-the square of the batch; it also computes entropy and top-1 accuracy at every step. Here
-the batch is `batch` rows of at most max_seq_len; within a row, restarting position ids and
-no attention mask make transformers isolate the examples (see trainer/dataset.py).
-
-LoRA dropout is off by default: on CPU its Bernoulli masks (7 per layer, fresh every step)
-cost ~25% of the step time (76 → 101 tokens/s at 0.05 → 0.0).
+Why a plain loop and not trl's SFTTrainer, and why LoRA dropout is off by default: faster on
+CPU by measurement (docs/design-notes.md).
 
 On CUDA the base is loaded in 4-bit nf4 (QLoRA); the adapter is then merged into a
 full-precision copy of the base, since merging into 4-bit weights would round them.
@@ -41,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ouro.errors import OuroError
+from core.errors import OuroError
+from engine.template import ChatFormat, Message
 from trainer.dataset import (
     IGNORE_INDEX,
     DPOPair,
@@ -52,7 +44,6 @@ from trainer.dataset import (
     encode_pairs,
     pack,
 )
-from trainer.template import ChatFormat, Message
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 
 class CycleLock:

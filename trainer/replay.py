@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lineage.generations import Generation, Lineage
 from memory.export import Delta, Example, Pair
-from trainer.lineage import Generation, Lineage
 
 
 @dataclass

@@ -18,9 +18,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+from config.schedule import describe, parse_schedule
 from config.settings import Settings
-from memory.db import ensure_private_dir
-from trainer.schedule import describe, parse_schedule
+from core.files import ensure_private_dir
 
 log = logging.getLogger(__name__)
 JOB_ID = "learning-cycle"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
-from ouro.errors import OuroError
+from core.errors import OuroError
 
 MAX_FILE_BYTES = 256 << 20
 MAX_LINE_BYTES = 1 << 20

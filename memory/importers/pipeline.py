@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from core.errors import OuroError
 from memory.importers import telegram, whatsapp
 from memory.importers.chat import Message, Parsed
 from memory.redact import redact
 from memory.store import Store
-from ouro.errors import OuroError
 
 MERGE_WITHIN = timedelta(minutes=3)
 NEW_CONVERSATION_AFTER = timedelta(minutes=30)

@@ -16,9 +16,9 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from core.errors import OuroError
 from memory.importers.chat import Message, Parsed
 from memory.importers.limits import read_file
-from ouro.errors import OuroError
 
 HINT = ("export it from Telegram Desktop as JSON: a chat's ⋮ menu → Export chat history, or "
         "Settings → Advanced → Export Telegram data (format: Machine-readable JSON); pass result.json")

@@ -26,9 +26,9 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+from core.errors import OuroError
 from memory.importers.chat import Message, Parsed
 from memory.importers.limits import read_bounded, read_file
-from ouro.errors import OuroError
 
 HINT = ("in WhatsApp: open the chat → ⋮ (Android) or the contact's name (iOS) → Export chat → Without media; "
         "pass the .txt (or the .zip iOS makes)")

@@ -1,0 +1,1 @@
+"""The ground floor: the one user-facing error type and small file helpers every floor uses."""

@@ -1,0 +1,218 @@
+"""The real engine: a GGUF served by llama-cpp-python, with per-chat KV reuse.
+
+Prompts are rendered with the chat template stored in the GGUF itself (the same template
+training uses), tokenized once, and fed to `Llama.generate`, which evaluates only the part
+after the longest prefix it already holds. When another chat used the context in between,
+the returning chat's KV state is restored from `ChatStates` first, so it does not re-read
+its whole history.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from core.errors import OuroError
+from engine.chat_states import ChatStates
+from engine.protocol import Completion, Message, OnText, Sampling
+from engine.template import CHATML, ChatFormat
+
+log = logging.getLogger(__name__)
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_params(*, extra_buffers: bool):
+    """Load with llama.cpp's "extra buffer types" (AMX / weight repacking) on or off.
+
+    Why: on Xeon CPUs that report AMX inside a VM (the machines this project runs on), the
+    AMX buffer type that llama.cpp picks for Q4_1 weights segfaults on the first decode.
+    `Llama()` has no argument for `llama_model_params.use_extra_bufts`, so the default-params
+    factory it calls is wrapped for the duration of the load (under a lock).
+    """
+    import llama_cpp.llama_cpp as C
+
+    if extra_buffers:
+        yield
+        return
+    with _LOAD_LOCK:
+        original = C.llama_model_default_params
+
+        def without_extra_buffers():
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        C.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            C.llama_model_default_params = original
+
+
+class LlamaEngine:
+    def __init__(self, model_path: Path, *, generation_id: str, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "",
+                 extra_buffers: bool = False, logits_all: bool = False) -> None:
+        from llama_cpp import Llama
+
+        self.model_path = Path(model_path)
+        self.generation_id = generation_id
+        self.model_sha256 = model_sha256
+        try:
+            with model_params(extra_buffers=extra_buffers):
+                self.llm = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
+                                 n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=False)
+        except Exception as exc:  # llama.cpp says little; the file check upstream says more
+            raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
+        self.n_ctx = self.llm.n_ctx()
+        meta = self.llm.metadata
+        template = meta.get("tokenizer.chat_template") or CHATML
+        # One renderer for serving and training (engine/template.py): a generation is trained
+        # on exactly the prompts it will be served. The template writes BOS itself when the
+        # model wants one; never add a second.
+        self.format = ChatFormat(template=template, bos_token=self._piece(self.llm.token_bos()),
+                                 eos_token=self._piece(self.llm.token_eos()),
+                                 add_bos=meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+                                 and "bos_token" not in template)
+        self._add_bos = self.format.add_bos
+        self.stop_ids = self._end_of_turn_ids()
+        self.states = ChatStates(self.llm, max_chats=kv_cache_chats)
+        # True while generate() streams: the worker may run background work between its tokens,
+        # and that work must not touch this model's context meanwhile (see prefill)
+        self.generating = False
+
+    # --- prompt ---------------------------------------------------------------------------
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _end_of_turn_ids(self) -> set[int]:
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        ids = {t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+        # a model that starts a new turn header has finished its own turn
+        start = self.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+        if len(start) == 1:
+            ids.add(start[0])
+        ids.add(self.llm.token_eos())
+        return ids
+
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        return self.format.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def tokenize(self, messages: list[Message]) -> list[int]:
+        return self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.tokenize(messages))
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
+                 on_text: OnText | None = None) -> Completion:
+        started = time.perf_counter()
+        tokens = self.tokenize(messages)
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
+        max_tokens = min(sampling.max_tokens, room)
+        self.states.activate(chat_key)
+        cached = self.states.common_prefix(tokens)
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out: list[int] = []
+        text_parts: list[str] = []
+        ttft = None
+        finish = "length"
+        self.generating = True
+        try:
+            for token in self.llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p,
+                                           top_k=sampling.top_k, repeat_penalty=sampling.repeat_penalty,
+                                           reset=True):
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                out.append(token)
+                piece = decoder.decode(self.llm.detokenize([token], special=False))
+                if piece:
+                    text_parts.append(piece)
+                    if on_text:
+                        on_text(piece)
+                if len(out) >= max_tokens:
+                    break
+        finally:
+            self.generating = False
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text_parts.append(tail)
+            if on_text:
+                on_text(tail)
+        total = time.perf_counter() - started
+        return Completion(text="".join(text_parts).strip(), prompt_tokens=len(tokens), completion_tokens=len(out),
+                          ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
+                          cached_tokens=cached)
+
+    def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
+        """Prompt tokens `generate(messages, chat_key=...)` would read now (the rest is cached).
+        The hot-swap's handover compares it between two models to move a chat when it costs nothing."""
+        tokens = self.tokenize(messages)
+        return len(tokens) - self.states.cached_prefix(chat_key, tokens)
+
+    def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
+        """Read a chat's conversation so far into its KV state without generating; returns tokens read.
+
+        Used to warm a freshly loaded generation before the hot-swap, so the chats active right
+        now do not each re-read their whole history on the new model's first reply. The text is
+        rendered without a generation prompt: the next turn's prompt extends it token for token
+        (the template closes every message with a special token, so no merge crosses the seam).
+        `max_tokens` reads only that many: the next call goes on from there (the common prefix),
+        so a long conversation can be read in short pieces between replies.
+
+        Never while this model streams a reply (`generating`): the reply's sampler reads the
+        context's last logits and KV cells, which reading another chat would replace (llama.cpp
+        then aborts the process on a null logits pointer — seen when a trial catch-up pass after
+        the swap, since dropped, ran between the tokens of a reply on the same model).
+        """
+        if self.generating:
+            raise RuntimeError("prefill() while this model streams a reply: it would corrupt the reply's context")
+        text = self.render(messages, add_generation_prompt=False)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+        if not tokens or len(tokens) >= self.n_ctx:
+            return 0
+        self.states.activate(chat_key)
+        keep = self.states.common_prefix(tokens)
+        end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
+        if keep >= end:
+            return 0
+        self.llm.n_tokens = keep            # eval() drops the KV cells past this point itself
+        self.llm.eval(tokens[keep:end])
+        return end - keep
+
+    def set_batch_threads(self, n: int | None) -> None:
+        """Threads llama.cpp uses to read a batch of prompt tokens (None: the loaded default).
+
+        The hot-swap warm-up reads with one thread: beside a busy process two threads stall each
+        other at every step of the graph (docs/design-notes.md has the figures).
+        """
+        import llama_cpp
+
+        params = self.llm.context_params
+        llama_cpp.llama_set_n_threads(self.llm.ctx, params.n_threads,
+                                      n if n else params.n_threads_batch)
+
+    def forget(self, chat_key: int | str) -> None:
+        self.states.forget(chat_key)
+
+    def close(self) -> None:
+        self.states.clear()
+        self.llm.close()

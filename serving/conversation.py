@@ -1,0 +1,204 @@
+"""One turn of conversation, independent of where it came from (Telegram or the terminal).
+
+The order is the contract: store the user's message, decide whether the model may see it,
+build the rolling context on the inference thread (token counts need the model's
+tokenizer), generate, then store the reply and its metadata in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from config.settings import Settings
+from engine.protocol import Completion, Engine, Sampling
+from engine.worker import Abandoned, Busy, InferenceWorker, loop_callback
+from memory.store import Store
+from serving.context import ContextTooLong, build_context, to_messages
+
+log = logging.getLogger(__name__)
+
+TERMINAL_CHAT_ID = -1   # `ouro chat`; a chat id Telegram never uses for private chats
+TERMINAL_USER_ID = 0
+
+# What people are told. Short and kind; never an exception text.
+TOO_LONG = "That message is too long for me to read in one go — could you send a shorter version?"
+EMPTY = "I only read text messages — send me a few words and I'll answer."
+BUSY = "I'm answering a lot of people right now — please try again in a minute."
+FAILED = "Something went wrong on my side while answering. Please send that again."
+STOPPING = "Sorry — I'm restarting and had to stop before finishing this answer. Please send it again in a minute."
+
+
+@dataclass
+class Outcome:
+    """What happened to a message, for the transport to show."""
+
+    kind: str                      # answered | correction | refused | busy | failed | pending (stored, not yet answered)
+    turn_id: int | None = None
+    text: str = ""                 # the reply (answered) or what to tell the user
+    completion: Completion | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Speaker:
+    chat_id: int
+    user_id: int
+    chat_type: str = "private"
+    chat_title: str | None = None
+    username: str | None = None
+    first_name: str | None = None
+
+
+class Conversation:
+    def __init__(self, settings: Settings, store: Store, worker: InferenceWorker) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.persona = settings.persona()
+        self._answering: Counter = Counter()   # chat → replies asked for and not finished (see warmup_plan)
+
+    def sampling(self, *, seed: int | None = None) -> Sampling:
+        s = self.settings
+        return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repeat_penalty=s.repeat_penalty,
+                        seed=seed if seed is not None else s.seed, max_tokens=s.reply_max_tokens)
+
+    async def handle_text(self, who: Speaker, text: str, *, message_id: int | None = None,
+                          on_text: Callable[[str], None] | None = None) -> Outcome:
+        """Everything that happens to one text message; never raises for bad input."""
+        received = self.receive(who, text, message_id=message_id)
+        if received.kind != "pending":
+            return received
+        return await self.answer(received.turn_id, on_text=on_text)
+
+    def receive(self, who: Speaker, text: str, *, message_id: int | None = None) -> Outcome:
+        """Store the message the moment it arrives — before it waits for its chat's turn or the
+        model — and settle what needs no model: a correction, an empty or too-long message. Kind
+        "pending" means: stored, to be answered with `answer(turn_id)` (or marked busy/limited).
+        A crash while it waits leaves it pending, so the restarted bot asks its author to resend."""
+        corrected = self.store.take_correction(who.chat_id, who.user_id, text)
+        if corrected is not None:
+            return Outcome(kind="correction", turn_id=corrected, text=text)
+        turn_id = self.store.add_user_turn(
+            chat_id=who.chat_id, user_id=who.user_id, text=text, user_message_id=message_id,
+            chat_type=who.chat_type, chat_title=who.chat_title, username=who.username, first_name=who.first_name)
+        if not text.strip():
+            self.store.mark_turn(turn_id, "refused", EMPTY)
+            return Outcome(kind="refused", turn_id=turn_id, text=EMPTY)
+        if len(text) > self.settings.max_input_chars:
+            self.store.mark_turn(turn_id, "refused", TOO_LONG)
+            return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
+        return Outcome(kind="pending", turn_id=turn_id)
+
+    async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None) -> Outcome:
+        """Generate the reply to a stored pending turn; every failure is stored on the turn."""
+        turn = self.store.turn(turn_id)
+        assert turn is not None
+        with self._replying(turn.chat_id):
+            return await self._answer(turn, on_text)
+
+    @contextlib.contextmanager
+    def _replying(self, chat_id: int):
+        self._answering[chat_id] += 1
+        try:
+            yield
+        finally:
+            self._answering[chat_id] -= 1
+            if self._answering[chat_id] <= 0:
+                del self._answering[chat_id]
+
+    async def _answer(self, turn, on_text: Callable[[str], None] | None) -> Outcome:
+        turn_id = turn.id
+        history = self.store.history(turn.session_id, before_turn_id=turn_id)
+        anchor = self.store.context_start(turn.session_id)
+        sampling = self.sampling()
+        started = time.perf_counter()
+        on_text = _on_loop(on_text)
+
+        def job(engine: Engine):
+            ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
+                                count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            engine = self.worker.route(turn.chat_id, ctx.messages)   # during a hot-swap, maybe the new model
+            completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
+                                         on_text=self.worker.guard(on_text))
+            return ctx, completion, engine.generation_id
+
+        try:
+            ctx, completion, generation_id = await self.worker.run(job)
+        except Abandoned:   # the bot is stopping (SIGTERM) and this reply ran past the grace period
+            self.store.mark_turn(turn_id, "failed", STOPPING)
+            return Outcome(kind="failed", turn_id=turn_id, text=STOPPING)
+        except Busy:
+            self.store.mark_turn(turn_id, "busy", BUSY)
+            return Outcome(kind="busy", turn_id=turn_id, text=BUSY)
+        except ContextTooLong:
+            self.store.mark_turn(turn_id, "refused", TOO_LONG)
+            return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
+        except Exception as exc:  # a model failure must not lose the turn; admins get the traceback
+            log.exception("generation failed for turn %s", turn_id)
+            self.store.mark_turn(turn_id, "failed", FAILED)
+            return Outcome(kind="failed", turn_id=turn_id, text=FAILED, error=exc)
+        self.store.complete_turn(
+            turn_id, reply_text=completion.text, generation_id=generation_id,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            latency_s=time.perf_counter() - started, ttft_s=completion.ttft_s, context_start_turn_id=ctx.start_turn_id)
+        return Outcome(kind="answered", turn_id=turn_id, text=completion.text, completion=completion)
+
+    async def regenerate(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
+                         seed: int | None = None) -> tuple[int, str]:
+        """A second sample for the same context; returns (alternative id, text)."""
+        turn = self.store.turn(turn_id)
+        if turn is None or turn.status != "answered":
+            raise ValueError(f"turn {turn_id} has no reply to regenerate")
+        history = self.store.history(turn.session_id, before_turn_id=turn_id)
+        anchor = turn.context_start_turn_id
+        sampling = self.sampling(seed=seed if seed is not None else int(time.time() * 1000) % 2**31)
+        on_text = _on_loop(on_text)
+
+        def job(engine: Engine):
+            ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
+                                count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+            engine = self.worker.route(turn.chat_id, ctx.messages)
+            return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
+                                   on_text=self.worker.guard(on_text)), \
+                engine.generation_id
+
+        with self._replying(turn.chat_id):
+            completion, generation_id = await self.worker.run(job)
+        alt_id = self.store.add_alternative(turn_id, completion.text, generation_id)
+        return alt_id, completion.text
+
+    def warmup_plan(self, limit: int) -> list[tuple[int, list[dict], bool]]:
+        """The conversations so far of the `limit` most recently active chats, newest first —
+        what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`) — each with
+        whether a reply in it is under way (its words are not here yet: the hot-swap waits for them
+        rather than hand the chat over a turn behind). Read here, on the event loop's thread, so
+        the loading thread never touches the store."""
+        plan = []
+        for chat_id, session in self.store.recent_chats(limit):
+            history = self.store.history(session)
+            anchor = self.store.context_start(session)
+            if anchor is not None:
+                history = [ex for ex in history if ex.turn_id >= anchor]
+            if history:
+                plan.append((chat_id, to_messages(self.persona, history, "")[:-1], chat_id in self._answering))
+        return plan
+
+    def reset(self, who: Speaker) -> None:
+        self.store.reset_session(who.chat_id, chat_type=who.chat_type, user_id=who.user_id,
+                                 username=who.username, first_name=who.first_name)
+        self.store.cancel_correction(who.chat_id, who.user_id)
+
+
+def _on_loop(fn: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Streamed pieces are produced on the inference thread; deliver them on the event loop."""
+    if fn is None:
+        return None
+    return loop_callback(asyncio.get_running_loop(), fn)

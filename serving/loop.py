@@ -1,0 +1,209 @@
+"""The learning loop inside the running bot: schedule → cycle process → hot-swap → live watch.
+
+One object owns the moving parts so the Telegram side only asks it for things:
+- `run_cycle(actor)`: a cycle in its own process (trainer/cycle_job.py); afterwards the bot
+  serves whatever is active and admins get the result.
+- `promote` / `rollback`: move the active pointer (trainer.cycle.promote, recorded with who,
+  when and why) and hot-swap.
+- `sync()`: serve what `models/ACTIVE` names. Also runs every few seconds, so a promotion
+  or rollback made with the CLI while the bot runs is picked up too. A generation that
+  fails to load or its smoke test is never served: the pointer goes back to the generation
+  still serving (recorded as `swap_failed`) and admins are told why.
+- the live watch (evals/live_watch.py): after a promotion, the new generation's 👎 share
+  over its first N rated replies against the generation it replaced; clearly worse → an
+  automatic rollback, recorded in the ledger, admins told.
+
+Admin messages go through `notify(text)`, given by the Telegram side; nothing here speaks
+Telegram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from config.settings import Settings
+from core.errors import OuroError
+from engine.worker import InferenceWorker
+from evals.live_watch import Verdict, judge
+from lineage.generations import Lineage
+from lineage.promote import promote, rollback
+from memory.store import Store
+from serving.hotswap import HotSwapper, SwapResult
+from trainer.cycle_job import CycleOutcome, CycleRunner, read_cycle_status
+from trainer.scheduler import CycleScheduler
+
+log = logging.getLogger(__name__)
+Notify = Callable[[str], Awaitable[None]]
+ACTIVATIONS = ("promote", "rollback", "auto_rollback", "swap_failed", "watch_verdict")
+
+
+async def _quiet(text: str) -> None:
+    log.info("admin notice: %s", text)
+
+
+class LearningLoop:
+    def __init__(self, settings: Settings, store: Store, worker: InferenceWorker, *, notify: Notify | None = None,
+                 load=None, tick_s: float = 2.0,
+                 warmup: Callable[[int], list[tuple]] | None = None) -> None:
+        from serving.runtime import load_engine
+
+        self.settings = settings
+        self.store = store
+        self.lineage = Lineage(settings.models_dir)
+        self.notify = notify or _quiet
+        self.runner = CycleRunner(settings)
+        self.scheduler = CycleScheduler(settings, self.run_cycle)
+        self.swapper = HotSwapper(worker, load or partial(load_engine, settings), persona=settings.persona(),
+                                  smoke_tokens=settings.swap_smoke_tokens, warm_tokens=settings.swap_warm_tokens,
+                                  warm_threads=settings.swap_warm_threads)
+        self.tick_s = tick_s
+        self.warmup = warmup      # Conversation.warmup_plan: the chats a new model reads before serving
+        self.last_outcome: CycleOutcome | None = None
+        self._cycle_task: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
+        self._failed: tuple[str, str] | None = None
+
+    # --- life ---------------------------------------------------------------------------------
+    async def start(self, *, schedule: bool = True) -> None:
+        if schedule:
+            self.scheduler.start()
+        await self.sync()
+        self._ticker = asyncio.create_task(self._tick_forever(), name="learning-loop")
+
+    async def stop(self) -> None:
+        """Stop ticking and scheduling; a cycle still training is stopped (the next one starts over)."""
+        await self.scheduler.shutdown()
+        for task in (self._ticker, self._cycle_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self.runner.kill()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("learning-loop tick failed")
+
+    async def tick(self) -> None:
+        await self.sync()
+        await self.check_watch()
+
+    # --- cycles ---------------------------------------------------------------------------
+    def cycle_status(self) -> dict | None:
+        """Stage and step of the cycle in progress (read from its process's status file)."""
+        if self._cycle_task is None or self._cycle_task.done():
+            if not self.runner.running:
+                return None
+        info = read_cycle_status(self.settings) if self.runner.running else None
+        return info or {"stage": "starting", "actor": self.runner.actor}
+
+    def start_cycle(self, actor: str) -> bool:
+        """Start a cycle in the background (for /train); False when one is already running."""
+        if self.runner.running or (self._cycle_task is not None and not self._cycle_task.done()):
+            return False
+        self._cycle_task = asyncio.create_task(self.run_cycle(actor), name="learning-cycle")
+        return True
+
+    async def run_cycle(self, actor: str) -> CycleOutcome:
+        if self.runner.running:
+            reason = f"a cycle started by {self.runner.actor} is still running"
+            self.store.log_event("cycle_skipped", detail={"actor": actor, "reason": reason})
+            return CycleOutcome("skipped", {"status": "skipped", "reasons": [reason]})
+        self.store.log_event("cycle_started", detail={"actor": actor})
+        try:
+            outcome = await self.runner.run(actor)
+        except OuroError as exc:
+            outcome = CycleOutcome("failed", {"status": "failed", "reasons": [str(exc)]})
+        self.last_outcome = outcome
+        if outcome.status in ("killed", "failed"):
+            self.store.log_event("cycle_" + outcome.status, detail={"actor": actor, "reasons": outcome.reasons,
+                                                                   "stderr": outcome.stderr_tail[-1500:]})
+        swap = await self.sync()
+        from serving.notices import cycle_message
+
+        await self.notify(cycle_message(outcome, swap))
+        return outcome
+
+    # --- what is served -------------------------------------------------------------------------
+    async def sync(self) -> SwapResult | None:
+        """Serve the active generation; None when nothing had to change."""
+        try:
+            gen = self.lineage.active()
+        except OuroError:   # no lineage in this data folder (yet)
+            return None
+        serving_id, serving_sha = self.swapper.serving()
+        if (gen.id, gen.sha256) == (serving_id, serving_sha) or (gen.id, gen.sha256) == self._failed:
+            return None
+        warm = (functools.partial(self.warmup, self.settings.kv_cache_chats)
+                if self.warmup and self.settings.kv_cache_chats and self.settings.swap_warm_tokens else None)
+        result = await self.swapper.swap_to(gen, warm)
+        if result.ok and result.reason == "already serving" or result.stopping:   # a race, or shutting down
+            return result
+        if result.ok:
+            self._failed = None
+            self.store.log_event("hot_swap", detail={"gen": gen.id, "from": result.previous_id,
+                                                     "load_s": result.load_s, "smoke_s": result.smoke_s,
+                                                     "warm_s": result.warm_s, "warm_tokens": result.warm_tokens,
+                                                     "moved": result.moved, "pause_s": result.pause_s})
+            return result
+        self._failed = (gen.id, gen.sha256)
+        why = f"{gen.id} failed to load or its smoke test ({result.reason}); {serving_id} kept serving"
+        self.store.log_event("swap_failed", detail={"gen": gen.id, "serving": serving_id, "reason": result.reason})
+        with contextlib.suppress(OuroError):  # a serving model that is not a generation (tests) has no pointer
+            await asyncio.to_thread(promote, self.settings, self.store, serving_id, actor="bot", why=why,
+                                    event="swap_failed")
+        await self.notify(f"⚠️ Hot-swap refused: {why}. The active pointer is back on {serving_id}.")
+        return result
+
+    async def promote(self, gen_id: str, *, actor: str, why: str) -> SwapResult | None:
+        await asyncio.to_thread(promote, self.settings, self.store, gen_id, actor=actor, why=why)
+        return await self.sync()
+
+    async def rollback(self, gen_id: str | None, *, actor: str, why: str | None = None,
+                       event: str = "rollback") -> tuple[str, str, SwapResult | None]:
+        was, target = await asyncio.to_thread(rollback, self.settings, self.store, gen_id, actor=actor, why=why,
+                                              event=event)
+        return was, target, await self.sync()
+
+    # --- the live watch -------------------------------------------------------------------------
+    def watched(self) -> tuple[str, str] | None:
+        """(child, the generation it replaced) while a promotion awaits its live verdict."""
+        last = self.store.last_event(ACTIVATIONS)
+        if last is None or last["kind"] != "promote":
+            return None
+        detail = json.loads(last["detail"] or "{}")
+        active = self.lineage.active_id()
+        if detail.get("gen") != active or not detail.get("from") or detail["from"] == active:
+            return None
+        return active, detail["from"]
+
+    async def check_watch(self) -> Verdict | None:
+        pair = self.watched()
+        if pair is None:
+            return None
+        child, parent = pair
+        n = self.settings.watch_min_ratings
+        verdict = judge(child, parent, self.store.generation_ratings(child, limit=n),
+                        self.store.generation_ratings(parent, limit=n, newest=True),
+                        min_ratings=n, margin=self.settings.watch_margin)
+        if not verdict.decided:
+            return verdict
+        self.store.log_event("watch_verdict", detail=verdict.to_dict())
+        if verdict.status == "worse":
+            why = f"live watch: {verdict.reason()}"
+            _, _, swap = await self.rollback(parent, actor="live-watch", why=why, event="auto_rollback")
+            served = "" if swap is None or swap.ok else " (but the hot-swap failed: the bot keeps the old model)"
+            await self.notify(f"↩️ Automatic rollback {child} → {parent}{served}.\n{verdict.reason()}")
+        else:
+            await self.notify(f"👀 Live watch over for {child}: {verdict.reason()}.")
+        return verdict
