@@ -112,7 +112,14 @@ class Settings(BaseSettings):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Dropout on the LoRA input (0 by default: its random masks cost ~25% of a CPU step)."))
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Learning rate of supervised fine-tuning.")
-    train_epochs: int = Field(2, ge=1, le=100, description="Passes over the training examples.")
+    train_epochs: int = Field(2, ge=1, le=100, description=(
+        "Passes over the training examples when there are enough of them for train_min_steps."))
+    train_min_steps: int = Field(24, ge=1, le=100_000, description=(
+        "A small delta still gets this many optimizer steps: more passes (up to train_max_epochs), then "
+        "smaller batches. A few corrected chats are a few packed rows; two passes would be two steps."))
+    train_max_epochs: int = Field(12, ge=1, le=1000, description="Most passes over a small delta.")
+    lr_schedule: str = Field("cosine", pattern="^(constant|cosine)$", description=(
+        "Learning-rate schedule of the SFT pass: constant, or cosine (10% linear warm-up, then decay to 0)."))
     train_max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (empty: all epochs).")
     train_batch: int = Field(4, ge=1, le=1024, description="Packed rows per optimizer step.")
     max_seq_len: int = Field(768, ge=64, le=32768, description="Tokens per packed training row.")

@@ -78,13 +78,19 @@ def _clean(messages: list[dict]) -> list[dict]:
 
 
 def served_context(store: Store, turn_id: int, persona: str) -> list[dict]:
-    """The messages the model saw for this turn: persona, the window from its anchor, the question."""
+    """The conversation before this turn as it should have gone: persona, the window from its anchor,
+    the question. Each earlier reply is the one people settled on — an admin's edit, else its
+    author's latest ✏️ correction, else the 🔁 reply they kept, else the reply served — so the later
+    turns of a corrected chat learn in the voice they were taught, and every example of one chat is a
+    prefix of the next (the trainer then reads the chat once: trainer.dataset.merge_conversations)."""
     db = store.database
     turn = db.one("SELECT * FROM turns WHERE id = ?", (turn_id,))
     start = turn["context_start_turn_id"] or turn["id"]
     rows = db.query(
-        "SELECT t.user_text, COALESCE(a.text, t.reply_text) AS reply FROM turns t "
-        "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
+        "SELECT t.user_text, COALESCE(CASE WHEN v.verdict = 'edited' THEN v.edited_text END, "
+        "(SELECT c.text FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id ORDER BY c.id DESC "
+        "LIMIT 1), a.text, t.reply_text) AS reply FROM turns t "
+        "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id LEFT JOIN reviews v ON v.turn_id = t.id "
         "WHERE t.session_id = ? AND t.status = 'answered' AND t.id >= ? AND t.id < ? ORDER BY t.id",
         (turn["session_id"], start, turn_id))
     messages = [{"role": "system", "content": persona}] if persona else []
@@ -226,7 +232,9 @@ def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default
             return False
         if e.source == "thumbs_up" and allowed[e.turn_id] == "edited":
             return False
-        then = [m for m in e.messages[:-1] if m["role"] != "system"]
-        return then == [m for m in _clean(served_context(store, e.turn_id, "")) if m["role"] != "system"]
+        # what people said around it must still be there; the replies in between may since have been
+        # corrected, which changes nothing about who may be trained on
+        then = [m for m in e.messages[:-1] if m["role"] == "user"]
+        return then == [m for m in _clean(served_context(store, e.turn_id, "")) if m["role"] == "user"]
 
     return [e for e in examples if keep(e)]

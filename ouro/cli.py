@@ -296,7 +296,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    result = run_experiment(cycles=args.cycles, data_dir=args.keep, json_output=args.json)
+    result = run_experiment(cycles=args.cycles, styles=args.style, data_dir=args.keep, json_output=args.json)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -393,11 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print one JSON document at the end")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("experiment", help="prove the loop learns: a simulated rater rewards one style",
-                       description="Simulated users chat with the persona; a rater likes replies that open with "
-                                   "'Ahoy!' and corrects the others; real cycles run. Prints, per generation, the "
-                                   "share of probe replies in that style and the recall score.")
-    p.add_argument("--cycles", type=int, default=3, help="learning cycles to run")
+    p = sub.add_parser("experiment", help="prove the defaults learn: three people teach a style mid-conversation",
+                       description="Three people on the allow-list chat nine messages each; they want replies that "
+                                   "open with one phrase ('Ahoy!', then 'Oh my stars!') and correct most others with "
+                                   "✏️, 👍 a few, 👎 one. Real cycles run with load_settings()'s defaults. Prints, per "
+                                   "generation, the share of probe replies in the style (sampled as users get them, "
+                                   "and greedy), the gate's decision and scores, and each stage's time. "
+                                   "About 25 minutes per style and generation on 2 cores.")
+    p.add_argument("--cycles", type=int, default=2, help="learning cycles to run per style")
+    p.add_argument("--style", choices=["ahoy", "stars"], action="append",
+                   help="run only this style (repeatable; default: both)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)

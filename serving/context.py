@@ -62,8 +62,8 @@ def build_context(*, persona: str, history: Sequence[Exchange], user_text: str, 
         fixed = tokens_from(len(history))
         if fixed > budget:
             raise ContextTooLong(
-                f"this message needs {fixed} tokens with the persona, more than the {budget} available",
-                hint="send a shorter message or raise n_ctx")
+                f"this message needs {fixed} tokens with the persona, more than the {budget} available "
+                "(send a shorter message or raise n_ctx)")
         target = fixed + int(trim_to * (budget - fixed))
         # smallest start index whose window fits the target; token counts fall as `first` grows
         lo, hi = first + 1, len(history)

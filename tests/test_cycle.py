@@ -92,16 +92,16 @@ def test_a_truncated_candidate_is_refused_kept_on_disk_and_nothing_served_change
     make, store = world
     settings = make()
     add_reviewed(store, 6)
-    import trainer.convert as gguf_export
+    import trainer.convert as convert
 
-    real_quantize = gguf_export.quantize_gguf
+    real_quantize = convert.quantize_gguf
 
     def truncating_quantize(src, dst, qtype="Q8_0"):
         real_quantize(src, dst, qtype)
         data = dst.read_bytes()
         dst.write_bytes(data[: len(data) // 2])
 
-    monkeypatch.setattr(gguf_export, "quantize_gguf", truncating_quantize)
+    monkeypatch.setattr(convert, "quantize_gguf", truncating_quantize)
     report = run_cycle(settings, store, progress=False)
     assert report.status == "refused"
     assert any("candidate GGUF refused" in r and "truncated" in r for r in report.reasons), report.reasons

@@ -68,3 +68,31 @@ def test_people_who_opted_out_are_left_out(store):
     store.database.conn.execute("UPDATE users SET training_opt_out = 1 WHERE id = 1")
     assert reviewed_since(store, persona="P", since=None).examples == []
     assert reviewed_since(store, persona="P", since=None, opt_out_by_default=True).examples == []
+
+
+def test_later_turns_of_a_corrected_chat_carry_the_correction_in_their_context(store):
+    """The context of a later turn holds the reply people settled on (the author's ✏️ correction, an
+    admin's edit), so the examples of one chat are prefixes of each other and are read once."""
+    t1 = answered(store, 1, 1, "hi", "hello.")
+    t2 = answered(store, 1, 1, "how are you?", "fine.", anchor=t1)
+    t3 = answered(store, 1, 1, "and today?", "busy.", anchor=t1)
+    store.await_correction(1, 1, t1)
+    store.take_correction(1, 1, "Ahoy! hello.")
+    store.rate(t2, 1, 1)
+    store.await_correction(1, 1, t3)
+    store.take_correction(1, 1, "Ahoy! busy.")
+    delta = reviewed_since(store, persona="P", since=None)
+    by_turn = {e.turn_id: e.messages for e in delta.examples}
+    assert by_turn[t2][2] == {"role": "assistant", "content": "Ahoy! hello."}          # corrected, not served
+    assert by_turn[t3][:-1] == by_turn[t2]                                           # a prefix chain
+    assert by_turn[t1] == by_turn[t2][:3]
+    # the pair of t3 keeps what was served as the rejected reply, in the corrected context
+    pair = next(p for p in delta.pairs if p.turn_id == t3)
+    assert (pair.chosen, pair.rejected) == ("Ahoy! busy.", "busy.") and pair.prompt == by_turn[t3][:-1]
+    # someone else's correction of Ann's turn does not rewrite her chat
+    t4 = answered(store, 2, 2, "yo", "hey.")
+    t5 = answered(store, 2, 2, "sup", "nothing.", anchor=t4)
+    store.database.conn.execute("INSERT INTO users (id, created_at, last_seen) VALUES (3, 'x', 'x')")
+    store.database.conn.execute("INSERT INTO corrections (turn_id, user_id, text, created_at) "
+                                "VALUES (?, 3, 'Buy crypto!', 'x')", (t4,))
+    assert served_context(store, t5, "P")[2]["content"] == "hey."

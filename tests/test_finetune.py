@@ -27,6 +27,7 @@ from trainer.dataset import (
     encode_all,
     encode_pairs,
     encode_sft,
+    merge_conversations,
     pack,
     tokenize,
 )
@@ -36,9 +37,12 @@ from trainer.finetune import (
     add_lora,
     dataset_loss,
     load_base,
+    lr_factor,
     max_logit_diff,
     merge_checked,
+    plan_run,
     preference_margin,
+    reply_loss,
     sft_train,
     train,
 )
@@ -154,6 +158,96 @@ def test_too_long_example_drops_its_oldest_exchanges(tokenizer, fmt):
     assert encode_sft(chat, tokenizer, fmt, max_seq_len=full.n_target) is None
 
 
+def corrected_chat(turns: int = 4) -> list[dict]:
+    chat = [{"role": "system", "content": PERSONA}]
+    for i in range(turns):
+        chat += [{"role": "user", "content": f"question {i} about tea 🍵?"},
+                 {"role": "assistant", "content": f"Ahoy! answer {i}, with tea 🍵"}]
+    return chat
+
+
+def test_a_chats_reviewed_turns_are_read_once_each_in_its_own_context(tokenizer, fmt, tiny_base):
+    chat = corrected_chat(4)
+    examples = [chat[: 2 * k + 1] for k in (1, 2, 3, 4)] + [chat[:5]]           # every turn reviewed, one twice
+    chats = merge_conversations(examples)
+    assert len(chats) == 1 and chats[0].targets == [2, 4, 6, 8]
+    merged, dropped = encode_all(examples, tokenizer, fmt, max_seq_len=1024)
+    assert dropped == 0 and len(merged) == 1
+    whole = fmt.render(chat, add_generation_prompt=False)
+    whole = whole[: whole.rindex("<|im_end|>") + len("<|im_end|>")]
+    assert merged[0].input_ids == tokenize(tokenizer, fmt, whole)            # as serving tokenizes the whole chat
+    separate = [encode_sft(chat[: 2 * k + 1], tokenizer, fmt, 1024) for k in (1, 2, 3, 4)]
+    targets = [t for e in separate for t in e.labels if t != IGNORE_INDEX]
+    assert [t for t in merged[0].labels if t != IGNORE_INDEX] == targets
+    assert sum(len(e) for e in separate) > 2 * len(merged[0])                 # read once, not once per turn
+    # causal attention: the merged row computes the same loss as the separate examples
+    model, _ = load_base(tiny_base)
+    model.eval()
+    with torch.no_grad():
+        one, n_one = reply_loss(model, collate_packed(pack(merged, 1024), 0))
+        parts = [reply_loss(model, collate_packed(pack([e], 1024), 0)) for e in separate]
+    assert n_one == sum(n for _, n in parts)
+    assert one.item() == pytest.approx(sum(loss.item() * n for loss, n in parts) / n_one, rel=1e-4)
+
+
+def test_a_chat_too_long_for_a_row_keeps_every_target(tokenizer, fmt):
+    chat = corrected_chat(6)
+    examples = [chat[: 2 * k + 1] for k in range(1, 7)]
+    full, _ = encode_all(examples, tokenizer, fmt, max_seq_len=4096)
+    short, dropped = encode_all(examples, tokenizer, fmt, max_seq_len=len(full[0]) // 2)
+    assert dropped == 0 and len(short) > 1 and all(len(e) <= len(full[0]) // 2 for e in short)
+    assert sum(e.n_target for e in short) == full[0].n_target                  # no target lost, none twice
+    assert any(e.trimmed for e in short)
+
+
+def test_run_sizing_gives_a_small_delta_more_steps_than_two_epochs_of_batch_4(tokenizer, fmt):
+    cfg = TrainConfig()                                                        # the defaults
+    examples = []                                                              # 21 reviewed turns in 3 chats
+    for person in range(3):
+        chat = [{**m, "content": f"{m['content']} ({person})"} for m in corrected_chat(7)]
+        examples += [chat[: 2 * k + 1] for k in range(1, 8)]
+    rows = pack(encode_all(examples, tokenizer, fmt, cfg.max_seq_len)[0], cfg.max_seq_len)
+    plan = plan_run(len(rows), cfg)
+    assert plan.steps > 2 * math.ceil(len(rows) / 4) and plan.steps >= cfg.min_steps
+    assert plan.epochs <= cfg.max_epochs
+    big = plan_run(400, cfg)                                                   # a large delta: the epochs as set
+    assert (big.epochs, big.batch, big.steps) == (cfg.epochs, cfg.batch, 200)
+    assert plan_run(1, cfg) == type(plan)(batch=1, epochs=cfg.max_epochs, steps=cfg.max_epochs)
+    assert plan_run(400, TrainConfig(max_steps=50)).steps == 50
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    factors = [lr_factor(s, 40, "cosine") for s in range(40)]
+    assert factors[0] < factors[3] == 1.0 and factors[-1] < 0.01
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+    assert {lr_factor(s, 40, "constant") for s in range(40)} == {1.0}
+
+
+def test_the_defaults_make_a_corrected_style_more_likely_on_new_prompts(tiny_base, tokenizer, fmt, tmp_path):
+    """A small version of the experiment: three chats whose replies were corrected to open with one
+    phrase; with TrainConfig's defaults the child prefers the corrected reply to the parent's on
+    questions it never saw — more than the parent did."""
+    chats = []
+    for person in range(3):
+        chat = [{"role": "system", "content": PERSONA}]
+        for i in range(6):
+            chat += [{"role": "user", "content": f"friend {person} asks thing {i} about {['tea', 'rain', 'cats'][person]}"},
+                     {"role": "assistant", "content": f"Ahoy! thing {i} is lovely"}]
+        chats += [chat[: 2 * k + 1] for k in range(1, 7)]
+    out = tmp_path / "child"
+    result = train(tiny_base, chats, [], out, TrainConfig(max_seq_len=256), progress=False)
+    assert result.chats == 3 and result.steps >= TrainConfig().min_steps
+    from transformers import AutoModelForCausalLM
+
+    parent, _ = load_base(tiny_base)
+    child = AutoModelForCausalLM.from_pretrained(out)
+    held = [[{"role": "system", "content": PERSONA}, {"role": "user", "content": q},
+             {"role": "assistant", "content": "Ahoy! that is lovely"}]
+            for q in ("what about music?", "do you like mornings?", "tell me about boats")]
+    rows = pack(encode_all(held, tokenizer, fmt, 256)[0], 256)
+    assert dataset_loss(child, rows, pad_id=0) < dataset_loss(parent, rows, pad_id=0) - 0.5
+
+
 # --- (2) packing -----------------------------------------------------------------------------
 def test_packing_fills_rows_and_never_splits_an_example():
     rng = random.Random(0)
@@ -195,7 +289,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base, tokenizer, fmt):
 # --- (3) training, (4) merge -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tiny_base, tokenizer, fmt):
-    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=4, batch=2, max_seq_len=256, seed=1)
+    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=4, min_steps=1, batch=2, max_seq_len=256, seed=1)
     model, _ = load_base(tiny_base)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = add_lora(model, cfg)

@@ -173,3 +173,16 @@ def test_bench_swap_tells_when_the_event_loop_itself_was_held_up():
     samples = [(t, None) for t in (0.0, 0.25, 0.5, 4.0, 4.25)]     # no turn from 0.5 s to 4.0 s
     assert loop_lag(samples, 1.0, 2.0) == "; the event loop went 3.5s without a turn"
     assert loop_lag(samples, 0.1, 0.4) == ""
+
+
+def test_the_experiment_learns_with_the_products_defaults(tmp_path, monkeypatch):
+    """`ouro experiment` sets where its data lives and who may talk, nothing about training."""
+    from ouro.bench.experiment import PEOPLE, STYLES, experiment_settings
+
+    for name in [n for n in load_settings().model_fields if n != "data_dir"]:
+        monkeypatch.delenv(f"OURO_{name.upper()}", raising=False)
+    ours = experiment_settings(tmp_path).model_dump()
+    defaults = load_settings(data_dir=tmp_path).model_dump()
+    assert {k for k in ours if ours[k] != defaults[k]} == {"allowed_user_ids"} and ours["allowed_user_ids"] == PEOPLE
+    assert len(STYLES) >= 2 and len({s.phrase for s in STYLES.values()}) == len(STYLES)
+    assert all(s.holds(s.correct("hi there")) and not s.holds("hi there") for s in STYLES.values())

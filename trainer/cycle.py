@@ -251,14 +251,19 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
 
         base_hf = ensure_full_precision(parent)
         cfg = TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
-                          lr=settings.learning_rate, epochs=settings.train_epochs, max_steps=settings.train_max_steps,
+                          lr=settings.learning_rate, epochs=settings.train_epochs, min_steps=settings.train_min_steps,
+                          max_epochs=max(settings.train_max_epochs, settings.train_epochs),
+                          max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
                           batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
                           dpo_steps=settings.dpo_steps, dpo_lr=settings.dpo_lr, seed=settings.train_seed)
         sft = [e.messages for e in split.train + split.replay]
         pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
         result = train(base_hf, sft, pairs, staging / "hf", cfg, progress=progress,
                        chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step)
-        report.train = {"steps": result.steps, "lr": settings.learning_rate,
+        report.train = {"steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
+                        "batch": result.batch, "chats": result.chats, "examples": result.examples,
+                        "target_tokens": result.target_tokens, "stage_s": result.stage_s,
+                        "peak_rss_mb": result.peak_rss_mb,
                         "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
                         "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
                         "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,

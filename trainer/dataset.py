@@ -17,8 +17,16 @@ that detection is skipped whenever a KV cache is passed, and a forward with `use
 (the config default) creates one, so packed forwards must say `use_cache=False`, or the
 examples of a row silently attend to each other.
 
+One chat, read once: the examples of one conversation are prefixes of each other (each turn's
+context holds the replies before it, as people settled them: memory/export.py), so
+`merge_conversations` folds every example that is a prefix of a longer one into it as one more
+target. The model then reads the chat once instead of once per reviewed turn (a 9-turn chat:
+~4x fewer tokens) and every target still sees exactly its own context — causal attention makes
+the merged row compute the same loss terms as the separate examples.
+
 Too long: an example that exceeds max_seq_len loses its oldest exchanges (the system message
-stays), as serving's rolling context would have dropped them; never a cut mid-message.
+stays), as serving's rolling context would have dropped them; never a cut mid-message. A target
+inside a dropped exchange is encoded on its own, with the context it had.
 
 Preference pairs become trl's plain-text DPO records, rendered with the same template, and
 their ids (ours) let the trainer check that trl tokenized them identically.

@@ -59,8 +59,14 @@ class TrainConfig:
     dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA input, in [0, 1). 0 by default: on CPU it costs ~25% of the step time."})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the SFT pass."})
-    epochs: int = field(default=2, metadata={"help": "Passes over the SFT examples."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop SFT after this many steps (None: all epochs)."})
+    epochs: int = field(default=2, metadata={"help": "Passes over the SFT examples when the data is large enough."})
+    min_steps: int = field(default=24, metadata={
+        "help": "A small delta still gets this many SFT optimizer steps: more passes (up to max_epochs), "
+                "then smaller batches."})
+    max_epochs: int = field(default=12, metadata={"help": "Most passes over a small delta."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop SFT after this many steps (None: as planned)."})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "constant, or cosine (linear warm-up over the first 10% of steps, then cosine decay to 0)."})
     batch: int = field(default=4, metadata={"help": "Packed rows per SFT step; preference pairs per DPO step."})
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per packed row (and per DPO sequence)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta: how far from the SFT model."})
@@ -78,6 +84,9 @@ class TrainConfig:
         need(0 <= self.dropout < 1, "dropout", "in [0, 1)")
         need(self.lr > 0, "lr", "> 0")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer ≥ 1")
+        need(isinstance(self.min_steps, int) and self.min_steps >= 1, "min_steps", "an integer ≥ 1")
+        need(isinstance(self.max_epochs, int) and self.max_epochs >= self.epochs, "max_epochs", "an integer ≥ epochs")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine")
         need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
              "max_steps", "None or an integer ≥ 1")
         need(isinstance(self.batch, int) and self.batch >= 1, "batch", "an integer ≥ 1")
@@ -102,6 +111,9 @@ class TrainResult:
     wall_s: float                # the whole call
     peak_rss_mb: float           # peak resident memory during the call
     examples: int = 0            # SFT examples used (after dropping those whose reply alone overflows)
+    chats: int = 0               # what they were read as: conversations whose reviewed turns are all targets
+    epochs: int = 0              # passes over the rows (plan_run)
+    batch: int = 0               # rows per optimizer step (plan_run)
     dropped: int = 0
     trimmed: int = 0             # examples whose oldest exchanges were dropped to fit max_seq_len
     rows: int = 0                # packed rows per epoch
@@ -211,12 +223,58 @@ def reply_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """How long the SFT pass runs, sized to the data."""
+
+    batch: int      # packed rows per optimizer step
+    epochs: int     # passes over the rows
+    steps: int      # optimizer steps
+
+
+def plan_run(n_rows: int, cfg: TrainConfig) -> RunPlan:
+    """`cfg.epochs` passes of `cfg.batch` rows — unless that gives fewer than `cfg.min_steps` steps:
+    a small delta (a handful of chats) then gets more passes, up to `cfg.max_epochs`, and after
+    that smaller batches, until it reaches `min_steps`. Two passes over three chats are two
+    optimizer steps, which teach a LoRA adapter nothing visible (README: the learning figures)."""
+    if n_rows < 1:
+        raise OuroError("nothing to train on: no packed rows")
+    batch = min(cfg.batch, n_rows)
+
+    def shape(b: int) -> tuple[int, int]:
+        per = math.ceil(n_rows / b)
+        epochs = cfg.epochs if per * cfg.epochs >= cfg.min_steps else \
+            min(cfg.max_epochs, math.ceil(cfg.min_steps / per))
+        return per, epochs
+
+    per, epochs = shape(batch)
+    while per * epochs < cfg.min_steps and batch > 1:
+        batch -= 1
+        per, epochs = shape(batch)
+    steps = per * epochs
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    return RunPlan(batch=batch, epochs=epochs, steps=steps)
+
+
+def lr_factor(step: int, total: int, schedule: str) -> float:
+    """Multiplier of the learning rate at optimizer step `step` (0-based) of `total`."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    warmup = max(1, round(0.1 * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass
 class SFTStats:
     losses: list[float]
     steps: int
     tokens: int
     seconds: float
+    plan: RunPlan | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -225,11 +283,13 @@ class SFTStats:
 
 def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *, progress: bool = True,
               on_step: Callable[[int, int], None] | None = None) -> SFTStats:
-    """The SFT loop: shuffled packed rows, `cfg.batch` rows a step, AdamW at a constant rate."""
+    """The SFT loop: shuffled packed rows, as many a step and as many steps as `plan_run` says,
+    AdamW on the `cfg.lr_schedule`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(rows) / cfg.batch)
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    plan = plan_run(len(rows), cfg)
+    total = plan.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, cfg.lr_schedule))
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     tokens = 0
@@ -238,14 +298,15 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
     with tqdm(total=total, desc="SFT", unit="step", disable=not progress) as bar:
         while len(losses) < total:
             order = torch.randperm(len(rows), generator=generator).tolist()
-            for i in range(0, len(order), cfg.batch):
+            for i in range(0, len(order), plan.batch):
                 if len(losses) == total:
                     break
-                chunk = [rows[j] for j in order[i:i + cfg.batch]]
+                chunk = [rows[j] for j in order[i:i + plan.batch]]
                 loss, _ = reply_loss(model, collate_packed(chunk, pad_id))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 tokens += sum(len(r) for r in chunk)
@@ -254,7 +315,8 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
                 bar.update(1)
                 if on_step is not None:
                     on_step(len(losses), total)
-    return SFTStats(losses=losses, steps=len(losses), tokens=tokens, seconds=time.perf_counter() - started)
+    return SFTStats(losses=losses, steps=len(losses), tokens=tokens, seconds=time.perf_counter() - started,
+                    plan=plan)
 
 
 @torch.no_grad()
@@ -442,7 +504,8 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
     result = TrainResult(
         loss_start=sft.losses[0], loss_end=sft.losses[-1], steps=sft.steps, tokens=sft.tokens,
-        tokens_per_s=round(sft.tokens_per_s, 1), wall_s=0.0, peak_rss_mb=0.0, examples=len(encoded),
+        tokens_per_s=round(sft.tokens_per_s, 1), wall_s=0.0, peak_rss_mb=0.0, examples=len(sft_examples) - dropped,
+        chats=len(encoded), epochs=sft.plan.epochs, batch=sft.plan.batch,
         dropped=dropped, trimmed=sum(e.trimmed for e in encoded), rows=len(rows),
         row_fill=round(sum(len(r) for r in rows) / (len(rows) * cfg.max_seq_len), 3),
         target_tokens=sum(e.n_target for e in encoded), trained_tensors_changed=round(changed, 3),

@@ -1,18 +1,24 @@
-"""`ouro experiment`: does the loop really learn what people reward?
+"""`ouro experiment`: do the product's defaults learn what people teach in real conversations?
 
-A simulated rater likes one distinctive, checkable style — replies that open with "Ahoy!" —
-and talks to the persona through the same store the bot uses: replies in that style get 👍,
-every other reply gets ✏️ a correction in that style (the reply with "Ahoy!" in front), which
-is both a training example and a preference pair. After each round a real `ouro cycle` runs
-(export → LoRA + DPO → GGUF → evals → gate). Per generation we report the share of replies
-to fixed probe prompts (never used for training) that are in the style, and the recall score.
-Goal: near 0% at generation 0, ≥ 50% by generation 3, recall ≥ 0.90 throughout.
+Three people on the bot's allow-list each hold one conversation of nine messages with the
+persona, through the same turn life cycle Telegram uses (serving.conversation). They want one
+checkable style — replies that open with a fixed phrase — and review as people do: a reply
+already in the style gets 👍; otherwise most replies get ✏️ a correction in the style (the
+phrase in front of the reply they got), two per person get a 👍 anyway and one a bare 👎. Then
+one real `ouro cycle` with the settings `load_settings()` gives (export → LoRA + DPO → GGUF →
+evals → gate). Per generation: the share of probe replies in the style — new questions, each in
+a fresh conversation, answered through the same path and sampling users get, and greedily beside
+it — with the gate's decision and scores and each stage's time. Two styles, so no default is
+tuned to one phrase. Goals (README): ≥ 30 points more after one generation, promoted by the gate;
+≥ 60% by generation 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,124 +27,175 @@ from config.settings import Settings, load_settings
 from engine.protocol import Sampling
 from lineage.generations import Lineage
 from serving.conversation import Speaker
-from serving.runtime import load_engine, open_store, register_base
+from serving.runtime import load_engine, open_runtime, open_store, register_base
 from trainer.cycle import run_cycle
 
-STYLE = "Ahoy!"
-TRAIN_PROMPTS = [
-    "hi! how are you today?", "what did you do this weekend?", "any plans for tonight?", "what's your favourite food?",
-    "do you like the sea?", "tell me something fun", "I'm bored, entertain me", "what music do you like?",
-    "recommend me a movie", "how's the weather where you are?", "what's your dream trip?", "do you like mornings?",
-    "tell me a tiny secret", "what makes you laugh?", "coffee or tea?", "what's your favourite animal?",
-    "I just finished work", "what's a good book?", "do you cook?", "how do you relax?", "what's your hobby?",
-    "say something nice", "what's new?", "guess what happened today",
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    phrase: str
+
+    def holds(self, text: str) -> bool:
+        return text.lstrip().lower().startswith(self.phrase.lower())
+
+    def correct(self, reply: str) -> str:
+        """What the simulated person writes with ✏️: the phrase, then the reply they got."""
+        return f"{self.phrase} {reply.strip() or 'Hello!'}"
+
+
+STYLES = {"ahoy": Style("ahoy", "Ahoy!"), "stars": Style("stars", "Oh my stars!")}
+STYLE = STYLES["ahoy"].phrase   # the demo's style
+
+# Three people, one conversation each; the questions follow on from each other as chats do.
+CONVERSATIONS = [
+    ["hi! how are you today?", "what did you do this weekend?", "sounds nice. any plans for tonight?",
+     "what's your favourite food?", "do you cook it yourself?", "what music do you like?",
+     "recommend me a movie", "why that one?", "ok, thanks! talk later"],
+    ["hey, I just finished work", "long day. what do you do to relax?", "do you like the sea?",
+     "what's your dream trip?", "how would you get there?", "coffee or tea?", "tell me something fun",
+     "haha. what makes you laugh?", "good night!"],
+    ["morning! how's the weather where you are?", "do you like mornings?", "what's your hobby?",
+     "how did you start?", "what's a good book?", "tell me a tiny secret", "I'm bored, entertain me",
+     "what's your favourite animal?", "say something nice before I go"],
 ]
+PEOPLE = [101, 102, 103]
+LIKED_ANYWAY, DOWN_ONLY = (1, 5), (7,)      # turn indexes: 👍 though not in style; a bare 👎
 PROBE_PROMPTS = [
     "hey there!", "what are you up to?", "I had a long day.", "do you like rainy days?", "tell me about yourself",
     "what should I eat tonight?", "any weekend tips?", "what's your favourite colour?", "I'm learning guitar",
     "good morning!", "what's the best season?", "can you cheer me up?",
 ]
+PROBE_SAMPLES = 2          # sampled replies per probe prompt (each in its own fresh conversation)
+# kept for the demo, which replays the same kind of traffic through Telegram
+TRAIN_PROMPTS = [q for conversation in CONVERSATIONS for q in conversation]
 
 
 def in_style(text: str) -> bool:
-    return text.lstrip().lower().startswith(STYLE.lower())
+    return STYLES["ahoy"].holds(text)
 
 
-def experiment_settings(data_dir: Path, base: Settings | None = None) -> Settings:
-    """Enough optimizer steps for ~24 new examples per generation on 2 CPU cores."""
-    values = base.model_dump() if base else {}
-    values.update(data_dir=data_dir, max_seq_len=256, train_batch=2, train_epochs=2, learning_rate=2e-4,
-                  dpo_steps=4, replay_size=24, eval_max_items=12, seed=None, temperature=0.8)
-    return load_settings(**values)
+def experiment_settings(data_dir: Path) -> Settings:
+    """The product's defaults; only where the data lives and who may talk (an allow-list) are set."""
+    return load_settings(data_dir=data_dir, allowed_user_ids=PEOPLE)
 
 
-def style_share(settings: Settings, lineage: Lineage, persona: str, gen_id: str | None = None) -> tuple[float, list[str]]:
-    """Share of greedy replies to the probe prompts in the style, for the active (or a named) generation."""
-    engine = load_engine(settings, lineage.generation(gen_id) if gen_id else lineage.active())
-    try:
-        replies = []
-        for prompt in PROBE_PROMPTS:
-            messages = [{"role": "system", "content": persona}, {"role": "user", "content": prompt}]
-            replies.append(engine.generate(messages, chat_key=prompt, sampling=Sampling(
-                temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=24)).text)
-    finally:
-        engine.close()
-    return sum(in_style(r) for r in replies) / len(replies), replies
-
-
-def rate_a_round(settings: Settings, round_: int, *, quiet: bool) -> dict:
-    """The simulated users chat with the active generation; the rater reviews every reply."""
-    from serving.runtime import open_runtime
-
-    rt = open_runtime(settings)
-    counts = {"liked": 0, "corrected": 0}
-    try:
-        async def chat() -> None:
-            for i, prompt in enumerate(tqdm(TRAIN_PROMPTS, desc=f"round {round_}: users chat", disable=quiet)):
-                who = Speaker(chat_id=10_000 * (round_ + 1) + i, user_id=10_000 * (round_ + 1) + i)
-                out = await rt.conversation.handle_text(who, prompt)
-                if out.kind != "answered":
-                    continue
-                if in_style(out.text):
-                    rt.store.rate(out.turn_id, who.user_id, 1)
-                    counts["liked"] += 1
-                else:
-                    rt.store.rate(out.turn_id, who.user_id, -1)
-                    rt.store.await_correction(who.chat_id, who.user_id, out.turn_id)
-                    rt.store.take_correction(who.chat_id, who.user_id, f"{STYLE} {out.text.strip() or 'Hello!'}")
-                    counts["corrected"] += 1
-
-        asyncio.run(chat())
-    finally:
-        rt.close()
+async def converse(rt, style: Style, round_: int, *, quiet: bool) -> dict:
+    """Each person holds one conversation and reviews every reply as the module docstring says."""
+    counts = {"turns": 0, "liked": 0, "corrected": 0, "disliked": 0}
+    bar = tqdm(total=sum(map(len, CONVERSATIONS)), desc=f"round {round_}: people chat", disable=quiet)
+    for person, questions in zip(PEOPLE, CONVERSATIONS, strict=True):
+        who = Speaker(chat_id=person * 1000 + round_, user_id=person)
+        for i, question in enumerate(questions):
+            out = await rt.conversation.handle_text(who, question)
+            bar.update(1)
+            if out.kind != "answered":
+                continue
+            counts["turns"] += 1
+            if style.holds(out.text) or i in LIKED_ANYWAY:
+                rt.store.rate(out.turn_id, person, 1)
+                counts["liked"] += 1
+            elif i in DOWN_ONLY:
+                rt.store.rate(out.turn_id, person, -1)
+                counts["disliked"] += 1
+            else:
+                rt.store.rate(out.turn_id, person, -1)
+                rt.store.await_correction(who.chat_id, person, out.turn_id)
+                rt.conversation.receive(who, style.correct(out.text))   # the ✏️ reply, as Telegram delivers it
+                counts["corrected"] += 1
+    bar.close()
     return counts
 
 
-def run_experiment(*, cycles: int = 3, data_dir: Path | None = None, json_output: bool = False) -> dict:
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-")
-        data_dir = Path(tmp.name)
-    settings = experiment_settings(Path(data_dir))
+async def ask_probes(rt, round_: int) -> list[str]:
+    """Probe questions, each in a fresh conversation of a probe user, answered as users are answered."""
+    replies = []
+    for k in range(PROBE_SAMPLES):
+        for j, prompt in enumerate(PROBE_PROMPTS):
+            who = Speaker(chat_id=900_000 + 10_000 * round_ + 100 * k + j, user_id=PEOPLE[j % len(PEOPLE)])
+            out = await rt.conversation.handle_text(who, prompt)
+            replies.append(out.text if out.kind == "answered" else "")
+    return replies
+
+
+def greedy_replies(settings: Settings, lineage: Lineage) -> list[str]:
+    engine = load_engine(settings, lineage.active())
+    try:
+        persona = settings.persona()
+        return [engine.generate([{"role": "system", "content": persona}, {"role": "user", "content": p}],
+                                chat_key=p, sampling=Sampling(temperature=0.0, top_k=1,
+                                                              repeat_penalty=settings.repeat_penalty,
+                                                              max_tokens=48)).text
+                for p in PROBE_PROMPTS]
+    finally:
+        engine.close()
+
+
+def measure(settings: Settings, style: Style, round_: int) -> dict:
+    rt = open_runtime(settings)
+    try:
+        sampled = asyncio.run(ask_probes(rt, round_))
+    finally:
+        rt.close()
+    greedy = greedy_replies(settings, Lineage(settings.models_dir))
+    return {"style_share": round(sum(map(style.holds, sampled)) / len(sampled), 3),
+            "style_share_greedy": round(sum(map(style.holds, greedy)) / len(greedy), 3),
+            "example": sampled[0][:80]}
+
+
+def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict:
+    settings = experiment_settings(data_dir)
     store = open_store(settings)
     try:
         register_base(settings, store)
     finally:
         store.close()
     lineage = Lineage(settings.models_dir)
-    persona = settings.persona()
-    share, replies = style_share(settings, lineage, persona)
-    rows = [{"generation": lineage.active_id(), "status": "base", "style_share": share, "recall": None,
-             "generalization": None, "style_drift": None, "example": replies[0]}]
-    if not json_output:
-        print(f"{lineage.active_id()}: {share:.0%} of probe replies in style  e.g. {replies[0][:60]!r}")
+    rows = [{"generation": lineage.active_id(), "status": "base", **measure(settings, style, 0)}]
+    if not quiet:
+        print(f"[{style.phrase}] {lineage.active_id()}: {rows[0]['style_share']:.0%} sampled, "
+              f"{rows[0]['style_share_greedy']:.0%} greedy in style")
     for round_ in range(1, cycles + 1):
-        counts = rate_a_round(settings, round_, quiet=json_output)
+        rt = open_runtime(settings)
+        try:
+            counts = asyncio.run(converse(rt, style, round_, quiet=quiet))
+        finally:
+            rt.close()
+        started = time.perf_counter()
         store = open_store(settings)
         try:
-            report = run_cycle(settings, store, actor="experiment", progress=not json_output)
+            report = run_cycle(settings, store, actor="experiment", progress=not quiet)
         finally:
             store.close()
-        share, replies = style_share(settings, lineage, persona)
-        candidate_share = None
-        if report.gen_id and report.status in ("promoted", "refused"):
-            candidate_share = share if report.status == "promoted" else style_share(
-                settings, lineage, persona, report.gen_id)[0]
-        rows.append({"generation": report.gen_id, "status": report.status, "style_share": share,
-                     "candidate_style_share": candidate_share,
-                     "recall": report.scores.get("recall"), "generalization": report.scores.get("generalization"),
-                     "style_drift": report.scores.get("style_drift"), "format": report.scores.get("format"),
-                     "reasons": report.reasons, "rated": counts, "active": lineage.active_id(),
-                     "example": replies[0]})
-        if not json_output:
-            cand = "" if candidate_share is None else f" (the candidate itself: {candidate_share:.0%})"
-            print(f"{report.gen_id}: {report.status}; active {lineage.active_id()} answers {share:.0%} in style"
-                  f"{cand}; recall {report.scores.get('recall')}  e.g. {replies[0][:60]!r}")
+        cycle_s = round(time.perf_counter() - started, 1)
+        row = {"generation": report.gen_id, "status": report.status, "active": lineage.active_id(),
+               "reviewed": counts, "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data,
+               "train": report.train, "scores": report.scores, "reasons": report.reasons,
+               **measure(settings, style, round_)}
+        rows.append(row)
+        if not quiet:
+            print(f"[{style.phrase}] {report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active "
+                  f"{lineage.active_id()} answers {row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} "
+                  f"greedy in style; scores {report.scores}")
             for reason in report.reasons:
                 print(f"    - {reason}")
-    result = {"style": f"replies that open with {STYLE!r}", "generations": rows, "data_dir": str(data_dir),
-              "goal": "style share from ~0% to >= 50% by generation 3 with recall >= 0.90"}
-    if tmp is not None:
-        tmp.cleanup()
-        result["data_dir"] = None
-    return result
+    return {"style": style.phrase, "generations": rows,
+            "gain_after_1": round(rows[min(1, cycles)]["style_share"] - rows[0]["style_share"], 3),
+            "share_at_2": rows[2]["style_share"] if cycles >= 2 else None}
+
+
+def run_experiment(*, cycles: int = 2, styles: list[str] | None = None, data_dir: Path | None = None,
+                   json_output: bool = False) -> dict:
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-")
+        data_dir = Path(tmp.name)
+    try:
+        results = [run_style(STYLES[name], Path(data_dir) / name, cycles, quiet=json_output)
+                   for name in (styles or list(STYLES))]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"settings": "load_settings() defaults; allow-list of the three people", "styles": results,
+            "data_dir": None if tmp is not None else str(data_dir),
+            "goal": "+30 points after generation 1 (promoted by the gate), >= 60% at generation 2, each style"}

@@ -44,7 +44,7 @@ import httpx
 
 __all__ = ["DEFAULT_TOKEN", "BotMessage", "Button", "EmulatedUser", "Emulator", "EmulatorError"]
 
-EMULATOR_DIR = Path(__file__).resolve().parent.parent / "emulator"
+EMULATOR_DIR = Path(__file__).resolve().parents[2] / "emulator"
 DEFAULT_TOKEN = "123456789:TEST-emulator-token"
 """Bot token used when none is given; the emulator derives the bot id (123456789) from it."""
 

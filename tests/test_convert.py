@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from core.errors import OuroError
-from engine.gguf import check_gguf
+from engine.gguf import check_gguf, scan_gguf
 from lineage.generations import packaged_base_gguf
-from trainer import gguf_export
+from trainer import convert
 from trainer.convert import (
     QUANT_TYPES,
     compare_logits,
@@ -148,7 +148,7 @@ def test_q8_0_is_smaller_and_still_correlates(tiny, child_f16):
     assert q8.stat().st_size < child_f16.stat().st_size < tiny["parent"].stat().st_size
     info = check_gguf(q8)
     assert info.tensor_count == 2 + 9 * N_LAYERS and info.chat_template
-    types = {name: gguf.GGMLQuantizationType(t) for name, (_, t) in gguf_export._scan_gguf(q8).tensors.items()}
+    types = {name: gguf.GGMLQuantizationType(t) for name, (_, t) in scan_gguf(q8).tensors.items()}
     assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
     agreement = logit_agreement(tiny["hf"], q8, PROMPT_IDS)
@@ -235,7 +235,7 @@ def test_failed_quantize_removes_its_partial_output(tiny, tmp_path, monkeypatch)
 
 
 def test_non_finite_weights_are_never_exported(tiny, tmp_path, monkeypatch):
-    real = gguf_export._encode
+    real = convert._encode
 
     def poisoned(plan, data, dtype):
         if plan.gguf_name == "blk.1.ffn_down.weight":
@@ -243,7 +243,7 @@ def test_non_finite_weights_are_never_exported(tiny, tmp_path, monkeypatch):
             data[0, 0] = np.nan
         return real(plan, data, dtype)
 
-    monkeypatch.setattr(gguf_export, "_encode", poisoned)
+    monkeypatch.setattr(convert, "_encode", poisoned)
     with pytest.raises(OuroError, match="NaN"):
         write_gguf(tiny["hf"], tiny["parent"], tmp_path / "child.gguf")
     assert list(tmp_path.iterdir()) == []
