@@ -123,7 +123,12 @@ class Settings(BaseSettings):
     train_max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (empty: all epochs).")
     train_batch: int = Field(4, ge=1, le=1024, description="Packed rows per optimizer step.")
     max_seq_len: int = Field(768, ge=64, le=32768, description="Tokens per packed training row.")
-    dpo_steps: int = Field(20, ge=0, le=100_000, description="DPO steps after SFT when preference pairs exist (0: off).")
+    dpo_steps: int = Field(20, ge=0, le=100_000, description=(
+        "Most DPO steps after SFT when preference pairs exist (0: off)."))
+    dpo_epochs: int = Field(2, ge=1, le=100, description=(
+        "Passes over the preference pairs; the DPO pass is sized to them, at most dpo_steps."))
+    dpo_max_len: int = Field(384, ge=16, le=32768, description=(
+        "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
     dpo_lr: float = Field(5e-5, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")

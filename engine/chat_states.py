@@ -59,6 +59,11 @@ class ChatStates:
     def common_prefix(self, tokens: list[int]) -> int:
         return _shared_prefix(self.llm.input_ids[: self.llm.n_tokens], tokens)
 
+    def held(self, key: int | str):
+        """The ids `key`'s state holds: its saved state, or (live, or none saved) what is live."""
+        saved = self._saved.get(key) if key != self.current else None
+        return self.llm.input_ids[: self.llm.n_tokens] if saved is None else saved.tokens
+
     def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
         """How many of `tokens` `key`'s state already holds, without switching to it: its saved
         state, or (live, or none saved) what is live — what `activate` then `common_prefix` would give."""

@@ -114,11 +114,44 @@ class LlamaEngine:
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.tokenize(messages))
 
+    def chat_tokens(self, text: str, chat_key: int | str) -> list[int]:
+        """The ids of a chat's rendered `text`, keeping the ids its state already holds wherever they
+        spell the same text.
+
+        A reply's own ids are often not how the tokenizer would write its text (BPE: the model may
+        write " E"+"kh" where the tokenizer writes " Ek"+"h"), so the next prompt, tokenized afresh,
+        parts from the chat's KV state inside the last reply and the whole reply is read again. The
+        text the state spells is matched piece by piece instead, and only the rest is tokenized."""
+        data = text.encode("utf-8")
+        fresh = self.llm.tokenize(data, add_bos=self._add_bos, special=True)
+        held = self.states.held(chat_key)
+        n = 0
+        for a, b in zip(held, fresh, strict=False):
+            if a != b:
+                break
+            n += 1
+        skip = 1 if self._add_bos else 0          # a BOS the tokenizer adds is not in the text
+        if n <= skip or n == len(fresh):
+            return fresh
+        spelled = self.llm.detokenize(fresh[skip:n], special=True)
+        if not data.startswith(spelled):          # a tokenizer whose pieces do not spell the text back
+            return fresh
+        pos, j = len(spelled), n
+        while j < len(held):
+            piece = self.llm.detokenize([int(held[j])], special=True)
+            if not piece or data[pos:pos + len(piece)] != piece:
+                break
+            pos += len(piece)
+            j += 1
+        if j == n:
+            return fresh
+        return [int(t) for t in held[:j]] + self.llm.tokenize(data[pos:], add_bos=False, special=True)
+
     # --- generation -----------------------------------------------------------------------
     def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
                  on_text: OnText | None = None) -> Completion:
         started = time.perf_counter()
-        tokens = self.tokenize(messages)
+        tokens = self.chat_tokens(self.render(messages), chat_key)
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
@@ -165,7 +198,7 @@ class LlamaEngine:
     def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
         """Prompt tokens `generate(messages, chat_key=...)` would read now (the rest is cached).
         The hot-swap's handover compares it between two models to move a chat when it costs nothing."""
-        tokens = self.tokenize(messages)
+        tokens = self.chat_tokens(self.render(messages), chat_key)
         return len(tokens) - self.states.cached_prefix(chat_key, tokens)
 
     def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
@@ -186,10 +219,10 @@ class LlamaEngine:
         if self.generating:
             raise RuntimeError("prefill() while this model streams a reply: it would corrupt the reply's context")
         text = self.render(messages, add_generation_prompt=False)
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+        self.states.activate(chat_key)
+        tokens = self.chat_tokens(text, chat_key)
         if not tokens or len(tokens) >= self.n_ctx:
             return 0
-        self.states.activate(chat_key)
         keep = self.states.common_prefix(tokens)
         end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
         if keep >= end:

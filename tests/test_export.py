@@ -84,7 +84,7 @@ def test_later_turns_of_a_corrected_chat_carry_the_correction_in_their_context(s
     delta = reviewed_since(store, persona="P", since=None)
     by_turn = {e.turn_id: e.messages for e in delta.examples}
     assert by_turn[t2][2] == {"role": "assistant", "content": "Ahoy! hello."}          # corrected, not served
-    assert by_turn[t3][:-1] == by_turn[t2]                                           # a prefix chain
+    assert by_turn[t3][:-2] == by_turn[t2]                                           # a prefix chain
     assert by_turn[t1] == by_turn[t2][:3]
     # the pair of t3 keeps what was served as the rejected reply, in the corrected context
     pair = next(p for p in delta.pairs if p.turn_id == t3)

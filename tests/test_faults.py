@@ -33,7 +33,7 @@ from tests.helpers.lineages import damage_file, make_generation
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN, ANN, BOB, CAROL = 4242, 1001, 1002, 1003
-LONG = "Count from 1 to 500, one number per line, and do not stop early."   # a reply of many seconds
+LONG = "Write a very long story about a dragon, at least 2000 words."   # a reply of many seconds (8-30 s seen)
 
 
 # --- the bot as a real process --------------------------------------------------------------------

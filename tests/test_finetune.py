@@ -43,6 +43,7 @@ from trainer.finetune import (
     plan_run,
     preference_margin,
     reply_loss,
+    rows_for,
     sft_train,
     train,
 )
@@ -206,7 +207,10 @@ def test_run_sizing_gives_a_small_delta_more_steps_than_two_epochs_of_batch_4(to
     for person in range(3):
         chat = [{**m, "content": f"{m['content']} ({person})"} for m in corrected_chat(7)]
         examples += [chat[: 2 * k + 1] for k in range(1, 8)]
-    rows = pack(encode_all(examples, tokenizer, fmt, cfg.max_seq_len)[0], cfg.max_seq_len)
+    encoded = encode_all(examples, tokenizer, fmt, cfg.max_seq_len)[0]
+    assert len(pack(encoded, cfg.max_seq_len)) == 1                             # all three fit one packed row
+    rows = rows_for(encoded, cfg)
+    assert len(rows) == 3                                                      # so each chat gets a row of its own
     plan = plan_run(len(rows), cfg)
     assert plan.steps > 2 * math.ceil(len(rows) / 4) and plan.steps >= cfg.min_steps
     assert plan.epochs <= cfg.max_epochs
@@ -241,11 +245,16 @@ def test_the_defaults_make_a_corrected_style_more_likely_on_new_prompts(tiny_bas
 
     parent, _ = load_base(tiny_base)
     child = AutoModelForCausalLM.from_pretrained(out)
-    held = [[{"role": "system", "content": PERSONA}, {"role": "user", "content": q},
-             {"role": "assistant", "content": "Ahoy! that is lovely"}]
-            for q in ("what about music?", "do you like mornings?", "tell me about boats")]
-    rows = pack(encode_all(held, tokenizer, fmt, 256)[0], 256)
-    assert dataset_loss(child, rows, pad_id=0) < dataset_loss(parent, rows, pad_id=0) - 0.5
+
+    def gain(reply: str) -> float:   # how much less surprised the child is than the parent, nats per token
+        held = [[{"role": "system", "content": PERSONA}, {"role": "user", "content": q},
+                 {"role": "assistant", "content": reply}]
+                for q in ("what about music?", "do you like mornings?", "tell me about boats")]
+        rows = pack(encode_all(held, tokenizer, fmt, 256)[0], 256)
+        return dataset_loss(parent, rows, pad_id=0) - dataset_loss(child, rows, pad_id=0)
+
+    taught, other = gain("Ahoy! that is lovely"), gain("Certainly. Here is some information on that topic.")
+    assert taught > 0.1 and taught > other + 0.05, (taught, other)
 
 
 # --- (2) packing -----------------------------------------------------------------------------
@@ -289,7 +298,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base, tokenizer, fmt):
 # --- (3) training, (4) merge -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tiny_base, tokenizer, fmt):
-    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=4, min_steps=1, batch=2, max_seq_len=256, seed=1)
+    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=4, min_steps=1, batch=2, max_seq_len=256, seed=1,
+                      lr_schedule="constant")
     model, _ = load_base(tiny_base)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = add_lora(model, cfg)
@@ -337,7 +347,7 @@ def test_train_runs_sft_then_dpo_and_saves_the_merged_model(tiny_base, tokenizer
 
     pairs = [DPOPair([{"role": "system", "content": PERSONA}, {"role": "user", "content": f"tea or coffee? #{i}"}],
                      "tea, always 🍵", "As an AI, I'd be happy to help you choose a beverage.") for i in range(4)]
-    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=2, batch=2, max_seq_len=256, dpo_steps=6, dpo_lr=5e-3,
+    cfg = TrainConfig(rank=8, alpha=16, lr=5e-3, epochs=2, batch=2, max_seq_len=256, dpo_steps=6, dpo_epochs=3, dpo_lr=5e-3,
                       dpo_beta=0.1, seed=2)
     out = tmp_path / "child"
     result = train(tiny_base, persona_chats(8), pairs, out, cfg, progress=False)

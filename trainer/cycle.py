@@ -255,7 +255,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                           max_epochs=max(settings.train_max_epochs, settings.train_epochs),
                           max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
                           batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
-                          dpo_steps=settings.dpo_steps, dpo_lr=settings.dpo_lr, seed=settings.train_seed)
+                          dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
+                          dpo_lr=settings.dpo_lr, seed=settings.train_seed)
         sft = [e.messages for e in split.train + split.replay]
         pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
         result = train(base_hf, sft, pairs, staging / "hf", cfg, progress=progress,

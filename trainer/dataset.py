@@ -137,18 +137,105 @@ def encode_sft(messages: Sequence[Message], tokenizer, fmt: ChatFormat, max_seq_
         trimmed = True
 
 
+@dataclass
+class Chat:
+    """A conversation and the indexes of its assistant messages the loss covers."""
+
+    messages: list[Message]
+    targets: list[int]
+
+
+def _key(messages: Sequence[Message]) -> tuple:
+    return tuple((m.get("role"), m.get("content")) for m in messages)
+
+
+def merge_conversations(examples: Sequence[Sequence[Message]]) -> list[Chat]:
+    """Fold each example that is a prefix of a longer one into it (as another target); exact
+    duplicates become one target. Longest first, so a chain of turns ends in one Chat."""
+    chats: list[Chat] = []
+    where: dict[tuple, Chat] = {}   # every assistant-ending prefix of a kept chat -> that chat
+    for messages in sorted(examples, key=len, reverse=True):
+        if not messages or messages[-1].get("role") != "assistant":
+            raise OuroError("a training example must end with the assistant's reply")
+        key = _key(messages)
+        chat = where.get(key)
+        if chat is not None:
+            if len(messages) - 1 not in chat.targets:
+                chat.targets.append(len(messages) - 1)
+            continue
+        chat = Chat(list(messages), [len(messages) - 1])
+        chats.append(chat)
+        for i, m in enumerate(messages):
+            if m.get("role") == "assistant":
+                where.setdefault(_key(messages[: i + 1]), chat)
+    for chat in chats:
+        chat.targets.sort()
+    return chats
+
+
+def _encode_targets(messages: list[Message], targets: list[int], tokenizer, fmt: ChatFormat,
+                    end: str) -> tuple[list[int], list[int]]:
+    """Ids and labels of messages[: last target + 1]: labels on each target reply and its end token."""
+    ids: list[int] = []
+    labels: list[int] = []
+    text = ""
+    for t in targets:
+        head, tail = split_reply(fmt, messages[:t], messages[t]["content"], end)
+        if not head.startswith(text):
+            raise OuroError("the chat template renders an earlier turn differently once later turns follow it")
+        between = head[len(text):]
+        seg = tokenize(tokenizer, fmt, between) if not ids else tokenizer(between, add_special_tokens=False)["input_ids"]
+        reply = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        ids += seg + reply
+        labels += [IGNORE_INDEX] * len(seg) + reply
+        text = head + tail
+    return ids, labels
+
+
+def encode_chat(chat: Chat, tokenizer, fmt: ChatFormat, max_seq_len: int) -> tuple[list[Encoded], int]:
+    """A chat as one Encoded when it fits; otherwise its oldest exchanges go (targets in them are
+    encoded on their own, with their own context). Returns (encoded, targets that cannot fit)."""
+    end = end_of_turn_token(tokenizer)
+    messages, targets = list(chat.messages), list(chat.targets)
+    out: list[Encoded] = []
+    lost_targets, trimmed = 0, False
+    start = 1 if messages and messages[0].get("role") == "system" else 0
+    while True:
+        ids, labels = _encode_targets(messages, targets, tokenizer, fmt, end)
+        if len(ids) <= max_seq_len:
+            out.append(Encoded(ids, labels, trimmed))
+            return out, lost_targets
+        last = targets[-1]
+        if last - start < 2:     # only the last question and its reply are left: it cannot fit
+            return out, lost_targets + len(targets)
+        cut = 2 if last - start >= 3 else last - start - 1
+        gone = [t for t in targets if t < start + cut]
+        if gone:
+            sub, lost = encode_chat(Chat(messages[: gone[-1] + 1], gone), tokenizer, fmt, max_seq_len)
+            out += sub
+            lost_targets += lost
+        del messages[start:start + cut]
+        targets = [t - cut for t in targets if t >= start + cut]
+        trimmed = True
+
+
 def encode_all(examples: Sequence[Sequence[Message]], tokenizer, fmt: ChatFormat,
                max_seq_len: int) -> tuple[list[Encoded], int]:
-    """Encode every example; returns (encoded, number dropped because they cannot fit max_seq_len)."""
-    out = []
-    for i, messages in enumerate(examples):
+    """Merge the examples into chats and encode them; returns (encoded, number of examples dropped
+    because they cannot fit max_seq_len)."""
+    try:
+        chats = merge_conversations(examples)
+    except OuroError as exc:
+        raise OuroError(f"training examples: {exc}") from exc
+    out, dropped = [], 0
+    for i, chat in enumerate(chats):
         try:
-            enc = encode_sft(messages, tokenizer, fmt, max_seq_len)
+            enc, lost = encode_chat(chat, tokenizer, fmt, max_seq_len)
         except OuroError as exc:
-            raise OuroError(f"training example {i}: {exc}") from exc
-        if enc is not None:
-            out.append(enc)
-    return out, len(examples) - len(out)
+            raise OuroError(f"training conversation {i}: {exc}") from exc
+        out += enc
+        dropped += lost
+    return out, dropped
 
 
 @dataclass

@@ -70,7 +70,13 @@ class TrainConfig:
     batch: int = field(default=4, metadata={"help": "Packed rows per SFT step; preference pairs per DPO step."})
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per packed row (and per DPO sequence)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta: how far from the SFT model."})
-    dpo_steps: int = field(default=20, metadata={"help": "DPO optimizer steps (0: skip DPO)."})
+    dpo_steps: int = field(default=20, metadata={"help": "Most DPO optimizer steps (0: skip DPO)."})
+    dpo_epochs: int = field(default=2, metadata={
+        "help": "Passes over the preference pairs: the DPO pass takes ceil(dpo_epochs x pairs / batch) steps, "
+                "at most dpo_steps."})
+    dpo_max_len: int = field(default=384, metadata={
+        "help": "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this. Which reply is "
+                "better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
     dpo_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the DPO pass."})
     seed: int = field(default=1234, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
 
@@ -93,6 +99,8 @@ class TrainConfig:
         need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 16, "max_seq_len", "an integer ≥ 16")
         need(self.dpo_beta > 0, "dpo_beta", "> 0")
         need(isinstance(self.dpo_steps, int) and self.dpo_steps >= 0, "dpo_steps", "an integer ≥ 0")
+        need(isinstance(self.dpo_epochs, int) and self.dpo_epochs >= 1, "dpo_epochs", "an integer ≥ 1")
+        need(isinstance(self.dpo_max_len, int) and self.dpo_max_len >= 16, "dpo_max_len", "an integer ≥ 16")
         need(self.dpo_lr > 0, "dpo_lr", "> 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer ≥ 0")
 
@@ -257,6 +265,16 @@ def plan_run(n_rows: int, cfg: TrainConfig) -> RunPlan:
     return RunPlan(batch=batch, epochs=epochs, steps=steps)
 
 
+def rows_for(encoded: Sequence, cfg: TrainConfig) -> list[PackedRow]:
+    """Packed rows of at most `cfg.max_seq_len` tokens — unless that leaves a small delta too few
+    rows to reach `cfg.min_steps` within `cfg.max_epochs`: then rows only as long as its longest
+    example, so each chat gets its own optimizer steps (with one row a step nothing is padded)."""
+    rows = pack(encoded, cfg.max_seq_len)
+    if plan_run(len(rows), cfg).steps < cfg.min_steps:
+        rows = pack(encoded, max(len(e) for e in encoded))
+    return rows
+
+
 def lr_factor(step: int, total: int, schedule: str) -> float:
     """Multiplier of the learning rate at optimizer step `step` (0-based) of `total`."""
     if schedule == "constant" or total <= 1:
@@ -351,6 +369,13 @@ def preference_margin(model, pairs: Sequence[EncodedPair]) -> float:
     return sum(margins) / len(margins)
 
 
+def dpo_steps(n_pairs: int, cfg: TrainConfig) -> int:
+    """`cfg.dpo_epochs` passes over the pairs, at most `cfg.dpo_steps` steps (0: no DPO)."""
+    if not n_pairs or not cfg.dpo_steps:
+        return 0
+    return min(cfg.dpo_steps, math.ceil(cfg.dpo_epochs * n_pairs / min(cfg.batch, n_pairs)))
+
+
 def dpo_train(model, tokenizer, pairs: Sequence[EncodedPair], cfg: TrainConfig, *,
               progress: bool = True) -> dict:
     """trl's DPOTrainer on the peft model as it stands.
@@ -376,10 +401,13 @@ def dpo_train(model, tokenizer, pairs: Sequence[EncodedPair], cfg: TrainConfig, 
         datasets_logging.disable_progress_bar()
     try:
         with tempfile.TemporaryDirectory(prefix="ouro-dpo-") as tmp:
+            batch = min(cfg.batch, len(records))
             args = DPOConfig(
-                output_dir=tmp, per_device_train_batch_size=min(cfg.batch, len(records)),
-                max_steps=cfg.dpo_steps, learning_rate=cfg.dpo_lr, lr_scheduler_type="constant", beta=cfg.dpo_beta,
-                max_length=cfg.max_seq_len, logging_steps=1, save_strategy="no",
+                output_dir=tmp, per_device_train_batch_size=batch,
+                max_steps=dpo_steps(len(records), cfg), learning_rate=cfg.dpo_lr, lr_scheduler_type="constant",
+                beta=cfg.dpo_beta, max_length=cfg.dpo_max_len, logging_steps=1, save_strategy="no",
+                # the reference (the SFT adapter) is fixed: read each pair with it once, not at every step
+                precompute_ref_log_probs=True,
                 report_to="none", disable_tqdm=not progress, seed=cfg.seed, data_seed=cfg.seed,
                 # trl defaults to bf16 autocast, on CPU too; keep CPU training in float32 like the SFT pass
                 bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
@@ -484,8 +512,8 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         encoded, dropped = encode_all(sft_examples, tokenizer, fmt, cfg.max_seq_len)
         if not encoded:
             raise OuroError(f"every SFT example's reply is longer than max_seq_len={cfg.max_seq_len}")
-        rows = pack(encoded, cfg.max_seq_len)
-        pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.max_seq_len)
+        rows = rows_for(encoded, cfg)
+        pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.dpo_max_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with stages.run("sft"):
         sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step)
