@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from config.probes import load_probes
 from config.settings import Settings
 from core.errors import OuroError
 from core.files import atomic_write_text, now, sha256_file
@@ -212,6 +211,7 @@ def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleRepor
 
 def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, progress: bool,
            stages: _Stages, on_step: Callable[[int, int], None] | None = None) -> CycleReport:
+    """The stages in order; any failure before the rename removes the staging folder whole."""
     parent = lineage.active()
     persona = settings.persona()
     until = now()
@@ -229,78 +229,19 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     stages.breadcrumb()
     report = CycleReport(status="failed", gen_id=gen_id, parent_id=parent.id)
     try:
-        delta_text = delta.to_jsonl()
-        (staging / "data" / "new.jsonl").write_text(delta_text, encoding="utf-8")
-        data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
         chain = ancestors(lineage, parent)
-        split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
-                           seed=settings.train_seed,
-                           allowed=lambda pool: still_trainable(store, pool,
-                                                                opt_out_by_default=settings.training_opt_out_default))
-        write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
-        write_jsonl(staging / "data" / "heldout.jsonl", [{"messages": m} for m in split.heldout])
-        write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
-        report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
-                       "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
-                       "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha}
-
+        split, data_sha = _write_data(settings, store, staging, delta, chain, report)
         stages.enter("train")
-        from engine.template import ChatFormat
-        from trainer.dataset import DPOPair
-        from trainer.finetune import TrainConfig, train
-
-        base_hf = ensure_full_precision(parent)
-        cfg = TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
-                          lr=settings.learning_rate, epochs=settings.train_epochs, min_steps=settings.train_min_steps,
-                          max_epochs=max(settings.train_max_epochs, settings.train_epochs),
-                          max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
-                          batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
-                          dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
-                          dpo_lr=settings.dpo_lr, seed=settings.train_seed)
-        sft = [e.messages for e in split.train + split.replay]
-        pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
-        result = train(base_hf, sft, pairs, staging / "hf", cfg, progress=progress,
-                       chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step)
-        report.train = {"steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
-                        "batch": result.batch, "chats": result.chats, "examples": result.examples,
-                        "target_tokens": result.target_tokens, "stage_s": result.stage_s,
-                        "peak_rss_mb": result.peak_rss_mb,
-                        "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
-                        "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
-                        "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,
-                        "dpo_margin_end": result.dpo_margin_end, "merge_max_abs_diff": result.merge_max_abs_diff,
-                        "trained_tensors_changed": result.trained_tensors_changed}
-
+        result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step)
         stages.enter("convert")
-        from trainer.convert import quantize_gguf, write_gguf
-
-        f16 = staging / "model-f16.gguf"
-        write_gguf(staging / "hf", parent.gguf, f16, dtype="f16", name=f"ouroboros {gen_id}")
-        if settings.quantization == "F16":
-            os.replace(f16, staging / GGUF_NAME)
-        else:
-            quantize_gguf(f16, staging / GGUF_NAME, settings.quantization)
-            f16.unlink()
-
+        _convert(settings, staging, parent, gen_id)
         stages.enter("eval")
         evals, invariants = _evaluate(settings, staging, parent, chain, split.heldout, persona)
         report.scores, report.parent_scores = _scores(evals["child"]), _scores(evals["parent"])
-
         stages.enter("gate")
-        th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
-                        max_style_drift=settings.max_style_drift, min_format=settings.min_format)
         if result.trained_tensors_changed <= 0:
             invariants.append("training changed no trainable parameter")
-        gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants)
-        history = [g.meta.get("scores", {}) for g in reversed(chain[:2])] + [report.scores]
-        halt_message = stop_rule(history) if gate.passed else None
-        if halt_message:
-            gate.passed = False
-            gate.reasons.append(halt_message)
-            atomic_write_text(settings.models_dir / HALT_FILE, halt_message + "\n")
-        report.reasons = gate.reasons
-        report.status = "promoted" if gate.passed else "refused"
-
+        gate = _gate(settings, report, chain, invariants)
         stages.enter("record")
         child_sha = sha256_file(staging / GGUF_NAME)
         atomic_write_text(staging / "evals.json", json.dumps({**evals, "gate": gate.to_dict()}, indent=2,
@@ -343,57 +284,107 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     return report
 
 
+def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: list[Generation],
+                report: CycleReport):
+    """The new data as exported, the split (held-out, replay) and its files; (split, the data's SHA-256)."""
+    delta_text = delta.to_jsonl()
+    (staging / "data" / "new.jsonl").write_text(delta_text, encoding="utf-8")
+    data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
+    split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
+                       seed=settings.train_seed,
+                       allowed=lambda pool: still_trainable(store, pool,
+                                                            opt_out_by_default=settings.training_opt_out_default))
+    write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
+    write_jsonl(staging / "data" / "heldout.jsonl", [{"messages": m} for m in split.heldout])
+    write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
+    report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
+                   "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
+                   "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha}
+    return split, data_sha
+
+
+def train_config(settings: Settings):
+    """The trainer's configuration from the settings (one place, so the cycle and the bench agree)."""
+    from trainer.finetune import TrainConfig
+
+    return TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                       lr=settings.learning_rate, epochs=settings.train_epochs, min_steps=settings.train_min_steps,
+                       max_epochs=max(settings.train_max_epochs, settings.train_epochs),
+                       max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
+                       batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
+                       dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
+                       dpo_lr=settings.dpo_lr, seed=settings.train_seed)
+
+
+def _train(settings: Settings, staging: Path, parent: Generation, split, report: CycleReport, *,
+           progress: bool, on_step: Callable[[int, int], None] | None):
+    from engine.template import ChatFormat
+    from trainer.dataset import DPOPair
+    from trainer.finetune import train
+
+    base_hf = ensure_full_precision(parent)
+    sft = [e.messages for e in split.train + split.replay]
+    pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
+    result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
+                   chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step)
+    report.train = {"steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
+                    "batch": result.batch, "chats": result.chats, "examples": result.examples,
+                    "target_tokens": result.target_tokens, "stage_s": result.stage_s,
+                    "peak_rss_mb": result.peak_rss_mb,
+                    "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
+                    "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
+                    "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,
+                    "dpo_margin_end": result.dpo_margin_end, "merge_max_abs_diff": result.merge_max_abs_diff,
+                    "trained_tensors_changed": result.trained_tensors_changed}
+    return result
+
+
+def _convert(settings: Settings, staging: Path, parent: Generation, gen_id: str) -> None:
+    """Merged weights → F16 GGUF (the parent's tokenizer and template) → the served quantization."""
+    from trainer.convert import quantize_gguf, write_gguf
+
+    f16 = staging / "model-f16.gguf"
+    write_gguf(staging / "hf", parent.gguf, f16, dtype="f16", name=f"ouroboros {gen_id}")
+    if settings.quantization == "F16":
+        os.replace(f16, staging / GGUF_NAME)
+    else:
+        quantize_gguf(f16, staging / GGUF_NAME, settings.quantization)
+        f16.unlink()
+
+
+def _gate(settings: Settings, report: CycleReport, chain: list[Generation], invariants: list[str]):
+    """The gate on scores and invariants, then the stop rule over the last generations."""
+    th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
+                    max_style_drift=settings.max_style_drift, min_format=settings.min_format)
+    gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants)
+    history = [g.meta.get("scores", {}) for g in reversed(chain[:2])] + [report.scores]
+    halt_message = stop_rule(history) if gate.passed else None
+    if halt_message:
+        gate.passed = False
+        gate.reasons.append(halt_message)
+        atomic_write_text(settings.models_dir / HALT_FILE, halt_message + "\n")
+    report.reasons = gate.reasons
+    report.status = "promoted" if gate.passed else "refused"
+    return gate
+
+
 def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list[Generation],
               heldout: list[list[dict]], persona: str) -> tuple[dict, list[str]]:
+    """The eval suite on the candidate GGUF, then the invariant that the served artifact computes
+    what the merged weights it came from compute."""
     from engine.gguf import check_gguf
-    from evals.format_check import format_score
-    from evals.generalization import generalization_score
-    from evals.recall import recall_score
-    from evals.scoring import EvalModel
-    from evals.style_drift import style_drift_score
+    from evals.suite import run_suite
+    from trainer.convert import logit_agreement
 
-    invariants: list[str] = []
     try:
         check_gguf(staging / GGUF_NAME)
     except OuroError as exc:
         return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
-    probes = load_probes(settings.probes_file)
-    n = settings.eval_max_items
-    pinned = [{"role": "system", "content": persona}] if persona else []
-    child = EvalModel(staging / GGUF_NAME, generation_id="candidate", n_threads=settings.n_threads,
-                      repeat_penalty=settings.repeat_penalty)
-    par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads,
-                    repeat_penalty=settings.repeat_penalty)
-    try:
-        # What the parent knows: its own (greedy, deterministic) answers to the fixed recall prompts,
-        # asked as served (persona pinned), plus the ancestors' held-out data.
-        known = []
-        for conv in probes.recall:
-            prompt = conv[:-1] if conv and conv[-1]["role"] == "assistant" else conv
-            prompt = prompt if prompt[0]["role"] == "system" else pinned + prompt
-            answer = par.greedy_reply(prompt, max_tokens=settings.eval_reply_tokens).text
-            if answer.strip():
-                known.append(prompt + [{"role": "assistant", "content": answer}])
-        recall_items = (known + list(reversed(ancestor_heldout(chain))))[:n]
-        gen_items = heldout[-n:]
-        out = {"child": {}, "parent": {}}
-        out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
-        out["child"]["generalization"] = generalization_score(child, par, gen_items)
-        for who, model in (("child", child), ("parent", par)):
-            out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,
-                                                        max_tokens=settings.eval_reply_tokens)
-            out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.eval_reply_tokens)
-        out["parent"]["recall"] = {"score": 1.0}
-        out["parent"]["generalization"] = {"score": (parent.meta.get("scores") or {}).get("generalization")}
-        # the served artifact must agree with the merged weights it came from
-        from trainer.convert import logit_agreement
-
-        ids = child.engine.tokenize(recall_items[0][:-1] if recall_items else [{"role": "user", "content": "hi"}])
-        agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, ids[-256:])
-        out["child"]["gguf_agreement"] = asdict(agreement)
-        if agreement.correlation < 0.98:
-            invariants.append(f"GGUF logits disagree with the merged weights (correlation {agreement.correlation:.4f})")
-    finally:
-        child.close()
-        par.close()
+    suite = run_suite(settings, staging / GGUF_NAME, parent, persona=persona, heldout=heldout,
+                      ancestor_heldout=ancestor_heldout(chain))
+    out, invariants = suite.scores, []
+    agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, suite.probe_ids)
+    out["child"]["gguf_agreement"] = asdict(agreement)
+    if agreement.correlation < 0.98:
+        invariants.append(f"GGUF logits disagree with the merged weights (correlation {agreement.correlation:.4f})")
     return out, invariants
