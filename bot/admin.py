@@ -1,6 +1,6 @@
 """Admin commands for the lineage: see it, chart it, steer it — from the chat.
 
-Registered only behind the admin filter (everyone else gets the refusal in handlers.py, and
+Registered only behind the admin filter (everyone else gets the refusal in bot/gate.py, and
 the attempt is logged). /promote and /rollback never act on the first message: they answer
 with a confirmation button whose callback data names the target *and* the generation active
 when it was asked (`o1:adm:<action>:<target>:<active>`), so a stale button can't move the
@@ -48,6 +48,11 @@ def _who(update: Update) -> str:
 
 def _pre(lines: list[str]) -> str:
     return "<pre>" + html.escape("\n".join(lines))[:3900] + "</pre>"
+
+
+async def loop_not_running(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """What a lineage command says in a process without the learning loop (`ouro serve` runs it)."""
+    await update.effective_message.reply_text("The learning loop does not run in this process (ouro serve runs it).")
 
 
 class AdminHandlers:

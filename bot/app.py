@@ -24,10 +24,11 @@ from telegram.ext import (
 )
 
 from bot import keyboards
-from bot.admin import AdminHandlers
+from bot.admin import AdminHandlers, loop_not_running
 from bot.commands import COMMANDS
 from bot.handlers import Handlers
 from bot.privacy import PrivacyHandlers
+from bot.recovery import recover_interrupted
 from bot.retry import call_with_retry
 from bot.review import ReviewHandlers
 from config.settings import Settings
@@ -72,32 +73,43 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
         app.bot_data["learning"] = loop
 
     admins = filters.User(user_id=settings.admin_ids, allow_empty=False)
-    app.add_handler(TypeHandler(Update, h.gate), group=-1)
-    app.add_handler(CommandHandler("start", h.start))
-    app.add_handler(CommandHandler("help", h.help))
-    app.add_handler(CommandHandler("reset", h.reset))
+    app.add_handler(TypeHandler(Update, h.gate.check), group=-1)
+    app.add_handler(CommandHandler("start", h.commands.start))
+    app.add_handler(CommandHandler("help", h.commands.help))
+    app.add_handler(CommandHandler("reset", h.commands.reset))
     app.add_handler(CommandHandler("privacy", privacy.privacy))
     app.add_handler(CommandHandler("optout", privacy.optout))
     app.add_handler(CommandHandler("optin", privacy.optin))
     app.add_handler(CommandHandler("forget", privacy.forget))
     for cmd in COMMANDS:
         if cmd.admin:
-            handler = review.review if cmd.name == "review" else h.admin_command(cmd.name)
-            app.add_handler(CommandHandler(cmd.name, handler, filters=admins))
-            app.add_handler(CommandHandler(cmd.name, h.refuse_admin))
+            app.add_handler(CommandHandler(cmd.name, _admin_command(cmd.name, h, review), filters=admins))
+            app.add_handler(CommandHandler(cmd.name, h.gate.refuse_admin))
     app.add_handler(CallbackQueryHandler(review.press, pattern=keyboards.REVIEW_PATTERN))
     app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=keyboards.FORGET_PATTERN))
     if h.admin is not None:
         app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=keyboards.ADMIN_PATTERN))
-    app.add_handler(CallbackQueryHandler(h.button))
+    app.add_handler(CallbackQueryHandler(h.buttons.press))
     app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
-    app.add_handler(MessageHandler(filters.COMMAND, h.unknown_command))
+    app.add_handler(MessageHandler(filters.COMMAND, h.commands.unknown))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_edit,
                                    review.take_edit))   # an admin's edited reply after ✏️ Edit in /review
-    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.text))
-    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.non_text))
-    app.add_error_handler(h.on_error)
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.chat.text))
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.chat.non_text))
+    app.add_error_handler(h.errors.on_error)
     return app
+
+
+def _admin_command(name: str, h: Handlers, review: ReviewHandlers):
+    """The handler of an admin command: /status, /review, or a lineage one (bot/admin.py) — which
+    only says the loop is elsewhere when it does not run in this process."""
+    if name == "status":
+        return h.status.status
+    if name == "review":
+        return review.review
+    if h.admin is not None:
+        return getattr(h.admin, name)
+    return loop_not_running
 
 
 async def _ignore(update: Update, context) -> None:
@@ -115,7 +127,7 @@ async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
     except Exception:
         log.warning("could not register the command menu", exc_info=True)
 
-    await h.recover_interrupted(app.bot)
+    await recover_interrupted(h.conversation, app.bot)
     for notice in app.bot_data.get("notices", []):
         log.warning("admin notice: %s", notice)
         await _tell_admins(app, settings, notice)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from engine.protocol import Completion, Engine, Sampling
 from engine.worker import Abandoned, Busy, InferenceWorker, loop_callback
-from memory.store import Store
+from memory.store import Store, TurnRef
 from serving.context import ContextTooLong, build_context, to_messages
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,68 @@ class Conversation:
         self.store.reset_session(who.chat_id, chat_type=who.chat_type, user_id=who.user_id,
                                  username=who.username, first_name=who.first_name)
         self.store.cancel_correction(who.chat_id, who.user_id)
+
+    # --- the rest of a turn's life: what the transport reports back, what its buttons ask ----------
+    def refuse_non_text(self, who: Speaker, kind: str, told: str, *, message_id: int | None = None) -> int:
+        """A sticker, photo, voice note…: kept as a turn "[kind]", refused with what its author was told."""
+        turn_id = self.store.add_user_turn(chat_id=who.chat_id, user_id=who.user_id, text=f"[{kind}]",
+                                           user_message_id=message_id, chat_type=who.chat_type,
+                                           username=who.username, first_name=who.first_name, status="pending")
+        self.store.mark_turn(turn_id, "refused", told)
+        return turn_id
+
+    def mark_busy(self, turn_id: int, told: str) -> None:
+        """A pending turn its chat had no room to wait for: kept, never shown to the model."""
+        self.store.mark_turn(turn_id, "busy", told)
+
+    def mark_limited(self, turn_id: int, told: str | None) -> None:
+        """A pending turn over its author's flood limit: kept, never shown to the model (`told` is
+        None when they were already told in this window)."""
+        self.store.mark_turn(turn_id, "limited", told)
+
+    def delivered(self, turn_id: int, message_ids: list[int]) -> None:
+        """The reply reached the chat as these messages (an empty list: sending it was given up);
+        the buttons under it are checked against them."""
+        self.store.set_reply_message_ids(turn_id, message_ids)
+
+    def alternative_delivered(self, alternative_id: int, message_ids: list[int]) -> None:
+        """A second take reached the chat as these messages; its pick buttons are checked against them."""
+        self.store.set_alternative_message_ids(alternative_id, message_ids)
+
+    def turn(self, turn_id: int) -> TurnRef | None:
+        """The stored turn a button names; None when there is none."""
+        return self.store.turn(turn_id)
+
+    def is_latest_reply(self, chat_id: int, turn_id: int) -> bool:
+        """Whether `turn_id` is the chat's newest answered turn (only that one can be regenerated)."""
+        return self.store.latest_answered_turn(chat_id) == turn_id
+
+    def alternative(self, alternative_id: int) -> dict | None:
+        return self.store.alternative(alternative_id)
+
+    def rate(self, turn_id: int, user_id: int, value: int) -> str:
+        """👍 (+1) or 👎 (-1), one per person per reply; returns 'new', 'changed' or 'same'."""
+        return self.store.rate(turn_id, user_id, value)
+
+    def ask_for_correction(self, chat_id: int, user_id: int, turn_id: int) -> None:
+        """✏️: this person's next message in this chat is their better answer to `turn_id` (see receive)."""
+        self.store.await_correction(chat_id, user_id, turn_id)
+
+    def keep(self, turn_id: int, alternative_id: int, user_id: int, *, keep_alternative: bool) -> bool:
+        """Which of the reply and its second take this person kept; False when already decided."""
+        return self.store.pick(turn_id, alternative_id, user_id, keep_alternative=keep_alternative)
+
+    def interrupted_turns(self) -> list[dict]:
+        """Turns left pending by a crash: being answered, or waiting their chat's turn."""
+        return self.store.pending_turns()
+
+    def undelivered_replies(self, *, since: str) -> list[dict]:
+        """Replies written and stored since `since` but cut off while being sent."""
+        return self.store.undelivered_turns(since=since)
+
+    def mark_failed(self, turn_id: int, told: str) -> None:
+        """Close a turn that will not be answered with what its author was told."""
+        self.store.mark_turn(turn_id, "failed", told)
 
 
 def _on_loop(fn: Callable[[str], None] | None) -> Callable[[str], None] | None:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from bot.app import build_application, running
-from bot.handlers import ADMIN_ONLY
+from bot.gate import ADMIN_ONLY
 from config.settings import load_settings
 from core.files import atomic_write_text, now, sha256_file
 from lineage.generations import Lineage, packaged_base_gguf

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bot.handlers import ADMIN_ONLY
+from bot.gate import ADMIN_ONLY
 from bot.privacy import NOT_YOURS
 from bot.review import ADMINS_ONLY, EDIT_PROMPT, EMPTY, GONE
 from memory.export import reviewed_since

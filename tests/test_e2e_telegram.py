@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from bot.buttons import NOT_YOURS
+from bot.chat import CORRECTION_THANKS, NON_TEXT
 from bot.commands import COMMANDS
-from bot.handlers import ADMIN_ONLY, CORRECTION_THANKS, NON_TEXT, NOT_ALLOWED, NOT_YOURS
+from bot.gate import ADMIN_ONLY, NOT_ALLOWED
 from bot.splitting import split_text
 from config.settings import load_settings
 from memory.store import Store

@@ -20,7 +20,7 @@ import pytest
 
 from bot.admin import parse_gen_id
 from bot.commands import COMMANDS
-from bot.handlers import ADMIN_ONLY, NOT_ALLOWED
+from bot.gate import ADMIN_ONLY, NOT_ALLOWED
 from bot.privacy import NOT_YOURS as NOT_YOURS_FORGET
 from bot.review import PRIVATE_ONLY
 from memory.redact import redact
@@ -241,11 +241,11 @@ TRUSTED_SQL_NAMES = {
     ("memory/db.py", "one", "sql"): "the helper itself; its callers are scanned here",
     ("memory/db.py", "scalar", "sql"): "the helper itself; its callers are scanned here",
     ("memory/migrations.py", "_script", "buffer"): "statements cut from the migrations' literal SQL",
-    ("memory/store.py", "next_review", "queue"): "a literal clause assembled just above",
-    ("memory/store.py", "delete", "table"): "literal table names given by forget_user",
-    ("memory/store.py", "delete", "where"): "literal WHERE clauses given by forget_user",
-    ("memory/store.py", "generation_ratings", "order"): "'ASC' or 'DESC'",
-    ("memory/store.py", "last_event", "marks"): "one '?' per kind",
+    ("memory/review_queue.py", "next_review", "queue"): "a literal clause assembled just above",
+    ("memory/privacy.py", "delete", "table"): "literal table names given by forget_user",
+    ("memory/privacy.py", "delete", "where"): "literal WHERE clauses given by forget_user",
+    ("memory/audit.py", "generation_ratings", "order"): "'ASC' or 'DESC'",
+    ("memory/audit.py", "last_event", "marks"): "one '?' per kind",
     ("memory/export.py", "reviewed_since", "consent"): "a literal clause",
     ("memory/export.py", "reviewed_since", "window"): "a literal clause, formatted with literal column names",
 }

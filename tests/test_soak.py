@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
+from bot.chat import FLOOD_NOTICE, QUEUE_FULL
 from config.settings import load_settings
 from engine.worker import Busy, InferenceWorker
 from ouro import logs

@@ -253,7 +253,7 @@ async def offline_bot(data_dir: Path, *, learning: bool = False, engine: FakeEng
         if loop is not None:
             loop.start_cycle = lambda actor: bot.cycles.append(actor) or True
 
-        async def record(update, context) -> None:   # beside Handlers.on_error, which sees the same
+        async def record(update, context) -> None:   # beside ErrorSink.on_error, which sees the same
             if not too_old(context.error):            # an expected condition, not a crash (bot/edits.py)
                 bot.errors.append(context.error)
 

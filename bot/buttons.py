@@ -1,0 +1,107 @@
+"""The buttons under a reply: 👍 👎 rate it, 🔁 writes a second take, ✏️ asks for a better answer,
+and the pick between the reply and its second take.
+
+Every press is checked against the stored turn — its chat, its author, the messages the buttons
+sit on — because callback data comes from the client and may be stale, replayed or forged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import CallbackQuery, Update
+from telegram.ext import ContextTypes
+
+from bot import keyboards
+from bot.errors import ErrorSink
+from bot.retry import call_with_retry
+from bot.streaming import StreamingReply
+from config.settings import Settings
+from engine.worker import Busy
+from memory.store import TurnRef
+from serving.conversation import Conversation
+
+log = logging.getLogger(__name__)
+
+STALE_BUTTON = "That button belongs to a reply I can't act on anymore."
+NOT_YOURS = "Only the person I was answering can use these buttons."
+CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
+
+
+class ButtonHandlers:
+    def __init__(self, settings: Settings, conversation: Conversation, errors: ErrorSink) -> None:
+        self.settings = settings
+        self.conversation = conversation
+        self.errors = errors
+
+    async def press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """👍 👎 🔁 ✏️ and the pick after 🔁 — each press checked against the store."""
+        query = update.callback_query
+        press = keyboards.reply_press(query.data)
+        message = query.message
+        if press is None or message is None:
+            await query.answer(STALE_BUTTON)
+            return
+        turn = self.conversation.turn(press.turn_id)
+        if turn is None or turn.chat_id != message.chat.id:
+            await query.answer(STALE_BUTTON)
+            return
+        if query.from_user.id != turn.user_id:
+            await query.answer(NOT_YOURS)
+            return
+        if press.action == keyboards.KEEP:
+            await self._keep(query, turn, press)
+            return
+        if message.message_id not in turn.reply_message_ids or turn.status != "answered":
+            await query.answer(STALE_BUTTON)
+            return
+        if press.action in (keyboards.RATE_UP, keyboards.RATE_DOWN):
+            value = 1 if press.action == keyboards.RATE_UP else -1
+            result = self.conversation.rate(turn.id, query.from_user.id, value)
+            await query.answer({"new": "Thanks for rating!", "changed": "Rating changed.",
+                                "same": "Already noted."}[result])
+            if result != "same":
+                try:
+                    await query.edit_message_reply_markup(keyboards.reply_keyboard(turn.id, rated=value))
+                except Exception:
+                    log.debug("could not mark the rating on the keyboard", exc_info=True)
+        elif press.action == keyboards.CORRECT:
+            self.conversation.ask_for_correction(turn.chat_id, query.from_user.id, turn.id)
+            await query.answer()
+            await call_with_retry(lambda: context.bot.send_message(turn.chat_id, CORRECTION_PROMPT))
+        elif press.action == keyboards.REGENERATE:
+            await self._regenerate(query, context, turn)
+
+    async def _regenerate(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
+        if not self.conversation.is_latest_reply(turn.chat_id, turn.id):
+            await query.answer("I can only redo my latest reply.")
+            return
+        await query.answer("Trying again…")
+        stream = StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s)
+        stream.start()
+        try:
+            alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
+        except Busy:
+            await stream.finish("I'm answering a lot of people right now — try 🔁 again in a minute.")
+            return
+        except Exception as exc:
+            await stream.finish("I couldn't come up with another take just now, sorry.")
+            await self.errors.notify_admins(context, f"Regenerating turn {turn.id} failed", exc)
+            return
+        await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id),
+                            before_markup=lambda ids: self.conversation.alternative_delivered(alt_id, ids))
+
+    async def _keep(self, query: CallbackQuery, turn: TurnRef, press: keyboards.Press) -> None:
+        alt = self.conversation.alternative(press.alternative_id)
+        if alt is None or alt["turn_id"] != turn.id or query.message.message_id not in alt["message_ids"]:
+            await query.answer(STALE_BUTTON)
+            return
+        recorded = self.conversation.keep(turn.id, alt["id"], query.from_user.id, keep_alternative=press.keep == 2)
+        if not recorded:
+            await query.answer("You already picked one — thanks!")
+            return
+        await query.answer("Thanks — I'll remember which one you liked.")
+        try:
+            await query.edit_message_reply_markup(None)
+        except Exception:
+            log.debug("could not remove the pick keyboard", exc_info=True)
