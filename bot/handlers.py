@@ -12,7 +12,7 @@ import time
 
 from bot.admin import AdminHandlers
 from bot.buttons import ButtonHandlers
-from bot.chat import FLOOD_NOTICE, QUEUE_FULL, ChatHandlers
+from bot.chat import ChatHandlers
 from bot.errors import ErrorSink
 from bot.gate import Gate
 from bot.status import StatusCommand
@@ -21,8 +21,6 @@ from config.settings import Settings
 from memory.store import Store
 from serving.conversation import Conversation
 from serving.limits import ChatQueues, FloodLimit
-
-__all__ = ["FLOOD_NOTICE", "QUEUE_FULL", "Handlers"]   # the notices: ouro/bench/soak.py reads them from here
 
 
 class Handlers:

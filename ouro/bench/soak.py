@@ -40,7 +40,7 @@ import httpx
 import psutil
 
 from bot import keyboards
-from bot.handlers import FLOOD_NOTICE, QUEUE_FULL
+from bot.chat import FLOOD_NOTICE, QUEUE_FULL
 from config.settings import Settings, load_settings
 from core.errors import OuroError
 from ouro.bench import cpu_steal
