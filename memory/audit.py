@@ -1,0 +1,60 @@
+"""Generations and the audit log: the models the store knows of, and the events worth keeping.
+
+Cycles, hot swaps, imports, refusals and review verdicts are logged as events, so what happened
+can be told later; a generation's ratings feed the live watch's verdict against its parent.
+"""
+
+from __future__ import annotations
+
+import json
+
+from core.files import now
+from memory.db import Database
+
+
+class AuditMixin:
+    """Generations and events rows, and the ratings of one generation's replies."""
+
+    database: Database
+
+    def upsert_generation(self, *, gen_id: str, parent_id: str | None, gguf_path: str, gguf_sha256: str,
+                          status: str, meta: dict | None = None) -> None:
+        with self.database.transaction() as conn:
+            conn.execute(
+                "INSERT INTO generations (id, parent_id, gguf_path, gguf_sha256, status, created_at, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
+                "meta = excluded.meta", (gen_id, parent_id, gguf_path, gguf_sha256, status, now(),
+                                         json.dumps(meta or {})))
+
+    def generation(self, gen_id: str) -> dict | None:
+        return self.database.one("SELECT * FROM generations WHERE id = ?", (gen_id,))
+
+    def log_event(self, kind: str, *, user_id: int | None = None, chat_id: int | None = None,
+                  detail: str | dict | None = None) -> None:
+        if isinstance(detail, dict):
+            detail = json.dumps(detail, ensure_ascii=False)
+        with self.database.transaction() as conn:
+            conn.execute("INSERT INTO events (at, kind, user_id, chat_id, detail) VALUES (?, ?, ?, ?, ?)",
+                         (now(), kind, user_id, chat_id, detail))
+
+    def events(self, kind: str | None = None, limit: int = 50) -> list[dict]:
+        return self.database.query(
+            "SELECT * FROM events WHERE (? IS NULL OR kind = ?) ORDER BY id DESC LIMIT ?", (kind, kind, limit))
+
+    def generation_ratings(self, gen_id: str, *, limit: int, newest: bool = False) -> list[int]:
+        """Ratings (+1/−1) of the replies `gen_id` wrote, one per turn, in the order they were first given.
+
+        `newest` takes the latest `limit` instead of the first. A turn rated by several people
+        (groups) counts by the sign of its ratings' sum; a tie counts as neither.
+        """
+        order = "DESC" if newest else "ASC"
+        rows = self.database.query(
+            "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at FROM ratings r JOIN turns t ON t.id = r.turn_id "
+            f"WHERE t.generation_id = ? GROUP BY r.turn_id HAVING v != 0 ORDER BY first_at {order}, r.turn_id {order} "
+            "LIMIT ?", (gen_id, limit))
+        values = [1 if r["v"] > 0 else -1 for r in rows]
+        return values[::-1] if newest else values
+
+    def last_event(self, kinds: tuple[str, ...]) -> dict | None:
+        marks = ",".join("?" * len(kinds))
+        return self.database.one(f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT 1", kinds)

@@ -1,0 +1,123 @@
+"""The admin review queue (/review, `ouro review`): which answered turn to check next, and the verdicts.
+
+A verdict decides whether a turn may become training data; an 'edited' verdict carries the
+reply the admin wrote instead. It reads turns back with their context, so it builds on turns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from core.files import now
+from memory.turns import Exchange, TurnsMixin
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """An answered turn as an admin reviews it: the exchange, a little context, what people said of it."""
+
+    turn_id: int
+    chat_type: str
+    user_text: str
+    reply_text: str                  # the reply the user kept (the 🔁 sample if they picked it)
+    generation_id: str | None
+    created_at: str
+    ups: int
+    downs: int
+    corrected: bool
+    verdict: str | None
+    context: list[Exchange]          # the exchanges before it in its served context, oldest first
+    remaining: int = 0               # turns waiting for review, this one included
+
+
+class ReviewQueueMixin(TurnsMixin):
+    """Reviews rows and pending review edits."""
+
+    def next_review(self, *, opt_out_by_default: bool, skip: Collection[int] = (),
+                    context_turns: int = 3) -> ReviewItem | None:
+        """The next answered turn without a verdict, or None.
+
+        Order: 👍'd turns first (the next cycle trains on them, so a check matters most), then other
+        rated ones (👎: candidates for an edit), then unrated; oldest first within each. Turns of
+        people who keep their chats out of training are not queued; `skip` leaves turns out.
+        """
+        queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
+                 "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
+                 "AND t.id NOT IN (SELECT value FROM json_each(?))")
+        params = (int(opt_out_by_default), json.dumps(sorted(skip)))
+        row = self.database.one(
+            "SELECT t.id, (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) AS score, "
+            "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n " + queue
+            + " ORDER BY CASE WHEN score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT 1", params)
+        if row is None:
+            return None
+        remaining = self.database.scalar("SELECT COUNT(*) " + queue, params)
+        return self.review_item(row["id"], context_turns=context_turns, remaining=remaining)
+
+    def review_item(self, turn_id: int, *, context_turns: int = 3, remaining: int = 0) -> ReviewItem | None:
+        """An answered turn with its context and feedback; None for anything else."""
+        row = self.database.one(
+            "SELECT t.*, COALESCE(a.text, t.reply_text) AS reply, c.type AS chat_type FROM turns t "
+            "JOIN chats c ON c.id = t.chat_id LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
+            "WHERE t.id = ?", (turn_id,))
+        if row is None or row["status"] != "answered":
+            return None
+        values = [r["value"] for r in self.database.query("SELECT value FROM ratings WHERE turn_id = ?", (turn_id,))]
+        start = row["context_start_turn_id"] or turn_id
+        context = [e for e in self.history(row["session_id"], before_turn_id=turn_id) if e.turn_id >= start]
+        return ReviewItem(
+            turn_id=turn_id, chat_type=row["chat_type"], user_text=row["user_text"], reply_text=row["reply"] or "",
+            generation_id=row["generation_id"], created_at=row["created_at"],
+            ups=values.count(1), downs=values.count(-1),
+            corrected=bool(self.database.scalar("SELECT COUNT(*) FROM corrections WHERE turn_id = ?", (turn_id,))),
+            verdict=self.review_verdict(turn_id),
+            context=context[-context_turns:] if context_turns > 0 else [], remaining=remaining)
+
+    def review_verdict(self, turn_id: int) -> str | None:
+        return self.database.scalar("SELECT verdict FROM reviews WHERE turn_id = ?", (turn_id,))
+
+    def record_review(self, turn_id: int, reviewer_id: int, verdict: str, edited_text: str | None = None) -> bool:
+        """An admin's verdict on an answered turn. The first verdict stands: False if it had one (or is gone)."""
+        if verdict not in ("approved", "rejected", "edited"):
+            raise ValueError(f"unknown verdict {verdict!r}")
+        if (verdict == "edited") != bool(edited_text and edited_text.strip()):
+            raise ValueError("an edited verdict needs the edited text, and only it does")
+        with self.database.transaction() as conn:
+            status = conn.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            if status is None or status[0] != "answered":
+                return False
+            return conn.execute(
+                "INSERT INTO reviews (turn_id, reviewer_id, verdict, edited_text, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(turn_id) DO NOTHING",
+                (turn_id, reviewer_id, verdict, edited_text.strip() if edited_text else None, now())).rowcount > 0
+
+    def await_review_edit(self, chat_id: int, reviewer_id: int, turn_id: int) -> None:
+        with self.database.transaction() as conn:
+            conn.execute("INSERT INTO awaiting_review_edits (chat_id, reviewer_id, turn_id, created_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT(chat_id, reviewer_id) DO UPDATE SET "
+                         "turn_id = excluded.turn_id, created_at = excluded.created_at",
+                         (chat_id, reviewer_id, turn_id, now()))
+
+    def awaiting_review_edit(self, chat_id: int, reviewer_id: int) -> int | None:
+        return self.database.scalar("SELECT turn_id FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                                    (chat_id, reviewer_id))
+
+    def cancel_review_edit(self, chat_id: int, reviewer_id: int) -> bool:
+        with self.database.transaction() as conn:
+            return conn.execute("DELETE FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                                (chat_id, reviewer_id)).rowcount > 0
+
+    def take_review_edit(self, chat_id: int, reviewer_id: int, text: str) -> int | None:
+        """If this admin owes an edit in this chat, record `text` as the turn's reply ('edited').
+
+        Returns the turn's id, or None when no edit was awaited or the turn got a verdict meanwhile.
+        """
+        with self.database.transaction() as conn:
+            turn_id = self.awaiting_review_edit(chat_id, reviewer_id)
+            if turn_id is None:
+                return None
+            conn.execute("DELETE FROM awaiting_review_edits WHERE chat_id = ? AND reviewer_id = ?",
+                         (chat_id, reviewer_id))
+            return turn_id if text.strip() and self.record_review(turn_id, reviewer_id, "edited", text) else None

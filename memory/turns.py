@@ -1,0 +1,130 @@
+"""Turns: what a user said and what the model replied, from pending to answered.
+
+The user's message is written (`add_user_turn`) before the model sees it and the reply lands in
+one transaction (`complete_turn`), so a crash in between leaves a visible pending turn.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from core.files import now
+from memory.sessions import SessionsMixin
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One answered turn as the model will see it again: what the user said, what it replied."""
+
+    turn_id: int
+    user_text: str
+    reply_text: str
+
+
+@dataclass(frozen=True)
+class TurnRef:
+    id: int
+    chat_id: int
+    user_id: int
+    session_id: int
+    status: str
+    user_text: str
+    reply_text: str | None
+    reply_message_ids: list[int]
+    generation_id: str | None
+    context_start_turn_id: int | None = None
+
+
+class TurnsMixin(SessionsMixin):
+    """Turns rows and the conversation history read back from them."""
+
+    def add_user_turn(self, *, chat_id: int, user_id: int, text: str, user_message_id: int | None = None,
+                      chat_type: str = "private", chat_title: str | None = None,
+                      username: str | None = None, first_name: str | None = None,
+                      status: str = "pending") -> int:
+        """Store what the user said, before anything else happens to it."""
+        with self.database.transaction() as conn:
+            self._touch(conn, chat_id, chat_type, chat_title, user_id, username, first_name)
+            session_id = self._open_session(conn, chat_id)
+            return conn.execute(
+                "INSERT INTO turns (session_id, chat_id, user_id, user_message_id, user_text, created_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session_id, chat_id, user_id, user_message_id, text, now(), status)).lastrowid
+
+    def complete_turn(self, turn_id: int, *, reply_text: str, generation_id: str | None, prompt_tokens: int,
+                      completion_tokens: int, latency_s: float, ttft_s: float | None,
+                      context_start_turn_id: int | None, status: str = "answered") -> None:
+        with self.database.transaction() as conn:
+            conn.execute(
+                "UPDATE turns SET status = ?, reply_text = ?, generation_id = ?, prompt_tokens = ?, "
+                "completion_tokens = ?, latency_s = ?, ttft_s = ?, context_start_turn_id = ?, answered_at = ? "
+                "WHERE id = ?",
+                (status, reply_text, generation_id, prompt_tokens, completion_tokens, latency_s, ttft_s,
+                 context_start_turn_id, now(), turn_id))
+
+    def mark_turn(self, turn_id: int, status: str, reply_text: str | None = None) -> None:
+        """Close a turn that the model did not answer (refused, busy, failed) with what the user was told."""
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE turns SET status = ?, reply_text = COALESCE(?, reply_text), answered_at = ? "
+                         "WHERE id = ?", (status, reply_text, now(), turn_id))
+
+    def set_reply_message_ids(self, turn_id: int, message_ids: list[int]) -> None:
+        with self.database.transaction() as conn:
+            conn.execute("UPDATE turns SET reply_message_ids = ? WHERE id = ?", (json.dumps(message_ids), turn_id))
+
+    def turn(self, turn_id: int) -> TurnRef | None:
+        row = self.database.one("SELECT * FROM turns WHERE id = ?", (turn_id,))
+        if row is None:
+            return None
+        return TurnRef(id=row["id"], chat_id=row["chat_id"], user_id=row["user_id"], session_id=row["session_id"],
+                       status=row["status"], user_text=row["user_text"], reply_text=row["reply_text"],
+                       reply_message_ids=json.loads(row["reply_message_ids"] or "[]"),
+                       generation_id=row["generation_id"], context_start_turn_id=row["context_start_turn_id"])
+
+    def latest_answered_turn(self, chat_id: int) -> int | None:
+        session_id = self.current_session(chat_id)
+        if session_id is None:
+            return None
+        return self.database.scalar(
+            "SELECT id FROM turns WHERE session_id = ? AND status = 'answered' ORDER BY id DESC LIMIT 1",
+            (session_id,))
+
+    def history(self, session_id: int, *, before_turn_id: int | None = None) -> list[Exchange]:
+        """Answered turns of a session, oldest first, with the 🔁 sample the user kept if any."""
+        rows = self.database.query(
+            "SELECT t.id, t.user_text, COALESCE(a.text, t.reply_text) AS reply FROM turns t "
+            "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
+            "WHERE t.session_id = ? AND t.status = 'answered' AND (? IS NULL OR t.id < ?) ORDER BY t.id",
+            (session_id, before_turn_id, before_turn_id))
+        return [Exchange(r["id"], r["user_text"], r["reply"]) for r in rows]
+
+    def recent_chats(self, limit: int) -> list[tuple[int, int]]:
+        """(chat, its current session) for the chats answered most recently, newest first."""
+        rows = self.database.query(
+            "SELECT t.chat_id, MAX(t.id) AS last FROM turns t JOIN sessions s ON s.id = t.session_id "
+            "WHERE t.status = 'answered' AND s.ended_at IS NULL GROUP BY t.chat_id ORDER BY last DESC LIMIT ?",
+            (limit,))
+        out = []
+        for r in rows:
+            session = self.current_session(r["chat_id"])
+            if session is not None:
+                out.append((r["chat_id"], session))
+        return out
+
+    def context_start(self, session_id: int) -> int | None:
+        """Where the last served context of this session began (the rolling window's anchor)."""
+        return self.database.scalar(
+            "SELECT context_start_turn_id FROM turns WHERE session_id = ? AND status = 'answered' "
+            "ORDER BY id DESC LIMIT 1", (session_id,))
+
+    def pending_turns(self) -> list[dict]:
+        """Turns whose reply never landed (e.g. the process died mid-reply)."""
+        return self.database.query("SELECT id, chat_id, user_id, user_text FROM turns WHERE status = 'pending'")
+
+    def undelivered_turns(self, *, since: str) -> list[dict]:
+        """Telegram turns answered (in the store) since `since` whose reply never reached the chat:
+        the process died while sending it. Delivery records the message ids, even an empty list."""
+        return self.database.query(
+            "SELECT id, chat_id, reply_text FROM turns WHERE status = 'answered' AND reply_message_ids IS NULL "
+            "AND user_message_id IS NOT NULL AND answered_at >= ? ORDER BY id", (since,))
