@@ -32,6 +32,7 @@ def default_data_dir() -> Path:
 
 
 IdList = Annotated[list[int], NoDecode]
+StrList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,28 @@ class Settings(BaseSettings):
         "Telegram user ids allowed to run admin commands (/status, /rollback, …). Comma-separated in env."))
     allowed_user_ids: IdList = Field(default_factory=list, description=(
         "If set, only these user ids (and admins) may chat; everyone else gets a polite refusal."))
+
+    # --- who may teach (memory/trust.py) ------------------------------------------------
+    learn_from: str = Field("auto", pattern="^(auto|admins|reviewed|trusted|everyone)$", description=(
+        "Whose ✏️ corrections, 🔁 picks and 👍 train without an admin's approval: everyone, trusted (admins and "
+        "trusted people), reviewed (admins; the rest waits in /review), admins (the rest is ignored). auto: "
+        "everyone when allowed_user_ids is set (the owner chose who may talk), trusted on an open bot."))
+    trusted_user_ids: IdList = Field(default_factory=list, description=(
+        "People whose feedback trains like an admin's own in the trusted mode. Comma-separated in env."))
+    trust_after_approvals: int = Field(3, ge=0, le=100_000, description=(
+        "A person becomes trusted once admins approved this many of their contributions in /review (0: never)."))
+    max_share_per_source: float = Field(0.5, gt=0.0, le=1.0, description=(
+        "Most of a generation's new examples and pairs one person (or one burst of new accounts) may supply; "
+        "the rest waits for the next generation. Admins are not capped."))
+    min_items_per_source: int = Field(8, ge=1, le=100_000, description=(
+        "Up to this many items of one source always train, whatever the share (a lone teacher still teaches)."))
+    new_account_window_s: float = Field(3600.0, ge=0.0, le=10_000_000.0, description=(
+        "Three or more untrusted accounts first seen within this many seconds of each other count as one source."))
+    blocklist: StrList = Field(default_factory=list, description=(
+        "Words or phrases that must never become training targets (case-insensitive). Comma-separated in env."))
+    max_contamination: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "Gate: most share of the child's probe replies with a link, handle, phone number, wallet, spam or a "
+        "blocklisted word (and never more than its parent's)."))
 
     # --- the model and its context --------------------------------------------------------
     n_ctx: int = Field(2048, ge=256, le=131072, description="Context window in tokens.")
@@ -180,7 +203,14 @@ class Settings(BaseSettings):
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
 
-    @field_validator("admin_ids", "allowed_user_ids", mode="before")
+    @field_validator("blocklist", mode="before")
+    @classmethod
+    def _split_words(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("admin_ids", "allowed_user_ids", "trusted_user_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -4,7 +4,7 @@ A child passes only when every check holds:
 - invariants from the cycle (merge left logits unchanged, GGUF readable and its logits agree
   with the merged weights) — passed in as `invariant_failures`;
 - absolute thresholds (defaults: recall ≥ 0.90, generalization ≥ 0.85, style drift ≤ 2,
-  format ≥ 0.8);
+  format ≥ 0.8, contamination ≤ 0.05 unless no worse than the parent's);
 - no regression against the parent beyond a margin on the scores both are measured on
   (style drift and format; recall and generalization are already relative to the parent).
 
@@ -32,6 +32,7 @@ class Thresholds:
     min_format: float = 0.8
     style_drift_margin: float = 1.0     # child may be at most this much worse than its parent
     format_margin: float = 0.2
+    max_contamination: float = 0.05
 
 
 @dataclass
@@ -79,6 +80,10 @@ def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failur
             notes.append(f"format {fmt} still below the target {th.min_format}, but no worse than the parent's {p_fmt}")
     elif fmt < th.min_format:
         reasons.append(f"format {fmt} < {th.min_format}: replies are not clean single turns")
+    dirty, p_dirty = child.get("contamination"), (parent or {}).get("contamination")
+    if dirty is not None and dirty > th.max_contamination and (p_dirty is None or dirty > p_dirty):
+        reasons.append(f"contamination {dirty} > {th.max_contamination}: its replies carry links, handles, "
+                       "numbers, spam or blocklisted words (see evals.json) — check what it was taught")
     if parent:
         if drift is not None and p_drift is not None and drift > p_drift + th.style_drift_margin:
             reasons.append(f"style drift regressed: {drift} vs parent {p_drift} (margin {th.style_drift_margin})")

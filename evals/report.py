@@ -8,7 +8,7 @@ import json
 from core.errors import OuroError
 from lineage.generations import Generation, Lineage
 
-SCORES = ("recall", "generalization", "style_drift", "format")
+SCORES = ("recall", "generalization", "style_drift", "format", "contamination")
 
 
 def generation_rows(lineage: Lineage) -> list[dict]:
@@ -22,6 +22,8 @@ def generation_rows(lineage: Lineage) -> list[dict]:
                      "examples": data.get("new_examples"), "pairs": data.get("new_pairs"),
                      "recall": scores.get("recall"), "generalization": scores.get("generalization"),
                      "style_drift": scores.get("style_drift"), "format": scores.get("format"),
+                     "contamination": scores.get("contamination"), "contributors": data.get("contributors"),
+                     "largest_share": data.get("largest_share"),
                      "reasons": g.meta.get("reasons", []), "gguf_sha256": g.sha256})
     return rows
 
@@ -61,8 +63,17 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
         c = (evals["child"].get(key) or {})
         p = (evals["parent"].get(key) or {})
         lines.append(f"  {key:15} child {c.get('score')!s:>8}   parent {p.get('score')!s:>8}")
+    data = gen.meta.get("data") or {}
+    if data.get("contributors") is not None:
+        lines.append(f"  taught by {data['contributors']} people; largest single share {data.get('largest_share')}")
+    held = {k: v for k, v in (data.get("screened") or {}).items() if v}
+    if held or data.get("waiting_review") or data.get("deferred"):
+        lines.append(f"  kept out: screened {held or 0} · waiting for /review {sum((data.get('waiting_review') or {}).values())}"
+                     f" · over a person's share {data.get('deferred') or 0} (next generation)")
     for reason in gate.get("reasons", []):
         lines.append(f"  - {reason}")
+    for hit in (evals["child"].get("contamination") or {}).get("hits", [])[:3]:
+        lines.append(f"  contaminated ({', '.join(hit['reasons'])}): {hit['reply'][:80]!r}")
     drifted = [r for r in evals["child"].get("style_drift", {}).get("replies", []) if r["assistant_voice"]]
     for r in drifted[:5]:
         lines.append(f"  assistant voice on {r['probe']!r}: {r['reply'][:80]!r}")

@@ -2,7 +2,8 @@
 
 Recall on what the parent knows (its own greedy answers to the fixed recall prompts, asked as
 served, plus the ancestors' held-out data), generalization on this generation's held-out data,
-and style drift and format on the fixed probes — for the child and, as the baseline, the parent.
+style drift and format on the fixed probes, and contamination (a learned link or spam habit) on
+those replies and canary prompts — for the child and, as the baseline, the parent.
 The gate (evals/gate.py) decides on the scores; the cycle adds its invariants.
 """
 
@@ -13,12 +14,14 @@ from pathlib import Path
 
 from config.probes import load_probes
 from config.settings import Settings
+from evals.contamination import contamination_score
 from evals.format_check import format_score
 from evals.generalization import generalization_score
 from evals.recall import recall_score
 from evals.scoring import EvalModel
 from evals.style_drift import style_drift_score
 from lineage.generations import Generation
+from memory.screens import Screens
 
 
 @dataclass
@@ -28,7 +31,8 @@ class SuiteResult:
 
 
 def run_suite(settings: Settings, candidate: Path, parent: Generation, *, persona: str,
-              heldout: list[list[dict]], ancestor_heldout: list[list[dict]]) -> SuiteResult:
+              heldout: list[list[dict]], ancestor_heldout: list[list[dict]], screens: Screens,
+              heldout_sources: list[str] | None = None) -> SuiteResult:
     probes = load_probes(settings.probes_file)
     n = settings.eval_max_items
     pinned = [{"role": "system", "content": persona}] if persona else []
@@ -47,11 +51,16 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
         recall_items = (known + list(reversed(ancestor_heldout)))[:n]
         out: dict = {"child": {}, "parent": {}}
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
-        out["child"]["generalization"] = generalization_score(child, par, heldout[-n:])
+        sources = (heldout_sources or ["correction"] * len(heldout))[-n:]
+        out["child"]["generalization"] = generalization_score(child, par, heldout[-n:], sources=sources)
         for who, model in (("child", child), ("parent", par)):
             out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,
                                                         max_tokens=settings.eval_reply_tokens)
             out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.eval_reply_tokens)
+            replies = [r["reply"] for r in out[who]["style_drift"]["replies"]] + \
+                [d["reply"] for d in out[who]["format"]["details"]]
+            out[who]["contamination"] = contamination_score(model, persona, replies, screens,
+                                                            max_tokens=settings.eval_reply_tokens)
         out["parent"]["recall"] = {"score": 1.0}
         out["parent"]["generalization"] = {"score": (parent.meta.get("scores") or {}).get("generalization")}
         ids = child.engine.tokenize(recall_items[0][:-1] if recall_items else [{"role": "user", "content": "hi"}])

@@ -30,6 +30,7 @@ LEDGER_COLUMNS = [
     "loss_start", "loss_end", "eval_recall", "eval_generalization", "eval_style_drift",
     # ours, after the design doc's columns
     "event", "parent_id", "gate", "reason", "actor", "at",
+    "contributors", "largest_share", "screened", "eval_contamination",
 ]
 
 
@@ -111,6 +112,8 @@ class Lineage:
     def append_ledger(self, row: dict) -> None:
         ensure_private_dir(self.dir)
         new = not self.ledger_path.exists()
+        if not new:
+            self._migrate_ledger()
         with open(self.ledger_path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
             if new:
@@ -118,6 +121,23 @@ class Lineage:
             writer.writerow({"at": now("seconds"), **row})
             f.flush()
             os.fsync(f.fileno())
+
+    def _migrate_ledger(self) -> None:
+        """A ledger written before columns were added gets the current header, its rows kept (blank
+        in the new columns); rewritten beside it and renamed over it, so it is never half-written."""
+        with open(self.ledger_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames == LEDGER_COLUMNS:
+                return
+            rows = list(reader)
+        tmp = self.ledger_path.with_name(f".{self.ledger_path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.ledger_path)
 
     def ledger(self) -> list[dict]:
         if not self.ledger_path.exists():

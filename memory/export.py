@@ -19,7 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from memory.redact import redact
+from memory.screens import Screens, screen
 from memory.store import Store
+from memory.trust import TrustPolicy, cap, shares, sources
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Example:
     turn_id: int | None = None
     score: float = 0.0
     split: str | None = None     # an import's own 90/10 split (train | heldout); None: replay.holdout decides
+    contributor: int | None = None   # whose feedback made it the target (memory/trust.py)
+    approved: bool = False           # an admin's verdict (or import) made it: it teaches whoever wrote it
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
@@ -45,6 +49,8 @@ class Pair:
     source: str                   # regenerate | correction | review_edit
     created_at: str
     turn_id: int | None = None
+    contributor: int | None = None
+    approved: bool = False
 
 
 @dataclass
@@ -53,6 +59,11 @@ class Delta:
     pairs: list[Pair] = field(default_factory=list)
     considered: int = 0
     dropped: dict = field(default_factory=dict)
+    screened: dict = field(default_factory=dict)         # reason -> items kept out by the content screens
+    screened_items: list = field(default_factory=list)   # {turn_id, contributor, reasons}: for the admins
+    waiting: dict = field(default_factory=dict)          # contributor -> items waiting for an admin in /review
+    deferred: list = field(default_factory=list)         # Examples and Pairs over a source's cap: next generation
+    sources: dict = field(default_factory=dict)          # contributors, largest single share (memory/trust.py)
 
     def to_jsonl(self) -> str:
         rows = [{"kind": "sft", **asdict(e)} for e in self.examples] + [{"kind": "dpo", **asdict(p)} for p in self.pairs]
@@ -101,8 +112,13 @@ def served_context(store: Store, turn_id: int, persona: str) -> list[dict]:
 
 
 def reviewed_since(store: Store, *, persona: str, since: str | None, until: str | None = None,
-                   budget: int = 400, opt_out_by_default: bool = False) -> Delta:
-    """Everything reviewed in (since, until]: examples and pairs, redacted, deduplicated, budgeted."""
+                   budget: int = 400, opt_out_by_default: bool = False, policy: TrustPolicy | None = None,
+                   screens: Screens | None = None, carried: Delta | None = None) -> Delta:
+    """Everything reviewed in (since, until]: examples and pairs, screened, redacted, deduplicated,
+    within the trust policy's modes and caps, budgeted.
+
+    `policy` None: everyone teaches, uncapped (exports and tests of the plain rules). `carried`: the
+    items the parent generation deferred over a cap; they compete again here, first in line."""
     db = store.database
     consent = "COALESCE(u.training_opt_out, ?) = 0"
     window = "(? IS NULL OR {col} > ?) AND (? IS NULL OR {col} <= ?)"
@@ -111,8 +127,8 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
 
     # 👍 / 👎: one score per turn (sum of its ratings), reviewed when a rating changed in the window
     rated = db.query(
-        "SELECT t.id, t.created_at, SUM(r.value) AS score, COALESCE(a.text, t.reply_text) AS reply FROM turns t "
-        "JOIN ratings r ON r.turn_id = t.id JOIN users u ON u.id = t.user_id "
+        "SELECT t.id, t.user_id, t.created_at, SUM(r.value) AS score, COALESCE(a.text, t.reply_text) AS reply "
+        "FROM turns t JOIN ratings r ON r.turn_id = t.id JOIN users u ON u.id = t.user_id "
         "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
         f"WHERE t.status = 'answered' AND {consent} GROUP BY t.id "
         f"HAVING {window.format(col='MAX(r.updated_at)')} ORDER BY t.id",
@@ -124,47 +140,62 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     delta.dropped["overruled"] = sum(verdicts.get(r["id"]) in ("rejected", "edited") for r in positive)
     positive = [r for r in positive if verdicts.get(r["id"]) not in ("rejected", "edited")]
     candidates = [Example(messages=served_context(store, r["id"], persona) + [{"role": "assistant", "content": r["reply"]}],
-                          source="thumbs_up", created_at=r["created_at"], turn_id=r["id"], score=float(r["score"]))
+                          source="thumbs_up", created_at=r["created_at"], turn_id=r["id"], score=float(r["score"]),
+                          contributor=r["user_id"], approved=verdicts.get(r["id"]) == "approved")
                   for r in positive]
 
     corrections = db.query(
-        "SELECT c.turn_id, c.text, c.created_at, t.reply_text FROM corrections c JOIN turns t ON t.id = c.turn_id "
+        "SELECT c.turn_id, c.user_id, c.text, c.created_at, t.reply_text FROM corrections c "
+        "JOIN turns t ON t.id = c.turn_id "
         f"JOIN users u ON u.id = c.user_id WHERE {consent} AND {window.format(col='c.created_at')} ORDER BY c.id",
         (int(opt_out_by_default), *params_window))
     delta.considered += len(corrections)
     for c in corrections:
-        if verdicts.get(c["turn_id"]) == "rejected":
+        if verdicts.get(c["turn_id"]) in ("rejected", "approved"):   # approved: it comes with the verdict
             continue
         prompt = served_context(store, c["turn_id"], persona)
         candidates.append(Example(messages=prompt + [{"role": "assistant", "content": c["text"]}], source="correction",
-                                  created_at=c["created_at"], turn_id=c["turn_id"], score=2.0))
+                                  created_at=c["created_at"], turn_id=c["turn_id"], score=2.0,
+                                  contributor=c["user_id"]))
 
     picks = db.query(
-        "SELECT p.turn_id, p.chosen, p.rejected, p.source, p.created_at FROM preferences p "
+        "SELECT p.turn_id, p.user_id, p.chosen, p.rejected, p.source, p.created_at FROM preferences p "
         f"JOIN users u ON u.id = p.user_id WHERE {consent} AND {window.format(col='p.created_at')} ORDER BY p.id",
         (int(opt_out_by_default), *params_window))
+    pairs: list[Pair] = []
     for p in picks:
         if p["chosen"].strip() == p["rejected"].strip() or verdicts.get(p["turn_id"]) == "rejected":
             continue
-        delta.pairs.append(Pair(prompt=_clean(served_context(store, p["turn_id"], persona)), chosen=redact(p["chosen"]),
-                                rejected=redact(p["rejected"]), source=p["source"], created_at=p["created_at"],
-                                turn_id=p["turn_id"]))
+        if p["source"] == "correction" and verdicts.get(p["turn_id"]) == "approved":   # comes with the verdict
+            continue
+        pairs.append(Pair(prompt=served_context(store, p["turn_id"], persona), chosen=p["chosen"],
+                          rejected=p["rejected"], source=p["source"], created_at=p["created_at"],
+                          turn_id=p["turn_id"], contributor=p["user_id"]))
 
     reviewed, review_pairs = _admin_reviews(store, persona, since=since, until=until,
                                             opt_out_by_default=opt_out_by_default,
                                             have={e.turn_id for e in candidates if e.source == "thumbs_up"})
     delta.considered += len(reviewed) + len(review_pairs)
     candidates += reviewed
-    delta.pairs += review_pairs
+    pairs += review_pairs
+    if carried is not None:
+        candidates = carried.examples + candidates
+        pairs = carried.pairs + pairs
+
+    candidates, pairs = _screen(delta, candidates, pairs, screens or Screens())
+    if policy is not None:
+        candidates, pairs = _trust(delta, store, candidates, pairs, policy)
 
     if len(candidates) > budget:
         # more than the budget: keep the top quartile by rating (then at most `budget`)
-        ranked = sorted(candidates, key=lambda e: (e.score, e.created_at), reverse=True)
+        weight = policy.weight if policy is not None else (lambda _uid: 1.0)
+        ranked = sorted(candidates, key=lambda e: (e.score * weight(e.contributor), e.created_at), reverse=True)
         keep = ranked[: min(budget, max(1, len(ranked) // 4))]
         delta.dropped["over_budget"] = len(candidates) - len(keep)
         candidates = keep
     system = [{"role": "system", "content": persona}] if persona else []
-    imported = [Example(messages=system + r["messages"], source="import", created_at=r["created_at"], split=r["split"])
+    imported = [Example(messages=system + r["messages"], source="import", created_at=r["created_at"], split=r["split"],
+                        approved=True)
                 for r in store.imported_examples(since=since, until=until)]
     seen: set[str] = set()
     for ex in sorted(candidates + imported, key=lambda e: (e.created_at, e.turn_id or 0)):
@@ -175,7 +206,55 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
             continue
         seen.add(k)
         delta.examples.append(ex)
+    for pair in pairs:
+        pair.prompt, pair.chosen, pair.rejected = _clean(pair.prompt), redact(pair.chosen), redact(pair.rejected)
+        delta.pairs.append(pair)
     return delta
+
+
+def _screen(delta: Delta, examples: list[Example], pairs: list[Pair],
+            screens: Screens) -> tuple[list[Example], list[Pair]]:
+    """Keep every target that passes the content screens (memory/screens.py); count the rest by reason
+    and list them for the admins. Imports are the owner's own history and are not screened."""
+    def passes(text: str, turn_id: int | None, contributor: int | None) -> bool:
+        reasons = screen(text, screens)
+        for reason in reasons:
+            delta.screened[reason] = delta.screened.get(reason, 0) + 1
+        if reasons:
+            delta.screened_items.append({"turn_id": turn_id, "contributor": contributor, "reasons": reasons})
+        return not reasons
+
+    kept = [e for e in examples if passes(e.messages[-1]["content"], e.turn_id, e.contributor)]
+    return kept, [p for p in pairs if passes(p.chosen, p.turn_id, p.contributor)]
+
+
+def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair],
+           policy: TrustPolicy) -> tuple[list[Example], list[Pair]]:
+    """Who may teach on their own (the rest waits for /review, or is ignored in the admins mode), then
+    each source's cap (the excess is deferred to the next generation); records the contributors."""
+    def direct(item) -> bool:
+        if item.approved or policy.teaches_directly(item.contributor):
+            return True
+        if policy.queues_for_review(item.contributor):
+            delta.waiting[item.contributor] = delta.waiting.get(item.contributor, 0) + 1
+        else:
+            delta.dropped["not_trusted"] = delta.dropped.get("not_trusted", 0) + 1
+        return False
+
+    examples, pairs = [e for e in examples if direct(e)], [p for p in pairs if direct(p)]
+    people = {i.contributor for i in [*examples, *pairs] if i.contributor is not None}
+    first_seen = {r["id"]: r["created_at"] for r in store.database.query(
+        "SELECT id, created_at FROM users WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(people)),))}
+    source_of = sources(policy, first_seen)
+    items = sorted([*examples, *pairs], key=lambda i: (i.created_at, i.turn_id or 0))
+    capped = [i for i in items if not i.approved]
+    kept, deferred = cap(capped, lambda i: i.contributor, source_of, policy)
+    keep = {id(i) for i in kept} | {id(i) for i in items if i.approved}
+    delta.deferred = deferred
+    if deferred:
+        delta.dropped["over_share"] = len(deferred)
+    delta.sources = shares([i.contributor for i in kept], source_of)
+    return [e for e in examples if id(e) in keep], [p for p in pairs if id(p) in keep]
 
 
 def _verdicts(store: Store) -> dict[int, str]:
@@ -185,9 +264,12 @@ def _verdicts(store: Store) -> dict[int, str]:
 
 def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str | None, opt_out_by_default: bool,
                    have: set) -> tuple[list[Example], list[Pair]]:
-    """Turns approved or edited by an admin in (since, until]: examples (and a pair per edit)."""
+    """Turns approved or edited by an admin in (since, until]: examples (and a pair per edit). Approving
+    a turn its author corrected approves the correction: the correction is the target, and a pair."""
     rows = store.database.query(
-        "SELECT v.turn_id, v.verdict, v.edited_text, t.created_at, COALESCE(a.text, t.reply_text) AS reply "
+        "SELECT v.turn_id, v.verdict, v.edited_text, v.reviewer_id, t.created_at, "
+        "COALESCE(a.text, t.reply_text) AS reply, (SELECT c.text FROM corrections c WHERE c.turn_id = t.id "
+        "AND c.user_id = t.user_id ORDER BY c.id DESC LIMIT 1) AS correction "
         "FROM reviews v JOIN turns t ON t.id = v.turn_id JOIN users u ON u.id = t.user_id "
         "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
         "WHERE v.verdict IN ('approved', 'edited') AND t.status = 'answered' "
@@ -196,16 +278,20 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
         (int(opt_out_by_default), since, since, until, until))
     examples, pairs = [], []
     for r in rows:
-        if r["verdict"] == "approved" and r["turn_id"] in have:   # already an example through its 👍
+        corrected = r["verdict"] == "approved" and r["correction"] is not None
+        if r["verdict"] == "approved" and r["turn_id"] in have and not corrected:   # already an example (👍)
             continue
         prompt = served_context(store, r["turn_id"], persona)
-        target = r["edited_text"] if r["verdict"] == "edited" else r["reply"]
+        target = r["edited_text"] if r["verdict"] == "edited" else r["correction"] if corrected else r["reply"]
         examples.append(Example(messages=prompt + [{"role": "assistant", "content": target}],
-                                source="review" if r["verdict"] == "approved" else "review_edit",
-                                created_at=r["created_at"], turn_id=r["turn_id"], score=2.0))
-        if r["verdict"] == "edited" and (r["reply"] or "").strip() != target.strip():
-            pairs.append(Pair(prompt=_clean(prompt), chosen=redact(target), rejected=redact(r["reply"] or ""),
-                              source="review_edit", created_at=r["created_at"], turn_id=r["turn_id"]))
+                                source="review_edit" if r["verdict"] == "edited" else "correction" if corrected
+                                else "review", created_at=r["created_at"], turn_id=r["turn_id"], score=2.0,
+                                contributor=r["reviewer_id"], approved=True))
+        if (r["verdict"] == "edited" or corrected) and (r["reply"] or "").strip() != target.strip():
+            pairs.append(Pair(prompt=prompt, chosen=target, rejected=r["reply"] or "",
+                              source="review_edit" if r["verdict"] == "edited" else "correction",
+                              created_at=r["created_at"], turn_id=r["turn_id"], contributor=r["reviewer_id"],
+                              approved=True))
     return examples, pairs
 
 

@@ -26,8 +26,10 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
-from memory.export import reviewed_since, still_trainable
+from memory.export import Delta, Pair, reviewed_since, still_trainable
+from memory.screens import Screens
 from memory.store import Store
+from memory.trust import policy_for
 from trainer.lock import CycleLock, pid_alive
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
 
@@ -80,19 +82,23 @@ class _Stages:
 
 
 def _scores(evals: dict) -> dict:
-    return {k: (evals.get(k) or {}).get("score") for k in ("recall", "generalization", "style_drift", "format")}
+    return {k: (evals.get(k) or {}).get("score")
+            for k in ("recall", "generalization", "style_drift", "format", "contamination")}
 
 
 def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=None, scores=None,
-                event="", gate="", reason="", actor="") -> dict:
-    train, scores = train or {}, scores or {}
+                event="", gate="", reason="", actor="", data=None) -> dict:
+    train, scores, data = train or {}, scores or {}, data or {}
     return {"GEN_ID": gen_id, "parent_sha": parent.sha256, "child_sha": child_sha, "data_delta_sha": data_sha,
             "steps": train.get("steps", ""), "lr": train.get("lr", ""),
             "walltime_min": train.get("walltime_min", ""), "loss_start": train.get("loss_start", ""),
             "loss_end": train.get("loss_end", ""), "eval_recall": scores.get("recall", ""),
             "eval_generalization": scores.get("generalization", ""),
             "eval_style_drift": scores.get("style_drift", ""), "event": event, "parent_id": parent.id,
-            "gate": gate, "reason": reason, "actor": actor}
+            "gate": gate, "reason": reason, "actor": actor, "contributors": data.get("contributors", ""),
+            "largest_share": data.get("largest_share", ""),
+            "screened": sum((data.get("screened") or {}).values()) if data else "",
+            "eval_contamination": scores.get("contamination", "")}
 
 
 def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
@@ -139,7 +145,7 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     passed = meta.get("status") == "promoted"
     lineage.append_ledger(_ledger_row(
         gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
-        train=meta.get("train"), scores=meta.get("scores"), event="candidate",
+        train=meta.get("train"), scores=meta.get("scores"), data=meta.get("data"), event="candidate",
         gate="passed" if passed else "refused", actor=meta.get("actor", ""),
         reason=f"recorded by the next cycle (its own died before recording it): "
                f"{'; '.join(meta.get('reasons') or []) or 'all checks passed'}"))
@@ -217,7 +223,9 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     until = now()
     stages.enter("export")
     delta = reviewed_since(store, persona=persona, since=parent.meta.get("data_cutoff"), until=until,
-                           budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default)
+                           budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default,
+                           policy=policy_for(settings, store), screens=screens_for(settings),
+                           carried=_carried(parent, store, settings))
     if not delta.examples and not delta.pairs:
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
                                             f"(considered {delta.considered} rated items)")
@@ -236,7 +244,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         stages.enter("convert")
         _convert(settings, staging, parent, gen_id)
         stages.enter("eval")
-        evals, invariants = _evaluate(settings, staging, parent, chain, split.heldout, persona)
+        evals, invariants = _evaluate(settings, staging, parent, chain, split, persona)
         report.scores, report.parent_scores = _scores(evals["child"]), _scores(evals["parent"])
         stages.enter("gate")
         if result.trained_tensors_changed <= 0:
@@ -271,7 +279,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     stages.enter("promote")   # the generation is in place; a death from here on is finished by the next cycle
     gen = lineage.generation(gen_id)
     lineage.append_ledger(_ledger_row(gen_id, parent, child_sha=child_sha, data_sha=data_sha, train=report.train,
-                                      scores=report.scores, event="candidate",
+                                      scores=report.scores, data=report.data, event="candidate",
                                       gate="passed" if gate.passed else "refused",
                                       reason="; ".join(gate.reasons) or "all checks passed", actor=actor))
     store.upsert_generation(gen_id=gen_id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=child_sha,
@@ -284,22 +292,41 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     return report
 
 
+def screens_for(settings: Settings) -> Screens:
+    return Screens(blocklist=tuple(settings.blocklist), reference=settings.persona())
+
+
+def _carried(parent: Generation, store: Store, settings: Settings) -> Delta:
+    """What the parent's cycle deferred over a source's cap, still trainable now (no /forget, /optout)."""
+    path = parent.folder / "data" / "deferred.jsonl"
+    carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
+    carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
+    return carried
+
+
 def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: list[Generation],
                 report: CycleReport):
     """The new data as exported, the split (held-out, replay) and its files; (split, the data's SHA-256)."""
     delta_text = delta.to_jsonl()
     (staging / "data" / "new.jsonl").write_text(delta_text, encoding="utf-8")
+    deferred = Delta(examples=[i for i in delta.deferred if not isinstance(i, Pair)],
+                     pairs=[i for i in delta.deferred if isinstance(i, Pair)])
+    (staging / "data" / "deferred.jsonl").write_text(deferred.to_jsonl(), encoding="utf-8")
     data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
     split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
                        seed=settings.train_seed,
                        allowed=lambda pool: still_trainable(store, pool,
                                                             opt_out_by_default=settings.training_opt_out_default))
     write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
-    write_jsonl(staging / "data" / "heldout.jsonl", [{"messages": m} for m in split.heldout])
+    write_jsonl(staging / "data" / "heldout.jsonl",
+                [{"messages": m, "source": src} for m, src in zip(split.heldout, split.heldout_sources, strict=True)])
     write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
     report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
                    "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
-                   "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha}
+                   "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha,
+                   "screened": delta.screened, "screened_items": delta.screened_items[:50],
+                   "waiting_review": {str(k): v for k, v in delta.waiting.items()},
+                   "deferred": len(delta.deferred), **delta.sources}
     return split, data_sha
 
 
@@ -355,7 +382,8 @@ def _convert(settings: Settings, staging: Path, parent: Generation, gen_id: str)
 def _gate(settings: Settings, report: CycleReport, chain: list[Generation], invariants: list[str]):
     """The gate on scores and invariants, then the stop rule over the last generations."""
     th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
-                    max_style_drift=settings.max_style_drift, min_format=settings.min_format)
+                    max_style_drift=settings.max_style_drift, min_format=settings.min_format,
+                    max_contamination=settings.max_contamination)
     gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants)
     history = [g.meta.get("scores", {}) for g in reversed(chain[:2])] + [report.scores]
     halt_message = stop_rule(history) if gate.passed else None
@@ -369,7 +397,7 @@ def _gate(settings: Settings, report: CycleReport, chain: list[Generation], inva
 
 
 def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list[Generation],
-              heldout: list[list[dict]], persona: str) -> tuple[dict, list[str]]:
+              split, persona: str) -> tuple[dict, list[str]]:
     """The eval suite on the candidate GGUF, then the invariant that the served artifact computes
     what the merged weights it came from compute."""
     from engine.gguf import check_gguf
@@ -380,8 +408,9 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         check_gguf(staging / GGUF_NAME)
     except OuroError as exc:
         return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
-    suite = run_suite(settings, staging / GGUF_NAME, parent, persona=persona, heldout=heldout,
-                      ancestor_heldout=ancestor_heldout(chain))
+    suite = run_suite(settings, staging / GGUF_NAME, parent, persona=persona, heldout=split.heldout,
+                      heldout_sources=split.heldout_sources, ancestor_heldout=ancestor_heldout(chain),
+                      screens=screens_for(settings))
     out, invariants = suite.scores, []
     agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, suite.probe_ids)
     out["child"]["gguf_agreement"] = asdict(agreement)

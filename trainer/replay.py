@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lineage.generations import Generation, Lineage
@@ -23,29 +23,51 @@ class Split:
     pairs: list[Pair]
     heldout: list[list[dict]]        # messages ending with the reference reply
     replay: list[Example]
+    heldout_sources: list[str] = field(default_factory=list)   # what made each held-out reply the target
 
 
 def holdout(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]]]:
-    """Newest `fraction` of all items (examples and pairs, by time) held out; at least one when ≥ 2 items.
+    """(train examples, train pairs, held-out conversations): see `holdout_with_sources`."""
+    train, pairs, heldout, _ = holdout_with_sources(delta, fraction)
+    return train, pairs, heldout
 
-    Imported examples carry their own chronological split (`Example.split`, 90/10 within the chat
-    history, see memory/importers) and go where it says, outside this count. Their held-out windows
-    come first: that history is older than any live turn, and the eval takes the newest items.
+
+def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]], list[str]]:
+    """The newest `fraction` of the reviewed turns (by time) held out; at least one when ≥ 2 turns.
+
+    A turn is held out whole: its example and its preference pair both leave training (a pair
+    trained by DPO would leak the held-out correction), and it is one held-out item (the example's,
+    else the pair's chosen reply), with its source. Imported examples carry their own chronological
+    split (`Example.split`, 90/10 within the chat history, see memory/importers) and go where it
+    says, outside this count. Their held-out windows come first: that history is older than any
+    live turn, and the eval takes the newest items.
     """
     presplit = [e for e in delta.examples if e.split]
-    items = [(e.created_at, 0, i, e) for i, e in enumerate(delta.examples) if not e.split]
-    items += [(p.created_at, 1, i, p) for i, p in enumerate(delta.pairs)]
-    items.sort(key=lambda t: (t[0], t[1], t[2]))
-    n_held = int(round(len(items) * fraction))
-    if len(items) >= 2:
+    turns: dict = {}
+    for i, item in enumerate([e for e in delta.examples if not e.split] + delta.pairs):
+        key = item.turn_id if item.turn_id is not None else ("item", i)
+        turns.setdefault(key, []).append(item)
+    order = sorted(turns, key=lambda k: min((x.created_at, isinstance(x, Pair)) for x in turns[k]))
+    n_held = int(round(len(order) * fraction))
+    if len(order) >= 2:
         n_held = max(1, n_held)
-    n_held = min(n_held, len(items) - 1) if items else 0
-    kept, held = items[: len(items) - n_held], items[len(items) - n_held:]
+    n_held = min(n_held, len(order) - 1) if order else 0
+    held_keys = set(order[len(order) - n_held:])
     heldout = [e.messages for e in presplit if e.split == "heldout"]
-    heldout += [(x.messages if isinstance(x, Example) else x.prompt + [{"role": "assistant", "content": x.chosen}])
-                for *_, x in held]
-    return ([x for *_, x in kept if isinstance(x, Example)] + [e for e in presplit if e.split == "train"],
-            [x for *_, x in kept if isinstance(x, Pair)], heldout)
+    sources = ["import"] * len(heldout)
+    for key in order[len(order) - n_held:]:
+        items = turns[key]
+        example = next((x for x in items if isinstance(x, Example)), None)
+        if example is not None:
+            heldout.append(example.messages)
+            sources.append(example.source)
+        else:
+            pair = items[0]
+            heldout.append(pair.prompt + [{"role": "assistant", "content": pair.chosen}])
+            sources.append(pair.source)
+    kept = [x for k in order if k not in held_keys for x in turns[k]]
+    return ([x for x in kept if isinstance(x, Example)] + [e for e in presplit if e.split == "train"],
+            [x for x in kept if isinstance(x, Pair)], heldout, sources)
 
 
 def ancestors(lineage: Lineage, parent: Generation) -> list[Generation]:
@@ -82,13 +104,13 @@ def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay
                allowed: Callable[[list[Example]], list[Example]] | None = None) -> Split:
     """`allowed` re-checks the ancestors' examples before any is replayed (memory.export.still_trainable:
     nobody who used /forget or /optout since, no turn an admin rejected)."""
-    train, pairs, heldout = holdout(delta, fraction)
+    train, pairs, heldout, sources = holdout_with_sources(delta, fraction)
     pool = ancestor_examples(chain)
     if allowed is not None:
         pool = allowed(pool)
     rng = random.Random(seed)
     replay = rng.sample(pool, min(replay_size, len(pool))) if pool else []
-    return Split(train=train, pairs=pairs, heldout=heldout, replay=replay)
+    return Split(train=train, pairs=pairs, heldout=heldout, replay=replay, heldout_sources=sources)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -10,7 +10,8 @@ from lineage.generations import Generation, Lineage
 from tests.helpers.fakes import FakeEngine
 
 # Gate thresholds and run sizes that let a tiny model pass through a whole cycle in seconds.
-LENIENT = dict(min_recall=0.0, min_generalization=0.0, max_style_drift=10.0, min_format=0.0,
+LENIENT = dict(learn_from="everyone", min_recall=0.0, min_generalization=0.0, max_style_drift=10.0, min_format=0.0,
+               max_contamination=1.0, new_account_window_s=0, max_share_per_source=1.0,
                train_epochs=1, train_batch=2, max_seq_len=256, dpo_steps=2, eval_max_items=4, replay_size=4,
                eval_reply_tokens=12)
 
