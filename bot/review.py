@@ -55,8 +55,12 @@ def review_text(item: ReviewItem) -> str:
         for ex in item.context:
             lines += [f"👤 {_cut(ex.user_text, _SNIPPET)}", f"🤖 {_cut(ex.reply_text, _SNIPPET)}"]
         lines.append("")
-    lines += [f"👤 {_cut(item.user_text, _TEXT)}", f"🤖 {_cut(item.reply_text, _TEXT)}", "",
-              f"{item.remaining} waiting for review, this one included."]
+    lines += [f"👤 {item.author}: {_cut(item.user_text, _TEXT)}", f"🤖 {_cut(item.reply_text, _TEXT)}"]
+    if item.correction is not None:
+        lines.append(f"✏️ {item.author} wants: {_cut(item.correction, _TEXT)}  (✅ trains this correction)")
+    lines += ["", f"{item.remaining} waiting for review, this one included."]
+    if item.waiting_by:
+        lines.append("👍/✏️ waiting by person: " + " · ".join(f"{who} {n}" for who, n in item.waiting_by))
     return "\n".join(lines)
 
 

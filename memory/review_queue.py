@@ -30,6 +30,9 @@ class ReviewItem:
     verdict: str | None
     context: list[Exchange]          # the exchanges before it in its served context, oldest first
     remaining: int = 0               # turns waiting for review, this one included
+    correction: str | None = None    # its author's ✏️ correction: what approving it teaches
+    author: str = ""                 # who asked (and rated or corrected): @username, a name, or the id
+    waiting_by: tuple = ()           # (who, how many of their 👍/✏️ turns wait for review), most first
 
 
 class ReviewQueueMixin(TurnsMixin):
@@ -39,9 +42,10 @@ class ReviewQueueMixin(TurnsMixin):
                     context_turns: int = 3) -> ReviewItem | None:
         """The next answered turn without a verdict, or None.
 
-        Order: 👍'd turns first (the next cycle trains on them, so a check matters most), then other
-        rated ones (👎: candidates for an edit), then unrated; oldest first within each. Turns of
-        people who keep their chats out of training are not queued; `skip` leaves turns out.
+        Order: ✏️-corrected and 👍'd turns first (what would train — or waits for an admin, from people
+        the trust policy does not let teach on their own), then other rated ones (👎: candidates for an
+        edit), then unrated; oldest first within each. Turns of people who keep their chats out of
+        training are not queued; `skip` leaves turns out.
         """
         queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
                  "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
@@ -49,8 +53,9 @@ class ReviewQueueMixin(TurnsMixin):
         params = (int(opt_out_by_default), json.dumps(sorted(skip)))
         row = self.database.one(
             "SELECT t.id, (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) AS score, "
-            "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n " + queue
-            + " ORDER BY CASE WHEN score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT 1", params)
+            "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n, "
+            "EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id) AS fixed " + queue
+            + " ORDER BY CASE WHEN fixed OR score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT 1", params)
         if row is None:
             return None
         remaining = self.database.scalar("SELECT COUNT(*) " + queue, params)
@@ -67,13 +72,33 @@ class ReviewQueueMixin(TurnsMixin):
         values = [r["value"] for r in self.database.query("SELECT value FROM ratings WHERE turn_id = ?", (turn_id,))]
         start = row["context_start_turn_id"] or turn_id
         context = [e for e in self.history(row["session_id"], before_turn_id=turn_id) if e.turn_id >= start]
+        correction = self.database.scalar(
+            "SELECT text FROM corrections WHERE turn_id = ? AND user_id = ? ORDER BY id DESC LIMIT 1",
+            (turn_id, row["user_id"]))
         return ReviewItem(
+            correction=correction, author=self.display_name(row["user_id"]), waiting_by=self.waiting_by(),
             turn_id=turn_id, chat_type=row["chat_type"], user_text=row["user_text"], reply_text=row["reply"] or "",
             generation_id=row["generation_id"], created_at=row["created_at"],
             ups=values.count(1), downs=values.count(-1),
             corrected=bool(self.database.scalar("SELECT COUNT(*) FROM corrections WHERE turn_id = ?", (turn_id,))),
             verdict=self.review_verdict(turn_id),
             context=context[-context_turns:] if context_turns > 0 else [], remaining=remaining)
+
+    def display_name(self, user_id: int) -> str:
+        row = self.database.one("SELECT username, first_name FROM users WHERE id = ?", (user_id,))
+        if row is None:
+            return str(user_id)
+        return f"@{row['username']}" if row["username"] else row["first_name"] or str(user_id)
+
+    def waiting_by(self, limit: int = 5) -> tuple:
+        """Whose ✏️ corrections and 👍 wait for a verdict, and how many each: the queue's contributors."""
+        rows = self.database.query(
+            "SELECT t.user_id, COUNT(*) AS n FROM turns t WHERE t.status = 'answered' "
+            "AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
+            "AND (EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id) "
+            "OR EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id AND r.user_id = t.user_id AND r.value > 0)) "
+            "GROUP BY t.user_id ORDER BY n DESC, t.user_id LIMIT ?", (limit,))
+        return tuple((self.display_name(r["user_id"]), r["n"]) for r in rows)
 
     def review_verdict(self, turn_id: int) -> str | None:
         return self.database.scalar("SELECT verdict FROM reviews WHERE turn_id = ?", (turn_id,))
