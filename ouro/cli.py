@@ -270,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    result = run_demo(data_dir=args.keep, prompts=args.prompts, home=_settings(args).data_dir)
+    result = run_demo(data_dir=args.keep, turns=args.turns, home=_settings(args).data_dir)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then /rollback — narrated. Nothing to configure; about 10 minutes on 2 cores. "
                                    "The data folder is kept (default: <data-dir>/demo/<time>).")
     p.add_argument("--keep", type=Path, help="use this data folder")
-    p.add_argument("--prompts", type=int, default=24, help="messages the simulated people send before /train")
+    p.add_argument("--turns", type=int, default=9, help="messages each of the three people sends before /train (1-9)")
     p.add_argument("--json", action="store_true", help="also print one JSON document at the end")
     p.set_defaults(func=cmd_demo)
 

@@ -1,14 +1,16 @@
 """`ouro demo`: the whole loop on one machine, nothing to configure, narrated as it goes.
 
 A local Telegram emulator on loopback (emulator/server.js), the real bot polling it over
-HTTP with the packaged SmolLM2 as generation 0, and a few simulated people who chat and
-rate through the real buttons: they like replies that open with "Ahoy!" (👍) and ✏️-correct
-the others. Then the admin, also simulated, sends /train; the cycle runs in its own process
-while the bot keeps answering; the admin gets the result; the next replies come from the new
-generation (hot-swap); finally /rollback with its confirmation button brings the parent back.
-If the gate refuses the candidate, the admin promotes it by hand to show the hot-swap — the
-narration says so. Everything lands in a fresh data folder that is kept, with the ledger and
-a chart, for you to look at afterwards.
+HTTP with the packaged SmolLM2 as generation 0, and three simulated people on its allow-list
+who each hold a conversation and review through the real buttons, as `ouro experiment` does:
+they want replies that open with "Ahoy!" — one in style gets 👍, most others ✏️ a correction,
+a few 👍 anyway and one a bare 👎. Then the admin, also simulated, sends /train; the cycle runs
+in its own process, with the product's training defaults, while the bot keeps answering; the
+admin gets the result; the next replies come from the new generation (hot-swap) and the demo
+counts how many open with "Ahoy!"; finally /rollback with its confirmation button brings the
+parent back. If the gate refuses the candidate, the admin promotes it by hand to show the
+hot-swap — the narration says so. Everything lands in a fresh data folder that is kept, with
+the ledger and a chart, for you to look at afterwards.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ouro.bench.experiment import STYLE, TRAIN_PROMPTS, in_style
+from ouro.bench.experiment import CONVERSATIONS, DOWN_ONLY, LIKED_ANYWAY, PROBE_PROMPTS, STYLE, in_style
 
 ADMIN_ID = 1
 PEOPLE = [(101, "Ann"), (102, "Bo"), (103, "Cy")]
+SHOWN_PROBES = 6
 
 
 def say(text: str = "") -> None:
@@ -33,38 +36,52 @@ def say(text: str = "") -> None:
 def demo_settings(data_dir: Path):
     from config.settings import load_settings
 
-    # small enough to finish in minutes on 2 cores; the same trainer and evals as production
-    return load_settings(data_dir=data_dir, admin_ids=[ADMIN_ID], cycle_schedule="off", stream_edit_interval_s=0.5,
-                         reply_max_tokens=48, max_seq_len=256, train_batch=2, train_epochs=2, dpo_steps=4,
-                         replay_size=24, eval_max_items=12, log_level="WARNING")
+    # the product's training defaults; only replies are kept short (48 tokens) so the chat part is quick
+    return load_settings(data_dir=data_dir, admin_ids=[ADMIN_ID], allowed_user_ids=[uid for uid, _ in PEOPLE],
+                         cycle_schedule="off", stream_edit_interval_s=0.5, reply_max_tokens=48, log_level="WARNING")
 
 
 async def _until(user, predicate, after: int, timeout: float):
     return await user.await_for(predicate, after=after, timeout=timeout)
 
 
-async def _chat_and_rate(emu, prompts: list[str]) -> dict:
-    counts = {"👍": 0, "✏️": 0}
-    for i, prompt in enumerate(prompts):
-        uid, name = PEOPLE[i % len(PEOPLE)]
-        user = emu.client(uid, name)
-        mid = await user.asend_text(prompt)
-        reply = await _until(user, lambda m: bool(m.callback_data), mid, 60)
-        text = reply.text or ""
-        if in_style(text):
-            await user.apress(reply.callback_data[0], reply.message_id)
-            counts["👍"] += 1
-            verdict = "👍"
-        else:
-            await user.apress(reply.callback_data[3], reply.message_id)
-            ask = await _until(user, lambda m: "✏️" in (m.text or ""), reply.message_id, 30)
-            better = f"{STYLE} {text.strip()}"
-            sent = await user.asend_text(better)
-            await _until(user, lambda m: "noted" in (m.text or ""), max(sent, ask.message_id), 30)
-            counts["✏️"] += 1
-            verdict = "✏️"
-        say(f"  {name}: {prompt!r}\n    bot: {text[:70]!r}  {verdict}")
+async def _chat_and_rate(emu, turns: int) -> dict:
+    """Each person holds one conversation, turn by turn, and reviews each reply through the buttons."""
+    counts = {"👍": 0, "✏️": 0, "👎": 0}
+    for i in range(turns):
+        for (uid, name), questions in zip(PEOPLE, CONVERSATIONS, strict=True):
+            user = emu.client(uid, name)
+            mid = await user.asend_text(questions[i])
+            reply = await _until(user, lambda m: bool(m.callback_data), mid, 90)
+            text = reply.text or ""
+            if in_style(text) or i in LIKED_ANYWAY:
+                await user.apress(reply.callback_data[0], reply.message_id)
+                verdict = "👍"
+            elif i in DOWN_ONLY:
+                await user.apress(reply.callback_data[1], reply.message_id)
+                verdict = "👎"
+            else:
+                await user.apress(reply.callback_data[3], reply.message_id)
+                ask = await _until(user, lambda m: "✏️" in (m.text or ""), reply.message_id, 30)
+                sent = await user.asend_text(f"{STYLE} {text.strip()}")
+                await _until(user, lambda m: "noted" in (m.text or ""), max(sent, ask.message_id), 30)
+                verdict = "✏️"
+            counts[verdict] += 1
+            say(f"  {name}: {questions[i]!r}\n    bot: {text[:70]!r}  {verdict}")
     return counts
+
+
+async def _probe(emu, rt) -> tuple[int, list[str]]:
+    """Ann starts a fresh conversation (/reset) with new questions; how many replies open with the style."""
+    ann = emu.client(*PEOPLE[0])
+    replies = []
+    for prompt in PROBE_PROMPTS[:SHOWN_PROBES]:
+        await _admin(emu, ann, "/reset", lambda m: True)
+        mid = await ann.asend_text(prompt)
+        reply = await _until(ann, lambda m: bool(m.callback_data), mid, 90)
+        replies.append(reply.text or "")
+        say(f"    Ann: {prompt!r} → {(reply.text or '')[:70]!r}")
+    return sum(map(in_style, replies)), replies
 
 
 async def _admin(emu, admin, command: str, predicate, timeout: float = 30):
@@ -80,7 +97,7 @@ async def _confirm(admin, ask) -> str:
     return done.text
 
 
-async def _run(data_dir: Path, prompts: int) -> dict:
+async def _run(data_dir: Path, turns: int) -> dict:
     from bot.app import build_application, running
     from lineage.chart import lineage_chart
     from ouro.demo.emulator import Emulator
@@ -99,9 +116,12 @@ async def _run(data_dir: Path, prompts: int) -> dict:
         try:
             async with running(app, poll_timeout=1):
                 admin = emu.client(ADMIN_ID, "Ada")
-                say(f"\n▶ {len(PEOPLE)} people chat. They like replies that open with {STYLE!r}: those get 👍, "
-                    "the others get ✏️ a better answer.")
-                result["rated"] = await _chat_and_rate(emu, TRAIN_PROMPTS[:prompts])
+                say(f"\n▶ {len(PEOPLE)} people chat. They like replies that open with {STYLE!r}: those get 👍; most "
+                    "others get ✏️ the same reply with the phrase in front, a few 👍 anyway, one a bare 👎.")
+                say("\n▶ Before: Ann asks new questions in fresh conversations.")
+                before, _ = await _probe(emu, rt)
+                result["before"] = {"in_style": before, "of": SHOWN_PROBES}
+                result["rated"] = await _chat_and_rate(emu, turns)
 
                 say("\n▶ The admin sends /train. The cycle runs in its own process; the bot keeps answering.")
                 started = await _admin(emu, admin, "/train", lambda m: "cycle" in m.text)
@@ -128,12 +148,14 @@ async def _run(data_dir: Path, prompts: int) -> dict:
                                        lambda m: bool(m.callback_data))
                     say("    " + (await _confirm(admin, ask)))
                 if rt.worker.engine.generation_id != "gen-0000":
-                    ann = emu.client(*PEOPLE[0])
-                    mid = await ann.asend_text("hey there!")
-                    reply = await _until(ann, lambda m: bool(m.callback_data), mid, 60)
+                    say(f"\n▶ Hot-swapped without a restart: {rt.worker.engine.generation_id} answers. Ann asks the "
+                        "same new questions again, in fresh conversations.")
+                    after, replies = await _probe(emu, rt)
                     gen = rt.store.turn(rt.store.latest_answered_turn(PEOPLE[0][0])).generation_id
-                    say(f"\n▶ Hot-swapped without a restart. Ann: 'hey there!' → {gen}: {reply.text[:80]!r}")
-                    result["after_swap"] = {"generation": gen, "reply": reply.text}
+                    say(f"    {before} of {SHOWN_PROBES} opened with {STYLE!r} before; {after} of {SHOWN_PROBES} now.")
+                    result["after_swap"] = {"generation": gen, "in_style": after, "of": SHOWN_PROBES,
+                                            "reply": replies[0]}
+                    ann = emu.client(*PEOPLE[0])
 
                     say("\n▶ The admin rolls back with /rollback (a confirmation button; nothing is deleted).")
                     ask = await _admin(emu, admin, "/rollback demo: back to the parent", lambda m: bool(m.callback_data))
@@ -156,7 +178,7 @@ async def _run(data_dir: Path, prompts: int) -> dict:
     return result
 
 
-def run_demo(*, data_dir: Path | None = None, prompts: int = 24, home: Path | None = None) -> dict:
+def run_demo(*, data_dir: Path | None = None, turns: int = 9, home: Path | None = None) -> dict:
     """The narrated demo in `data_dir` (default: a new folder under `home`/demo/, `home` being the
     data folder of the settings)."""
     from config.settings import load_settings
@@ -164,4 +186,4 @@ def run_demo(*, data_dir: Path | None = None, prompts: int = 24, home: Path | No
     if data_dir is None:
         data_dir = (home or load_settings().data_dir) / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_run(data_dir.resolve(), prompts))
+    return asyncio.run(_run(data_dir.resolve(), turns))
