@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         "Up to this many items of one source always train, whatever the share (a lone teacher still teaches)."))
     new_account_window_s: float = Field(3600.0, ge=0.0, le=10_000_000.0, description=(
         "Three or more untrusted accounts first seen within this many seconds of each other count as one source."))
+    screen_targets: bool = Field(True, description=(
+        "Keep training targets with links, handles, phone numbers, wallets, spam, blocklisted words, another "
+        "script, run-on repetition or prompt-injection shapes out of training (memory/screens.py)."))
     blocklist: StrList = Field(default_factory=list, description=(
         "Words or phrases that must never become training targets (case-insensitive). Comma-separated in env."))
     max_contamination: float = Field(0.05, ge=0.0, le=1.0, description=(

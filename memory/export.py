@@ -117,8 +117,9 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     """Everything reviewed in (since, until]: examples and pairs, screened, redacted, deduplicated,
     within the trust policy's modes and caps, budgeted.
 
-    `policy` None: everyone teaches, uncapped (exports and tests of the plain rules). `carried`: the
-    items the parent generation deferred over a cap; they compete again here, first in line."""
+    `policy` None: everyone teaches, uncapped; `screens` None: no content screens (exports and tests
+    of the plain rules). `carried`: the items the parent generation deferred over a cap; they compete
+    again here, first in line."""
     db = store.database
     consent = "COALESCE(u.training_opt_out, ?) = 0"
     window = "(? IS NULL OR {col} > ?) AND (? IS NULL OR {col} <= ?)"
@@ -182,7 +183,8 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         candidates = carried.examples + candidates
         pairs = carried.pairs + pairs
 
-    candidates, pairs = _screen(delta, candidates, pairs, screens or Screens())
+    if screens is not None:
+        candidates, pairs = _screen(delta, candidates, pairs, screens)
     if policy is not None:
         candidates, pairs = _trust(delta, store, candidates, pairs, policy)
 

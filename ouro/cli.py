@@ -296,7 +296,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    result = run_experiment(cycles=args.cycles, styles=args.style, data_dir=args.keep, json_output=args.json)
+    if args.attack:
+        from ouro.bench.attack import run_attack
+
+        result = run_attack(variants=args.variant, data_dir=args.keep, json_output=args.json)
+    else:
+        result = run_experiment(cycles=args.cycles, styles=args.style, data_dir=args.keep, json_output=args.json)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -403,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=2, help="learning cycles to run per style")
     p.add_argument("--style", choices=["ahoy", "stars"], action="append",
                    help="run only this style (repeatable; default: both)")
+    p.add_argument("--attack", action="store_true",
+                   help="instead: a hostile account floods 40 corrections with a marker and a link beside the three "
+                        "people; one cycle per variant (protected, allow-listed, unprotected)")
+    p.add_argument("--variant", choices=["protected", "allow-listed", "unprotected"], action="append",
+                   help="with --attack: run only this variant (repeatable)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)

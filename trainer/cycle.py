@@ -292,7 +292,10 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     return report
 
 
-def screens_for(settings: Settings) -> Screens:
+def screens_for(settings: Settings) -> Screens | None:
+    """The content screens on training targets; None when the owner turned them off."""
+    if not settings.screen_targets:
+        return None
     return Screens(blocklist=tuple(settings.blocklist), reference=settings.persona())
 
 
@@ -410,7 +413,7 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
         return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
     suite = run_suite(settings, staging / GGUF_NAME, parent, persona=persona, heldout=split.heldout,
                       heldout_sources=split.heldout_sources, ancestor_heldout=ancestor_heldout(chain),
-                      screens=screens_for(settings))
+                      screens=Screens(blocklist=tuple(settings.blocklist), reference=persona))
     out, invariants = suite.scores, []
     agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, suite.probe_ids)
     out["child"]["gguf_agreement"] = asdict(agreement)
