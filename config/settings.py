@@ -137,26 +137,26 @@ class Settings(BaseSettings):
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (update scaled by alpha / rank).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Dropout on the LoRA input (0 by default: its random masks cost ~25% of a CPU step)."))
-    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Learning rate of supervised fine-tuning.")
+    learning_rate: float = Field(3e-4, gt=0.0, lt=1.0, description="Learning rate of supervised fine-tuning.")
     train_epochs: int = Field(2, ge=1, le=100, description=(
         "Passes over the training examples when there are enough of them for train_min_steps."))
-    train_min_steps: int = Field(24, ge=1, le=100_000, description=(
+    train_min_steps: int = Field(16, ge=1, le=100_000, description=(
         "A small delta still gets this many optimizer steps: more passes (up to train_max_epochs), then "
         "smaller batches. A few corrected chats are a few packed rows; two passes would be two steps."))
-    train_max_epochs: int = Field(12, ge=1, le=1000, description="Most passes over a small delta.")
+    train_max_epochs: int = Field(8, ge=1, le=1000, description="Most passes over a small delta.")
     lr_schedule: str = Field("cosine", pattern="^(constant|cosine)$", description=(
         "Learning-rate schedule of the SFT pass: constant, or cosine (10% linear warm-up, then decay to 0)."))
     train_max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (empty: all epochs).")
     train_batch: int = Field(4, ge=1, le=1024, description="Packed rows per optimizer step.")
-    max_seq_len: int = Field(768, ge=64, le=32768, description="Tokens per packed training row.")
+    max_seq_len: int = Field(1024, ge=64, le=32768, description="Tokens per packed training row.")
     dpo_steps: int = Field(20, ge=0, le=100_000, description=(
         "Most DPO steps after SFT when preference pairs exist (0: off)."))
-    dpo_epochs: int = Field(2, ge=1, le=100, description=(
+    dpo_epochs: int = Field(1, ge=1, le=100, description=(
         "Passes over the preference pairs; the DPO pass is sized to them, at most dpo_steps."))
     dpo_max_len: int = Field(384, ge=16, le=32768, description=(
         "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
-    dpo_lr: float = Field(5e-5, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
+    dpo_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(

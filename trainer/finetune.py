@@ -58,12 +58,12 @@ class TrainConfig:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA input, in [0, 1). 0 by default: on CPU it costs ~25% of the step time."})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the SFT pass."})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the SFT pass."})
     epochs: int = field(default=2, metadata={"help": "Passes over the SFT examples when the data is large enough."})
-    min_steps: int = field(default=24, metadata={
+    min_steps: int = field(default=16, metadata={
         "help": "A small delta still gets this many SFT optimizer steps: more passes (up to max_epochs), "
                 "then smaller batches."})
-    max_epochs: int = field(default=12, metadata={"help": "Most passes over a small delta."})
+    max_epochs: int = field(default=8, metadata={"help": "Most passes over a small delta."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop SFT after this many steps (None: as planned)."})
     lr_schedule: str = field(default="cosine", metadata={
         "help": "constant, or cosine (linear warm-up over the first 10% of steps, then cosine decay to 0)."})
@@ -71,13 +71,13 @@ class TrainConfig:
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per packed row (and per DPO sequence)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta: how far from the SFT model."})
     dpo_steps: int = field(default=20, metadata={"help": "Most DPO optimizer steps (0: skip DPO)."})
-    dpo_epochs: int = field(default=2, metadata={
+    dpo_epochs: int = field(default=1, metadata={
         "help": "Passes over the preference pairs: the DPO pass takes ceil(dpo_epochs x pairs / batch) steps, "
                 "at most dpo_steps."})
     dpo_max_len: int = field(default=384, metadata={
         "help": "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this. Which reply is "
                 "better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
-    dpo_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the DPO pass."})
+    dpo_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the DPO pass."})
     seed: int = field(default=1234, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
 
     def __post_init__(self) -> None:
