@@ -179,7 +179,7 @@ def test_the_experiment_learns_with_the_products_defaults(tmp_path, monkeypatch)
     """`ouro experiment` sets where its data lives and who may talk, nothing about training."""
     from ouro.bench.experiment import PEOPLE, STYLES, experiment_settings
 
-    for name in [n for n in load_settings().model_fields if n != "data_dir"]:
+    for name in [n for n in type(load_settings()).model_fields if n != "data_dir"]:
         monkeypatch.delenv(f"OURO_{name.upper()}", raising=False)
     ours = experiment_settings(tmp_path).model_dump()
     defaults = load_settings(data_dir=tmp_path).model_dump()
