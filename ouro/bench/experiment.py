@@ -118,6 +118,25 @@ async def ask_probes(rt, round_: int) -> list[str]:
     return replies
 
 
+def candidate_share(settings: Settings, gen_id: str, style: Style) -> dict:
+    """A refused child never serves; its probe replies are asked of it directly, sampled as users get
+    them (twice per prompt) and greedily, so a refusal still shows what it learned."""
+    engine = load_engine(settings, Lineage(settings.models_dir).generation(gen_id))
+    persona, sampled, greedy = settings.persona(), [], []
+    try:
+        for temperature, out in ((settings.temperature, sampled), (settings.temperature, sampled), (0.0, greedy)):
+            for prompt in PROBE_PROMPTS:
+                engine.forget(prompt)
+                out.append(engine.generate(
+                    [{"role": "system", "content": persona}, {"role": "user", "content": prompt}], chat_key=prompt,
+                    sampling=Sampling(temperature=temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                      repeat_penalty=settings.repeat_penalty, max_tokens=48)).text)
+    finally:
+        engine.close()
+    return {"candidate_style_share": round(sum(map(style.holds, sampled)) / len(sampled), 3),
+            "candidate_style_share_greedy": round(sum(map(style.holds, greedy)) / len(greedy), 3)}
+
+
 def greedy_replies(settings: Settings, lineage: Lineage) -> list[str]:
     engine = load_engine(settings, lineage.active())
     try:
@@ -172,11 +191,16 @@ def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict
                "reviewed": counts, "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data,
                "train": report.train, "scores": report.scores, "reasons": report.reasons,
                **measure(settings, style, round_)}
+        if report.status == "refused" and report.gen_id:
+            row.update(candidate_share(settings, report.gen_id, style))
         rows.append(row)
         if not quiet:
             print(f"[{style.phrase}] {report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active "
                   f"{lineage.active_id()} answers {row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} "
                   f"greedy in style; scores {report.scores}")
+            if "candidate_style_share" in row:
+                print(f"    the refused candidate itself: {row['candidate_style_share']:.0%} sampled, "
+                      f"{row['candidate_style_share_greedy']:.0%} greedy in style")
             for reason in report.reasons:
                 print(f"    - {reason}")
     return {"style": style.phrase, "generations": rows,
