@@ -117,7 +117,8 @@ def copy_generation(models, gen_id: str, parent: str, source) -> None:
 async def test_replies_keep_flowing_through_ten_hot_swaps(emu, tmp_path):
     emu.reset()
     settings = load_settings(data_dir=tmp_path / "data", admin_ids=[ADMIN], stream_edit_interval_s=0.2,
-                             cycle_schedule="off", reply_max_tokens=16, temperature=0.0, swap_warm_tokens=256)
+                             cycle_schedule="off", reply_max_tokens=16, temperature=0.0, swap_warm_tokens=256,
+                             flood_messages=10_000)   # three fast chatters; flood control is not what is tested
     rt = open_runtime(settings)   # registers the packaged SmolLM2 as gen-0000
     copy_generation(settings.models_dir, "gen-0001", "gen-0000", packaged_base_gguf())
     app = build_application(settings, rt.store, rt.conversation, token=emu.token, base_url=emu.api_url,
