@@ -118,9 +118,9 @@ async def ask_probes(rt, round_: int) -> list[str]:
     return replies
 
 
-def candidate_share(settings: Settings, gen_id: str, style: Style) -> dict:
-    """A refused child never serves; its probe replies are asked of it directly, sampled as users get
-    them (twice per prompt) and greedily, so a refusal still shows what it learned."""
+def probe_replies(settings: Settings, gen_id: str) -> tuple[list[str], list[str]]:
+    """One generation asked directly (it need not serve): (sampled twice per probe as users get them,
+    greedy once), 48 tokens each — enough to see how a reply opens."""
     engine = load_engine(settings, Lineage(settings.models_dir).generation(gen_id))
     persona, sampled, greedy = settings.persona(), [], []
     try:
@@ -133,6 +133,13 @@ def candidate_share(settings: Settings, gen_id: str, style: Style) -> dict:
                                       repeat_penalty=settings.repeat_penalty, max_tokens=48)).text)
     finally:
         engine.close()
+    return sampled, greedy
+
+
+def candidate_share(settings: Settings, gen_id: str, style: Style) -> dict:
+    """A refused child never serves; its probe replies are asked of it directly, so a refusal still
+    shows what it learned."""
+    sampled, greedy = probe_replies(settings, gen_id)
     return {"candidate_style_share": round(sum(map(style.holds, sampled)) / len(sampled), 3),
             "candidate_style_share_greedy": round(sum(map(style.holds, greedy)) / len(greedy), 3)}
 
