@@ -13,10 +13,24 @@ setup: .stamp-venv .stamp-emulator
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# The machine decides the build: with an NVIDIA GPU (nvidia-smi lists one) torch is PyPI's CUDA
+# build, bitsandbytes comes in (QLoRA) and llama.cpp is compiled with CUDA (so n_gpu_layers
+# offloads); without one, torch comes from PyTorch's CPU wheel index (no multi-GB CUDA wheels),
+# falling back to the package index's own sources when that index cannot be reached.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda)
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
 .stamp-venv: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(GPU),cuda)
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/python -m pip install -q --no-cache-dir -c $(CONSTRAINTS) llama-cpp-python==0.3.36
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[cuda,dev]'
+else
+	$(BIN)/python -m pip install -q --timeout 15 --retries 0 --index-url $(TORCH_CPU_INDEX) -c $(CONSTRAINTS) torch==2.13.0 \
+	  || $(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+endif
 	@touch $@
 
 .stamp-emulator: emulator/package.json emulator/package-lock.json

@@ -52,7 +52,8 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
         out: dict = {"child": {}, "parent": {}}
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
         sources = (heldout_sources or ["correction"] * len(heldout))[-n:]
-        out["child"]["generalization"] = generalization_score(child, par, heldout[-n:], sources=sources)
+        out["child"]["generalization"] = generalization_score(child, par, heldout[-n:], sources=sources,
+                                                               tolerance=settings.recall_tolerance)
         for who, model in (("child", child), ("parent", par)):
             out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,
                                                         max_tokens=settings.eval_reply_tokens)

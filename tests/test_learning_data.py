@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from evals.generalization import generalization_score
 from memory.export import Delta, Example, Pair
 from trainer.replay import holdout_with_sources
@@ -24,18 +26,28 @@ def test_a_held_out_turn_leaves_training_whole_its_pair_too():
 
 
 class Scored:
-    def __init__(self, nll):
-        self.nll = nll
+    """Per-token log-probabilities of each reply, as EvalModel gives them."""
 
-    def reply_nll(self, messages):
-        return self.nll[messages[-1]["content"]]
+    def __init__(self, logprobs):
+        self.logprobs = {k: np.array(v, dtype=float) for k, v in logprobs.items()}
+
+    def reply_logprobs(self, messages):
+        return self.logprobs[messages[-1]["content"]]
 
 
 def test_generalization_asks_corrections_to_improve_and_approved_replies_to_be_kept():
     items = [[{"role": "assistant", "content": t}] for t in ("Ahoy! a", "Ahoy! b", "served c", "served d")]
-    parent = Scored({"Ahoy! a": 3.0, "Ahoy! b": 3.0, "served c": 1.0, "served d": 1.0})
-    child = Scored({"Ahoy! a": 2.0, "Ahoy! b": 2.5, "served c": 1.04, "served d": 1.5})
+    parent = Scored({"Ahoy! a": [-6.0] + [-1.0] * 19, "Ahoy! b": [-6.0] + [-1.0] * 19,
+                     "served c": [-0.5] * 20, "served d": [-0.5] * 20})
+    child = Scored({"Ahoy! a": [-0.5] + [-1.0] * 19,                # learned the opener, kept the rest
+                    "Ahoy! b": [-0.5] + [-1.4] * 19,                # opener gained less than the rest lost
+                    "served c": [-5.5] + [-0.5] * 19,               # one token moved (the new opener): kept
+                    "served d": [-2.0] * 10 + [-0.5] * 10})         # half its tokens forgotten
     out = generalization_score(child, parent, items, sources=["correction", "correction", "thumbs_up", "thumbs_up"])
-    assert out["score"] == 0.75 and out["improved"] == 2 and out["kept"] == 1     # d got much less likely
+    assert [x["learned"] for x in out["per_item"]] == [True, False, True, False]
+    assert out["score"] == 0.5 and out["improved"] == 1 and out["kept"] == 1
+    # c is 0.25 nats/token worse on average, yet 19 of its 20 tokens are as likely as the parent made them
+    assert out["per_item"][2]["nll_child"] - out["per_item"][2]["nll_parent"] > 0.2
+    assert out["per_item"][2]["retention"] == 0.95 and out["per_item"][3]["retention"] == 0.5
     # without sources every item must improve (the old rule): the kept approved reply no longer counts
-    assert generalization_score(child, parent, items)["score"] == 0.5
+    assert generalization_score(child, parent, items)["score"] == 0.25
