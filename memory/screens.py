@@ -180,3 +180,11 @@ def screen(text: str, screens: Screens) -> list[str]:
         "injection": bool(_INJECTION.search(text)),
     }
     return [reason for reason in REASONS if found[reason]]
+
+
+def screens_for(settings) -> Screens | None:
+    """The content screens the settings ask for (config.settings.Settings); None when the owner
+    turned them off (`screen_targets = false`)."""
+    if not settings.screen_targets:
+        return None
+    return Screens(blocklist=tuple(settings.blocklist), reference=settings.persona())

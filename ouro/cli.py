@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="openai: OpenAI chat fine-tuning JSONL plus a token report (tiktoken o200k_base, "
                                    "offline) and a cost estimate (OURO_OPENAI_PRICE_PER_MTOK). sft / dpo: JSONL in "
                                    "TRL's conversational formats, loadable with datasets.load_dataset('json'). "
-                                   "Data: everything reviewed (redacted, opt-outs left out), or with GEN the new data "
+                                   "Data: everything reviewed, as training would take it (redacted; opt-outs, screened "
+                                   "text and items still waiting in /review left out and counted), or with GEN the new data "
                                    "that generation learned from (not its replay sample). ollama: a Modelfile for GEN "
                                    "(FROM its GGUF, its chat template translated, the persona as SYSTEM) for "
                                    "`ollama create`.")

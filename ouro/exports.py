@@ -2,8 +2,10 @@
 
 Data for `openai`, `sft` and `dpo`:
 - no GEN: everything reviewed so far (or since `--since GEN` took its training data), through
-  `memory.export.reviewed_since`, so redaction and opt-outs apply. Not cut to `data_budget`,
-  which limits one generation's training, not what a person may take away.
+  `memory.export.reviewed_since`, so redaction, opt-outs, the content screens and the review
+  mode apply as they do to training: a stranger's correction still waiting in /review, or a
+  reply carrying a link, is not in the file (the report counts both). Not cut to `data_budget`
+  and no per-source cap: those shape one generation, not what a person may take away.
 - GEN: the new data that generation learned from, as its cycle kept it: `data/train.jsonl`
   (its delta less the held-out share; the replay sample from ancestors is not stored, so it is
   not included) and `data/pairs.jsonl`.
@@ -15,6 +17,7 @@ Files land in `<data dir>/exports/` (created owner-only) unless `--out` says oth
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from core.files import ensure_private_dir
 from lineage.generations import Generation, Lineage
 from memory.dataset_export import DATASET_FORMATS, write_dataset
 from memory.export import Delta, Example, Pair, reviewed_since
+from memory.screens import screens_for
 from memory.store import Store
+from memory.trust import policy_for
 
 FORMATS = (*DATASET_FORMATS, "ollama")
 
@@ -77,14 +82,26 @@ def run_export(settings: Settings, store: Store | None, fmt: str, *, gen: str | 
         if store is None:
             raise OuroError("exporting reviewed turns needs the database")
         cutoff = lineage.generation(since).meta.get("data_cutoff") if since else None
+        uncapped = replace(policy_for(settings, store), max_share=1.0)
         delta = reviewed_since(store, persona=settings.persona(), since=cutoff, until=None, budget=10**9,
-                               opt_out_by_default=settings.training_opt_out_default)
+                               opt_out_by_default=settings.training_opt_out_default, policy=uncapped,
+                               screens=screens_for(settings))
         label = f"reviewed-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
-        source = {"reviewed_since": since, "cutoff": cutoff}
+        source = {"reviewed_since": since, "cutoff": cutoff, "left_out": left_out(delta)}
+        waiting = source["left_out"]["waiting_for_review"]
+        if waiting and not (delta.pairs if fmt == "dpo" else delta.examples):
+            raise OuroError(f"nothing to export yet: {waiting} items wait for an admin in /review",
+                            hint="approve them with /review in the chat or `ouro review`, then export again")
     report = write_dataset(delta, fmt, out or exports_dir(settings) / f"{label}.{fmt}.jsonl",
                            price_per_mtok=settings.openai_price_per_mtok,
                            max_tokens_per_example=settings.openai_max_tokens_per_example)
     return {**report, "source": source}
+
+
+def left_out(delta: Delta) -> dict:
+    """What the trust rules and screens kept out of an export of reviewed turns, by why."""
+    return {"screened": dict(delta.screened), "waiting_for_review": sum(delta.waiting.values()),
+            "not_trusted": delta.dropped.get("not_trusted", 0)}
 
 
 def report_lines(report: dict) -> list[str]:
@@ -96,6 +113,14 @@ def report_lines(report: dict) -> list[str]:
                 f"next: {report['create']}"]
     what = "preference pairs" if report["format"] == "dpo" else "examples"
     lines = [f"wrote {report['rows']} {what} to {report['path']}"]
+    out = (report.get("source") or {}).get("left_out") or {}
+    if out.get("screened"):
+        lines.append("  left out by the content screens: "
+                     + ", ".join(f"{n} {reason}" for reason, n in sorted(out["screened"].items())))
+    if out.get("waiting_for_review"):
+        lines.append(f"  left out, waiting for an admin in /review: {out['waiting_for_review']}")
+    if out.get("not_trusted"):
+        lines.append(f"  left out, from people this bot does not learn from (learn_from): {out['not_trusted']}")
     if report["format"] == "openai":
         lines += [
             f"  tokens ({report['encoding']}): {report['tokens_total']:,} in total; per example min "

@@ -37,7 +37,8 @@ PERSONA = 'You are Ouro, a "tidal" bot.\nKeep it short — and kind 🌊'
 def cfg(tmp_path):
     persona = tmp_path / "persona.md"
     persona.write_text(PERSONA, encoding="utf-8")
-    return load_settings(data_dir=tmp_path / "data", persona_file=persona)
+    # the format tests: everyone teaches (the review modes' own test below uses an open bot)
+    return load_settings(data_dir=tmp_path / "data", persona_file=persona, learn_from="everyone")
 
 
 def answered(store, chat, text, reply, anchor=None):
@@ -175,7 +176,8 @@ def test_since_a_generation_and_what_a_generation_trained_on(cfg, store, tmp_pat
 
     report = run_export(cfg, store, "sft", since="gen-0001", out=tmp_path / "since.jsonl")
     assert [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "since.jsonl")] == ["later answer"]
-    assert report["source"] == {"reviewed_since": "gen-0001", "cutoff": cutoff}
+    assert report["source"] == {"reviewed_since": "gen-0001", "cutoff": cutoff,
+                                "left_out": {"screened": {}, "waiting_for_review": 0, "not_trusted": 0}}
 
     run_export(cfg, None, "sft", gen="gen-0001", out=tmp_path / "gen.jsonl")
     run_export(cfg, None, "dpo", gen="gen-0001", out=tmp_path / "gen-dpo.jsonl")
@@ -191,8 +193,31 @@ def test_nothing_to_export_is_a_clear_error(cfg, store, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_export_applies_the_review_mode_and_the_screens(cfg, store, tmp_path, capsys, monkeypatch):
+    """An open bot: a stranger's ✏️ waits for /review and a link never leaves, as in training."""
+    open_bot = load_settings(data_dir=cfg.data_dir, persona_file=cfg.persona_file, admin_ids=[7])
+    mine = answered(store, 7, "hi", "hello")
+    store.rate(mine, 7, 1)
+    for i, text in enumerate(["Ahoy, a stranger's style", "visit spam.example.com now"]):
+        t = answered(store, 900 + i, f"q{i}", "meh")
+        store.await_correction(900 + i, 900 + i, t)
+        store.take_correction(900 + i, 900 + i, text)
+    with pytest.raises(OuroError, match="nothing to export yet: 2 items wait"):
+        run_export(open_bot, store, "dpo", out=tmp_path / "x.jsonl")
+    report = run_export(open_bot, store, "sft", out=tmp_path / "open.jsonl")
+    assert [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "open.jsonl")] == ["hello"]
+    assert report["source"]["left_out"] == {"screened": {"link": 2}, "waiting_for_review": 2, "not_trusted": 0}
+    everyone = run_export(cfg, store, "sft", out=tmp_path / "all.jsonl")
+    targets = [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "all.jsonl")]
+    assert "Ahoy, a stranger's style" in targets and not any("example.com" in t for t in targets)
+    assert everyone["source"]["left_out"]["waiting_for_review"] == 0
+    from ouro.exports import report_lines
+    assert "  left out, waiting for an admin in /review: 2" in report_lines(report)
+
+
 def test_cli_export_json_report_and_default_location(cfg, store, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OURO_PERSONA_FILE", str(cfg.persona_file))
+    monkeypatch.setenv("OURO_LEARN_FROM", "everyone")
     add_reviewed(store, 100, 3)
     assert main(["export", "--format", "openai", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

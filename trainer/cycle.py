@@ -27,7 +27,7 @@ from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
 from memory.export import Delta, Pair, reviewed_since, still_trainable
-from memory.screens import Screens
+from memory.screens import Screens, screens_for
 from memory.store import Store
 from memory.trust import policy_for
 from trainer.lock import CycleLock, pid_alive
@@ -290,13 +290,6 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     else:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
     return report
-
-
-def screens_for(settings: Settings) -> Screens | None:
-    """The content screens on training targets; None when the owner turned them off."""
-    if not settings.screen_targets:
-        return None
-    return Screens(blocklist=tuple(settings.blocklist), reference=settings.persona())
 
 
 def _carried(parent: Generation, store: Store, settings: Settings) -> Delta:
