@@ -11,7 +11,7 @@ Every training target has a contributor: the person whose ✏️ correction, �
 - `admins`: admins only; nobody else's feedback is even queued.
 Waiting items are not lost: an admin's approval in /review makes them targets (as the admin's).
 
-Caps: one source contributes at most `max_share` of a generation's items, but always up to
+Caps: one source holds at most `max_share` of the items a generation trains on, but always up to
 `min_items` (a lone teacher still teaches); the rest is deferred to the next generation, counted.
 Admins are not capped. Untrusted accounts first seen within `new_account_window_s` of each other,
 three or more of them, count as one source until an admin trusts them — a flood from fresh
@@ -20,7 +20,6 @@ accounts weighs what one stranger weighs.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,9 +99,17 @@ def sources(policy: TrustPolicy, first_seen: dict[int, str]) -> dict[int, str]:
 
 def cap(items: Sequence[T], contributor: Callable[[T], int | None], source_of: dict[int, str],
         policy: TrustPolicy) -> tuple[list[T], list[T]]:
-    """(kept, deferred): per source at most max(min_items, max_share x all items), oldest first as
-    given; admins are not capped."""
-    limit = max(policy.min_items, math.floor(policy.max_share * len(items)))
+    """(kept, deferred): no source keeps more than `max_share` of the items kept (admins' included),
+    but every source keeps up to `min_items`; oldest first as given; admins are not capped."""
+    per: Counter[str] = Counter()
+    admins = 0
+    for item in items:
+        uid = contributor(item)
+        if policy.tier(uid) == ADMIN:
+            admins += 1
+        else:
+            per[source_of.get(uid, f"user:{uid}")] += 1
+    limit = share_limit(list(per.values()), admins, policy.max_share, policy.min_items)
     taken: Counter[str] = Counter()
     kept, deferred = [], []
     for item in items:
@@ -117,6 +124,16 @@ def cap(items: Sequence[T], contributor: Callable[[T], int | None], source_of: d
         else:
             deferred.append(item)
     return kept, deferred
+
+
+def share_limit(counts: Sequence[int], uncapped: int, max_share: float, min_items: int) -> int:
+    """The most items one source may keep so that none holds more than `max_share` of all that is
+    kept — a share of what trains, not of what was offered (a flood that offers 80 of 116 items
+    would otherwise keep 58 of 94) — and never fewer than `min_items`."""
+    for limit in range(max(counts, default=0), 0, -1):
+        if limit <= max_share * (uncapped + sum(min(n, limit) for n in counts)) + 1e-9:
+            return max(limit, min_items)
+    return min_items
 
 
 def shares(contributors: Sequence[int | None], source_of: dict[int, str]) -> dict:
