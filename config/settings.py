@@ -167,7 +167,8 @@ class Settings(BaseSettings):
     probes_file: Path = Field(CONFIG_DIR / "probes.toml", description="Tone, format and recall probes for the evals.")
     eval_max_items: int = Field(40, ge=1, le=100_000, description="Most items per NLL-based eval (newest first).")
     eval_reply_tokens: int = Field(64, ge=8, le=1024, description=(
-        "Longest reply generated per tone/format probe (a reply still running then fails the format check)."))
+        "Longest reply generated per tone probe and recall answer. Format probes run to reply_max_tokens, the "
+        "serving cut-off: a reply still running there fails the format check."))
     recall_tolerance: float = Field(1.0, ge=0.0, le=20.0, description=(
         "Nats a token's log-probability may drop (child vs parent) and still count as remembered (recall eval)."))
     min_recall: float = Field(0.90, ge=0.0, le=1.0, description="Gate: lowest recall promoted.")

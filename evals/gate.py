@@ -11,8 +11,13 @@ A child passes only when every check holds:
 A base model usually starts *below* the style-drift and format targets (an assistant-tuned
 base answers in assistant voice). Refusing every child of such a parent would mean the loop
 can never start, so when the parent itself misses one of those two targets, the child must
-instead be no worse than the parent on it (noted in the result). Recall and generalization
-thresholds always apply as they are.
+instead be no worse than the parent beyond the regression margin, and no worse than the
+lineage's base (generation 0, `base`) beyond it either (noted in the result). The margin is one
+probe's worth: greedy replies to 12 tone probes and 5 format probes flip one way or the other
+between generations ("I'm sorry to hear that" → "I'm so sorry to hear that"), and a rule
+without it refused a child over one flipped probe (docs/design-notes.md). Measuring against
+the base as well keeps those single-probe steps from adding up generation after generation.
+Recall and generalization thresholds always apply as they are.
 
 Stop rule (design doc): if for two consecutive generations generalization improved by less
 than 0.05 while style drift rose by more than 0.1, stop: keep the parent and tell the admins
@@ -45,8 +50,10 @@ class GateResult:
         return {"passed": self.passed, "reasons": self.reasons, "notes": self.notes}
 
 
-def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failures: list[str] | None = None) -> GateResult:
-    """`child`/`parent`: {"recall", "generalization", "style_drift", "format"} (parent may lack some)."""
+def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failures: list[str] | None = None,
+           base: dict | None = None) -> GateResult:
+    """`child`/`parent`/`base`: {"recall", "generalization", "style_drift", "format"} (parent and base
+    may lack some; `base` is generation 0's, as measured when its first child was evaluated)."""
     reasons = list(invariant_failures or [])
     recall, gen = child.get("recall"), child.get("generalization")
     drift, fmt = child.get("style_drift"), child.get("format")
@@ -59,25 +66,27 @@ def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failur
     notes = []
     p_drift = (parent or {}).get("style_drift")
     p_fmt = (parent or {}).get("format")
+    b_drift, b_fmt = (base or {}).get("style_drift"), (base or {}).get("format")
     if drift is None:
         reasons.append("style drift not measured")
-    elif p_drift is not None and p_drift > th.max_style_drift and drift <= th.max_style_drift:
-        pass
-    elif p_drift is not None and p_drift > th.max_style_drift:
-        if drift > p_drift:
-            reasons.append(f"style drift {drift} > {th.max_style_drift} and worse than the parent's {p_drift}")
-        else:
+    elif p_drift is not None and p_drift > th.max_style_drift and drift > th.max_style_drift:
+        if b_drift is not None and drift > max(b_drift, th.max_style_drift) + th.style_drift_margin:
+            reasons.append(f"style drift {drift} > {th.max_style_drift} and worse than the base's {b_drift} "
+                           f"beyond the margin {th.style_drift_margin}")
+        elif drift <= p_drift + th.style_drift_margin:   # beyond it: the regression check below says so
             notes.append(f"style drift {drift} still above the target {th.max_style_drift}, but no worse than the "
-                         f"parent's {p_drift}")
+                         f"parent's {p_drift} beyond the margin {th.style_drift_margin}")
     elif drift > th.max_style_drift:
         reasons.append(f"style drift {drift} > {th.max_style_drift}: too much assistant voice")
     if fmt is None:
         reasons.append("format not measured")
     elif p_fmt is not None and p_fmt < th.min_format and fmt < th.min_format:
-        if fmt < p_fmt:
-            reasons.append(f"format {fmt} < {th.min_format} and worse than the parent's {p_fmt}")
-        else:
-            notes.append(f"format {fmt} still below the target {th.min_format}, but no worse than the parent's {p_fmt}")
+        if b_fmt is not None and fmt < min(b_fmt, th.min_format) - th.format_margin:
+            reasons.append(f"format {fmt} < {th.min_format} and worse than the base's {b_fmt} "
+                           f"beyond the margin {th.format_margin}")
+        elif fmt >= p_fmt - th.format_margin:
+            notes.append(f"format {fmt} still below the target {th.min_format}, but no worse than the parent's "
+                         f"{p_fmt} beyond the margin {th.format_margin}")
     elif fmt < th.min_format:
         reasons.append(f"format {fmt} < {th.min_format}: replies are not clean single turns")
     dirty, p_dirty = child.get("contamination"), (parent or {}).get("contamination")

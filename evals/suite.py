@@ -57,7 +57,8 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
         for who, model in (("child", child), ("parent", par)):
             out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,
                                                         max_tokens=settings.eval_reply_tokens)
-            out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.eval_reply_tokens)
+            # as long as a served reply may run: a story that ends at token 150 is a clean turn for users
+            out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.reply_max_tokens)
             replies = [r["reply"] for r in out[who]["style_drift"]["replies"]] + \
                 [d["reply"] for d in out[who]["format"]["details"]]
             out[who]["contamination"] = contamination_score(model, persona, replies, screens,

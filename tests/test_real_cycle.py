@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 
 def test_a_short_real_cycle_produces_a_servable_evaluated_generation(tmp_path):
     settings = load_settings(data_dir=tmp_path, learn_from="everyone", train_max_steps=3, train_epochs=1, train_batch=2, max_seq_len=256,
-                             dpo_steps=1, eval_max_items=3, eval_reply_tokens=24, replay_size=0)
+                             dpo_steps=1, eval_max_items=3, eval_reply_tokens=24, reply_max_tokens=48, replay_size=0)
     store = open_store(settings)
     try:
         register_base(settings, store)

@@ -380,7 +380,9 @@ def _gate(settings: Settings, report: CycleReport, chain: list[Generation], inva
     th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
                     max_style_drift=settings.max_style_drift, min_format=settings.min_format,
                     max_contamination=settings.max_contamination)
-    gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants)
+    # generation 0's scores, as measured when its first child was evaluated (it has none of its own)
+    base = report.parent_scores if len(chain) == 1 else chain[-2].meta.get("parent_scores")
+    gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants, base=base)
     history = [g.meta.get("scores", {}) for g in reversed(chain[:2])] + [report.scores]
     halt_message = stop_rule(history) if gate.passed else None
     if halt_message:
