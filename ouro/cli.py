@@ -28,6 +28,42 @@ Start here:
   ouro status                     what is running, on which generation, with which figures
 """
 
+IMPORT_KINDS = ("telegram", "whatsapp", "chatgpt", "messenger", "discord")
+IMPORT_DESCRIPTION = """\
+Read a chat export; the --me person's messages become the persona's replies. Media, system,
+forwarded and unsent messages are left out, and so are --me's messages under --min-chars
+characters; one speaker's messages under 3 minutes apart are merged; a 30-minute gap starts a
+new conversation; windows of 6-12 messages ending on --me's message are redacted and stored
+(90% train, newest 10% held out) for the next `ouro cycle`. Importing the same export again
+adds nothing, and a file that cannot be read stores nothing.
+"""
+IMPORT_EPILOG = """\
+formats, and where to get them:
+  telegram   Telegram Desktop: a chat's ⋮ menu → Export chat history, or Settings → Advanced →
+             Export Telegram data (format: Machine-readable JSON). PATH: result.json.
+  whatsapp   the chat → ⋮ (Android) or the contact's name (iOS) → Export chat → Without media.
+             PATH: the .txt, or the .zip iOS makes.
+  chatgpt    chatgpt.com: Settings → Data controls → Export data (a link by e-mail). PATH: the
+             .zip, its folder, or conversations.json / conversations-000.json. The speakers are
+             "user" and "assistant", so no --me: --persona picks the side the persona speaks as
+             (default assistant: it learns ChatGPT's replies; user: it learns your prompts).
+             Only the branch you kept of each conversation is read; regenerated answers and
+             edited prompts are counted as regenerated_branch.
+  messenger  Facebook: Settings → Accounts Center → Your information and permissions → Download
+             your information → Messages, format JSON. PATH: the .zip, its folder, one thread's
+             folder (messages/inbox/<name>/) or one message_1.json. --me: your name as Facebook
+             shows it.
+  discord    Discord has no export of its own: use DiscordChatExporter
+             (github.com/Tyrrrz/DiscordChatExporter), format JSON. PATH: a channel's .json, or a
+             folder or zip of them. --me matches a user name or a nickname; bots stay in.
+
+examples:
+  ouro import whatsapp "WhatsApp Chat with Bob.txt" --me Ann
+  ouro import messenger facebook-ann.zip --me "Ann Smith" --me "Annie S"
+  ouro import discord general.json --me ann_b,Ann
+  ouro import chatgpt chatgpt-export.zip --persona user
+"""
+
 EPILOG = """\
 environment:
   TELEGRAM_BOT_TOKEN   the bot token from @BotFather (only read by `ouro serve`)
@@ -255,10 +291,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     from memory.importers.pipeline import format_summary, import_chat
     from serving.runtime import open_store
 
+    if args.kind == "chatgpt":
+        if args.me:
+            raise OuroError("--me is not used for a chatgpt import: its speakers are 'user' and 'assistant'",
+                            hint="--persona assistant (the default: the persona learns ChatGPT's replies) or "
+                                 "--persona user (it learns your side)")
+        me = [args.persona or "assistant"]
+    else:
+        if args.persona:
+            raise OuroError(f"--persona is only for chatgpt imports, not {args.kind}",
+                            hint="--me NAME says whose messages the persona learns to write")
+        if not args.me:
+            raise OuroError(f"--me is required for a {args.kind} import",
+                            hint="--me NAME: your name as the export writes it; repeat --me (or separate names "
+                                 "with commas) for every name you go by")
+        me = args.me
+    if args.min_chars is not None and args.min_chars < 0:
+        raise OuroError(f"--min-chars {args.min_chars}: must be 0 or more")
     settings = _settings(args)
     store = open_store(settings)
     try:
-        summary = import_chat(store, args.kind, args.path, me=args.me)
+        extra = {} if args.min_chars is None else {"min_chars": args.min_chars}
+        summary = import_chat(store, args.kind, args.path, me=me, **extra)
     finally:
         store.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
@@ -372,19 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", default=os.environ.get("USER", "cli"), help="recorded as who did it")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("import", help="seed the persona from a person's chat history (Telegram or WhatsApp export)",
-                       description="Read a chat export; the --me person's messages become the persona's replies. "
-                                   "Media, system and forwarded messages are left out; one speaker's messages "
-                                   "under 3 minutes apart are merged; a 30-minute gap starts a new conversation; "
-                                   "windows of 6-12 messages ending on --me's message are redacted and stored "
-                                   "(90% train, newest 10% held out) for the next `ouro cycle`. Importing the "
-                                   "same export again adds nothing.")
-    p.add_argument("kind", choices=["telegram", "whatsapp"],
-                   help="telegram: Telegram Desktop's result.json (one chat or the whole account); "
-                        "whatsapp: the chat .txt (or .zip) from Export chat, Android or iOS")
-    p.add_argument("path", type=Path, help="the export file")
-    p.add_argument("--me", required=True, metavar="NAME",
-                   help="your name as it appears in the export (whose messages the persona learns to write)")
+    p = sub.add_parser("import", help="seed the persona from a chat history (Telegram, WhatsApp, ChatGPT, "
+                                      "Messenger or Discord export)",
+                       description=IMPORT_DESCRIPTION, epilog=IMPORT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=IMPORT_KINDS, help="the export's format (see below)")
+    p.add_argument("path", type=Path, help="the export: a file, or for chatgpt, messenger and discord also its "
+                                           "folder or .zip")
+    p.add_argument("--me", action="append", metavar="NAME",
+                   help="your name as the export writes it: whose messages the persona learns to write "
+                        "(required, except for chatgpt); repeat it, or separate names with commas, for every "
+                        "name you go by")
+    p.add_argument("--persona", choices=["assistant", "user"],
+                   help="chatgpt only: whose side the persona learns (default assistant)")
+    p.add_argument("--min-chars", type=int, metavar="N",
+                   help="leave out --me's messages shorter than N characters (default 2; 0 keeps all)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_import)
 

@@ -1,7 +1,8 @@
-"""Cold start from a person's chat history: Telegram Desktop JSON and WhatsApp TXT exports.
+"""Cold start from a person's chat history: Telegram, WhatsApp, ChatGPT, Messenger and Discord exports.
 
-`telegram` and `whatsapp` only parse (a file → `chat.Parsed`: who said what, when, and what
-was dropped and why); `pipeline` turns that into training windows the same way for both and
-stores them, so a format quirk can never change what the model learns from.
-Entry point: `pipeline.import_chat(store, kind, path, me=...)`.
+`telegram`, `whatsapp`, `chatgpt`, `messenger` and `discord` only parse (an export → `chat.Parsed`:
+who said what, when, and what was dropped and why; `sources` finds the files of an export that
+is a folder or a zip, `limits` bounds what is read); `pipeline` turns that into training windows
+the same way for all of them and stores them, so a format quirk can never change what the model
+learns from. Entry point: `pipeline.import_chat(store, kind, path, me=...)`.
 """

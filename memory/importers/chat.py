@@ -1,10 +1,11 @@
-"""What every parser returns: plain text messages in file order, plus what it left out and why."""
+"""What every parser returns: plain text messages in time order within each chat, plus what it left out and why."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -13,8 +14,9 @@ class Message:
 
     chat: str
     speaker: str
-    at: datetime          # the chat's local clock, naive: only gaps between messages matter
+    at: datetime          # the chat's local clock (or UTC), naive: only gaps between messages matter
     text: str
+    aliases: tuple[str, ...] = ()   # other names the speaker goes by here (Discord's nickname): --me may match one
 
 
 @dataclass
@@ -22,3 +24,4 @@ class Parsed:
     messages: list[Message] = field(default_factory=list)
     read: int = 0                                            # every message in the file, kept or not
     dropped: Counter = field(default_factory=Counter)       # reason → count (media, service, forwarded, …)
+    files: list[Path] = field(default_factory=list)         # what was read when PATH is a folder: its fingerprint

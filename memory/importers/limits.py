@@ -6,6 +6,10 @@ WhatsApp: 65536). So a file is read 1 MiB at a time and refused, naming the file
 as soon as it passes MAX_FILE_BYTES or a line passes MAX_LINE_BYTES — a 50 MB single line or
 a zip that inflates to gigabytes costs about 2 MiB to refuse. Real exports stay far below both
 limits; for a bigger account, export the chats one by one.
+
+ChatGPT writes conversations.json as one line of JSON, so its reader passes lines=False and
+only the size is bounded. An export of many files (a folder or a zip: sources.py) may hold
+MAX_EXPORT_BYTES in all; they are read one at a time, so memory holds one file at most.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from core.errors import OuroError
 
 MAX_FILE_BYTES = 256 << 20
 MAX_LINE_BYTES = 1 << 20
+MAX_EXPORT_BYTES = 1 << 30     # all the files of one folder or zip export together
 _CHUNK = 1 << 20          # never more than MAX_LINE_BYTES: see read_bounded
 
 
-def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0) -> bytearray:
+def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0, lines: bool = True) -> bytearray:
     """All of `stream`, or an OuroError naming `name` once it is too big or has too long a line.
 
     `size`: what the file (or zip entry) says it holds, refused before reading when too big; what
-    is read is counted anyway, since a zip entry's stated size can lie."""
+    is read is counted anyway, since a zip entry's stated size can lie. `lines=False`: no bound
+    on a line (a format written as one line of JSON)."""
     data = bytearray()
     line, run = 1, 0          # the current line's number and its length so far
     while size <= MAX_FILE_BYTES and (chunk := stream.read(_CHUNK)):
@@ -39,7 +45,7 @@ def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0
         else:   # lines that start and end inside one chunk are shorter than a chunk, so within the limit
             line += chunk.count(b"\n")
             run = len(chunk) - chunk.rfind(b"\n") - 1
-        if run > MAX_LINE_BYTES:
+        if lines and run > MAX_LINE_BYTES:
             raise OuroError(f"{name}: line {line}: longer than {MAX_LINE_BYTES >> 20} MiB, more than any message "
                             "of a chat export", hint=hint)
         data += chunk
@@ -49,6 +55,6 @@ def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0
     return data
 
 
-def read_file(path: Path, *, hint: str) -> bytearray:
+def read_file(path: Path, *, hint: str, lines: bool = True) -> bytearray:
     with path.open("rb") as f:
-        return read_bounded(f, path, hint=hint, size=path.stat().st_size)
+        return read_bounded(f, path, hint=hint, size=path.stat().st_size, lines=lines)

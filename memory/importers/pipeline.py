@@ -2,7 +2,10 @@
 
 The steps, each for a reason:
 1. Speakers → roles. The owner (`--me`) is the persona, so their messages are the assistant's;
-   everyone else's are the user's.
+   everyone else's are the user's. `--me` may name the owner several times (the names they go
+   by across exports; on Discord also a nickname); the chat must show at least one of them.
+   The owner's very short messages (under `min_chars` characters as seen, default 2: "k", a
+   lone "?" or 👍) are left out as "short": they teach the persona nothing but to be curt.
 2. Consecutive messages of one speaker less than 3 minutes apart are merged: people type one
    thought as several bubbles, and the model answers in one message.
 3. A gap of 30 minutes or more starts a new conversation; no window reaches across it.
@@ -24,13 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from core.errors import OuroError
-from memory.importers import telegram, whatsapp
+from memory.importers import chatgpt, discord, messenger, telegram, whatsapp
 from memory.importers.chat import Message, Parsed
 from memory.redact import redact
 from memory.store import Store
@@ -39,8 +44,10 @@ MERGE_WITHIN = timedelta(minutes=3)
 NEW_CONVERSATION_AFTER = timedelta(minutes=30)
 WINDOW_MIN, WINDOW_MAX, STRIDE = 6, 12, 3
 HELDOUT_FRACTION = 0.1
+MIN_CHARS = 2
 TOKEN_METHOD = r"estimate: words plus other non-space symbols (regex \w+|[^\w\s]), not the model's tokenizer"
-PARSERS = {"telegram": telegram.parse, "whatsapp": whatsapp.parse}
+PARSERS = {"telegram": telegram.parse, "whatsapp": whatsapp.parse, "chatgpt": chatgpt.parse,
+           "messenger": messenger.parse, "discord": discord.parse}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -65,26 +72,48 @@ class Window:
         return [{"role": t.role, "content": t.text} for t in self.turns]
 
 
-def import_chat(store: Store, kind: str, path: Path | str, *, me: str) -> dict:
-    """Parse, build the windows, store them in one transaction; return the summary."""
+def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence[str],
+                min_chars: int = MIN_CHARS) -> dict:
+    """Parse, build the windows, store them in one transaction; return the summary.
+
+    `me`: the owner's name, or several (each may also be comma-separated)."""
     path = Path(path)
     if kind not in PARSERS:
         raise OuroError(f"unknown import kind {kind!r}", hint="one of: " + ", ".join(PARSERS))
+    names = owner_names(me)
     try:
         parsed = PARSERS[kind](path)
-        with path.open("rb") as f:   # streamed: parsing bounded the file, hashing need not hold it
-            file_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        file_sha256 = fingerprint(path, parsed)
     except OSError as exc:
         raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
-    summary, examples = build(parsed, me, path)
-    return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=me,
+    summary, examples = build(parsed, names, path, min_chars)
+    return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=", ".join(names),
                             summary={"kind": kind, "file": str(path), **summary}, examples=examples)
 
 
-def build(parsed: Parsed, me: str, path: Path) -> tuple[dict, list[dict]]:
+def fingerprint(path: Path, parsed: Parsed) -> str:
+    """SHA-256 of the export file; of a folder, over the names and contents of the files read in it."""
+    if not path.is_dir():
+        with path.open("rb") as f:   # streamed: parsing bounded the file, hashing need not hold it
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(set(parsed.files)):
+        with file.open("rb") as f:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = MIN_CHARS) -> tuple[dict, list[dict]]:
     """(summary, examples for Store.add_import) — everything but the writing."""
-    owner = owner_key(parsed, me, path)
-    conversations = merge_and_split(parsed.messages, owner)
+    names = owner_names(me)
+    owners, matched = owner_keys(parsed, names, path)
+    messages, dropped = [], Counter(parsed.dropped)
+    for m in parsed.messages:
+        if is_owner(m, owners) and visible_length(m.text) < min_chars:
+            dropped["short"] += 1
+        else:
+            messages.append(m)
+    conversations = merge_and_split(messages, owners)
     for conversation in conversations:
         for turn in conversation:
             turn.text = redact(turn.text)
@@ -96,8 +125,8 @@ def build(parsed: Parsed, me: str, path: Path) -> tuple[dict, list[dict]]:
                 for name, part in (("train", train), ("heldout", heldout)) for w in part]
     with_window = {n for w in windows for n, _ in w.ids}
     summary = {
-        "owner": me, "messages_read": parsed.read, "messages_kept": len(parsed.messages),
-        "dropped": dict(sorted(parsed.dropped.items())),
+        "owner": ", ".join(names), "owner_speakers": matched, "min_chars": min_chars,
+        "messages_read": parsed.read, "messages_kept": len(messages), "dropped": dict(sorted(dropped.items())),
         "merged_messages": sum(len(c) for c in conversations), "conversations": len(conversations),
         "conversations_without_window": len(conversations) - len(with_window),
         "windows": len(train) + len(heldout), "windows_train": len(train), "windows_heldout": len(heldout),
@@ -113,22 +142,58 @@ def tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
-def owner_key(parsed: Parsed, me: str, path: Path) -> str:
-    """The owner's name as compared (case and outer spaces ignored); an error lists who was seen."""
+def owner_names(me: str | Sequence[str]) -> list[str]:
+    """The owner's names as given: each --me, split at commas, blanks and repeats dropped."""
+    names: list[str] = []
+    for given in [me] if isinstance(me, str) else me:
+        for name in given.split(","):
+            if name.strip() and _key(name) not in map(_key, names):
+                names.append(name.strip())
+    if not names:
+        raise OuroError("no owner name given", hint="--me NAME: your name as the export writes it (repeat --me, "
+                                                    "or separate names with commas, for each name you go by)")
+    return names
+
+
+def owner_keys(parsed: Parsed, names: list[str], path: Path) -> tuple[frozenset[str], list[str]]:
+    """(the owner's names as compared: case and outer spaces ignored; the speakers they matched).
+
+    An error lists who was seen, when none of the names wrote here."""
     seen = Counter(m.speaker for m in parsed.messages)
     if not seen:
         raise OuroError(f"{path}: no text messages to import ({parsed.read} read, all left out: "
                         f"{dict(parsed.dropped) or 'none'})")
-    key = me.strip().casefold()
-    if not any(name.strip().casefold() == key for name in seen):
-        listing = ", ".join(f"{name} ({n})" for name, n in seen.most_common(20))
-        raise OuroError(f"{path}: nobody named {me!r} wrote in this chat",
+    keys = frozenset(map(_key, names))
+    matched = sorted({m.speaker for m in parsed.messages if is_owner(m, keys)})
+    if not matched:
+        aliases = {m.speaker: m.aliases for m in parsed.messages}
+        listing = ", ".join(f"{name}{' aka ' + ', '.join(aliases[name]) if aliases[name] else ''} ({n})"
+                            for name, n in seen.most_common(20))
+        raise OuroError(f"{path}: nobody named {' or '.join(map(repr, names))} wrote in this chat",
                         hint=f"--me must be one of the speakers seen (messages): {listing}")
-    return key
+    return keys, matched
 
 
-def merge_and_split(messages: list[Message], owner: str) -> list[list[Turn]]:
-    """Roles, merged runs (< 3 min apart) and conversations (split at gaps ≥ 30 min), per chat."""
+def _key(name: str) -> str:
+    return name.strip().casefold()
+
+
+def is_owner(m: Message, owners: Collection[str]) -> bool:
+    """Whether the speaker (or one of their aliases) is one of `owners`, names as compared (_key)."""
+    return _key(m.speaker) in owners or any(_key(a) in owners for a in m.aliases)
+
+
+def visible_length(text: str) -> int:
+    """Characters as a reader counts them: not spaces, combining marks, variation selectors, joiners or skin tones."""
+    return sum(1 for c in text if not c.isspace() and unicodedata.category(c) not in ("Mn", "Me", "Cf")
+               and not "\U0001f3fb" <= c <= "\U0001f3ff")
+
+
+def merge_and_split(messages: list[Message], owner: str | Collection[str]) -> list[list[Turn]]:
+    """Roles, merged runs (< 3 min apart) and conversations (split at gaps ≥ 30 min), per chat.
+
+    `owner`: the owner's name, or their names; their messages become the assistant's."""
+    owners = frozenset(map(_key, [owner] if isinstance(owner, str) else owner))
     by_chat: dict[str, list[Message]] = {}
     for m in messages:
         by_chat.setdefault(m.chat, []).append(m)
@@ -140,11 +205,12 @@ def merge_and_split(messages: list[Message], owner: str) -> list[list[Turn]]:
             if last and m.at - last.end >= NEW_CONVERSATION_AFTER:
                 conversations.append(current)
                 current, last = [], None
-            if last and last.speaker == m.speaker and m.at - last.end <= MERGE_WITHIN:
+            role = "assistant" if is_owner(m, owners) else "user"
+            same = last and (last.speaker == m.speaker or last.role == role == "assistant")   # one owner, many names
+            if same and m.at - last.end <= MERGE_WITHIN:
                 last.text += "\n" + m.text
                 last.end = max(last.end, m.at)
             else:
-                role = "assistant" if m.speaker.strip().casefold() == owner else "user"
                 current.append(Turn(m.speaker, role, m.text, m.at, m.at))
         if current:
             conversations.append(current)
@@ -179,8 +245,11 @@ def split(windows: list[Window]) -> tuple[list[Window], list[Window], int]:
 def format_summary(s: dict) -> str:
     """The summary for a person; `ouro import --json` prints the dict itself."""
     dropped = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items()) or "none"
+    given = {_key(name) for name in s["owner"].split(",")}
+    written_as = [name for name in s.get("owner_speakers", []) if _key(name) not in given]   # e.g. via a nickname
     lines = [
-        f"imported {s['kind']} export {s['file']} as {s['owner']!r} (import #{s['import_id']})",
+        f"imported {s['kind']} export {s['file']} as {s['owner']!r}"
+        + (f" (written as {', '.join(written_as)})" if written_as else "") + f" (import #{s['import_id']})",
         f"  messages   {s['messages_read']} read, {s['messages_kept']} kept; left out: {dropped}",
         f"  merged     {s['merged_messages']} messages in {s['conversations']} conversations "
         f"({s['conversations_without_window']} too short for a window)",
