@@ -145,3 +145,28 @@ def check_gguf(path: Path) -> GGUFInfo:
     ctx = scan.kv.get(f"{arch}.context_length")
     return GGUFInfo(path=Path(path), architecture=arch, chat_template=scan.text("tokenizer.chat_template"),
                     tensor_count=len(scan.tensors), context_length=int(ctx[0]) if ctx else None)
+
+
+# What the whole loop handles — serve, train, convert back to GGUF, evaluate, hot-swap. Serving
+# alone would take any architecture llama.cpp knows, but a base the cycle cannot write back
+# would serve for weeks and then fail on its first night, so registration refuses it up front.
+# trainer/convert.py writes exactly these.
+LOOP_ARCHITECTURES: dict[str, str] = {
+    "llama": "Llama 2 and 3.x, SmolLM/SmolLM2, Mistral 7B, TinyLlama (GGUF architecture 'llama')",
+}
+
+
+def check_base_model(path: Path) -> GGUFInfo:
+    """`check_gguf`, then what generation 0 needs: an architecture the loop can train and write
+    back, and a chat template (serving and training render the same one; guessing ChatML for a
+    model trained on another format would teach it a format it was never served in)."""
+    info = check_gguf(path)
+    supported = "; ".join(LOOP_ARCHITECTURES.values())
+    if info.architecture not in LOOP_ARCHITECTURES:
+        raise OuroError(f"{Path(path).name} is a {info.architecture!r} model; the learning loop supports: {supported}",
+                        hint="choose a GGUF of a supported family for OURO_BASE_MODEL (nothing was registered)")
+    if not (info.chat_template or "").strip():
+        raise OuroError(f"{Path(path).name} carries no chat template (tokenizer.chat_template)",
+                        hint="use the GGUF of a chat/instruct model, converted by a llama.cpp recent enough to "
+                             "store its template (nothing was registered)")
+    return info

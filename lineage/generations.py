@@ -153,9 +153,9 @@ class Lineage:
             source = Path(base_model) if base_model else packaged_base_gguf()
             if not source.is_file():
                 raise OuroError(f"base model {source} does not exist", hint="check OURO_BASE_MODEL")
-            from engine.gguf import check_gguf
+            from engine.gguf import check_base_model
 
-            check_gguf(source)
+            check_base_model(source)   # architecture and chat template, before anything is written
             ensure_private_dir(self.dir)
             staging = self.dir / f".{GEN_ZERO}.tmp-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)

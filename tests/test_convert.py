@@ -247,3 +247,39 @@ def test_non_finite_weights_are_never_exported(tiny, tmp_path, monkeypatch):
     with pytest.raises(OuroError, match="NaN"):
         write_gguf(tiny["hf"], tiny["parent"], tmp_path / "child.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def tiny_gguf(path: Path, arch: str, template: str | None) -> Path:
+    """A small but complete GGUF of `arch` (one tensor), with or without a chat template."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(128)
+    if template is not None:
+        writer.add_chat_template(template)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,template,message", [
+    ("qwen2", "{{ messages }}", "'qwen2' model; the learning loop supports: Llama"),
+    ("gemma3", "{{ messages }}", "'gemma3' model"),
+    ("llama", None, "carries no chat template"),
+])
+def test_registration_refuses_what_the_loop_cannot_train_before_anything_is_written(tmp_path, arch, template, message):
+    from config.settings import load_settings
+    from serving.runtime import open_store, register_base
+
+    base = tiny_gguf(tmp_path / f"{arch}.gguf", arch, template)
+    settings = load_settings(data_dir=tmp_path / "data", base_model=base)
+    store = open_store(settings)
+    try:
+        with pytest.raises(OuroError, match=message):
+            register_base(settings, store)
+        assert not (settings.models_dir / "gen-0000").exists() and list(settings.models_dir.glob(".gen-*")) == []
+        assert store.generation("gen-0000") is None
+    finally:
+        store.close()
+    assert check_gguf(base).architecture == arch            # a readable file: refused for what it is, not as corrupt
