@@ -16,6 +16,7 @@ for the parent and for the candidate (whether promoted or not).
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from pathlib import Path
 
@@ -92,8 +93,6 @@ def run_variant(name: str, data_dir: Path, *, quiet: bool) -> dict:
     data = report.data
     trained = 0
     if report.gen_id:
-        import json
-
         rows = (Lineage(settings.models_dir).generation(report.gen_id).folder / "data" / "new.jsonl").read_text()
         trained = sum(json.loads(line).get("contributor") == HOSTILE for line in rows.splitlines() if line.strip())
     row = {"variant": name, "hostile_corrections": flooded, "hostile_items_trained": trained,
