@@ -31,6 +31,7 @@ from bot.privacy import PrivacyHandlers
 from bot.recovery import recover_interrupted
 from bot.retry import call_with_retry
 from bot.review import ReviewHandlers
+from bot.webhook import Webhook, run_webhook, start_webhook
 from config.settings import Settings
 from engine.worker import InferenceWorker
 from memory.store import Store
@@ -168,17 +169,20 @@ async def _post_shutdown(app: Application) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(app: Application, *, poll_timeout: int = 10):
-    """Run `app` (polling) inside an existing event loop — for tests, the demo and benchmarks.
+async def running(app: Application, *, poll_timeout: int = 10, webhook: Webhook | None = None):
+    """Run `app` (polling, or `webhook`) inside an existing event loop — for tests, the demo and benchmarks.
 
     `run_polling` owns its loop and signals; this does the same steps by hand: initialize,
-    post_init, start, poll; then the reverse, post_shutdown included.
+    post_init, start, poll (or listen); then the reverse, post_shutdown included.
     """
     await app.initialize()
     if app.post_init:
         await app.post_init(app)
     await app.start()
-    await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES, poll_interval=0.0)
+    if webhook is not None:
+        await start_webhook(app, webhook)
+    else:
+        await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES, poll_interval=0.0)
     try:
         yield app
     finally:
@@ -189,8 +193,10 @@ async def running(app: Application, *, poll_timeout: int = 10):
         await app.shutdown()
 
 
-def run_until_stopped(app: Application, worker: InferenceWorker, *, grace_s: float) -> None:
-    """`run_polling` for `ouro serve`, with our own handling of SIGTERM and SIGINT.
+def run_until_stopped(app: Application, worker: InferenceWorker, *, grace_s: float,
+                      webhook: Webhook | None = None) -> None:
+    """`run_polling` (or `run_webhook`, bot/webhook.py) for `ouro serve`, with our own handling of
+    SIGTERM and SIGINT.
 
     PTB's default turns a stop signal into SystemExit and then waits, inside `Application.stop`,
     for every update being handled — a reply of a few hundred tokens included, however long it
@@ -216,7 +222,10 @@ def run_until_stopped(app: Application, worker: InferenceWorker, *, grace_s: flo
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
     try:
-        app.run_polling(allowed_updates=Update.ALL_TYPES, close_loop=False, stop_signals=None)
+        if webhook is None:
+            app.run_polling(allowed_updates=Update.ALL_TYPES, close_loop=False, stop_signals=None)
+        else:
+            run_webhook(app, webhook)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 
 from telegram import CallbackQuery, Update
+from telegram.constants import ChatType
 from telegram.ext import ContextTypes
 
 from bot import keyboards
+from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
@@ -29,10 +31,12 @@ CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next me
 
 
 class ButtonHandlers:
-    def __init__(self, settings: Settings, conversation: Conversation, errors: ErrorSink) -> None:
+    def __init__(self, settings: Settings, conversation: Conversation, errors: ErrorSink, *,
+                 drafts: DraftChats | None = None) -> None:
         self.settings = settings
         self.conversation = conversation
         self.errors = errors
+        self.drafts = drafts   # private chats stream a second take as a draft (bot/drafts.py)
 
     async def press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """👍 👎 🔁 ✏️ and the pick after 🔁 — each press checked against the store."""
@@ -77,7 +81,9 @@ class ButtonHandlers:
             await query.answer("I can only redo my latest reply.")
             return
         await query.answer("Trying again…")
-        stream = StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s)
+        private = query.message is not None and query.message.chat.type == ChatType.PRIVATE
+        stream = StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s,
+                                drafts=self.drafts if private else None)
         stream.start()
         try:
             alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)

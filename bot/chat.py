@@ -11,11 +11,12 @@ import asyncio
 import logging
 
 from telegram import Bot, Message, Update
-from telegram.constants import ChatAction
+from telegram.constants import ChatAction, ChatType
 from telegram.ext import ContextTypes
 
 from bot import keyboards
 from bot.addressing import addressed_to_me, speaker, strip_mention
+from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
@@ -36,10 +37,11 @@ NON_TEXT_KINDS = ("sticker", "photo", "voice", "video", "video_note", "audio", "
 
 class ChatHandlers:
     def __init__(self, settings: Settings, conversation: Conversation, errors: ErrorSink, *,
-                 chat_queues: ChatQueues, flood: FloodLimit) -> None:
+                 chat_queues: ChatQueues, flood: FloodLimit, drafts: DraftChats | None = None) -> None:
         self.settings = settings
         self.conversation = conversation
         self.errors = errors
+        self.drafts = drafts   # private chats stream as a draft, groups by editing (bot/drafts.py)
         self.chat_queues = chat_queues   # one reply at a time per chat, bounded
         self.flood = flood
         self._background: set[asyncio.Task] = set()   # fire-and-forget calls ('typing'), referenced until done
@@ -92,8 +94,9 @@ class ChatHandlers:
             await call_with_retry(lambda: msg.reply_text(notice))
 
     async def _reply(self, context: ContextTypes.DEFAULT_TYPE, who: Speaker, turn_id: int, msg: Message) -> None:
-        stream = StreamingReply(context.bot, who.chat_id, reply_to=msg.message_id if who.chat_type != "private" else None,
-                                interval=self.settings.stream_edit_interval_s)
+        private = who.chat_type == ChatType.PRIVATE
+        stream = StreamingReply(context.bot, who.chat_id, reply_to=None if private else msg.message_id,
+                                interval=self.settings.stream_edit_interval_s, drafts=self.drafts if private else None)
         # 'typing' is cosmetic: sent beside the reply (the message is already stored)
         typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
         self._background.add(typing)

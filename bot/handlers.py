@@ -13,6 +13,7 @@ import time
 from bot.admin import AdminHandlers
 from bot.buttons import ButtonHandlers
 from bot.chat import ChatHandlers
+from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.gate import Gate
 from bot.status import StatusCommand
@@ -35,8 +36,10 @@ class Handlers:
         self.errors = ErrorSink(settings, store)
         self.gate = Gate(settings, store)
         self.commands = UserCommands(settings, conversation)
-        self.chat = ChatHandlers(settings, conversation, self.errors, chat_queues=self.chat_queues, flood=self.flood)
-        self.buttons = ButtonHandlers(settings, conversation, self.errors)
+        self.drafts = DraftChats() if settings.stream_drafts else None   # which private chats stream as drafts
+        self.chat = ChatHandlers(settings, conversation, self.errors, chat_queues=self.chat_queues, flood=self.flood,
+                                 drafts=self.drafts)
+        self.buttons = ButtonHandlers(settings, conversation, self.errors, drafts=self.drafts)
         self.status = StatusCommand(settings, store, self.runtime_info)
 
     def runtime_info(self) -> dict:

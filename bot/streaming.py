@@ -1,9 +1,14 @@
-"""A reply that streams into Telegram: throttled edits, split past 4096 characters.
+"""A reply that streams into Telegram: throttled edits (or a native draft), split past 4096 characters.
 
 Telegram tolerates about one edit per second per chat, so text produced by the model is
 buffered and shown at most every `interval` seconds. Once a reply outgrows one message, the
 finished part stays as it is and the rest continues in a new message; the keyboard goes on
 the last one.
+
+With `drafts` (private chats, bot/drafts.py) the part still being written is shown as a draft
+(`sendMessageDraft`, same throttle) instead of a message edited in place, and is sent as a message
+only when finished: one final message, whose id the store records before its buttons appear, as
+with edits. A draft the server refuses switches this reply, and its chat for a while, to edits.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
 from telegram import Bot, InlineKeyboardMarkup
-from telegram.error import BadRequest
+from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
+from bot.drafts import DraftChats
 from bot.retry import call_with_retry
 from bot.splitting import TELEGRAM_LIMIT, split_text
 
@@ -26,7 +33,7 @@ CURSOR = " ▌"
 
 class StreamingReply:
     def __init__(self, bot: Bot, chat_id: int, *, reply_to: int | None = None, interval: float = 1.0,
-                 limit: int = TELEGRAM_LIMIT) -> None:
+                 limit: int = TELEGRAM_LIMIT, drafts: DraftChats | None = None) -> None:
         self.bot = bot
         self.chat_id = chat_id
         self.reply_to = reply_to
@@ -34,6 +41,9 @@ class StreamingReply:
         self.limit = limit - len(CURSOR)
         self.text = ""
         self.message_ids: list[int] = []
+        self.drafts = drafts if drafts is not None and drafts.allowed(chat_id) else None
+        self._draft_id = secrets.randbelow(2**31 - 2**16) + 1   # one per piece: draft_id + piece index
+        self._drafted: tuple[int, str] | None = None            # (piece, text) the draft shows
         self._shown: list[str] = []
         self._changed = asyncio.Event()
         self._done = asyncio.Event()
@@ -93,6 +103,9 @@ class StreamingReply:
         pieces = split_text(body, self.limit)
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
+            if streaming and last and self.drafts is not None \
+                    and await self._draft(i, piece if self.text.strip() else ""):
+                continue
             shown = piece + (CURSOR if streaming and last else "")
             if i < len(self.message_ids):
                 if i < len(self._shown) and self._shown[i] == shown:
@@ -105,6 +118,36 @@ class StreamingReply:
                 self.message_ids.append(msg.message_id)
                 self._shown.append(shown)
             self._last_call = time.monotonic()
+
+    async def _draft(self, piece: int, text: str) -> bool:
+        """Show the piece being written as a draft (empty text: Telegram's "thinking" placeholder).
+        False when the server refused it for good: this reply and chat stream by editing from now on.
+        A flood wait or a timeout only skips this update (the next one follows within `interval`)."""
+        if self._drafted == (piece, text):
+            return True
+        try:
+            await self.bot.send_message_draft(self.chat_id, self._draft_id + piece, text)
+        except RetryAfter as exc:
+            wait = exc.retry_after.total_seconds() if hasattr(exc.retry_after, "total_seconds") else exc.retry_after
+            self._last_call = time.monotonic() + float(wait)
+            return True
+        except BadRequest as exc:
+            return self._refused(exc)
+        except NetworkError:   # timeouts, 5xx, a dropped connection: not a refusal
+            log.info("a draft update failed; the next one follows", exc_info=True)
+            return True
+        except TelegramError as exc:   # 401/403/404 (a server that lacks the method), 409…
+            return self._refused(exc)
+        self._drafted = (piece, text)
+        self._last_call = time.monotonic()
+        return True
+
+    def _refused(self, exc: TelegramError) -> bool:
+        log.info("chat %s: drafts refused (%s); streaming by editing instead", self.chat_id, exc)
+        assert self.drafts is not None
+        self.drafts.refused(self.chat_id)
+        self.drafts = None
+        return False
 
     async def _edit(self, message_id: int, text: str) -> None:
         try:

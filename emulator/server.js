@@ -20,7 +20,7 @@
  * User side:  POST /sendMessage /sendCommand /sendCallback   (package routes, wrapped)
  *             POST /getUpdates /getUpdatesHistory            (package routes, untouched)
  * Test hooks: /_faults /_messages /_calls /_callbackAnswers /_commands
- *             /_sendUpdate /_files /_reset /_health
+ *             /_drafts /_sendUpdate /_files /_reset /_health
  */
 'use strict';
 
@@ -100,6 +100,7 @@ const state = {
   callbacks: new Map(),      // callback_query_id -> {token, chat_id, message_id, answered, answer}
   commands: new Map(),       // `${token}|${scope}|${lang}` -> BotCommand[]
   files: new Map(),          // file_id -> {file_id, file_unique_id, file_name, mime_type, bytes, file_path}
+  drafts: new Map(),         // `${token}|${chat_id}` -> [{draft_id, text, time}] (sendMessageDraft, in order)
   version: 0,                // bumps on every change of a stored message
   pollers: new Map(),        // token -> {res, wake}
 };
@@ -457,6 +458,20 @@ const methods = {
     rec.deleted = true;
     tg.deleteMessage(Number(chatId), Number(p.message_id));
     bumpVersion();
+    return true;
+  },
+
+  // Bot API 9.5: a partial message streamed into a private chat; ephemeral, so only recorded.
+  sendmessagedraft: (token, p) => {
+    const chatId = requireChatId(p);
+    if (chatFor(chatId).type !== 'private') throw bad('TEXTDRAFT_PEER_INVALID');
+    const draftId = Number(p.draft_id);
+    if (!Number.isInteger(draftId) || draftId === 0) throw bad('draft_id must be non-zero');
+    const text = p.text === undefined || p.text === null ? '' : plainText(p.text, p.parse_mode);
+    if (text.length > MAX_TEXT) throw bad('message is too long');
+    const key = `${token}|${chatKey(chatId)}`;
+    if (!state.drafts.has(key)) state.drafts.set(key, []);
+    state.drafts.get(key).push({ draft_id: draftId, text, time: Date.now() / 1000 });
     return true;
   },
 
@@ -914,6 +929,13 @@ async function handleTestHook(req, res, url) {
     return sendJson(res, 200, { ok: true, result: list });
   }
 
+  if (path === '/_drafts') {
+    const result = [...state.drafts.entries()]
+      .filter(([k]) => (!q.token || k.startsWith(`${q.token}|`)) && (q.chat_id === undefined || k.endsWith(`|${chatKey(q.chat_id)}`)))
+      .flatMap(([k, list]) => list.map((d) => ({ chat_id: chatIdValue(k.split('|').pop()), ...d })));
+    return sendJson(res, 200, { ok: true, result });
+  }
+
   if (path === '/_commands') {
     const result = [...state.commands.entries()]
       .filter(([k]) => !q.token || k.startsWith(`${q.token}|`))
@@ -941,7 +963,7 @@ async function handleTestHook(req, res, url) {
     tg.storage.userMessages = [];
     tg.storage.botMessages = [];
     tg.webhooks = {};
-    for (const k of ['chats', 'messages', 'confirmed', 'callbacks', 'commands', 'files']) state[k].clear();
+    for (const k of ['chats', 'messages', 'confirmed', 'callbacks', 'commands', 'files', 'drafts']) state[k].clear();
     state.faults = [];
     state.calls = [];
     bumpVersion();

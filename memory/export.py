@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from memory.redact import redact
 from memory.screens import Screens, screen
+from memory.speakers import as_read
 from memory.store import Store
 from memory.trust import TrustPolicy, cap, shares, sources
 
@@ -36,6 +37,7 @@ class Example:
     split: str | None = None     # an import's own 90/10 split (train | heldout); None: replay.holdout decides
     contributor: int | None = None   # whose feedback made it the target (memory/trust.py)
     approved: bool = False           # an admin's verdict (or import) made it: it teaches whoever wrote it
+    weight: float = 1.0              # SFT loss weight: its contributor's tier (memory/trust.py)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
@@ -93,21 +95,26 @@ def served_context(store: Store, turn_id: int, persona: str) -> list[dict]:
     the question. Each earlier reply is the one people settled on — an admin's edit, else its
     author's latest ✏️ correction, else the 🔁 reply they kept, else the reply served — so the later
     turns of a corrected chat learn in the voice they were taught, and every example of one chat is a
-    prefix of the next (the trainer then reads the chat once: trainer.dataset.merge_conversations)."""
+    prefix of the next (the trainer then reads the chat once: trainer.dataset.merge_conversations).
+    In a group each message is read with its speaker's name, as serving read it (memory/speakers.py)."""
     db = store.database
     turn = db.one("SELECT * FROM turns WHERE id = ?", (turn_id,))
     start = turn["context_start_turn_id"] or turn["id"]
     rows = db.query(
-        "SELECT t.user_text, COALESCE(CASE WHEN v.verdict = 'edited' THEN v.edited_text END, "
+        "SELECT t.user_text, t.speaker, t.created_at, COALESCE(CASE WHEN v.verdict = 'edited' THEN v.edited_text END, "
         "(SELECT c.text FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id ORDER BY c.id DESC "
         "LIMIT 1), a.text, t.reply_text) AS reply FROM turns t "
         "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id LEFT JOIN reviews v ON v.turn_id = t.id "
         "WHERE t.session_id = ? AND t.status = 'answered' AND t.id >= ? AND t.id < ? ORDER BY t.id",
         (turn["session_id"], start, turn_id))
     messages = [{"role": "system", "content": persona}] if persona else []
+    previous_at = None
     for r in rows:
-        messages += [{"role": "user", "content": r["user_text"]}, {"role": "assistant", "content": r["reply"]}]
-    messages.append({"role": "user", "content": turn["user_text"]})
+        messages += [{"role": "user", "content": as_read(r["user_text"], r["speaker"], r["created_at"], previous_at)},
+                     {"role": "assistant", "content": r["reply"]}]
+        previous_at = r["created_at"]
+    messages.append({"role": "user", "content": as_read(turn["user_text"], turn["speaker"], turn["created_at"],
+                                                        previous_at)})
     return messages
 
 
@@ -190,8 +197,7 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
 
     if len(candidates) > budget:
         # more than the budget: keep the top quartile by rating (then at most `budget`)
-        weight = policy.weight if policy is not None else (lambda _uid: 1.0)
-        ranked = sorted(candidates, key=lambda e: (e.score * weight(e.contributor), e.created_at), reverse=True)
+        ranked = sorted(candidates, key=lambda e: (e.score * e.weight, e.created_at), reverse=True)   # tier weights
         keep = ranked[: min(budget, max(1, len(ranked) // 4))]
         delta.dropped["over_budget"] = len(candidates) - len(keep)
         candidates = keep
@@ -256,7 +262,10 @@ def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair
     if deferred:
         delta.dropped["over_share"] = len(deferred)
     delta.sources = shares([i.contributor for i in kept], source_of)
-    return [e for e in examples if id(e) in keep], [p for p in pairs if id(p) in keep]
+    examples = [e for e in examples if id(e) in keep]
+    for e in examples:
+        e.weight = policy.weight(e.contributor, approved=e.approved)
+    return examples, [p for p in pairs if id(p) in keep]
 
 
 def _verdicts(store: Store) -> dict[int, str]:

@@ -189,6 +189,15 @@ def m006_review_and_forget(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m007_turn_speaker(conn: sqlite3.Connection) -> None:
+    """The name a group turn is read under (memory/speakers.py), fixed when it is stored. Turns stored
+    before keep NULL: they were served without a name, and training must read them as served."""
+    _script(conn, """
+    ALTER TABLE turns ADD COLUMN speaker TEXT;     -- NULL: a private chat's turn (read as written)
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -59,8 +59,9 @@ class TrustPolicy:
         """Whether feedback that may not teach on its own waits for an admin (else it is ignored)."""
         return self.learn_from != "admins"
 
-    def weight(self, user_id: int | None) -> float:
-        return self.weights[self.tier(user_id)]
+    def weight(self, user_id: int | None, *, approved: bool = False) -> float:
+        """The loss weight of what `user_id` taught; an admin's approval vouches for it as an admin's."""
+        return self.weights[ADMIN] if approved else self.weights[self.tier(user_id)]
 
 
 def resolve_mode(learn_from: str, *, allow_list: bool) -> str:
@@ -175,4 +176,5 @@ def policy_for(settings, store) -> TrustPolicy:
         trusted=frozenset(settings.trusted_user_ids) | frozenset(earned_trust(store, settings.trust_after_approvals)),
         known=frozenset(settings.allowed_user_ids),
         max_share=settings.max_share_per_source, min_items=settings.min_items_per_source,
-        new_account_window_s=settings.new_account_window_s)
+        new_account_window_s=settings.new_account_window_s,
+        weights={ADMIN: settings.weight_admin, TRUSTED: settings.weight_trusted, OTHER: settings.weight_other})

@@ -11,15 +11,19 @@ from dataclasses import dataclass
 
 from core.files import now
 from memory.sessions import SessionsMixin
+from memory.speakers import label_for
 
 
 @dataclass(frozen=True)
 class Exchange:
-    """One answered turn as the model will see it again: what the user said, what it replied."""
+    """One answered turn as the model will see it again: what the user said, what it replied; in a
+    group, who said it and when (memory/speakers.py renders them)."""
 
     turn_id: int
     user_text: str
     reply_text: str
+    speaker: str | None = None      # a group turn's label; None in private chats
+    created_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class TurnRef:
     reply_message_ids: list[int]
     generation_id: str | None
     context_start_turn_id: int | None = None
+    speaker: str | None = None      # a group turn's label (memory/speakers.py); None in private chats
+    created_at: str | None = None
 
 
 class TurnsMixin(SessionsMixin):
@@ -43,14 +49,16 @@ class TurnsMixin(SessionsMixin):
                       chat_type: str = "private", chat_title: str | None = None,
                       username: str | None = None, first_name: str | None = None,
                       status: str = "pending") -> int:
-        """Store what the user said, before anything else happens to it."""
+        """Store what the user said, before anything else happens to it; in a group, with the name
+        it will be read under from now on (memory/speakers.py)."""
+        speaker = label_for(chat_type, first_name, username, user_id)
         with self.database.transaction() as conn:
             self._touch(conn, chat_id, chat_type, chat_title, user_id, username, first_name)
             session_id = self._open_session(conn, chat_id)
             return conn.execute(
-                "INSERT INTO turns (session_id, chat_id, user_id, user_message_id, user_text, created_at, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (session_id, chat_id, user_id, user_message_id, text, now(), status)).lastrowid
+                "INSERT INTO turns (session_id, chat_id, user_id, user_message_id, user_text, created_at, status, "
+                "speaker) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, chat_id, user_id, user_message_id, text, now(), status, speaker)).lastrowid
 
     def complete_turn(self, turn_id: int, *, reply_text: str, generation_id: str | None, prompt_tokens: int,
                       completion_tokens: int, latency_s: float, ttft_s: float | None,
@@ -80,7 +88,8 @@ class TurnsMixin(SessionsMixin):
         return TurnRef(id=row["id"], chat_id=row["chat_id"], user_id=row["user_id"], session_id=row["session_id"],
                        status=row["status"], user_text=row["user_text"], reply_text=row["reply_text"],
                        reply_message_ids=json.loads(row["reply_message_ids"] or "[]"),
-                       generation_id=row["generation_id"], context_start_turn_id=row["context_start_turn_id"])
+                       generation_id=row["generation_id"], context_start_turn_id=row["context_start_turn_id"],
+                       speaker=row["speaker"], created_at=row["created_at"])
 
     def latest_answered_turn(self, chat_id: int) -> int | None:
         session_id = self.current_session(chat_id)
@@ -93,11 +102,11 @@ class TurnsMixin(SessionsMixin):
     def history(self, session_id: int, *, before_turn_id: int | None = None) -> list[Exchange]:
         """Answered turns of a session, oldest first, with the 🔁 sample the user kept if any."""
         rows = self.database.query(
-            "SELECT t.id, t.user_text, COALESCE(a.text, t.reply_text) AS reply FROM turns t "
+            "SELECT t.id, t.user_text, COALESCE(a.text, t.reply_text) AS reply, t.speaker, t.created_at FROM turns t "
             "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
             "WHERE t.session_id = ? AND t.status = 'answered' AND (? IS NULL OR t.id < ?) ORDER BY t.id",
             (session_id, before_turn_id, before_turn_id))
-        return [Exchange(r["id"], r["user_text"], r["reply"]) for r in rows]
+        return [Exchange(r["id"], r["user_text"], r["reply"], r["speaker"], r["created_at"]) for r in rows]
 
     def recent_chats(self, limit: int) -> list[tuple[int, int]]:
         """(chat, its current session) for the chats answered most recently, newest first."""

@@ -28,7 +28,7 @@ Start here:
   ouro status                     what is running, on which generation, with which figures
 """
 
-IMPORT_KINDS = ("telegram", "whatsapp", "chatgpt", "messenger", "discord")
+IMPORT_KINDS = ("telegram", "whatsapp", "chatgpt", "messenger", "discord", "card")
 IMPORT_DESCRIPTION = """\
 Read a chat export; the --me person's messages become the persona's replies. Media, system,
 forwarded and unsent messages are left out, and so are --me's messages under --min-chars
@@ -36,6 +36,9 @@ characters; one speaker's messages under 3 minutes apart are merged; a 30-minute
 new conversation; windows of 6-12 messages ending on --me's message are redacted and stored
 (90% train, newest 10% held out) for the next `ouro cycle`. Importing the same export again
 adds nothing, and a file that cannot be read stores nothing.
+
+Or read a character card (kind card): its description becomes the persona, written to
+<data-dir>/persona.md, and its greetings and example dialogues become training windows.
 """
 IMPORT_EPILOG = """\
 formats, and where to get them:
@@ -56,12 +59,24 @@ formats, and where to get them:
   discord    Discord has no export of its own: use DiscordChatExporter
              (github.com/Tyrrrz/DiscordChatExporter), format JSON. PATH: a channel's .json, or a
              folder or zip of them. --me matches a user name or a nickname; bots stay in.
+  card       a SillyTavern character card (V1, V2 or V3): in SillyTavern, open the character →
+             "Export and Download" → PNG or JSON; or a character's PNG card from chub.ai.
+             PATH: the .png or .json. The card's system prompt, description, personality and
+             scenario become the persona, written to <data-dir>/persona.md (used when
+             OURO_PERSONA_FILE is not set; an existing, different one is kept unless
+             --replace-persona). first_mes and alternate_greetings become replies to "Hi!";
+             each mes_example dialogue (<START> blocks of {{user}}: / {{char}}: lines) gives one
+             window per reply of the character. {{char}} becomes the card's name, {{user}}
+             "the user" in the persona and "you" in the examples. Replies longer than the
+             reply budget (reply_max_tokens) are left out. No --me: the character is the
+             persona. The lorebook (character_book) is not read.
 
 examples:
   ouro import whatsapp "WhatsApp Chat with Bob.txt" --me Ann
   ouro import messenger facebook-ann.zip --me "Ann Smith" --me "Annie S"
   ouro import discord general.json --me ann_b,Ann
   ouro import chatgpt chatgpt-export.zip --persona user
+  ouro import card Aria.png --replace-persona
 """
 
 EPILOG = """\
@@ -97,6 +112,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bot.app import build_application, run_until_stopped
+    from bot.webhook import webhook_config
     from ouro.logs import setup_logging
     from serving.runtime import open_runtime
 
@@ -105,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OuroError("TELEGRAM_BOT_TOKEN is not set",
                         hint="get a token from @BotFather, then: TELEGRAM_BOT_TOKEN=123:ABC… ouro serve")
     settings = _settings(args)
+    webhook = webhook_config(settings)   # a webhook set up wrong fails here, before the model loads
     setup_logging(settings.log_level, log_file=args.log_file)
     if not settings.admin_ids:
         print("note: OURO_ADMIN_IDS is empty, so nobody can use admin commands", file=sys.stderr)
@@ -112,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url,
                                 learning=True, notices=rt.notices)
-        run_until_stopped(app, rt.worker, grace_s=settings.shutdown_grace_s)
+        run_until_stopped(app, rt.worker, grace_s=settings.shutdown_grace_s, webhook=webhook)
     finally:
         rt.close()
     return 0
@@ -291,6 +308,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     from memory.importers.pipeline import format_summary, import_chat
     from serving.runtime import open_store
 
+    if args.kind == "card":
+        return _import_card(args)
+    if args.replace_persona:
+        raise OuroError(f"--replace-persona is only for card imports, not {args.kind}",
+                        hint="a chat export trains the persona's replies; its text stays in OURO_PERSONA_FILE")
     if args.kind == "chatgpt":
         if args.me:
             raise OuroError("--me is not used for a chatgpt import: its speakers are 'user' and 'assistant'",
@@ -316,6 +338,35 @@ def cmd_import(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
+def _import_card(args: argparse.Namespace) -> int:
+    from config.settings import DATA_PERSONA
+    from memory.importers.card import format_summary, import_card
+    from serving.runtime import open_store
+
+    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None)):
+        if given:
+            raise OuroError(f"{flag} is not used for a card import: the card's character is the persona",
+                            hint="ouro import card PATH [--replace-persona]")
+    settings = _settings(args)
+    target = settings.data_dir / DATA_PERSONA
+    store = open_store(settings)
+    try:
+        summary = import_card(store, args.path, persona_file=target, replace_persona=args.replace_persona,
+                              reply_tokens=settings.reply_max_tokens, context_tokens=settings.n_ctx)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    print(format_summary(summary))
+    if "persona_file" in settings.model_fields_set and settings.persona_file.resolve() != target.resolve():
+        print(f"note: persona_file is set to {settings.persona_file} (OURO_PERSONA_FILE or settings.toml), so the "
+              f"bot keeps that persona; point OURO_PERSONA_FILE at {target} to use the card's")
+    elif summary["persona_written"] != "unchanged":
+        print(f"the bot speaks with the persona in {target} from its next start (`ouro serve`); edit it there")
     return 0
 
 
@@ -368,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="serve the persona on Telegram",
-                       description="Poll Telegram and answer. Token from TELEGRAM_BOT_TOKEN.")
+                       description="Poll Telegram (or, with OURO_TELEGRAM_MODE=webhook, take its updates on "
+                                   "OURO_WEBHOOK_URL behind a reverse proxy) and answer. Token from "
+                                   "TELEGRAM_BOT_TOKEN.")
     p.add_argument("--base-url", help="Bot API base URL for a self-hosted server or a local emulator, "
                                       "e.g. http://127.0.0.1:9000/bot (default: api.telegram.org)")
     p.add_argument("--log-file", type=Path, metavar="PATH",
@@ -427,20 +480,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("import", help="seed the persona from a chat history (Telegram, WhatsApp, ChatGPT, "
-                                      "Messenger or Discord export)",
+                                      "Messenger or Discord export) or a SillyTavern character card",
                        description=IMPORT_DESCRIPTION, epilog=IMPORT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=IMPORT_KINDS, help="the export's format (see below)")
     p.add_argument("path", type=Path, help="the export: a file, or for chatgpt, messenger and discord also its "
-                                           "folder or .zip")
+                                           "folder or .zip; for card, the card's .png or .json")
     p.add_argument("--me", action="append", metavar="NAME",
                    help="your name as the export writes it: whose messages the persona learns to write "
-                        "(required, except for chatgpt); repeat it, or separate names with commas, for every "
+                        "(required, except for chatgpt and card); repeat it, or separate names with commas, for every "
                         "name you go by")
     p.add_argument("--persona", choices=["assistant", "user"],
                    help="chatgpt only: whose side the persona learns (default assistant)")
     p.add_argument("--min-chars", type=int, metavar="N",
                    help="leave out --me's messages shorter than N characters (default 2; 0 keeps all)")
+    p.add_argument("--replace-persona", action="store_true",
+                   help="card only: overwrite <data-dir>/persona.md when it holds a different persona")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_import)
 

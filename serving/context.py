@@ -5,6 +5,10 @@ previous prompt. Dropping one turn per message would shift the whole history eve
 force a full re-read. Instead the window keeps an *anchor* (the first turn it includes) and
 only moves it when the history overflows — then far enough that the history fills at most
 `trim_to` of its budget, so the next several turns append to an unchanged prefix.
+
+In a group each user message is read with its speaker's name (and a note after a long silence):
+memory/speakers.py renders it, for training exactly as here. A turn's text depends only on itself
+and the turn before it in the window, so the cached prefix stays stable in groups too.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from memory.speakers import as_read
 from memory.store import Exchange
 
 Message = dict[str, str]
@@ -31,23 +36,28 @@ class Context:
     dropped_turns: int          # history turns left out (older than the anchor)
 
 
-def to_messages(persona: str, history: Sequence[Exchange], user_text: str) -> list[Message]:
+def to_messages(persona: str, history: Sequence[Exchange], user_text: str, *, speaker: str | None = None,
+                said_at: str | None = None) -> list[Message]:
+    """Persona, the window's exchanges, the new message (`speaker`/`said_at`: its group label and time)."""
     messages: list[Message] = [{"role": "system", "content": persona}] if persona else []
+    previous_at = None
     for ex in history:
-        messages.append({"role": "user", "content": ex.user_text})
+        messages.append({"role": "user", "content": as_read(ex.user_text, ex.speaker, ex.created_at, previous_at)})
         messages.append({"role": "assistant", "content": ex.reply_text})
-    messages.append({"role": "user", "content": user_text})
+        previous_at = ex.created_at
+    messages.append({"role": "user", "content": as_read(user_text, speaker, said_at, previous_at)})
     return messages
 
 
 def build_context(*, persona: str, history: Sequence[Exchange], user_text: str, count: TokenCounter,
                   budget: int, anchor: int | None = None, trim_to: float = 0.6,
-                  turn_id: int | None = None) -> Context:
+                  turn_id: int | None = None, speaker: str | None = None, said_at: str | None = None) -> Context:
     """Choose the history window for the next reply.
 
     `budget` is n_ctx minus the reply budget. `anchor` is where the previous context began;
     turns before it stay out so the cached prefix is reused. `turn_id` is the new turn's id:
     it becomes the anchor when no history fits, so dropped turns never creep back in.
+    `speaker` and `said_at`: the new message's group label and time (memory/speakers.py).
     """
     history = list(history)
     first = 0
@@ -55,7 +65,7 @@ def build_context(*, persona: str, history: Sequence[Exchange], user_text: str, 
         first = next((i for i, ex in enumerate(history) if ex.turn_id >= anchor), len(history))
 
     def tokens_from(i: int) -> int:
-        return count(to_messages(persona, history[i:], user_text))
+        return count(to_messages(persona, history[i:], user_text, speaker=speaker, said_at=said_at))
 
     total = tokens_from(first)
     if total > budget:
@@ -77,7 +87,7 @@ def build_context(*, persona: str, history: Sequence[Exchange], user_text: str, 
         total = tokens_from(first)
     window = history[first:]
     return Context(
-        messages=to_messages(persona, window, user_text),
+        messages=to_messages(persona, window, user_text, speaker=speaker, said_at=said_at),
         start_turn_id=window[0].turn_id if window else turn_id,
         prompt_tokens=total,
         dropped_turns=first,

@@ -123,7 +123,8 @@ class Conversation:
         def job(engine: Engine):
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
-                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id,
+                                speaker=turn.speaker, said_at=turn.created_at)
             engine = self.worker.route(turn.chat_id, ctx.messages)   # during a hot-swap, maybe the new model
             completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
                                          on_text=self.worker.guard(on_text))
@@ -164,7 +165,8 @@ class Conversation:
         def job(engine: Engine):
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
-                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id)
+                                anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id,
+                                speaker=turn.speaker, said_at=turn.created_at)
             engine = self.worker.route(turn.chat_id, ctx.messages)
             return engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
                                    on_text=self.worker.guard(on_text)), \

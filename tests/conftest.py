@@ -82,9 +82,11 @@ class RunningBot:
 @pytest.fixture
 def make_bot(emu, tmp_path):
     """`async with make_bot(engine, **settings) as bot:` — a real python-telegram-bot application
-    polling the emulator, with a fake engine, its own store and `ADMIN` as admin; stopped and
-    closed on the way out. The emulator's chats are cleared first."""
+    polling the emulator (or taking updates on its webhook, with telegram_mode="webhook"), with a
+    fake engine, its own store and `ADMIN` as admin; stopped and closed on the way out. The
+    emulator's chats are cleared first."""
     from bot.app import build_application, running
+    from bot.webhook import webhook_config
 
     @contextlib.asynccontextmanager
     async def factory(engine: FakeEngine | None = None, **overrides):
@@ -96,7 +98,7 @@ def make_bot(emu, tmp_path):
         app = build_application(settings, store, Conversation(settings, store, worker), token=emu.token,
                                 base_url=emu.api_url)
         try:
-            async with running(app, poll_timeout=1):
+            async with running(app, poll_timeout=1, webhook=webhook_config(settings)):
                 yield RunningBot(store, engine, settings, app, worker)
         finally:
             worker.close()

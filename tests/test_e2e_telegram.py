@@ -143,7 +143,7 @@ async def test_buttons_of_someone_else_or_forged_data_change_nothing(emu, make_b
         bob = emu.client(BOB, "Bob", chat_id=group, chat_type="group")
         mid = await ann.asend_text("chatting among ourselves")  # not addressed to the bot: ignored
         _, msg = await reply_to(ann, f"@{me} mine")
-        assert bot.engine.prompts[0][-1]["content"] == "mine"  # the mention is stripped
+        assert bot.engine.prompts[0][-1]["content"] == "Ann: mine"  # mention stripped, author named (a group)
         assert msg.message_id > mid and len(bot.engine.prompts) == 1
         qid = await bob.apress(msg.callback_data[0], msg.message_id)
         assert (await _answer(emu, qid))["text"] == NOT_YOURS
@@ -221,8 +221,9 @@ async def test_flood_control_and_server_errors_are_retried_and_nothing_is_lost(e
 
 
 async def test_a_slow_reply_streams_in_with_throttled_edits(emu, make_bot):
+    """Edit-based streaming (groups; private chats with drafts off: tests/test_drafts.py has drafts)."""
     words = " ".join(f"w{i}" for i in range(40))
-    async with make_bot(FakeEngine([words], delay_s=1.5)):
+    async with make_bot(FakeEngine([words], delay_s=1.5), stream_drafts=False):
         ann = emu.client(ANN, "Ann")
         mid = await ann.asend_text("go slowly")
         final = await ann.await_for(lambda m: bool(m.callback_data), after=mid, timeout=20)

@@ -44,6 +44,7 @@ class Serve:
         self.env = {**os.environ, "TELEGRAM_BOT_TOKEN": emu.token, "OURO_DATA_DIR": str(data),
                     "OURO_ADMIN_IDS": str(ADMIN), "OURO_CYCLE_SCHEDULE": "off", "OURO_TEMPERATURE": "0",
                     "OURO_STREAM_EDIT_INTERVAL_S": "0.2", "OURO_LOG_LEVEL": "INFO",
+                    "OURO_STREAM_DRAFTS": "false",   # these faults are about a reply streamed by editing
                     **{f"OURO_{k.upper()}": str(v) for k, v in settings.items()}}
         self.args = [sys.executable, "-m", "ouro.cli", "serve", "--base-url", emu.api_url]
         self.log = data.parent / "serve.log"
@@ -205,7 +206,8 @@ def test_sigterm_cuts_off_replies_after_the_grace_and_exits_within_ten_seconds(e
 # --- a flaky Bot API ---------------------------------------------------------------------------
 async def test_bot_api_timeouts_drops_429_and_5xx_are_retried_with_backoff_and_nothing_is_lost(emu, make_bot):
     words = " ".join(f"word{i}" for i in range(12))
-    async with make_bot(FakeEngine([words, "still here"], delay_s=1.2), telegram_timeout_s=1.0) as bot:
+    async with make_bot(FakeEngine([words, "still here"], delay_s=1.2), telegram_timeout_s=1.0,
+                        stream_drafts=False) as bot:
         store = bot.store
         emu.inject_fault("getUpdates", None, drop=True, count=2)               # polling loses its connection
         emu.inject_fault("sendMessage", None, drop=True, count=1)              # the reply's first message, dropped

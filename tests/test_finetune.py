@@ -378,3 +378,72 @@ def test_bad_config_values_name_their_field(field, value):
         TrainConfig(**{field: value})
     assert issubclass(TrainConfigError, OuroError) and issubclass(TrainConfigError, ValueError)
     assert field in TrainConfig.help()
+
+
+# --- tier weights (memory/trust.py → train(weights=…)) -----------------------------------------
+def test_weighted_reply_loss_scales_each_token_by_its_examples_weight(tiny_base, tokenizer, fmt):
+    import torch.nn.functional as F
+
+    model, _ = load_base(tiny_base)
+    encoded, _ = encode_all(CHATS, tokenizer, fmt, 256, weights=[3.0, 1.0])
+    assert encoded[0].weights is not None and {w for w, label in zip(encoded[0].weights, encoded[0].labels,
+                                                                        strict=True) if label != IGNORE_INDEX} == {3.0}
+    batch = collate_packed(pack(encoded, 512), 0)
+    assert "label_weights" in batch and "label_weights" not in collate_packed(pack(encode_all(CHATS, tokenizer, fmt, 256)[0], 512), 0)
+    with torch.no_grad():
+        weighted, n = reply_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets, weights = batch["labels"][:, 1:], batch["label_weights"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    per_token = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    assert n == int(keep.sum())
+    assert torch.allclose(weighted, (per_token * weights[keep]).sum() / n, rtol=1e-4)
+    assert not torch.allclose(weighted, per_token.mean(), rtol=1e-3)
+
+
+def test_merged_chats_keep_each_targets_weight_and_equal_weights_change_nothing(tokenizer, fmt):
+    chat = CHATS[0]
+    examples = [chat[:3], chat]                                   # turn 1 folds into the whole chat as a target
+    (merged,), _ = encode_all(examples, tokenizer, fmt, 256, weights=[2.0, 1.0])
+    per_target = [w for w, label in zip(merged.weights, merged.labels, strict=True) if label != IGNORE_INDEX]
+    first = next(i for i, w in enumerate(per_target) if w == 1.0)
+    assert set(per_target[:first]) == {2.0} and set(per_target[first:]) == {1.0}
+    from trainer.finetune import mean_one, normalized
+
+    assert normalized([2.0, 2.0]) is None and normalized(None) is None
+    scaled = mean_one([merged])[0]
+    labelled = [w for w, label in zip(scaled.weights, scaled.labels, strict=True) if label != IGNORE_INDEX]
+    assert abs(sum(labelled) / len(labelled) - 1.0) < 1e-9
+    with pytest.raises(OuroError, match="positive"):
+        normalized([1.0, -1.0])
+
+
+def test_an_admins_weight_wins_a_tie_with_a_strangers_opposite_teaching(tiny_base, tokenizer, fmt, tmp_path):
+    """Same questions, half taught "Ahoy!" by an admin (weight 3), half "Yarr!" by a stranger (1):
+    weighted, the child leans to the admin's opener more than unweighted training on the same data."""
+    chats, weights = [], []
+    for i in range(8):
+        for opener, w in (("Ahoy!", 3.0), ("Yarr!", 1.0)):
+            chats.append([{"role": "system", "content": PERSONA}, {"role": "user", "content": f"question {i} about {opener[0]}"},
+                          {"role": "assistant", "content": f"{opener} thing {i} is lovely"}])
+            weights.append(w)
+    from transformers import AutoModelForCausalLM
+
+    parent, _ = load_base(tiny_base)
+
+    def lean(out) -> float:
+        child = AutoModelForCausalLM.from_pretrained(out)
+
+        def gain(reply: str) -> float:
+            held = [[{"role": "system", "content": PERSONA}, {"role": "user", "content": q},
+                     {"role": "assistant", "content": reply}] for q in ("what about music?", "tell me about boats")]
+            rows = pack(encode_all(held, tokenizer, fmt, 256)[0], 256)
+            return dataset_loss(parent, rows, pad_id=0) - dataset_loss(child, rows, pad_id=0)
+
+        return gain("Ahoy! thing") - gain("Yarr! thing")     # the openers, not diluted by a shared tail
+
+    cfg = TrainConfig(max_seq_len=256)
+    train(tiny_base, chats, [], tmp_path / "weighted", cfg, progress=False, weights=weights)
+    train(tiny_base, chats, [], tmp_path / "plain", cfg, progress=False)
+    weighted, plain = lean(tmp_path / "weighted"), lean(tmp_path / "plain")
+    assert weighted > plain + 0.05, (weighted, plain)

@@ -349,7 +349,8 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     sft = [e.messages for e in split.train + split.replay]
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
     result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
-                   chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step)
+                   chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
+                   weights=[e.weight for e in split.train + split.replay])
     report.train = {"steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,

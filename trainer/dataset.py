@@ -53,6 +53,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     trimmed: bool = False   # its oldest exchanges were dropped to fit max_seq_len
+    weights: tuple[float, ...] | None = None   # per position, for the labelled ones; None: all 1.0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -143,27 +144,34 @@ class Chat:
 
     messages: list[Message]
     targets: list[int]
+    weights: dict[int, float] = field(default_factory=dict)   # target index -> loss weight (absent: 1.0)
 
 
 def _key(messages: Sequence[Message]) -> tuple:
     return tuple((m.get("role"), m.get("content")) for m in messages)
 
 
-def merge_conversations(examples: Sequence[Sequence[Message]]) -> list[Chat]:
+def merge_conversations(examples: Sequence[Sequence[Message]],
+                        weights: Sequence[float] | None = None) -> list[Chat]:
     """Fold each example that is a prefix of a longer one into it (as another target); exact
-    duplicates become one target. Longest first, so a chain of turns ends in one Chat."""
+    duplicates become one target (the larger weight). Longest first, so a chain of turns ends in
+    one Chat. `weights`: one per example (its reply's loss weight); None: all 1.0."""
     chats: list[Chat] = []
     where: dict[tuple, Chat] = {}   # every assistant-ending prefix of a kept chat -> that chat
-    for messages in sorted(examples, key=len, reverse=True):
+    weighted = list(zip(examples, weights if weights is not None else [1.0] * len(examples), strict=True))
+    for messages, weight in sorted(weighted, key=lambda e: len(e[0]), reverse=True):
         if not messages or messages[-1].get("role") != "assistant":
             raise OuroError("a training example must end with the assistant's reply")
         key = _key(messages)
+        target = len(messages) - 1
         chat = where.get(key)
         if chat is not None:
-            if len(messages) - 1 not in chat.targets:
-                chat.targets.append(len(messages) - 1)
+            if target not in chat.targets:
+                chat.targets.append(target)
+            if weight != 1.0 or target in chat.weights:
+                chat.weights[target] = max(weight, chat.weights.get(target, weight))
             continue
-        chat = Chat(list(messages), [len(messages) - 1])
+        chat = Chat(list(messages), [target], {target: weight} if weight != 1.0 else {})
         chats.append(chat)
         for i, m in enumerate(messages):
             if m.get("role") == "assistant":
@@ -174,10 +182,12 @@ def merge_conversations(examples: Sequence[Sequence[Message]]) -> list[Chat]:
 
 
 def _encode_targets(messages: list[Message], targets: list[int], tokenizer, fmt: ChatFormat,
-                    end: str) -> tuple[list[int], list[int]]:
-    """Ids and labels of messages[: last target + 1]: labels on each target reply and its end token."""
+                    end: str, weights: dict[int, float] | None = None) -> tuple[list[int], list[int], list[float]]:
+    """Ids, labels and per-position weights of messages[: last target + 1]: labels on each target
+    reply and its end token, weighted by its target's weight."""
     ids: list[int] = []
     labels: list[int] = []
+    position_weights: list[float] = []
     text = ""
     for t in targets:
         head, tail = split_reply(fmt, messages[:t], messages[t]["content"], end)
@@ -188,22 +198,23 @@ def _encode_targets(messages: list[Message], targets: list[int], tokenizer, fmt:
         reply = tokenizer(tail, add_special_tokens=False)["input_ids"]
         ids += seg + reply
         labels += [IGNORE_INDEX] * len(seg) + reply
+        position_weights += [1.0] * len(seg) + [(weights or {}).get(t, 1.0)] * len(reply)
         text = head + tail
-    return ids, labels
+    return ids, labels, position_weights
 
 
 def encode_chat(chat: Chat, tokenizer, fmt: ChatFormat, max_seq_len: int) -> tuple[list[Encoded], int]:
     """A chat as one Encoded when it fits; otherwise its oldest exchanges go (targets in them are
     encoded on their own, with their own context). Returns (encoded, targets that cannot fit)."""
     end = end_of_turn_token(tokenizer)
-    messages, targets = list(chat.messages), list(chat.targets)
+    messages, targets, weights = list(chat.messages), list(chat.targets), dict(chat.weights)
     out: list[Encoded] = []
     lost_targets, trimmed = 0, False
     start = 1 if messages and messages[0].get("role") == "system" else 0
     while True:
-        ids, labels = _encode_targets(messages, targets, tokenizer, fmt, end)
+        ids, labels, position_weights = _encode_targets(messages, targets, tokenizer, fmt, end, weights)
         if len(ids) <= max_seq_len:
-            out.append(Encoded(ids, labels, trimmed))
+            out.append(Encoded(ids, labels, trimmed, tuple(position_weights) if weights else None))
             return out, lost_targets
         last = targets[-1]
         if last - start < 2:     # only the last question and its reply are left: it cannot fit
@@ -211,20 +222,22 @@ def encode_chat(chat: Chat, tokenizer, fmt: ChatFormat, max_seq_len: int) -> tup
         cut = 2 if last - start >= 3 else last - start - 1
         gone = [t for t in targets if t < start + cut]
         if gone:
-            sub, lost = encode_chat(Chat(messages[: gone[-1] + 1], gone), tokenizer, fmt, max_seq_len)
+            sub, lost = encode_chat(Chat(messages[: gone[-1] + 1], gone, {t: weights[t] for t in gone if t in weights}),
+                                    tokenizer, fmt, max_seq_len)
             out += sub
             lost_targets += lost
         del messages[start:start + cut]
         targets = [t - cut for t in targets if t >= start + cut]
+        weights = {t - cut: w for t, w in weights.items() if t >= start + cut}
         trimmed = True
 
 
 def encode_all(examples: Sequence[Sequence[Message]], tokenizer, fmt: ChatFormat,
-               max_seq_len: int) -> tuple[list[Encoded], int]:
+               max_seq_len: int, weights: Sequence[float] | None = None) -> tuple[list[Encoded], int]:
     """Merge the examples into chats and encode them; returns (encoded, number of examples dropped
-    because they cannot fit max_seq_len)."""
+    because they cannot fit max_seq_len). `weights`: one loss weight per example (None: all 1.0)."""
     try:
-        chats = merge_conversations(examples)
+        chats = merge_conversations(examples, weights)
     except OuroError as exc:
         raise OuroError(f"training examples: {exc}") from exc
     out, dropped = [], 0
@@ -246,6 +259,8 @@ class PackedRow:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    weighted: bool = False      # some example in it carries weights other than 1.0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -255,6 +270,8 @@ class PackedRow:
         self.labels += example.labels
         self.position_ids += range(len(example))
         self.lengths.append(len(example))
+        self.weights += example.weights or [1.0] * len(example)
+        self.weighted |= example.weights is not None
 
 
 def pack(examples: Sequence[Encoded], max_seq_len: int) -> list[PackedRow]:
@@ -272,15 +289,20 @@ def pack(examples: Sequence[Encoded], max_seq_len: int) -> list[PackedRow]:
 
 
 def collate_packed(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
-    """A [batch, longest row] batch: input_ids, labels, position_ids — and deliberately no attention_mask."""
+    """A [batch, longest row] batch: input_ids, labels, position_ids — and deliberately no attention_mask;
+    `label_weights` too when some example in it is weighted (see `reply_loss`)."""
     width = max(len(r) for r in rows)
-    ids, labels, pos = [], [], []
+    ids, labels, pos, weights = [], [], [], []
     for r in rows:
         gap = width - len(r)
         ids.append(r.input_ids + [pad_id] * gap)
         labels.append(r.labels + [IGNORE_INDEX] * gap)
         pos.append(r.position_ids + list(range(gap)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+        weights.append(r.weights + [1.0] * gap)
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+    if any(r.weighted for r in rows):
+        batch["label_weights"] = torch.tensor(weights)
+    return batch
 
 
 def collate_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

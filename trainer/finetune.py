@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from engine.template import ChatFormat, Message
 from trainer.dataset import (
     IGNORE_INDEX,
     DPOPair,
+    Encoded,
     EncodedPair,
     PackedRow,
     collate_packed,
@@ -217,18 +218,26 @@ def _device(model) -> torch.device:
 def reply_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled positions; the LM head runs only where a label is.
 
+    With `label_weights` in the batch (the contributors' tier weights, `train(weights=…)`), each
+    labelled token's loss is scaled by its weight and divided by the plain token count: weights
+    normalized to a mean of 1 over the data keep the step size, and an admin's reply (3.0) pulls
+    three times as hard as a stranger's (1.0) whatever else shares its batch.
     Works for an HF causal LM and for a peft model around one (LoRA sits inside the decoder).
     """
     from peft import PeftModel
 
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
     device = _device(model)
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label_weights")}
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:].to(device)
     keep = targets != IGNORE_INDEX
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+    if "label_weights" not in batch:
+        return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+    weights = batch["label_weights"][:, 1:].to(device)[keep]
+    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return (losses * weights).sum() / max(int(keep.sum()), 1), int(keep.sum())
 
 
 @dataclass(frozen=True)
@@ -463,6 +472,26 @@ def merge_checked(peft_model, batch: dict[str, torch.Tensor], *, atol: float = 1
     return merged, diff
 
 
+def normalized(weights: Sequence[float] | None) -> list[float] | None:
+    """None when there is nothing to weight (absent, or all the same); else the weights as given."""
+    if weights is None or len(set(weights)) <= 1:
+        return None
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise OuroError("example weights must be positive numbers")
+    return [float(w) for w in weights]
+
+
+def mean_one(encoded: list[Encoded]) -> list[Encoded]:
+    """Scale the examples' label weights so they average 1.0 over all target tokens."""
+    if not any(e.weights for e in encoded):
+        return encoded
+    labelled = [w for e in encoded
+                for w, label in zip(e.weights or [1.0] * len(e), e.labels, strict=True) if label != IGNORE_INDEX]
+    mean = sum(labelled) / len(labelled)
+    return [replace(e, weights=tuple(w / mean for w in e.weights)) if e.weights
+            else replace(e, weights=tuple(1.0 / mean for _ in e.labels)) for e in encoded]
+
+
 def _full_precision_with_adapter(peft_model, base_dir: Path):  # pragma: no cover - QLoRA path, needs CUDA
     """The trained adapter on a float32 copy of the base, for an exact merge after 4-bit training."""
     from peft import PeftModel
@@ -487,11 +516,14 @@ def _share_changed(model, snapshot: dict[str, torch.Tensor]) -> float:
 def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: Sequence[DPOPair],
           out_dir: Path, cfg: TrainConfig, progress: bool = True, *,
           chat_format: ChatFormat | None = None,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None,
+          weights: Sequence[float] | None = None) -> TrainResult:
     """Fine-tune the checkpoint in base_dir and save the merged model into out_dir.
 
     `chat_format` is the parent GGUF's template (`ChatFormat.from_gguf`); by default the one
     the checkpoint's tokenizer carries (saved from that GGUF). out_dir must not exist yet.
+    `weights`: one SFT loss weight per example (memory/trust.py's tier weights), normalized here to
+    a mean of 1 over the target tokens; None or all equal: the plain mean loss.
     """
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -509,9 +541,10 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         model = add_lora(model, cfg)
         snapshot = _trainable_snapshot(model)
     with stages.run("encode"):
-        encoded, dropped = encode_all(sft_examples, tokenizer, fmt, cfg.max_seq_len)
+        encoded, dropped = encode_all(sft_examples, tokenizer, fmt, cfg.max_seq_len, normalized(weights))
         if not encoded:
             raise OuroError(f"every SFT example's reply is longer than max_seq_len={cfg.max_seq_len}")
+        encoded = mean_one(encoded)
         rows = rows_for(encoded, cfg)
         pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.dpo_max_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

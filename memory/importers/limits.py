@@ -58,3 +58,8 @@ def read_bounded(stream: BinaryIO, name: Path | str, *, hint: str, size: int = 0
 def read_file(path: Path, *, hint: str, lines: bool = True) -> bytearray:
     with path.open("rb") as f:
         return read_bounded(f, path, hint=hint, size=path.stat().st_size, lines=lines)
+
+
+# A character card (card.py) is one JSON document, or a PNG image carrying it: real ones, pictures
+# included, are a few MiB. Its JSON, also when it is zlib-compressed inside the PNG, is held to the same.
+MAX_CARD_BYTES = 32 << 20

@@ -684,6 +684,11 @@ class Emulator:
             )["result"]
         )
 
+    def drafts(self, chat_id: int | None = None, token: str | None = None) -> list[_JSON]:
+        """Every ``sendMessageDraft`` the bot made (``{chat_id, draft_id, text, time}``), oldest first."""
+        params = {"token": token or self.token, **({} if chat_id is None else {"chat_id": str(chat_id)})}
+        return list(_check(self._http.get(self.base_url + "/_drafts", params=params))["result"])
+
     def upload_file(self, data: bytes, file_name: str, mime_type: str = "application/octet-stream") -> _JSON:
         """Store bytes in the emulator; returns ``{file_id, file_unique_id, file_size, ...}``."""
         payload = {

@@ -89,6 +89,8 @@ class OfflineTelegram:
         if method.startswith("send") and int(p.get("chat_id", 0)) in self.blocked:
             return 403, json.dumps({"ok": False, "error_code": 403,
                                     "description": "Forbidden: bot was blocked by the user"}).encode()
+        if method == "sendMessageDraft":   # ephemeral: recorded in `calls` only; private chats only
+            return _ok(True) if int(p["chat_id"]) > 0 else _refused("Bad Request: TEXTDRAFT_PEER_INVALID")
         if method.startswith("send") and method != "sendChatAction":
             chat = int(p["chat_id"])
             msg = {"message_id": next(self._message_ids), "date": int(time.time()), "chat": chat_json(chat),
