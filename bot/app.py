@@ -11,6 +11,8 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
 from telegram.ext import (
@@ -43,13 +45,23 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
 
 
+class Companion(Protocol):
+    """Something served from the bot's process and event loop beside Telegram (the HTTP API, api/):
+    started once the bot is up, stopped as it shuts down."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def build_application(settings: Settings, store: Store, conversation: Conversation, *, token: str,
                       base_url: str | None = None, learning: bool | LearningLoop = False,
-                      notices: list[str] | None = None) -> Application:
+                      notices: list[str] | None = None, companions: Sequence[Companion] = ()) -> Application:
     """`learning`: True builds the learning loop (schedule, /train, hot-swap, live watch) around the
     conversation's worker; a LearningLoop uses that one (tests give it a fake loader); False leaves
     it out (the lineage commands then say so). `notices` are sent to the admins once the bot is up
-    (e.g. the start-up fell back to an older generation: `Runtime.notices`)."""
+    (e.g. the start-up fell back to an older generation: `Runtime.notices`). `companions` run in
+    the same event loop, over the same conversation (`ouro serve` with OURO_HTTP_PORT: the API)."""
     h = Handlers(settings, store, conversation, started_at=time.time())
     privacy = PrivacyHandlers(settings, store, conversation.worker)
     review = ReviewHandlers(settings, store)   # works with or without the learning loop
@@ -63,6 +75,7 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app = builder.post_init(lambda a: _post_init(a, settings, h)).post_shutdown(_post_shutdown).build()
     app.bot_data["handlers"] = h
     app.bot_data["notices"] = list(notices or [])
+    app.bot_data["companions"] = list(companions)
     loop = None
     if learning is True:
         loop = LearningLoop(settings, store, conversation.worker, warmup=conversation.warmup_plan)
@@ -142,6 +155,8 @@ async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:
             await asyncio.sleep(HEARTBEAT_S)
 
     app.bot_data["heartbeat"] = asyncio.create_task(heartbeat())
+    for companion in app.bot_data.get("companions", []):
+        await companion.start()
     loop: LearningLoop | None = app.bot_data.get("learning")
     if loop is not None:
         await loop.start()
@@ -156,6 +171,11 @@ async def _tell_admins(app: Application, settings: Settings, text: str) -> None:
 
 
 async def _post_shutdown(app: Application) -> None:
+    for companion in reversed(app.bot_data.get("companions", [])):
+        try:
+            await companion.stop()
+        except Exception:
+            log.warning("could not stop %r", companion, exc_info=True)
     loop: LearningLoop | None = app.bot_data.get("learning")
     if loop is not None:
         await loop.stop()

@@ -15,6 +15,7 @@ from telegram import Bot
 from bot import keyboards
 from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
+from memory.api_keys import is_api_user
 from serving.conversation import TERMINAL_CHAT_ID, Conversation
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ async def recover_interrupted(conversation: Conversation, bot: Bot) -> None:
         text = RESEND.format(snippets[0]) if len(turns) == 1 else RESEND_MANY.format(len(turns), ", ".join(snippets))
         for turn in turns:
             conversation.mark_failed(turn["id"], text)
-        if chat_id == TERMINAL_CHAT_ID:  # no Telegram side to tell
+        if chat_id == TERMINAL_CHAT_ID or is_api_user(chat_id):  # no Telegram side to tell
             continue
         try:
             await call_with_retry(lambda c=chat_id, m=text: bot.send_message(c, m), attempts=2)
@@ -48,7 +49,7 @@ async def deliver_interrupted(conversation: Conversation, bot: Bot) -> None:
     now, with their buttons. One attempt each; those of the last day only."""
     since = (datetime.now(UTC) - timedelta(days=1)).isoformat(timespec="milliseconds")
     for turn in conversation.undelivered_replies(since=since):
-        if turn["chat_id"] == TERMINAL_CHAT_ID:
+        if turn["chat_id"] == TERMINAL_CHAT_ID or is_api_user(turn["chat_id"]):
             continue
         stream = StreamingReply(bot, turn["chat_id"])
         try:

@@ -147,6 +147,14 @@ class Settings(BaseSettings):
         "(X-Telegram-Bot-Api-Secret-Token); anything without it gets 403. Set it in the environment "
         "(OURO_WEBHOOK_SECRET), e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`."))
 
+    # --- the HTTP API (api/) ----------------------------------------------------------------
+    http_port: int | None = Field(None, ge=0, le=65535, description=(
+        "Serve the OpenAI-compatible API (/v1) on this port inside `ouro serve` (empty: off; `ouro web` "
+        "serves it without Telegram, on 8080 when empty). Keys: `ouro api-key create NAME`."))
+    http_host: str = Field("127.0.0.1", description=(
+        "The address the API listens on: loopback by default; put a reverse proxy with TLS in front to "
+        "expose it."))
+
     # --- learning: data -----------------------------------------------------------------
     training_opt_out_default: bool = Field(False, description=(
         "Whether people's chats are left out of training unless they /optin (False: used unless they /optout)."))

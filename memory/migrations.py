@@ -198,6 +198,25 @@ def m007_turn_speaker(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m008_api_keys(conn: sqlite3.Connection) -> None:
+    """Keys of the OpenAI-compatible API (api/): only each key's SHA-256 is kept. Every key is a person
+    (a users row, id below API_USER_BASE in memory/api_keys.py), so trust, opt-out, /forget and the caps
+    treat it as they treat a Telegram user."""
+    _script(conn, """
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: the person's id derives from it
+        name TEXT NOT NULL,
+        key_sha256 TEXT NOT NULL UNIQUE,
+        user_id INTEGER NOT NULL UNIQUE,        -- no foreign key: /forget deletes the person, not the key
+        created_at TEXT NOT NULL,
+        last_used_at TEXT,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

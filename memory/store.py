@@ -2,7 +2,8 @@
 
 Nothing else in the project writes SQL for these tables. `Store` only opens and closes the
 database; each kind of record has its own module and mixin (memory/sessions.py, turns.py,
-feedback.py, review_queue.py, privacy.py, audit.py, history_imports.py, stats.py), and the
+feedback.py, review_queue.py, privacy.py, audit.py, history_imports.py, stats.py,
+api_keys.py), and the
 records they return are importable from here as before.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memory.api_keys import ApiKeysMixin
 from memory.audit import AuditMixin
 from memory.db import Database
 from memory.feedback import FeedbackMixin
@@ -25,7 +27,7 @@ __all__ = ["Exchange", "ReviewItem", "Store", "TurnRef"]
 
 
 class Store(ReviewQueueMixin, TurnsMixin, SessionsMixin, FeedbackMixin, PrivacyMixin,
-            HistoryImportsMixin, AuditMixin, StatsMixin):
+            HistoryImportsMixin, AuditMixin, StatsMixin, ApiKeysMixin):
     def __init__(self, database: Database) -> None:
         self.database = database
 

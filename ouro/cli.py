@@ -24,6 +24,7 @@ training data of the next generation.
 Start here:
   ouro demo                       the whole loop on this machine, narrated (local Telegram emulator)
   ouro chat                       talk to the persona in this terminal (no Telegram needed)
+  ouro web                        an OpenAI-compatible API on 127.0.0.1 (keys: ouro api-key create NAME)
   TELEGRAM_BOT_TOKEN=… ouro serve serve it on Telegram
   ouro status                     what is running, on which generation, with which figures
 """
@@ -83,6 +84,7 @@ EPILOG = """\
 environment:
   TELEGRAM_BOT_TOKEN   the bot token from @BotFather (only read by `ouro serve`)
   OURO_DATA_DIR        where ouro.db and models/ live (same as --data-dir)
+  OURO_HTTP_PORT       also serve the OpenAI-compatible API from `ouro serve` (OURO_HTTP_HOST: 127.0.0.1)
   OURO_<SETTING>       any setting, e.g. OURO_ADMIN_IDS=123,456  OURO_N_CTX=4096
 Run `ouro settings` to see every setting with its default and meaning.
 """
@@ -127,11 +129,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("note: OURO_ADMIN_IDS is empty, so nobody can use admin commands", file=sys.stderr)
     rt = open_runtime(settings)
     try:
+        companions = []
+        if settings.http_port is not None:   # the API in this process and loop, over the same conversation
+            from api.app import build_api
+            from api.server import HttpServer
+
+            companions.append(HttpServer(build_api(settings, rt.conversation), settings.http_host,
+                                         settings.http_port, grace_s=settings.shutdown_grace_s))
         app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url,
-                                learning=True, notices=rt.notices)
+                                learning=True, notices=rt.notices, companions=companions)
         run_until_stopped(app, rt.worker, grace_s=settings.shutdown_grace_s, webhook=webhook)
     finally:
         rt.close()
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from api.app import build_api, close_interrupted
+    from api.server import HttpServer
+    from ouro.logs import setup_logging
+    from serving.runtime import open_runtime
+
+    settings = _settings(args)
+    setup_logging(settings.log_level, log_file=args.log_file)
+    port = args.port if args.port is not None else settings.http_port if settings.http_port is not None else 8080
+    rt = open_runtime(settings)
+
+    async def serve() -> None:
+        close_interrupted(rt.conversation)
+        server = HttpServer(build_api(settings, rt.conversation), settings.http_host, port,
+                            grace_s=settings.shutdown_grace_s)
+        await server.start()
+        print(f"OpenAI-compatible API on http://{settings.http_host}:{server.port}/v1 "
+              f"(generation {rt.worker.engine.generation_id}); Ctrl-C stops", file=sys.stderr)
+        loop, stopping = asyncio.get_running_loop(), asyncio.Event()
+
+        def stop() -> None:   # a second signal cuts the replies under way off at once
+            if stopping.is_set():
+                rt.worker.abandon()
+            stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        await stopping.wait()
+        loop.call_later(settings.shutdown_grace_s, rt.worker.abandon)
+        await server.stop()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        rt.close()
+    return 0
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from api.keys import create_key
+    from serving.runtime import open_store
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        if args.action == "create":
+            key, user_id = create_key(store, args.name)
+            if args.opt_out:   # as /optout: what this key's person says never trains the model
+                store.set_training_opt_out(user_id, True, first_name=args.name)
+            if args.json:
+                print(json.dumps({"name": args.name, "key": key, "user_id": user_id}))
+            else:
+                print(key)
+                print(f"(API key {args.name!r}, person id {user_id}: shown once, only its SHA-256 is kept. "
+                      "Send it as Authorization: Bearer <key>.)", file=sys.stderr)
+        elif args.action == "list":
+            rows = store.api_keys(revoked=args.all)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no API keys — `ouro api-key create NAME` makes one")
+            for r in [] if args.json else rows:
+                state = f"revoked {r['revoked_at']}" if r["revoked_at"] else f"last used {r['last_used_at'] or 'never'}"
+                print(f"{r['name']:24} person {r['user_id']}  created {r['created_at']}  {state}")
+        else:
+            user_id = store.revoke_api_key(args.name)
+            if user_id is None:
+                raise OuroError(f"no live API key named {args.name!r}", hint="ouro api-key list")
+            forgotten = store.forget_user(user_id)[0] if args.forget else None
+            if args.json:
+                print(json.dumps({"name": args.name, "user_id": user_id, "forgotten": forgotten}))
+            else:
+                print(f"revoked {args.name!r}" + (f"; forgot its person: {forgotten}" if forgotten is not None else
+                                                  f"; its turns are kept (person {user_id}); --forget deletes them"))
+    finally:
+        store.close()
     return 0
 
 
@@ -428,6 +519,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log to this file (owner-only), rotated at 10 MiB with 5 old files kept; "
                         "without it the bot logs to stderr only")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("web", help="serve the OpenAI-compatible API (/v1) without Telegram",
+                       description="The same conversation, storage, limits and feedback as Telegram, over HTTP: "
+                                   "GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/feedback. "
+                                   "Listens on OURO_HTTP_HOST (default 127.0.0.1) and --port, else OURO_HTTP_PORT, "
+                                   "else 8080. Keys: `ouro api-key create NAME`. To serve it beside Telegram, set "
+                                   "OURO_HTTP_PORT for `ouro serve` instead.")
+    p.add_argument("--port", type=int, help="port to listen on (default OURO_HTTP_PORT, else 8080)")
+    p.add_argument("--log-file", type=Path, metavar="PATH", help="also log to this file (owner-only), rotated")
+    p.set_defaults(func=cmd_web)
+
+    p = sub.add_parser("api-key", help="create, list or revoke keys of the HTTP API",
+                       description="Each key is a person of its own (opt-out, /forget, trust and caps apply as to a "
+                                   "Telegram user); only its SHA-256 is stored, so the key is printed once.")
+    keys = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = keys.add_parser("create", help="make a key and print it once")
+    k.add_argument("name", help="what the key is for (1-64 of A-Z a-z 0-9 _ . -), unique among live keys")
+    k.add_argument("--opt-out", action="store_true", help="keep this key's chats out of training (as /optout)")
+    k.add_argument("--json", action="store_true", help="print one JSON document")
+    k = keys.add_parser("list", help="the keys (never their secret)")
+    k.add_argument("--all", action="store_true", help="revoked ones too")
+    k.add_argument("--json", action="store_true", help="print one JSON document")
+    k = keys.add_parser("revoke", help="stop a key from working (its turns stay unless --forget)")
+    k.add_argument("name")
+    k.add_argument("--forget", action="store_true", help="also delete everything stored about its person (as /forget)")
+    k.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_api_key)
 
     p = sub.add_parser("chat", help="chat with the persona in this terminal",
                        description="The same engine, context, logging and ratings as Telegram. In the chat: "

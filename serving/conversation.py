@@ -1,8 +1,11 @@
-"""One turn of conversation, independent of where it came from (Telegram or the terminal).
+"""One turn of conversation, independent of where it came from (Telegram, the terminal, the HTTP API).
 
 The order is the contract: store the user's message, decide whether the model may see it,
 build the rolling context on the inference thread (token counts need the model's
 tokenizer), generate, then store the reply and its metadata in one transaction.
+
+A client that sends the conversation so far with each message (the OpenAI API) reads that
+history instead of the stored one (`follow`); its turns are stored all the same.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from config.settings import Settings
 from engine.protocol import Completion, Engine, Sampling
 from engine.worker import Abandoned, Busy, InferenceWorker, loop_callback
-from memory.store import Store, TurnRef
+from memory.store import Exchange, Store, TurnRef
 from serving.context import ContextTooLong, build_context, to_messages
 
 log = logging.getLogger(__name__)
@@ -63,10 +66,14 @@ class Conversation:
         self.persona = settings.persona()
         self._answering: Counter = Counter()   # chat → replies asked for and not finished (see warmup_plan)
 
-    def sampling(self, *, seed: int | None = None) -> Sampling:
+    def sampling(self, *, seed: int | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None) -> Sampling:
+        """The settings' sampling; a caller may ask for fewer tokens than reply_max_tokens, or another temperature."""
         s = self.settings
-        return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repeat_penalty=s.repeat_penalty,
-                        seed=seed if seed is not None else s.seed, max_tokens=s.reply_max_tokens)
+        budget = s.reply_max_tokens if max_tokens is None else max(1, min(max_tokens, s.reply_max_tokens))
+        return Sampling(temperature=s.temperature if temperature is None else temperature, top_p=s.top_p,
+                        top_k=s.top_k, repeat_penalty=s.repeat_penalty, seed=seed if seed is not None else s.seed,
+                        max_tokens=budget)
 
     async def handle_text(self, who: Speaker, text: str, *, message_id: int | None = None,
                           on_text: Callable[[str], None] | None = None) -> Outcome:
@@ -95,12 +102,34 @@ class Conversation:
             return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)
         return Outcome(kind="pending", turn_id=turn_id)
 
-    async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None) -> Outcome:
-        """Generate the reply to a stored pending turn; every failure is stored on the turn."""
+    async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
+                     history: Sequence[Exchange] | None = None, max_tokens: int | None = None,
+                     temperature: float | None = None) -> Outcome:
+        """Generate the reply to a stored pending turn; every failure is stored on the turn.
+
+        `history`: the conversation the client sent (see `follow`) instead of the stored session.
+        `max_tokens` (at most reply_max_tokens) and `temperature` override the settings' for this reply."""
         turn = self.store.turn(turn_id)
         assert turn is not None
+        sampling = self.sampling(max_tokens=max_tokens, temperature=temperature)
         with self._replying(turn.chat_id):
-            return await self._answer(turn, on_text)
+            return await self._answer(turn, on_text, history, sampling)
+
+    def follow(self, who: Speaker, exchanges: Sequence[tuple[str, str]]) -> list[Exchange]:
+        """For a client that sends the whole conversation with each message: the (user, reply) pairs
+        before its new message, as the history to answer with. When they are the stored session's
+        latest exchanges, the session goes on and they keep their turn ids (training then reads
+        exactly what was served); otherwise (a new or someone else's conversation) a new session
+        starts, and they get turn id 0: not stored, the new turn begins its own context."""
+        session = self.store.current_session(who.chat_id)
+        stored = self.store.history(session) if session is not None else []
+        tail = stored[len(stored) - len(exchanges):] if exchanges else []
+        if exchanges and len(tail) == len(exchanges) and all(
+                ex.user_text == user and ex.reply_text == reply for ex, (user, reply) in zip(tail, exchanges, strict=True)):
+            return tail
+        if stored:
+            self.reset(who)
+        return [Exchange(0, user, reply) for user, reply in exchanges]
 
     @contextlib.contextmanager
     def _replying(self, chat_id: int):
@@ -112,11 +141,14 @@ class Conversation:
             if self._answering[chat_id] <= 0:
                 del self._answering[chat_id]
 
-    async def _answer(self, turn, on_text: Callable[[str], None] | None) -> Outcome:
+    async def _answer(self, turn, on_text: Callable[[str], None] | None, given: Sequence[Exchange] | None,
+                      sampling: Sampling) -> Outcome:
         turn_id = turn.id
-        history = self.store.history(turn.session_id, before_turn_id=turn_id)
-        anchor = self.store.context_start(turn.session_id)
-        sampling = self.sampling()
+        if given is None:
+            history = self.store.history(turn.session_id, before_turn_id=turn_id)
+            anchor = self.store.context_start(turn.session_id)
+        else:
+            history, anchor = list(given), None
         started = time.perf_counter()
         on_text = _on_loop(on_text)
 
@@ -148,7 +180,8 @@ class Conversation:
         self.store.complete_turn(
             turn_id, reply_text=completion.text, generation_id=generation_id,
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            latency_s=time.perf_counter() - started, ttft_s=completion.ttft_s, context_start_turn_id=ctx.start_turn_id)
+            latency_s=time.perf_counter() - started, ttft_s=completion.ttft_s,
+            context_start_turn_id=ctx.start_turn_id or turn_id)   # 0: the client's history, not stored turns
         return Outcome(kind="answered", turn_id=turn_id, text=completion.text, completion=completion)
 
     async def regenerate(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,

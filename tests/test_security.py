@@ -321,7 +321,7 @@ def test_the_sql_scan_flags_built_sql(snippet):
 
 # --- files: only inside the data folder, never a path from Telegram --------------------------------
 # Where code reachable from Telegram writes files (bot/): (file, function) → where, and why no input picks it.
-BOT_WRITES = {   # bot/ and serving/ (the turn life cycle every transport runs) are what Telegram reaches
+BOT_WRITES = {   # bot/, api/ and serving/ (the turn life cycle every transport runs) are what people reach
     ("serving/status.py", "write_runtime"): "<data>/run/serve.json, a fixed name",
     ("serving/runtime.py", "open_store"): "<data>/ and <data>/ouro.db, at start-up",
     ("serving/runtime.py", "register_base"): "<data>/models/ (generation 0), at start-up",
@@ -334,7 +334,7 @@ _WRITE_CALLS = {"open", "write_text", "write_bytes", "mkdir", "atomic_write_text
 
 def test_telegram_facing_code_writes_only_where_reviewed():
     found = set()
-    for path in sorted([*(ROOT / "bot").glob("*.py"), *(ROOT / "serving").glob("*.py")]):
+    for path in sorted([*(ROOT / "bot").glob("*.py"), *(ROOT / "api").glob("*.py"), *(ROOT / "serving").glob("*.py")]):
         rel = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for func in ast.walk(tree):

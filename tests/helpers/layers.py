@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Bottom first; a module may import from its own floor and any floor below it.
-FLOORS = ["core", "config", "memory", "engine", "lineage", "evals", "trainer", "serving", "bot", "ouro"]
+# Bottom first; a module may import from its own floor and any floor below it. bot/ and api/ are
+# sibling transports over serving/: neither imports the other (tests/test_api.py checks api/ never
+# imports bot/ or telegram; the list order keeps bot/ from importing api/).
+FLOORS = ["core", "config", "memory", "engine", "lineage", "evals", "trainer", "serving", "bot", "api", "ouro"]
 
 
 @dataclass(frozen=True)

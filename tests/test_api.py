@@ -1,0 +1,408 @@
+"""The OpenAI-compatible API (api/), driven by the real `openai` client against a real uvicorn server
+over the fake engine: turns stored like Telegram's, feedback that reaches the training export,
+/forget, keys, limits, and every error in OpenAI's shape."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from api.app import MAX_BODY_BYTES
+from api.keys import create_key, key_sha256
+from config.settings import load_settings
+from memory.api_keys import API_USER_BASE
+from memory.export import reviewed_since
+from memory.screens import screens_for
+from memory.store import Store
+from memory.trust import policy_for
+from ouro.cli import main
+from serving.conversation import FAILED
+from tests.helpers.api_server import start_api_server
+from tests.helpers.fakes import FakeEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RecordingEngine(FakeEngine):
+    """The fake, also recording each reply's sampling and whether its turn was stored before it ran."""
+
+    def __init__(self, *args, store_probe=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.samplings = []
+        self.stored_first = []
+        self.store_probe = store_probe
+
+    def generate(self, messages, *, chat_key, sampling, on_text=None):
+        self.samplings.append(sampling)
+        if self.store_probe is not None:
+            self.stored_first.append(self.store_probe(messages[-1]["content"]))
+        return super().generate(messages, chat_key=chat_key, sampling=sampling, on_text=on_text)
+
+
+@pytest.fixture
+def make_api(tmp_path):
+    started = []
+
+    def factory(engine: FakeEngine | None = None, **overrides):
+        settings = load_settings(data_dir=tmp_path / "data", **overrides)
+        api, thread = start_api_server(settings, engine or RecordingEngine())
+        started.append((api, thread))
+        return api
+
+    yield factory
+    for api, thread in started:
+        thread.stop()
+        api.worker.close()
+        api.store.close()
+
+
+def make_api_other_key(api) -> str:
+    """A second key (another person) on the same server."""
+    return create_key(api.store, "someone-else")[0]
+
+
+def turn_of(completion_id: str) -> int:
+    return int(completion_id.rsplit("-", 1)[1])
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_a_completion_is_a_stored_turn_answered_with_the_persona(make_api):
+    engine = RecordingEngine(["ahoy there friend"])
+    api = make_api(engine)
+    engine.store_probe = lambda text: api.store.database.scalar(
+        "SELECT status FROM turns WHERE user_text = ? AND user_id = ?", (text, api.user_id))
+    reply = api.client().chat.completions.create(
+        model="ouro", messages=[{"role": "system", "content": "You are a calculator."},
+                                {"role": "user", "content": "hi there"}])
+    assert reply.choices[0].message.content == "ahoy there friend"
+    assert reply.choices[0].finish_reason == "stop" and reply.model == "gen-0000"
+    assert reply.usage.completion_tokens == 3 and reply.usage.total_tokens > 3
+    turn = api.store.turn(turn_of(reply.id))
+    assert reply.id == f"chatcmpl-ouro-{turn.id}"
+    assert (turn.user_id, turn.chat_id, turn.status) == (api.user_id, api.user_id, "answered")
+    assert (turn.user_text, turn.reply_text) == ("hi there", "ahoy there friend")
+    assert engine.stored_first == ["pending"]                  # stored before the model saw it
+    prompt = engine.prompts[-1]
+    assert prompt[0] == {"role": "system", "content": api.settings.persona()}   # the bot's persona, not the client's
+    assert prompt[-1] == {"role": "user", "content": "hi there"} and len(prompt) == 2
+    assert api.user_id < API_USER_BASE <= -(2**53)             # never a Telegram user or chat id
+
+
+def test_the_context_is_the_history_the_client_sends(make_api):
+    engine = RecordingEngine(["first reply", "second reply", "third reply"])
+    api = make_api(engine)
+    client = api.client()
+    one = client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hello"}])
+    two = client.chat.completions.create(model="gen-0000", messages=[
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "first reply"},
+        {"role": "user", "content": "and then?"}])
+    assert engine.prompts[-1][1:] == [{"role": "user", "content": "hello"},
+                                      {"role": "assistant", "content": "first reply"},
+                                      {"role": "user", "content": "and then?"}]
+    first, second = api.store.turn(turn_of(one.id)), api.store.turn(turn_of(two.id))
+    assert second.session_id == first.session_id            # it went on with what was served
+    assert second.context_start_turn_id == first.id         # so training reads the context that was served
+    three = client.chat.completions.create(model="ouro", messages=[
+        {"role": "user", "content": "pretend"}, {"role": "assistant", "content": "words never served"},
+        {"role": "user", "content": "go on"}])
+    assert engine.prompts[-1][1:] == [{"role": "user", "content": "pretend"},
+                                      {"role": "assistant", "content": "words never served"},
+                                      {"role": "user", "content": "go on"}]
+    third = api.store.turn(turn_of(three.id))
+    assert third.session_id != second.session_id and third.context_start_turn_id == third.id
+
+
+def test_max_tokens_and_temperature_within_the_bots_bounds(make_api):
+    engine = RecordingEngine()
+    api = make_api(engine)
+    client = api.client()
+    client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "a"}], max_tokens=5,
+                                   temperature=0.0)
+    client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "b"}],
+                                   max_completion_tokens=100_000)
+    assert (engine.samplings[0].max_tokens, engine.samplings[0].temperature) == (5, 0.0)
+    assert engine.samplings[1].max_tokens == api.settings.reply_max_tokens
+    assert engine.samplings[1].temperature == api.settings.temperature
+    with pytest.raises(openai.BadRequestError) as hot:
+        client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "c"}], temperature=2.5)
+    assert hot.value.body["param"] == "temperature"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as tools:
+        client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "d"}], tools=[tool])
+    assert tools.value.body["param"] == "tools" and "not supported" in tools.value.message
+    assert len(engine.samplings) == 2                        # refused requests never reached the model
+
+
+def test_streaming_sends_openai_chunks_then_done(make_api):
+    api = make_api(RecordingEngine(["one two three four"]))
+    chunks = list(api.client().chat.completions.create(
+        model="ouro", messages=[{"role": "user", "content": "count"}], stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three four"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert len({c.id for c in chunks}) == 1 and api.store.turn(turn_of(chunks[0].id)).reply_text == text
+    raw = httpx.post(f"{api.base_url}/chat/completions", headers={"authorization": f"Bearer {api.key}"},
+                     json={"model": "ouro", "stream": True, "messages": [{"role": "user", "content": "again"}]})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("data: [DONE]\n\n") and raw.text.count("chat.completion.chunk") >= 3
+
+
+def test_models_and_unknown_models(make_api):
+    api = make_api()
+    client = api.client()
+    assert [m.id for m in client.models.list()] == ["ouro", "gen-0000"]
+    assert client.models.retrieve("gen-0000").owned_by == "ouroboros"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gen-9999")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_keys_are_checked_and_stored_only_as_hashes(make_api):
+    api = make_api()
+    with pytest.raises(openai.AuthenticationError):
+        api.client("ouro-not-a-real-key").models.list()
+    missing = httpx.get(f"{api.base_url}/models")
+    assert missing.status_code == 401 and error_of(missing)["code"] == "invalid_api_key"
+    stored = api.store.database.query("SELECT * FROM api_keys")
+    assert stored[0]["key_sha256"] == key_sha256(api.key) and api.key not in json.dumps(stored)
+
+
+def test_bad_requests_get_the_right_4xx_in_openai_shape(make_api):
+    api = make_api()
+    auth = {"authorization": f"Bearer {api.key}"}
+    url = api.base_url
+    bad_json = httpx.post(f"{url}/chat/completions", headers={**auth, "content-type": "application/json"},
+                          content=b'{"model": "ouro", "messages": [')
+    assert bad_json.status_code == 400 and error_of(bad_json)["code"] == "invalid_json"
+    huge = httpx.post(f"{url}/chat/completions", headers={**auth, "content-type": "application/json"},
+                      content=b" " * (MAX_BODY_BYTES + 1))
+    assert huge.status_code == 413 and error_of(huge)["code"] == "request_too_large"
+
+    def chunked():   # no Content-Length: the limit holds while reading
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    streamed = httpx.post(f"{url}/chat/completions", headers=auth, content=chunked())
+    assert streamed.status_code == 413
+    unknown = httpx.get(f"{url}/engines/../../etc/passwd", headers=auth)
+    assert unknown.status_code == 404 and error_of(unknown)["type"] == "invalid_request_error"
+    for bad_id in ("../../etc/passwd", "chatcmpl-ouro-1/../2", "chatcmpl-ouro-%2e%2e", 7):
+        r = httpx.post(f"{url}/feedback", headers=auth, json={"completion_id": bad_id, "rating": 1})
+        assert r.status_code == 400 and error_of(r)["param"] == "completion_id"
+    no_turn = httpx.post(f"{url}/feedback", headers=auth, json={"completion_id": "chatcmpl-ouro-999999", "rating": 1})
+    assert no_turn.status_code == 404
+    last_user = httpx.post(f"{url}/chat/completions", headers=auth, json={
+        "model": "ouro", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    assert last_user.status_code == 400 and error_of(last_user)["param"] == "messages"
+    assert "Traceback" not in bad_json.text + huge.text + unknown.text
+
+
+def test_feedback_reaches_the_training_export_under_the_trust_rules(make_api, tmp_path):
+    api = make_api(RecordingEngine(["a dull reply"]))
+    reply = api.client().chat.completions.create(model="ouro", messages=[{"role": "user", "content": "tell a joke"}])
+    auth = {"authorization": f"Bearer {api.key}"}
+    r = httpx.post(f"{api.base_url}/feedback", headers=auth, json={
+        "completion_id": reply.id, "rating": -1, "correction": "Why did the snake cross the road? To eat its tail."})
+    assert r.status_code == 200 and r.json() == {"id": reply.id, "object": "feedback", "rating": "new",
+                                                 "correction": "stored"}
+    turn_id = turn_of(reply.id)
+    assert api.store.rating(turn_id, api.user_id) == -1
+
+    def targets(**overrides) -> list[str]:
+        s = load_settings(data_dir=tmp_path / "data", **overrides)
+        delta = reviewed_since(api.store, persona=s.persona(), since=None, policy=policy_for(s, api.store),
+                               screens=screens_for(s))
+        return [e.messages[-1]["content"] for e in delta.examples] + [p.chosen for p in delta.pairs]
+
+    # an open bot learns from trusted people only: a stranger's key waits for review, a trusted one teaches
+    assert targets() == []
+    taught = targets(trusted_user_ids=[api.user_id])
+    assert "Why did the snake cross the road? To eat its tail." in taught
+
+    other = make_api_other_key(api)
+    theirs = httpx.post(f"{api.base_url}/feedback", headers={"authorization": f"Bearer {other}"},
+                        json={"completion_id": reply.id, "rating": 1})
+    assert theirs.status_code == 404 and api.store.rating(turn_id, api.user_id) == -1
+
+
+
+def test_forget_removes_the_keys_turns_and_revoke_locks_it_out(make_api, monkeypatch, capsys):
+    api = make_api(RecordingEngine(["kept for now"]))
+    reply = api.client().chat.completions.create(model="ouro", messages=[{"role": "user", "content": "remember me"}])
+    httpx.post(f"{api.base_url}/feedback", headers={"authorization": f"Bearer {api.key}"},
+               json={"completion_id": reply.id, "rating": 1})
+    assert api.store.user_data_counts(api.user_id)["messages"] == 1
+
+    counts, chats = api.store.forget_user(api.user_id)      # what /forget does for a Telegram user
+    assert counts["turns"] == 1 and counts["ratings"] == 1 and chats == [api.user_id]
+    assert api.store.user_data_counts(api.user_id) == {"messages": 0, "ratings": 0, "corrections": 0, "picks": 0}
+    assert api.store.database.scalar("SELECT COUNT(*) FROM turns WHERE user_text = 'remember me'") == 0
+
+    again = api.client().chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hello again"}])
+    assert api.store.turn(turn_of(again.id)).user_id == api.user_id   # the key still works, from scratch
+    monkeypatch.setenv("OURO_DATA_DIR", str(api.settings.data_dir))
+    assert main(["api-key", "revoke", "tester", "--forget", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["forgotten"]["turns"] == 1
+    assert api.store.user_data_counts(api.user_id)["messages"] == 0
+    with pytest.raises(openai.AuthenticationError):
+        api.client().models.list()
+
+
+def test_rate_limit_is_per_key_and_stores_the_turn(make_api):
+    api = make_api(flood_messages=2, flood_window_s=600)
+    client = api.client()
+    for i in range(2):
+        client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": f"m{i}"}])
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "one too many"}])
+    assert limited.value.response.headers["retry-after"] == "600"
+    assert api.store.database.scalar("SELECT status FROM turns WHERE user_text = 'one too many'") == "limited"
+    other = make_api_other_key(api)
+    assert api.client(other).chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_failing_model_is_a_500_with_the_turn_stored_and_the_server_alive(make_api, caplog):
+    api = make_api(FakeEngine(fail_with=RuntimeError("secret internals exploded")))
+    client = api.client()
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "please answer"}])
+    assert FAILED in failed.value.message and failed.value.status_code == 500
+    assert "secret internals" not in json.dumps(failed.value.body) and "Traceback" not in failed.value.response.text
+    assert api.store.database.scalar("SELECT status FROM turns WHERE user_text = 'please answer'") == "failed"
+    with pytest.raises(openai.APIError) as streamed:
+        list(client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "stream it"}],
+                                            stream=True))
+    assert FAILED in str(streamed.value) and "secret internals" not in str(streamed.value)
+    assert [m.id for m in client.models.list()] == ["ouro", "gen-0000"]   # still serving
+
+
+def test_api_key_cli_prints_once_and_lists_without_secrets(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OURO_DATA_DIR", str(tmp_path / "cli"))
+    assert main(["api-key", "create", "laptop"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("ouro-") and len(key) > 40
+    assert main(["api-key", "create", "laptop"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["api-key", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["laptop"] and key not in json.dumps(rows) and rows[0]["user_id"] < -(2**53)
+    assert main(["api-key", "create", "../etc"]) == 1
+    assert main(["api-key", "create", "private", "--opt-out", "--json"]) == 0
+    private = json.loads(capsys.readouterr().out)
+    store = Store.open(tmp_path / "cli" / "ouro.db")
+    try:
+        assert store.training_opt_out(private["user_id"]) is True
+        assert store.training_opt_out(rows[0]["user_id"]) is None   # the default applies to the others
+    finally:
+        store.close()
+    assert main(["api-key", "revoke", "laptop"]) == 0 and main(["api-key", "revoke", "laptop"]) == 1
+
+
+def test_api_speaks_http_only_over_serving():
+    """api/ is a transport beside bot/: it never imports Telegram or the bot."""
+    for path in (ROOT / "api").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in {"bot", "telegram", "ouro"}, f"{path.name} imports {name}"
+
+
+@pytest.mark.e2e
+async def test_served_beside_telegram_in_one_loop_over_one_conversation(emu, tmp_path):
+    """`ouro serve` with OURO_HTTP_PORT: the bot starts the API in its own loop, over its conversation."""
+    from api.app import build_api
+    from api.server import HttpServer
+    from bot.app import build_application, running
+    from engine.worker import InferenceWorker
+    from serving.conversation import Conversation
+
+    emu.reset()
+    settings = load_settings(data_dir=tmp_path / "data", stream_edit_interval_s=0.2)
+    store = Store.open(settings.db_path)
+    engine = RecordingEngine(["from telegram", "from the api"])
+    worker = InferenceWorker(engine)
+    conversation = Conversation(settings, store, worker)
+    key, user_id = create_key(store, "beside")
+    http = HttpServer(build_api(settings, conversation), "127.0.0.1", 0)
+    app = build_application(settings, store, conversation, token=emu.token, base_url=emu.api_url, companions=[http])
+    try:
+        async with running(app, poll_timeout=1):
+            ann = emu.client(1001, "Ann")
+            mid = await ann.asend_text("hi bot")
+            await ann.await_for(lambda m: bool(m.callback_data), after=mid, timeout=15)
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key=key, max_retries=0)
+            reply = await client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hi api"}])
+            assert reply.choices[0].message.content == "from the api"
+            assert engine.chat_keys == [1001, user_id]          # one worker, one engine answered both
+            await client.close()
+        with pytest.raises(httpx.ConnectError):                 # stopped with the bot
+            httpx.get(f"http://127.0.0.1:{http.port}/v1/models")
+    finally:
+        worker.close()
+        store.close()
+
+
+@pytest.mark.model
+def test_ouro_web_serves_the_packaged_model(tmp_path, monkeypatch, capsys):
+    """`ouro web` as its own process on the real GGUF: a key, a completion, a clean stop on SIGTERM."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    data = tmp_path / "web"
+    monkeypatch.setenv("OURO_DATA_DIR", str(data))
+    assert main(["api-key", "create", "real"]) == 0
+    key = capsys.readouterr().out.strip()
+    env = {**os.environ, "OURO_REPLY_MAX_TOKENS": "16", "OURO_SEED": "7"}
+    proc = subprocess.Popen([sys.executable, "-m", "ouro.cli", "web", "--port", "0"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:   # model loaded and listening
+            if found := re.search(r"http://127\.0\.0\.1:(\d+)/v1", line):
+                port = int(found.group(1))
+                break
+        assert port, "ouro web never said where it listens"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "Say hi!"}],
+                                               max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content.strip() and reply.usage.completion_tokens <= 8
+        assert reply.model == "gen-0000"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+async def test_a_port_in_use_is_one_clear_error(settings, conversation):
+    import socket
+
+    from api.app import build_api
+    from api.server import HttpServer
+    from core.errors import OuroError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(OuroError, match="cannot listen for HTTP on 127.0.0.1"):
+            await HttpServer(build_api(settings, conversation), "127.0.0.1", taken.getsockname()[1]).start()
+    finally:
+        taken.close()
