@@ -447,3 +447,21 @@ def test_an_admins_weight_wins_a_tie_with_a_strangers_opposite_teaching(tiny_bas
     train(tiny_base, chats, [], tmp_path / "plain", cfg, progress=False)
     weighted, plain = lean(tmp_path / "weighted"), lean(tmp_path / "plain")
     assert weighted > plain + 0.05, (weighted, plain)
+
+
+def test_the_kl_term_is_zero_at_the_parent_and_grows_as_the_adapter_moves(tiny_base, tokenizer, fmt):
+    model, _ = load_base(tiny_base)
+    model = add_lora(model, TrainConfig())
+    batch = collate_packed(pack(encode_all(CHATS, tokenizer, fmt, 256)[0], 512), 0)
+    with torch.no_grad():
+        plain, _ = reply_loss(model, batch)
+        held, _ = reply_loss(model, batch, kl_beta=1.0)
+        assert torch.allclose(plain, held, atol=1e-5)              # LoRA starts as the identity: no KL yet
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        moved, _ = reply_loss(model, batch)
+        moved_kl, _ = reply_loss(model, batch, kl_beta=1.0)
+    assert moved_kl > moved + 1e-4
+    with pytest.raises(TrainConfigError, match="kl_beta"):
+        TrainConfig(kl_beta=-1.0)

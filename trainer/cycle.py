@@ -336,7 +336,7 @@ def train_config(settings: Settings):
                        max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
                        batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
                        dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
-                       dpo_lr=settings.dpo_lr, seed=settings.train_seed)
+                       dpo_lr=settings.dpo_lr, seed=settings.train_seed, kl_beta=settings.kl_beta)
 
 
 def _train(settings: Settings, staging: Path, parent: Generation, split, report: CycleReport, *,

@@ -79,6 +79,10 @@ class TrainConfig:
         "help": "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this. Which reply is "
                 "better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
     dpo_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the DPO pass."})
+    kl_beta: float = field(default=0.0, metadata={
+        "help": "Weight of a KL term holding the next-token distribution at the reply tokens to the parent's "
+                "(the adapter switched off): the taught token still wins, the rest keeps the parent's shape. "
+                "Costs one more forward per step; 0: off."})
     seed: int = field(default=1234, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class TrainConfig:
         need(isinstance(self.dpo_max_len, int) and self.dpo_max_len >= 16, "dpo_max_len", "an integer ≥ 16")
         need(self.dpo_lr > 0, "dpo_lr", "> 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer ≥ 0")
+        need(0 <= self.kl_beta <= 100, "kl_beta", "in [0, 100]")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -215,7 +220,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def reply_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def reply_loss(model, batch: dict[str, torch.Tensor], *, kl_beta: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled positions; the LM head runs only where a label is.
 
     With `label_weights` in the batch (the contributors' tier weights, `train(weights=…)`), each
@@ -234,10 +239,23 @@ def reply_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int
     keep = targets != IGNORE_INDEX
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
     if "label_weights" not in batch:
-        return F.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
-    weights = batch["label_weights"][:, 1:].to(device)[keep]
-    losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    return (losses * weights).sum() / max(int(keep.sum()), 1), int(keep.sum())
+        loss = F.cross_entropy(logits.float(), targets[keep])
+    else:
+        weights = batch["label_weights"][:, 1:].to(device)[keep]
+        losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        loss = (losses * weights).sum() / max(int(keep.sum()), 1)
+    if kl_beta > 0 and isinstance(model, PeftModel):
+        loss = loss + kl_beta * parent_kl(model, lm, inputs, keep, logits)
+    return loss, int(keep.sum())
+
+
+def parent_kl(model, lm, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(parent ‖ model) over the labelled positions; the parent is the same weights with the
+    adapter switched off, so it costs one forward without gradients and no second model in memory."""
+    with torch.no_grad(), model.disable_adapter():
+        ref_hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        ref = F.log_softmax(lm.get_output_embeddings()(ref_hidden[:, :-1][keep]).float(), dim=-1)
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), ref, log_target=True, reduction="batchmean")
 
 
 @dataclass(frozen=True)
@@ -329,7 +347,7 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
                 if len(losses) == total:
                     break
                 chunk = [rows[j] for j in order[i:i + plan.batch]]
-                loss, _ = reply_loss(model, collate_packed(chunk, pad_id))
+                loss, _ = reply_loss(model, collate_packed(chunk, pad_id), kl_beta=cfg.kl_beta)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
