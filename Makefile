@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 # torch is installed first and pinned, so nothing later can swap in a multi-GB CUDA build.
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup run demo chat test lint clean-venv
+.PHONY: setup run demo chat test lint clean-venv browser
 
 setup: .stamp-venv .stamp-emulator
 
@@ -49,7 +49,11 @@ demo: setup
 chat: setup
 	$(BIN)/ouro chat
 
-test: setup
+# Debian's chromium for tests/test_web.py, installed when missing (instant when present).
+browser:
+	.ci/chromium
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions` (whole or streamed as server-sent
-events) and `/v1/feedback` (👍/👎/✏️ on a completion), over serving's Conversation.
+"""The HTTP app: the owner's web page at `/` (api/web.py) and the OpenAI-compatible API:
+`/v1/models`, `/v1/chat/completions` (whole or streamed as server-sent events) and `/v1/feedback`
+(👍/👎/✏️ on a completion), over serving's Conversation.
 
 This module only speaks HTTP. A request's last user message is a turn like a Telegram message:
 stored before the model sees it (`Conversation.receive`), bounded per key by the same flood limit
@@ -18,6 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,10 +30,15 @@ from starlette.routing import Route
 from api.errors import ApiError
 from api.keys import key_owner
 from api.requests import ChatRequest, parse_chat
+from api.web import WebPage, web_routes
+from api.web_auth import WebAuth
 from config.settings import Settings
 from memory.api_keys import is_api_user
 from serving.conversation import TOO_LONG, Conversation, Outcome, Speaker
 from serving.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
+
+if TYPE_CHECKING:
+    from serving.loop import LearningLoop
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +206,25 @@ class Api:
         return (turn.generation_id if turn else None) or self.conversation.worker.engine.generation_id
 
 
-def build_api(settings: Settings, conversation: Conversation, *, flood: FloodLimit | None = None) -> Starlette:
-    """The ASGI application; `flood` lets a caller pass its own clock (tests do)."""
+def build_api(settings: Settings, conversation: Conversation, *, flood: FloodLimit | None = None,
+              learning: LearningLoop | None = None, auth: WebAuth | None = None) -> Starlette:
+    """The ASGI application: the API under /v1 and the owner's web page (api/web.py) at /.
+    `flood` lets a caller pass its own clock (tests do); `learning` is the process's learning loop,
+    when it runs one, which the page's promote and rollback go through (and so hot-swap)."""
     api = Api(settings, conversation, flood=flood)
+    page = WebPage(settings, conversation.store, serving_id=lambda: conversation.worker.engine.generation_id,
+                   learning=learning, auth=auth)
     routes = [
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/feedback", api.feedback, methods=["POST"]),
+        *web_routes(page),
     ]
     app = Starlette(routes=routes, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.api = api
+    app.state.page = page
     return app
 
 

@@ -1,4 +1,4 @@
-"""Serving the API with uvicorn inside an event loop someone else owns: `ouro serve` (beside the
+"""Serving the HTTP app (the owner's page and the API) with uvicorn inside an event loop someone else owns: `ouro serve` (beside the
 Telegram bot, same runtime and worker) or `ouro web` (alone).
 
 The socket is bound here first, so a port in use is one clear error before anything starts, and
@@ -58,7 +58,8 @@ class HttpServer:
                 self._task.result()
                 raise OuroError(f"the HTTP server on {self.host}:{self.port} did not start")
             await asyncio.sleep(0.01)
-        log.info("OpenAI-compatible API on http://%s:%s/v1", self.host, self.port)
+        log.info("HTTP on http://%s:%s: the owner's page at / (log in: ouro web-login), the OpenAI-compatible "
+                 "API under /v1", self.host, self.port)
 
     async def stop(self) -> None:
         if self._task is None:

@@ -149,11 +149,12 @@ class Settings(BaseSettings):
 
     # --- the HTTP API (api/) ----------------------------------------------------------------
     http_port: int | None = Field(None, ge=0, le=65535, description=(
-        "Serve the OpenAI-compatible API (/v1) on this port inside `ouro serve` (empty: off; `ouro web` "
-        "serves it without Telegram, on 8080 when empty). Keys: `ouro api-key create NAME`."))
+        "Serve the owner's page (/, log in with `ouro web-login`) and the OpenAI-compatible API (/v1) on this "
+        "port inside `ouro serve` (empty: off; `ouro web` serves them without Telegram, on 8080 when empty). "
+        "API keys: `ouro api-key create NAME`."))
     http_host: str = Field("127.0.0.1", description=(
-        "The address the API listens on: loopback by default; put a reverse proxy with TLS in front to "
-        "expose it."))
+        "The address the page and the API listen on: loopback by default; put a reverse proxy with TLS in "
+        "front to expose it."))
 
     # --- learning: data -----------------------------------------------------------------
     training_opt_out_default: bool = Field(False, description=(

@@ -47,19 +47,37 @@ class ReviewQueueMixin(TurnsMixin):
         edit), then unrated; oldest first within each. Turns of people who keep their chats out of
         training are not queued; `skip` leaves turns out.
         """
+        ids, remaining = self.review_queue(opt_out_by_default=opt_out_by_default, skip=skip, limit=1)
+        if not ids:
+            return None
+        return self.review_item(ids[0], context_turns=context_turns, remaining=remaining)
+
+    def review_queue(self, *, opt_out_by_default: bool, skip: Collection[int] = (), user_id: int | None = None,
+                     limit: int = 50) -> tuple[list[int], int]:
+        """The ids of the next `limit` turns waiting for review, in `next_review`'s order, and how many
+        wait in all; `user_id` keeps one person's turns (the web page's filter)."""
         queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
                  "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
-                 "AND t.id NOT IN (SELECT value FROM json_each(?))")
-        params = (int(opt_out_by_default), json.dumps(sorted(skip)))
-        row = self.database.one(
+                 "AND t.id NOT IN (SELECT value FROM json_each(?)) AND (? IS NULL OR t.user_id = ?)")
+        params = (int(opt_out_by_default), json.dumps(sorted(skip)), user_id, user_id)
+        rows = self.database.query(
             "SELECT t.id, (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) AS score, "
             "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n, "
             "EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id) AS fixed " + queue
-            + " ORDER BY CASE WHEN fixed OR score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT 1", params)
-        if row is None:
-            return None
-        remaining = self.database.scalar("SELECT COUNT(*) " + queue, params)
-        return self.review_item(row["id"], context_turns=context_turns, remaining=remaining)
+            + " ORDER BY CASE WHEN fixed OR score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT ?",
+            (*params, limit))
+        if not rows:
+            return [], 0
+        return [r["id"] for r in rows], self.database.scalar("SELECT COUNT(*) " + queue, params)
+
+    def review_people(self, *, opt_out_by_default: bool) -> list[tuple[int, str, int]]:
+        """(user id, name, turns waiting) of everyone with turns in the review queue, most first."""
+        rows = self.database.query(
+            "SELECT t.user_id, COUNT(*) AS n FROM turns t JOIN users u ON u.id = t.user_id "
+            "WHERE t.status = 'answered' AND COALESCE(u.training_opt_out, ?) = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
+            "GROUP BY t.user_id ORDER BY n DESC, t.user_id LIMIT 200", (int(opt_out_by_default),))
+        return [(r["user_id"], self.display_name(r["user_id"]), r["n"]) for r in rows]
 
     def review_item(self, turn_id: int, *, context_turns: int = 3, remaining: int = 0) -> ReviewItem | None:
         """An answered turn with its context and feedback; None for anything else."""

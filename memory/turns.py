@@ -137,3 +137,14 @@ class TurnsMixin(SessionsMixin):
         return self.database.query(
             "SELECT id, chat_id, reply_text FROM turns WHERE status = 'answered' AND reply_message_ids IS NULL "
             "AND user_message_id IS NOT NULL AND answered_at >= ? ORDER BY id", (since,))
+
+    def search_turns(self, text: str, *, limit: int = 50) -> list[dict]:
+        """Turns whose message or reply contains `text` (case-insensitive for ASCII; `%` and `_` are
+        literal), newest first, with their author's username and first name (the owner's web page)."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return self.database.query(
+            "SELECT t.id, t.chat_id, t.user_id, t.user_text, t.reply_text, t.status, t.generation_id, t.created_at, "
+            "c.type AS chat_type, u.username, u.first_name FROM turns t JOIN chats c ON c.id = t.chat_id "
+            "LEFT JOIN users u ON u.id = t.user_id "
+            "WHERE t.user_text LIKE ? ESCAPE '\\' OR t.reply_text LIKE ? ESCAPE '\\' ORDER BY t.id DESC LIMIT ?",
+            (pattern, pattern, limit))

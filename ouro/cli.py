@@ -24,7 +24,8 @@ training data of the next generation.
 Start here:
   ouro demo                       the whole loop on this machine, narrated (local Telegram emulator)
   ouro chat                       talk to the persona in this terminal (no Telegram needed)
-  ouro web                        an OpenAI-compatible API on 127.0.0.1 (keys: ouro api-key create NAME)
+  ouro web                        the owner's page and an OpenAI-compatible API on 127.0.0.1
+                                  (log in: ouro web-login; API keys: ouro api-key create NAME)
   TELEGRAM_BOT_TOKEN=… ouro serve serve it on Telegram
   ouro status                     what is running, on which generation, with which figures
 """
@@ -116,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bot.app import build_application, run_until_stopped
     from bot.webhook import webhook_config
     from ouro.logs import setup_logging
+    from serving.loop import LearningLoop
     from serving.runtime import open_runtime
 
     token = os.environ.get("TELEGRAM_BOT_TOKEN", "").strip()
@@ -130,14 +132,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rt = open_runtime(settings)
     try:
         companions = []
+        learning: LearningLoop | bool = True   # the bot builds it, unless the web page shares it
         if settings.http_port is not None:   # the API in this process and loop, over the same conversation
             from api.app import build_api
             from api.server import HttpServer
 
-            companions.append(HttpServer(build_api(settings, rt.conversation), settings.http_host,
+            learning = LearningLoop(settings, rt.store, rt.worker, warmup=rt.conversation.warmup_plan)
+            companions.append(HttpServer(build_api(settings, rt.conversation, learning=learning), settings.http_host,
                                          settings.http_port, grace_s=settings.shutdown_grace_s))
         app = build_application(settings, rt.store, rt.conversation, token=token, base_url=args.base_url,
-                                learning=True, notices=rt.notices, companions=companions)
+                                learning=learning, notices=rt.notices, companions=companions)
         run_until_stopped(app, rt.worker, grace_s=settings.shutdown_grace_s, webhook=webhook)
     finally:
         rt.close()
@@ -151,6 +155,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     from api.app import build_api, close_interrupted
     from api.server import HttpServer
     from ouro.logs import setup_logging
+    from serving.loop import LearningLoop
     from serving.runtime import open_runtime
 
     settings = _settings(args)
@@ -160,11 +165,16 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         close_interrupted(rt.conversation)
-        server = HttpServer(build_api(settings, rt.conversation), settings.http_host, port,
+        # without its schedule (training runs under `ouro serve`), the loop still serves what
+        # models/ACTIVE names (the page's promote and rollback, `ouro promote`) and runs the live watch
+        learning = LearningLoop(settings, rt.store, rt.worker, warmup=rt.conversation.warmup_plan)
+        server = HttpServer(build_api(settings, rt.conversation, learning=learning), settings.http_host, port,
                             grace_s=settings.shutdown_grace_s)
         await server.start()
+        await learning.start(schedule=False)
         print(f"OpenAI-compatible API on http://{settings.http_host}:{server.port}/v1 "
-              f"(generation {rt.worker.engine.generation_id}); Ctrl-C stops", file=sys.stderr)
+              f"(generation {rt.worker.engine.generation_id}); the owner's page on "
+              f"http://{settings.http_host}:{server.port}/ (log in: ouro web-login); Ctrl-C stops", file=sys.stderr)
         loop, stopping = asyncio.get_running_loop(), asyncio.Event()
 
         def stop() -> None:   # a second signal cuts the replies under way off at once
@@ -177,11 +187,32 @@ def cmd_web(args: argparse.Namespace) -> int:
         await stopping.wait()
         loop.call_later(settings.shutdown_grace_s, rt.worker.abandon)
         await server.stop()
+        await learning.stop()
 
     try:
         asyncio.run(serve())
     finally:
         rt.close()
+    return 0
+
+
+def cmd_web_login(args: argparse.Namespace) -> int:
+    from api.web_auth import OWNER_ID, WebAuth
+
+    settings = _settings(args)
+    admin = args.admin if args.admin is not None else OWNER_ID
+    auth = WebAuth(settings)
+    if not auth.may_log_in(admin):
+        raise OuroError(f"{admin} is not one of the admins (OURO_ADMIN_IDS)",
+                        hint="leave --admin out to log in as the owner, or add the id to OURO_ADMIN_IDS")
+    token = auth.create_login(admin)
+    port = args.port if args.port is not None else settings.http_port if settings.http_port is not None else 8080
+    host = f"[{settings.http_host}]" if ":" in settings.http_host else settings.http_host
+    if host in ("0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    base = (args.base_url or f"http://{host}:{port}").rstrip("/")
+    print(f"{base}/login?token={token}")
+    print("(opens the owner's page once, within 15 minutes; the session lasts 12 hours)", file=sys.stderr)
     return 0
 
 
@@ -520,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it the bot logs to stderr only")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("web", help="serve the OpenAI-compatible API (/v1) without Telegram",
+    p = sub.add_parser("web", help="serve the owner's page (/) and the OpenAI-compatible API (/v1) without Telegram",
                        description="The same conversation, storage, limits and feedback as Telegram, over HTTP: "
                                    "GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/feedback. "
                                    "Listens on OURO_HTTP_HOST (default 127.0.0.1) and --port, else OURO_HTTP_PORT, "
@@ -529,6 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (default OURO_HTTP_PORT, else 8080)")
     p.add_argument("--log-file", type=Path, metavar="PATH", help="also log to this file (owner-only), rotated")
     p.set_defaults(func=cmd_web)
+
+    p = sub.add_parser("web-login", help="print a one-time login link to the owner's web page",
+                       description="The page (`ouro web`, or `ouro serve` with OURO_HTTP_PORT) shows the lineage "
+                                   "with promote/rollback and the review queue to admins only. The link logs in "
+                                   "once, within 15 minutes, for a 12-hour session; only its SHA-256 is stored.")
+    p.add_argument("--admin", type=int, metavar="ID",
+                   help="log in as this admin (one of OURO_ADMIN_IDS; default: the owner, id 0, as `ouro review`)")
+    p.add_argument("--port", type=int, help="the page's port in the link (default OURO_HTTP_PORT, else 8080)")
+    p.add_argument("--base-url", help="the page's address as your browser reaches it, e.g. https://ouro.example.org "
+                                      "behind a reverse proxy (default http://OURO_HTTP_HOST:PORT)")
+    p.set_defaults(func=cmd_web_login)
 
     p = sub.add_parser("api-key", help="create, list or revoke keys of the HTTP API",
                        description="Each key is a person of its own (opt-out, /forget, trust and caps apply as to a "

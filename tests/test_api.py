@@ -386,6 +386,11 @@ def test_ouro_web_serves_the_packaged_model(tmp_path, monkeypatch, capsys):
                                                max_tokens=8, temperature=0)
         assert reply.choices[0].message.content.strip() and reply.usage.completion_tokens <= 8
         assert reply.model == "gen-0000"
+        capsys.readouterr()
+        assert main(["web-login", "--port", str(port)]) == 0          # the owner's page, same server
+        with httpx.Client(follow_redirects=True, timeout=30) as web:
+            page = web.get(capsys.readouterr().out.strip())
+            assert page.status_code == 200 and '<td id="active">gen-0000</td>' in page.text
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

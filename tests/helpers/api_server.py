@@ -37,9 +37,9 @@ class ApiServer:
 class ServerThread:
     """Starts `HttpServer` on port 0 in a thread's event loop; `stop()` shuts it down and joins."""
 
-    def __init__(self, settings: Settings, conversation: Conversation) -> None:
+    def __init__(self, settings: Settings, conversation: Conversation, *, learning=None) -> None:
         self.loop = asyncio.new_event_loop()
-        self.server = HttpServer(build_api(settings, conversation), "127.0.0.1", 0, grace_s=1.0)
+        self.server = HttpServer(build_api(settings, conversation, learning=learning), "127.0.0.1", 0, grace_s=1.0)
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="api-server", daemon=True)

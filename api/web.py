@@ -1,0 +1,390 @@
+"""The owner's web page, served by the API's starlette app at `/`: now, the lineage, the review queue.
+
+Plain server-rendered HTML (Jinja, autoescaped) and a little CSS; no JavaScript. Every page needs an
+admin's session (api/web_auth.py: `ouro web-login` prints a one-time link); every POST carries the
+session's CSRF token. The actions go through what the Telegram admin commands use: promote and
+roll back through the process's learning loop (`ouro serve`, `ouro web`: `LearningLoop.promote/rollback`,
+lineage/promote.py's one rule, then the hot-swap), or, in an app built without one, through
+lineage/promote.py directly, as `ouro promote` does; reviews through the store's
+`record_review` with an audit event, as /review and `ouro review` do. A promote or rollback is never
+done from its first page: a confirmation page names the target and the generation active when it was
+asked, and a stale confirmation changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from api.web_auth import COOKIE, OWNER_ID, SESSION_S, Session, WebAuth
+from config.settings import Settings
+from core.errors import OuroError
+from evals.report import generation_rows
+from lineage.generations import Lineage
+from lineage.promote import promote, rollback
+from memory.store import Store
+
+if TYPE_CHECKING:
+    from serving.loop import LearningLoop
+
+
+MAX_FORM_BYTES = 64 * 1024
+PAGE_ITEMS = 25
+GEN_ID = re.compile(r"gen-[0-9]{4,8}")
+TURN_ID = re.compile(r"[1-9][0-9]{0,17}")
+PERSON_ID = re.compile(r"-?[0-9]{1,19}")
+ACTIONS = {"approve": "approved", "reject": "rejected", "edit": "edited"}
+LEDGER_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback", "swap_failed")
+HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                      "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+           "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store",
+           "x-content-type-options": "nosniff"}
+STALE = "This form is stale or was not sent from this page; reload the page and try again."
+NOT_LOGGED_IN = ("This page is for the bot's admins. On the machine that runs the bot, run "
+                 "`ouro web-login` and open the link it prints.")
+
+
+class Refused(Exception):
+    """A request the page answers with a short HTML error (control flow inside api/web.py)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class WebPage:
+    def __init__(self, settings: Settings, store: Store, *, serving_id: Callable[[], str],
+                 learning: LearningLoop | None = None,
+                 auth: WebAuth | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.serving_id = serving_id          # () -> the generation the worker serves now
+        self.learning = learning
+        self.auth = auth or WebAuth(settings)
+        self.lineage = Lineage(settings.models_dir)
+        self.skipped: dict[int, set[int]] = {}   # per admin, in memory (as /review): a restart brings them back
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                                      autoescape=True, undefined=jinja2.StrictUndefined)
+
+    # --- plumbing -------------------------------------------------------------------------------
+    def render(self, name: str, status: int = 200, session: Session | None = None, **context) -> HTMLResponse:
+        csrf = self.auth.csrf(session) if session else ""
+        html = self.env.get_template(name).render(session=session, csrf=csrf, **context)
+        return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+    def session_of(self, request: Request) -> Session | None:
+        return self.auth.session(request.cookies.get(COOKIE))
+
+    def page_session(self, request: Request) -> Session | Response:
+        """The session of a GET, or the redirect to the login notice."""
+        return self.session_of(request) or RedirectResponse("/login", status_code=303, headers=HEADERS)
+
+    async def post_session(self, request: Request) -> tuple[Session, dict[str, str]]:
+        """The session and form of a POST: an admin's session, a same-origin request, the right CSRF token."""
+        session = self.session_of(request)
+        if session is None:
+            raise Refused(403, NOT_LOGGED_IN)
+        origin = request.headers.get("origin")
+        if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+            raise Refused(403, "This form was sent from another site.")
+        form = await read_form(request)
+        if not self.auth.csrf_ok(session, form.get("csrf")):
+            raise Refused(403, STALE)
+        return session, form
+
+    def actor(self, session: Session) -> str:
+        return "owner (web page)" if session.admin_id == OWNER_ID else f"admin {session.admin_id} (web page)"
+
+    # --- login ------------------------------------------------------------------------------------
+    async def login(self, request: Request) -> Response:
+        """A login link's target: spends the token, sets the session cookie, goes to the page."""
+        session = self.auth.use_login(request.query_params.get("token"))
+        if session is None:
+            if self.session_of(request) is not None:
+                return RedirectResponse("/", status_code=303, headers=HEADERS)
+            return self.render("login.html", 401, message=NOT_LOGGED_IN,
+                               tried="token" in request.query_params)
+        self.store.log_event("web_login", user_id=session.admin_id)
+        response = RedirectResponse("/", status_code=303, headers=HEADERS)
+        response.set_cookie(COOKIE, session.cookie, max_age=SESSION_S, httponly=True, samesite="strict", path="/",
+                            secure=request.url.scheme == "https")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        await self.post_session(request)
+        response = RedirectResponse("/login", status_code=303, headers=HEADERS)
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    # --- now --------------------------------------------------------------------------------------
+    async def now(self, request: Request) -> Response:
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        loop = self.learning
+        scheduling = loop is not None and loop.scheduler.scheduler is not None   # started by `ouro serve`
+        _ids, waiting = self.store.review_queue(opt_out_by_default=self.settings.training_opt_out_default, limit=1)
+        return self.render("now.html", session=session, active=self.lineage.active_id(), serving=self.serving_id(),
+                           training=loop.scheduler.describe() if scheduling else None,
+                           schedule=("paused" if loop.scheduler.paused else "on") if scheduling
+                           and loop.scheduler.enabled else None,
+                           cycle=loop.cycle_status() if loop else None, waiting=waiting)
+
+    async def schedule(self, request: Request) -> Response:
+        """Pause or resume scheduled training, as /pause and /resume do."""
+        action = request.path_params["action"]
+        if action not in ("pause", "resume"):
+            raise Refused(404, "No such page.")
+        session, _form = await self.post_session(request)
+        loop = self.learning
+        if loop is None or loop.scheduler.scheduler is None:
+            raise Refused(409, "Scheduled training does not run in this process (ouro serve runs it).")
+        if not (loop.scheduler.pause() if action == "pause" else loop.scheduler.resume()):
+            raise Refused(409, "There is no training schedule (OURO_CYCLE_SCHEDULE is off).")
+        self.store.log_event("schedule_paused" if action == "pause" else "schedule_resumed", user_id=session.admin_id)
+        return RedirectResponse("/", status_code=303, headers=HEADERS)
+
+    # --- lineage ----------------------------------------------------------------------------------
+    async def lineage_page(self, request: Request) -> Response:
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        return self.render("lineage.html", session=session, rows=self.lineage_rows(),
+                           active=self.lineage.active_id(), serving=self.serving_id())
+
+    def lineage_rows(self) -> list[dict]:
+        """generation_rows (as /generations) with the parent's scores and the ledger's moves of each."""
+        moves: dict[str, list[dict]] = {}
+        for row in self.lineage.ledger():
+            if row.get("event") in LEDGER_EVENTS:
+                moves.setdefault(row.get("GEN_ID", ""), []).append(row)
+        parents = {g.id: g.meta.get("parent_scores") or {} for g in self.lineage.generations()}
+        rows = generation_rows(self.lineage)
+        for row in rows:
+            row["parent_scores"] = parents.get(row["id"], {})
+            row["moves"] = moves.get(row["id"], [])
+        return rows[::-1]   # newest first
+
+    async def chart(self, request: Request) -> Response:
+        """The lineage chart (lineage/chart.py, as /lineage sends it), as a PNG."""
+        if self.session_of(request) is None:
+            return Response(status_code=403, headers=HEADERS)
+        from lineage.chart import lineage_chart
+
+        def draw() -> bytes:
+            with tempfile.TemporaryDirectory(dir=self.settings.data_dir) as tmp:
+                return lineage_chart(self.lineage, Path(tmp) / "lineage.png").read_bytes()
+
+        try:
+            png = await asyncio.to_thread(draw)
+        except ValueError:   # no generations yet
+            return Response(status_code=404, headers=HEADERS)
+        return Response(png, media_type="image/png", headers=HEADERS)
+
+    async def confirm(self, request: Request) -> Response:
+        """The confirmation step of promote and rollback: what moves where, and a form to do it."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        action = self.lineage_action(request)
+        active = self.lineage.active_id()
+        gen_id = request.query_params.get("gen") or ""
+        if action == "rollback" and not gen_id:
+            try:
+                gen_id = self.lineage.active().parent_id or ""
+            except OuroError:
+                gen_id = ""
+            if not gen_id:
+                raise Refused(400, f"{active} has no parent to roll back to.")
+        gen = self.known_generation(gen_id)
+        if gen.id == active:
+            raise Refused(400, f"{gen.id} is already the active generation.")
+        note = None
+        if gen.meta.get("status") not in ("promoted", "base"):
+            note = f"the gate marked it {gen.meta.get('status')}: " + "; ".join(gen.meta.get("reasons", []))
+        return self.render("confirm.html", session=session, action=action, gen=gen, active=active, note=note)
+
+    async def act(self, request: Request) -> Response:
+        """A confirmed promote or rollback: checked against the generation active when it was asked."""
+        action = self.lineage_action(request)
+        session, form = await self.post_session(request)
+        gen = self.known_generation(form.get("gen", ""))
+        asked_active = form.get("active", "")
+        reason = " ".join(form.get("reason", "").split())[:200]
+        active = self.lineage.active_id()
+        if active != asked_active:
+            return self.render("done.html", 409, session=session, ok=False,
+                               message=f"Not done: the active generation is now {active}. Ask again.")
+        actor = self.actor(session)
+        why = f"{action} by {actor}" + (f": {reason}" if reason else "")
+        try:
+            if self.learning is not None:
+                if action == "promote":
+                    swap = await self.learning.promote(gen.id, actor=actor, why=why)
+                else:
+                    _was, _to, swap = await self.learning.rollback(gen.id, actor=actor, why=why)
+            else:
+                if action == "promote":
+                    await asyncio.to_thread(promote, self.settings, self.store, gen.id, actor=actor, why=why)
+                else:
+                    await asyncio.to_thread(rollback, self.settings, self.store, gen.id, actor=actor, why=why)
+                swap = None
+        except OuroError as exc:
+            return self.render("done.html", 409, session=session, ok=False,
+                               message=f"Not done: {str(exc).splitlines()[0]}")
+        served = self.serving_id()
+        verb = "Promoted" if action == "promote" else "Rolled back"
+        message = f"{verb}: {asked_active} → {gen.id}. Now serving {served}. Nothing was deleted."
+        if swap is not None and not swap.ok:
+            message += f" The hot-swap failed ({swap.reason}); {served} keeps serving."
+        return self.render("done.html", session=session, ok=True, message=message)
+
+    @staticmethod
+    def lineage_action(request: Request) -> str:
+        action = request.path_params["action"]
+        if action not in ("promote", "rollback"):
+            raise Refused(404, "No such page.")
+        return action
+
+    def known_generation(self, gen_id: str):
+        if not GEN_ID.fullmatch(gen_id):
+            raise Refused(404, "No such generation.")
+        try:
+            return self.lineage.generation(gen_id)
+        except OuroError:
+            raise Refused(404, f"There is no {gen_id}.") from None
+
+    # --- review -----------------------------------------------------------------------------------
+    async def review(self, request: Request) -> Response:
+        """The review queue, many turns a page, in /review's order; `?person=ID` keeps one person's."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        person = request.query_params.get("person") or None
+        if person is not None and not PERSON_ID.fullmatch(person):
+            raise Refused(400, "person must be a user id.")
+        user_id = int(person) if person is not None else None
+        opt = self.settings.training_opt_out_default
+        skipped = self.skipped.get(session.admin_id, set())
+        ids, waiting = self.store.review_queue(opt_out_by_default=opt, skip=skipped, user_id=user_id,
+                                               limit=PAGE_ITEMS)
+        items = [item for item in (self.store.review_item(i) for i in ids) if item is not None]
+        return self.render("review.html", session=session, items=items, waiting=waiting, person=user_id,
+                           people=self.store.review_people(opt_out_by_default=opt), skipped=len(skipped),
+                           back=self.review_url(user_id))
+
+    async def verdict(self, request: Request) -> Response:
+        """approve / reject / edit (with the better reply) / skip one turn; back to the queue."""
+        session, form = await self.post_session(request)
+        raw, action = request.path_params["turn_id"], form.get("action", "")
+        back = form.get("back", "/review")
+        if not back.startswith("/review") or "//" in back or "\\" in back:
+            back = "/review"
+        if raw == "skipped" and action == "unskip":
+            self.skipped.pop(session.admin_id, None)
+            return RedirectResponse(back, status_code=303, headers=HEADERS)
+        if not TURN_ID.fullmatch(raw):
+            raise Refused(404, "No such turn.")
+        turn_id = int(raw)
+        if action == "skip":
+            self.skipped.setdefault(session.admin_id, set()).add(turn_id)
+            return RedirectResponse(back, status_code=303, headers=HEADERS)
+        if action not in ACTIONS:
+            raise Refused(400, "Unknown action.")
+        text = form.get("text", "").strip() if action == "edit" else None
+        if action == "edit" and not text:
+            raise Refused(400, "Write the reply it should have given, then press Edit.")
+        if text is not None and len(text) > self.settings.max_input_chars:
+            raise Refused(400, f"That reply is longer than {self.settings.max_input_chars} characters.")
+        if self.store.review_item(turn_id, context_turns=0) is None:
+            raise Refused(404, "That turn is gone (forgotten at its author's request, or never answered).")
+        verdict = ACTIONS[action]
+        if not self.store.record_review(turn_id, session.admin_id, verdict, text):
+            existing = self.store.review_verdict(turn_id) or "gone"
+            return self.render("done.html", 409, session=session, ok=False, back=back,
+                               message=f"Turn {turn_id} is already {existing}; the first verdict stands.")
+        self.store.log_event("review", user_id=session.admin_id,
+                             detail={"turn_id": turn_id, "verdict": verdict, "via": "web"})
+        return RedirectResponse(back, status_code=303, headers=HEADERS)
+
+    # --- conversations ------------------------------------------------------------------------------
+    async def conversations(self, request: Request) -> Response:
+        """Search what people said and what the bot answered: the owner only (what /privacy promises:
+        only the bot's owner reads the database), not every admin."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        if session.admin_id != OWNER_ID:
+            raise Refused(403, "Only the owner (logged in with `ouro web-login`, no --admin) can search "
+                               "conversations: they are what people said to the bot.")
+        query = " ".join((request.query_params.get("q") or "").split())
+        if len(query) > 200:
+            raise Refused(400, "Search for at most 200 characters.")
+        rows = self.store.search_turns(query, limit=PAGE_ITEMS * 2) if query else []
+        for row in rows:
+            row["author"] = f"@{row['username']}" if row["username"] else row["first_name"] or str(row["user_id"])
+        return self.render("conversations.html", session=session, query=query, rows=rows)
+
+    @staticmethod
+    def review_url(user_id: int | None) -> str:
+        return "/review" + (f"?{urlencode({'person': user_id})}" if user_id is not None else "")
+
+    # --- errors -----------------------------------------------------------------------------------
+    def refused(self, request: Request, exc: Refused) -> Response:
+        return self.render("done.html", exc.status, session=self.session_of(request), ok=False, message=exc.message)
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An urlencoded form (what HTML forms send), refused past MAX_FORM_BYTES before it is all read;
+    a field sent twice keeps its first value."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":   # no form, so no CSRF token: as forged as a form without one
+        raise Refused(403, STALE)
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+        raise Refused(413, "That form is too large.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise Refused(413, "That form is too large.")
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "That form could not be read.") from None
+    return {k: v[0] for k, v in fields.items()}
+
+
+def web_routes(page: WebPage) -> list[Route]:
+    def guarded(handler):
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Refused as exc:
+                return page.refused(request, exc)
+        return run
+
+    return [
+        Route("/", guarded(page.now), methods=["GET"]),
+        Route("/login", guarded(page.login), methods=["GET"]),
+        Route("/logout", guarded(page.logout), methods=["POST"]),
+        Route("/schedule/{action:str}", guarded(page.schedule), methods=["POST"]),
+        Route("/lineage", guarded(page.lineage_page), methods=["GET"]),
+        Route("/lineage/chart.png", guarded(page.chart), methods=["GET"]),
+        Route("/lineage/{action:str}", guarded(page.confirm), methods=["GET"]),
+        Route("/lineage/{action:str}", guarded(page.act), methods=["POST"]),
+        Route("/review", guarded(page.review), methods=["GET"]),
+        Route("/conversations", guarded(page.conversations), methods=["GET"]),
+        Route("/review/{turn_id:str}", guarded(page.verdict), methods=["POST"]),
+    ]

@@ -1,0 +1,347 @@
+"""The owner's web page (api/web.py) on a real uvicorn server: in a real browser (Debian's chromium,
+driven by playwright) and with plain httpx for the security cases and hostile input. The lineage is
+tiny and fake, and the hot-swap loads fake engines: no model inference."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+
+import httpx
+import pytest
+
+from api.web import MAX_FORM_BYTES
+from api.web_auth import COOKIE, LOGIN_S, SESSION_S, WebAuth
+from config.settings import load_settings
+from memory.export import reviewed_since
+from ouro.cli import main
+from tests.helpers.web import ADMIN, start_web
+
+CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
+
+
+@pytest.fixture
+def web(tmp_path, monkeypatch):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    server = start_web(tmp_path)
+    yield server
+    server.close()
+
+
+def login_link(web, capsys, *args: str) -> str:
+    """What `ouro web-login` prints for this server."""
+    port = web.base_url.rsplit(":", 1)[1]
+    capsys.readouterr()
+    assert main(["--data-dir", str(web.settings.data_dir), "web-login", "--port", port, *args]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith(f"{web.base_url}/login?token=")
+    return link
+
+
+def logged_in(web, capsys) -> httpx.Client:
+    client = httpx.Client(base_url=web.base_url, follow_redirects=False, timeout=20)
+    reply = client.get(login_link(web, capsys, "--admin", str(ADMIN)).removeprefix(web.base_url))
+    assert reply.status_code == 303 and reply.headers["location"] == "/"
+    return client
+
+
+def csrf_of(client: httpx.Client, path: str = "/review") -> str:
+    return CSRF.search(client.get(path).text).group(1)
+
+
+def example_texts(web) -> str:
+    return reviewed_since(web.store, persona="P", since=None).to_jsonl()
+
+
+# --- in a real browser ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    # no skip: `make test` installs both (.ci/chromium, the dev extra); a missing browser fails here
+    from playwright import sync_api
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is not installed: `make test` installs it (.ci/chromium), or apt-get install chromium"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+
+
+def chart_width(page) -> int:
+    """The chart's width once loaded (polled from here: the page's CSP allows no script to wait with)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        width = page.locator("#chart").evaluate("img => img.complete ? img.naturalWidth : -1")
+        if width >= 0:
+            return width
+        time.sleep(0.1)
+    return -1
+
+
+def test_browser_logs_in_sees_the_lineage_and_promotes_with_confirmation(web, page, capsys):
+    page.goto(login_link(web, capsys))                                  # as the owner
+    assert page.url == f"{web.base_url}/" and page.inner_text("#active") == "gen-0000"
+    cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+    page.click("text=Lineage")
+    rows = page.locator("#generations tr[id^=row-]")
+    assert rows.count() == 3
+    one = page.inner_text("#row-gen-0001")
+    assert "gen-0000" in one and "37 examples, 4 pairs" in one and "0.93 (parent 0.91)" in one
+    refused = page.inner_text("#row-gen-0002")
+    assert "refused" in refused and "recall 0.70 < 0.90 <script>alert(1)</script>" in refused   # shown, as text
+    assert "base by system" in page.inner_text("#row-gen-0000")
+    assert chart_width(page) > 100                                      # the chart, drawn as a PNG
+
+    page.click("#promote-gen-0001")
+    assert "Promote from gen-0000 to gen-0001?" in page.inner_text("#question")
+    assert web.lineage.active_id() == "gen-0000"                         # nothing happens before confirming
+    page.fill("input[name=reason]", "better recall")
+    page.click("#confirm")
+    assert "Promoted: gen-0000 → gen-0001. Now serving gen-0001." in page.inner_text("#result")
+    assert web.lineage.active_id() == "gen-0001"
+    assert web.worker.engine.generation_id == "gen-0001"                # hot-swapped by the learning loop
+    last = web.lineage.ledger()[-1]
+    assert (last["event"], last["GEN_ID"], last["actor"]) == ("promote", "gen-0001", "owner (web page)")
+    assert last["reason"] == "promote by owner (web page): better recall"
+    assert web.store.last_event(("promote",))["kind"] == "promote"
+
+    page.goto(f"{web.base_url}/lineage")
+    assert "promote by owner (web page)" in page.inner_text("#row-gen-0001")
+    page.click("#rollback")                                              # back to gen-0001's parent
+    assert "Rollback from gen-0001 to gen-0000?" in page.inner_text("#question")
+    page.click("#confirm")
+    assert "Rolled back: gen-0001 → gen-0000" in page.inner_text("#result")
+    assert web.lineage.active_id() == "gen-0000" and web.lineage.ledger()[-1]["event"] == "rollback"
+
+
+def test_browser_reviews_the_queue_and_approval_makes_a_training_example(web, page, capsys):
+    ann, bob = web.turns
+    page.goto(login_link(web, capsys, "--admin", str(ADMIN)))
+    page.goto(f"{web.base_url}/review")
+    assert "2 waiting" in page.inner_text("#waiting")
+    card = page.locator(f"#turn-{ann}")
+    assert "from Ann" in card.inner_text() and "served answer 0 <b>bold?</b>" in card.inner_text()
+    assert "question 0 from Ann" not in example_texts(web)
+
+    card.locator("button[value=approve]").click()
+    page.wait_for_selector(f"#turn-{ann}", state="detached")
+    assert "1 waiting" in page.inner_text("#waiting")
+    assert web.store.review_verdict(ann) == "approved"
+    assert "served answer 0" in example_texts(web)                      # a training example now
+    assert web.store.last_event(("review",))["user_id"] == ADMIN
+
+    page.select_option("select[name=person]", str(1002))                # the filter by person
+    page.click("text=Filter")
+    card = page.locator(f"#turn-{bob}")
+    card.locator("summary").click()
+    card.locator("textarea[name=text]").fill("a much better answer, Bob")
+    card.locator("button[value=edit]").click()
+    page.wait_for_selector("#empty")
+    assert web.store.review_verdict(bob) == "edited"
+    assert "a much better answer, Bob" in example_texts(web)
+
+
+def test_browser_without_a_session_gets_the_login_notice(web, page, capsys):
+    reply = page.goto(f"{web.base_url}/lineage")
+    assert page.url == f"{web.base_url}/login" and reply.status == 401
+    assert "ouro web-login" in page.inner_text("#login-notice")
+    assert page.locator("#generations").count() == 0
+    link = login_link(web, capsys)
+    page.goto(link)
+    assert page.url == f"{web.base_url}/"
+    page.context.clear_cookies()
+    reply = page.goto(link)                                             # a link works once
+    assert reply.status == 401 and page.locator("#login-failed").count() == 1
+
+
+def test_browser_form_without_its_csrf_token_is_refused(web, page, capsys):
+    page.goto(login_link(web, capsys))
+    page.goto(f"{web.base_url}/lineage/promote?gen=gen-0001")
+    page.locator("main input[name=csrf]").evaluate("e => e.remove()")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click("#confirm")
+    assert posted.value.status == 403
+    assert "stale" in page.inner_text("#result")
+    assert web.lineage.active_id() == "gen-0000" and web.lineage.ledger()[-1]["event"] == "base"
+
+
+# --- plain HTTP: sessions, CSRF, hostile input ------------------------------------------------------
+def test_no_session_is_sent_to_the_login_notice_and_refused_on_post(web):
+    with httpx.Client(base_url=web.base_url, follow_redirects=False) as client:
+        for path in ("/", "/lineage", "/review", "/lineage/promote?gen=gen-0001"):
+            reply = client.get(path)
+            assert reply.status_code == 303 and reply.headers["location"] == "/login", path
+        assert client.get("/login").status_code == 401
+        assert client.get("/lineage/chart.png").status_code == 403
+        for path in ("/lineage/promote", "/review/1", "/logout"):
+            assert client.post(path, data={"gen": "gen-0001", "action": "approve"}).status_code == 403
+    forged_cookie = {COOKIE: f"{ADMIN}.9999999999.AAAAAAAAAAAAAAAA.{'0' * 64}"}
+    with httpx.Client(base_url=web.base_url, follow_redirects=False, cookies=forged_cookie) as client:
+        assert client.get("/lineage").status_code == 303
+        assert client.post("/lineage/promote", data={"gen": "gen-0001", "active": "gen-0000"}).status_code == 403
+    assert web.lineage.active_id() == "gen-0000" and web.store.review_verdict(1) is None
+
+
+def test_posts_need_the_sessions_csrf_token_and_the_same_origin(web, capsys):
+    client = logged_in(web, capsys)
+    token = csrf_of(client)
+    ann = web.turns[0]
+    assert client.post(f"/review/{ann}", data={"action": "approve"}).status_code == 403
+    assert client.post(f"/review/{ann}", data={"action": "approve", "csrf": "0" * 64}).status_code == 403
+    other = logged_in(web, capsys)                                     # another session's token
+    assert other.post(f"/review/{ann}", data={"action": "approve", "csrf": token}).status_code == 403
+    evil = client.post(f"/review/{ann}", data={"action": "approve", "csrf": token},
+                       headers={"origin": "http://evil.example"})
+    assert evil.status_code == 403 and web.store.review_verdict(ann) is None
+    ok = client.post(f"/review/{ann}", data={"action": "approve", "csrf": token})
+    assert ok.status_code == 303 and web.store.review_verdict(ann) == "approved"
+    again = client.post(f"/review/{ann}", data={"action": "reject", "csrf": token})
+    assert again.status_code == 409 and web.store.review_verdict(ann) == "approved"   # the first verdict stands
+    stale = client.post("/lineage/promote", data={"gen": "gen-0001", "active": "gen-0002", "csrf": token})
+    assert stale.status_code == 409 and web.lineage.active_id() == "gen-0000"
+    assert client.post("/logout", data={"csrf": token}).status_code == 303
+    assert COOKIE not in client.cookies and client.get("/review").status_code == 303
+
+
+def test_pages_send_security_headers_and_escape_what_people_wrote(web, capsys):
+    client = logged_in(web, capsys)
+    web.store.complete_turn(web.turns[1], reply_text='<img src=x onerror="alert(1)">', generation_id="gen-0000",
+                            prompt_tokens=1, completion_tokens=1, latency_s=0.1, ttft_s=0.1,
+                            context_start_turn_id=web.turns[1])
+    page = client.get("/review")
+    assert page.status_code == 200 and '<img src=x onerror' not in page.text
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page.text
+    assert "script-src" not in page.headers["content-security-policy"]   # default-src 'none': no script at all
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["referrer-policy"] == "same-origin"
+    lineage = client.get("/lineage").text
+    assert "<script>alert(1)</script>" not in lineage and "&lt;script&gt;alert(1)&lt;/script&gt;" in lineage
+
+
+def test_hostile_ids_and_bodies_are_refused_without_a_500(web, capsys):
+    client = logged_in(web, capsys)
+    token = csrf_of(client)
+    for gen in ("../../etc/passwd", "gen-0001/../../x", "gen-0001%00", "gen-99999999999", "ACTIVE", "gen-0009"):
+        assert client.get("/lineage/promote", params={"gen": gen}).status_code == 404, gen
+        posted = client.post("/lineage/promote", data={"gen": gen, "active": "gen-0000", "csrf": token})
+        assert posted.status_code == 404, gen
+    assert client.get("/lineage/delete?gen=gen-0001").status_code == 404
+    for turn in ("..%2F..%2Fetc", "0", "-1", "9" * 40, "1e3", web.turns[0] + 1000):
+        reply = client.post(f"/review/{turn}", data={"action": "approve", "csrf": token})
+        assert reply.status_code == 404, turn
+    assert client.get("/review", params={"person": "1 OR 1=1"}).status_code == 400
+    big = client.post(f"/review/{web.turns[0]}", content=b"csrf=" + b"a" * (MAX_FORM_BYTES + 10),
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert big.status_code == 413
+
+    def chunks():   # no content-length: refused once it passes the limit, not after reading it all
+        for _ in range(100):
+            yield b"a" * 4096
+
+    streamed = client.post(f"/review/{web.turns[0]}", content=chunks(),
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+    assert streamed.status_code == 413
+    as_json = client.post(f"/review/{web.turns[0]}", json={"action": "approve", "csrf": token})
+    assert as_json.status_code == 403
+    edit = client.post(f"/review/{web.turns[0]}", data={"action": "edit", "text": "x" * 100_000, "csrf": token})
+    assert edit.status_code == 413
+    empty = client.post(f"/review/{web.turns[0]}", data={"action": "edit", "text": "  ", "csrf": token})
+    assert empty.status_code == 400
+    assert web.store.review_verdict(web.turns[0]) is None and web.lineage.active_id() == "gen-0000"
+
+
+def test_now_shows_the_schedule_and_pauses_it_as_pause_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    web = start_web(tmp_path, scheduled=True, cycle_schedule="daily")
+    try:
+        client = logged_in(web, capsys)
+        now = client.get("/").text
+        assert '<td id="active">gen-0000</td>' in now and "next cycle" in now and "2 waiting" in now
+        token = CSRF.search(now).group(1)
+        assert client.post("/schedule/pause", data={}).status_code == 403          # no CSRF token
+        assert not web.learning.scheduler.paused
+        assert client.post("/schedule/pause", data={"csrf": token}).status_code == 303
+        assert web.learning.scheduler.paused and "paused" in client.get("/").text
+        assert web.store.last_event(("schedule_paused",))["user_id"] == ADMIN
+        assert client.post("/schedule/resume", data={"csrf": token}).status_code == 303
+        assert not web.learning.scheduler.paused
+        assert client.post("/schedule/explode", data={"csrf": token}).status_code == 404
+    finally:
+        web.close()
+
+
+def test_without_the_schedule_in_this_process_now_says_so(web, capsys):
+    client = logged_in(web, capsys)
+    assert "runs in `ouro serve`" in client.get("/").text
+    assert client.post("/schedule/pause", data={"csrf": csrf_of(client, "/")}).status_code == 409
+
+
+def test_without_a_learning_loop_the_page_moves_the_pointer_as_ouro_promote_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    web = start_web(tmp_path, with_loop=False)
+    try:
+        client = logged_in(web, capsys)
+        token = csrf_of(client, "/lineage/rollback?gen=gen-0001")
+        done = client.post("/lineage/rollback", data={"gen": "gen-0001", "active": "gen-0000", "csrf": token})
+        assert done.status_code == 200 and "Rolled back: gen-0000 → gen-0001" in done.text
+        assert web.lineage.active_id() == "gen-0001" and web.worker.engine.generation_id == "gen-0000"   # not swapped here
+        last = web.lineage.ledger()[-1]
+        assert (last["event"], last["actor"]) == ("rollback", f"admin {ADMIN} (web page)")
+    finally:
+        web.close()
+
+
+def test_only_the_owner_searches_conversations(web, capsys):
+    admin = logged_in(web, capsys)
+    assert admin.get("/conversations", params={"q": "question"}).status_code == 403
+    owner = httpx.Client(base_url=web.base_url, follow_redirects=False, timeout=20)
+    assert owner.get(login_link(web, capsys).removeprefix(web.base_url)).status_code == 303
+    found = owner.get("/conversations", params={"q": "QUESTION 1"})
+    assert found.status_code == 200 and f'id="turn-{web.turns[1]}"' in found.text
+    assert f'id="turn-{web.turns[0]}"' not in found.text and "from Bob" in found.text
+    for literal in ("%", "_", "\\", "' OR 1=1 --"):                       # no wildcards, no injection
+        assert 'class="card turn"' not in owner.get("/conversations", params={"q": literal}).text, literal
+    assert owner.get("/conversations", params={"q": "x" * 201}).status_code == 400
+
+
+def test_login_tokens_and_sessions_expire_and_follow_the_admin_list(tmp_path, caplog):
+    settings = load_settings(data_dir=tmp_path / "data", admin_ids=[ADMIN])
+    clock = [1_000_000.0]
+    auth = WebAuth(settings, clock=lambda: clock[0])
+    token = auth.create_login(ADMIN)
+    clock[0] += LOGIN_S + 1
+    assert auth.use_login(token) is None                              # an old link
+    clock[0] = 1_000_000.0
+    with caplog.at_level(logging.DEBUG):
+        session = auth.use_login(auth.create_login(ADMIN))
+    assert session is not None and auth.session(session.cookie) == session
+    assert not [r for r in caplog.records if session.cookie in r.getMessage()]
+    assert not list((settings.data_dir / "web" / "logins").iterdir())   # used links are gone
+    assert (settings.data_dir / "web" / "secret").stat().st_mode & 0o077 == 0
+    forged = session.cookie.replace(f"{ADMIN}.", "4243.", 1)
+    assert auth.session(forged) is None                               # the id is signed
+    clock[0] += SESSION_S + 1
+    assert auth.session(session.cookie) is None                       # 12 hours later
+    clock[0] = 1_000_000.0
+    demoted = WebAuth(load_settings(data_dir=tmp_path / "data", admin_ids=[]), clock=lambda: clock[0])
+    assert demoted.session(session.cookie) is None                    # no longer an admin: logged out
+    with pytest.raises(ValueError):
+        auth.create_login(1234)
+
+
+def test_web_login_refuses_someone_who_is_not_an_admin(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    assert main(["--data-dir", str(tmp_path), "web-login", "--admin", "77"]) == 1
+    assert "not one of the admins" in capsys.readouterr().err
