@@ -213,7 +213,7 @@ def build_api(settings: Settings, conversation: Conversation, *, flood: FloodLim
     when it runs one, which the page's promote and rollback go through (and so hot-swap)."""
     api = Api(settings, conversation, flood=flood)
     page = WebPage(settings, conversation.store, serving_id=lambda: conversation.worker.engine.generation_id,
-                   learning=learning, auth=auth)
+                   learning=learning, auth=auth, worker=conversation.worker)
     routes = [
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id}", api.model, methods=["GET"]),

@@ -1,19 +1,26 @@
-"""The owner's web page, served by the API's starlette app at `/`: now, the lineage, the review queue.
+"""The owner's web page, served by the API's starlette app at `/`: now, the lineage, the review queue, people.
 
-Plain server-rendered HTML (Jinja, autoescaped) and a little CSS; no JavaScript. Every page needs an
-admin's session (api/web_auth.py: `ouro web-login` prints a one-time link); every POST carries the
-session's CSRF token. The actions go through what the Telegram admin commands use: promote and
-roll back through the process's learning loop (`ouro serve`, `ouro web`: `LearningLoop.promote/rollback`,
-lineage/promote.py's one rule, then the hot-swap), or, in an app built without one, through
-lineage/promote.py directly, as `ouro promote` does; reviews through the store's
-`record_review` with an audit event, as /review and `ouro review` do. A promote or rollback is never
-done from its first page: a confirmation page names the target and the generation active when it was
-asked, and a stale confirmation changes nothing.
+Plain server-rendered HTML (Jinja, autoescaped) and a little CSS; the one script is the review
+page's keyboard shortcuts (REVIEW_KEYS_JS, allowed by its hash in that page's CSP; no other page
+runs any). Every page needs an admin's session (api/web_auth.py: `ouro web-login` prints a one-time
+link); every POST carries the session's CSRF token. The actions go through what the Telegram admin
+commands use: promote and roll back through the process's learning loop (`ouro serve`, `ouro web`:
+`LearningLoop.promote/rollback`, lineage/promote.py's one rule, then the hot-swap), or, in an app
+built without one, through lineage/promote.py directly, as `ouro promote` does; reviews through the
+store's `record_review` with an audit event, as /review and `ouro review` do; Forget and the
+training opt-out through the store's `forget_user` and `set_training_opt_out`, as /forget and
+/optout do; "Start a learning cycle" through `LearningLoop.start_cycle`, as /train does (the cycle
+runs in its own process). A promote, rollback, forget or cycle is never done from its first page: a
+confirmation page asks first (for promote and rollback it names the target and the generation active
+when it was asked, and a stale confirmation changes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import logging
 import re
 import tempfile
 from collections.abc import Callable
@@ -33,9 +40,14 @@ from evals.report import generation_rows
 from lineage.generations import Lineage
 from lineage.promote import promote, rollback
 from memory.store import Store
+from memory.trust import policy_for
+from serving.notices import cycle_progress
 
 if TYPE_CHECKING:
+    from engine.worker import InferenceWorker
     from serving.loop import LearningLoop
+
+log = logging.getLogger(__name__)
 
 
 MAX_FORM_BYTES = 64 * 1024
@@ -50,6 +62,42 @@ HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'; style
            "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store",
            "x-content-type-options": "nosniff"}
 STALE = "This form is stale or was not sent from this page; reload the page and try again."
+# The review page's keyboard shortcuts: the one script any page runs, allowed by its hash (CSP), no other.
+REVIEW_KEYS_JS = """
+(function () {
+  var cards = Array.prototype.slice.call(document.querySelectorAll(".card[data-turn]"));
+  var at = 0;
+  function focus(i) {
+    if (!cards.length) return;
+    at = Math.max(0, Math.min(cards.length - 1, i));
+    cards.forEach(function (c, n) { c.classList.toggle("focused", n === at); });
+    cards[at].scrollIntoView({block: "nearest"});
+  }
+  function press(value) {
+    var b = cards[at] && cards[at].querySelector("button[value=" + value + "]");
+    if (b) b.click();
+  }
+  cards.forEach(function (c, n) { c.addEventListener("click", function () { focus(n); }); });
+  document.addEventListener("keydown", function (ev) {
+    var t = ev.target;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || (t && /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName))) return;
+    var k = ev.key;
+    if (k === "j") focus(at + 1);
+    else if (k === "k") focus(at - 1);
+    else if (k === "a") press("approve");
+    else if (k === "r") press("reject");
+    else if (k === "s") press("skip");
+    else if (k === "e" && cards[at]) {
+      var d = cards[at].querySelector("details");
+      d.open = true;
+      d.querySelector("textarea").focus();
+    } else return;
+    ev.preventDefault();
+  });
+  focus(0);
+})();
+"""
+REVIEW_KEYS_CSP = "script-src 'sha256-" + base64.b64encode(hashlib.sha256(REVIEW_KEYS_JS.encode()).digest()).decode() + "'"
 NOT_LOGGED_IN = ("This page is for the bot's admins. On the machine that runs the bot, run "
                  "`ouro web-login` and open the link it prints.")
 
@@ -66,11 +114,12 @@ class Refused(Exception):
 class WebPage:
     def __init__(self, settings: Settings, store: Store, *, serving_id: Callable[[], str],
                  learning: LearningLoop | None = None,
-                 auth: WebAuth | None = None) -> None:
+                 auth: WebAuth | None = None, worker: InferenceWorker | None = None) -> None:
         self.settings = settings
         self.store = store
         self.serving_id = serving_id          # () -> the generation the worker serves now
         self.learning = learning
+        self.worker = worker                  # whose cached chat states a forgotten person's words leave
         self.auth = auth or WebAuth(settings)
         self.lineage = Lineage(settings.models_dir)
         self.skipped: dict[int, set[int]] = {}   # per admin, in memory (as /review): a restart brings them back
@@ -78,10 +127,14 @@ class WebPage:
                                       autoescape=True, undefined=jinja2.StrictUndefined)
 
     # --- plumbing -------------------------------------------------------------------------------
-    def render(self, name: str, status: int = 200, session: Session | None = None, **context) -> HTMLResponse:
+    def render(self, name: str, status: int = 200, session: Session | None = None, *, script_csp: str = "",
+               **context) -> HTMLResponse:
         csrf = self.auth.csrf(session) if session else ""
         html = self.env.get_template(name).render(session=session, csrf=csrf, **context)
-        return HTMLResponse(html, status_code=status, headers=HEADERS)
+        headers = HEADERS
+        if script_csp:   # the one inline script this page runs, by its hash
+            headers = {**HEADERS, "content-security-policy": f"{HEADERS['content-security-policy']}; {script_csp}"}
+        return HTMLResponse(html, status_code=status, headers=headers)
 
     def session_of(self, request: Request) -> Session | None:
         return self.auth.session(request.cookies.get(COOKIE))
@@ -139,7 +192,34 @@ class WebPage:
                            training=loop.scheduler.describe() if scheduling else None,
                            schedule=("paused" if loop.scheduler.paused else "on") if scheduling
                            and loop.scheduler.enabled else None,
-                           cycle=loop.cycle_status() if loop else None, waiting=waiting)
+                           cycle=loop.cycle_status() if loop else None, waiting=waiting,
+                           progress=cycle_progress(loop.cycle_status()) if loop else None,
+                           can_train=loop is not None)
+
+    async def cycle_confirm(self, request: Request) -> Response:
+        """The confirmation step of "Start a learning cycle"."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        loop = self.needs_loop()
+        status = loop.cycle_status()
+        if status is not None:
+            raise Refused(409, "A learning cycle is already running — " + cycle_progress(status))
+        return self.render("cycle.html", session=session, active=self.lineage.active_id())
+
+    async def cycle_start(self, request: Request) -> Response:
+        """A confirmed cycle: asked of the learning loop as /train does (its own process, never this loop)."""
+        session, _form = await self.post_session(request)
+        loop = self.needs_loop()
+        if not loop.start_cycle(self.actor(session)):
+            return self.render("done.html", 409, session=session, ok=False, back="/",
+                               message="A learning cycle is already running — " + cycle_progress(loop.cycle_status()))
+        return RedirectResponse("/", status_code=303, headers=HEADERS)
+
+    def needs_loop(self) -> LearningLoop:
+        if self.learning is None:
+            raise Refused(409, "The learning loop does not run in this process (ouro serve and ouro web run it).")
+        return self.learning
 
     async def schedule(self, request: Request) -> Response:
         """Pause or resume scheduled training, as /pause and /resume do."""
@@ -282,7 +362,7 @@ class WebPage:
         items = [item for item in (self.store.review_item(i) for i in ids) if item is not None]
         return self.render("review.html", session=session, items=items, waiting=waiting, person=user_id,
                            people=self.store.review_people(opt_out_by_default=opt), skipped=len(skipped),
-                           back=self.review_url(user_id))
+                           back=self.review_url(user_id), keys_js=REVIEW_KEYS_JS, script_csp=REVIEW_KEYS_CSP)
 
     async def verdict(self, request: Request) -> Response:
         """approve / reject / edit (with the better reply) / skip one turn; back to the queue."""
@@ -336,6 +416,80 @@ class WebPage:
             row["author"] = f"@{row['username']}" if row["username"] else row["first_name"] or str(row["user_id"])
         return self.render("conversations.html", session=session, query=query, rows=rows)
 
+    # --- people ---------------------------------------------------------------------------------------
+    async def people(self, request: Request) -> Response:
+        """Everyone the store knows: what is kept about them, their training choice, their tier."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        policy = policy_for(self.settings, self.store)
+        default_out = self.settings.training_opt_out_default
+        rows = self.store.people()
+        for row in rows:
+            row["name"] = self.store.display_name(row["user_id"])
+            row["tier"] = policy.tier(row["user_id"])
+            chosen = row["training_opt_out"]
+            row["opted_out"] = default_out if chosen is None else bool(chosen)
+            row["choice"] = "default" if chosen is None else ("opted out" if chosen else "opted in")
+        return self.render("people.html", session=session, rows=rows)
+
+    def known_person(self, raw: str | None) -> dict:
+        if not raw or not PERSON_ID.fullmatch(raw):
+            raise Refused(404, "No such person.")
+        user_id = int(raw)
+        rows = self.store.people(1, user_id=user_id)
+        if not rows:
+            raise Refused(404, "Nothing is stored about that person (forgotten already, or never seen).")
+        row = rows[0]
+        row["name"] = self.store.display_name(user_id)
+        return row
+
+    async def forget_confirm(self, request: Request) -> Response:
+        """The confirmation step of Forget: who, and how much goes."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        person = self.known_person(request.query_params.get("person"))
+        return self.render("forget.html", session=session, person=person,
+                           counts=self.store.user_data_counts(person["user_id"]))
+
+    async def forget(self, request: Request) -> Response:
+        """A confirmed Forget: the store's forget_user, as /forget does (one transaction, a tombstone
+        without content), then the model's cached state of their chats is dropped."""
+        session, form = await self.post_session(request)
+        person = self.known_person(form.get("person"))
+        counts, chats = await asyncio.to_thread(self.store.forget_user, person["user_id"])
+        if self.worker is not None and chats:
+            worker = self.worker
+            try:   # the model's cached state of those chats holds their words too
+                await worker.run(lambda engine: worker.forget(chats), bounded=False)
+            except Exception:
+                log.warning("could not drop the cached model state of %d chat(s)", len(chats), exc_info=True)
+        # who asked, not whom: the person's own events went with them
+        self.store.log_event("forget_by_admin", user_id=session.admin_id, detail={"via": "web", "counts": counts})
+        log.info("forgot a person (asked on the web page): %s", counts)
+        return self.render("done.html", session=session, ok=True, back="/people",
+                           message=f"Forgotten: {counts.get('turns', 0)} messages with their replies, "
+                                   f"{counts.get('ratings', 0)} ratings, {counts.get('corrections', 0)} corrections "
+                                   "deleted. Generations already trained keep what they learned; no new one "
+                                   "learns from it.")
+
+    async def opt_out(self, request: Request) -> Response:
+        """Keep a person's chats out of training (or let them back in), as /optout and /optin do. An
+        admin may opt anyone out, but may not opt back in someone who chose /optout themselves."""
+        session, form = await self.post_session(request)
+        person = self.known_person(form.get("person"))
+        value = form.get("value", "")
+        if value not in ("out", "in"):
+            raise Refused(400, "Unknown choice.")
+        user_id, out = person["user_id"], value == "out"
+        if not out and person["training_opt_out"] and self.store.opt_out_chosen_by_person(user_id):
+            raise Refused(409, f"{person['name']} chose /optout themselves; only they can /optin.")
+        self.store.set_training_opt_out(user_id, out)
+        self.store.log_event("training_opt_out" if out else "training_opt_in", user_id=user_id,
+                             detail={"by": self.actor(session), "via": "web"})
+        return RedirectResponse("/people", status_code=303, headers=HEADERS)
+
     @staticmethod
     def review_url(user_id: int | None) -> str:
         return "/review" + (f"?{urlencode({'person': user_id})}" if user_id is not None else "")
@@ -380,6 +534,12 @@ def web_routes(page: WebPage) -> list[Route]:
         Route("/login", guarded(page.login), methods=["GET"]),
         Route("/logout", guarded(page.logout), methods=["POST"]),
         Route("/schedule/{action:str}", guarded(page.schedule), methods=["POST"]),
+        Route("/cycle/start", guarded(page.cycle_confirm), methods=["GET"]),
+        Route("/cycle/start", guarded(page.cycle_start), methods=["POST"]),
+        Route("/people", guarded(page.people), methods=["GET"]),
+        Route("/people/forget", guarded(page.forget_confirm), methods=["GET"]),
+        Route("/people/forget", guarded(page.forget), methods=["POST"]),
+        Route("/people/optout", guarded(page.opt_out), methods=["POST"]),
         Route("/lineage", guarded(page.lineage_page), methods=["GET"]),
         Route("/lineage/chart.png", guarded(page.chart), methods=["GET"]),
         Route("/lineage/{action:str}", guarded(page.confirm), methods=["GET"]),

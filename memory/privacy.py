@@ -43,6 +43,34 @@ class PrivacyMixin:
             "picks": q("SELECT COUNT(*) FROM preferences WHERE user_id = ? AND source = 'regenerate'", (user_id,)),
         }
 
+    def people(self, limit: int = 500, *, user_id: int | None = None) -> list[dict]:
+        """Everyone the store knows, most recently seen first: what is stored about each (turns,
+        ratings and corrections they gave, first and last seen) and their training opt-out (None:
+        never chose, the settings' default applies). The owner's web page lists them; `user_id`: that one."""
+        return self.database.query(
+            "SELECT u.id AS user_id, u.username, u.first_name, u.training_opt_out, "
+            "(SELECT COUNT(*) FROM turns t WHERE t.user_id = u.id) AS messages, "
+            "(SELECT COUNT(*) FROM ratings r WHERE r.user_id = u.id) AS ratings, "
+            "(SELECT COUNT(*) FROM corrections c WHERE c.user_id = u.id) AS corrections, "
+            "COALESCE((SELECT MIN(t.created_at) FROM turns t WHERE t.user_id = u.id), u.created_at) AS first_seen, "
+            "MAX(u.last_seen, COALESCE((SELECT MAX(t.created_at) FROM turns t WHERE t.user_id = u.id), '')) "
+            "AS last_seen FROM users u WHERE (? IS NULL OR u.id = ?) ORDER BY last_seen DESC, u.id LIMIT ?",
+            (user_id, user_id, limit))
+
+    def opt_out_chosen_by_person(self, user_id: int) -> bool:
+        """Whether this person's last training choice was their own (/optout, /optin), not made for
+        them by an admin (whose events carry `"by"` in their detail)."""
+        row = self.database.one(
+            "SELECT detail FROM events WHERE user_id = ? AND kind IN ('training_opt_out', 'training_opt_in') "
+            "ORDER BY id DESC LIMIT 1", (user_id,))
+        if row is None:
+            return False
+        try:
+            detail = json.loads(row["detail"]) if row["detail"] else {}
+        except ValueError:
+            detail = {}
+        return not (isinstance(detail, dict) and detail.get("by"))
+
     def forget_user(self, user_id: int) -> tuple[dict, list[int]]:
         """Delete everything stored about this person, in one transaction; leave a tombstone without content.
 

@@ -299,7 +299,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ouro.bench.serve import run_bench_serve
+    from ouro.bench.serve import PARTS, run_bench_serve
 
     settings = _settings(args)
     if args.what == "soak":
@@ -321,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
         return 0
-    result = run_bench_serve(settings, turns=args.turns, json_output=args.json)
+    result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=tuple(args.only or PARTS))
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -707,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "
-                                   "others ÷ warm; a reply through the bot and the emulator ÷ the bare model. "
+                                   "others ÷ warm; a reply through the bot and the emulator ÷ the bare model; a reply through the "
+                                   "OpenAI-compatible API ÷ the bare model (median latency, 5 prompts). "
                                    "train: training tokens/s of our trainer (packed) ÷ a plain transformers + peft "
                                    "loop (padded) on the same data, model and machine; peak memory of each; stage "
                                    "times. swap: longest pause in replies during a hot-swap ÷ the median reply; "
@@ -717,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answered or told 'busy', no errors; reply latency, queue wait, peak memory.")
     p.add_argument("what", choices=["serve", "train", "swap", "soak"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
+    p.add_argument("--only", action="append", choices=["chat", "api", "bot"],
+                   help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
+                        "OpenAI-compatible API ÷ the bare model), bot (through the emulator)")
     p.add_argument("--users", type=int, default=50, help="simulated people in the soak benchmark")
     p.add_argument("--messages", type=int, default=20, help="messages each person sends in the soak benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -411,3 +411,35 @@ async def test_a_port_in_use_is_one_clear_error(settings, conversation):
             await HttpServer(build_api(settings, conversation), "127.0.0.1", taken.getsockname()[1]).start()
     finally:
         taken.close()
+
+
+def test_bench_serve_api_part_times_the_api_against_the_bare_model(tmp_path, capsys):
+    """`ouro bench serve`'s API part over the fake engine: the real openai client against a real server,
+    non-streaming, greedy, the same max tokens as the bare side, and its line in the printed report."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.worker import InferenceWorker
+    from ouro.bench.serve import measure_api, print_report
+    from serving.conversation import Conversation
+
+    settings = load_settings(data_dir=tmp_path / "data", temperature=0.0, reply_max_tokens=16)
+    store = Store.open(settings.db_path)
+    engine = RecordingEngine(delay_s=0.02)
+    worker = InferenceWorker(engine)
+    try:
+        rt = SimpleNamespace(settings=settings, store=store, worker=worker,
+                             conversation=Conversation(settings, store, worker))
+        result = asyncio.run(measure_api(rt, quiet=True, prompts=3))
+    finally:
+        worker.close()
+        store.close()
+    assert result["api_prompts"] == 3 and result["api_same_replies"] and result["api_vs_bare_goal"] == 1.10
+    assert result["api_reply_s"] > 0 and result["api_bare_reply_s"] > 0
+    assert result["api_vs_bare_ratio"] == pytest.approx(result["api_reply_s"] / result["api_bare_reply_s"], rel=0.01)
+    measured = [(s.temperature, s.max_tokens) for k, s in zip(engine.chat_keys, engine.samplings, strict=True)
+                if k != "z"]                                           # both sides of each prompt, not the other chat
+    assert len(measured) == 6 and set(measured) == {(0.0, 16)}
+    assert sum(1 for k in engine.chat_keys if str(k).startswith("bare-api")) == 3
+    print_report(result)
+    assert "reply through the API ÷ bare model" in capsys.readouterr().out

@@ -4,6 +4,7 @@ tiny and fake, and the hot-swap loads fake engines: no model inference."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
@@ -17,6 +18,7 @@ from api.web_auth import COOKIE, LOGIN_S, SESSION_S, WebAuth
 from config.settings import load_settings
 from memory.export import reviewed_since
 from ouro.cli import main
+from tests.helpers.fault_helpers import paused_cycle_command
 from tests.helpers.web import ADMIN, start_web
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
@@ -154,6 +156,149 @@ def test_browser_reviews_the_queue_and_approval_makes_a_training_example(web, pa
     assert "a much better answer, Bob" in example_texts(web)
 
 
+def test_browser_review_keys_record_verdicts_on_the_focused_item(web, page, capsys):
+    ann, bob = web.turns
+    page.goto(login_link(web, capsys, "--admin", str(ADMIN)))
+    page.goto(f"{web.base_url}/review")
+    assert "focused" in page.get_attribute(f"#turn-{ann}", "class")   # the first item has the focus
+    page.keyboard.press("j")                                          # move to Bob's
+    assert "focused" in page.get_attribute(f"#turn-{bob}", "class")
+    page.keyboard.press("r")
+    page.wait_for_selector(f"#turn-{bob}", state="detached")
+    assert web.store.review_verdict(bob) == "rejected" and web.store.review_verdict(ann) is None
+    page.keyboard.press("k")                                          # at the top already: stays on Ann's
+    page.keyboard.press("a")
+    page.wait_for_selector("#empty")
+    assert web.store.review_verdict(ann) == "approved"
+    assert web.store.last_event(("review",))["user_id"] == ADMIN
+
+
+def test_browser_review_key_e_opens_the_editor_and_typing_there_presses_nothing(web, page, capsys):
+    ann, _bob = web.turns
+    page.goto(login_link(web, capsys, "--admin", str(ADMIN)))
+    page.goto(f"{web.base_url}/review")
+    page.keyboard.press("e")
+    textarea = page.locator(f"#turn-{ann} textarea[name=text]")
+    assert textarea.is_visible() and textarea.evaluate("t => t === document.activeElement")
+    page.keyboard.type("a reply with a, r, s and j in it")           # keys typed in the editor are text
+    page.locator(f"#turn-{ann} button[value=edit]").click()
+    page.wait_for_selector(f"#turn-{ann}", state="detached")
+    assert web.store.review_verdict(ann) == "edited" and "a reply with a, r, s and j in it" in example_texts(web)
+    assert web.store.review_verdict(web.turns[1]) is None
+
+
+def test_browser_forgets_a_person_after_confirmation(web, page, capsys):
+    ann, bob = web.turns
+    web.store.rate(ann, 1001, 1)
+    page.goto(login_link(web, capsys))                                  # as the owner
+    page.click("text=People")
+    row = page.inner_text("#person-1001")
+    assert "Ann" in row and "other" in row and "may train" in row
+    assert page.inner_text("#person-1001 .messages") == "1"
+    page.click("#forget-1001")
+    assert "Forget Ann?" in page.inner_text("h1") and "1 messages" in page.inner_text("#question")
+    assert web.store.turn(ann) is not None                               # nothing happens before confirming
+    page.click("#confirm")
+    assert "Forgotten: 1 messages" in page.inner_text("#result")
+    assert web.store.turn(ann) is None and web.store.user_data_counts(1001) == {
+        "messages": 0, "ratings": 0, "corrections": 0, "picks": 0}
+    assert web.store.turn(bob) is not None                               # only Ann
+    assert len(web.store.tombstones()) == 1                              # /forget's audit trail
+    assert web.store.last_event(("forgotten",)) is not None
+    assert web.store.last_event(("forget_by_admin",))["user_id"] == 0
+    page.goto(f"{web.base_url}/people")
+    assert page.locator("#person-1001").count() == 0 and page.locator("#person-1002").count() == 1
+
+
+def test_people_shows_each_tier(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    web = start_web(tmp_path, people=((1001, "Ann"), (1002, "Bob"), (ADMIN, "Boss")), trusted_user_ids=[1002])
+    try:
+        text = logged_in(web, capsys).get("/people").text
+        tiers = dict(re.findall(r'id="person-(\d+)">.*?<td class="tier">(\w+)</td>', text, re.S))
+        assert tiers == {"1001": "other", "1002": "trusted", str(ADMIN): "admin"}
+    finally:
+        web.close()
+
+
+def test_people_posts_need_csrf_and_the_opt_out_follows_optout(web, capsys):
+    ann = web.turns[0]
+    with httpx.Client(base_url=web.base_url, follow_redirects=False) as anon:
+        assert anon.get("/people").status_code == 303
+        assert anon.post("/people/forget", data={"person": "1001"}).status_code == 403
+    client = logged_in(web, capsys)
+    page = client.get("/people")
+    assert page.status_code == 200 and 'id="person-1001"' in page.text and "<script" not in page.text
+    token = CSRF.search(page.text).group(1)
+    other = logged_in(web, capsys)
+    forged = [client.post("/people/forget", data={"person": "1001"}),                       # no token
+              client.post("/people/forget", data={"person": "1001", "csrf": "0" * 64}),
+              other.post("/people/forget", data={"person": "1001", "csrf": token}),          # another session's
+              client.post("/people/forget", data={"person": "1001", "csrf": token},
+                          headers={"origin": "http://evil.example"}),
+              client.post("/people/forget", json={"person": "1001", "csrf": token}),
+              client.post("/people/optout", data={"person": "1001", "value": "out"})]
+    assert [r.status_code for r in forged] == [403] * 6
+    assert web.store.turn(ann) is not None and web.store.training_opt_out(1001) is None
+    for person in ("x", "1 OR 1=1", "9" * 30, "555"):
+        assert client.get("/people/forget", params={"person": person}).status_code == 404, person
+        assert client.post("/people/forget", data={"person": person, "csrf": token}).status_code == 404, person
+
+    assert client.post("/people/optout", data={"person": "1001", "value": "out", "csrf": token}).status_code == 303
+    assert web.store.training_opt_out(1001) is True and "kept out" in client.get("/people").text
+    event = web.store.last_event(("training_opt_out",))
+    assert event["user_id"] == 1001 and f"admin {ADMIN} (web page)" in event["detail"]
+    assert client.post("/people/optout", data={"person": "1001", "value": "in", "csrf": token}).status_code == 303
+    assert web.store.training_opt_out(1001) is False
+    web.store.set_training_opt_out(1002, True)                          # Bob's own /optout
+    web.store.log_event("training_opt_out", user_id=1002)
+    refused = client.post("/people/optout", data={"person": "1002", "value": "in", "csrf": token})
+    assert refused.status_code == 409 and "only they can /optin" in refused.text
+    assert web.store.training_opt_out(1002) is True
+
+
+def test_browser_starts_a_cycle_with_confirmation_and_shows_its_stage(web, page, capsys):
+    web.learning.runner.command = paused_cycle_command("export")       # a real cycle process, held at export
+    try:
+        page.goto(login_link(web, capsys))
+        assert "no learning cycle running" in page.inner_text("#cycle")
+        page.click("#start-cycle")
+        assert "Start a learning cycle?" in page.inner_text("h1")
+        assert web.learning.cycle_status() is None                        # nothing happens before confirming
+        page.click("#confirm")
+        assert page.url == f"{web.base_url}/"
+        deadline = time.monotonic() + 60
+        while page.get_attribute("#cycle", "data-stage") != "export" and time.monotonic() < deadline:
+            time.sleep(0.3)
+            page.reload()
+        assert page.get_attribute("#cycle", "data-stage") == "export"
+        assert "cycle running (started by owner (web page)" in page.inner_text("#cycle")
+        assert web.learning.runner.running and web.learning.runner.actor == "owner (web page)"
+        assert web.store.last_event(("cycle_started",)) is not None    # as /train: the loop's own record
+        assert page.locator("#start-cycle").count() == 0
+        page.goto(f"{web.base_url}/cycle/start")                           # a second one is refused
+        assert "already running" in page.inner_text("#result")
+    finally:
+        web.in_server_loop(web.learning.stop())                          # kills the held cycle process
+        if web.learning.runner.proc is not None:
+            web.in_server_loop(asyncio.wait_for(web.learning.runner.proc.wait(), 30))
+    assert not web.learning.runner.running
+
+
+def test_start_cycle_needs_csrf_and_a_learning_loop(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    web = start_web(tmp_path, with_loop=False)
+    try:
+        client = logged_in(web, capsys)
+        assert "start-cycle" not in client.get("/").text
+        assert client.get("/cycle/start").status_code == 409
+        assert client.post("/cycle/start", data={"csrf": csrf_of(client, "/")}).status_code == 409
+        assert client.post("/cycle/start", data={}).status_code == 403
+        assert not web.learning.runner.running
+    finally:
+        web.close()
+
+
 def test_browser_without_a_session_gets_the_login_notice(web, page, capsys):
     reply = page.goto(f"{web.base_url}/lineage")
     assert page.url == f"{web.base_url}/login" and reply.status == 401
@@ -224,7 +369,9 @@ def test_pages_send_security_headers_and_escape_what_people_wrote(web, capsys):
     page = client.get("/review")
     assert page.status_code == 200 and '<img src=x onerror' not in page.text
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in page.text
-    assert "script-src" not in page.headers["content-security-policy"]   # default-src 'none': no script at all
+    csp = page.headers["content-security-policy"]                      # one script: the keys, by its hash
+    assert re.search(r"; script-src 'sha256-[A-Za-z0-9+/]{43}='$", csp) and "unsafe-inline" not in csp.split("script-src")[1]
+    assert "script-src" not in client.get("/lineage").headers["content-security-policy"]   # no script at all
     assert page.headers["x-frame-options"] == "DENY" and page.headers["referrer-policy"] == "same-origin"
     lineage = client.get("/lineage").text
     assert "<script>alert(1)</script>" not in lineage and "&lt;script&gt;alert(1)&lt;/script&gt;" in lineage

@@ -7,6 +7,9 @@
 3. A reply through the whole bot (Telegram emulator over HTTP, python-telegram-bot, store,
    streaming edits) ÷ the bare model generating the same reply for the same prompt
    (goal ≤ 1.15).
+4. A reply through the OpenAI-compatible API (api/, a real uvicorn server on loopback, the
+   `openai` client, non-streaming, temperature 0, the same max tokens) ÷ the bare model on the
+   same prompt: the ratio of the median latencies over API_PROMPTS prompts (goal ≤ 1.10).
 Every figure uses the default model on this machine; nothing is compared across runs.
 """
 
@@ -54,18 +57,29 @@ async def _turns(rt, who: Speaker, texts: list[str]) -> list:
     return out
 
 
-def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = False) -> dict:
+API_PROMPTS = 5
+PARTS = ("chat", "api", "bot")
+
+
+def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = False,
+                    parts: tuple[str, ...] = PARTS) -> dict:
+    """`parts`: which measurements to run (chat: 1 and 2; api: 4; bot: 3, which needs the emulator)."""
     turns = max(3, min(turns, len(MESSAGES)))
     with tempfile.TemporaryDirectory(prefix="ouro-bench-") as tmp:
         settings = _bench_settings(base, Path(tmp))
         rt = open_runtime(settings)
+        result: dict = {"model": rt.worker.engine.generation_id}
         try:
-            result = asyncio.run(_measure(rt, turns, quiet=json_output))
-            result.update(asyncio.run(_measure_bot(rt, quiet=json_output)))
+            if "chat" in parts:
+                result.update(asyncio.run(_measure(rt, turns, quiet=json_output)))
+            if "api" in parts:
+                result.update(asyncio.run(measure_api(rt, quiet=json_output)))
+            if "bot" in parts:
+                result.update(asyncio.run(_measure_bot(rt, quiet=json_output)))
         finally:
             rt.close()
     if not json_output:
-        _print(result)
+        print_report(result)
     return result
 
 
@@ -140,10 +154,62 @@ async def _measure_bot(rt, *, quiet: bool, reps: int = 3) -> dict:
             "bot_vs_bare_ratio": round(ratio, 3), "bot_vs_bare_goal": 1.15}
 
 
-def _print(r: dict) -> None:
+async def measure_api(rt, *, quiet: bool, prompts: int = API_PROMPTS) -> dict:
+    """The same prompt through the API (openai client, non-streaming, temperature 0, the same max
+    tokens) and to the bare model; each prompt from a new key (a new person, a new chat, as the bot
+    part uses a new user) after another chat used the context, so both sides start alike."""
+    try:
+        from openai import AsyncOpenAI
+    except ImportError as exc:   # the dev extra
+        raise RuntimeError("the API part of `ouro bench serve` needs the openai client: pip install openai") from exc
+    from api.app import build_api
+    from api.keys import create_key
+    from api.server import HttpServer
+    from serving.context import to_messages
+
+    persona = rt.conversation.persona
+    sampling = rt.conversation.sampling(temperature=0.0)
+    max_tokens = rt.settings.reply_max_tokens
+    server = HttpServer(build_api(rt.settings, rt.conversation), "127.0.0.1", 0, grace_s=1.0)
+    await server.start()
+    bare, through_api, same = [], [], True
+
+    async def other_chat() -> None:
+        await rt.worker.run(lambda e: e.generate([{"role": "user", "content": "unrelated"}], chat_key="z",
+                                                 sampling=sampling))
+    try:
+        for i in tqdm(range(prompts), desc="API vs bare model", disable=quiet):
+            text = MESSAGES[(i * 4 + 1) % len(MESSAGES)]
+            await other_chat()
+            msgs = to_messages(persona, [], text)
+            c = await rt.worker.run(lambda e, m=msgs, k=f"bare-api{i}": e.generate(m, chat_key=k, sampling=sampling))
+            bare.append(c.total_s)
+            await other_chat()
+            key, _user = create_key(rt.store, f"bench{i}")
+            async with AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0,
+                                   timeout=300) as client:
+                started = time.perf_counter()
+                reply = await client.chat.completions.create(model="ouro", temperature=0, max_tokens=max_tokens,
+                                                             messages=[{"role": "user", "content": text}])
+                through_api.append(time.perf_counter() - started)
+            same = same and (reply.choices[0].message.content or "").strip() == c.text.strip()
+    finally:
+        await server.stop()
+    ratio = statistics.median(through_api) / statistics.median(bare)
+    return {"api_bare_reply_s": round(statistics.median(bare), 4), "api_reply_s": round(statistics.median(through_api), 4),
+            "api_vs_bare_ratio": round(ratio, 3), "api_vs_bare_goal": 1.10, "api_prompts": prompts,
+            "api_same_replies": same}
+
+
+def print_report(r: dict) -> None:
     print("\nouro bench serve")
-    print(f"  TTFT at the last turn ÷ turn 2:        {r['long_conversation_ratio']:.2f}  (goal ≤ 1.5)")
-    print(f"  returning chat ÷ warm chat TTFT:       {r['interleaved_ratio']:.2f}  (goal ≤ 2.0)")
+    if "long_conversation_ratio" in r:
+        print(f"  TTFT at the last turn ÷ turn 2:        {r['long_conversation_ratio']:.2f}  (goal ≤ 1.5)")
+        print(f"  returning chat ÷ warm chat TTFT:       {r['interleaved_ratio']:.2f}  (goal ≤ 2.0)")
     if "bot_vs_bare_ratio" in r:
         print(f"  reply through the bot ÷ bare model:    {r['bot_vs_bare_ratio']:.2f}  (goal ≤ 1.15)")
+    if "api_vs_bare_ratio" in r:
+        note = "" if r["api_same_replies"] else "  (replies differed: not a like-for-like ratio)"
+        print(f"  reply through the API ÷ bare model:    {r['api_vs_bare_ratio']:.2f}  (goal ≤ 1.10; median "
+              f"{r['api_reply_s']:.3f} s vs {r['api_bare_reply_s']:.3f} s, {r['api_prompts']} prompts){note}")
 
