@@ -104,7 +104,7 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     if h.admin is not None:
         app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=keyboards.ADMIN_PATTERN))
     app.add_handler(CallbackQueryHandler(h.buttons.press))
-    app.add_handler(MessageHandler(filters.UpdateType.EDITED, _ignore))
+    app.add_handler(MessageHandler(filters.UpdateType.EDITED, lambda u, c: _keep_edit(store, u)))
     app.add_handler(MessageHandler(filters.COMMAND, h.commands.unknown))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_edit,
                                    review.take_edit))   # an admin's edited reply after ✏️ Edit in /review
@@ -126,8 +126,15 @@ def _admin_command(name: str, h: Handlers, review: ReviewHandlers):
     return loop_not_running
 
 
-async def _ignore(update: Update, context) -> None:
-    """Edited messages: the original was already answered; silently ignored."""
+async def _keep_edit(store: Store, update: Update) -> None:
+    """An edited message: the original was already answered and is what stays in the conversation
+    (and in training); the new text is kept as an event so nothing is silently lost, and never
+    trains (an edit cannot smuggle a correction past the trust rules). /forget deletes it too."""
+    msg = update.edited_message or update.edited_channel_post
+    if msg is None or update.effective_user is None:
+        return
+    store.log_event("edited_message", user_id=update.effective_user.id, chat_id=msg.chat_id,
+                    detail={"message_id": msg.message_id, "text": (msg.text or msg.caption or "")[:4096]})
 
 
 async def _post_init(app: Application, settings: Settings, h: Handlers) -> None:

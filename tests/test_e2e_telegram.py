@@ -240,6 +240,8 @@ async def test_edited_messages_are_ignored(emu, make_bot):
         ann.edit_text(mid, "second version")
         mid2, _ = await reply_to(ann, "next")
         assert [p[-1]["content"] for p in bot.engine.prompts] == ["first version", "next"]
+        kept = bot.store.database.query("SELECT detail FROM events WHERE kind = 'edited_message'")
+        assert len(kept) == 1 and "second version" in kept[0]["detail"]   # kept, never trained
 
 
 async def test_a_model_failure_shows_users_a_kind_word_and_admins_the_traceback(emu, make_bot):
