@@ -225,6 +225,13 @@ class Settings(BaseSettings):
     cycle_schedule: str = Field("daily", description=(
         "When the bot runs a learning cycle: 'daily' (03:00), 'off', 'every 6h' / 'every 30m' (interval), "
         "or a crontab line such as '0 3 * * 1' (cron). Missed runs (bot down) run once on the next start."))
+    cycle_min_items: int = Field(0, ge=0, le=1_000_000, description=(
+        "Data-driven trigger beside the clock: the bot starts a cycle as soon as this many new trainable items "
+        "(examples and preference pairs no generation has trained on, counted as the cycle exports them: review "
+        "mode, caps, screens) are waiting, and a scheduled run with fewer is skipped and reported as a thin "
+        "delta. 0: off (the clock alone; /train and `ouro cycle` always run)."))
+    cycle_check_s: int = Field(300, ge=5, le=86_400, description=(
+        "How often (seconds) the running bot counts the waiting items for cycle_min_items."))
     cycle_timezone: str = Field("UTC", description="Time zone of the cycle schedule's cron times.")
     cycle_nice: int = Field(10, ge=0, le=19, description=(
         "Scheduling niceness of the training process, so replies keep the CPU they need."))

@@ -32,6 +32,7 @@ from memory.store import Store
 from memory.trust import policy_for
 from trainer.lock import CycleLock, pid_alive
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
+from trainer.trigger import carried_over
 
 log = logging.getLogger(__name__)
 HALT_FILE = "HALTED"
@@ -225,7 +226,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     delta = reviewed_since(store, persona=persona, since=parent.meta.get("data_cutoff"), until=until,
                            budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default,
                            policy=policy_for(settings, store), screens=screens_for(settings),
-                           carried=_carried(parent, store, settings))
+                           carried=carried_over(parent, store, settings))
     if not delta.examples and not delta.pairs:
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
                                             f"(considered {delta.considered} rated items)")
@@ -290,14 +291,6 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     else:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
     return report
-
-
-def _carried(parent: Generation, store: Store, settings: Settings) -> Delta:
-    """What the parent's cycle deferred over a source's cap, still trainable now (no /forget, /optout)."""
-    path = parent.folder / "data" / "deferred.jsonl"
-    carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
-    carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
-    return carried
 
 
 def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: list[Generation],
