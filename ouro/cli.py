@@ -354,6 +354,11 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         for key in ("recall", "generalization", "style_drift", "format"):
             if key in report.scores:
                 print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
+        docs = report.data.get("documents") or {}
+        if docs.get("chunks"):
+            loss = (report.train.get("documents") or {})
+            print(f"  documents       {docs['chunks']} chunks, {docs['tokens']} tokens read before SFT (loss on them "
+                  f"{loss.get('loss_start')} → {loss.get('loss_end')}); {docs['waiting']} chunks wait for later cycles")
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1

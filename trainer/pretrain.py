@@ -5,11 +5,15 @@
         ──► merge (checked) ──► out_dir: the base the cycle's SFT then starts from
 
 Why plain text and not the chat template: a document is nobody's reply; wrapped in a chat turn
-the model would learn to answer with essays. Why replay: a pass on prose alone pulls the model
-away from the chat format it serves in (it starts continuing text instead of answering), so
-chat examples are mixed into the same rows, about `replay_ratio` chat tokens per document token.
+the model would learn to answer with essays. Why replay: a pass on prose alone can pull the model
+away from the chat format it serves in (continuing text instead of answering: catastrophic
+forgetting, not measured here), so chat examples are mixed into the same rows, about
+`replay_ratio` chat tokens per document token; the pass reports their loss before and after.
 Why LoRA merged into a new base rather than one adapter for both passes: the SFT stage stays
 exactly as it is (trainer/finetune.py), whatever happens here.
+
+On CUDA the model trains in float32 on the GPU (not 4-bit like SFT's QLoRA: the pass is short,
+and merging into a full-precision base keeps it exact; not yet run on a GPU).
 
 Bounded: at most `max_tokens` document tokens per pass, read once (`epochs`); the chunks left
 over wait for the next cycle (the generation records the last chunk it read).
@@ -24,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from core.errors import OuroError
 from engine.template import ChatFormat, Message
@@ -128,6 +134,8 @@ def continue_pretraining(base_dir: Path, documents: Sequence[str], replay: Seque
         raise OuroError("no documents to train on")
     train_cfg = cfg.train_config()
     model, tokenizer = load_base(base_dir)
+    if torch.cuda.is_available():  # pragma: no cover - float32 on the GPU; the merge stays exact
+        model = model.to("cuda")
     fmt = chat_format or ChatFormat.from_tokenizer(tokenizer)
     docs, used = encode_documents(documents, tokenizer, fmt, cfg.max_seq_len, cfg.max_tokens)
     if not docs:
