@@ -128,6 +128,6 @@ def test_the_cli_imports_docs_with_json(tmp_path, capsys, monkeypatch):
     first = json.loads(capsys.readouterr().out)
     assert first["kind"] == "docs" and first["new_chunks"] == 1
     assert main(["import", "docs", str(FIXTURES / "letter.txt")]) == 0
-    assert "0 new chunks, 1 already there" in capsys.readouterr().out
+    assert "0 new chunks, 1 already there (1 document imported before)" in capsys.readouterr().out
     assert main(["import", "docs", str(FIXTURES), "--me", "Ann"]) != 0
     assert "--me is not used for a docs import" in capsys.readouterr().err

@@ -228,8 +228,11 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                            policy=policy_for(settings, store), screens=screens_for(settings),
                            carried=carried_over(parent, store, settings))
     if not delta.examples and not delta.pairs:
+        docs = store.document_stats(after_id=_docs_upto(parent))["chunks"]
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
-                                            f"(considered {delta.considered} rated items)")
+                                            f"(considered {delta.considered} rated items)"
+                                            + (f"; {docs} document chunks wait for a cycle with chat data"
+                                               if docs else ""))
     gen_id = next_gen_id(lineage)
     staging = lineage.dir / f".{gen_id}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

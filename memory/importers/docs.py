@@ -218,17 +218,21 @@ def format_summary(s: dict) -> str:
     """The summary for a person; `--json` prints the dict itself."""
     lines = [f"imported documents from {s['path']}"]
     for f in s["files"]:
-        lines.append(f"  {f['file']}  {f['format']}, {f['chars']} characters, {f['chunks']} chunks "
+        lines.append(f"  {f['file']}  {f['format']}, {f['chars']} characters, {_n(f['chunks'], 'chunk')} "
                      f"({f['new_chunks']} new)")
     if s["skipped_files"]:
-        lines.append(f"  skipped    {len(s['skipped_files'])} files of other kinds: "
+        lines.append(f"  skipped    {_n(len(s['skipped_files']), 'file')} of other kinds: "
                      + ", ".join(Path(p).name for p in s["skipped_files"][:5])
                      + (" …" if len(s["skipped_files"]) > 5 else ""))
-    lines += [f"  stored     {s['new_chunks']} new chunks, {s['already_present']} already there "
-              f"({s['known_documents']} documents imported before)",
+    lines += [f"  stored     {_n(s['new_chunks'], 'new chunk')}, {s['already_present']} already there "
+              f"({_n(s['known_documents'], 'document')} imported before)",
               f"  redacted   {s['redactions']} personal details replaced by placeholders",
               f"  tokens     ~{s['tokens_estimate']} (estimated: words and symbols, not the model's tokenizer)"]
     if s["new_chunks"]:
         lines.append("next: the next cycle (`ouro cycle`) reads them in a short continued-pretraining pass before SFT; "
                      "a cycle still needs reviewed chat examples to run")
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
