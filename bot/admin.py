@@ -205,6 +205,8 @@ class AdminHandlers:
     def loop_info(self) -> dict:
         """The loop's part of /status and of the heartbeat file `ouro status` reads."""
         info = {"training": self.loop.scheduler.describe(), "cycle": cycle_progress(self.loop.cycle_status())}
+        if self.loop.describe_trigger():
+            info["data_trigger"] = self.loop.describe_trigger()
         watched = self.loop.watched()
         if watched:
             n = len(self.store.generation_ratings(watched[0], limit=self.settings.watch_min_ratings))

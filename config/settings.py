@@ -183,6 +183,15 @@ class Settings(BaseSettings):
     train_max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (empty: all epochs).")
     train_batch: int = Field(4, ge=1, le=1024, description="Packed rows per optimizer step.")
     max_seq_len: int = Field(1024, ge=64, le=32768, description="Tokens per packed training row.")
+    doc_pretrain_tokens: int = Field(32768, ge=0, le=100_000_000, description=(
+        "Documents (`ouro import docs`): most document tokens the next cycle reads in its continued-pretraining "
+        "pass before SFT (plain text, loss on every token; the rest waits for the following cycles). "
+        "0: documents are not trained on."))
+    doc_pretrain_epochs: int = Field(1, ge=1, le=100, description="Passes over the documents a cycle reads.")
+    doc_pretrain_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the documents pass.")
+    doc_replay_ratio: float = Field(0.5, ge=0.0, le=10.0, description=(
+        "Chat tokens (replayed and new examples, loss on replies) mixed into the documents pass per document "
+        "token, so the persona keeps answering instead of continuing prose."))
     dpo_steps: int = Field(20, ge=0, le=100_000, description=(
         "Most DPO steps after SFT when preference pairs exist (0: off)."))
     dpo_epochs: int = Field(1, ge=1, le=100, description=(
@@ -225,6 +234,13 @@ class Settings(BaseSettings):
     cycle_schedule: str = Field("daily", description=(
         "When the bot runs a learning cycle: 'daily' (03:00), 'off', 'every 6h' / 'every 30m' (interval), "
         "or a crontab line such as '0 3 * * 1' (cron). Missed runs (bot down) run once on the next start."))
+    cycle_min_items: int = Field(0, ge=0, le=1_000_000, description=(
+        "Data-driven trigger beside the clock: the bot starts a cycle as soon as this many new trainable items "
+        "(examples and preference pairs no generation has trained on, counted as the cycle exports them: review "
+        "mode, caps, screens) are waiting, and a scheduled run with fewer is skipped and reported as a thin "
+        "delta. 0: off (the clock alone; /train and `ouro cycle` always run)."))
+    cycle_check_s: int = Field(300, ge=5, le=86_400, description=(
+        "How often (seconds) the running bot counts the waiting items for cycle_min_items."))
     cycle_timezone: str = Field("UTC", description="Time zone of the cycle schedule's cron times.")
     cycle_nice: int = Field(10, ge=0, le=19, description=(
         "Scheduling niceness of the training process, so replies keep the CPU they need."))

@@ -217,6 +217,31 @@ def m008_api_keys(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m009_documents(conn: sqlite3.Connection) -> None:
+    """The owner's documents (`ouro import docs`): each file once, cut into redacted chunks that a cycle's
+    continued-pretraining pass reads (trainer/pretrain.py). Chunks go in id order; a generation records the
+    last chunk id it trained on, so the next cycle reads only the ones after it."""
+    _script(conn, """
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        file TEXT NOT NULL,                -- where it was read from
+        format TEXT NOT NULL,              -- txt | md | html | pdf
+        sha256 TEXT NOT NULL UNIQUE,       -- of the file's bytes: the same file twice adds nothing
+        chars INTEGER NOT NULL,            -- characters of text extracted (before redaction)
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE document_chunks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        document_id INTEGER NOT NULL REFERENCES documents(id),
+        position INTEGER NOT NULL,         -- its place in the document
+        text TEXT NOT NULL,                -- redacted
+        created_at TEXT NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE        -- of `text`: a passage two documents share is stored once
+    );
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -2,7 +2,7 @@
 
 Nothing else in the project writes SQL for these tables. `Store` only opens and closes the
 database; each kind of record has its own module and mixin (memory/sessions.py, turns.py,
-feedback.py, review_queue.py, privacy.py, audit.py, history_imports.py, stats.py,
+feedback.py, review_queue.py, privacy.py, audit.py, history_imports.py, documents.py, stats.py,
 api_keys.py), and the
 records they return are importable from here as before.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from memory.api_keys import ApiKeysMixin
 from memory.audit import AuditMixin
 from memory.db import Database
+from memory.documents import DocumentsMixin
 from memory.feedback import FeedbackMixin
 from memory.history_imports import HistoryImportsMixin
 from memory.migrations import migrate
@@ -27,7 +28,7 @@ __all__ = ["Exchange", "ReviewItem", "Store", "TurnRef"]
 
 
 class Store(ReviewQueueMixin, TurnsMixin, SessionsMixin, FeedbackMixin, PrivacyMixin,
-            HistoryImportsMixin, AuditMixin, StatsMixin, ApiKeysMixin):
+            HistoryImportsMixin, DocumentsMixin, AuditMixin, StatsMixin, ApiKeysMixin):
     def __init__(self, database: Database) -> None:
         self.database = database
 

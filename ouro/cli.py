@@ -30,7 +30,7 @@ Start here:
   ouro status                     what is running, on which generation, with which figures
 """
 
-IMPORT_KINDS = ("telegram", "whatsapp", "chatgpt", "messenger", "discord", "card")
+IMPORT_KINDS = ("telegram", "whatsapp", "chatgpt", "messenger", "discord", "card", "docs")
 IMPORT_DESCRIPTION = """\
 Read a chat export; the --me person's messages become the persona's replies. Media, system,
 forwarded and unsent messages are left out, and so are --me's messages under --min-chars
@@ -72,6 +72,11 @@ formats, and where to get them:
              "the user" in the persona and "you" in the examples. Replies longer than the
              reply budget (reply_max_tokens) are left out. No --me: the character is the
              persona. The lorebook (character_book) is not read.
+  docs       your own writing: a .txt, .md, .html or .pdf file, or a folder of them (read
+             recursively; other files are listed as skipped). Stored as redacted chunks that
+             the next cycle reads in a short continued-pretraining pass before SFT (bounded by
+             doc_pretrain_tokens). The same file imported again adds nothing; a file that is
+             not UTF-8 text or not a readable PDF stores nothing and is named. No --me.
 
 examples:
   ouro import whatsapp "WhatsApp Chat with Bob.txt" --me Ann
@@ -79,6 +84,7 @@ examples:
   ouro import discord general.json --me ann_b,Ann
   ouro import chatgpt chatgpt-export.zip --persona user
   ouro import card Aria.png --replace-persona
+  ouro import docs ~/notes
 """
 
 EPILOG = """\
@@ -348,6 +354,11 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         for key in ("recall", "generalization", "style_drift", "format"):
             if key in report.scores:
                 print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
+        docs = report.data.get("documents") or {}
+        if docs.get("chunks"):
+            loss = (report.train.get("documents") or {})
+            print(f"  documents       {docs['chunks']} chunks, {docs['tokens']} tokens read before SFT (loss on them "
+                  f"{loss.get('loss_start')} → {loss.get('loss_end')}); {docs['waiting']} chunks wait for later cycles")
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1
@@ -432,6 +443,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     if args.kind == "card":
         return _import_card(args)
+    if args.kind == "docs":
+        return _import_docs(args)
     if args.replace_persona:
         raise OuroError(f"--replace-persona is only for card imports, not {args.kind}",
                         hint="a chat export trains the persona's replies; its text stays in OURO_PERSONA_FILE")
@@ -457,6 +470,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         extra = {} if args.min_chars is None else {"min_chars": args.min_chars}
         summary = import_chat(store, args.kind, args.path, me=me, **extra)
+    finally:
+        store.close()
+    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
+def _import_docs(args: argparse.Namespace) -> int:
+    from memory.importers.docs import format_summary, import_docs
+    from serving.runtime import open_store
+
+    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None),
+                        ("--replace-persona", args.replace_persona)):
+        if given:
+            raise OuroError(f"{flag} is not used for a docs import: documents are read as they are written",
+                            hint="ouro import docs PATH [--json]")
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        summary = import_docs(store, args.path)
     finally:
         store.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
@@ -640,12 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("import", help="seed the persona from a chat history (Telegram, WhatsApp, ChatGPT, "
-                                      "Messenger or Discord export) or a SillyTavern character card",
+                                      "Messenger or Discord export), a SillyTavern character card or your "
+                                      "own documents",
                        description=IMPORT_DESCRIPTION, epilog=IMPORT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=IMPORT_KINDS, help="the export's format (see below)")
     p.add_argument("path", type=Path, help="the export: a file, or for chatgpt, messenger and discord also its "
-                                           "folder or .zip; for card, the card's .png or .json")
+                                           "folder or .zip; for card, the card's .png or .json; for docs, a "
+                                           "document or a folder of them")
     p.add_argument("--me", action="append", metavar="NAME",
                    help="your name as the export writes it: whose messages the persona learns to write "
                         "(required, except for chatgpt and card); repeat it, or separate names with commas, for every "

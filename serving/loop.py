@@ -9,6 +9,9 @@ One object owns the moving parts so the Telegram side only asks it for things:
   or rollback made with the CLI while the bot runs is picked up too. A generation that
   fails to load or its smoke test is never served: the pointer goes back to the generation
   still serving (recorded as `swap_failed`) and admins are told why.
+- the data trigger (trainer/trigger.py): with `cycle_min_items` set, every `cycle_check_s` the
+  tick counts the new trainable items and starts a cycle at N; a scheduled run with fewer is
+  skipped as a thin delta (logged, recorded, admins told once per count).
 - the live watch (evals/live_watch.py): after a promotion, the new generation's 👎 share
   over its first N rated replies against the generation it replaced; clearly worse → an
   automatic rollback, recorded in the ledger, admins told.
@@ -24,6 +27,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -37,10 +41,13 @@ from memory.store import Store
 from serving.hotswap import HotSwapper, SwapResult
 from trainer.cycle_job import CycleOutcome, CycleRunner, read_cycle_status
 from trainer.scheduler import CycleScheduler
+from trainer.trigger import Waiting, thin_delta, waiting_items
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str], Awaitable[None]]
 ACTIVATIONS = ("promote", "rollback", "auto_rollback", "swap_failed", "watch_verdict")
+TRIGGER_ACTOR = "data trigger"
+TRIGGER_BACKOFF_S = 3600.0   # after a triggered cycle made no generation: wait, or it would retry every check
 
 
 async def _quiet(text: str) -> None:
@@ -50,7 +57,8 @@ async def _quiet(text: str) -> None:
 class LearningLoop:
     def __init__(self, settings: Settings, store: Store, worker: InferenceWorker, *, notify: Notify | None = None,
                  load=None, tick_s: float = 2.0,
-                 warmup: Callable[[int], list[tuple]] | None = None) -> None:
+                 warmup: Callable[[int], list[tuple]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from serving.runtime import load_engine
 
         self.settings = settings
@@ -63,11 +71,15 @@ class LearningLoop:
                                   smoke_tokens=settings.swap_smoke_tokens, warm_tokens=settings.swap_warm_tokens,
                                   warm_threads=settings.swap_warm_threads)
         self.tick_s = tick_s
+        self.clock = clock        # when to count waiting items next (the data trigger)
         self.warmup = warmup      # Conversation.warmup_plan: the chats a new model reads before serving
         self.last_outcome: CycleOutcome | None = None
         self._cycle_task: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self._failed: tuple[str, str] | None = None
+        self.waiting: Waiting | None = None        # the last count of new trainable items (status)
+        self._next_count = float("-inf")           # self.clock() of the next count
+        self._thin_told: int | None = None         # the count the last thin-delta notice named
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self, *, schedule: bool = True) -> None:
@@ -97,6 +109,7 @@ class LearningLoop:
     async def tick(self) -> None:
         await self.sync()
         await self.check_watch()
+        await self.check_trigger()
 
     # --- cycles ---------------------------------------------------------------------------
     def cycle_status(self) -> dict | None:
@@ -109,22 +122,85 @@ class LearningLoop:
 
     def start_cycle(self, actor: str) -> bool:
         """Start a cycle in the background (for /train); False when one is already running."""
-        if self.runner.running or (self._cycle_task is not None and not self._cycle_task.done()):
+        if self.busy:
             return False
         self._cycle_task = asyncio.create_task(self.run_cycle(actor), name="learning-cycle")
         return True
+
+    # --- the data trigger -------------------------------------------------------------------
+    async def count_waiting(self) -> Waiting:
+        """Count the new trainable items now (off the event loop: it runs the cycle's export)."""
+        self.waiting = await asyncio.to_thread(waiting_items, self.settings, self.store)
+        self._next_count = self.clock() + self.settings.cycle_check_s
+        return self.waiting
+
+    async def check_trigger(self) -> bool:
+        """Start a cycle when `cycle_min_items` new trainable items wait; True when one was started.
+        Counts at most every `cycle_check_s`; stands still while training is paused, a cycle runs,
+        or the stop rule halted the lineage."""
+        from trainer.cycle import HALT_FILE
+
+        minimum = self.settings.cycle_min_items
+        if (not minimum or self.clock() < self._next_count or self.scheduler.paused or self.busy
+                or (self.settings.models_dir / HALT_FILE).exists()):
+            return False
+        waiting = await self.count_waiting()
+        if waiting.items < minimum or self.busy:
+            return False
+        log.info("data trigger: %s", waiting.describe(minimum))
+        self.store.log_event("cycle_triggered", detail={"items": waiting.items, "minimum": minimum,
+                                                        "since_gen": waiting.since_gen})
+        return self.start_cycle(TRIGGER_ACTOR)
+
+    def describe_trigger(self) -> str | None:
+        """One line for /status: the trigger's setting and its last count (None: the trigger is off)."""
+        minimum = self.settings.cycle_min_items
+        if not minimum:
+            return None
+        if self.waiting is None:
+            return f"a cycle starts at {minimum} new trainable items (not counted yet)"
+        return f"{self.waiting.describe(minimum)} (counted {self.waiting.checked_at}); a cycle starts at {minimum}"
+
+    async def _thin(self, actor: str) -> CycleOutcome | None:
+        """A skipped outcome when a scheduled run finds too few new items; None when it may run."""
+        if actor != "scheduler" or not self.settings.cycle_min_items:
+            return None
+        waiting = await self.count_waiting()
+        reason = thin_delta(waiting, self.settings.cycle_min_items)
+        if reason is None:
+            return None
+        log.info("scheduled cycle skipped: %s", reason)
+        self.store.log_event("cycle_skipped", detail={"actor": actor, "reason": reason, "items": waiting.items,
+                                                      "minimum": self.settings.cycle_min_items})
+        outcome = CycleOutcome("skipped", {"status": "skipped", "reasons": [reason]})
+        self.last_outcome = outcome
+        if self._thin_told != waiting.items:   # a clock every 30 min would say the same thing all day
+            self._thin_told = waiting.items
+            from serving.notices import cycle_message
+
+            await self.notify(cycle_message(outcome, None))
+        return outcome
+
+    @property
+    def busy(self) -> bool:
+        return self.runner.running or (self._cycle_task is not None and not self._cycle_task.done())
 
     async def run_cycle(self, actor: str) -> CycleOutcome:
         if self.runner.running:
             reason = f"a cycle started by {self.runner.actor} is still running"
             self.store.log_event("cycle_skipped", detail={"actor": actor, "reason": reason})
             return CycleOutcome("skipped", {"status": "skipped", "reasons": [reason]})
+        thin = await self._thin(actor)
+        if thin is not None:
+            return thin
         self.store.log_event("cycle_started", detail={"actor": actor})
         try:
             outcome = await self.runner.run(actor)
         except OuroError as exc:
             outcome = CycleOutcome("failed", {"status": "failed", "reasons": [str(exc)]})
         self.last_outcome = outcome
+        if actor == TRIGGER_ACTOR and outcome.status not in ("promoted", "refused"):
+            self._next_count = self.clock() + max(TRIGGER_BACKOFF_S, self.settings.cycle_check_s)
         if outcome.status in ("killed", "failed"):
             self.store.log_event("cycle_" + outcome.status, detail={"actor": actor, "reasons": outcome.reasons,
                                                                    "stderr": outcome.stderr_tail[-1500:]})

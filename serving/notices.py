@@ -29,6 +29,9 @@ def cycle_message(outcome: CycleOutcome, swap: SwapResult | None) -> str:
         lines.append("score            child   parent")
         for key in SCORES:
             lines.append(f"{key:15} {_score(scores.get(key)):>6}   {_score(parent_scores.get(key)):>6}")
+    docs = (r.get("data") or {}).get("documents") or {}
+    if docs.get("chunks"):
+        lines.append(f"Documents read before SFT: {docs['chunks']} chunks, {docs['tokens']} tokens")
     for reason in outcome.reasons[:6]:
         lines.append(f"- {reason}")
     if swap is not None and not swap.ok:

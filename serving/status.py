@@ -57,6 +57,7 @@ def status_report(settings: Settings, store: Store, runtime: dict | None) -> dic
         "model": model,
         "training": runtime.get("training") if runtime else None,
         "cycle": runtime.get("cycle") if runtime else None,
+        "data_trigger": runtime.get("data_trigger") if runtime else None,
         "live_watch": runtime.get("live_watch") if runtime else None,
         **store.stats(),
     }
@@ -67,8 +68,8 @@ def format_status(report: dict) -> str:
     uptime = "not running" if up is None else f"{int(up // 3600)}h {int(up % 3600 // 60)}m {int(up % 60)}s"
     model = report.get("model") or {}
     tps = report.get("recent_tokens_per_s")
-    loop = [f"{label}: {report[key]}" for key, label in (("training", "Training"), ("cycle", "Cycle"),
-                                                          ("live_watch", "Live watch")) if report.get(key)]
+    loop = [f"{label}: {report[key]}" for key, label in (("training", "Training"), ("data_trigger", "Data trigger"),
+                                                          ("cycle", "Cycle"), ("live_watch", "Live watch")) if report.get(key)]
     return "\n".join([
         f"Active generation: {report['active_generation']}"
         + (f" (parent {model['parent']})" if model.get("parent") else ""),

@@ -61,6 +61,7 @@ def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     add_reviewed(store, 10)
     report = run_cycle(settings, store, progress=False)
     assert report.status == "promoted", report.reasons
+    assert "documents" not in report.stage_s and "documents" not in report.train   # no documents: SFT as ever
     lineage = Lineage(settings.models_dir)
     child = lineage.generation("gen-0001")
     assert lineage.active_id() == "gen-0001" and child.parent_id == "gen-0000"

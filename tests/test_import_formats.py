@@ -432,7 +432,7 @@ def test_an_export_bigger_than_the_total_limit_is_refused(tmp_path, monkeypatch)
 
 
 def test_cli_import_kinds_and_owner_options(tmp_path, capsys, settings):
-    assert IMPORT_KINDS == (*PARSERS, "card")                     # card: memory/importers/card.py
+    assert IMPORT_KINDS == (*PARSERS, "card", "docs")   # card: memory/importers/card.py; docs: importers/docs.py
     paths = exports(tmp_path)
     assert main(["import", "messenger", str(paths["messenger"][0])]) == 1
     assert "--me is required for a messenger import" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from memory.store import Store
 from memory.trust import policy_for
 from trainer.lock import CycleLock, pid_alive
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
+from trainer.trigger import carried_over
 
 log = logging.getLogger(__name__)
 HALT_FILE = "HALTED"
@@ -225,10 +226,13 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     delta = reviewed_since(store, persona=persona, since=parent.meta.get("data_cutoff"), until=until,
                            budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default,
                            policy=policy_for(settings, store), screens=screens_for(settings),
-                           carried=_carried(parent, store, settings))
+                           carried=carried_over(parent, store, settings))
     if not delta.examples and not delta.pairs:
+        docs = store.document_stats(after_id=_docs_upto(parent))["chunks"]
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
-                                            f"(considered {delta.considered} rated items)")
+                                            f"(considered {delta.considered} rated items)"
+                                            + (f"; {docs} document chunks wait for a cycle with chat data"
+                                               if docs else ""))
     gen_id = next_gen_id(lineage)
     staging = lineage.dir / f".{gen_id}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -239,8 +243,18 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     try:
         chain = ancestors(lineage, parent)
         split, data_sha = _write_data(settings, store, staging, delta, chain, report)
+        docs_base = None
+        if settings.doc_pretrain_tokens and store.document_stats(after_id=_docs_upto(parent))["chunks"]:
+            stages.enter("documents")
+            docs_base = _documents(settings, store, staging, parent, split, report, progress=progress,
+                                   on_step=on_step)
+        else:
+            report.data["documents"] = {"chunks": 0, "tokens": 0, "upto_chunk_id": _docs_upto(parent),
+                                        "waiting": store.document_stats(after_id=_docs_upto(parent))["chunks"]}
         stages.enter("train")
-        result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step)
+        result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step, base=docs_base)
+        if docs_base is not None:
+            shutil.rmtree(docs_base, ignore_errors=True)   # merged into the SFT result; 4 bytes a weight
         stages.enter("convert")
         _convert(settings, staging, parent, gen_id)
         stages.enter("eval")
@@ -292,14 +306,6 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     return report
 
 
-def _carried(parent: Generation, store: Store, settings: Settings) -> Delta:
-    """What the parent's cycle deferred over a source's cap, still trainable now (no /forget, /optout)."""
-    path = parent.folder / "data" / "deferred.jsonl"
-    carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
-    carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
-    return carried
-
-
 def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: list[Generation],
                 report: CycleReport):
     """The new data as exported, the split (held-out, replay) and its files; (split, the data's SHA-256)."""
@@ -339,19 +345,49 @@ def train_config(settings: Settings):
                        dpo_lr=settings.dpo_lr, seed=settings.train_seed, kl_beta=settings.kl_beta)
 
 
+def _docs_upto(gen: Generation) -> int:
+    """The last document chunk `gen`'s line has trained on (0: none)."""
+    return int(((gen.meta.get("data") or {}).get("documents") or {}).get("upto_chunk_id") or 0)
+
+
+def _documents(settings: Settings, store: Store, staging: Path, parent: Generation, split, report: CycleReport, *,
+               progress: bool, on_step: Callable[[int, int], None] | None) -> Path:
+    """Phase 0: the documents not yet trained on in this line, within doc_pretrain_tokens, read in a
+    continued-pretraining pass (trainer/pretrain.py) mixed with this cycle's chats; returns the base
+    the SFT stage starts from."""
+    from engine.template import ChatFormat
+    from trainer.pretrain import PretrainConfig, continue_pretraining
+
+    after = _docs_upto(parent)
+    chunks = store.document_chunks(after_id=after, max_chars=8 * settings.doc_pretrain_tokens)
+    cfg = PretrainConfig(max_tokens=settings.doc_pretrain_tokens, epochs=settings.doc_pretrain_epochs,
+                         lr=settings.doc_pretrain_lr, replay_ratio=settings.doc_replay_ratio,
+                         batch=settings.train_batch, max_seq_len=settings.max_seq_len, rank=settings.lora_rank,
+                         alpha=settings.lora_alpha, seed=settings.train_seed)
+    out = staging / "hf-docs"
+    result = continue_pretraining(ensure_full_precision(parent), [c["text"] for c in chunks],
+                                  [e.messages for e in split.replay + split.train], out, cfg,
+                                  chat_format=ChatFormat.from_gguf(parent.gguf), progress=progress, on_step=on_step)
+    upto = chunks[result.chunks - 1]["id"]
+    report.data["documents"] = {"chunks": result.chunks, "tokens": result.tokens, "upto_chunk_id": upto,
+                                "waiting": store.document_stats(after_id=upto)["chunks"]}
+    report.train["documents"] = result.summary()
+    return out
+
+
 def _train(settings: Settings, staging: Path, parent: Generation, split, report: CycleReport, *,
-           progress: bool, on_step: Callable[[int, int], None] | None):
+           progress: bool, on_step: Callable[[int, int], None] | None, base: Path | None = None):
     from engine.template import ChatFormat
     from trainer.dataset import DPOPair
     from trainer.finetune import train
 
-    base_hf = ensure_full_precision(parent)
+    base_hf = base or ensure_full_precision(parent)
     sft = [e.messages for e in split.train + split.replay]
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
     result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
                    chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
                    weights=[e.weight for e in split.train + split.replay])
-    report.train = {"steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
+    report.train = {**report.train, "steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,
                     "peak_rss_mb": result.peak_rss_mb,
