@@ -150,21 +150,49 @@ def check_gguf(path: Path) -> GGUFInfo:
 # What the whole loop handles — serve, train, convert back to GGUF, evaluate, hot-swap. Serving
 # alone would take any architecture llama.cpp knows, but a base the cycle cannot write back
 # would serve for weeks and then fail on its first night, so registration refuses it up front.
-# trainer/convert.py writes exactly these.
+# trainer/convert.py's ARCHITECTURES writes exactly these (tests/test_architectures.py checks).
 LOOP_ARCHITECTURES: dict[str, str] = {
-    "llama": "Llama 2 and 3.x, SmolLM/SmolLM2, Mistral 7B, TinyLlama (GGUF architecture 'llama')",
+    "llama": "Llama 2 and 3.0, SmolLM/SmolLM2, Mistral 7B, TinyLlama ('llama')",
+    "qwen2": "Qwen2 and Qwen2.5 ('qwen2')",
+    "qwen3": "Qwen3 dense ('qwen3')",
+    "gemma2": "Gemma 2 ('gemma2')",
+    "gemma3": "Gemma 3 text ('gemma3')",
+    "phi3": "Phi-3 and Phi-3.5 mini without long-context RoPE ('phi3')",
 }
+
+
+def _unsupported_variant(scan: GgufScan, arch: str) -> str | None:
+    """Why a file of a supported architecture is still one the loop cannot train and write back."""
+    def kv(key: str):
+        item = scan.kv.get(f"{arch}.{key}")
+        return None if item is None else item[0]
+
+    if (kv("expert_count") or 0) > 0:
+        return f"it is a mixture-of-experts model ({kv('expert_count')} experts)"
+    scaling = kv("rope.scaling.type")
+    scaling = scaling.decode("utf-8", "replace") if isinstance(scaling, bytes) else scaling
+    if scaling not in (None, "none") and not (arch == "gemma3" and scaling == "linear"):
+        return f"it uses {scaling!r} RoPE scaling"
+    if any(name.startswith("rope_factors") or name == "rope_freqs.weight" for name in scan.tensors):
+        return "it uses per-dimension RoPE frequency factors (Llama 3.1+ or long-context Phi-3 RoPE)"
+    return None
 
 
 def check_base_model(path: Path) -> GGUFInfo:
     """`check_gguf`, then what generation 0 needs: an architecture the loop can train and write
     back, and a chat template (serving and training render the same one; guessing ChatML for a
     model trained on another format would teach it a format it was never served in)."""
+    scan = scan_gguf(Path(path))
     info = check_gguf(path)
     supported = "; ".join(LOOP_ARCHITECTURES.values())
     if info.architecture not in LOOP_ARCHITECTURES:
         raise OuroError(f"{Path(path).name} is a {info.architecture!r} model; the learning loop supports: {supported}",
                         hint="choose a GGUF of a supported family for OURO_BASE_MODEL (nothing was registered)")
+    variant = _unsupported_variant(scan, info.architecture)
+    if variant:
+        raise OuroError(f"{Path(path).name} is a {info.architecture!r} model, but {variant}, which the learning "
+                        f"loop cannot train and write back yet; it supports: {supported}",
+                        hint="choose another GGUF for OURO_BASE_MODEL (nothing was registered)")
     if not (info.chat_template or "").strip():
         raise OuroError(f"{Path(path).name} carries no chat template (tokenizer.chat_template)",
                         hint="use the GGUF of a chat/instruct model, converted by a llama.cpp recent enough to "
