@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from core.errors import OuroError
-from engine.gguf import LOOP_ARCHITECTURES, check_gguf
+from engine.gguf import LOOP_ARCHITECTURES, check_gguf, scan_gguf
 from engine.template import ChatFormat, render_chat
 from tests.helpers.families import FAMILIES, GEMMA2_TEMPLATE, MISTRAL_TEMPLATE, build_family_model
 from trainer.convert import ARCHITECTURES
 
 # the Ollama template family each model family's Jinja template translates to
-OLLAMA_FAMILY = {"llama3": "llama3", "mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml",
+OLLAMA_FAMILY = {"llama3": "llama3", "llama32": "llama3", "mistral": "mistral", "qwen2": "chatml", "qwen3": "chatml",
                  "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}
 PERSONA = "You are Ouro, a calm sea serpent."
 CHATS = [
@@ -52,17 +52,19 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     from lineage.generations import Generation
     from lineage.ollama import modelfile_text
     from serving.runtime import load_engine, open_store, register_base
-    from trainer.convert import logit_agreement, write_gguf
+    from trainer.convert import _hf_last_logits, logit_agreement, write_gguf
     from trainer.cycle import ensure_full_precision
     from trainer.dataset import end_of_turn_token
     from trainer.dataset import tokenize as train_tokenize
     from trainer.finetune import TrainConfig, train
 
     family = FAMILIES[name]
-    _, gguf0 = build_family_model(family, tmp_path / "build")
+    built_hf, gguf0 = build_family_model(family, tmp_path / "build")
 
     # registration accepts it
-    settings = load_settings(data_dir=tmp_path / "data", base_model=gguf0, n_ctx=512)
+    persona = tmp_path / "persona.md"
+    persona.write_text(PERSONA, encoding="utf-8")
+    settings = load_settings(data_dir=tmp_path / "data", base_model=gguf0, n_ctx=512, persona_file=persona)
     store = open_store(settings)
     try:
         gen0 = register_base(settings, store).generation("gen-0000")
@@ -87,6 +89,10 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
 
     # the cycle's first leg: generation 0's GGUF dequantized to HF; it renders and tokenizes as serving does
     base_hf = ensure_full_precision(gen0)
+    # ... computing what the model it was written from computes (config facts the GGUF loader
+    # leaves at defaults included: Gemma's query scale and soft-caps, Llama 3.2's RoPE scaling)
+    built, dequantized = _hf_last_logits(built_hf, serving_ids), _hf_last_logits(base_hf, serving_ids)
+    assert np.abs(built - dequantized).max() <= 1e-5 * np.abs(built).max()
     fmt = ChatFormat.from_gguf(gen0.gguf)
     assert fmt.render(chat, add_generation_prompt=True) == prompt
     tokenizer = AutoTokenizer.from_pretrained(str(base_hf))
@@ -101,6 +107,7 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     child_dir.mkdir()
     write_gguf(tmp_path / "child-hf", gen0.gguf, child_dir / "model.gguf", dtype="f16", name="ouroboros gen-0001")
     assert sorted(p.name for p in child_dir.iterdir()) == ["model.gguf"]          # no temp left behind
+    assert ("rope_freqs.weight" in scan_gguf(child_dir / "model.gguf").tensors) == (name == "llama32")
 
     # parity: llama.cpp on the child GGUF vs transformers on the merged weights
     agreement = logit_agreement(tmp_path / "child-hf", child_dir / "model.gguf", serving_ids)
@@ -111,7 +118,6 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     assert child_fmt == fmt                                                         # same template, BOS, EOS
 
     # Ollama Modelfile
-    settings.persona_file.write_text(PERSONA, encoding="utf-8")
     gen1 = Generation("gen-0001", child_dir, meta={"gguf": "model.gguf", "parent_id": "gen-0000", "gguf_sha256": ""})
     text, translation = modelfile_text(settings, gen1)
     assert translation.family.name == OLLAMA_FAMILY[name]
@@ -178,7 +184,7 @@ def _gguf(path, arch, *, template="{{ messages }}", kv=None, tensors=("token_emb
     ("falcon", {}, "'falcon' model; the learning loop supports: Llama"),
     ("deepseek2", {}, "Qwen2 and Qwen2.5"),
     ("llama", {"kv": {"llama.expert_count": 8}}, "mixture-of-experts"),
-    ("llama", {"tensors": ("token_embd.weight", "rope_freqs.weight")}, "per-dimension RoPE"),
+    ("llama", {"tensors": ("token_embd.weight", "rope_freqs.weight")}, "not Llama 3.1/3.2's"),
     ("qwen2", {"kv": {"qwen2.rope.scaling.type": "yarn"}}, "'yarn' RoPE scaling"),
     ("phi3", {"tensors": ("token_embd.weight", "rope_factors_long.weight")}, "per-dimension RoPE"),
     ("gemma3", {"template": None}, "carries no chat template"),

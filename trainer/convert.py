@@ -12,6 +12,26 @@ architecture hyper-parameter is taken from the child's own config, because that 
 weights were trained with. `logit_agreement` is the gate's proof that the two runtimes compute the
 same function.
 
+Architectures (`ARCHITECTURES`): Llama (with Mistral, SmolLM, Llama 3.x), Qwen2/2.5, Qwen3,
+Gemma 2, Gemma 3 (text) and Phi-3. HF -> GGUF uses gguf-py's per-architecture tensor name maps
+(`gguf.get_tensor_name_map`, the same tables llama.cpp's converter uses) plus the few transforms
+that converter applies per family, read from its classes in conversion/{llama,qwen,gemma,phi}.py:
+llama's q/k row permutation, Gemma's `1 + w` norms (transformers' GGUF loader subtracts the 1
+again), Phi-3's fused qkv/gate_up (kept fused: llama.cpp's phi3 reads them so), Qwen2's q/k/v
+biases and Qwen3/Gemma 3's q/k norms (plain renames). Why not llama.cpp's convert_hf_to_gguf.py
+itself: the llama-cpp-python wheel does not install it (only its source distribution carries
+vendor/llama.cpp), and its `conversion` package needs the gguf-py vendored beside it, which
+differs from the released gguf 0.19.0 this project (and transformers) import; loading both
+means shadowing `gguf` process-wide or vendoring ~10k lines. Its vocabulary code would also
+rebuild the tokenizer from HF files, while the child must copy its parent's tokenizer and
+template byte for byte. The per-family code here is ~60 lines of tables, and every family is
+proven by logit parity in tests/test_architectures.py.
+
+`dequantize_gguf_to_hf` completes transformers' GGUF config with what its loader leaves at
+defaults (`_config_from_gguf`: Gemma's query scale, soft-capping and sliding window, Gemma 3's
+local RoPE base, Qwen3's head_dim, Phi-3's window, Llama 3.1+'s RoPE scaling recovered from its
+rope_freqs tensor), so HF computes what llama.cpp computes; `write_gguf` writes that tensor back.
+
 Every writer here builds its output under a hidden temporary name in the destination folder and
 renames it into place at the end, so a reader never sees a half-written model; on failure the
 temporary is removed and an `OuroError` says why.
@@ -97,7 +117,7 @@ def _atomic_file(target: Path) -> Iterator[Path]:
 
 # --- 1. GGUF -> HF (generation 0's trainable weights) ----------------------------------------
 
-def _config_from_gguf(config: Any, scan: Any) -> None:
+def _config_from_gguf(config: Any, scan: Any, path: Path) -> None:
     """Complete the config transformers' GGUF loader builds with the facts it leaves at defaults.
 
     transformers maps only the common keys (widths, heads, rope base); for the rest it keeps its
@@ -113,6 +133,12 @@ def _config_from_gguf(config: Any, scan: Any) -> None:
         return default if item is None else item[0]
 
     heads, hidden = config.num_attention_heads, config.hidden_size
+    if arch == "llama":
+        from engine.gguf import llama3_rope
+
+        rope = llama3_rope(path, scan)   # Llama 3.1+: the loader drops rope_freqs and with it the scaling
+        if rope is not None:
+            config.rope_parameters = rope
     if kv("attention.key_length") is not None and hasattr(config, "head_dim"):
         config.head_dim = int(kv("attention.key_length"))
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -135,6 +161,37 @@ def _config_from_gguf(config: Any, scan: Any) -> None:
         config.sliding_window = int(kv("attention.sliding_window", 0)) or None
         if kv("rope.scaling.original_context_length") is not None:
             config.original_max_position_embeddings = int(kv("rope.scaling.original_context_length"))
+
+
+# llama.cpp (llama-vocab.cpp) right-strips whitespace after Phi-3's special tokens, except these
+_PHI3_NO_RSTRIP = {"<unk>", "<s>", "<|endoftext|>"}
+
+
+def _tokenizer_as_served(folder: Path, scan: Any) -> None:
+    """Make the saved tokenizer split text exactly as llama.cpp does for this GGUF.
+
+    Two things the saved files would otherwise get wrong: (1) tokenizer_config.json names a
+    family class (GemmaTokenizer, LlamaTokenizer…) that rebuilds its own normalizer and
+    pre-tokenizer on load, ignoring the tokenizer.json converted from the GGUF — for a BPE
+    vocabulary under a Gemma architecture that turns "\n" into <pad>; the generic
+    `TokenizersBackend` loads tokenizer.json verbatim. (2) llama.cpp right-strips whitespace after
+    Phi-3's special tokens (keyed on general.name, see `_child_name`); transformers' GGUF tokenizer
+    does not, so serving and training would split "<|user|>\nhi" differently.
+    """
+    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "TokenizersBackend"
+    name = (scan.text("general.name") or "").lower()
+    if scan.text("general.architecture") == "phi3" and ("phi3" in name or "phi-3" in name):
+        data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        for entry in data.get("added_tokens", []):
+            if entry.get("special"):
+                entry["rstrip"] = entry["content"] not in _PHI3_NO_RSTRIP
+        tokenizer_path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        for entry in config.get("added_tokens_decoder", {}).values():
+            if entry.get("special"):
+                entry["rstrip"] = entry["content"] not in _PHI3_NO_RSTRIP
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
@@ -162,7 +219,7 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        _config_from_gguf(config, scan)
+        _config_from_gguf(config, scan, gguf_path)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
@@ -183,6 +240,7 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _tokenizer_as_served(tmp, scan)
         for written in tmp.iterdir():
             if written.is_file():
                 _fsync(written)
@@ -256,7 +314,7 @@ def _child_hparams(config: Any, arch: Architecture) -> dict[str, tuple[Any, Any]
     a = arch.gguf_arch
     rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    allowed_rope = ("default", "linear") if a == "gemma3" else ("default",)
+    allowed_rope = {"gemma3": ("default", "linear"), "llama": ("default", "llama3")}.get(a, ("default",))
     if rope_type not in allowed_rope:
         raise OuroError(f"rope scaling {rope_type!r} is not supported by write_gguf for {a} "
                         f"(supported: {', '.join(allowed_rope)})")
@@ -332,6 +390,7 @@ class _TensorPlan:
     shape: tuple[int, ...]
     permute_heads: int | None  # q/k: heads to permute over
     offset: float = 0.0        # added to every value (Gemma norms)
+    data: np.ndarray | None = None  # a tensor computed here (Llama 3.1+'s rope_freqs), not read from the folder
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -372,6 +431,13 @@ def _plan_tensors(model_dir: Path, config: Any, arch: Architecture) -> list[_Ten
                 offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
                 plan.append(_TensorPlan(hf_name, gguf_name, file, tuple(f.get_slice(hf_name).get_shape()),
                                         permute.get(kind), offset))
+    rope = _rope(config)
+    if arch.gguf_arch == "llama" and rope.get("rope_type") == "llama3":
+        from engine.gguf import llama3_rope_factors
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        factors = llama3_rope_factors({**rope, "rope_theta": rope.get("rope_theta", 10000.0)}, head_dim)
+        plan.append(_TensorPlan("(llama3 rope)", "rope_freqs.weight", Path(), factors.shape, None, data=factors))
     names = {p.gguf_name for p in plan}
     if len(names) != len(plan):
         raise OuroError(f"{model_dir}: two tensors map to the same llama.cpp name")
@@ -431,18 +497,20 @@ def _child_name(name: str, parent_name: str | None) -> str:
 
 def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str = "f16",
                name: str | None = None) -> None:
-    """Write the HF Llama checkpoint in `model_dir` (the merged child) as a GGUF llama.cpp serves.
+    """Write the HF checkpoint in `model_dir` (the merged child) as a GGUF llama.cpp serves.
 
     Metadata: every key/value of `parent_gguf` is copied (tokenizer, chat template, general.*),
     except those that describe the parent's tensors (file type, quantization version, alignment)
-    and the llama.* architecture keys, which come from the child's config.json (layer count,
-    widths, head counts, rope base and dims, norm epsilon, context length) so the file always
-    matches its own weights. `name` optionally replaces general.name.
+    and the <arch>.* architecture keys, which come from the child's config.json (layer count,
+    widths, head counts, rope base and dims, norm epsilon, context length, the family's extras)
+    so the file always matches its own weights. `name` optionally replaces general.name. The
+    parent must be of the child's architecture (`ARCHITECTURES`).
 
-    Tensors: HF names are mapped with gguf-py's llama name map; q_proj/k_proj rows are permuted
-    the way llama.cpp's converter does (the inverse of what transformers' GGUF loader undoes);
-    1-D tensors (norms) stay F32, matrices are written in `dtype` ("f32", "f16" or "bf16").
-    With tied embeddings (SmolLM2) no output.weight is written: llama.cpp then reuses token_embd.
+    Tensors: HF names are mapped with gguf-py's name map for the architecture; llama's
+    q_proj/k_proj rows are permuted the way llama.cpp's converter does (the inverse of what
+    transformers' GGUF loader undoes), Gemma's norms get their +1; 1-D tensors (norms, biases)
+    stay F32, matrices are written in `dtype` ("f32", "f16" or "bf16"). With tied embeddings
+    (SmolLM2, Qwen2.5 0.5B, every Gemma) no output.weight is written: llama.cpp reuses token_embd.
 
     Tensors are streamed one at a time into a temp file beside `out_path`, renamed into place
     at the end; on any failure the temp file is removed and OuroError raised.
@@ -506,6 +574,9 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
             with contextlib.ExitStack() as stack:
                 open_files: dict[Path, Any] = {}
                 for p in plan:
+                    if p.data is not None:
+                        writer.write_tensor_data(p.data)
+                        continue
                     if p.file not in open_files:
                         open_files[p.file] = stack.enter_context(safe_open(str(p.file), framework="pt"))
                     data = open_files[p.file].get_tensor(p.hf_name).float().numpy()
