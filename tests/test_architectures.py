@@ -45,6 +45,7 @@ def test_registration_and_conversion_support_the_same_architectures():
 @pytest.mark.model
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_a_family_goes_round_the_loop(name, tmp_path):
+    from llama_cpp import Llama
     from transformers import AutoTokenizer
 
     from config.settings import load_settings
@@ -52,7 +53,7 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     from lineage.generations import Generation
     from lineage.ollama import modelfile_text
     from serving.runtime import load_engine, open_store, register_base
-    from trainer.convert import _hf_last_logits, logit_agreement, write_gguf
+    from trainer.convert import hf_last_logits, logit_agreement, write_gguf
     from trainer.cycle import ensure_full_precision
     from trainer.dataset import end_of_turn_token
     from trainer.dataset import tokenize as train_tokenize
@@ -91,7 +92,7 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     base_hf = ensure_full_precision(gen0)
     # ... computing what the model it was written from computes (config facts the GGUF loader
     # leaves at defaults included: Gemma's query scale and soft-caps, Llama 3.2's RoPE scaling)
-    built, dequantized = _hf_last_logits(built_hf, serving_ids), _hf_last_logits(base_hf, serving_ids)
+    built, dequantized = hf_last_logits(built_hf, serving_ids), hf_last_logits(base_hf, serving_ids)
     assert np.abs(built - dequantized).max() <= 1e-5 * np.abs(built).max()
     fmt = ChatFormat.from_gguf(gen0.gguf)
     assert fmt.render(chat, add_generation_prompt=True) == prompt
@@ -116,6 +117,11 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
     assert agreement.max_rel_diff < 5e-3 and agreement.correlation > 0.9999 and agreement.same_argmax, agreement
     child_fmt = ChatFormat.from_gguf(child_dir / "model.gguf")
     assert child_fmt == fmt                                                         # same template, BOS, EOS
+    child_vocab = Llama(model_path=str(child_dir / "model.gguf"), vocab_only=True, verbose=False)
+    try:   # the child splits the same prompt into the same ids (Phi-3's name-keyed stripping included)
+        assert child_vocab.tokenize(prompt.encode(), add_bos=fmt.add_bos, special=True) == serving_ids
+    finally:
+        child_vocab.close()
 
     # Ollama Modelfile
     gen1 = Generation("gen-0001", child_dir, meta={"gguf": "model.gguf", "parent_id": "gen-0000", "gguf_sha256": ""})
@@ -126,11 +132,11 @@ def test_a_family_goes_round_the_loop(name, tmp_path):
 
 
 def test_child_of_a_phi3_keeps_the_name_llama_cpp_reads_its_tokenizer_from(tmp_path):
-    from trainer.convert import _child_name
+    from trainer.convert import child_name
 
-    assert _child_name("ouroboros gen-0001", "Phi 3 Mini") == "ouroboros gen-0001"
-    assert _child_name("ouroboros gen-0001", "tiny phi3") == "ouroboros gen-0001 (tiny phi3)"
-    assert _child_name("ouroboros gen-0001", "Phi-3-mini-4k-instruct") == "ouroboros gen-0001 (Phi-3-mini-4k-instruct)"
+    assert child_name("ouroboros gen-0001", "Phi 3 Mini") == "ouroboros gen-0001"
+    assert child_name("ouroboros gen-0001", "tiny phi3") == "ouroboros gen-0001 (tiny phi3)"
+    assert child_name("ouroboros gen-0001", "Phi-3-mini-4k-instruct") == "ouroboros gen-0001 (Phi-3-mini-4k-instruct)"
 
 
 def test_gemma_norms_are_written_with_their_one_offset(tmp_path):

@@ -175,7 +175,7 @@ def _tokenizer_as_served(folder: Path, scan: Any) -> None:
     pre-tokenizer on load, ignoring the tokenizer.json converted from the GGUF — for a BPE
     vocabulary under a Gemma architecture that turns "\n" into <pad>; the generic
     `TokenizersBackend` loads tokenizer.json verbatim. (2) llama.cpp right-strips whitespace after
-    Phi-3's special tokens (keyed on general.name, see `_child_name`); transformers' GGUF tokenizer
+    Phi-3's special tokens (keyed on general.name, see `child_name`); transformers' GGUF tokenizer
     does not, so serving and training would split "<|user|>\nhi" differently.
     """
     config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
@@ -482,7 +482,7 @@ def _encoded_info(plan: _TensorPlan, dtype: str) -> tuple[tuple[int, ...], Any, 
     return byte_shape, np.dtype(np.uint8), count * 2, gguf.GGMLQuantizationType.BF16
 
 
-def _child_name(name: str, parent_name: str | None) -> str:
+def child_name(name: str, parent_name: str | None) -> str:
     """general.name for a child: `name`, keeping the parent's when llama.cpp reads the tokenizer off it.
 
     llama.cpp marks Phi-3's special tokens right-stripping only when general.name contains "phi3"
@@ -561,7 +561,7 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
             for key, (value, vtype) in hparams.items():
                 writer.add_key_value(key, value, vtype)
             if name is not None:
-                writer.add_name(_child_name(name, parent.text("general.name")))
+                writer.add_name(child_name(name, parent.text("general.name")))
             writer.add_file_type(_WRITE_DTYPES[dtype])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for p in plan:
@@ -652,7 +652,7 @@ def _llama_cpp_last_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-def _hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
+def hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -672,7 +672,7 @@ def logit_agreement(hf_model_dir: Path, gguf_path: Path, prompt_token_ids: list[
     ids = [int(t) for t in prompt_token_ids]
     if not ids:
         raise OuroError("a logit comparison needs at least one token id")
-    hf = _hf_last_logits(Path(hf_model_dir), ids)
+    hf = hf_last_logits(Path(hf_model_dir), ids)
     cpp = _llama_cpp_last_logits(Path(gguf_path), ids)
     if hf.shape != cpp.shape:
         raise OuroError(f"vocabulary sizes differ: transformers {hf.shape[0]}, llama.cpp {cpp.shape[0]}")
