@@ -134,8 +134,13 @@ FAMILIES: dict[str, TinyFamily] = {f.name: f for f in (
     TinyFamily("gemma3", "gemma3", GEMMA3_TEMPLATE,
                {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<start_of_turn>", 4: "<end_of_turn>"},
                bos=2, eos=1, end_of_turn="<end_of_turn>",
+               # Gemma 3 4B+'s shape: six layers (five sliding, one global) and linear RoPE scaling
+               # (factor 8) on the global layer only
                config=_config("Gemma3TextConfig", head_dim=16, query_pre_attn_scalar=16, sliding_window=512,
-                              rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1)),
+                              num_hidden_layers=6, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2,
+                              eos_token_id=1, rope_parameters={
+                                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     TinyFamily("phi3", "phi3", PHI3_TEMPLATE,
                {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<|endoftext|>", 4: "<|end|>", 5: "<|user|>", 6: "<|assistant|>",
                 7: "<|system|>"},
