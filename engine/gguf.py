@@ -140,10 +140,13 @@ def check_gguf(path: Path) -> GGUFInfo:
     Uses `scan_gguf`: gguf-py's GGUFReader needs ~5 s for SmolLM2's tokenizer arrays on two
     cores, the scanner ~0.2 s.
     """
-    scan = scan_gguf(Path(path))
+    return _info(Path(path), scan_gguf(Path(path)))
+
+
+def _info(path: Path, scan: GgufScan) -> GGUFInfo:
     arch = scan.text("general.architecture") or "unknown"
     ctx = scan.kv.get(f"{arch}.context_length")
-    return GGUFInfo(path=Path(path), architecture=arch, chat_template=scan.text("tokenizer.chat_template"),
+    return GGUFInfo(path=path, architecture=arch, chat_template=scan.text("tokenizer.chat_template"),
                     tensor_count=len(scan.tensors), context_length=int(ctx[0]) if ctx else None)
 
 
@@ -236,7 +239,7 @@ def check_base_model(path: Path) -> GGUFInfo:
     back, and a chat template (serving and training render the same one; guessing ChatML for a
     model trained on another format would teach it a format it was never served in)."""
     scan = scan_gguf(Path(path))
-    info = check_gguf(path)
+    info = _info(Path(path), scan)
     supported = "; ".join(LOOP_ARCHITECTURES.values())
     if info.architecture not in LOOP_ARCHITECTURES:
         raise OuroError(f"{Path(path).name} is a {info.architecture!r} model; the learning loop supports: {supported}",
@@ -245,8 +248,8 @@ def check_base_model(path: Path) -> GGUFInfo:
     if variant is None and info.architecture == "llama":
         try:
             llama3_rope(Path(path), scan)
-        except OuroError as exc:
-            variant = str(exc).split("; ")[0].replace(f"{Path(path).name} scales", "it scales")
+        except OuroError:
+            variant = "it scales RoPE per dimension (rope_freqs.weight) in a way that is not Llama 3.1/3.2's"
     if variant:
         raise OuroError(f"{Path(path).name} is a {info.architecture!r} model, but {variant}, which the learning "
                         f"loop cannot train and write back yet; it supports: {supported}",
