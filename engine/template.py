@@ -37,11 +37,37 @@ def _compiled(template_source: str):
     return env.from_string(template_source)
 
 
+def fold_system(messages: Sequence[Message]) -> list[Message] | None:
+    """The persona moved into the first user turn ("persona\n\nuser text"), or None if there is none.
+
+    Why: some families' templates refuse a system message (Gemma 2, Mistral-7B-Instruct v0.1/v0.2
+    raise "System role not supported"), but the bot always sends its persona as one. Folding it
+    into the first user turn is what Gemma 3's own template does with a system message, and what
+    these models were tuned to read; `lineage/ollama.py` writes the same fold for Ollama.
+    """
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return None
+    first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first, *messages[2:]]
+
+
 def render_chat(template_source: str, messages: Sequence[Message], add_generation_prompt: bool, *,
                 bos_token: str = "", eos_token: str = "") -> str:
-    """Render `messages` with a chat template the way llama_engine does (same sandbox, same flags)."""
-    return _compiled(template_source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                             bos_token=bos_token, eos_token=eos_token)
+    """Render `messages` with a chat template the way llama_engine does (same sandbox, same flags).
+
+    A template that refuses the leading system message is rendered again with it folded into the
+    first user turn (`fold_system`); any other template error is raised as it was.
+    """
+    template = _compiled(template_source)
+    try:
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
+    except OuroError:
+        folded = fold_system(messages)
+        if folded is None:
+            raise
+        return template.render(messages=folded, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
 
 
 @dataclass(frozen=True)

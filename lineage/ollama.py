@@ -8,9 +8,11 @@ run, so the template is translated.
 Translation is by family, not by a general Jinja→Go compiler (no such thing is needed here): the
 family is recognised from the Jinja source, or from the GGUF's special tokens when the source
 does not say, and each family has one Go template. ChatML (`<|im_start|>role\\n…<|im_end|>\\n`,
-SmolLM2, Qwen, …) and Llama 3 (`<|start_header_id|>role<|end_header_id|>\\n\\n…<|eot_id|>`) are
-known. The translation is then checked, not trusted: sample conversations are rendered with the
-GGUF's Jinja template (exactly as serving renders it, `engine.template`) and with the family's
+SmolLM2, Qwen2/2.5/3), Llama 3 (`<|start_header_id|>role<|end_header_id|>\\n\\n…<|eot_id|>`), Phi-3
+(`<|user|>\\n…<|end|>\\n`), Gemma (`<start_of_turn>user|model\\n…<end_of_turn>\\n`, the persona
+folded into the first user turn as Gemma 3's template does) and Mistral (`[INST] … [/INST]…</s>`,
+the persona folded likewise) are known. The translation is then checked, not trusted: sample
+conversations are rendered with the GGUF's Jinja template (exactly as serving renders it, `engine.template`) and with the family's
 turn format, which is what its Go template prints, and they must agree character for character.
 A template that looks like a known family but renders differently (Llama 3.1's date header, a
 ChatML variant with other whitespace) or that is unknown is refused with an `OuroError`, rather
@@ -26,7 +28,7 @@ too and refuses such a template.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,24 +41,64 @@ from lineage.generations import Generation
 
 @dataclass(frozen=True)
 class Family:
-    """A chat format: how one turn and the reply prompt look, and which tokens end a turn."""
+    """A chat format: how one turn and the reply prompt look, and which tokens end a turn.
+
+    Most families are one string per message (`turn`) and a reply prompt; those whose roles or
+    persona need more (Gemma calls the assistant "model" and has no system turn) give their own
+    Go template in `go` and the Python function `printer` that prints what it prints.
+    """
 
     name: str
     markers: tuple[str, ...]      # all present in the Jinja source (or the vocabulary) identify it
     turn: str                     # one message, with {role} and {content}
     reply: str                    # what opens the assistant's reply
     stops: tuple[str, ...]
+    go: str | None = None
+    printer: Callable[[Sequence[Message]], str] | None = None
 
     @property
     def go_template(self) -> str:
         """The Ollama TEMPLATE: every message as a turn, then the reply prompt."""
+        if self.go is not None:
+            return self.go
         turn = self.turn.replace("{role}", "{{ .Role }}").replace("{content}", "{{ .Content }}")
         return "{{ range .Messages }}" + turn + "{{ end }}" + self.reply
 
     def render(self, messages: Sequence[Message]) -> str:
         """What `go_template` prints for these messages (used to check the translation)."""
+        if self.printer is not None:
+            return self.printer(messages)
         return "".join(self.turn.replace("{role}", m["role"]).replace("{content}", m["content"])
                        for m in messages) + self.reply
+
+
+def _persona_prefix(messages: Sequence[Message], index: int) -> str:
+    """The persona folded into the first user turn (engine.template.fold_system), as Go prints it."""
+    if index == 1 and messages[0]["role"] == "system":
+        return messages[0]["content"] + "\n\n"
+    return ""
+
+
+# Go: the persona goes into the first user turn, exactly where `_persona_prefix` puts it
+_GO_PERSONA = ('{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+               "{{ (index $.Messages 0).Content }}\n\n{{ end }}")
+
+
+def _gemma_print(messages: Sequence[Message]) -> str:
+    out = [f"<start_of_turn>{'model' if m['role'] == 'assistant' else m['role']}\n"
+           f"{_persona_prefix(messages, i)}{m['content']}<end_of_turn>\n"
+           for i, m in enumerate(messages) if m["role"] != "system"]
+    return "".join(out) + "<start_of_turn>model\n"
+
+
+def _mistral_print(messages: Sequence[Message]) -> str:
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            out.append(f"[INST] {_persona_prefix(messages, i)}{m['content']} [/INST]")
+        elif m["role"] == "assistant":
+            out.append(f"{m['content']}</s>")
+    return "".join(out)
 
 
 CHATML = Family("chatml", ("<|im_start|>", "<|im_end|>"), turn="<|im_start|>{role}\n{content}<|im_end|>\n",
@@ -65,7 +107,20 @@ LLAMA3 = Family("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id
                 turn="<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
                 reply="<|start_header_id|>assistant<|end_header_id|>\n\n",
                 stops=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-FAMILIES = (CHATML, LLAMA3)
+PHI3 = Family("phi3", ("<|user|>", "<|assistant|>", "<|end|>"), turn="<|{role}|>\n{content}<|end|>\n",
+              reply="<|assistant|>\n", stops=("<|end|>", "<|user|>", "<|assistant|>"))
+GEMMA = Family("gemma", ("<start_of_turn>", "<end_of_turn>"), turn="", reply="",
+               stops=("<start_of_turn>", "<end_of_turn>"),
+               go=('{{ range $i, $m := .Messages }}{{ if ne $m.Role "system" }}<start_of_turn>'
+                   '{{ if eq $m.Role "assistant" }}model{{ else }}{{ $m.Role }}{{ end }}\n' + _GO_PERSONA
+                   + "{{ $m.Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n"),
+               printer=_gemma_print)
+MISTRAL = Family("mistral", ("[INST]", "[/INST]"), turn="", reply="", stops=("[INST]", "</s>"),
+                 go=('{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}[INST] ' + _GO_PERSONA
+                     + '{{ $m.Content }} [/INST]{{ else if eq $m.Role "assistant" }}{{ $m.Content }}</s>{{ end }}'
+                     "{{ end }}"),
+                 printer=_mistral_print)
+FAMILIES = (CHATML, LLAMA3, PHI3, GEMMA, MISTRAL)
 
 
 @dataclass(frozen=True)

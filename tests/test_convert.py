@@ -264,8 +264,8 @@ def tiny_gguf(path: Path, arch: str, template: str | None) -> Path:
 
 
 @pytest.mark.parametrize("arch,template,message", [
-    ("qwen2", "{{ messages }}", "'qwen2' model; the learning loop supports: Llama"),
-    ("gemma3", "{{ messages }}", "'gemma3' model"),
+    ("falcon", "{{ messages }}", "'falcon' model; the learning loop supports: Llama"),
+    ("gpt2", "{{ messages }}", "'gpt2' model"),
     ("llama", None, "carries no chat template"),
 ])
 def test_registration_refuses_what_the_loop_cannot_train_before_anything_is_written(tmp_path, arch, template, message):

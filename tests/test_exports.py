@@ -395,8 +395,12 @@ def test_unknown_or_lookalike_templates_are_refused():
     gemma = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + "
              "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
              "{{'<start_of_turn>model\n'}}{% endif %}")
-    with pytest.raises(OuroError, match="not one Ouroboros can translate"):
+    with pytest.raises(OuroError, match="renders differently"):   # Gemma's turns, but role "assistant", not "model"
         translate(ChatFormat(template=gemma), {"<start_of_turn>", "<end_of_turn>"})
+    alpaca = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+              "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    with pytest.raises(OuroError, match="not one Ouroboros can translate"):
+        translate(ChatFormat(template=alpaca), {"###"})
     dated = LLAMA3.replace("message['content'] | trim", "('Cutting Knowledge Date: December 2023\n\n' "
                                                         "if message['role'] == 'system' else '') + message['content']")
     with pytest.raises(OuroError, match="renders differently"):

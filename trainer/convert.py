@@ -12,6 +12,26 @@ architecture hyper-parameter is taken from the child's own config, because that 
 weights were trained with. `logit_agreement` is the gate's proof that the two runtimes compute the
 same function.
 
+Architectures (`ARCHITECTURES`): Llama (with Mistral, SmolLM, Llama 3.x), Qwen2/2.5, Qwen3,
+Gemma 2, Gemma 3 (text) and Phi-3. HF -> GGUF uses gguf-py's per-architecture tensor name maps
+(`gguf.get_tensor_name_map`, the same tables llama.cpp's converter uses) plus the few transforms
+that converter applies per family, read from its classes in conversion/{llama,qwen,gemma,phi}.py:
+llama's q/k row permutation, Gemma's `1 + w` norms (transformers' GGUF loader subtracts the 1
+again), Phi-3's fused qkv/gate_up (kept fused: llama.cpp's phi3 reads them so), Qwen2's q/k/v
+biases and Qwen3/Gemma 3's q/k norms (plain renames). Why not llama.cpp's convert_hf_to_gguf.py
+itself: the llama-cpp-python wheel does not install it (only its source distribution carries
+vendor/llama.cpp), and its `conversion` package needs the gguf-py vendored beside it, which
+differs from the released gguf 0.19.0 this project (and transformers) import; loading both
+means shadowing `gguf` process-wide or vendoring ~10k lines. Its vocabulary code would also
+rebuild the tokenizer from HF files, while the child must copy its parent's tokenizer and
+template byte for byte. The per-family code here is ~60 lines of tables, and every family is
+proven by logit parity in tests/test_architectures.py.
+
+`dequantize_gguf_to_hf` completes transformers' GGUF config with what its loader leaves at
+defaults (`_config_from_gguf`: Gemma's query scale, soft-capping and sliding window, Gemma 3's
+local RoPE base, Qwen3's head_dim, Phi-3's window, Llama 3.1+'s RoPE scaling recovered from its
+rope_freqs tensor), so HF computes what llama.cpp computes; `write_gguf` writes that tensor back.
+
 Every writer here builds its output under a hidden temporary name in the destination folder and
 renames it into place at the end, so a reader never sees a half-written model; on failure the
 temporary is removed and an `OuroError` says why.
@@ -97,6 +117,83 @@ def _atomic_file(target: Path) -> Iterator[Path]:
 
 # --- 1. GGUF -> HF (generation 0's trainable weights) ----------------------------------------
 
+def _config_from_gguf(config: Any, scan: Any, path: Path) -> None:
+    """Complete the config transformers' GGUF loader builds with the facts it leaves at defaults.
+
+    transformers maps only the common keys (widths, heads, rope base); for the rest it keeps its
+    config class's defaults, which are right for the published checkpoints but not for every
+    GGUF (a tiny or fine-tuned Gemma has another head_dim, and llama.cpp's query scale follows
+    head_dim, not `query_pre_attn_scalar`'s default of 256). Each fact set here is one llama.cpp
+    reads from the same file (or hard-codes), so HF computes what llama.cpp computes.
+    """
+    arch = scan.text("general.architecture")
+
+    def kv(key: str, default: Any = None) -> Any:
+        item = scan.kv.get(f"{arch}.{key}")
+        return default if item is None else item[0]
+
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    if arch == "llama":
+        from engine.gguf import llama3_rope
+
+        rope = llama3_rope(path, scan)   # Llama 3.1+: the loader drops rope_freqs and with it the scaling
+        if rope is not None:
+            config.rope_parameters = rope
+    if kv("attention.key_length") is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(kv("attention.key_length"))
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if arch in ("gemma2", "gemma3"):
+        big = config.num_hidden_layers == (46 if arch == "gemma2" else 62)   # llama.cpp's 27B rule
+        config.query_pre_attn_scalar = hidden // heads if big else head_dim
+        config.final_logit_softcapping = kv("final_logit_softcapping")
+        if kv("attention.sliding_window") is not None:
+            config.sliding_window = int(kv("attention.sliding_window"))
+    if arch == "gemma2":
+        config.attn_logit_softcapping = kv("attn_logit_softcapping")
+    if arch == "gemma3":
+        rope = config.rope_parameters
+        rope["full_attention"]["rope_theta"] = float(kv("rope.freq_base", 1_000_000.0))
+        rope["sliding_attention"]["rope_theta"] = float(kv("rope.freq_base_swa", 10_000.0))
+        scaling = kv("rope.scaling.type")
+        if scaling is not None and bytes(scaling) == b"linear":
+            rope["full_attention"].update(rope_type="linear", factor=float(kv("rope.scaling.factor", 1.0)))
+    if arch == "phi3":
+        config.sliding_window = int(kv("attention.sliding_window", 0)) or None
+        if kv("rope.scaling.original_context_length") is not None:
+            config.original_max_position_embeddings = int(kv("rope.scaling.original_context_length"))
+
+
+# llama.cpp (llama-vocab.cpp) right-strips whitespace after Phi-3's special tokens, except these
+_PHI3_NO_RSTRIP = {"<unk>", "<s>", "<|endoftext|>"}
+
+
+def _tokenizer_as_served(folder: Path, scan: Any) -> None:
+    """Make the saved tokenizer split text exactly as llama.cpp does for this GGUF.
+
+    Two things the saved files would otherwise get wrong: (1) tokenizer_config.json names a
+    family class (GemmaTokenizer, LlamaTokenizer…) that rebuilds its own normalizer and
+    pre-tokenizer on load, ignoring the tokenizer.json converted from the GGUF — for a BPE
+    vocabulary under a Gemma architecture that turns "\n" into <pad>; the generic
+    `TokenizersBackend` loads tokenizer.json verbatim. (2) llama.cpp right-strips whitespace after
+    Phi-3's special tokens (keyed on general.name, see `child_name`); transformers' GGUF tokenizer
+    does not, so serving and training would split "<|user|>\nhi" differently.
+    """
+    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "TokenizersBackend"
+    name = (scan.text("general.name") or "").lower()
+    if scan.text("general.architecture") == "phi3" and ("phi3" in name or "phi-3" in name):
+        data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        for entry in data.get("added_tokens", []):
+            if entry.get("special"):
+                entry["rstrip"] = entry["content"] not in _PHI3_NO_RSTRIP
+        tokenizer_path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        for entry in config.get("added_tokens_decoder", {}).values():
+            if entry.get("special"):
+                entry["rstrip"] = entry["content"] not in _PHI3_NO_RSTRIP
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     """Write the GGUF's weights (dequantized, float32) and tokenizer as an HF folder (safetensors).
 
@@ -110,10 +207,10 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     later `from_pretrained` looking for a GGUF file. Both are removed before saving.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    scan_gguf(gguf_path)
+    scan = scan_gguf(gguf_path)
     if out_dir.exists():
         raise OuroError(f"{out_dir} already exists; refusing to overwrite it",
                         hint="remove it, or choose another folder")
@@ -121,7 +218,9 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         raise OuroError(f"cannot write {out_dir}: folder {out_dir.parent} does not exist")
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        _config_from_gguf(config, scan, gguf_path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
         raise OuroError(f"transformers could not load {gguf_path}: {exc}") from exc
@@ -141,6 +240,7 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _tokenizer_as_served(tmp, scan)
         for written in tmp.iterdir():
             if written.is_file():
                 _fsync(written)
@@ -154,35 +254,118 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 
 # --- 2. HF -> GGUF ----------------------------------------------------------------------------
 
-def _child_hparams(config: Any) -> dict[str, tuple[Any, Any]]:
-    """llama.* keys for the child, from its own HF config: {key: (value, GGUFValueType)}."""
+@dataclass(frozen=True)
+class Architecture:
+    """What writing one HF model family as a llama.cpp GGUF takes (see the module docstring).
+
+    Each entry mirrors that family's class in llama.cpp's converter (conversion/llama.py
+    `LlamaModel`, qwen.py `Qwen2Model`/`Qwen3Model`, gemma.py `Gemma2Model`/`Gemma3Model`, phi.py
+    `Phi3MiniModel`): the GGUF architecture, the per-block tensors llama.cpp requires, and the two
+    weight transforms the converter applies (q/k row permutation; Gemma's `1 + w` norms).
+    """
+
+    gguf_arch: str
+    model_types: tuple[str, ...]        # HF config.model_type values written as this architecture
+    block_tensors: tuple[str, ...]      # per-block GGUF tensors llama.cpp needs (".weight" unless given)
+    permute_qk: bool = False            # llama: rotary halves interleaved per head
+    norm_offset: float = 0.0            # Gemma: HF stores w, llama.cpp multiplies by the stored (1 + w)
+    always_tied: bool = False           # Gemma: no output.weight, llama.cpp reuses token_embd
+
+
+_LLAMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+_GEMMA_BLOCK = _LLAMA_BLOCK + ("post_attention_norm", "post_ffw_norm")
+
+ARCHITECTURES: dict[str, Architecture] = {a.gguf_arch: a for a in (
+    Architecture("llama", ("llama", "mistral"), _LLAMA_BLOCK, permute_qk=True),
+    Architecture("qwen2", ("qwen2",), _LLAMA_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+    Architecture("qwen3", ("qwen3",), _LLAMA_BLOCK + ("attn_q_norm", "attn_k_norm")),
+    Architecture("gemma2", ("gemma2",), _GEMMA_BLOCK, norm_offset=1.0, always_tied=True),
+    Architecture("gemma3", ("gemma3_text",), _GEMMA_BLOCK + ("attn_q_norm", "attn_k_norm"),
+                 norm_offset=1.0, always_tied=True),
+    Architecture("phi3", ("phi3",), ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")),
+)}
+
+
+def architecture_for(config: Any) -> Architecture:
+    """The `Architecture` an HF config is written as; OuroError naming the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.model_types:
+            return arch
+    known = ", ".join(t for a in ARCHITECTURES.values() for t in a.model_types)
+    raise OuroError(f"write_gguf cannot write a {model_type!r} checkpoint; supported model types: {known}")
+
+
+def _rope(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """The config's RoPE parameters (Gemma 3 keeps one set per layer type)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(rope.get(layer_type), dict):
+        rope = dict(rope[layer_type])
+    return rope
+
+
+def _child_hparams(config: Any, arch: Architecture) -> dict[str, tuple[Any, Any]]:
+    """<arch>.* keys for the child, from its own HF config: {key: (value, GGUFValueType)}.
+
+    The keys are those llama.cpp's converter writes for the family (`set_gguf_parameters`).
+    """
     from gguf import GGUFValueType as T
 
-    if getattr(config, "model_type", None) != "llama":
-        raise OuroError(f"write_gguf handles Llama checkpoints only, not {getattr(config, 'model_type', '?')!r}")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    a = arch.gguf_arch
+    rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise OuroError(f"rope scaling {rope_type!r} is not supported by write_gguf (only plain RoPE)")
+    allowed_rope = {"gemma3": ("default", "linear"), "llama": ("default", "llama3")}.get(a, ("default",))
+    if rope_type not in allowed_rope:
+        raise OuroError(f"rope scaling {rope_type!r} is not supported by write_gguf for {a} "
+                        f"(supported: {', '.join(allowed_rope)})")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     keys: dict[str, tuple[Any, Any]] = {
-        "llama.vocab_size": (config.vocab_size, T.UINT32),
-        "llama.context_length": (config.max_position_embeddings, T.UINT32),
-        "llama.embedding_length": (hidden, T.UINT32),
-        "llama.block_count": (config.num_hidden_layers, T.UINT32),
-        "llama.feed_forward_length": (config.intermediate_size, T.UINT32),
-        "llama.attention.head_count": (heads, T.UINT32),
-        "llama.attention.head_count_kv": (config.num_key_value_heads or heads, T.UINT32),
-        "llama.rope.dimension_count": (head_dim, T.UINT32),
-        "llama.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), T.FLOAT32),
+        f"{a}.vocab_size": (config.vocab_size, T.UINT32),
+        f"{a}.context_length": (config.max_position_embeddings, T.UINT32),
+        f"{a}.embedding_length": (hidden, T.UINT32),
+        f"{a}.block_count": (config.num_hidden_layers, T.UINT32),
+        f"{a}.feed_forward_length": (config.intermediate_size, T.UINT32),
+        f"{a}.attention.head_count": (heads, T.UINT32),
+        f"{a}.attention.head_count_kv": (config.num_key_value_heads or heads, T.UINT32),
+        f"{a}.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), T.FLOAT32),
     }
     if theta is not None:
-        keys["llama.rope.freq_base"] = (float(theta), T.FLOAT32)
-    if head_dim != hidden // heads:
-        keys["llama.attention.key_length"] = (head_dim, T.UINT32)
-        keys["llama.attention.value_length"] = (head_dim, T.UINT32)
+        keys[f"{a}.rope.freq_base"] = (float(theta), T.FLOAT32)
+    if head_dim != hidden // heads or a in ("qwen3", "gemma2", "gemma3"):
+        keys[f"{a}.attention.key_length"] = (head_dim, T.UINT32)
+        keys[f"{a}.attention.value_length"] = (head_dim, T.UINT32)
+    if a == "llama":
+        keys[f"{a}.rope.dimension_count"] = (head_dim, T.UINT32)
+    if a == "phi3":
+        keys[f"{a}.rope.dimension_count"] = (int(rope.get("partial_rotary_factor", 1.0) * hidden) // heads, T.UINT32)
+        original = rope.get("original_max_position_embeddings",
+                            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        keys[f"{a}.rope.scaling.original_context_length"] = (int(original), T.UINT32)
+        keys[f"{a}.attention.sliding_window"] = (int(getattr(config, "sliding_window", None) or 0), T.UINT32)
+    if a == "gemma2":
+        keys[f"{a}.attn_logit_softcapping"] = (float(config.attn_logit_softcapping), T.FLOAT32)
+        keys[f"{a}.final_logit_softcapping"] = (float(config.final_logit_softcapping), T.FLOAT32)
+        keys[f"{a}.attention.sliding_window"] = (int(config.sliding_window), T.UINT32)
+    if a == "gemma3":
+        if getattr(config, "final_logit_softcapping", None):
+            keys[f"{a}.final_logit_softcapping"] = (float(config.final_logit_softcapping), T.FLOAT32)
+        if getattr(config, "sliding_window", None):
+            keys[f"{a}.attention.sliding_window"] = (int(config.sliding_window), T.UINT32)
+        local = _rope(config, "sliding_attention").get("rope_theta")
+        if local is not None:
+            keys[f"{a}.rope.freq_base_swa"] = (float(local), T.FLOAT32)
+        if rope_type == "linear":
+            keys[f"{a}.rope.scaling.type"] = ("linear", T.STRING)
+            keys[f"{a}.rope.scaling.factor"] = (float(rope["factor"]), T.FLOAT32)
+    if a in ("gemma2", "gemma3"):
+        # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B shapes);
+        # a config that says otherwise would serve a different function than it trained
+        scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+        if scalar not in (head_dim, hidden // heads):
+            raise OuroError(f"{a}: query_pre_attn_scalar={scalar} is neither head_dim nor hidden/heads; "
+                            "llama.cpp cannot compute this model")
     return keys
 
 
@@ -206,6 +389,8 @@ class _TensorPlan:
     file: Path
     shape: tuple[int, ...]
     permute_heads: int | None  # q/k: heads to permute over
+    offset: float = 0.0        # added to every value (Gemma norms)
+    data: np.ndarray | None = None  # a tensor computed here (Llama 3.1+'s rope_freqs), not read from the folder
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -220,15 +405,16 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _plan_tensors(model_dir: Path, config: Any) -> list[_TensorPlan]:
+def _plan_tensors(model_dir: Path, config: Any, arch: Architecture) -> list[_TensorPlan]:
     import gguf
     from safetensors import safe_open
 
     n_layers = config.num_hidden_layers
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], n_layers)
+    tied = arch.always_tied or bool(getattr(config, "tie_word_embeddings", False))
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
+    permute = {gguf.MODEL_TENSOR.ATTN_Q: heads, gguf.MODEL_TENSOR.ATTN_K: kv_heads} if arch.permute_qk else {}
     plan: list[_TensorPlan] = []
     for file in _safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -239,17 +425,25 @@ def _plan_tensors(model_dir: Path, config: Any) -> list[_TensorPlan]:
                     continue  # llama.cpp reuses token_embd when output.weight is absent
                 found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if found is None:
-                    raise OuroError(f"{model_dir}: tensor {hf_name!r} has no llama.cpp name "
+                    raise OuroError(f"{model_dir}: tensor {hf_name!r} has no llama.cpp {arch.gguf_arch} name "
                                     "(is this an unmerged LoRA adapter?)")
                 kind, gguf_name = found
-                permute = {gguf.MODEL_TENSOR.ATTN_Q: heads, gguf.MODEL_TENSOR.ATTN_K: kv_heads}.get(kind)
-                plan.append(_TensorPlan(hf_name, gguf_name, file, tuple(f.get_slice(hf_name).get_shape()), permute))
+                offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
+                plan.append(_TensorPlan(hf_name, gguf_name, file, tuple(f.get_slice(hf_name).get_shape()),
+                                        permute.get(kind), offset))
+    rope = _rope(config)
+    if arch.gguf_arch == "llama" and rope.get("rope_type") == "llama3":
+        from engine.gguf import llama3_rope_factors
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        factors = llama3_rope_factors({**rope, "rope_theta": rope.get("rope_theta", 10000.0)}, head_dim)
+        plan.append(_TensorPlan("(llama3 rope)", "rope_freqs.weight", Path(), factors.shape, None, data=factors))
     names = {p.gguf_name for p in plan}
     if len(names) != len(plan):
         raise OuroError(f"{model_dir}: two tensors map to the same llama.cpp name")
     required = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{t}.weight" for i in range(n_layers)
-        for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+        f"blk.{i}.{t}" if t.endswith(".bias") else f"blk.{i}.{t}.weight"
+        for i in range(n_layers) for t in arch.block_tensors}
     if not tied:
         required.add("output.weight")
     missing = sorted(required - names)
@@ -288,20 +482,35 @@ def _encoded_info(plan: _TensorPlan, dtype: str) -> tuple[tuple[int, ...], Any, 
     return byte_shape, np.dtype(np.uint8), count * 2, gguf.GGMLQuantizationType.BF16
 
 
+def child_name(name: str, parent_name: str | None) -> str:
+    """general.name for a child: `name`, keeping the parent's when llama.cpp reads the tokenizer off it.
+
+    llama.cpp marks Phi-3's special tokens right-stripping only when general.name contains "phi3"
+    or "phi-3" (llama-vocab.cpp); a child renamed without it would tokenize its prompts differently
+    from its parent, so such a name is kept in parentheses.
+    """
+    lowered = (parent_name or "").lower()
+    if any(t in lowered for t in ("phi3", "phi-3")) and not any(t in name.lower() for t in ("phi3", "phi-3")):
+        return f"{name} ({parent_name})"
+    return name
+
+
 def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str = "f16",
                name: str | None = None) -> None:
-    """Write the HF Llama checkpoint in `model_dir` (the merged child) as a GGUF llama.cpp serves.
+    """Write the HF checkpoint in `model_dir` (the merged child) as a GGUF llama.cpp serves.
 
     Metadata: every key/value of `parent_gguf` is copied (tokenizer, chat template, general.*),
     except those that describe the parent's tensors (file type, quantization version, alignment)
-    and the llama.* architecture keys, which come from the child's config.json (layer count,
-    widths, head counts, rope base and dims, norm epsilon, context length) so the file always
-    matches its own weights. `name` optionally replaces general.name.
+    and the <arch>.* architecture keys, which come from the child's config.json (layer count,
+    widths, head counts, rope base and dims, norm epsilon, context length, the family's extras)
+    so the file always matches its own weights. `name` optionally replaces general.name. The
+    parent must be of the child's architecture (`ARCHITECTURES`).
 
-    Tensors: HF names are mapped with gguf-py's llama name map; q_proj/k_proj rows are permuted
-    the way llama.cpp's converter does (the inverse of what transformers' GGUF loader undoes);
-    1-D tensors (norms) stay F32, matrices are written in `dtype` ("f32", "f16" or "bf16").
-    With tied embeddings (SmolLM2) no output.weight is written: llama.cpp then reuses token_embd.
+    Tensors: HF names are mapped with gguf-py's name map for the architecture; llama's
+    q_proj/k_proj rows are permuted the way llama.cpp's converter does (the inverse of what
+    transformers' GGUF loader undoes), Gemma's norms get their +1; 1-D tensors (norms, biases)
+    stay F32, matrices are written in `dtype` ("f32", "f16" or "bf16"). With tied embeddings
+    (SmolLM2, Qwen2.5 0.5B, every Gemma) no output.weight is written: llama.cpp reuses token_embd.
 
     Tensors are streamed one at a time into a temp file beside `out_path`, renamed into place
     at the end; on any failure the temp file is removed and OuroError raised.
@@ -322,13 +531,15 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
         config = AutoConfig.from_pretrained(str(model_dir))
     except Exception as exc:
         raise OuroError(f"cannot read {model_dir}/config.json: {exc}") from exc
-    hparams = _child_hparams(config)
-    plan = _plan_tensors(model_dir, config)
+    arch = architecture_for(config)
+    hparams = _child_hparams(config, arch)
+    plan = _plan_tensors(model_dir, config, arch)
 
     parent = scan_gguf(parent_gguf)
-    if parent.text("general.architecture") != "llama":
-        raise OuroError(f"parent {parent_gguf.name} is a {parent.text('general.architecture')!r} model; "
-                        "write_gguf needs a llama parent")
+    parent_arch = parent.text("general.architecture")
+    if parent_arch != arch.gguf_arch:
+        raise OuroError(f"parent {parent_gguf.name} is a {parent_arch!r} model but the child is {arch.gguf_arch!r}; "
+                        "a child inherits its tokenizer from a parent of its own architecture")
     tokens = parent.kv.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise OuroError(f"parent {parent_gguf.name} carries no tokenizer; the child would be unusable")
@@ -337,10 +548,11 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
                         f"({len(tokens[0])} tokens); the parent's tokenizer cannot be reused")
 
     with _atomic_file(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
         try:
             for key, (value, vtype, sub) in parent.kv.items():
-                if key in _NOT_INHERITED or key in hparams or key.startswith("llama.rope.scaling."):
+                # <arch>.* keys describe the parent's shapes: the child's come from its own config
+                if key in _NOT_INHERITED or key.startswith(f"{parent_arch}.") or (name is not None and key == "general.name"):
                     continue
                 writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
                                      sub_type=None if sub is None else gguf.GGUFValueType(sub))
@@ -349,7 +561,7 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
             for key, (value, vtype) in hparams.items():
                 writer.add_key_value(key, value, vtype)
             if name is not None:
-                writer.add_name(name)
+                writer.add_name(child_name(name, parent.text("general.name")))
             writer.add_file_type(_WRITE_DTYPES[dtype])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for p in plan:
@@ -362,11 +574,16 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
             with contextlib.ExitStack() as stack:
                 open_files: dict[Path, Any] = {}
                 for p in plan:
+                    if p.data is not None:
+                        writer.write_tensor_data(p.data)
+                        continue
                     if p.file not in open_files:
                         open_files[p.file] = stack.enter_context(safe_open(str(p.file), framework="pt"))
                     data = open_files[p.file].get_tensor(p.hf_name).float().numpy()
                     if p.permute_heads is not None:
                         data = _permute(data, p.permute_heads)
+                    if p.offset:
+                        data = data + np.float32(p.offset)
                     encoded, _ = _encode(p, data, dtype)
                     writer.write_tensor_data(encoded)
                     del data, encoded
@@ -435,7 +652,7 @@ def _llama_cpp_last_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-def _hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
+def hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -455,7 +672,7 @@ def logit_agreement(hf_model_dir: Path, gguf_path: Path, prompt_token_ids: list[
     ids = [int(t) for t in prompt_token_ids]
     if not ids:
         raise OuroError("a logit comparison needs at least one token id")
-    hf = _hf_last_logits(Path(hf_model_dir), ids)
+    hf = hf_last_logits(Path(hf_model_dir), ids)
     cpp = _llama_cpp_last_logits(Path(gguf_path), ids)
     if hf.shape != cpp.shape:
         raise OuroError(f"vocabulary sizes differ: transformers {hf.shape[0]}, llama.cpp {cpp.shape[0]}")

@@ -71,11 +71,19 @@ class DPOPair(NamedTuple):
     rejected: str
 
 
-def end_of_turn_token(tokenizer) -> str:
-    """The token that ends an assistant turn (what serving stops on): ChatML's, else EOS."""
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None and im_end != tokenizer.unk_token_id:
-        return "<|im_end|>"
+# End-of-turn tokens by family: ChatML, Llama 3, Gemma, Phi-3 (Mistral's [INST] ends turns with EOS)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_token(tokenizer, template: str | None = None) -> str:
+    """The token that ends an assistant turn (what serving stops on): the family's end-of-turn
+    token that the vocabulary holds (and `template`, when given, writes), else EOS."""
+    for token in END_OF_TURN_TOKENS:
+        if template is not None and token not in template:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return token
     if tokenizer.eos_token is None:
         raise OuroError("the tokenizer has neither <|im_end|> nor an EOS token: cannot tell where a reply ends")
     return tokenizer.eos_token
@@ -124,7 +132,7 @@ def encode_sft(messages: Sequence[Message], tokenizer, fmt: ChatFormat, max_seq_
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise OuroError("a training example must end with the assistant's reply")
-    end = end_of_turn_token(tokenizer)
+    end = end_of_turn_token(tokenizer, fmt.template)
     context, reply = list(messages[:-1]), messages[-1]["content"]
     trimmed = False
     while True:
@@ -206,7 +214,7 @@ def _encode_targets(messages: list[Message], targets: list[int], tokenizer, fmt:
 def encode_chat(chat: Chat, tokenizer, fmt: ChatFormat, max_seq_len: int) -> tuple[list[Encoded], int]:
     """A chat as one Encoded when it fits; otherwise its oldest exchanges go (targets in them are
     encoded on their own, with their own context). Returns (encoded, targets that cannot fit)."""
-    end = end_of_turn_token(tokenizer)
+    end = end_of_turn_token(tokenizer, fmt.template)
     messages, targets, weights = list(chat.messages), list(chat.targets), dict(chat.weights)
     out: list[Encoded] = []
     lost_targets, trimmed = 0, False
@@ -336,7 +344,7 @@ def encode_pair(pair: DPOPair, tokenizer, fmt: ChatFormat, max_seq_len: int) -> 
     """Render and tokenize a pair; the oldest exchanges go until prompt + longer reply fit (None if never)."""
     if not pair.prompt or pair.prompt[-1].get("role") != "user":
         raise OuroError("a preference pair's prompt must end with the user's message")
-    end = end_of_turn_token(tokenizer)
+    end = end_of_turn_token(tokenizer, fmt.template)
     context = list(pair.prompt)
     while True:
         head, chosen = split_reply(fmt, context, pair.chosen, end)

@@ -46,7 +46,9 @@ from trainer.dataset import (
     pack,
 )
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Llama/Qwen/Gemma/Mistral projections, and Phi-3's fused qkv_proj / gate_up_proj
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj"]
 
 
 class TrainConfigError(OuroError, ValueError):
