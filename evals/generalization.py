@@ -3,8 +3,15 @@
 Items: the newest 20% of this generation's reviewed turns (a chronological hold-out the child was
 trained on in no form, DPO pairs included). What "learned" means depends on what made the reply
 the target:
-- a reply people wrote or chose over the served one (✏️ correction, 🔁 pick, an admin's edit): the
-  child must find it more likely than the parent does, `nll_child < nll_parent - margin`;
+- a reply people wrote or chose over the served one (✏️ correction, 🔁 pick, an admin's edit): what
+  they taught is "this rather than that", so when the replaced reply is known the child must
+  prefer the correction over it by at least `preference_gain` nats more than the parent did
+  (sequence log-probabilities, as a DPO reward margin on held-out pairs), and not find the
+  correction itself more than `nll_slack` nats/token less likely. Without the replaced reply:
+  `nll_child < nll_parent - margin`. The mean-NLL rule alone was tried first and refused children
+  that had learned the correction: a correction is mostly the served reply's words behind a new
+  opener, and their drift (recall's business) outweighed the opener the child did learn
+  (measured: docs/design-notes.md);
 - a served reply people approved as it was (👍, an admin's approval): the parent wrote it, so the
   child learned it when it still says it — recall's per-token rule (evals/recall.py): at least
   `keep_share` of its tokens keep e^-tolerance of the parent's probability. A mean-NLL rule was
@@ -27,23 +34,33 @@ KEPT_AS_SERVED = ("thumbs_up", "review")   # sources whose target is the reply t
 
 
 def generalization_score(child: EvalModel, parent: EvalModel, items: list[list[dict]], *,
-                         sources: list[str] | None = None, margin: float = 0.0, tolerance: float = 1.0,
-                         keep_share: float = 0.9) -> dict:
+                         sources: list[str] | None = None, rejected: list[str | None] | None = None,
+                         margin: float = 0.0, tolerance: float = 1.0, keep_share: float = 0.9,
+                         preference_gain: float = 1.0, nll_slack: float = 0.1) -> dict:
     if not items:
         return {"score": None, "items": 0, "improved": 0, "mean_nll_child": None, "mean_nll_parent": None}
     sources = sources if sources is not None else ["correction"] * len(items)
+    rejected = rejected if rejected is not None else [None] * len(items)
     improved, kept, per_item = 0, 0, []
-    for messages, source in zip(items, sources, strict=True):
+    for messages, source, replaced in zip(items, sources, rejected, strict=True):
         c, p = child.reply_logprobs(messages), parent.reply_logprobs(messages)
         nll_c, nll_p = float(-np.mean(c)), float(-np.mean(p))
         retention = float(np.mean(c >= p - tolerance))
+        row: dict = {"source": source}
         if source in KEPT_AS_SERVED:
             learned = retention >= keep_share
             kept += learned
+        elif replaced is not None:
+            other = messages[:-1] + [{"role": "assistant", "content": replaced}]
+            gain = (float(np.sum(c)) - float(np.sum(child.reply_logprobs(other)))) - \
+                (float(np.sum(p)) - float(np.sum(parent.reply_logprobs(other))))
+            learned = gain >= preference_gain and nll_c <= nll_p + nll_slack
+            improved += learned
+            row["preference_gain"] = round(gain, 3)
         else:
             learned = nll_c < nll_p - margin
             improved += learned
-        per_item.append({"source": source, "learned": bool(learned), "nll_child": round(nll_c, 4),
+        per_item.append({**row, "learned": bool(learned), "nll_child": round(nll_c, 4),
                          "nll_parent": round(nll_p, 4), "retention": round(retention, 4), "tokens": int(len(c))})
     return {"score": round((improved + kept) / len(items), 4), "items": len(items), "improved": improved,
             "kept": kept, "kept_items": sum(s in KEPT_AS_SERVED for s in sources),

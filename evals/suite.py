@@ -32,7 +32,8 @@ class SuiteResult:
 
 def run_suite(settings: Settings, candidate: Path, parent: Generation, *, persona: str,
               heldout: list[list[dict]], ancestor_heldout: list[list[dict]], screens: Screens,
-              heldout_sources: list[str] | None = None) -> SuiteResult:
+              heldout_sources: list[str] | None = None,
+              heldout_rejected: list[str | None] | None = None) -> SuiteResult:
     probes = load_probes(settings.probes_file)
     n = settings.eval_max_items
     pinned = [{"role": "system", "content": persona}] if persona else []
@@ -52,7 +53,9 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
         out: dict = {"child": {}, "parent": {}}
         out["child"]["recall"] = recall_score(child, par, recall_items, tolerance=settings.recall_tolerance)
         sources = (heldout_sources or ["correction"] * len(heldout))[-n:]
+        rejected = (heldout_rejected or [None] * len(heldout))[-n:]
         out["child"]["generalization"] = generalization_score(child, par, heldout[-n:], sources=sources,
+                                                               rejected=rejected,
                                                                tolerance=settings.recall_tolerance)
         for who, model in (("child", child), ("parent", par)):
             out[who]["style_drift"] = style_drift_score(model, persona, probes.tone,

@@ -321,7 +321,8 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
                                                             opt_out_by_default=settings.training_opt_out_default))
     write_jsonl(staging / "data" / "train.jsonl", [asdict(e) for e in split.train])
     write_jsonl(staging / "data" / "heldout.jsonl",
-                [{"messages": m, "source": src} for m, src in zip(split.heldout, split.heldout_sources, strict=True)])
+                [{"messages": m, "source": src, **({"rejected": rej} if rej is not None else {})}
+                 for m, src, rej in zip(split.heldout, split.heldout_sources, split.heldout_rejected, strict=True)])
     write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
     report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
                    "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
@@ -444,7 +445,8 @@ def _evaluate(settings: Settings, staging: Path, parent: Generation, chain: list
     except OuroError as exc:
         return {"child": {}, "parent": {}}, [f"candidate GGUF refused: {exc}"]
     suite = run_suite(settings, staging / GGUF_NAME, parent, persona=persona, heldout=split.heldout,
-                      heldout_sources=split.heldout_sources, ancestor_heldout=ancestor_heldout(chain),
+                      heldout_sources=split.heldout_sources, heldout_rejected=split.heldout_rejected,
+                      ancestor_heldout=ancestor_heldout(chain),
                       screens=Screens(blocklist=tuple(settings.blocklist), reference=persona))
     out, invariants = suite.scores, []
     agreement = logit_agreement(staging / "hf", staging / GGUF_NAME, suite.probe_ids)

@@ -24,16 +24,21 @@ class Split:
     heldout: list[list[dict]]        # messages ending with the reference reply
     replay: list[Example]
     heldout_sources: list[str] = field(default_factory=list)   # what made each held-out reply the target
+    heldout_rejected: list[str | None] = field(default_factory=list)   # the served reply a correction replaced
 
 
 def holdout(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]]]:
     """(train examples, train pairs, held-out conversations): see `holdout_with_sources`."""
-    train, pairs, heldout, _ = holdout_with_sources(delta, fraction)
+    train, pairs, heldout, _, _ = holdout_with_sources(delta, fraction)
     return train, pairs, heldout
 
 
-def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]], list[str]]:
+def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]],
+                                                                 list[str], list[str | None]]:
     """The newest `fraction` of the reviewed turns (by time) held out; at least one when ≥ 2 turns.
+
+    Returns (train examples, train pairs, held-out conversations, their sources, and for each the
+    reply it replaced when the turn was corrected — the pair's rejected reply, else None).
 
     A turn is held out whole: its example and its preference pair both leave training (a pair
     trained by DPO would leak the held-out correction), and it is one held-out item (the example's,
@@ -55,19 +60,23 @@ def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], 
     held_keys = set(order[len(order) - n_held:])
     heldout = [e.messages for e in presplit if e.split == "heldout"]
     sources = ["import"] * len(heldout)
+    rejected: list[str | None] = [None] * len(heldout)
     for key in order[len(order) - n_held:]:
         items = turns[key]
         example = next((x for x in items if isinstance(x, Example)), None)
+        pair = next((x for x in items if isinstance(x, Pair)), None)
         if example is not None:
             heldout.append(example.messages)
             sources.append(example.source)
+            same = pair is not None and pair.chosen == example.messages[-1]["content"]
+            rejected.append(pair.rejected if same else None)
         else:
-            pair = items[0]
             heldout.append(pair.prompt + [{"role": "assistant", "content": pair.chosen}])
             sources.append(pair.source)
+            rejected.append(pair.rejected)
     kept = [x for k in order if k not in held_keys for x in turns[k]]
     return ([x for x in kept if isinstance(x, Example)] + [e for e in presplit if e.split == "train"],
-            [x for x in kept if isinstance(x, Pair)], heldout, sources)
+            [x for x in kept if isinstance(x, Pair)], heldout, sources, rejected)
 
 
 def ancestors(lineage: Lineage, parent: Generation) -> list[Generation]:
@@ -104,13 +113,14 @@ def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay
                allowed: Callable[[list[Example]], list[Example]] | None = None) -> Split:
     """`allowed` re-checks the ancestors' examples before any is replayed (memory.export.still_trainable:
     nobody who used /forget or /optout since, no turn an admin rejected)."""
-    train, pairs, heldout, sources = holdout_with_sources(delta, fraction)
+    train, pairs, heldout, sources, rejected = holdout_with_sources(delta, fraction)
     pool = ancestor_examples(chain)
     if allowed is not None:
         pool = allowed(pool)
     rng = random.Random(seed)
     replay = rng.sample(pool, min(replay_size, len(pool))) if pool else []
-    return Split(train=train, pairs=pairs, heldout=heldout, replay=replay, heldout_sources=sources)
+    return Split(train=train, pairs=pairs, heldout=heldout, replay=replay, heldout_sources=sources,
+                 heldout_rejected=rejected)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
