@@ -29,6 +29,7 @@ from tests.helpers.lineages import make_generation
 from tests.helpers.llama_server import LlamaServer, free_port
 
 pytestmark = pytest.mark.model
+ADMIN, ANN = 4242, 1001
 GREEDY = Sampling(temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=24)
 HELLO = [{"role": "system", "content": "You are Ouro, a cheerful sea otter."},
          {"role": "user", "content": "Say hello and tell me what you like to eat."}]
@@ -153,6 +154,35 @@ async def test_a_hung_server_fails_the_turn_keeps_it_and_the_next_one_is_answere
     turn = runtime.store.turn(out.turn_id)
     assert turn.status == "failed" and turn.user_text == "are you awake?"
     assert (await runtime.conversation.handle_text(who, "now?")).kind == "answered"
+
+
+@pytest.mark.e2e
+async def test_telegram_streams_the_servers_reply_and_a_hung_server_reaches_the_admins(world, emu, make_bot):
+    settings, server = world
+    gen = Lineage(settings.models_dir).active()
+
+    def engine(timeout_s: float) -> OpenAIServerEngine:
+        return OpenAIServerEngine(ServerClient(server.url, timeout_s=timeout_s), gen.gguf, generation_id=gen.id)
+
+    async with make_bot(engine(120), stream_drafts=False, reply_max_tokens=48) as bot:
+        ann = emu.client(ANN, "Ann")
+        mid = await ann.asend_text("tell me a story about the sea")
+        msg = await ann.await_for(lambda m: bool(m.callback_data), after=mid, timeout=120)
+        turn = bot.store.turn(bot.store.latest_answered_turn(ANN))
+        assert turn.reply_text and msg.text == turn.reply_text and turn.generation_id == gen.id
+        assert msg.edit_count >= 2                   # streamed in: text edits, then the buttons
+    async with make_bot(engine(3)) as bot:
+        ann, admin = emu.client(ANN, "Ann"), emu.client(ADMIN, "Boss")
+        server.pause()
+        try:
+            mid = await ann.asend_text("hello?")
+            msg = await ann.await_for(lambda m: m.text is not None and "▌" not in m.text, after=mid, timeout=30)
+        finally:
+            server.resume()
+        assert "went wrong" in msg.text and "inference server" not in msg.text
+        alert = await admin.await_for(lambda m: "Traceback" in (m.text or ""), timeout=30)
+        assert "did not answer within 3 s" in alert.text and server.url in alert.text
+        assert bot.store.turn(bot.store.stats()["turns"]).status == "failed"
 
 
 async def test_a_reply_the_server_breaks_off_fails_the_turn_with_its_words(runtime):
