@@ -8,7 +8,16 @@ paths as with the embedded engine.
 Each generation is one model name on the server: its generation id (`gen-0003`). That is how
 the bot tells the server which generation to serve, and how it checks that the server has it:
 a name missing from `GET /v1/models` is refused with what the owner must do, never sent anyway
-(llama-cpp-python's server silently answers an unknown name with its default model).
+(llama-cpp-python's server silently answers an unknown name with its default model). Per server:
+- llama.cpp's llama-server in router mode (`--models-dir <data>/models`): every generation folder
+  is a model named by its id; the listing asks it to look again (`reload=1`), and the first
+  request for a new generation loads it — a hot-swap needs nothing from the owner.
+- llama-cpp-python's server with a `--config_file` listing every generation (`ouro export
+  --format llama-cpp-python`): swaps among them at runtime; a generation trained after it
+  started needs the file written again and the server restarted.
+- a server started on one model (llama-server `-m … --alias gen-0003`, vLLM, Ollama after
+  `ollama create gen-0003`): serves what it was given; the swap to anything else is refused.
+A refused swap keeps the old generation serving and tells the admins what to do (`missing_model`).
 
 Token counts (the context budget) come from the generation's own GGUF, read vocab-only here
 (~0.4 s, a few MB): the GGUF is on this machine anyway (the lineage keeps every generation), its
@@ -72,9 +81,11 @@ class ServerClient:
                          f"{body.strip()[:300]}")
 
     def models(self) -> list[str]:
-        """The model names the server serves (`GET /v1/models`)."""
+        """The model names the server serves (`GET /v1/models`). `reload=1` makes llama.cpp's llama-server
+        in router mode look at its --models-dir again, so a generation trained since it started is
+        listed (and loaded when asked for); other servers ignore it."""
         try:
-            response = self.http.get("/models")
+            response = self.http.get("/models", params={"reload": "1"})
         except httpx.HTTPError as exc:
             raise self.failure(exc, "listing its models") from exc
         if response.status_code >= 400:
@@ -94,9 +105,10 @@ def missing_model(root: str, name: str, served: list[str]) -> OuroError:
         f"the inference server at {root} does not serve {name} (it serves: {', '.join(served) or 'nothing'})",
         hint=(f"make the server serve the GGUF of {name} under the name {name!r}, then /promote {name}. "
               "llama-cpp-python's server: `ouro export --format llama-cpp-python` writes a --config_file listing "
-              "every generation; restart the server with it. llama.cpp's llama-server: restart it with "
-              f"-m <the GGUF> --alias {name}. Ollama: `ouro export --format ollama {name}`, then "
-              f"`ollama create {name} -f <that Modelfile>`. Until then the bot keeps serving what it serves."))
+              "every generation; restart the server with it. llama.cpp's llama-server: run it in router mode "
+              "with --models-dir set to the bot's models folder (it then finds new generations itself). "
+              f"Ollama: `ouro export --format ollama {name}`, then `ollama create {name} -f <that Modelfile>`. "
+              "Until then the bot keeps serving what it serves."))
 
 
 class OpenAIServerEngine:
