@@ -25,6 +25,7 @@ from ouro.exports import run_export
 from serving.conversation import FAILED, Speaker
 from serving.loop import LearningLoop
 from serving.runtime import load_engine, open_runtime, open_store, register_base
+from serving.status import format_status, status_report
 from tests.helpers.lineages import make_generation
 from tests.helpers.llama_server import LlamaServer, free_port
 
@@ -102,6 +103,9 @@ async def test_a_turn_through_the_conversation_is_stored_like_the_embedded_ones(
     assert row["context_start_turn_id"] == out.turn_id and row["ttft_s"] > 0
     second = await runtime.conversation.handle_text(who, "and your favourite food?")
     assert second.kind == "answered" and second.completion.prompt_tokens > out.completion.prompt_tokens
+    report = status_report(runtime.settings, runtime.store, None)
+    assert report["engine"] == f"openai {runtime.settings.engine_base_url}"
+    assert f"Engine: openai {runtime.settings.engine_base_url}" in format_status(report).splitlines()
 
 
 async def test_hot_swap_tells_the_server_to_serve_the_new_generation(world, runtime):
