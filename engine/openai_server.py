@@ -91,7 +91,8 @@ class ServerClient:
         if response.status_code >= 400:
             raise self.status_error(response, "listing its models")
         try:
-            return [str(m["id"]) for m in response.json()["data"]]
+            # Ollama lists its models with their tag (gen-0003:latest) and answers to the bare name too
+            return [str(m["id"]).removesuffix(":latest") for m in response.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise OuroError(f"{self.root}/models is not an OpenAI model list: {response.text[:200]}") from exc
 
