@@ -138,7 +138,7 @@ class OpenAIServerEngine:
         except BaseException:
             client.close()
             raise
-        self.format = ChatFormat.from_gguf(self.model_path)
+        self.format = ChatFormat.from_gguf(self.model_path)   # the template the server renders with, too
 
     # --- prompt ---------------------------------------------------------------------------
     def count_tokens(self, messages: list[Message]) -> int:
