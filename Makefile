@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 # torch is installed first and pinned, so nothing later can swap in a multi-GB CUDA build.
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup run demo chat test lint clean-venv browser
+.PHONY: setup run demo chat test lint clean-venv browser llama-server
 
 setup: .stamp-venv .stamp-emulator
 
@@ -53,7 +53,12 @@ chat: setup
 browser:
 	.ci/chromium
 
-test: setup browser
+# llama.cpp's own llama-server, from the source llama-cpp-python vendors (tests/test_llama_server_engine.py):
+# built once per llama-cpp-python version into ~/.cache/ouroboros/ (CI caches that folder by the version).
+llama-server: setup
+	$(BIN)/python -m tests.helpers.llama_server
+
+test: setup browser llama-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

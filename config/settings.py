@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -106,6 +106,18 @@ class Settings(BaseSettings):
         "report AMX, Q4_1 models segfault with them on."))
     kv_cache_chats: int = Field(8, ge=0, le=256, description=(
         "Recently active chats whose KV state is kept in memory, so a returning chat does not re-read its history."))
+    engine: Literal["embedded", "openai"] = Field("embedded", description=(
+        "Who writes the replies: 'embedded' (llama.cpp inside the bot) or 'openai' (an OpenAI-compatible "
+        "server at engine_base_url — llama.cpp's llama-server, llama-cpp-python's server, vLLM, Ollama — "
+        "serving each generation under its id, e.g. gen-0003)."))
+    engine_base_url: str | None = Field(None, description=(
+        "engine = openai: the server's address, e.g. http://127.0.0.1:8080/v1 (/v1 is added when missing)."))
+    engine_api_key: SecretStr | None = Field(None, description=(
+        "engine = openai: the key the server wants as 'Authorization: Bearer …', if any. Set it in the "
+        "environment (OURO_ENGINE_API_KEY)."))
+    engine_timeout_s: float = Field(60.0, ge=1.0, le=3600.0, description=(
+        "engine = openai: seconds to wait for the server's next word (and 5 s at most to connect) before the "
+        "reply fails; its author is asked to send it again, and the turn is kept."))
 
     # --- Telegram behaviour -------------------------------------------------------------
     stream_edit_interval_s: float = Field(1.0, ge=0.2, le=10.0, description=(
@@ -268,6 +280,22 @@ class Settings(BaseSettings):
         if "persona_file" not in self.model_fields_set and (own := self.data_dir / DATA_PERSONA).is_file():
             self.__dict__["persona_file"] = own      # not an assignment: persona_file stays "not given"
         return self
+
+    @model_validator(mode="after")
+    def _engine_needs_a_server(self) -> Settings:
+        if self.engine == "openai" and not self.engine_base_url:
+            raise ValueError("engine = openai needs engine_base_url (OURO_ENGINE_BASE_URL), the server's address, "
+                             "e.g. http://127.0.0.1:8080/v1")
+        return self
+
+    @field_validator("engine_base_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. http://127.0.0.1:8080/v1")
+        return value.strip()
 
     @field_validator("blocklist", mode="before")
     @classmethod

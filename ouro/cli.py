@@ -540,7 +540,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from serving.runtime import open_store
 
     settings = _settings(args)
-    store = None if args.format == "ollama" or args.gen else open_store(settings)
+    store = None if args.format in ("ollama", "llama-cpp-python") or args.gen else open_store(settings)
     try:
         report = run_export(settings, store, args.format, gen=args.gen, since=args.since, out=args.out)
     finally:
@@ -730,10 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "text and items still waiting in /review left out and counted), or with GEN the new data "
                                    "that generation learned from (not its replay sample). ollama: a Modelfile for GEN "
                                    "(FROM its GGUF, its chat template translated, the persona as SYSTEM) for "
-                                   "`ollama create`.")
+                                   "`ollama create`. llama-cpp-python: a config for llama-cpp-python's OpenAI-compatible "
+                                   "server (python -m llama_cpp.server --config_file FILE) naming every generation "
+                                   "by its id, for engine = openai.")
     p.add_argument("gen", nargs="?", help="generation id, e.g. gen-0003 (required for ollama; for data: the new "
                                           "data it learned from)")
-    p.add_argument("--format", required=True, choices=["openai", "sft", "dpo", "ollama"], help="what to write")
+    p.add_argument("--format", required=True, choices=["openai", "sft", "dpo", "ollama", "llama-cpp-python"],
+                   help="what to write")
     p.add_argument("--out", type=Path, help="file to write (default: <data-dir>/exports/…)")
     p.add_argument("--since", metavar="GEN", help="only what was reviewed after GEN took its training data")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")

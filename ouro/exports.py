@@ -31,7 +31,7 @@ from memory.screens import screens_for
 from memory.store import Store
 from memory.trust import policy_for
 
-FORMATS = (*DATASET_FORMATS, "ollama")
+FORMATS = (*DATASET_FORMATS, "ollama", "llama-cpp-python")
 
 
 def exports_dir(settings: Settings) -> Path:
@@ -72,6 +72,13 @@ def run_export(settings: Settings, store: Store | None, fmt: str, *, gen: str | 
         generation = lineage.generation(gen)
         return write_modelfile(settings, generation, out or exports_dir(settings) / f"{gen}.Modelfile")
 
+    if fmt == "llama-cpp-python":
+        if gen or since:
+            raise OuroError("a llama-cpp-python server config lists every generation; it takes no GEN or --since")
+        from lineage.server_config import write_server_config
+
+        return write_server_config(settings, lineage, out or exports_dir(settings) / "llama-cpp-python-server.json")
+
     if gen and since:
         raise OuroError("give a generation or --since, not both",
                         hint="GEN exports the new data it learned from; --since GEN what was reviewed after it")
@@ -111,6 +118,9 @@ def report_lines(report: dict) -> list[str]:
                 f"  FROM {report['gguf']}",
                 f"  TEMPLATE {report['template_family']}; stop {' '.join(report['stop'])}",
                 f"next: {report['create']}"]
+    if report["format"] == "llama-cpp-python":
+        return [f"wrote {report['path']}: {', '.join(report['generations'])}",
+                f"next: {report['run']}", f"then: OURO_ENGINE=openai OURO_ENGINE_BASE_URL={report['engine_base_url']}"]
     what = "preference pairs" if report["format"] == "dpo" else "examples"
     lines = [f"wrote {report['rows']} {what} to {report['path']}"]
     out = (report.get("source") or {}).get("left_out") or {}

@@ -242,13 +242,17 @@ class LearningLoop:
         return result
 
     async def promote(self, gen_id: str, *, actor: str, why: str) -> SwapResult | None:
+        """Someone asks for `gen_id` now: tried even if it failed before (an inference server may have
+        been given it meanwhile; see engine/openai_server.py)."""
         await asyncio.to_thread(promote, self.settings, self.store, gen_id, actor=actor, why=why)
+        self._failed = None
         return await self.sync()
 
     async def rollback(self, gen_id: str | None, *, actor: str, why: str | None = None,
                        event: str = "rollback") -> tuple[str, str, SwapResult | None]:
         was, target = await asyncio.to_thread(rollback, self.settings, self.store, gen_id, actor=actor, why=why,
                                               event=event)
+        self._failed = None
         return was, target, await self.sync()
 
     # --- the live watch -------------------------------------------------------------------------

@@ -52,9 +52,19 @@ def register_base(settings: Settings, store: Store) -> Lineage:
 
 
 def load_engine(settings: Settings, gen: Generation):
+    """The engine that serves `gen`: llama.cpp in this process, or (engine = openai) the owner's
+    inference server, told to serve `gen` by its name and checked to have it."""
+    check_gguf(gen.gguf)
+    if settings.engine == "openai":
+        from engine.openai_server import OpenAIServerEngine, ServerClient
+
+        assert settings.engine_base_url is not None    # the settings refuse openai without one
+        key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+        client = ServerClient(settings.engine_base_url, api_key=key, timeout_s=settings.engine_timeout_s)
+        return OpenAIServerEngine(client, gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx,
+                                  model_sha256=gen.sha256)
     from engine.llama import LlamaEngine
 
-    check_gguf(gen.gguf)
     return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                        n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
                        model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers)

@@ -55,6 +55,7 @@ def status_report(settings: Settings, store: Store, runtime: dict | None) -> dic
         "queue_depth": runtime.get("queue_depth", 0) if runtime else 0,
         "loaded_generation": runtime.get("generation_id") if runtime else None,
         "model": model,
+        "engine": settings.engine if settings.engine == "embedded" else f"{settings.engine} {settings.engine_base_url}",
         "training": runtime.get("training") if runtime else None,
         "cycle": runtime.get("cycle") if runtime else None,
         "data_trigger": runtime.get("data_trigger") if runtime else None,
@@ -79,6 +80,7 @@ def format_status(report: dict) -> str:
         f"Ratings: 👍 {report['ratings_up']} · 👎 {report['ratings_down']} · preferences {report['preferences']} "
         f"· corrections {report['corrections']}",
         f"Queue depth: {report['queue_depth']}",
+        f"Engine: {report.get('engine', 'embedded')}",
         f"Model file: {model.get('file', '—')}",
         f"SHA-256: {model.get('sha256', '—')}",
         f"Recent speed: {tps if tps is not None else '—'} tokens/s",
