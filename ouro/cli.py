@@ -348,6 +348,9 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         for key in ("recall", "generalization", "style_drift", "format"):
             if key in report.scores:
                 print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
+        if report.train.get("kto_steps"):
+            print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
+                  f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1
