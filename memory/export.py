@@ -369,6 +369,22 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
 LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit")   # examples made from a stored chat turn
 
 
+def still_unwanted(store: Store, items: list[Rated], *, opt_out_by_default: bool) -> list[Rated]:
+    """Deferred lone 👎s that may still train: the turn is still there (not /forget-ten), its author still
+    consents, no admin rejected or edited it, it is still rated below zero and still has no alternative."""
+    ids = sorted({r.turn_id for r in items if r.turn_id is not None})
+    if not ids:
+        return [r for r in items if r.turn_id is None]
+    rows = store.database.query(
+        "SELECT t.id FROM turns t JOIN users u ON u.id = t.user_id LEFT JOIN reviews v ON v.turn_id = t.id "
+        "WHERE t.id IN (SELECT value FROM json_each(?)) AND COALESCE(u.training_opt_out, ?) = 0 "
+        "AND COALESCE(v.verdict, '') NOT IN ('rejected', 'edited') "
+        "AND (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) < 0",
+        (json.dumps(ids), int(opt_out_by_default)))
+    alive = {r["id"] for r in rows} - _paired(store)
+    return [r for r in items if r.turn_id is None or r.turn_id in alive]
+
+
 def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default: bool) -> list[Example]:
     """Ancestors' examples that may still be trained on (replay). One made from a chat turn needs the turn
     to exist (not /forget-ten), its author's consent now (not /optout-ed), no admin rejection (nor an

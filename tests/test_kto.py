@@ -11,7 +11,7 @@ import torch
 from bot.review import review_text
 from config.settings import load_settings
 from engine.template import ChatFormat
-from memory.export import Delta, reviewed_since
+from memory.export import Delta, Rated, reviewed_since, still_unwanted
 from memory.migrations import migrate, pending
 from memory.screens import Screens
 from memory.store import Store
@@ -114,6 +114,14 @@ def test_one_strangers_thumbs_down_flood_is_capped_like_any_other_source(store, 
     mine = [r for r in delta.rated if r.contributor == EVE]
     assert len(mine) == 2 and len(delta.deferred) == 18                  # her share: half of what trains
     assert sum(r.contributor == ANN for r in delta.rated) == 2
+    # the deferred ones compete again next generation, if they still are lone 👎s someone may teach
+    waiting = [r for r in delta.deferred if isinstance(r, Rated)]
+    assert len(still_unwanted(store, waiting, opt_out_by_default=False)) == 18
+    store.rate(waiting[0].turn_id, EVE, 1)                                     # she changed her mind
+    store.record_review(waiting[1].turn_id, ADMIN, "rejected")
+    assert len(still_unwanted(store, waiting, opt_out_by_default=False)) == 16
+    store.forget_user(EVE)
+    assert still_unwanted(store, waiting, opt_out_by_default=False) == []
 
 
 # --- the 👎 reason ---------------------------------------------------------------------------------
@@ -214,3 +222,29 @@ def test_train_runs_kto_after_sft_and_reports_what_it_used(tiny_models, tmp_path
 def test_bad_kto_settings_name_their_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
+
+
+def test_the_web_review_page_shows_the_reason_and_what_approving_means(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    from ouro.cli import main
+    from tests.helpers.web import ADMIN as WEB_ADMIN
+    from tests.helpers.web import start_web
+
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(WEB_ADMIN))
+    web = start_web(tmp_path)
+    try:
+        turn, user = web.turns[0], 1001
+        web.store.rate(turn, user, -1)
+        web.store.give_reason(turn, user, "long")
+        capsys.readouterr()
+        assert main(["--data-dir", str(web.settings.data_dir), "web-login", "--port", web.base_url.rsplit(":", 1)[1],
+                     "--admin", str(WEB_ADMIN)]) == 0
+        link = capsys.readouterr().out.strip()
+        with httpx.Client(base_url=web.base_url, follow_redirects=False, timeout=20) as client:
+            assert client.get(link.removeprefix(web.base_url)).status_code == 303
+            page = client.get("/review").text
+        card = page[page.index(f'id="turn-{turn}"'):]
+        assert "👎 1 <span class=\"reasons\">(too long)</span>" in card and "agrees with the 👎" in card
+    finally:
+        web.close()

@@ -26,7 +26,7 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
-from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
+from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable, still_unwanted
 from memory.screens import Screens, screens_for
 from memory.store import Store
 from memory.trust import policy_for
@@ -295,10 +295,12 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
 
 
 def _carried(parent: Generation, store: Store, settings: Settings) -> Delta:
-    """What the parent's cycle deferred over a source's cap, still trainable now (no /forget, /optout)."""
+    """What the parent's cycle deferred over a source's cap, still trainable now (no /forget, /optout;
+    a lone 👎 also still a lone 👎)."""
     path = parent.folder / "data" / "deferred.jsonl"
     carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
     carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
+    carried.rated = still_unwanted(store, carried.rated, opt_out_by_default=settings.training_opt_out_default)
     return carried
 
 
