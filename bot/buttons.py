@@ -1,5 +1,7 @@
 """The buttons under a reply: 👍 👎 rate it, 🔁 writes a second take, ✏️ asks for a better answer,
-and the pick between the reply and its second take.
+and the pick between the reply and its second take. After a 👎 the keyboard offers one optional
+tap on why (too long · off-topic · wrong · rude · not like you · other), stored with the rating;
+the reasons go away once one is tapped or the rating changes.
 
 Every press is checked against the stored turn — its chat, its author, the messages the buttons
 sit on — because callback data comes from the client and may be stale, replayed or forged.
@@ -20,12 +22,16 @@ from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
 from config.settings import Settings
 from engine.worker import Busy
+from memory.feedback import REASONS
 from memory.store import TurnRef
 from serving.conversation import Conversation
 
 log = logging.getLogger(__name__)
 
 STALE_BUTTON = "That button belongs to a reply I can't act on anymore."
+ASK_REASON = "Noted. If you like, tap why below."
+REASON_NOTED = "Thanks — noted: {}."
+REASON_NOT_DOWN = "That reason goes with a 👎, and this reply doesn't have yours anymore."
 NOT_YOURS = "Only the person I was answering can use these buttons."
 CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
 
@@ -62,19 +68,31 @@ class ButtonHandlers:
         if press.action in (keyboards.RATE_UP, keyboards.RATE_DOWN):
             value = 1 if press.action == keyboards.RATE_UP else -1
             result = self.conversation.rate(turn.id, query.from_user.id, value)
-            await query.answer({"new": "Thanks for rating!", "changed": "Rating changed.",
-                                "same": "Already noted."}[result])
+            ask = value == -1 and result != "same"
+            await query.answer(ASK_REASON if ask else {"new": "Thanks for rating!", "changed": "Rating changed.",
+                                                       "same": "Already noted."}[result])
             if result != "same":
-                try:
-                    await query.edit_message_reply_markup(keyboards.reply_keyboard(turn.id, rated=value))
-                except Exception:
-                    log.debug("could not mark the rating on the keyboard", exc_info=True)
+                await self._markup(query, keyboards.reply_keyboard(turn.id, rated=value, ask_reason=ask))
+        elif press.action == keyboards.REASON:
+            if not self.conversation.give_reason(turn.id, query.from_user.id, press.reason):
+                await query.answer(REASON_NOT_DOWN)
+                return
+            await query.answer(REASON_NOTED.format(REASONS[press.reason]))
+            await self._markup(query, keyboards.reply_keyboard(turn.id, rated=-1))
         elif press.action == keyboards.CORRECT:
             self.conversation.ask_for_correction(turn.chat_id, query.from_user.id, turn.id)
             await query.answer()
             await call_with_retry(lambda: context.bot.send_message(turn.chat_id, CORRECTION_PROMPT))
         elif press.action == keyboards.REGENERATE:
             await self._regenerate(query, context, turn)
+
+    @staticmethod
+    async def _markup(query: CallbackQuery, markup) -> None:
+        """Show the rating on the keyboard; only cosmetic, the rating is stored already."""
+        try:
+            await query.edit_message_reply_markup(markup)
+        except Exception:
+            log.debug("could not mark the rating on the keyboard", exc_info=True)
 
     async def _regenerate(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
         if not self.conversation.is_latest_reply(turn.chat_id, turn.id):

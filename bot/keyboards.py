@@ -6,6 +6,7 @@ data only names an action and record ids: every press is then checked against th
 turn exists, the button sits on that turn's own message in that chat, the presser may press it).
 
     o1:<up|down|regen|fix>:<turn>            a reply's rating, regenerate and correct buttons
+    o1:why:<turn>:<reason>                   why the person 👎'd it (memory/feedback.py REASONS)
     o1:keep:<turn>:<alternative>:<1|2>       which of two replies the person keeps
     o1:adm:<promote|rollback|cancel>:<gen>:<gen active when asked>
     o1:rv:<ok|no|ed|sk>:<turn>               a review verdict
@@ -19,13 +20,17 @@ from dataclasses import dataclass
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
+from memory.feedback import REASONS
+
 MAX_DATA = 64   # Telegram's limit on callback data, in bytes
-RATE_UP, RATE_DOWN, REGENERATE, CORRECT, KEEP = "up", "down", "regen", "fix", "keep"
+RATE_UP, RATE_DOWN, REGENERATE, CORRECT, KEEP, REASON = "up", "down", "regen", "fix", "keep", "why"
 _ID, _GEN = r"(\d{1,12})", r"(gen-\d{4,8})"
 
 # family -> (the prefix a CallbackQueryHandler routes on, the whole grammar)
 FAMILIES = {
-    "reply": (r"^o1:(?:up|down|regen|fix|keep):", re.compile(rf"o1:(up|down|regen|fix):{_ID}|o1:(keep):{_ID}:{_ID}:([12])")),
+    "reply": (r"^o1:(?:up|down|regen|fix|keep|why):",
+              re.compile(rf"o1:(up|down|regen|fix):{_ID}|o1:(keep):{_ID}:{_ID}:([12])"
+                         rf"|o1:(why):{_ID}:({'|'.join(REASONS)})")),
     "admin": (r"^o1:adm:", re.compile(rf"o1:adm:(promote|rollback|cancel):{_GEN}:{_GEN}")),
     "review": (r"^o1:rv:", re.compile(rf"o1:rv:(ok|no|ed|sk):{_ID}")),
     "forget": (r"^o1:fg:", re.compile(rf"o1:fg:(yes|no):{_ID}")),
@@ -56,6 +61,7 @@ class Press:
     turn_id: int
     alternative_id: int | None = None
     keep: int | None = None          # 1 = the first reply, 2 = the regenerated one
+    reason: str | None = None        # why: a REASONS key
 
 
 def reply_data(action: str, turn_id: int, alternative_id: int | None = None, keep: int | None = None) -> str:
@@ -67,18 +73,26 @@ def reply_press(data: str | None) -> Press | None:
     if fields is None:
         return None
     action, turn, *rest = fields
+    if action == REASON:
+        return Press(action, int(turn), reason=rest[0])
     return Press(action, int(turn), *(int(x) for x in rest))
 
 
-def reply_keyboard(turn_id: int, rated: int | None = None) -> InlineKeyboardMarkup:
+def reply_keyboard(turn_id: int, rated: int | None = None, *, ask_reason: bool = False) -> InlineKeyboardMarkup:
+    """👍 👎 🔁 ✏️ — and, right after a 👎 (`ask_reason`), one optional tap on why, in two rows below."""
     up = "👍✓" if rated == 1 else "👍"
     down = "👎✓" if rated == -1 else "👎"
-    return InlineKeyboardMarkup([[
+    rows = [[
         InlineKeyboardButton(up, callback_data=reply_data(RATE_UP, turn_id)),
         InlineKeyboardButton(down, callback_data=reply_data(RATE_DOWN, turn_id)),
         InlineKeyboardButton("🔁", callback_data=reply_data(REGENERATE, turn_id)),
         InlineKeyboardButton("✏️", callback_data=reply_data(CORRECT, turn_id)),
-    ]])
+    ]]
+    if ask_reason:
+        reasons = [InlineKeyboardButton(label, callback_data=encode("reply", REASON, turn_id, key))
+                   for key, label in REASONS.items()]
+        rows += [reasons[:3], reasons[3:]]
+    return InlineKeyboardMarkup(rows)
 
 
 def pick_keyboard(turn_id: int, alternative_id: int) -> InlineKeyboardMarkup:

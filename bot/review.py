@@ -1,7 +1,7 @@
 """Admins review answered turns one at a time in Telegram: `/review`.
 
 Each turn comes with a little of the context it was served with and four buttons: ✅ approve
-(it counts as reviewed for the next cycle, like a 👍), 🚫 reject (never trained on, whatever
+(it counts as reviewed for the next cycle, like a 👍; on a lone 👎 it agrees with the 👎), 🚫 reject (never trained on, whatever
 its ratings), ✏️ edit (the admin's next message in that chat becomes the reply it should have
 given: an example and a preference pair against the served one) and ⏭ skip (nothing recorded;
 it comes back once the rest is done, or after a restart). After each verdict the next turn
@@ -46,7 +46,8 @@ def _cut(text: str, n: int) -> str:
 
 def review_text(item: ReviewItem) -> str:
     """The turn as admins see it (Telegram and terminal): where, who rated it, context, the exchange."""
-    feedback = [f"👍 {item.ups}" if item.ups else "", f"👎 {item.downs}" if item.downs else "",
+    why = f" ({', '.join(item.reasons)})" if item.reasons else ""
+    feedback = [f"👍 {item.ups}" if item.ups else "", f"👎 {item.downs}{why}" if item.downs else "",
                 "✏️ corrected by its author" if item.corrected else ""]
     head = f"Review · turn {item.turn_id} · {item.chat_type} chat · {item.generation_id or '—'} · {item.created_at[:16]}"
     lines = [head, " ".join(f for f in feedback if f) or "not rated", ""]
@@ -58,9 +59,11 @@ def review_text(item: ReviewItem) -> str:
     lines += [f"👤 {item.author}: {_cut(item.user_text, _TEXT)}", f"🤖 {_cut(item.reply_text, _TEXT)}"]
     if item.correction is not None:
         lines.append(f"✏️ {item.author} wants: {_cut(item.correction, _TEXT)}  (✅ trains this correction)")
+    elif item.lone_down:
+        lines.append("(✅ agrees with the 👎: the next cycle trains away from this reply)")
     lines += ["", f"{item.remaining} waiting for review, this one included."]
     if item.waiting_by:
-        lines.append("👍/✏️ waiting by person: " + " · ".join(f"{who} {n}" for who, n in item.waiting_by))
+        lines.append("👍/👎/✏️ waiting by person: " + " · ".join(f"{who} {n}" for who, n in item.waiting_by))
     return "\n".join(lines)
 
 

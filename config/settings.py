@@ -212,6 +212,15 @@ class Settings(BaseSettings):
         "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
     dpo_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
+    kto_steps: int = Field(0, ge=0, le=100_000, description=(
+        "Most KTO steps after SFT and DPO when lone 👍/👎 ratings (no ✏️ or 🔁 alternative) exist (0: off). "
+        "Off by default until `ouro experiment` has measured it on the defaults; 20 is a sensible value."))
+    kto_epochs: int = Field(1, ge=1, le=100, description=(
+        "Passes over the lone ratings; the KTO pass is sized to them, at most kto_steps."))
+    kto_batch: int = Field(2, ge=1, le=64, description=(
+        "Lone ratings per KTO step: ≥ 2 for the KL estimate; small, since every item is read twice per step."))
+    kto_beta: float = Field(0.1, gt=0.0, le=10.0, description="KTO beta: how far the policy may move from the model before it.")
+    kto_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the KTO pass.")
     kl_beta: float = Field(0.5, ge=0.0, le=100.0, description=(
         "Weight of a KL term holding the SFT model's next-token distribution at reply tokens to the parent's "
         "(trainer/finetune.py): it is what holds recall on a small delta (same data: recall 0.890 → 0.932, "

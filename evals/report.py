@@ -66,6 +66,9 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
     data = gen.meta.get("data") or {}
     if data.get("contributors") is not None:
         lines.append(f"  taught by {data['contributors']} people; largest single share {data.get('largest_share')}")
+    if data.get("kto_desirable") or data.get("kto_undesirable"):
+        lines.append(f"  lone ratings (KTO): {data.get('kto_desirable') or 0} 👍 desirable · "
+                     f"{data.get('kto_undesirable') or 0} 👎 undesirable")
     held = {k: v for k, v in (data.get("screened") or {}).items() if v}
     if held or data.get("waiting_review") or data.get("deferred"):
         lines.append(f"  kept out: screened {held or 0} · waiting for /review {sum((data.get('waiting_review') or {}).values())}"

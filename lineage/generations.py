@@ -31,6 +31,7 @@ LEDGER_COLUMNS = [
     # ours, after the design doc's columns
     "event", "parent_id", "gate", "reason", "actor", "at",
     "contributors", "largest_share", "screened", "eval_contamination",
+    "kto_desirable", "kto_undesirable",   # lone 👍/👎 the KTO pass used (trainer/kto.py)
 ]
 
 

@@ -2,11 +2,18 @@
 
 Sources, per the design: a 👍'd reply is a supervised example with the very context it was
 served with; a ✏️ correction is a supervised example (the user's better answer) and a
-preference pair against the reply it corrected; a 🔁 pick is a preference pair. A 👎 reply
-without an alternative never becomes a target. Admins' verdicts (/review, `ouro review`): an
-approved turn is an example like a 👍 one; an edited turn is an example with the admin's reply
-and a pair against the served one (whose 👍s no longer count); a rejected turn is never a target
-nor a pair, whatever its ratings. Windows imported from a chat history (memory/importers)
+preference pair against the reply it corrected; a 🔁 pick is a preference pair. A lone rating —
+👍 or 👎 on a turn nobody offered an alternative for (no ✏️, no 🔁) — is also an unpaired KTO item
+(`Rated`): a 👎'd reply is undesirable (never an SFT target), a 👍'd one desirable. Admins'
+verdicts (/review, `ouro review`): an approved turn is an example like a 👍 one — except a lone
+👎, where approving agrees with the 👎 (as approving a ✏️ approves the correction): an undesirable
+item; an edited turn is an example with the admin's reply and a pair against the served one
+(whose 👍s no longer count); a rejected turn is never a target nor a pair nor a KTO item.
+
+A 👎 goes through the trust rules as every other item does (memory/trust.py: review mode, caps;
+the contributor is the turn's author) and through the content screens (on the reply it would
+teach away from). A 👍's desirable item follows its SFT example: it exists only if the example
+survived the screens, trust rules, caps and budget, and has the example's weight. Windows imported from a chat history (memory/importers)
 come in whole, the persona in front, with their own train/held-out split and outside the
 rating budget (nobody rated them; the admin chose them). Everything passes PII redaction before it is
 returned; exact duplicates are dropped; people who opted out are left out entirely.
@@ -56,19 +63,37 @@ class Pair:
 
 
 @dataclass
+class Rated:
+    """A lone rating as an unpaired preference (KTO): the reply as served, and whether it was wanted."""
+
+    prompt: list[dict]            # messages up to and including the user's message
+    completion: str
+    desirable: bool
+    source: str                   # thumbs_up | thumbs_down | review (an admin agreed with a lone 👎)
+    created_at: str
+    turn_id: int | None = None
+    contributor: int | None = None
+    approved: bool = False
+    weight: float = 1.0           # its contributor's tier (memory/trust.py)
+    reason: str | None = None     # a 👎's reason (memory/feedback.py REASONS key), when one was given
+
+
+@dataclass
 class Delta:
     examples: list[Example] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
+    rated: list[Rated] = field(default_factory=list)     # lone 👍/👎: KTO items
     considered: int = 0
     dropped: dict = field(default_factory=dict)
     screened: dict = field(default_factory=dict)         # reason -> items kept out by the content screens
     screened_items: list = field(default_factory=list)   # {turn_id, contributor, reasons}: for the admins
     waiting: dict = field(default_factory=dict)          # contributor -> items waiting for an admin in /review
-    deferred: list = field(default_factory=list)         # Examples and Pairs over a source's cap: next generation
+    deferred: list = field(default_factory=list)         # Examples, Pairs, Rated over a source's cap: next generation
     sources: dict = field(default_factory=dict)          # contributors, largest single share (memory/trust.py)
 
     def to_jsonl(self) -> str:
-        rows = [{"kind": "sft", **asdict(e)} for e in self.examples] + [{"kind": "dpo", **asdict(p)} for p in self.pairs]
+        rows = [{"kind": "sft", **asdict(e)} for e in self.examples] + [{"kind": "dpo", **asdict(p)} for p in self.pairs] \
+            + [{"kind": "kto", **asdict(r)} for r in self.rated]
         return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
     @classmethod
@@ -81,6 +106,8 @@ class Delta:
             kind = row.pop("kind")
             if kind == "sft":
                 delta.examples.append(Example(**row))
+            elif kind == "kto":
+                delta.rated.append(Rated(**row))
             else:
                 delta.pairs.append(Pair(**row))
         return delta
@@ -135,7 +162,9 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
 
     # 👍 / 👎: one score per turn (sum of its ratings), reviewed when a rating changed in the window
     rated = db.query(
-        "SELECT t.id, t.user_id, t.created_at, SUM(r.value) AS score, COALESCE(a.text, t.reply_text) AS reply "
+        "SELECT t.id, t.user_id, t.created_at, SUM(r.value) AS score, COALESCE(a.text, t.reply_text) AS reply, "
+        "(SELECT r2.reason FROM ratings r2 WHERE r2.turn_id = t.id AND r2.value < 0 AND r2.reason IS NOT NULL "
+        "ORDER BY r2.updated_at DESC LIMIT 1) AS reason "
         "FROM turns t JOIN ratings r ON r.turn_id = t.id JOIN users u ON u.id = t.user_id "
         "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
         f"WHERE t.status = 'answered' AND {consent} GROUP BY t.id "
@@ -147,6 +176,11 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     verdicts = _verdicts(store)   # /review: rejected turns are never targets; edited ones only with the admin's text
     delta.dropped["overruled"] = sum(verdicts.get(r["id"]) in ("rejected", "edited") for r in positive)
     positive = [r for r in positive if verdicts.get(r["id"]) not in ("rejected", "edited")]
+    paired = _paired(store)   # turns someone offered an alternative for: their ratings are not lone
+    unwanted = [Rated(prompt=served_context(store, r["id"], persona), completion=r["reply"], desirable=False,
+                      source="thumbs_down", created_at=r["created_at"], turn_id=r["id"], contributor=r["user_id"],
+                      reason=r["reason"])
+                for r in rated if r["score"] < 0 and r["id"] not in paired and r["id"] not in verdicts]
     candidates = [Example(messages=served_context(store, r["id"], persona) + [{"role": "assistant", "content": r["reply"]}],
                           source="thumbs_up", created_at=r["created_at"], turn_id=r["id"], score=float(r["score"]),
                           contributor=r["user_id"], approved=verdicts.get(r["id"]) == "approved")
@@ -180,20 +214,22 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
                           rejected=p["rejected"], source=p["source"], created_at=p["created_at"],
                           turn_id=p["turn_id"], contributor=p["user_id"]))
 
-    reviewed, review_pairs = _admin_reviews(store, persona, since=since, until=until,
-                                            opt_out_by_default=opt_out_by_default,
-                                            have={e.turn_id for e in candidates if e.source == "thumbs_up"})
-    delta.considered += len(reviewed) + len(review_pairs)
+    reviewed, review_pairs, agreed = _admin_reviews(store, persona, since=since, until=until,
+                                                    opt_out_by_default=opt_out_by_default, paired=paired,
+                                                    have={e.turn_id for e in candidates if e.source == "thumbs_up"})
+    delta.considered += len(reviewed) + len(review_pairs) + len(agreed)
     candidates += reviewed
     pairs += review_pairs
+    unwanted += agreed
     if carried is not None:
         candidates = carried.examples + candidates
         pairs = carried.pairs + pairs
+        unwanted = carried.rated + unwanted
 
     if screens is not None:
-        candidates, pairs = _screen(delta, candidates, pairs, screens)
+        candidates, pairs, unwanted = _screen(delta, candidates, pairs, unwanted, screens)
     if policy is not None:
-        candidates, pairs = _trust(delta, store, candidates, pairs, policy)
+        candidates, pairs, unwanted = _trust(delta, store, candidates, pairs, unwanted, policy)
 
     if len(candidates) > budget:
         # more than the budget: keep the top quartile by rating (then at most `budget`)
@@ -217,13 +253,26 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     for pair in pairs:
         pair.prompt, pair.chosen, pair.rejected = _clean(pair.prompt), redact(pair.chosen), redact(pair.rejected)
         delta.pairs.append(pair)
+    for item in unwanted:
+        item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
+    wanted = [Rated(prompt=e.messages[:-1], completion=e.messages[-1]["content"], desirable=True, source="thumbs_up",
+                    created_at=e.created_at, turn_id=e.turn_id, contributor=e.contributor, approved=e.approved,
+                    weight=e.weight) for e in delta.examples if e.source == "thumbs_up" and e.turn_id not in paired]
+    delta.rated = sorted(wanted + unwanted, key=lambda r: (r.created_at, r.turn_id or 0))
     return delta
 
 
-def _screen(delta: Delta, examples: list[Example], pairs: list[Pair],
-            screens: Screens) -> tuple[list[Example], list[Pair]]:
+def _paired(store: Store) -> set[int]:
+    """Turns with an alternative (a ✏️ correction or a 🔁 pick): a preference pair says more than a rating."""
+    return {r["turn_id"] for r in store.database.query(
+        "SELECT turn_id FROM corrections UNION SELECT turn_id FROM preferences")}
+
+
+def _screen(delta: Delta, examples: list[Example], pairs: list[Pair], unwanted: list[Rated],
+            screens: Screens) -> tuple[list[Example], list[Pair], list[Rated]]:
     """Keep every target that passes the content screens (memory/screens.py); count the rest by reason
-    and list them for the admins. Imports are the owner's own history and are not screened."""
+    and list them for the admins. Imports are the owner's own history and are not screened. A 👎'd
+    reply is screened too, though it is taught away from: whatever a screen refuses never trains."""
     def passes(text: str, turn_id: int | None, contributor: int | None) -> bool:
         reasons = screen(text, screens)
         for reason in reasons:
@@ -233,11 +282,12 @@ def _screen(delta: Delta, examples: list[Example], pairs: list[Pair],
         return not reasons
 
     kept = [e for e in examples if passes(e.messages[-1]["content"], e.turn_id, e.contributor)]
-    return kept, [p for p in pairs if passes(p.chosen, p.turn_id, p.contributor)]
+    return (kept, [p for p in pairs if passes(p.chosen, p.turn_id, p.contributor)],
+            [r for r in unwanted if passes(r.completion, r.turn_id, r.contributor)])
 
 
-def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair],
-           policy: TrustPolicy) -> tuple[list[Example], list[Pair]]:
+def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair], unwanted: list[Rated],
+           policy: TrustPolicy) -> tuple[list[Example], list[Pair], list[Rated]]:
     """Who may teach on their own (the rest waits for /review, or is ignored in the admins mode), then
     each source's cap (the excess is deferred to the next generation); records the contributors."""
     def direct(item) -> bool:
@@ -250,11 +300,12 @@ def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair
         return False
 
     examples, pairs = [e for e in examples if direct(e)], [p for p in pairs if direct(p)]
-    people = {i.contributor for i in [*examples, *pairs] if i.contributor is not None}
+    unwanted = [r for r in unwanted if direct(r)]
+    people = {i.contributor for i in [*examples, *pairs, *unwanted] if i.contributor is not None}
     first_seen = {r["id"]: r["created_at"] for r in store.database.query(
         "SELECT id, created_at FROM users WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(people)),))}
     source_of = sources(policy, first_seen)
-    items = sorted([*examples, *pairs], key=lambda i: (i.created_at, i.turn_id or 0))
+    items = sorted([*examples, *pairs, *unwanted], key=lambda i: (i.created_at, i.turn_id or 0))
     capped = [i for i in items if not i.approved]
     kept, deferred = cap(capped, lambda i: i.contributor, source_of, policy)
     keep = {id(i) for i in kept} | {id(i) for i in items if i.approved}
@@ -262,10 +313,10 @@ def _trust(delta: Delta, store: Store, examples: list[Example], pairs: list[Pair
     if deferred:
         delta.dropped["over_share"] = len(deferred)
     delta.sources = shares([i.contributor for i in kept], source_of)
-    examples = [e for e in examples if id(e) in keep]
-    for e in examples:
-        e.weight = policy.weight(e.contributor, approved=e.approved)
-    return examples, [p for p in pairs if id(p) in keep]
+    examples, unwanted = [e for e in examples if id(e) in keep], [r for r in unwanted if id(r) in keep]
+    for item in [*examples, *unwanted]:
+        item.weight = policy.weight(item.contributor, approved=item.approved)
+    return examples, [p for p in pairs if id(p) in keep], unwanted
 
 
 def _verdicts(store: Store) -> dict[int, str]:
@@ -274,11 +325,15 @@ def _verdicts(store: Store) -> dict[int, str]:
 
 
 def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str | None, opt_out_by_default: bool,
-                   have: set) -> tuple[list[Example], list[Pair]]:
+                   have: set, paired: set) -> tuple[list[Example], list[Pair], list[Rated]]:
     """Turns approved or edited by an admin in (since, until]: examples (and a pair per edit). Approving
-    a turn its author corrected approves the correction: the correction is the target, and a pair."""
+    a turn its author corrected approves the correction: the correction is the target, and a pair.
+    Approving a lone 👎 (no alternative, rated below zero) agrees with it: an undesirable item."""
     rows = store.database.query(
         "SELECT v.turn_id, v.verdict, v.edited_text, v.reviewer_id, t.created_at, "
+        "(SELECT SUM(r.value) FROM ratings r WHERE r.turn_id = t.id) AS score, "
+        "(SELECT r.reason FROM ratings r WHERE r.turn_id = t.id AND r.value < 0 AND r.reason IS NOT NULL "
+        "ORDER BY r.updated_at DESC LIMIT 1) AS reason, "
         "COALESCE(a.text, t.reply_text) AS reply, (SELECT c.text FROM corrections c WHERE c.turn_id = t.id "
         "AND c.user_id = t.user_id ORDER BY c.id DESC LIMIT 1) AS correction "
         "FROM reviews v JOIN turns t ON t.id = v.turn_id JOIN users u ON u.id = t.user_id "
@@ -287,8 +342,13 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
         "AND COALESCE(u.training_opt_out, ?) = 0 "
         "AND (? IS NULL OR v.created_at > ?) AND (? IS NULL OR v.created_at <= ?) ORDER BY v.turn_id",
         (int(opt_out_by_default), since, since, until, until))
-    examples, pairs = [], []
+    examples, pairs, agreed = [], [], []
     for r in rows:
+        if r["verdict"] == "approved" and (r["score"] or 0) < 0 and r["turn_id"] not in paired:
+            agreed.append(Rated(prompt=served_context(store, r["turn_id"], persona), completion=r["reply"] or "",
+                                desirable=False, source="review", created_at=r["created_at"], turn_id=r["turn_id"],
+                                contributor=r["reviewer_id"], approved=True, reason=r["reason"]))
+            continue
         corrected = r["verdict"] == "approved" and r["correction"] is not None
         if r["verdict"] == "approved" and r["turn_id"] in have and not corrected:   # already an example (👍)
             continue
@@ -303,10 +363,26 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
                               source="review_edit" if r["verdict"] == "edited" else "correction",
                               created_at=r["created_at"], turn_id=r["turn_id"], contributor=r["reviewer_id"],
                               approved=True))
-    return examples, pairs
+    return examples, pairs, agreed
 
 
 LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit")   # examples made from a stored chat turn
+
+
+def still_unwanted(store: Store, items: list[Rated], *, opt_out_by_default: bool) -> list[Rated]:
+    """Deferred lone 👎s that may still train: the turn is still there (not /forget-ten), its author still
+    consents, no admin rejected or edited it, it is still rated below zero and still has no alternative."""
+    ids = sorted({r.turn_id for r in items if r.turn_id is not None})
+    if not ids:
+        return [r for r in items if r.turn_id is None]
+    rows = store.database.query(
+        "SELECT t.id FROM turns t JOIN users u ON u.id = t.user_id LEFT JOIN reviews v ON v.turn_id = t.id "
+        "WHERE t.id IN (SELECT value FROM json_each(?)) AND COALESCE(u.training_opt_out, ?) = 0 "
+        "AND COALESCE(v.verdict, '') NOT IN ('rejected', 'edited') "
+        "AND (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) < 0",
+        (json.dumps(ids), int(opt_out_by_default)))
+    alive = {r["id"] for r in rows} - _paired(store)
+    return [r for r in items if r.turn_id is None or r.turn_id in alive]
 
 
 def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default: bool) -> list[Example]:

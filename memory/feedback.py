@@ -1,7 +1,9 @@
-"""Feedback on replies: 👍/👎 ratings, 🔁 alternatives and the pick between two samples, ✏️ corrections.
+"""Feedback on replies: 👍/👎 ratings (a 👎 may carry one reason), 🔁 alternatives and the pick
+between two samples, ✏️ corrections.
 
 What people say of a reply is what the next cycle learns from; picks and corrections are
-stored as (chosen, rejected) preference pairs as they happen.
+stored as (chosen, rejected) preference pairs as they happen. A 👎's reason is one of a fixed
+menu, never free text: it is shown to admins and needs no screening.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import json
 from core.files import now
 from memory.db import Database
 
+# the reasons a 👎 may carry (one tap after 👎), by the key stored in ratings.reason
+REASONS: dict[str, str] = {"long": "too long", "off": "off-topic", "wrong": "wrong", "rude": "rude",
+                           "voice": "not like you", "other": "other"}
+
 
 class FeedbackMixin:
     """Ratings, alternatives, preferences and corrections rows."""
@@ -18,7 +24,7 @@ class FeedbackMixin:
     database: Database
 
     def rate(self, turn_id: int, user_id: int, value: int) -> str:
-        """One rating per user per reply; returns 'new', 'changed' or 'same'."""
+        """One rating per user per reply; returns 'new', 'changed' or 'same'. A change clears the reason."""
         if value not in (-1, 1):
             raise ValueError("rating must be -1 or +1")
         with self.database.transaction() as conn:
@@ -31,12 +37,26 @@ class FeedbackMixin:
                 return "new"
             if row[0] == value:
                 return "same"
-            conn.execute("UPDATE ratings SET value = ?, updated_at = ? WHERE turn_id = ? AND user_id = ?",
+            conn.execute("UPDATE ratings SET value = ?, reason = NULL, updated_at = ? WHERE turn_id = ? AND user_id = ?",
                          (value, ts, turn_id, user_id))
             return "changed"
 
     def rating(self, turn_id: int, user_id: int) -> int | None:
         return self.database.scalar("SELECT value FROM ratings WHERE turn_id = ? AND user_id = ?", (turn_id, user_id))
+
+    def give_reason(self, turn_id: int, user_id: int, reason: str) -> bool:
+        """Why this person 👎'd this reply (a REASONS key); False when their rating is not a 👎 (any more)."""
+        if reason not in REASONS:
+            raise ValueError(f"reason must be one of {', '.join(REASONS)}, not {reason!r}")
+        with self.database.transaction() as conn:
+            return conn.execute("UPDATE ratings SET reason = ? WHERE turn_id = ? AND user_id = ? AND value = -1",
+                                (reason, turn_id, user_id)).rowcount > 0
+
+    def rating_reasons(self, turn_id: int) -> list[str]:
+        """The reasons given with this reply's 👎s, as people read them (REASONS' labels), oldest first."""
+        rows = self.database.query("SELECT reason FROM ratings WHERE turn_id = ? AND value = -1 AND reason IS NOT NULL "
+                                   "ORDER BY updated_at", (turn_id,))
+        return [REASONS.get(r["reason"], r["reason"]) for r in rows]
 
     def add_alternative(self, turn_id: int, text: str, generation_id: str | None) -> int:
         with self.database.transaction() as conn:

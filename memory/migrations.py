@@ -242,6 +242,15 @@ def m009_documents(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m010_rating_reasons(conn: sqlite3.Connection) -> None:
+    """Why a reply got its 👎, when the person tapped a reason (memory/feedback.py REASONS): shown in
+    /review and kept with the KTO item the 👎 becomes. Ratings stored before keep NULL (no reason)."""
+    _script(conn, """
+    ALTER TABLE ratings ADD COLUMN reason TEXT;    -- a REASONS key; NULL: none given, or not a 👎
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

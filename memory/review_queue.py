@@ -11,6 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from core.files import now
+from memory.feedback import REASONS
 from memory.turns import Exchange, TurnsMixin
 
 
@@ -32,7 +33,9 @@ class ReviewItem:
     remaining: int = 0               # turns waiting for review, this one included
     correction: str | None = None    # its author's ✏️ correction: what approving it teaches
     author: str = ""                 # who asked (and rated or corrected): @username, a name, or the id
-    waiting_by: tuple = ()           # (who, how many of their 👍/✏️ turns wait for review), most first
+    waiting_by: tuple = ()           # (who, how many of their 👍/👎/✏️ turns wait for review), most first
+    reasons: tuple[str, ...] = ()    # why people 👎'd it, when they said (memory/feedback.py REASONS' labels)
+    lone_down: bool = False          # rated below zero with no ✏️/🔁 alternative: approving agrees with the 👎
 
 
 class ReviewQueueMixin(TurnsMixin):
@@ -90,6 +93,9 @@ class ReviewQueueMixin(TurnsMixin):
         values = [r["value"] for r in self.database.query("SELECT value FROM ratings WHERE turn_id = ?", (turn_id,))]
         start = row["context_start_turn_id"] or turn_id
         context = [e for e in self.history(row["session_id"], before_turn_id=turn_id) if e.turn_id >= start]
+        lone_down = sum(values) < 0 and not self.database.scalar(
+            "SELECT EXISTS (SELECT 1 FROM corrections WHERE turn_id = ?) OR EXISTS (SELECT 1 FROM preferences "
+            "WHERE turn_id = ?)", (turn_id, turn_id))
         correction = self.database.scalar(
             "SELECT text FROM corrections WHERE turn_id = ? AND user_id = ? ORDER BY id DESC LIMIT 1",
             (turn_id, row["user_id"]))
@@ -97,7 +103,10 @@ class ReviewQueueMixin(TurnsMixin):
             correction=correction, author=self.display_name(row["user_id"]), waiting_by=self.waiting_by(),
             turn_id=turn_id, chat_type=row["chat_type"], user_text=row["user_text"], reply_text=row["reply"] or "",
             generation_id=row["generation_id"], created_at=row["created_at"],
-            ups=values.count(1), downs=values.count(-1),
+            ups=values.count(1), downs=values.count(-1), lone_down=bool(lone_down),
+            reasons=tuple(REASONS.get(r["reason"], r["reason"]) for r in self.database.query(
+                "SELECT reason FROM ratings WHERE turn_id = ? AND value = -1 AND reason IS NOT NULL ORDER BY updated_at",
+                (turn_id,))),
             corrected=bool(self.database.scalar("SELECT COUNT(*) FROM corrections WHERE turn_id = ?", (turn_id,))),
             verdict=self.review_verdict(turn_id),
             context=context[-context_turns:] if context_turns > 0 else [], remaining=remaining)
@@ -109,12 +118,12 @@ class ReviewQueueMixin(TurnsMixin):
         return f"@{row['username']}" if row["username"] else row["first_name"] or str(user_id)
 
     def waiting_by(self, limit: int = 5) -> tuple:
-        """Whose ✏️ corrections and 👍 wait for a verdict, and how many each: the queue's contributors."""
+        """Whose ✏️ corrections and 👍/👎 wait for a verdict, and how many each: the queue's contributors."""
         rows = self.database.query(
             "SELECT t.user_id, COUNT(*) AS n FROM turns t WHERE t.status = 'answered' "
             "AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
             "AND (EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id) "
-            "OR EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id AND r.user_id = t.user_id AND r.value > 0)) "
+            "OR EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id AND r.user_id = t.user_id)) "
             "GROUP BY t.user_id ORDER BY n DESC, t.user_id LIMIT ?", (limit,))
         return tuple((self.display_name(r["user_id"]), r["n"]) for r in rows)
 

@@ -156,15 +156,16 @@ def _time(ts: str) -> float:
 
 
 def earned_trust(store, approvals: int) -> set[int]:
-    """People with at least `approvals` of their contributions (a ✏️ or 👍 on their own turn) approved
-    by an admin in /review."""
+    """People with at least `approvals` of their contributions (a ✏️, 👍 or lone 👎 on their own
+    turn) approved by an admin in /review."""
     if approvals <= 0:
         return set()
     rows = store.database.query(
         "SELECT t.user_id, COUNT(*) AS n FROM reviews v JOIN turns t ON t.id = v.turn_id "
         "WHERE v.verdict = 'approved' AND (EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id "
         "AND c.user_id = t.user_id) OR EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id "
-        "AND r.user_id = t.user_id AND r.value > 0)) GROUP BY t.user_id")
+        "AND r.user_id = t.user_id AND (r.value > 0 OR NOT EXISTS (SELECT 1 FROM preferences p "
+        "WHERE p.turn_id = t.id)))) GROUP BY t.user_id")
     return {r["user_id"] for r in rows if r["n"] >= approvals}
 
 

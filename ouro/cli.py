@@ -359,6 +359,9 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             loss = (report.train.get("documents") or {})
             print(f"  documents       {docs['chunks']} chunks, {docs['tokens']} tokens read before SFT (loss on them "
                   f"{loss.get('loss_start')} → {loss.get('loss_end')}); {docs['waiting']} chunks wait for later cycles")
+        if report.train.get("kto_steps"):
+            print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
+                  f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1

@@ -273,6 +273,10 @@ class Conversation:
         """👍 (+1) or 👎 (-1), one per person per reply; returns 'new', 'changed' or 'same'."""
         return self.store.rate(turn_id, user_id, value)
 
+    def give_reason(self, turn_id: int, user_id: int, reason: str) -> bool:
+        """Why this person 👎'd `turn_id` (memory/feedback.py REASONS); False if their rating is not a 👎."""
+        return self.store.give_reason(turn_id, user_id, reason)
+
     def ask_for_correction(self, chat_id: int, user_id: int, turn_id: int) -> None:
         """✏️: this person's next message in this chat is their better answer to `turn_id` (see receive)."""
         self.store.await_correction(chat_id, user_id, turn_id)

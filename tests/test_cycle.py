@@ -57,8 +57,13 @@ def test_nothing_reviewed_is_a_recorded_skip(world):
 
 def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     make, store = world
-    settings = make()
+    settings = make(kto_steps=4)   # KTO is off by default; on here so the stage is exercised
     add_reviewed(store, 10)
+    for i in range(2):   # lone 👎s: undesirable KTO items beside the examples and pairs
+        t = store.add_user_turn(chat_id=3000 + i, user_id=3000 + i, text=f"what is topic {i}?")
+        store.complete_turn(t, reply_text="As an AI, I'd be happy to help.", generation_id="gen-0000",
+                            prompt_tokens=10, completion_tokens=8, latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
+        store.rate(t, 3000 + i, -1)
     report = run_cycle(settings, store, progress=False)
     assert report.status == "promoted", report.reasons
     assert "documents" not in report.stage_s and "documents" not in report.train   # no documents: SFT as ever
@@ -84,6 +89,12 @@ def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     assert evals["child"]["gguf_agreement"]["correlation"] > 0.98
     assert report.train["trained_tensors_changed"] > 0 and report.train["dpo_steps"] > 0
     assert report.data["heldout"] >= 1 and report.data["new_pairs"] >= 1
+    # KTO: the lone 👍s (none of a held-out turn) and both lone 👎s, in the report, the ledger and the data
+    assert report.data["kto_undesirable"] == 2 and report.data["kto_desirable"] >= 1
+    assert (report.train["kto_desirable"], report.train["kto_undesirable"]) == (
+        report.data["kto_desirable"], report.data["kto_undesirable"]) and report.train["kto_steps"] > 0
+    assert (cand["kto_desirable"], cand["kto_undesirable"]) == (str(report.data["kto_desirable"]), "2")
+    assert len((child.folder / "data" / "kto.jsonl").read_text().splitlines()) == report.data["kto_desirable"] + 2
     assert store.generation("gen-0001")["status"] == "promoted"
     # the next cycle has nothing new: a skip, not a generation
     assert run_cycle(settings, store, progress=False).status == "skipped"

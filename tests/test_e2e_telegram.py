@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.buttons import NOT_YOURS
+from bot.buttons import ASK_REASON, NOT_YOURS, REASON_NOT_DOWN, REASON_NOTED
 from bot.chat import CORRECTION_THANKS, NON_TEXT
 from bot.commands import COMMANDS
 from bot.gate import ADMIN_ONLY, NOT_ALLOWED
@@ -55,6 +55,28 @@ async def test_thumbs_up_is_stored_once_and_can_change(emu, make_bot):
         await ann.await_for(lambda m: m.message_id == msg.message_id and "👎✓" in m.button_texts)
         assert bot.store.rating(turn_id, ANN) == -1
         assert bot.store.stats()["ratings_down"] == 1 and bot.store.stats()["ratings_up"] == 0
+
+
+async def test_thumbs_down_offers_one_tap_on_why_and_stores_it_with_the_rating(emu, make_bot):
+    async with make_bot() as bot:
+        ann = emu.client(ANN, "Ann")
+        _, msg = await reply_to(ann, "rate me down")
+        turn_id = bot.store.latest_answered_turn(ANN)
+        qid = await ann.apress(msg.callback_data[1], msg.message_id)
+        menu = await ann.await_for(lambda m: m.message_id == msg.message_id and "too long" in m.button_texts)
+        assert (await _answer(emu, qid))["text"] == ASK_REASON
+        assert menu.button_texts == ["👍", "👎✓", "🔁", "✏️", "too long", "off-topic", "wrong", "rude",
+                                     "not like you", "other"]
+        qid = await ann.apress(menu.callback_data[menu.button_texts.index("not like you")], msg.message_id)
+        await ann.await_for(lambda m: m.message_id == msg.message_id and m.button_texts == ["👍", "👎✓", "🔁", "✏️"])
+        assert (await _answer(emu, qid))["text"] == REASON_NOTED.format("not like you")
+        assert bot.store.rating(turn_id, ANN) == -1 and bot.store.rating_reasons(turn_id) == ["not like you"]
+        # a stale reason button after the 👎 became a 👍 changes nothing
+        await ann.apress(msg.callback_data[0], msg.message_id)
+        await ann.await_for(lambda m: m.message_id == msg.message_id and "👍✓" in m.button_texts)
+        qid = await ann.apress(menu.callback_data[menu.button_texts.index("rude")], msg.message_id, force=True)
+        assert (await _answer(emu, qid))["text"] == REASON_NOT_DOWN
+        assert bot.store.rating(turn_id, ANN) == 1 and bot.store.rating_reasons(turn_id) == []
 
 
 async def test_regenerate_then_pick_is_a_preference(emu, make_bot):

@@ -1,6 +1,6 @@
 """`ouro cycle`: one learning generation, end to end, restartable and all-or-nothing.
 
-export → hold-out + replay → LoRA fine-tune (+DPO) → merge → GGUF → quantize → evals →
+export → hold-out + replay → LoRA fine-tune (+DPO on pairs, +KTO on lone ratings) → merge → GGUF → quantize → evals →
 gate → record → promote. The child is assembled in a hidden staging folder and renamed into
 `models/gen-NNNN` only after `meta.json` is written, so a crash at any stage leaves nothing
 half-made visible and the active generation untouched; the next cycle notices the leftover
@@ -26,7 +26,7 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
-from memory.export import Delta, Pair, reviewed_since, still_trainable
+from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
 from memory.screens import Screens, screens_for
 from memory.store import Store
 from memory.trust import policy_for
@@ -99,7 +99,8 @@ def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=
             "gate": gate, "reason": reason, "actor": actor, "contributors": data.get("contributors", ""),
             "largest_share": data.get("largest_share", ""),
             "screened": sum((data.get("screened") or {}).values()) if data else "",
-            "eval_contamination": scores.get("contamination", "")}
+            "eval_contamination": scores.get("contamination", ""),
+            "kto_desirable": train.get("kto_desirable", ""), "kto_undesirable": train.get("kto_undesirable", "")}
 
 
 def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
@@ -227,10 +228,11 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                            budget=settings.data_budget, opt_out_by_default=settings.training_opt_out_default,
                            policy=policy_for(settings, store), screens=screens_for(settings),
                            carried=carried_over(parent, store, settings))
-    if not delta.examples and not delta.pairs:
+    if not delta.examples and not delta.pairs:   # lone 👎s alone wait: a generation needs something to imitate
         docs = store.document_stats(after_id=_docs_upto(parent))["chunks"]
+        lone = f"; {len(delta.rated)} lone ratings wait" if delta.rated else ""
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
-                                            f"(considered {delta.considered} rated items)"
+                                            f"(considered {delta.considered} rated items{lone})"
                                             + (f"; {docs} document chunks wait for a cycle with chat data"
                                                if docs else ""))
     gen_id = next_gen_id(lineage)
@@ -311,8 +313,9 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
     """The new data as exported, the split (held-out, replay) and its files; (split, the data's SHA-256)."""
     delta_text = delta.to_jsonl()
     (staging / "data" / "new.jsonl").write_text(delta_text, encoding="utf-8")
-    deferred = Delta(examples=[i for i in delta.deferred if not isinstance(i, Pair)],
-                     pairs=[i for i in delta.deferred if isinstance(i, Pair)])
+    deferred = Delta(examples=[i for i in delta.deferred if not isinstance(i, (Pair, Rated))],
+                     pairs=[i for i in delta.deferred if isinstance(i, Pair)],
+                     rated=[i for i in delta.deferred if isinstance(i, Rated)])
     (staging / "data" / "deferred.jsonl").write_text(deferred.to_jsonl(), encoding="utf-8")
     data_sha = hashlib.sha256(delta_text.encode("utf-8")).hexdigest()
     split = make_split(delta, chain, fraction=settings.heldout_fraction, replay_size=settings.replay_size,
@@ -324,9 +327,11 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
                 [{"messages": m, "source": src, **({"rejected": rej} if rej is not None else {})}
                  for m, src, rej in zip(split.heldout, split.heldout_sources, split.heldout_rejected, strict=True)])
     write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
+    write_jsonl(staging / "data" / "kto.jsonl", [asdict(r) for r in split.rated])
     report.data = {"new_examples": len(delta.examples), "new_pairs": len(delta.pairs),
                    "train": len(split.train), "replay": len(split.replay), "heldout": len(split.heldout),
-                   "dpo_pairs": len(split.pairs), "dropped": delta.dropped, "data_delta_sha": data_sha,
+                   "dpo_pairs": len(split.pairs), "kto_desirable": sum(r.desirable for r in split.rated),
+                   "kto_undesirable": sum(not r.desirable for r in split.rated), "dropped": delta.dropped, "data_delta_sha": data_sha,
                    "screened": delta.screened, "screened_items": delta.screened_items[:50],
                    "waiting_review": {str(k): v for k, v in delta.waiting.items()},
                    "deferred": len(delta.deferred), **delta.sources}
@@ -343,7 +348,9 @@ def train_config(settings: Settings):
                        max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
                        batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
                        dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
-                       dpo_lr=settings.dpo_lr, seed=settings.train_seed, kl_beta=settings.kl_beta)
+                       dpo_lr=settings.dpo_lr, kto_steps=settings.kto_steps, kto_epochs=settings.kto_epochs,
+                       kto_batch=settings.kto_batch, kto_beta=settings.kto_beta, kto_lr=settings.kto_lr,
+                       seed=settings.train_seed, kl_beta=settings.kl_beta)
 
 
 def _docs_upto(gen: Generation) -> int:
@@ -381,13 +388,15 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     from engine.template import ChatFormat
     from trainer.dataset import DPOPair
     from trainer.finetune import train
+    from trainer.kto import KTOItem
 
     base_hf = base or ensure_full_precision(parent)
     sft = [e.messages for e in split.train + split.replay]
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
     result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
                    chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
-                   weights=[e.weight for e in split.train + split.replay])
+                   weights=[e.weight for e in split.train + split.replay],
+                   kto_items=[KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated])
     report.train = {**report.train, "steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,
@@ -395,7 +404,10 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
                     "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
                     "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
                     "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,
-                    "dpo_margin_end": result.dpo_margin_end, "merge_max_abs_diff": result.merge_max_abs_diff,
+                    "dpo_margin_end": result.dpo_margin_end, "kto_steps": result.kto_steps,
+                    "kto_desirable": result.kto_desirable, "kto_undesirable": result.kto_undesirable,
+                    "kto_loss_start": result.kto_loss_start, "kto_loss_end": result.kto_loss_end,
+                    "kto_margin_end": result.kto_margin_end, "merge_max_abs_diff": result.merge_max_abs_diff,
                     "trained_tensors_changed": result.trained_tensors_changed}
     return result
 

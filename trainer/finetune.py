@@ -3,6 +3,7 @@
     base_dir (HF checkpoint, full precision) ──► LoRA on q,k,v,o,gate,up,down
         ──► SFT: a plain loop over packed rows (trainer.dataset), loss on replies only
         ──► DPO (trl DPOTrainer) on the same adapter; the frozen reference is the SFT adapter
+        ──► KTO on lone 👍/👎 (trainer/kto.py) on the same adapter; the reference is the model so far
         ──► merge_and_unload, checked: merged logits == adapter logits
         ──► out_dir: merged model + tokenizer (+ training.json), written under a temp name and renamed
 
@@ -45,6 +46,7 @@ from trainer.dataset import (
     encode_pairs,
     pack,
 )
+from trainer.kto import KTOItem, encode_items, kto_train
 
 # Llama/Qwen/Gemma/Mistral projections, and Phi-3's fused qkv_proj / gate_up_proj
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -78,9 +80,17 @@ class TrainConfig:
         "help": "Passes over the preference pairs: the DPO pass takes ceil(dpo_epochs x pairs / batch) steps, "
                 "at most dpo_steps."})
     dpo_max_len: int = field(default=384, metadata={
-        "help": "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this. Which reply is "
-                "better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
+        "help": "Tokens per DPO (and KTO) sequence: a pair's prompt keeps its newest exchanges within this. Which "
+                "reply is better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
     dpo_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the DPO pass."})
+    kto_steps: int = field(default=20, metadata={"help": "Most KTO optimizer steps on lone 👍/👎 (0: skip KTO)."})
+    kto_epochs: int = field(default=1, metadata={
+        "help": "Passes over the lone ratings: the KTO pass takes ceil(kto_epochs x items / kto_batch) steps, "
+                "at most kto_steps."})
+    kto_batch: int = field(default=2, metadata={
+        "help": "Items per KTO step (≥ 2 gives the KL estimate a mismatched reply; small keeps memory low)."})
+    kto_beta: float = field(default=0.1, metadata={"help": "KTO temperature beta: how far from the model before it."})
+    kto_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the KTO pass."})
     kl_beta: float = field(default=0.0, metadata={
         "help": "Weight of a KL term holding the next-token distribution at the reply tokens to the parent's "
                 "(the adapter switched off): the taught token still wins, the rest keeps the parent's shape. "
@@ -109,6 +119,11 @@ class TrainConfig:
         need(isinstance(self.dpo_epochs, int) and self.dpo_epochs >= 1, "dpo_epochs", "an integer ≥ 1")
         need(isinstance(self.dpo_max_len, int) and self.dpo_max_len >= 16, "dpo_max_len", "an integer ≥ 16")
         need(self.dpo_lr > 0, "dpo_lr", "> 0")
+        need(isinstance(self.kto_steps, int) and self.kto_steps >= 0, "kto_steps", "an integer ≥ 0")
+        need(isinstance(self.kto_epochs, int) and self.kto_epochs >= 1, "kto_epochs", "an integer ≥ 1")
+        need(isinstance(self.kto_batch, int) and self.kto_batch >= 1, "kto_batch", "an integer ≥ 1")
+        need(self.kto_beta > 0, "kto_beta", "> 0")
+        need(self.kto_lr > 0, "kto_lr", "> 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer ≥ 0")
         need(0 <= self.kl_beta <= 100, "kl_beta", "in [0, 100]")
 
@@ -143,6 +158,13 @@ class TrainResult:
     dpo_loss_end: float | None = None
     dpo_margin_start: float | None = None  # mean log p(chosen) − log p(rejected) over the pairs, before DPO
     dpo_margin_end: float | None = None
+    kto_desirable: int = 0       # lone 👍 items the KTO pass used (after dropping those that cannot fit)
+    kto_undesirable: int = 0     # lone 👎 items it used
+    kto_dropped: int = 0
+    kto_steps: int = 0
+    kto_loss_start: float | None = None
+    kto_loss_end: float | None = None
+    kto_margin_end: float | None = None   # mean log-ratio vs the pass's start, desirable minus undesirable
     merge_max_abs_diff: float = 0.0
     losses: list[float] = field(default_factory=list)
     stage_s: dict[str, float] = field(default_factory=dict)
@@ -537,13 +559,14 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
           out_dir: Path, cfg: TrainConfig, progress: bool = True, *,
           chat_format: ChatFormat | None = None,
           on_step: Callable[[int, int], None] | None = None,
-          weights: Sequence[float] | None = None) -> TrainResult:
+          weights: Sequence[float] | None = None, kto_items: Sequence[KTOItem] = ()) -> TrainResult:
     """Fine-tune the checkpoint in base_dir and save the merged model into out_dir.
 
     `chat_format` is the parent GGUF's template (`ChatFormat.from_gguf`); by default the one
     the checkpoint's tokenizer carries (saved from that GGUF). out_dir must not exist yet.
     `weights`: one SFT loss weight per example (memory/trust.py's tier weights), normalized here to
     a mean of 1 over the target tokens; None or all equal: the plain mean loss.
+    `kto_items`: lone ratings for the KTO pass after DPO (trainer/kto.py), each with its own weight.
     """
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -567,6 +590,7 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         encoded = mean_one(encoded)
         rows = rows_for(encoded, cfg)
         pairs, dpo_dropped = encode_pairs(dpo_pairs, tokenizer, fmt, cfg.dpo_max_len)
+        rated, kto_dropped = encode_items(kto_items, tokenizer, fmt, cfg.dpo_max_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with stages.run("sft"):
         sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step)
@@ -577,6 +601,11 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
             margin_start = preference_margin(model, pairs[:32])
             dpo = dpo_train(model, tokenizer, pairs, cfg, progress=progress)
             margin_end = preference_margin(model, pairs[:32])
+    kto: dict = {"steps": 0, "loss_start": None, "loss_end": None, "margin_end": None, "desirable": 0,
+                 "undesirable": 0}
+    if rated and cfg.kto_steps:
+        with stages.run("kto"):
+            kto = kto_train(model, rated, cfg, pad_id)
     changed = _share_changed(model, snapshot)
     del snapshot
     with stages.run("merge"):
@@ -591,7 +620,10 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         row_fill=round(sum(len(r) for r in rows) / (len(rows) * cfg.max_seq_len), 3),
         target_tokens=sum(e.n_target for e in encoded), trained_tensors_changed=round(changed, 3),
         dpo_pairs=len(pairs), dpo_dropped=dpo_dropped, dpo_steps=dpo["steps"], dpo_loss_start=dpo["loss_start"], dpo_loss_end=dpo["loss_end"],
-        dpo_margin_start=margin_start, dpo_margin_end=margin_end, merge_max_abs_diff=diff, losses=sft.losses)
+        dpo_margin_start=margin_start, dpo_margin_end=margin_end, kto_desirable=kto["desirable"],
+        kto_undesirable=kto["undesirable"], kto_dropped=kto_dropped, kto_steps=kto["steps"],
+        kto_loss_start=kto["loss_start"], kto_loss_end=kto["loss_end"], kto_margin_end=kto["margin_end"],
+        merge_max_abs_diff=diff, losses=sft.losses)
     with stages.run("save"):
         tokenizer.chat_template = fmt.template  # the next generation renders with the same template
         _save(merged, tokenizer, out_dir, result, cfg, started, stages)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lineage.generations import Generation, Lineage
-from memory.export import Delta, Example, Pair
+from memory.export import Delta, Example, Pair, Rated
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Split:
     replay: list[Example]
     heldout_sources: list[str] = field(default_factory=list)   # what made each held-out reply the target
     heldout_rejected: list[str | None] = field(default_factory=list)   # the served reply a correction replaced
+    rated: list[Rated] = field(default_factory=list)          # lone 👍/👎 for KTO, none of a held-out turn
 
 
 def holdout(delta: Delta, fraction: float) -> tuple[list[Example], list[Pair], list[list[dict]]]:
@@ -112,15 +113,20 @@ def ancestor_heldout(chain: list[Generation]) -> list[list[dict]]:
 def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay_size: int, seed: int,
                allowed: Callable[[list[Example]], list[Example]] | None = None) -> Split:
     """`allowed` re-checks the ancestors' examples before any is replayed (memory.export.still_trainable:
-    nobody who used /forget or /optout since, no turn an admin rejected)."""
+    nobody who used /forget or /optout since, no turn an admin rejected). A lone 👍's KTO item leaves
+    training with its held-out turn; lone 👎s are never held out (they have no reference reply) and
+    are not replayed (a rating speaks of the model that was rated)."""
     train, pairs, heldout, sources, rejected = holdout_with_sources(delta, fraction)
+    kept = {x.turn_id for x in [*train, *pairs]}
+    held = {x.turn_id for x in [*delta.examples, *delta.pairs] if x.turn_id is not None} - kept
+    rated = [r for r in delta.rated if r.turn_id is None or r.turn_id not in held]
     pool = ancestor_examples(chain)
     if allowed is not None:
         pool = allowed(pool)
     rng = random.Random(seed)
     replay = rng.sample(pool, min(replay_size, len(pool))) if pool else []
     return Split(train=train, pairs=pairs, heldout=heldout, replay=replay, heldout_sources=sources,
-                 heldout_rejected=rejected)
+                 heldout_rejected=rejected, rated=rated)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from core.files import now
 from lineage.generations import Generation, Lineage
-from memory.export import Delta, reviewed_since, still_trainable
+from memory.export import Delta, reviewed_since, still_trainable, still_unwanted
 from memory.screens import screens_for
 from memory.store import Store
 from memory.trust import policy_for
@@ -43,10 +43,12 @@ class Waiting:
 
 
 def carried_over(gen: Generation, store: Store, settings: Settings) -> Delta:
-    """What `gen`'s cycle deferred over a source's cap, still trainable now (no /forget, /optout)."""
+    """What `gen`'s cycle deferred over a source's cap, still trainable now (no /forget, /optout;
+    a lone 👎 also still a lone 👎)."""
     path = gen.folder / "data" / "deferred.jsonl"
     carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
     carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
+    carried.rated = still_unwanted(store, carried.rated, opt_out_by_default=settings.training_opt_out_default)
     return carried
 
 
