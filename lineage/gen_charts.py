@@ -38,17 +38,29 @@ def generation_chart(kind: str, gens: list[Generation], out: Path, *, active: st
     xs = list(range(len(gens)))
     width = max(6.0, 0.6 * len(gens) + 3)
     if kind == "evals":
+        # the base has no scores of its own, but its first child measured it: drawn hatched
+        as_parent: dict[str, dict] = {}
+        for g in gens:
+            if g.parent_id and g.parent_id not in as_parent:
+                as_parent[g.parent_id] = g.meta.get("parent_scores") or {}
         fig, axes = plt.subplots(1, 3, figsize=(max(9.0, 3 * (0.35 * len(gens) + 2)), 3.4))
         for ax, (key, title) in zip(axes, EVALS, strict=True):
             own = [(g.meta.get("scores") or {}).get(key) for g in gens]
             parent = [(g.meta.get("parent_scores") or {}).get(key) for g in gens]
             ax.bar(xs, [0 if v is None else v for v in own], color=colors, alpha=0.75)
+            measured = [(x, as_parent.get(g.id, {}).get(key)) for x, g, v in zip(xs, gens, own, strict=True)
+                        if v is None]
+            measured = [(x, v) for x, v in measured if v is not None]
+            if measured:
+                ax.bar(*zip(*measured, strict=True), color="white", edgecolor="tab:blue", hatch="//",
+                       label="measured as a parent")
             pts = [(x, p) for x, p in zip(xs, parent, strict=True) if p is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), "k_", markersize=14, mew=2, label="its parent")
-                ax.legend(fontsize=7, loc="lower right")
+            if pts or measured:
+                ax.legend(fontsize=7, loc="best")
             for x, v in zip(xs, own, strict=True):
-                if v is None:
+                if v is None and x not in dict(measured):
                     ax.text(x, 0, "—", ha="center", va="bottom", fontsize=8, color="grey")
             ax.set_ylim(0, 10.5 if key == "style_drift" else 1.05)
             ax.set_title(title, fontsize=9)
