@@ -461,7 +461,8 @@ def test_bench_serve_concurrent_part_runs_n_api_clients_beside_n_telegram_chats(
                              stream_edit_interval_s=0.2)
     store = Store.open(settings.db_path)
 
-    worker = InferenceWorker(RecordingEngine(delay_s=0.05))
+    engine = RecordingEngine(delay_s=0.05)
+    worker = InferenceWorker(engine)
     try:
         rt = SimpleNamespace(settings=settings, store=store, worker=worker,
                              conversation=Conversation(settings, store, worker))
@@ -481,6 +482,11 @@ def test_bench_serve_concurrent_part_runs_n_api_clients_beside_n_telegram_chats(
     assert len(api_people) == 3 and telegram_people == {70_000, 70_001, 70_002}   # a person per client
     telegram_tokens = sum(r["completion_tokens"] for r in answered if r["user_id"] in telegram_people)
     assert result["telegram_tokens_per_s"] == pytest.approx(telegram_tokens / result["telegram_wall_s"], rel=0.01)
+    for i in range(3):   # each second prompt was answered with its first exchange in context, on both sides
+        first, second = MESSAGES[2 * i], MESSAGES[2 * i + 1]
+        seen = [[m["content"] for m in p] for p in engine.prompts if p[-1]["content"] == second]
+        assert len(seen) == 2 and all(any(first in c for c in contents[:-1]) for contents in seen), i
+        assert len(seen[0]) == len(seen[1])
     print_report(result)
     out = capsys.readouterr().out
     assert "3 clients at once, 2 prompts each" in out and "OpenAI-compatible API" in out and "Telegram" in out

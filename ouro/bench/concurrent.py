@@ -3,8 +3,9 @@ people at once through Telegram, on the same model in one run.
 
 The API side: N real `openai` clients (AsyncOpenAI), each with its own key — its own person and
 chat, as N apps would be — each sending ROUNDS prompts one after another (waiting for each reply,
-as a person does), all N at the same time; non-streaming, temperature 0, the bot's max tokens. The
-Telegram side: N emulated users (the local Bot API emulator, python-telegram-bot, the store, the
+as a person does; each request carries the conversation so far, as chat clients send it, so both
+sides answer with the same context), all N at the same time; non-streaming, temperature 0, the
+bot's max tokens. The Telegram side: N emulated users (the local Bot API emulator, python-telegram-bot, the store, the
 streaming edits) sending the same prompts the same way; a reply counts once its final message shows
 the rating buttons. Each side reports replies per minute and completion tokens per second over its
 wall time, and the p50/p95 of one reply's latency (send → whole reply). One worker serves both, one
@@ -78,16 +79,20 @@ async def _api_side(rt, prompts: list[list[str]], *, quiet: bool) -> dict:
         key, _user = create_key(rt.store, f"bench-concurrent-{i}")
         async with AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0,
                                timeout=600) as api:
+            history: list[dict] = []   # the conversation so far, sent with each request as clients do
             for text in texts:
+                history.append({"role": "user", "content": text})
                 started = time.perf_counter()
                 try:
                     reply = await api.chat.completions.create(model="ouro", temperature=0, max_tokens=max_tokens,
-                                                              messages=[{"role": "user", "content": text}])
+                                                              messages=history)
                 except Exception:   # an API error (busy, limited, …): counted, not timed
                     failed += 1
+                    history.pop()
                 else:
                     latencies.append(time.perf_counter() - started)
                     tokens += reply.usage.completion_tokens if reply.usage else 0
+                    history.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
                 bar.update(1)
 
     try:
