@@ -105,7 +105,8 @@ class ReviewQueueMixin(TurnsMixin):
                    for name, cond in REVIEW_SOURCES.items()]
         columns += [f"SUM(CASE WHEN ({cond}) AND {by_source} THEN 1 ELSE 0 END) AS rating_{name}"
                     for name, cond in REVIEW_RATINGS.items()]
-        row = self.database.one("SELECT " + ", ".join(columns) + " " + queue, params) or {}
+        select = ", ".join(columns)
+        row = self.database.one("SELECT " + select + " " + queue, params) or {}
         return {"source": {name: int(row.get(f"source_{name}") or 0) for name in REVIEW_SOURCES},
                 "rating": {name: int(row.get(f"rating_{name}") or 0) for name in REVIEW_RATINGS}}
 

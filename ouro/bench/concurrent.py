@@ -16,6 +16,7 @@ on top. A failed or refused reply is counted, never dropped from the figures sil
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 
@@ -137,10 +138,9 @@ async def _telegram_side(rt, prompts: list[list[str]], *, quiet: bool) -> dict:
                 wall = time.perf_counter() - started
             finally:
                 bar.close()
-    marks = ",".join("?" * len(users))
     tokens = rt.store.database.scalar(   # what the bot generated for these people, as the store recorded it
-        f"SELECT COALESCE(SUM(completion_tokens), 0) FROM turns WHERE status = 'answered' AND user_id IN ({marks})",
-        tuple(users))
+        "SELECT COALESCE(SUM(completion_tokens), 0) FROM turns WHERE status = 'answered' "
+        "AND user_id IN (SELECT value FROM json_each(?))", (json.dumps(users),))
     return summary("telegram", latencies, int(tokens or 0), wall, failed)
 
 
