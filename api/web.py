@@ -55,6 +55,11 @@ PAGE_ITEMS = 25
 GEN_ID = re.compile(r"gen-[0-9]{4,8}")
 TURN_ID = re.compile(r"[1-9][0-9]{0,17}")
 PERSON_ID = re.compile(r"-?[0-9]{1,19}")
+PAGE_NO = re.compile(r"[1-9][0-9]{0,5}")
+# the review filters' names, as the page shows them (memory/review_queue.py holds their SQL)
+REVIEW_SOURCE_NAMES = {"correction": "✏️ corrected", "pick": "🔁 sample kept", "api": "through the API",
+                       "chat": "Telegram / terminal"}
+REVIEW_RATING_NAMES = {"up": "👍", "down": "👎", "none": "not rated"}
 ACTIONS = {"approve": "approved", "reject": "rejected", "edit": "edited"}
 LEDGER_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback", "swap_failed")
 HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -257,20 +262,68 @@ class WebPage:
         return rows[::-1]   # newest first
 
     async def chart(self, request: Request) -> Response:
-        """The lineage chart (lineage/chart.py, as /lineage sends it), as a PNG."""
+        """A chart as a PNG: the lineage chart (lineage/chart.py, as /lineage sends it), or with
+        `?kind=` one of the per-generation charts (lineage/gen_charts.py)."""
         if self.session_of(request) is None:
             return Response(status_code=403, headers=HEADERS)
         from lineage.chart import lineage_chart
+        from lineage.gen_charts import CHARTS, generation_chart
+
+        kind = request.query_params.get("kind") or "lineage"
+        if kind != "lineage" and kind not in CHARTS:
+            return Response(f"kind must be one of: lineage, {', '.join(CHARTS)}", status_code=400,
+                            media_type="text/plain", headers=HEADERS)
+        ratings = self.store.ratings_by_generation() if kind == "feedback" else None
 
         def draw() -> bytes:
             with tempfile.TemporaryDirectory(dir=self.settings.data_dir) as tmp:
-                return lineage_chart(self.lineage, Path(tmp) / "lineage.png").read_bytes()
+                out = Path(tmp) / "chart.png"
+                if kind == "lineage":
+                    return lineage_chart(self.lineage, out).read_bytes()
+                return generation_chart(kind, self.lineage.generations(), out, active=self.lineage.active_id(),
+                                        ratings=ratings).read_bytes()
 
         try:
             png = await asyncio.to_thread(draw)
         except ValueError:   # no generations yet
             return Response(status_code=404, headers=HEADERS)
         return Response(png, media_type="image/png", headers=HEADERS)
+
+    async def lineage_get(self, request: Request) -> Response:
+        """GET /lineage/…: a generation's own page (/lineage/gen-0001), or promote/rollback's confirmation."""
+        if GEN_ID.fullmatch(request.path_params["action"]):
+            return await self.generation_page(request)
+        return await self.confirm(request)
+
+    async def generation_page(self, request: Request) -> Response:
+        """One generation: its data, its scores against its parent's (measured in the same eval run),
+        the gate's decision and reasons, its cycle's stage times, its ratings in live use, and every
+        ledger row about it (who promoted or rolled back, and why)."""
+        session = self.page_session(request)
+        if isinstance(session, Response):
+            return session
+        gen = self.known_generation(request.path_params["action"])
+        meta = gen.meta
+        own, parent = meta.get("scores") or {}, meta.get("parent_scores") or {}
+        scores = []
+        for key in ("recall", "generalization", "style_drift", "format", "contamination"):
+            if key in own or key in parent:
+                a, b = own.get(key), parent.get(key)
+                delta = round(a - b, 4) if isinstance(a, int | float) and isinstance(b, int | float) else None
+                better = None if delta is None or delta == 0 else (delta < 0 if key in ("style_drift", "contamination")
+                                                                   else delta > 0)
+                scores.append({"name": key, "own": a, "parent": b, "delta": delta, "better": better})
+        stage_s = {k: v for k, v in (meta.get("stage_s") or {}).items() if isinstance(v, int | float)}
+        data = {k: v for k, v in (meta.get("data") or {}).items() if not isinstance(v, dict | list)}
+        ledger = [row for row in self.lineage.ledger() if row.get("GEN_ID") == gen.id]
+        live = self.store.ratings_by_generation().get(gen.id, {"answered": 0, "up": 0, "down": 0})
+        rated = live["up"] + live["down"]
+        return self.render("generation.html", session=session, gen=gen, meta=meta, scores=scores, data=data,
+                           train={k: v for k, v in (meta.get("train") or {}).items() if not isinstance(v, dict | list)},
+                           stage_s=stage_s, stage_total=round(sum(stage_s.values()), 1), ledger=ledger, live=live,
+                           down_share=f"{live['down'] / rated:.0%}" if rated else None,
+                           active=self.lineage.active_id(),
+                           children=[g.id for g in self.lineage.generations() if g.parent_id == gen.id])
 
     async def confirm(self, request: Request) -> Response:
         """The confirmation step of promote and rollback: what moves where, and a form to do it."""
@@ -347,22 +400,51 @@ class WebPage:
 
     # --- review -----------------------------------------------------------------------------------
     async def review(self, request: Request) -> Response:
-        """The review queue, many turns a page, in /review's order; `?person=ID` keeps one person's."""
+        """The review queue, many turns a page, in /review's order; `?person=ID`, `?source=…` and
+        `?rating=…` narrow it, `?page=N` pages through it; the filters ride in every link and form."""
         session = self.page_session(request)
         if isinstance(session, Response):
             return session
-        person = request.query_params.get("person") or None
-        if person is not None and not PERSON_ID.fullmatch(person):
-            raise Refused(400, "person must be a user id.")
-        user_id = int(person) if person is not None else None
+        user_id, source, rating, page = self.review_filters(request)
         opt = self.settings.training_opt_out_default
         skipped = self.skipped.get(session.admin_id, set())
-        ids, waiting = self.store.review_queue(opt_out_by_default=opt, skip=skipped, user_id=user_id,
-                                               limit=PAGE_ITEMS)
+        ids, waiting = self.store.review_queue(opt_out_by_default=opt, skip=skipped, user_id=user_id, source=source,
+                                               rating=rating, limit=PAGE_ITEMS, offset=(page - 1) * PAGE_ITEMS)
+        if not ids and waiting and page > 1:   # verdicts emptied this page: show the last one that has turns
+            page = -(-waiting // PAGE_ITEMS)
+            ids, waiting = self.store.review_queue(opt_out_by_default=opt, skip=skipped, user_id=user_id,
+                                                   source=source, rating=rating, limit=PAGE_ITEMS,
+                                                   offset=(page - 1) * PAGE_ITEMS)
+        counts = self.store.review_filter_counts(opt_out_by_default=opt, skip=skipped, user_id=user_id,
+                                                 source=source, rating=rating)
         items = [item for item in (self.store.review_item(i) for i in ids) if item is not None]
+        pages = max(1, -(-waiting // PAGE_ITEMS))
         return self.render("review.html", session=session, items=items, waiting=waiting, person=user_id,
+                           source=source, rating=rating, counts=counts, sources=REVIEW_SOURCE_NAMES,
+                           ratings=REVIEW_RATING_NAMES, page=page, pages=pages,
+                           prev_url=self.review_url(user_id, source, rating, page - 1) if page > 1 else None,
+                           next_url=self.review_url(user_id, source, rating, page + 1) if page < pages else None,
                            people=self.store.review_people(opt_out_by_default=opt), skipped=len(skipped),
-                           back=self.review_url(user_id), keys_js=REVIEW_KEYS_JS, script_csp=REVIEW_KEYS_CSP)
+                           back=self.review_url(user_id, source, rating, page), keys_js=REVIEW_KEYS_JS,
+                           script_csp=REVIEW_KEYS_CSP)
+
+    @staticmethod
+    def review_filters(request: Request) -> tuple[int | None, str | None, str | None, int]:
+        """The review page's filters from its query string; anything but the known values is a 400."""
+        query = request.query_params
+        person = query.get("person") or None
+        if person is not None and not PERSON_ID.fullmatch(person):
+            raise Refused(400, "person must be a user id.")
+        source = query.get("source") or None
+        if source is not None and source not in REVIEW_SOURCE_NAMES:
+            raise Refused(400, "source must be one of: " + ", ".join(REVIEW_SOURCE_NAMES) + ".")
+        rating = query.get("rating") or None
+        if rating is not None and rating not in REVIEW_RATING_NAMES:
+            raise Refused(400, "rating must be one of: " + ", ".join(REVIEW_RATING_NAMES) + ".")
+        raw_page = query.get("page") or "1"
+        if not PAGE_NO.fullmatch(raw_page):
+            raise Refused(400, "page must be a page number.")
+        return (int(person) if person is not None else None), source, rating, int(raw_page)
 
     async def verdict(self, request: Request) -> Response:
         """approve / reject / edit (with the better reply) / skip one turn; back to the queue."""
@@ -491,8 +573,12 @@ class WebPage:
         return RedirectResponse("/people", status_code=303, headers=HEADERS)
 
     @staticmethod
-    def review_url(user_id: int | None) -> str:
-        return "/review" + (f"?{urlencode({'person': user_id})}" if user_id is not None else "")
+    def review_url(user_id: int | None = None, source: str | None = None, rating: str | None = None,
+                   page: int = 1) -> str:
+        """The review page with these filters (what `back` and the page links carry)."""
+        query = {k: v for k, v in (("person", user_id), ("source", source), ("rating", rating),
+                                   ("page", page if page > 1 else None)) if v is not None}
+        return "/review" + (f"?{urlencode(query)}" if query else "")
 
     # --- errors -----------------------------------------------------------------------------------
     def refused(self, request: Request, exc: Refused) -> Response:
@@ -542,7 +628,7 @@ def web_routes(page: WebPage) -> list[Route]:
         Route("/people/optout", guarded(page.opt_out), methods=["POST"]),
         Route("/lineage", guarded(page.lineage_page), methods=["GET"]),
         Route("/lineage/chart.png", guarded(page.chart), methods=["GET"]),
-        Route("/lineage/{action:str}", guarded(page.confirm), methods=["GET"]),
+        Route("/lineage/{action:str}", guarded(page.lineage_get), methods=["GET"]),
         Route("/lineage/{action:str}", guarded(page.act), methods=["POST"]),
         Route("/review", guarded(page.review), methods=["GET"]),
         Route("/conversations", guarded(page.conversations), methods=["GET"]),

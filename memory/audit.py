@@ -55,6 +55,17 @@ class AuditMixin:
         values = [1 if r["v"] > 0 else -1 for r in rows]
         return values[::-1] if newest else values
 
+    def ratings_by_generation(self) -> dict[str, dict[str, int]]:
+        """Per generation that served turns: {"answered": n, "up": n, "down": n} — its answered turns and
+        how many of them people rated 👍 and 👎 (as generation_ratings counts: a turn by the sign of its
+        ratings' sum, a tie neither). The web page's "👎 share in live use" chart."""
+        rows = self.database.query(
+            "SELECT t.generation_id AS gen, COUNT(*) AS answered, SUM(CASE WHEN s.v > 0 THEN 1 ELSE 0 END) AS up, "
+            "SUM(CASE WHEN s.v < 0 THEN 1 ELSE 0 END) AS down FROM turns t "
+            "LEFT JOIN (SELECT turn_id, SUM(value) AS v FROM ratings GROUP BY turn_id) s ON s.turn_id = t.id "
+            "WHERE t.status = 'answered' AND t.generation_id IS NOT NULL GROUP BY t.generation_id")
+        return {r["gen"]: {"answered": r["answered"], "up": r["up"] or 0, "down": r["down"] or 0} for r in rows}
+
     def last_event(self, kinds: tuple[str, ...]) -> dict | None:
         marks = ",".join("?" * len(kinds))
         return self.database.one(f"SELECT * FROM events WHERE kind IN ({marks}) ORDER BY id DESC LIMIT 1", kinds)

@@ -11,8 +11,32 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from core.files import now
+from memory.api_keys import API_USER_BASE
 from memory.feedback import REASONS
 from memory.turns import Exchange, TurnsMixin
+
+# The review queue's filters (the web page's menus): a fixed name → a fixed SQL condition on turn `t`;
+# only these names reach SQL, so a filter value is never spliced into a query.
+REVIEW_SOURCES = {
+    "correction": "EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id)",   # someone's ✏️ correction
+    "pick": "t.picked_alternative_id IS NOT NULL",                                 # a 🔁 sample was kept
+    "api": f"t.chat_id <= {API_USER_BASE}",                                        # through the /v1 API
+    "chat": f"t.chat_id > {API_USER_BASE}",                                        # Telegram or `ouro chat`
+}
+REVIEW_RATINGS = {
+    "up": "EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id AND r.value > 0)",
+    "down": "EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id AND r.value < 0)",
+    "none": "NOT EXISTS (SELECT 1 FROM ratings r WHERE r.turn_id = t.id)",
+}
+
+
+def _filters(source: str | None, rating: str | None) -> list[str]:
+    """The SQL conditions of a source and a rating filter; an unknown name is a ValueError."""
+    if source is not None and source not in REVIEW_SOURCES:
+        raise ValueError(f"unknown review source {source!r}")
+    if rating is not None and rating not in REVIEW_RATINGS:
+        raise ValueError(f"unknown review rating {rating!r}")
+    return ([REVIEW_SOURCES[source]] if source else []) + ([REVIEW_RATINGS[rating]] if rating else [])
 
 
 @dataclass(frozen=True)
@@ -56,22 +80,46 @@ class ReviewQueueMixin(TurnsMixin):
         return self.review_item(ids[0], context_turns=context_turns, remaining=remaining)
 
     def review_queue(self, *, opt_out_by_default: bool, skip: Collection[int] = (), user_id: int | None = None,
-                     limit: int = 50) -> tuple[list[int], int]:
-        """The ids of the next `limit` turns waiting for review, in `next_review`'s order, and how many
-        wait in all; `user_id` keeps one person's turns (the web page's filter)."""
-        queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
-                 "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
-                 "AND t.id NOT IN (SELECT value FROM json_each(?)) AND (? IS NULL OR t.user_id = ?)")
-        params = (int(opt_out_by_default), json.dumps(sorted(skip)), user_id, user_id)
+                     source: str | None = None, rating: str | None = None, limit: int = 50,
+                     offset: int = 0) -> tuple[list[int], int]:
+        """The ids of the next `limit` turns waiting for review (after the first `offset`), in
+        `next_review`'s order, and how many wait in all; `user_id`, `source` (REVIEW_SOURCES) and
+        `rating` (REVIEW_RATINGS) narrow it (the web page's filters)."""
+        queue, params = self._queue(opt_out_by_default, skip, user_id)
+        where = "".join(f" AND {cond}" for cond in _filters(source, rating))
         rows = self.database.query(
             "SELECT t.id, (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) AS score, "
             "(SELECT COUNT(*) FROM ratings r WHERE r.turn_id = t.id) AS n, "
-            "EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id) AS fixed " + queue
-            + " ORDER BY CASE WHEN fixed OR score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT ?",
-            (*params, limit))
-        if not rows:
-            return [], 0
-        return [r["id"] for r in rows], self.database.scalar("SELECT COUNT(*) " + queue, params)
+            "EXISTS (SELECT 1 FROM corrections c WHERE c.turn_id = t.id) AS fixed " + queue + where
+            + " ORDER BY CASE WHEN fixed OR score > 0 THEN 0 WHEN n > 0 THEN 1 ELSE 2 END, t.id LIMIT ? OFFSET ?",
+            (*params, limit, max(0, offset)))
+        total = self.database.scalar("SELECT COUNT(*) " + queue + where, params)
+        return [r["id"] for r in rows], total
+
+    def review_filter_counts(self, *, opt_out_by_default: bool, skip: Collection[int] = (),
+                             user_id: int | None = None, source: str | None = None,
+                             rating: str | None = None) -> dict[str, dict[str, int]]:
+        """How many turns wait under each source and each rating, with the other filters applied:
+        {"source": {"correction": n, …}, "rating": {"up": n, …}} (what the filter menus show)."""
+        queue, params = self._queue(opt_out_by_default, skip, user_id)
+        by_rating = " AND ".join(_filters(None, rating)) or "1"
+        by_source = " AND ".join(_filters(source, None)) or "1"
+        columns = [f"SUM(CASE WHEN ({cond}) AND {by_rating} THEN 1 ELSE 0 END) AS source_{name}"
+                   for name, cond in REVIEW_SOURCES.items()]
+        columns += [f"SUM(CASE WHEN ({cond}) AND {by_source} THEN 1 ELSE 0 END) AS rating_{name}"
+                    for name, cond in REVIEW_RATINGS.items()]
+        select = ", ".join(columns)
+        row = self.database.one("SELECT " + select + " " + queue, params) or {}
+        return {"source": {name: int(row.get(f"source_{name}") or 0) for name in REVIEW_SOURCES},
+                "rating": {name: int(row.get(f"rating_{name}") or 0) for name in REVIEW_RATINGS}}
+
+    @staticmethod
+    def _queue(opt_out_by_default: bool, skip: Collection[int], user_id: int | None) -> tuple[str, tuple]:
+        """The FROM … WHERE of the review queue (answered, no verdict, trainable, not skipped)."""
+        queue = ("FROM turns t JOIN users u ON u.id = t.user_id WHERE t.status = 'answered' "
+                 "AND COALESCE(u.training_opt_out, ?) = 0 AND NOT EXISTS (SELECT 1 FROM reviews v WHERE v.turn_id = t.id) "
+                 "AND t.id NOT IN (SELECT value FROM json_each(?)) AND (? IS NULL OR t.user_id = ?)")
+        return queue, (int(opt_out_by_default), json.dumps(sorted(skip)), user_id, user_id)
 
     def review_people(self, *, opt_out_by_default: bool) -> list[tuple[int, str, int]]:
         """(user id, name, turns waiting) of everyone with turns in the review queue, most first."""

@@ -307,6 +307,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ouro.bench.serve import PARTS, run_bench_serve
 
+    if args.concurrent is not None and not 1 <= args.concurrent <= 64:
+        raise OuroError("--concurrent takes 1 to 64 clients")
     settings = _settings(args)
     if args.what == "soak":
         from ouro.bench.soak import run_bench_soak
@@ -327,7 +329,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
         return 0
-    result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=tuple(args.only or PARTS))
+    parts = tuple(args.only or PARTS)
+    if args.concurrent is not None:
+        parts = tuple(dict.fromkeys((*parts, "concurrent")))
+    result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=parts,
+                             concurrent=args.concurrent or 4)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -748,7 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "
                                    "others ÷ warm; a reply through the bot and the emulator ÷ the bare model; a reply through the "
-                                   "OpenAI-compatible API ÷ the bare model (median latency, 5 prompts). "
+                                   "OpenAI-compatible API ÷ the bare model (median latency, 5 prompts); with --concurrent N, N "
+                                   "API clients at once beside N Telegram chats at once (replies/min, tokens/s, "
+                                   "p50/p95 latency). "
                                    "train: training tokens/s of our trainer (packed) ÷ a plain transformers + peft "
                                    "loop (padded) on the same data, model and machine; peak memory of each; stage "
                                    "times. swap: longest pause in replies during a hot-swap ÷ the median reply; "
@@ -758,9 +766,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answered or told 'busy', no errors; reply latency, queue wait, peak memory.")
     p.add_argument("what", choices=["serve", "train", "swap", "soak"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
-    p.add_argument("--only", action="append", choices=["chat", "api", "bot"],
+    p.add_argument("--only", action="append", choices=["chat", "api", "bot", "concurrent"],
                    help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
-                        "OpenAI-compatible API ÷ the bare model), bot (through the emulator)")
+                        "OpenAI-compatible API ÷ the bare model), bot (through the emulator), concurrent (see "
+                        "--concurrent; 4 clients unless it says otherwise)")
+    p.add_argument("--concurrent", type=int, metavar="N",
+                   help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
+                        "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "
+                        "tokens/s, p50/p95 reply latency of each side")
     p.add_argument("--users", type=int, default=50, help="simulated people in the soak benchmark")
     p.add_argument("--messages", type=int, default=20, help="messages each person sends in the soak benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -443,3 +443,70 @@ def test_bench_serve_api_part_times_the_api_against_the_bare_model(tmp_path, cap
     assert sum(1 for k in engine.chat_keys if str(k).startswith("bare-api")) == 3
     print_report(result)
     assert "reply through the API ÷ bare model" in capsys.readouterr().out
+
+
+def test_bench_serve_concurrent_part_runs_n_api_clients_beside_n_telegram_chats(tmp_path, capsys):
+    """`ouro bench serve --concurrent N` over the fake engine: N real openai clients (a key each) at
+    once and N emulated Telegram users at once, every reply counted on both sides, and its lines in
+    the printed report."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.worker import InferenceWorker
+    from ouro.bench import concurrent as bench
+    from ouro.bench.serve import MESSAGES, print_report
+    from serving.conversation import Conversation
+
+    settings = load_settings(data_dir=tmp_path / "data", temperature=0.0, reply_max_tokens=16,
+                             stream_edit_interval_s=0.2)
+    store = Store.open(settings.db_path)
+
+    engine = RecordingEngine(delay_s=0.05)
+    worker = InferenceWorker(engine)
+    try:
+        rt = SimpleNamespace(settings=settings, store=store, worker=worker,
+                             conversation=Conversation(settings, store, worker))
+        result = asyncio.run(bench.measure_concurrent(rt, 3, messages=MESSAGES, quiet=True, rounds=2))
+        answered = store.database.query("SELECT user_id, completion_tokens FROM turns WHERE status = 'answered'")
+    finally:
+        worker.close()
+        store.close()
+    assert result["concurrent_clients"] == 3 and result["concurrent_rounds"] == 2
+    for side in ("api", "telegram"):
+        assert result[f"{side}_replies"] == 6 and result[f"{side}_failed"] == 0, side
+        assert 0 < result[f"{side}_p50_s"] <= result[f"{side}_p95_s"] <= result[f"{side}_wall_s"], side
+        assert result[f"{side}_replies_per_min"] == pytest.approx(60 * 6 / result[f"{side}_wall_s"], rel=0.01)
+        assert result[f"{side}_tokens_per_s"] > 0
+    api_people = {r["user_id"] for r in answered if is_api_person(r["user_id"])}
+    telegram_people = {r["user_id"] for r in answered if not is_api_person(r["user_id"])}
+    assert len(api_people) == 3 and telegram_people == {70_000, 70_001, 70_002}   # a person per client
+    telegram_tokens = sum(r["completion_tokens"] for r in answered if r["user_id"] in telegram_people)
+    assert result["telegram_tokens_per_s"] == pytest.approx(telegram_tokens / result["telegram_wall_s"], rel=0.01)
+    for i in range(3):   # each second prompt was answered with its first exchange in context, on both sides
+        first, second = MESSAGES[2 * i], MESSAGES[2 * i + 1]
+        seen = [[m["content"] for m in p] for p in engine.prompts if p[-1]["content"] == second]
+        assert len(seen) == 2 and all(any(first in c for c in contents[:-1]) for contents in seen), i
+        assert len(seen[0]) == len(seen[1])
+    print_report(result)
+    out = capsys.readouterr().out
+    assert "3 clients at once, 2 prompts each" in out and "OpenAI-compatible API" in out and "Telegram" in out
+
+
+def is_api_person(user_id: int) -> bool:
+    return user_id <= API_USER_BASE
+
+
+def test_percentile_stays_within_the_measured_values():
+    from ouro.bench.concurrent import percentile
+
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(values, 50) == 3.0 and 4.0 < percentile(values, 95) <= 10.0
+    assert percentile([2.5], 95) == 2.5
+
+
+def test_bench_concurrent_flag_is_checked_and_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--concurrent N" in capsys.readouterr().out
+    assert main(["bench", "serve", "--concurrent", "0"]) == 1
+    assert "--concurrent takes 1 to 64 clients" in capsys.readouterr().err

@@ -242,6 +242,11 @@ TRUSTED_SQL_NAMES = {
     ("memory/db.py", "scalar", "sql"): "the helper itself; its callers are scanned here",
     ("memory/migrations.py", "_script", "buffer"): "statements cut from the migrations' literal SQL",
     ("memory/review_queue.py", "review_queue", "queue"): "a literal clause assembled just above",
+    ("memory/review_queue.py", "review_queue", "where"): "REVIEW_SOURCES/REVIEW_RATINGS literal conditions, "
+                                                         "picked by a name checked against them",
+    ("memory/review_queue.py", "review_filter_counts", "queue"): "a literal clause (_queue)",
+    ("memory/review_queue.py", "review_filter_counts", "select"): "SUMs over the literal conditions, aliased "
+                                                                  "with their literal names",
     ("memory/privacy.py", "delete", "table"): "literal table names given by forget_user",
     ("memory/privacy.py", "delete", "where"): "literal WHERE clauses given by forget_user",
     ("memory/audit.py", "generation_ratings", "order"): "'ASC' or 'DESC'",
@@ -326,7 +331,7 @@ BOT_WRITES = {   # bot/, api/ and serving/ (the turn life cycle every transport 
     ("serving/runtime.py", "open_store"): "<data>/ and <data>/ouro.db, at start-up",
     ("serving/runtime.py", "register_base"): "<data>/models/ (generation 0), at start-up",
     ("bot/admin.py", "draw"): "the /lineage chart in a temporary folder inside <data>, deleted after sending",
-    ("api/web.py", "draw"): "the web page's lineage chart, the same way as bot/admin.py's",
+    ("api/web.py", "draw"): "the web page's charts (lineage, per generation), the same way as bot/admin.py's",
     ("api/web_auth.py", "secret"): "<data>/web/secret, a fixed name, made once",
     ("api/web_auth.py", "create_login"): "<data>/web/logins/<SHA-256 of a token made here> (`ouro web-login`)",
     ("api/web_auth.py", "_drop_expired_logins"): "removes expired files it lists in <data>/web/logins",

@@ -492,3 +492,145 @@ def test_web_login_refuses_someone_who_is_not_an_admin(tmp_path, capsys, monkeyp
     monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
     assert main(["--data-dir", str(tmp_path), "web-login", "--admin", "77"]) == 1
     assert "not one of the admins" in capsys.readouterr().err
+
+
+# --- per-generation charts, the generation page, the review filters ---------------------------------
+def image_width(page, selector: str) -> int:
+    """An image's natural width once loaded (0: broken; -1: never finished loading)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        width = page.locator(selector).evaluate("img => img.complete ? img.naturalWidth : -1")
+        if width >= 0:
+            return width
+        time.sleep(0.1)
+    return -1
+
+
+def test_browser_shows_the_per_generation_charts_and_a_generations_page(web, page, capsys):
+    ann, bob = web.turns
+    web.store.rate(ann, 1001, -1)                                       # gen-0000 served both: one 👎 of one rated
+    web.lineage.append_ledger({"GEN_ID": "gen-0002", "event": "rollback", "actor": "admin 4242 (telegram)",
+                               "reason": "rollback by admin 4242: it forgot <b>names</b>"})
+    page.goto(login_link(web, capsys))
+    page.click("text=Lineage")
+    for chart in ("#chart-evals", "#chart-feedback", "#chart-stages"):
+        assert image_width(page, chart) > 300, chart                    # loaded and decoded as an image
+    client = logged_in(web, capsys)
+    for kind in ("evals", "feedback", "stages"):
+        png = client.get("/lineage/chart.png", params={"kind": kind})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG") and len(png.content) > 5_000, kind
+    assert client.get("/lineage/chart.png", params={"kind": "../x"}).status_code == 400
+    assert httpx.get(f"{web.base_url}/lineage/chart.png?kind=evals").status_code == 403   # no session, no chart
+
+    page.click("#detail-gen-0001")
+    assert page.url == f"{web.base_url}/lineage/gen-0001"
+    assert "promoted" in page.inner_text("#gate")
+    data = page.inner_text("#data")
+    assert "new_examples\t37" in data and "contributors\t3" in data
+    recall = page.inner_text("#score-recall")
+    assert "0.93" in recall and "0.91" in recall and "+0.02" in recall
+    drift = page.locator("#score-style_drift td").nth(3)
+    assert drift.inner_text() == "-1" and drift.get_attribute("class") == "ok"   # less drift is better
+    stages = page.inner_text("#stages")
+    assert "sft\t42.0" in stages and "total\t62.0" in stages
+    page.click("text=gen-0000")                                         # its parent's page
+    assert page.url == f"{web.base_url}/lineage/gen-0000"
+    assert "2 replies served · 👍 0 · 👎 1 · 👎 share 100%" in page.inner_text("#live")
+    assert "base" in page.inner_text("#ledger")
+    page.goto(f"{web.base_url}/lineage/gen-0002")
+    assert "recall 0.70 < 0.90 <script>alert(1)</script>" in page.inner_text("#summary")   # as text
+    ledger = page.inner_text("#ledger")
+    assert "rollback" in ledger and "admin 4242 (telegram)" in ledger and "it forgot <b>names</b>" in ledger
+    for bad in ("gen-0009", "gen-00%2F01", "gen-0001%00"):
+        assert client.get(f"/lineage/{bad}").status_code == 404, bad
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """Four waiting turns, one per source and rating: Ann ✏️-corrected hers (unrated), Bob kept a 🔁
+    sample and rated it 👎, Cat rated 👍, an API key's person sent one (unrated)."""
+    from memory.api_keys import API_USER_BASE
+
+    monkeypatch.setenv("OURO_ADMIN_IDS", str(ADMIN))
+    api_person = API_USER_BASE - 7
+    server = start_web(tmp_path, people=((1001, "Ann"), (1002, "Bob"), (1003, "Cat"), (api_person, "Key")))
+    ann, bob, cat, key = server.turns
+    store = server.store
+    store.await_correction(1001, 1001, ann)
+    assert store.take_correction(1001, 1001, "the reply Ann wanted") == ann
+    alt = store.add_alternative(bob, "a second sample", "gen-0000")
+    assert store.pick(bob, alt, 1002, keep_alternative=True)
+    store.rate(bob, 1002, -1)
+    store.rate(cat, 1003, 1)
+    yield server, {"ann": ann, "bob": bob, "cat": cat, "key": key}
+    server.close()
+
+
+def shown_turns(html: str) -> set[int]:
+    return {int(t) for t in re.findall(r'data-turn="([0-9]+)"', html)}
+
+
+def option_count(html: str, name: str, value: str) -> int:
+    select = re.search(rf'<select name="{name}">(.*?)</select>', html, re.S).group(1)
+    return int(re.search(rf'<option value="{value}"[^>]*>[^<]*\(([0-9]+)\)</option>', select).group(1))
+
+
+def test_review_filter_by_source_keeps_one_kind_and_survives_a_verdict(sources, capsys):
+    web, t = sources
+    client = logged_in(web, capsys)
+    everyone = client.get("/review").text
+    assert shown_turns(everyone) == set(t.values())
+    assert [option_count(everyone, "source", s) for s in ("correction", "pick", "api", "chat")] == [1, 1, 1, 3]
+    for source, expected in (("correction", {t["ann"]}), ("pick", {t["bob"]}), ("api", {t["key"]}),
+                             ("chat", {t["ann"], t["bob"], t["cat"]})):
+        html = client.get("/review", params={"source": source}).text
+        assert shown_turns(html) == expected, source
+        assert f'<option value="{source}" selected>' in html
+        assert f'{len(expected)} waiting under these filters' in html
+    # the filter rides in each card's form: a verdict comes back to the same filtered queue
+    html = client.get("/review", params={"source": "chat"}).text
+    assert 'name="back" value="/review?source=chat"' in html
+    reply = client.post(f"/review/{t['cat']}", data={"action": "approve", "back": "/review?source=chat",
+                                                     "csrf": CSRF.search(html).group(1)})
+    assert reply.status_code == 303 and reply.headers["location"] == "/review?source=chat"
+    after = client.get(reply.headers["location"]).text
+    assert shown_turns(after) == {t["ann"], t["bob"]} and option_count(after, "source", "chat") == 2
+
+
+def test_review_filter_by_rating_counts_each_and_pages_with_the_filters(sources, capsys, monkeypatch):
+    web, t = sources
+    client = logged_in(web, capsys)
+    everyone = client.get("/review").text
+    assert [option_count(everyone, "rating", r) for r in ("up", "down", "none")] == [1, 1, 2]
+    for rating, expected in (("up", {t["cat"]}), ("down", {t["bob"]}), ("none", {t["ann"], t["key"]})):
+        assert shown_turns(client.get("/review", params={"rating": rating}).text) == expected, rating
+    both = client.get("/review", params={"rating": "none", "source": "chat"}).text   # filters combine
+    assert shown_turns(both) == {t["ann"]} and option_count(both, "rating", "none") == 1
+    assert option_count(both, "source", "api") == 1                     # each menu counts under the other filter
+
+    monkeypatch.setattr("api.web.PAGE_ITEMS", 1)                        # one turn a page: paging keeps the filter
+    first = client.get("/review", params={"rating": "none"}).text
+    assert shown_turns(first) == {t["ann"]} and "page 1 of 2" in first
+    assert 'href="/review?rating=none&amp;page=2"' in first
+    second = client.get("/review?rating=none&page=2").text
+    assert shown_turns(second) == {t["key"]} and 'href="/review?rating=none"' in second
+    assert 'name="back" value="/review?rating=none&amp;page=2"' in second
+    reply = client.post(f"/review/{t['key']}", data={"action": "reject", "back": "/review?rating=none&page=2",
+                                                     "csrf": CSRF.search(second).group(1)})
+    assert reply.headers["location"] == "/review?rating=none&page=2"
+    emptied = client.get(reply.headers["location"]).text                # page 2 is gone: the last page shows
+    assert shown_turns(emptied) == {t["ann"]}
+
+
+def test_review_filters_refuse_junk_with_a_400(sources, capsys):
+    web, _t = sources
+    client = logged_in(web, capsys)
+    for params in ({"source": "thumbs"}, {"source": "correction' OR 1=1 --"}, {"source": "<script>"},
+                   {"rating": "1"}, {"rating": "UP"}, {"rating": "none;DROP TABLE turns"}, {"page": "0"},
+                   {"page": "-1"}, {"page": "2.5"}, {"page": "9" * 40}, {"page": "abc"}, {"person": "x", "source": "api"}):
+        reply = client.get("/review", params=params)
+        assert reply.status_code == 400, params
+        assert "<script>" not in reply.text
+    assert client.get("/review", params={"source": "", "rating": "", "page": ""}).status_code == 200   # blank: no filter
+    assert client.get("/review", params={"page": "999"}).status_code == 200                # past the end: the last page

@@ -10,6 +10,8 @@
 4. A reply through the OpenAI-compatible API (api/, a real uvicorn server on loopback, the
    `openai` client, non-streaming, temperature 0, the same max tokens) ÷ the bare model on the
    same prompt: the ratio of the median latencies over API_PROMPTS prompts (goal ≤ 1.10).
+5. With `concurrent` (`--concurrent N`): N API clients at once beside N Telegram chats at once,
+   replies/min, tokens/s and p50/p95 latency of each (ouro/bench/concurrent.py).
 Every figure uses the default model on this machine; nothing is compared across runs.
 """
 
@@ -62,8 +64,9 @@ PARTS = ("chat", "api", "bot")
 
 
 def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = False,
-                    parts: tuple[str, ...] = PARTS) -> dict:
-    """`parts`: which measurements to run (chat: 1 and 2; api: 4; bot: 3, which needs the emulator)."""
+                    parts: tuple[str, ...] = PARTS, concurrent: int = 4) -> dict:
+    """`parts`: which measurements to run (chat: 1 and 2; api: 4; bot: 3, which needs the emulator;
+    concurrent: 5, with `concurrent` clients on each side, which needs the emulator too)."""
     turns = max(3, min(turns, len(MESSAGES)))
     with tempfile.TemporaryDirectory(prefix="ouro-bench-") as tmp:
         settings = _bench_settings(base, Path(tmp))
@@ -76,6 +79,10 @@ def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = Fals
                 result.update(asyncio.run(measure_api(rt, quiet=json_output)))
             if "bot" in parts:
                 result.update(asyncio.run(_measure_bot(rt, quiet=json_output)))
+            if "concurrent" in parts:
+                from ouro.bench.concurrent import measure_concurrent
+
+                result.update(asyncio.run(measure_concurrent(rt, concurrent, messages=MESSAGES, quiet=json_output)))
         finally:
             rt.close()
     if not json_output:
@@ -212,4 +219,8 @@ def print_report(r: dict) -> None:
         note = "" if r["api_same_replies"] else "  (replies differed: not a like-for-like ratio)"
         print(f"  reply through the API ÷ bare model:    {r['api_vs_bare_ratio']:.2f}  (goal ≤ 1.10; median "
               f"{r['api_reply_s']:.3f} s vs {r['api_bare_reply_s']:.3f} s, {r['api_prompts']} prompts){note}")
+    if "concurrent_clients" in r:
+        from ouro.bench.concurrent import report_lines
+
+        print("\n".join(report_lines(r)))
 

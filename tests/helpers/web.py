@@ -60,7 +60,8 @@ def tiny_web_lineage(models: Path) -> Lineage:
     make_generation(models, "gen-0002", "gen-0001", status="refused")
     set_meta(lineage, "gen-0001", scores={"recall": 0.93, "generalization": 0.88, "style_drift": 1, "format": 1.0},
              parent_scores={"recall": 0.91, "generalization": 0.80, "style_drift": 2, "format": 0.9},
-             data={"new_examples": 37, "new_pairs": 4, "contributors": 3}, train={"loss_end": 1.2})
+             data={"new_examples": 37, "new_pairs": 4, "contributors": 3}, train={"loss_end": 1.2},
+             stage_s={"data": 1.5, "sft": 42.0, "convert": 6.0, "eval": 12.5})
     set_meta(lineage, "gen-0002", scores={"recall": 0.70, "generalization": 0.86, "style_drift": 4, "format": 1.0},
              parent_scores={"recall": 0.93, "generalization": 0.88, "style_drift": 1, "format": 1.0},
              data={"new_examples": 12}, reasons=["recall 0.70 < 0.90 <script>alert(1)</script>"])
