@@ -106,6 +106,9 @@ class Settings(BaseSettings):
         "report AMX, Q4_1 models segfault with them on."))
     kv_cache_chats: int = Field(8, ge=0, le=256, description=(
         "Recently active chats whose KV state is kept in memory, so a returning chat does not re-read its history."))
+    max_parallel: int | None = Field(None, ge=1, le=64, description=(
+        "Replies decoded at once, in one batch (slots of one llama.cpp context, each with n_ctx tokens of KV "
+        "memory). Default: 4 per CPU core, at most 8; 1 = one reply at a time."))
 
     # --- Telegram behaviour -------------------------------------------------------------
     stream_edit_interval_s: float = Field(1.0, ge=0.2, le=10.0, description=(
@@ -328,6 +331,13 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def parallel_slots(self) -> int:
+        """`max_parallel`, or its default for this machine's cores."""
+        if self.max_parallel is not None:
+            return self.max_parallel
+        return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
     def persona(self) -> str:
         try:

@@ -52,9 +52,17 @@ def register_base(settings: Settings, store: Store) -> Lineage:
 
 
 def load_engine(settings: Settings, gen: Generation):
+    """The serving model: one reply at a time (`LlamaEngine`), or `parallel_slots` at once (`BatchedEngine`)."""
+    from engine.batched import BatchedEngine
     from engine.llama import LlamaEngine
 
     check_gguf(gen.gguf)
+    slots = settings.parallel_slots
+    if slots > 1:
+        return BatchedEngine(gen.gguf, generation_id=gen.id, slots=slots, n_ctx=settings.n_ctx,
+                             n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
+                             kv_cache_chats=settings.kv_cache_chats, model_sha256=gen.sha256,
+                             extra_buffers=settings.llama_extra_buffers)
     return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                        n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
                        model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers)
@@ -70,5 +78,5 @@ def open_runtime(settings: Settings) -> Runtime:
     except BaseException:
         store.close()
         raise
-    worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
+    worker = InferenceWorker(engine, max_backlog=settings.max_backlog, parallel=settings.parallel_slots)
     return Runtime(settings, store, lineage, worker, Conversation(settings, store, worker), notices)
