@@ -4,11 +4,11 @@ One llama.cpp context holds `slots` sequences (`n_seq_max`), each with its own K
 (`kv_unified = False`, `n_ctx` tokens per sequence), so a chat's cells sit at the same places
 as when it is decoded alone and its greedy text is the same token for token (tests hold it).
 A decode thread owns the context: each step it admits waiting requests into free slots (in
-arrival order), then builds one batch of every active sequence's next tokens — a piece of a
-prompt still being read, or the token sampled last — decodes it, and samples each sequence
-that asked for logits with that request's own sampler chain (the chain `Llama.generate`
-builds, so sampled replies match the single-chat engine for the same seed). A finished or
-failed request leaves its slot; new ones join between steps.
+arrival order), decodes the token each generating sequence sampled last — all of them in one
+llama_batch — and reads waiting prompts in pieces (each in a decode of its own: `_plan` says
+why), then samples each sequence that asked for logits with that request's own sampler chain
+(the chain `Llama.generate` builds, so sampled replies match the single-chat engine for the same
+seed). A finished or failed request leaves its slot; new ones join between steps.
 
 Per-chat KV reuse: a chat stays in the slot it last used, so its next turn reads only the new
 tokens. When more chats than slots take turns, the least recently used idle slot's chat is
@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import logging
 import queue
 import threading
 import time
@@ -39,6 +40,8 @@ from llama_cpp import _internals
 from core.errors import OuroError
 from engine.llama import LlamaEngine, model_params
 from engine.protocol import Completion, Message, OnText, Sampling
+
+log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64        # `Llama`'s default `last_n_tokens_size`: the window the repeat penalty sees
 MIN_P = 0.05               # `Llama.generate`'s default min_p, kept so sampled replies match
@@ -129,7 +132,7 @@ class BatchedEngine(LlamaEngine):
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = self.llm.n_vocab()
         self.saves = self.restores = 0
-        self.peak_active = 0                # most sequences in one batch (the tests and the bench read it)
+        self.peak_active = 0                # most sequences in one llama_decode (the tests read it)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
         self._thread.start()
 
@@ -274,8 +277,16 @@ class BatchedEngine(LlamaEngine):
                             self._clear(slot)
                 self._admit()
                 plan = self._plan()
-            if plan:
-                self._step(plan)
+            try:
+                for group in plan:
+                    self._step(group)
+            except Exception as exc:   # never leave a caller waiting on a thread that died
+                log.exception("decode step failed")
+                with self._cond:
+                    for slot in self.slots:
+                        if slot.request is not None:
+                            self._finish(slot, ("error", OuroError(f"decoding failed: {exc}")))
+                        self._clear(slot)
 
     def _fail_all(self, exc: Exception) -> None:
         for slot in self.slots:
@@ -313,7 +324,9 @@ class BatchedEngine(LlamaEngine):
             if s.key == key:
                 return s
         empty = [s for s in idle if s.key is None]
-        return min(empty or idle, key=lambda s: s.used)
+        if empty:   # the lowest: llama.cpp decodes consecutive sequence ids in one micro-batch
+            return empty[0]
+        return min(idle, key=lambda s: s.used)
 
     def _bind(self, slot: _Slot, request: _Request) -> None:
         if slot.key != request.key:
@@ -336,16 +349,18 @@ class BatchedEngine(LlamaEngine):
         if request.max_tokens > 0:
             request.sampler = _sampler(request.sampling, self._vocab)
 
-    def _plan(self) -> list[tuple[_Slot, list[int], bool]]:
-        """This step's tokens per active slot: generating sequences one token each, then prompts in
-        pieces filling the rest of the batch (oldest request first)."""
-        plan, room = [], self.n_batch
+    def _plan(self) -> list[list[tuple[_Slot, list[int], bool]]]:
+        """This step's decodes: one with the token each generating sequence sampled last (in slot
+        order), then one per prompt piece (oldest request first, `n_batch` prompt tokens in all).
+
+        Why not one batch for everything: with a KV stream per sequence llama.cpp splits a batch
+        into micro-batches holding the same number of tokens of each sequence (`split_equal`), so
+        a prompt beside a generating sequence would be cut into a piece of one token and the rest —
+        and a piece of one token takes the one-query attention path, whose numbers differ (see
+        `_piece_size`). Read alone, each prompt is read as it is on the one-at-a-time engine."""
         active = [s for s in self.slots if s.request is not None]
-        for slot in active:
-            r = slot.request
-            if r.pending is not None:
-                plan.append((slot, [r.pending], True))
-                room -= 1
+        plan = [[(s, [s.request.pending], True) for s in active if s.request.pending is not None]]
+        room = self.n_batch
         for slot in sorted(active, key=lambda s: s.request.started):
             r = slot.request
             if r.pending is None and room > 0:
@@ -354,14 +369,15 @@ class BatchedEngine(LlamaEngine):
                     continue
                 piece = r.tokens[r.read:r.read + n]
                 last = r.read + n == len(r.tokens)
-                plan.append((slot, piece, last and r.max_tokens > 0))
+                plan.append([(slot, piece, last and r.max_tokens > 0)])
                 room -= n
-        return plan
+        return [group for group in plan if group]
 
-    def _step(self, plan: list[tuple[_Slot, list[int], bool]]) -> None:
+    def _step(self, group: list[tuple[_Slot, list[int], bool]]) -> None:
+        """One llama_decode of `group`, then each sequence that asked for logits samples its next token."""
         batch = self._batch
         n, outputs = 0, []
-        for slot, piece, wants in plan:
+        for slot, piece, wants in group:
             start = len(slot.tokens)
             for i, token in enumerate(piece):
                 batch.token[n] = token
@@ -372,20 +388,18 @@ class BatchedEngine(LlamaEngine):
                 n += 1
             if wants:
                 outputs.append((slot, n - 1))
-        if n == 0:
-            return
         batch.n_tokens = n
-        self.peak_active = max(self.peak_active, len(plan))
+        self.peak_active = max(self.peak_active, len(group))
         rc = llama_cpp.llama_decode(self.ctx, batch)
         with self._cond:
             if rc != 0:
                 exc = OuroError(f"llama.cpp could not decode a batch of {n} tokens (code {rc})")
-                for slot, _, _ in plan:
+                for slot, _, _ in group:
                     if slot.request is not None:
                         self._finish(slot, ("error", exc))
                     self._clear(slot)
                 return
-            for slot, piece, _ in plan:
+            for slot, piece, _ in group:
                 slot.tokens.extend(piece)
                 r = slot.request
                 if r.pending is not None:

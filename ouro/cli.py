@@ -321,7 +321,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
         return 0
-    result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=tuple(args.only or PARTS))
+    if args.concurrent is not None:
+        from ouro.bench.concurrent import print_concurrent, run_bench_concurrent
+        from ouro.bench.serve import MESSAGES
+
+        result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json)
+        if not args.json:
+            print_concurrent(result)
+    else:
+        result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=tuple(args.only or PARTS))
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -721,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", choices=["chat", "api", "bot"],
                    help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
                         "OpenAI-compatible API ÷ the bare model), bot (through the emulator)")
+    p.add_argument("--concurrent", type=int, default=None, metavar="N",
+                   help="serve: instead of the ratios, N chats talking at once (3 turns each, greedy): replies/min "
+                        "and p50/p95 time to first token, decoded together (max_parallel slots) vs one reply at "
+                        "a time, in one run")
     p.add_argument("--users", type=int, default=50, help="simulated people in the soak benchmark")
     p.add_argument("--messages", type=int, default=20, help="messages each person sends in the soak benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON document")

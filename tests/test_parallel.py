@@ -63,11 +63,15 @@ def batched(slots: int) -> BatchedEngine:
     return BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=slots, n_ctx=N_CTX)
 
 
-def at_once(engine: BatchedEngine, jobs: list[tuple[int | str, list, Sampling]], *, on_text=None) -> list:
-    """Run `engine.generate` for every (chat key, messages, sampling) on its own thread, all at once;
-    returns (completion or exception, streamed pieces) per job."""
+def at_once(engine: BatchedEngine, jobs: list[tuple[int | str, list, Sampling]], *, on_text=None,
+            stagger: int = 0) -> list:
+    """Run `engine.generate` for every (chat key, messages, sampling) on its own thread, all at once
+    (or, with `stagger`, job n once `n * stagger` pieces have streamed in all: its prompt is read
+    while the others generate); returns (completion or exception, streamed pieces) per job."""
     results: list = [None] * len(jobs)
     go = threading.Barrier(len(jobs))
+    count = [0]
+    count_lock = threading.Condition()
 
     def run(n: int) -> None:
         key, messages, sampling = jobs[n]
@@ -75,10 +79,15 @@ def at_once(engine: BatchedEngine, jobs: list[tuple[int | str, list, Sampling]],
 
         def collect(piece: str) -> None:
             pieces.append(piece)
+            with count_lock:
+                count[0] += 1
+                count_lock.notify_all()
             if on_text is not None:
                 on_text(key, piece)
 
         go.wait()
+        with count_lock:
+            count_lock.wait_for(lambda: count[0] >= n * stagger, timeout=120)
         try:
             results[n] = (engine.generate(messages, chat_key=key, sampling=sampling, on_text=collect), pieces)
         except Exception as exc:   # handed to the test
@@ -92,10 +101,11 @@ def at_once(engine: BatchedEngine, jobs: list[tuple[int | str, list, Sampling]],
     return results
 
 
-def test_chats_decoded_together_get_exactly_the_text_each_gets_alone(alone):
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_chats_decoded_together_get_exactly_the_text_each_gets_alone(alone, stagger):
     engine = batched(4)
     try:
-        results = at_once(engine, [(i, CHATS[i], GREEDY) for i in range(4)])
+        results = at_once(engine, [(i, CHATS[i], GREEDY) for i in range(4)], stagger=stagger)
         assert engine.peak_active >= 3                 # they really shared batches
         for i, (completion, pieces) in enumerate(results):
             assert completion.text == alone(i).text and completion.text

@@ -1,0 +1,109 @@
+"""`ouro bench serve --concurrent N`: N chats talking at once, decoded together vs one at a time.
+
+Each of the N people sends TURNS_EACH messages through the conversation (store, rolling context,
+worker, engine), the next as soon as the reply to the last one is complete; all N start together.
+The same run is made twice in one process, each on a fresh data folder: with `max_parallel = 1`
+(one reply at a time, `LlamaEngine`) and with `max_parallel` slots (`BatchedEngine`). Replies are
+greedy, so both sides write the same words (checked: `same_replies`) and the ratio is like for
+like. Figures: replies per minute over the whole run, generated tokens per second, and time to
+first token measured from the moment a message is handed to the conversation to its first piece
+of text (queue wait included: that is what a person waits), p50 and p95 over every turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from config.settings import Settings, load_settings
+from serving.conversation import Speaker
+from serving.runtime import open_runtime
+
+TURNS_EACH = 3
+
+
+def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool) -> dict:
+    if chats < 1:
+        raise ValueError("--concurrent needs at least one chat")
+    slots = min(chats, base.parallel_slots)
+    sides = {}
+    for name, parallel in (("one_at_a_time", 1), ("parallel", slots)):
+        with tempfile.TemporaryDirectory(prefix="ouro-bench-concurrent-") as tmp:
+            settings = _settings(base, Path(tmp), parallel)
+            rt = open_runtime(settings)
+            try:
+                sides[name] = asyncio.run(_chats_at_once(rt, messages, chats))
+            finally:
+                rt.close()
+        if not quiet:
+            print(f"  {name}: {sides[name]['figures']}")
+    texts = {name: side.pop("texts") for name, side in sides.items()}
+    one, par = sides["one_at_a_time"]["figures"], sides["parallel"]["figures"]
+    return {
+        "concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
+        "reply_max_tokens": base.reply_max_tokens,
+        "one_at_a_time": one, "parallel": par,
+        "throughput_ratio": round(par["replies_per_min"] / one["replies_per_min"], 3),
+        "ttft_p95_ratio": round(par["ttft_p95_s"] / one["ttft_p95_s"], 3),
+        "same_replies": texts["one_at_a_time"] == texts["parallel"],
+    }
+
+
+def _settings(base: Settings, data_dir: Path, parallel: int) -> Settings:
+    """Greedy, so both sides write the same replies; everything else as the owner set it."""
+    values = base.model_dump()
+    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, max_parallel=parallel,
+                  max_backlog=max(base.max_backlog, 4 * TURNS_EACH))
+    return load_settings(**values)
+
+
+async def _chats_at_once(rt, messages: list[str], chats: int) -> dict:
+    # first use of the model (allocations, first graph) is not part of either figure
+    await rt.conversation.handle_text(Speaker(chat_id=1, user_id=1), "hello")
+    ttfts: list[float] = []
+    tokens = 0
+    texts: dict[int, list[str]] = {}
+
+    async def person(i: int) -> None:
+        nonlocal tokens
+        who = Speaker(chat_id=1000 + i, user_id=1000 + i)
+        texts[i] = []
+        for turn in range(TURNS_EACH):
+            sent = time.perf_counter()
+            first: list[float] = []
+
+            def seen(_piece: str, first=first) -> None:
+                if not first:
+                    first.append(time.perf_counter())
+
+            out = await rt.conversation.handle_text(who, messages[(i + turn) % len(messages)], on_text=seen)
+            if out.kind != "answered":
+                raise RuntimeError(f"chat {i} turn {turn} was not answered: {out.kind}")
+            ttfts.append((first[0] if first else time.perf_counter()) - sent)
+            tokens += out.completion.completion_tokens
+            texts[i].append(out.text)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(person(i) for i in range(chats)))
+    wall = time.perf_counter() - started
+    ttfts.sort()
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    figures = {"replies_per_min": round(60 * len(ttfts) / wall, 2), "tokens_per_s": round(tokens / wall, 2),
+               "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(p95, 3),
+               "wall_s": round(wall, 2), "replies": len(ttfts)}
+    return {"figures": figures, "texts": texts}
+
+
+def print_concurrent(r: dict) -> None:
+    one, par = r["one_at_a_time"], r["parallel"]
+    print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, greedy, "
+          f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots)")
+    for name, side in (("one reply at a time", one), (f"parallel, {r['slots']} slots", par)):
+        print(f"  {name:<22} {side['replies_per_min']:7.2f} replies/min  {side['tokens_per_s']:7.2f} tokens/s  "
+              f"TTFT p50 {side['ttft_p50_s']:.3f} s  p95 {side['ttft_p95_s']:.3f} s")
+    note = "" if r["same_replies"] else "  (replies differed: not a like-for-like ratio)"
+    print(f"  throughput parallel ÷ one at a time: {r['throughput_ratio']:.2f}   "
+          f"TTFT p95 parallel ÷ one at a time: {r['ttft_p95_ratio']:.2f}{note}")
