@@ -251,3 +251,57 @@ async def test_conversations_at_once_answer_as_they_do_one_at_a_time(tmp_path):
         finally:
             rt.close()
     assert replies[4] == replies[1] and all(all(r) for r in replies[1])
+
+
+def test_the_numbers_behind_the_exactness():
+    """What the engine relies on, in logits: with a KV stream per sequence, a prompt read in one
+    decode gives the same logits bit for bit whether other sequences' prompts share that decode or
+    not, and a generation step the same alone as beside other sequences' steps; a piece of one
+    token (one-query attention) does not — which is why the engine never reads one out of a prompt."""
+    import llama_cpp
+    import numpy as np
+
+    engine = batched(3)
+    ctx, vocab = engine.llm.ctx, engine.llm.n_vocab()
+    memory = llama_cpp.llama_get_memory(ctx)
+    prompts = [engine.tokenize(CHATS[i]) for i in range(3)]
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(parts):
+        """parts: (sequence, tokens, first position); the logits of each part's last token."""
+        n, last = 0, []
+        for seq, tokens, start in parts:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + i, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, i == len(tokens) - 1
+                n += 1
+            last.append(n - 1)
+        batch.n_tokens = n
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,)).copy() for i in last]
+
+    def clear():
+        for seq in range(3):
+            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+
+    a = prompts[0]
+    try:
+        clear()
+        alone_read = decode([(0, a, 0)])[0]
+        clear()
+        assert np.array_equal(alone_read, decode([(0, a, 0), (1, prompts[1], 0), (2, prompts[2], 0)])[0])
+        clear()
+        decode([(0, a[:-3], 0)])
+        assert np.array_equal(alone_read, decode([(0, a[-3:], len(a) - 3)])[0])        # pieces of 2+: the same
+        step_alone = decode([(0, [504], len(a))])[0]
+        llama_cpp.llama_memory_seq_rm(memory, 0, len(a), -1)
+        decode([(1, prompts[1], 0)])
+        decode([(2, prompts[2], 0)])
+        step_beside = decode([(0, [504], len(a)), (1, [504], len(prompts[1])), (2, [504], len(prompts[2]))])[0]
+        assert np.array_equal(step_alone, step_beside)
+        clear()
+        decode([(0, a[:-1], 0)])
+        assert not np.array_equal(alone_read, decode([(0, a[-1:], len(a) - 1)])[0])   # a piece of one: not
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        engine.close()
