@@ -123,6 +123,8 @@ class BatchedEngine(LlamaEngine):
         self.slots = [_Slot(seq) for seq in range(slots)]
         self.kv_cache_chats = kv_cache_chats
         self.states = _SlotView(self)
+        # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
+        # while replies stream, so the hot-swap's warm-up never has to wait for one
         self.n_batch = min(n_batch, self.llm.n_batch)
         self._saved: OrderedDict[int | str, _Saved] = OrderedDict()
         self._waiting: deque[_Request] = deque()

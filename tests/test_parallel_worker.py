@@ -87,3 +87,15 @@ async def test_a_swap_waits_for_every_running_job_and_later_jobs_get_the_new_mod
 def test_parallel_must_be_at_least_one():
     with pytest.raises(ValueError, match="at least 1"):
         InferenceWorker(FakeEngine(), parallel=0)
+
+
+def test_max_parallel_defaults_by_cores_and_is_validated(monkeypatch):
+    from config.settings import load_settings
+    from core.errors import OuroError
+
+    for cores, slots in ((1, 4), (2, 8), (16, 8)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert load_settings().parallel_slots == slots
+    assert load_settings(max_parallel=1).parallel_slots == 1
+    with pytest.raises(OuroError, match="max_parallel"):
+        load_settings(max_parallel=0)
