@@ -123,6 +123,7 @@ class BatchedEngine(LlamaEngine):
         self.slots = [_Slot(seq) for seq in range(slots)]
         self.kv_cache_chats = kv_cache_chats
         self.states = _SlotView(self)
+        self._prompt_threads = self.llm.context_params.n_threads_batch
         # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
         # while replies stream, so the hot-swap's warm-up never has to wait for one
         self.n_batch = min(n_batch, self.llm.n_batch)
@@ -218,8 +219,9 @@ class BatchedEngine(LlamaEngine):
         return end - request.cached
 
     def set_batch_threads(self, n: int | None) -> None:
+        """Threads for reading prompts (None: the loaded default); applied by the decode thread."""
         with self._cond:
-            super().set_batch_threads(n)
+            self._prompt_threads = n or self.llm.context_params.n_threads_batch
 
     def forget(self, chat_key: int | str) -> None:
         with self._cond:
@@ -392,6 +394,12 @@ class BatchedEngine(LlamaEngine):
                 outputs.append((slot, n - 1))
         batch.n_tokens = n
         self.peak_active = max(self.peak_active, len(group))
+        # generation steps with the generation threads, as on the one-at-a-time engine: llama.cpp
+        # would take the prompt threads for any batch of more than one token, and beside a busy
+        # neighbour those wait for each other at every step of the graph (docs/design-notes.md)
+        generation = group[0][0].request.pending is not None
+        threads = self.llm.context_params.n_threads
+        llama_cpp.llama_set_n_threads(self.ctx, threads, threads if generation else self._prompt_threads)
         rc = llama_cpp.llama_decode(self.ctx, batch)
         with self._cond:
             if rc != 0:
