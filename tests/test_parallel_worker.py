@@ -19,6 +19,7 @@ class Probe:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.started: list[int] = []
+        self.finished: list[int] = []
         self.running = 0
         self.most = 0
 
@@ -31,6 +32,7 @@ class Probe:
             time.sleep(seconds)
             with self.lock:
                 self.running -= 1
+                self.finished.append(n)
             return n, engine
         return run
 
@@ -71,13 +73,18 @@ async def test_a_swap_waits_for_every_running_job_and_later_jobs_get_the_new_mod
     worker = InferenceWorker(old, parallel=3)
     probe = Probe()
     try:
-        running = [asyncio.ensure_future(worker.run(probe.job(n, 0.3))) for n in range(3)]
-        await asyncio.sleep(0.05)
-        swapped = asyncio.ensure_future(asyncio.to_thread(worker.swap, new))
+        running = [asyncio.ensure_future(worker.run(probe.job(n, 1.0))) for n in range(3)]
+        while probe.running < 3:          # all three under way before the swap is asked for
+            await asyncio.sleep(0.005)
+        def swap():
+            old_engine = worker.swap(new)
+            return old_engine, sorted(probe.finished)[:3]
+
+        swapped = asyncio.ensure_future(asyncio.to_thread(swap))
         await asyncio.sleep(0.05)
         later = asyncio.ensure_future(worker.run(probe.job(3, 0.0)))
-        assert await swapped is old
-        assert probe.running == 0 and all(f.done() for f in running)   # all three finished first
+        returned, finished = await swapped
+        assert returned is old and finished == [0, 1, 2]   # all three finished before the swap
         assert all(engine is old for _, engine in await asyncio.gather(*running))
         assert (await later)[1] is new
     finally:
