@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(60.0, ge=1.0, le=3600.0, description=(
         "engine = openai: seconds to wait for the server's next word (and 5 s at most to connect) before the "
         "reply fails; its author is asked to send it again, and the turn is kept."))
+    max_parallel: int | None = Field(None, ge=1, le=64, description=(
+        "Replies decoded at once, in one batch (slots of one llama.cpp context, each with n_ctx tokens of KV "
+        "memory). Default: 4 per CPU core, at most 8; 1 = one reply at a time."))
 
     # --- Telegram behaviour -------------------------------------------------------------
     stream_edit_interval_s: float = Field(1.0, ge=0.2, le=10.0, description=(
@@ -382,6 +385,13 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def parallel_slots(self) -> int:
+        """`max_parallel`, or its default for this machine's cores."""
+        if self.max_parallel is not None:
+            return self.max_parallel
+        return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
     def persona(self) -> str:
         try:

@@ -38,7 +38,8 @@ class Completion:
 
 
 class Engine(Protocol):
-    """A loaded model. Not thread-safe: the InferenceWorker is its only caller."""
+    """A loaded model; the InferenceWorker is its only caller. `LlamaEngine` is not thread-safe (a
+    worker with one job thread); `BatchedEngine` is (the worker runs `max_parallel` jobs at once)."""
 
     generation_id: str
     model_path: Path

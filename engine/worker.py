@@ -1,10 +1,11 @@
-"""Inference off the event loop: one worker thread, one lock, one model.
+"""Inference off the event loop: a FIFO of jobs, one lock, one model.
 
-llama.cpp contexts are not thread-safe and a 2-core machine gains nothing from running two
-generations at once, so every model call is a job on a single FIFO thread. The event loop
-only awaits the job's future; streamed text is handed back to the loop thread with
-`call_soon_threadsafe`. Jobs run in submission order, so two chats writing at once are both
-answered, in order. The backlog is bounded: past `max_backlog` a job is refused with `Busy`
+llama.cpp contexts are not thread-safe, so with `parallel = 1` every model call is a job on a
+single FIFO thread. With `parallel = N` (an engine that decodes several replies in one batch,
+engine/batched.py) up to N jobs run at once, on N threads, each blocked in its own reply while
+the engine's decode thread serves them together; jobs still start in submission order. The
+event loop only awaits the job's future; streamed text is handed back to the loop thread with
+`call_soon_threadsafe`. The backlog is bounded: past `max_backlog` a job is refused with `Busy`
 instead of queueing forever. Work that must not hold anyone up (the hot-swap warm-up) runs
 as `background` pieces: when no reply waits, and between the tokens of one that streams.
 
@@ -33,6 +34,45 @@ from engine.protocol import Engine
 T = TypeVar("T")
 
 
+class _SharedLock:
+    """Jobs share it; swapping the model takes it alone (waiting writers go first, so a hot-swap is
+    not starved by a stream of replies). With one job thread it acts as the plain lock it replaced."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class Busy(Exception):
     """Too many replies are already waiting for the model (control flow: the turn is stored as busy)."""
 
@@ -50,12 +90,23 @@ class _Background:
     loop: asyncio.AbstractEventLoop
 
 
+class _JobClock(threading.local):
+    """Per job thread: when its job started and the background seconds run inside it."""
+
+    started = 0.0
+    background_s = 0.0
+
+
 class InferenceWorker:
-    def __init__(self, engine: Engine, *, max_backlog: int = 64) -> None:
+    def __init__(self, engine: Engine, *, max_backlog: int = 64, parallel: int = 1) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, not {parallel}")
         self._engine = engine
-        self._lock = threading.Lock()          # held while a job touches the model (and by swap)
+        self.parallel = parallel
+        self._lock = _SharedLock()             # shared by jobs touching the model, taken alone by swap
         self._count_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._background_lock = threading.Lock()   # one background piece at a time, whichever thread
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="inference")
         self._backlog = 0
         self._queued = 0                       # regular jobs submitted and not yet started
         self._abandon = threading.Event()    # set when stopping: running and queued jobs give up
@@ -65,8 +116,7 @@ class InferenceWorker:
         self._waits: deque[float] = deque(maxlen=10_000)   # seconds from submission to start, latest jobs
         self._background: deque[_Background] = deque()       # run in pieces, see `background`
         self.background_share = 1.0     # background seconds per second of reply, at most, while a reply streams
-        self._job_started = 0.0
-        self._job_background_s = 0.0
+        self._job = _JobClock()
         self._incoming: Engine | None = None   # during a hot-swap's handover, see `route`
         self._moved: set = set()               # chats the incoming model answers already
         self.move_slack = 32    # prompt tokens a chat's first reply on the incoming model may read beyond the old one's
@@ -105,7 +155,7 @@ class InferenceWorker:
 
     def _run(self, job: Callable[[Engine], T] | None, submitted: float) -> T | None:
         try:
-            with self._lock:
+            with self._lock.shared():
                 if job is None:        # a placeholder: background work while no reply waits
                     self._background_while_idle()
                     return None
@@ -114,7 +164,7 @@ class InferenceWorker:
                 self._waits.append(time.perf_counter() - submitted)
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
-                self._job_started, self._job_background_s = time.perf_counter(), 0.0
+                self._job.started, self._job.background_s = time.perf_counter(), 0.0
                 return job(self._engine)
         finally:
             if job is not None and self._background:
@@ -189,8 +239,9 @@ class InferenceWorker:
 
     def _background_while_idle(self) -> None:
         """Background pieces until a reply comes to wait (checked between pieces)."""
-        while self._background and not self._queued:
-            self._background_piece()
+        with self._background_lock:
+            while self._background and not self._queued:
+                self._background_piece()
 
     def _between_text(self) -> None:
         """Called on the inference thread after each piece of a reply's text: one background piece
@@ -198,10 +249,17 @@ class InferenceWorker:
         if not self._background:
             return
         now = time.perf_counter()
-        if self._job_background_s > self.background_share * (now - self._job_started - self._job_background_s):
+        job = self._job
+        if job.background_s > self.background_share * (now - job.started - job.background_s):
             return
-        self._background_piece()
-        self._job_background_s += time.perf_counter() - now
+        if not self._background_lock.acquire(blocking=False):   # another reply's thread runs one
+            return
+        try:
+            if self._background:
+                self._background_piece()
+        finally:
+            self._background_lock.release()
+        job.background_s += time.perf_counter() - now
 
     def abandon(self) -> None:
         """Stopping: jobs still queued give up at once, a reply being generated at its next piece of text."""
@@ -221,14 +279,14 @@ class InferenceWorker:
 
     def swap(self, new_engine: Engine) -> Engine:
         """Put `new_engine` in place between two jobs; return the old one for the caller to close."""
-        with self._lock:
+        with self._lock.exclusive():
             old, self._engine = self._engine, new_engine
         return old
 
     # --- the hot-swap's handover, chat by chat ----------------------------------------------
     def begin_handover(self, new_engine: Engine) -> None:
         """From now on `route` may send a chat's reply to `new_engine` (blocks for a running job)."""
-        with self._lock:
+        with self._lock.exclusive():
             self._incoming = new_engine
             with self._count_lock:
                 self._moved = set()
@@ -276,7 +334,7 @@ class InferenceWorker:
 
     def finish_handover(self) -> Engine:
         """The incoming model serves every chat from the next job on; returns the old one to close."""
-        with self._lock:
+        with self._lock.exclusive():
             if self._incoming is None:
                 raise RuntimeError("no handover under way")
             old, self._engine, self._incoming = self._engine, self._incoming, None
@@ -286,7 +344,7 @@ class InferenceWorker:
 
     def abort_handover(self) -> Engine | None:
         """Back to the serving model for every chat; returns the incoming one (None if `close` took it)."""
-        with self._lock:
+        with self._lock.exclusive():
             new, self._incoming = self._incoming, None
             with self._count_lock:
                 self._moved = set()
@@ -299,7 +357,7 @@ class InferenceWorker:
             task = self._background.popleft()
             with contextlib.suppress(RuntimeError):   # that loop is closed already
                 task.loop.call_soon_threadsafe(settle, task.future, None, Abandoned("the worker was closed"))
-        with self._lock:
+        with self._lock.exclusive():
             self._engine.close()
             if self._incoming is not None:
                 self._incoming.close()

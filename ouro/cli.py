@@ -307,8 +307,9 @@ def cmd_settings(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ouro.bench.serve import PARTS, run_bench_serve
 
-    if args.concurrent is not None and not 1 <= args.concurrent <= 64:
-        raise OuroError("--concurrent takes 1 to 64 clients")
+    for flag, value in (("--concurrent", args.concurrent), ("--concurrent-api", args.concurrent_api)):
+        if value is not None and not 1 <= value <= 64:
+            raise OuroError(f"{flag} takes 1 to 64 clients")
     settings = _settings(args)
     if args.what == "soak":
         from ouro.bench.soak import run_bench_soak
@@ -329,11 +330,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
         return 0
-    parts = tuple(args.only or PARTS)
     if args.concurrent is not None:
-        parts = tuple(dict.fromkeys((*parts, "concurrent")))
-    result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=parts,
-                             concurrent=args.concurrent or 4)
+        from ouro.bench.concurrent import print_concurrent, run_bench_concurrent
+        from ouro.bench.serve import MESSAGES
+
+        result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json)
+        if not args.json:
+            print_concurrent(result)
+    else:
+        parts = tuple(args.only or PARTS)
+        if args.concurrent_api is not None:
+            parts = tuple(dict.fromkeys((*parts, "concurrent")))
+        result = run_bench_serve(settings, turns=args.turns, json_output=args.json, parts=parts,
+                                 concurrent=args.concurrent_api or 4)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -769,8 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", choices=["chat", "api", "bot", "concurrent"],
                    help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
                         "OpenAI-compatible API ÷ the bare model), bot (through the emulator), concurrent (see "
-                        "--concurrent; 4 clients unless it says otherwise)")
-    p.add_argument("--concurrent", type=int, metavar="N",
+                        "--concurrent-api; 4 clients unless it says otherwise)")
+    p.add_argument("--concurrent", type=int, default=None, metavar="N",
+                   help="serve: instead of the ratios, N chats talking at once (3 turns each, greedy): replies/min "
+                        "and p50/p95 time to first token, decoded together (max_parallel slots) vs one reply at "
+                        "a time, in one run")
+    p.add_argument("--concurrent-api", type=int, metavar="N",
                    help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
                         "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "
                         "tokens/s, p50/p95 reply latency of each side")

@@ -52,8 +52,9 @@ def register_base(settings: Settings, store: Store) -> Lineage:
 
 
 def load_engine(settings: Settings, gen: Generation):
-    """The engine that serves `gen`: llama.cpp in this process, or (engine = openai) the owner's
-    inference server, told to serve `gen` by its name and checked to have it."""
+    """The engine that serves `gen`: llama.cpp in this process — one reply at a time (`LlamaEngine`) or
+    `parallel_slots` at once (`BatchedEngine`) — or (engine = openai) the owner's inference server,
+    told to serve `gen` by its name and checked to have it."""
     check_gguf(gen.gguf)
     if settings.engine == "openai":
         from engine.openai_server import OpenAIServerEngine, ServerClient
@@ -63,8 +64,15 @@ def load_engine(settings: Settings, gen: Generation):
         client = ServerClient(settings.engine_base_url, api_key=key, timeout_s=settings.engine_timeout_s)
         return OpenAIServerEngine(client, gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx,
                                   model_sha256=gen.sha256)
+    from engine.batched import BatchedEngine
     from engine.llama import LlamaEngine
 
+    slots = settings.parallel_slots
+    if slots > 1:
+        return BatchedEngine(gen.gguf, generation_id=gen.id, slots=slots, n_ctx=settings.n_ctx,
+                             n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
+                             kv_cache_chats=settings.kv_cache_chats, model_sha256=gen.sha256,
+                             extra_buffers=settings.llama_extra_buffers)
     return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                        n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
                        model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers)
@@ -80,5 +88,5 @@ def open_runtime(settings: Settings) -> Runtime:
     except BaseException:
         store.close()
         raise
-    worker = InferenceWorker(engine, max_backlog=settings.max_backlog)
+    worker = InferenceWorker(engine, max_backlog=settings.max_backlog, parallel=settings.parallel_slots)
     return Runtime(settings, store, lineage, worker, Conversation(settings, store, worker), notices)

@@ -453,7 +453,7 @@ def test_bench_serve_concurrent_part_runs_n_api_clients_beside_n_telegram_chats(
     from types import SimpleNamespace
 
     from engine.worker import InferenceWorker
-    from ouro.bench import concurrent as bench
+    from ouro.bench import concurrent_api as bench
     from ouro.bench.serve import MESSAGES, print_report
     from serving.conversation import Conversation
 
@@ -497,7 +497,7 @@ def is_api_person(user_id: int) -> bool:
 
 
 def test_percentile_stays_within_the_measured_values():
-    from ouro.bench.concurrent import percentile
+    from ouro.bench.concurrent_api import percentile
 
     values = [1.0, 2.0, 3.0, 4.0, 10.0]
     assert percentile(values, 50) == 3.0 and 4.0 < percentile(values, 95) <= 10.0
@@ -507,6 +507,6 @@ def test_percentile_stays_within_the_measured_values():
 def test_bench_concurrent_flag_is_checked_and_documented(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    assert "--concurrent N" in capsys.readouterr().out
-    assert main(["bench", "serve", "--concurrent", "0"]) == 1
-    assert "--concurrent takes 1 to 64 clients" in capsys.readouterr().err
+    assert "--concurrent-api N" in capsys.readouterr().out
+    assert main(["bench", "serve", "--concurrent-api", "0"]) == 1
+    assert "--concurrent-api takes 1 to 64 clients" in capsys.readouterr().err

@@ -22,7 +22,9 @@ GREEDY = Sampling(temperature=0.0, top_k=1, max_tokens=24)
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    settings = load_settings(data_dir=tmp_path_factory.mktemp("real"), reply_max_tokens=24, seed=7)
+    # one reply at a time (LlamaEngine, whose one-sequence states these tests read);
+    # tests/test_parallel.py holds the same guarantees for the batched engine
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("real"), reply_max_tokens=24, seed=7, max_parallel=1)
     rt = open_runtime(settings)
     yield rt
     rt.close()

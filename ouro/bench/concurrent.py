@@ -1,159 +1,109 @@
-"""`ouro bench serve --concurrent N`: N people at once through the OpenAI-compatible API, beside N
-people at once through Telegram, on the same model in one run.
+"""`ouro bench serve --concurrent N`: N chats talking at once, decoded together vs one at a time.
 
-The API side: N real `openai` clients (AsyncOpenAI), each with its own key — its own person and
-chat, as N apps would be — each sending ROUNDS prompts one after another (waiting for each reply,
-as a person does; each request carries the conversation so far, as chat clients send it, so both
-sides answer with the same context), all N at the same time; non-streaming, temperature 0, the
-bot's max tokens. The Telegram side: N emulated users (the local Bot API emulator, python-telegram-bot, the store, the
-streaming edits) sending the same prompts the same way; a reply counts once its final message shows
-the rating buttons. Each side reports replies per minute and completion tokens per second over its
-wall time, and the p50/p95 of one reply's latency (send → whole reply). One worker serves both, one
-reply at a time, so N people mostly measure queueing; the comparison says what each transport adds
-on top. A failed or refused reply is counted, never dropped from the figures silently.
+Each of the N people sends TURNS_EACH messages through the conversation (store, rolling context,
+worker, engine), the next as soon as the reply to the last one is complete; all N start together.
+The same run is made twice in one process, each on a fresh data folder: with `max_parallel = 1`
+(one reply at a time, `LlamaEngine`) and with `max_parallel` slots (`BatchedEngine`). Replies are
+greedy, so both sides write the same words (checked: `same_replies`) and the ratio is like for
+like. Figures: replies per minute over the whole run, generated tokens per second, and time to
+first token measured from the moment a message is handed to the conversation to its first piece
+of text (queue wait included: that is what a person waits), p50 and p95 over every turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
-from tqdm import tqdm
+from config.settings import Settings, load_settings
+from serving.conversation import Speaker
+from serving.runtime import open_runtime
 
-ROUNDS = 2
-
-
-def percentile(values: list[float], q: int) -> float:
-    """The q-th percentile (inclusive method: never beyond the largest value); the one value of one."""
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+TURNS_EACH = 3
 
 
-def summary(side: str, latencies: list[float], tokens: int, wall_s: float, failed: int) -> dict:
-    done = len(latencies)
-    return {f"{side}_replies": done, f"{side}_failed": failed, f"{side}_wall_s": round(wall_s, 3),
-            f"{side}_replies_per_min": round(60 * done / wall_s, 2) if wall_s > 0 else 0.0,
-            f"{side}_tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
-            f"{side}_p50_s": round(percentile(latencies, 50), 4) if latencies else None,
-            f"{side}_p95_s": round(percentile(latencies, 95), 4) if latencies else None}
-
-
-def prompts_for(n: int, rounds: int, messages: list[str]) -> list[list[str]]:
-    """Client i's prompts, the same on both sides."""
-    return [[messages[(i * rounds + r) % len(messages)] for r in range(rounds)] for i in range(n)]
-
-
-async def measure_concurrent(rt, n: int, *, messages: list[str], quiet: bool, rounds: int = ROUNDS,
-                             telegram: bool = True) -> dict:
-    """Both sides, API first; `telegram` False leaves the emulator out (the API side alone)."""
-    if n < 1:
-        raise ValueError("the number of concurrent clients must be at least 1")
-    prompts = prompts_for(n, rounds, messages)
-    result: dict = {"concurrent_clients": n, "concurrent_rounds": rounds}
-    result.update(await _api_side(rt, prompts, quiet=quiet))
-    if telegram:
-        result.update(await _telegram_side(rt, prompts, quiet=quiet))
-    return result
-
-
-async def _api_side(rt, prompts: list[list[str]], *, quiet: bool) -> dict:
-    try:
-        from openai import AsyncOpenAI
-    except ImportError as exc:   # the dev extra
-        raise RuntimeError("`ouro bench serve --concurrent` needs the openai client: pip install openai") from exc
-    from api.app import build_api
-    from api.keys import create_key
-    from api.server import HttpServer
-
-    max_tokens = rt.settings.reply_max_tokens
-    server = HttpServer(build_api(rt.settings, rt.conversation), "127.0.0.1", 0, grace_s=1.0)
-    await server.start()
-    latencies: list[float] = []
-    tokens = failed = 0
-    bar = tqdm(total=sum(map(len, prompts)), desc=f"{len(prompts)} API clients at once", disable=quiet)
-
-    async def client(i: int, texts: list[str]) -> None:
-        nonlocal tokens, failed
-        key, _user = create_key(rt.store, f"bench-concurrent-{i}")
-        async with AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0,
-                               timeout=600) as api:
-            history: list[dict] = []   # the conversation so far, sent with each request as clients do
-            for text in texts:
-                history.append({"role": "user", "content": text})
-                started = time.perf_counter()
-                try:
-                    reply = await api.chat.completions.create(model="ouro", temperature=0, max_tokens=max_tokens,
-                                                              messages=history)
-                except Exception:   # an API error (busy, limited, …): counted, not timed
-                    failed += 1
-                    history.pop()
-                else:
-                    latencies.append(time.perf_counter() - started)
-                    tokens += reply.usage.completion_tokens if reply.usage else 0
-                    history.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
-                bar.update(1)
-
-    try:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, texts) for i, texts in enumerate(prompts)))
-        wall = time.perf_counter() - started
-    finally:
-        bar.close()
-        await server.stop()
-    return summary("api", latencies, tokens, wall, failed)
-
-
-async def _telegram_side(rt, prompts: list[list[str]], *, quiet: bool) -> dict:
-    from bot.app import build_application, running
-    from ouro.demo.emulator import Emulator
-
-    latencies: list[float] = []
-    failed = 0
-    users = [70_000 + i for i in range(len(prompts))]
-    bar = tqdm(total=sum(map(len, prompts)), desc=f"{len(prompts)} Telegram chats at once", disable=quiet)
-    with Emulator() as emu:
-        app = build_application(rt.settings, rt.store, rt.conversation, token=emu.token, base_url=emu.api_url)
-        async with running(app, poll_timeout=5):
-
-            async def person(i: int, texts: list[str]) -> None:
-                nonlocal failed
-                user = emu.client(users[i], f"concurrent{i}")
-                for text in texts:
-                    started = time.perf_counter()
-                    try:
-                        mid = await user.asend_text(text)
-                        await user.await_for(lambda m: bool(m.callback_data), after=mid, timeout=600)
-                    except Exception:   # no reply with its buttons (busy, timed out): counted, not timed
-                        failed += 1
-                    else:
-                        latencies.append(time.perf_counter() - started)
-                    bar.update(1)
-
+def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool) -> dict:
+    if chats < 1:
+        raise ValueError("--concurrent needs at least one chat")
+    slots = min(chats, base.parallel_slots)
+    sides = {}
+    for name, parallel in (("one_at_a_time", 1), ("parallel", slots)):
+        with tempfile.TemporaryDirectory(prefix="ouro-bench-concurrent-") as tmp:
+            settings = _settings(base, Path(tmp), parallel)
+            rt = open_runtime(settings)
             try:
-                started = time.perf_counter()
-                await asyncio.gather(*(person(i, texts) for i, texts in enumerate(prompts)))
-                wall = time.perf_counter() - started
+                sides[name] = asyncio.run(_chats_at_once(rt, messages, chats))
             finally:
-                bar.close()
-    tokens = rt.store.database.scalar(   # what the bot generated for these people, as the store recorded it
-        "SELECT COALESCE(SUM(completion_tokens), 0) FROM turns WHERE status = 'answered' "
-        "AND user_id IN (SELECT value FROM json_each(?))", (json.dumps(users),))
-    return summary("telegram", latencies, int(tokens or 0), wall, failed)
+                rt.close()
+        if not quiet:
+            print(f"  {name}: {sides[name]['figures']}")
+    texts = {name: side.pop("texts") for name, side in sides.items()}
+    one, par = sides["one_at_a_time"]["figures"], sides["parallel"]["figures"]
+    return {
+        "concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
+        "reply_max_tokens": base.reply_max_tokens,
+        "one_at_a_time": one, "parallel": par,
+        "throughput_ratio": round(par["replies_per_min"] / one["replies_per_min"], 3),
+        "ttft_p95_ratio": round(par["ttft_p95_s"] / one["ttft_p95_s"], 3),
+        "same_replies": texts["one_at_a_time"] == texts["parallel"],
+    }
 
 
-def report_lines(r: dict) -> list[str]:
-    """The printed report's lines for this part."""
-    lines = [f"  {r['concurrent_clients']} clients at once, {r['concurrent_rounds']} prompts each "
-             "(replies/min · tokens/s · p50 / p95 latency):"]
-    for side, name in (("api", "OpenAI-compatible API"), ("telegram", "Telegram (emulator)")):
-        if f"{side}_replies" not in r:
-            continue
-        p50, p95 = r[f"{side}_p50_s"], r[f"{side}_p95_s"]
-        timing = f"{p50:.2f} s / {p95:.2f} s" if p50 is not None else "no reply"
-        failed = f"  ({r[f'{side}_failed']} failed)" if r[f"{side}_failed"] else ""
-        lines.append(f"    {name:24} {r[f'{side}_replies_per_min']:7.1f} · {r[f'{side}_tokens_per_s']:6.1f} · "
-                     f"{timing}{failed}")
-    return lines
+def _settings(base: Settings, data_dir: Path, parallel: int) -> Settings:
+    """Greedy, so both sides write the same replies; everything else as the owner set it."""
+    values = base.model_dump()
+    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, max_parallel=parallel,
+                  max_backlog=max(base.max_backlog, 4 * TURNS_EACH))
+    return load_settings(**values)
+
+
+async def _chats_at_once(rt, messages: list[str], chats: int) -> dict:
+    # first use of the model (allocations, first graph) is not part of either figure
+    await rt.conversation.handle_text(Speaker(chat_id=1, user_id=1), "hello")
+    ttfts: list[float] = []
+    tokens = 0
+    texts: dict[int, list[str]] = {}
+
+    async def person(i: int) -> None:
+        nonlocal tokens
+        who = Speaker(chat_id=1000 + i, user_id=1000 + i)
+        texts[i] = []
+        for turn in range(TURNS_EACH):
+            sent = time.perf_counter()
+            first: list[float] = []
+
+            def seen(_piece: str, first=first) -> None:
+                if not first:
+                    first.append(time.perf_counter())
+
+            out = await rt.conversation.handle_text(who, messages[(i + turn) % len(messages)], on_text=seen)
+            if out.kind != "answered":
+                raise RuntimeError(f"chat {i} turn {turn} was not answered: {out.kind}")
+            ttfts.append((first[0] if first else time.perf_counter()) - sent)
+            tokens += out.completion.completion_tokens
+            texts[i].append(out.text)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(person(i) for i in range(chats)))
+    wall = time.perf_counter() - started
+    ttfts.sort()
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    figures = {"replies_per_min": round(60 * len(ttfts) / wall, 2), "tokens_per_s": round(tokens / wall, 2),
+               "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(p95, 3),
+               "wall_s": round(wall, 2), "replies": len(ttfts)}
+    return {"figures": figures, "texts": texts}
+
+
+def print_concurrent(r: dict) -> None:
+    one, par = r["one_at_a_time"], r["parallel"]
+    print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, greedy, "
+          f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots)")
+    for name, side in (("one reply at a time", one), (f"parallel, {r['slots']} slots", par)):
+        print(f"  {name:<22} {side['replies_per_min']:7.2f} replies/min  {side['tokens_per_s']:7.2f} tokens/s  "
+              f"TTFT p50 {side['ttft_p50_s']:.3f} s  p95 {side['ttft_p95_s']:.3f} s")
+    note = "" if r["same_replies"] else "  (replies differed: not a like-for-like ratio)"
+    print(f"  throughput parallel ÷ one at a time: {r['throughput_ratio']:.2f}   "
+          f"TTFT p95 parallel ÷ one at a time: {r['ttft_p95_ratio']:.2f}{note}")

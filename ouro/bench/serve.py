@@ -11,7 +11,7 @@
    `openai` client, non-streaming, temperature 0, the same max tokens) ÷ the bare model on the
    same prompt: the ratio of the median latencies over API_PROMPTS prompts (goal ≤ 1.10).
 5. With `concurrent` (`--concurrent N`): N API clients at once beside N Telegram chats at once,
-   replies/min, tokens/s and p50/p95 latency of each (ouro/bench/concurrent.py).
+   replies/min, tokens/s and p50/p95 latency of each (ouro/bench/concurrent_api.py).
 Every figure uses the default model on this machine; nothing is compared across runs.
 """
 
@@ -80,7 +80,7 @@ def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = Fals
             if "bot" in parts:
                 result.update(asyncio.run(_measure_bot(rt, quiet=json_output)))
             if "concurrent" in parts:
-                from ouro.bench.concurrent import measure_concurrent
+                from ouro.bench.concurrent_api import measure_concurrent
 
                 result.update(asyncio.run(measure_concurrent(rt, concurrent, messages=MESSAGES, quiet=json_output)))
         finally:
@@ -220,7 +220,7 @@ def print_report(r: dict) -> None:
         print(f"  reply through the API ÷ bare model:    {r['api_vs_bare_ratio']:.2f}  (goal ≤ 1.10; median "
               f"{r['api_reply_s']:.3f} s vs {r['api_bare_reply_s']:.3f} s, {r['api_prompts']} prompts){note}")
     if "concurrent_clients" in r:
-        from ouro.bench.concurrent import report_lines
+        from ouro.bench.concurrent_api import report_lines
 
         print("\n".join(report_lines(r)))
 

@@ -1,0 +1,548 @@
+"""Parallel decoding: the replies under way are decoded together, one llama_batch per step.
+
+One llama.cpp context holds `slots` sequences (`n_seq_max`), each with its own KV stream
+(`kv_unified = False`, `n_ctx` tokens per sequence), so a chat's cells sit at the same places
+as when it is decoded alone and its greedy text is the same token for token (tests hold it).
+A decode thread owns the context: each step it admits waiting requests into free slots (in
+arrival order), decodes the token each generating sequence sampled last — all of them in one
+llama_batch — and reads waiting prompts in pieces (each in a decode of its own: `_plan` says
+why), then samples each sequence that asked for logits with that request's own sampler chain
+(the chain `Llama.generate` builds, so sampled replies match the single-chat engine for the same
+seed). A finished or failed request leaves its slot; new ones join between steps.
+
+Per-chat KV reuse: a chat stays in the slot it last used, so its next turn reads only the new
+tokens. When more chats than slots take turns, the least recently used idle slot's chat is
+saved out with the per-sequence state API and restored into whichever slot it gets next — the
+same copy `engine/chat_states.py` makes for the one-sequence engine, bounded by `kv_cache_chats`.
+
+Callers (the worker's job threads) block in `generate()` and receive their tokens through a
+queue; `on_text` runs on the caller's thread, so a reply's consumer can never be handed another
+sequence's tokens, and an `on_text` that raises (the bot stopping) frees the slot before the
+error goes on.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import _internals
+
+from core.errors import OuroError
+from engine.llama import LlamaEngine, model_params
+from engine.protocol import Completion, Message, OnText, Sampling
+
+log = logging.getLogger(__name__)
+
+PENALTY_LAST_N = 64        # `Llama`'s default `last_n_tokens_size`: the window the repeat penalty sees
+MIN_P = 0.05               # `Llama.generate`'s default min_p, kept so sampled replies match
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def context_params(*, slots: int):
+    """Create the context with `slots` sequences, each with its own KV stream. `Llama()` has no
+    argument for `n_seq_max`/`kv_unified`, so its default-params factory is wrapped during the load."""
+    import llama_cpp.llama_cpp as C
+
+    def with_slots():
+        params = original()
+        params.n_seq_max = slots
+        params.kv_unified = False
+        return params
+
+    with _PARAMS_LOCK:
+        original = C.llama_context_default_params
+        C.llama_context_default_params = with_slots
+        try:
+            yield
+        finally:
+            C.llama_context_default_params = original
+
+
+@dataclass
+class _Saved:
+    tokens: list[int]
+    blob: ctypes.Array
+    size: int
+
+
+@dataclass
+class _Slot:
+    seq: int
+    key: int | str | None = None
+    tokens: list[int] = field(default_factory=list)   # the ids this sequence's KV cells hold
+    request: _Request | None = None
+    used: float = 0.0
+
+
+@dataclass(eq=False)
+class _Request:
+    key: int | str
+    tokens: list[int]            # the prompt (or, for a read, the text to read)
+    max_tokens: int              # 0: read only (prefill), nothing is sampled
+    sampling: Sampling | None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    slot: _Slot | None = None
+    read: int = 0                # prompt tokens in the slot's KV so far
+    cached: int = 0
+    out: list[int] = field(default_factory=list)
+    pending: int | None = None   # sampled, not yet decoded
+    sampler: object = None
+    cancelled: bool = False
+    released: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class BatchedEngine(LlamaEngine):
+    """A GGUF served with `slots` replies decoded at once. Thread-safe, unlike `LlamaEngine`: the
+    worker calls `generate` from several threads and one decode thread serves them all."""
+
+    def __init__(self, model_path: Path, *, generation_id: str, slots: int, n_ctx: int = 2048,
+                 n_threads: int | None = None, n_gpu_layers: int = 0, kv_cache_chats: int = 8,
+                 model_sha256: str = "", extra_buffers: bool = False, n_batch: int = 512) -> None:
+        if slots < 1:
+            raise OuroError(f"max_parallel must be at least 1, not {slots}")
+        with context_params(slots=slots), model_params(extra_buffers=extra_buffers):
+            # the loader's own lock is taken inside model_params; the factory swap above is ours
+            super().__init__(model_path, generation_id=generation_id, n_ctx=n_ctx * slots, n_threads=n_threads,
+                             n_gpu_layers=n_gpu_layers, kv_cache_chats=0, model_sha256=model_sha256,
+                             extra_buffers=True)
+        self.n_ctx = n_ctx                  # per chat: what the context builder may fill
+        self.slots = [_Slot(seq) for seq in range(slots)]
+        self.kv_cache_chats = kv_cache_chats
+        self.states = _SlotView(self)
+        self._prompt_threads = self.llm.context_params.n_threads_batch
+        # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
+        # while replies stream, so the hot-swap's warm-up never has to wait for one
+        self.n_batch = min(n_batch, self.llm.n_batch)
+        self._saved: OrderedDict[int | str, _Saved] = OrderedDict()
+        self._waiting: deque[_Request] = deque()
+        self._cond = threading.Condition()  # guards slots, _waiting, _saved; the decode thread waits on it
+        self._closing = False
+        self._stale: set[int] = set()       # sequences forgotten: cleared by the decode thread once idle
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._vocab = self.llm.n_vocab()
+        self.saves = self.restores = 0
+        self.peak_active = 0                # most sequences in one llama_decode (the tests read it)
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
+        self._thread.start()
+
+    # --- what callers see -----------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Slots with a request under way."""
+        with self._cond:
+            return sum(1 for s in self.slots if s.request is not None)
+
+    def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
+                 on_text: OnText | None = None) -> Completion:
+        started = time.perf_counter()
+        with self._cond:
+            self._check_open()
+            tokens = self.chat_tokens(self.render(messages), chat_key)
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
+        request = _Request(chat_key, tokens, min(sampling.max_tokens, room), sampling, started=started)
+        self._submit(request)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        parts: list[str] = []
+        ttft = None
+        try:
+            while True:
+                kind, value = request.events.get()
+                if kind == "token":
+                    ttft = value[1] if ttft is None else ttft
+                    piece = decoder.decode(self.llm.detokenize([value[0]], special=False))
+                    if piece:
+                        parts.append(piece)
+                        if on_text:
+                            on_text(piece)
+                elif kind == "error":
+                    raise value
+                else:
+                    finish = value
+                    break
+        except BaseException:
+            self._cancel(request)
+            raise
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            parts.append(tail)
+            if on_text:
+                on_text(tail)
+        total = time.perf_counter() - started
+        return Completion(text="".join(parts).strip(), prompt_tokens=len(tokens), completion_tokens=len(request.out),
+                          ttft_s=ttft if ttft is not None else total, total_s=total, finish_reason=finish,
+                          cached_tokens=request.cached)
+
+    def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
+        with self._cond:
+            self._check_open()
+            tokens = self.chat_tokens(self.render(messages), chat_key)
+            return len(tokens) - self.states.cached_prefix(chat_key, tokens)
+
+    def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
+        """Read a chat's conversation into its sequence (see `LlamaEngine.prefill`), as a request the
+        decode thread serves between steps; safe while other chats' replies stream."""
+        text = self.render(messages, add_generation_prompt=False)
+        with self._cond:
+            self._check_open()
+            tokens = self.chat_tokens(text, chat_key)
+            if not tokens or len(tokens) >= self.n_ctx:
+                return 0
+            keep = self.states.cached_prefix(chat_key, tokens)
+        end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
+        if keep >= end:
+            return 0
+        request = _Request(chat_key, tokens[:end], 0, None)
+        self._submit(request)
+        try:
+            kind, value = request.events.get()
+        except BaseException:
+            self._cancel(request)
+            raise
+        if kind == "error":
+            raise value
+        return end - request.cached
+
+    def set_batch_threads(self, n: int | None) -> None:
+        """Threads for reading prompts (None: the loaded default); applied by the decode thread."""
+        with self._cond:
+            self._prompt_threads = n or self.llm.context_params.n_threads_batch
+
+    def forget(self, chat_key: int | str) -> None:
+        with self._cond:
+            self._saved.pop(chat_key, None)
+            for slot in self.slots:
+                if slot.key == chat_key:
+                    slot.key = None        # its cells are dropped by the decode thread, between steps
+                    self._stale.add(slot.seq)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._saved.clear()
+        self.llm.close()
+
+    # --- the caller's side of the queue ---------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closing:
+            raise OuroError("the engine is closed")
+
+    def _submit(self, request: _Request) -> None:
+        with self._cond:
+            self._check_open()
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def _cancel(self, request: _Request) -> None:
+        """Give the request's slot back (the decode thread drops it at its next step) and wait for that."""
+        with self._cond:
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                request.released.set()
+            self._cond.notify_all()
+        request.released.wait()
+
+    # --- the decode thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._waiting or self._stale or any(s.request for s in self.slots)):
+                    self._cond.wait()
+                if self._closing:
+                    self._fail_all(OuroError("the engine was closed"))
+                    return
+                self._drop_cancelled()
+                for slot in self.slots:
+                    if slot.seq in self._stale and slot.request is None:
+                        self._stale.discard(slot.seq)
+                        if slot.key is None:
+                            self._clear(slot)
+                self._admit()
+                plan = self._plan()
+            try:
+                for group in plan:
+                    self._step(group)
+            except Exception as exc:   # never leave a caller waiting on a thread that died
+                log.exception("decode step failed")
+                with self._cond:
+                    for slot in self.slots:
+                        if slot.request is not None:
+                            self._finish(slot, ("error", OuroError(f"decoding failed: {exc}")))
+                        self._clear(slot)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, ("error", exc))
+        while self._waiting:
+            request = self._waiting.popleft()
+            request.events.put(("error", exc))
+            request.released.set()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, None)
+
+    def _admit(self) -> None:
+        """Waiting requests take free slots in arrival order; one whose chat is busy in a slot waits
+        (its turn needs that reply's cells), without holding up the requests behind it."""
+        for request in list(self._waiting):
+            if any(s.key == request.key and s.request is not None for s in self.slots):
+                continue
+            slot = self._slot_for(request.key)
+            if slot is None:
+                break
+            self._waiting.remove(request)
+            self._bind(slot, request)
+            if request.max_tokens == 0 and request.read == len(request.tokens):
+                self._finish(slot, ("done", None))     # read by someone else meanwhile: nothing to do
+
+    def _slot_for(self, key: int | str) -> _Slot | None:
+        idle = [s for s in self.slots if s.request is None]
+        if not idle:
+            return None
+        for s in idle:
+            if s.key == key:
+                return s
+        empty = [s for s in idle if s.key is None]
+        if empty:   # the lowest: llama.cpp decodes consecutive sequence ids in one micro-batch
+            return empty[0]
+        return min(idle, key=lambda s: s.used)
+
+    def _bind(self, slot: _Slot, request: _Request) -> None:
+        if slot.key != request.key:
+            if slot.key is not None and self.kv_cache_chats > 0 and slot.tokens:
+                self._save(slot)
+            saved = self._saved.pop(request.key, None)
+            if saved is not None:
+                self._restore(slot, saved)
+            slot.key = request.key   # no saved state: the cells left keep their common prefix (the persona)
+        keep = _shared_prefix(slot.tokens, request.tokens)
+        if request.max_tokens > 0 and keep >= len(request.tokens) - 1:
+            # the last prompt token's logits are not kept: read it again, with the one before it (a
+            # piece of one token takes llama.cpp's one-query path, whose numbers differ; see _plan)
+            keep = max(0, len(request.tokens) - 2)
+        self._truncate(slot, keep)
+        request.read = request.cached = keep
+        request.slot = slot
+        slot.request = request
+        slot.used = time.perf_counter()
+        if request.max_tokens > 0:
+            request.sampler = _sampler(request.sampling, self._vocab)
+
+    def _plan(self) -> list[list[tuple[_Slot, list[int], bool]]]:
+        """This step's decodes: one with the token each generating sequence sampled last (in slot
+        order), then one per prompt piece (oldest request first, `n_batch` prompt tokens in all).
+
+        Why not one batch for everything: with a KV stream per sequence llama.cpp splits a batch
+        into micro-batches holding the same number of tokens of each sequence (`split_equal`), so
+        a prompt beside a generating sequence would be cut into a piece of one token and the rest —
+        and a piece of one token takes the one-query attention path, whose numbers differ (see
+        `_piece_size`). Read alone, each prompt is read as it is on the one-at-a-time engine."""
+        active = [s for s in self.slots if s.request is not None]
+        plan = [[(s, [s.request.pending], True) for s in active if s.request.pending is not None]]
+        room = self.n_batch
+        for slot in sorted(active, key=lambda s: s.request.started):
+            r = slot.request
+            if r.pending is None and room > 0:
+                n = _piece_size(len(r.tokens) - r.read, room)
+                if n == 0:
+                    continue
+                piece = r.tokens[r.read:r.read + n]
+                last = r.read + n == len(r.tokens)
+                plan.append([(slot, piece, last and r.max_tokens > 0)])
+                room -= n
+        return [group for group in plan if group]
+
+    def _step(self, group: list[tuple[_Slot, list[int], bool]]) -> None:
+        """One llama_decode of `group`, then each sequence that asked for logits samples its next token."""
+        batch = self._batch
+        n, outputs = 0, []
+        for slot, piece, wants in group:
+            start = len(slot.tokens)
+            for i, token in enumerate(piece):
+                batch.token[n] = token
+                batch.pos[n] = start + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq
+                batch.logits[n] = wants and i == len(piece) - 1
+                n += 1
+            if wants:
+                outputs.append((slot, n - 1))
+        batch.n_tokens = n
+        self.peak_active = max(self.peak_active, len(group))
+        # generation steps with the generation threads, as on the one-at-a-time engine: llama.cpp
+        # would take the prompt threads for any batch of more than one token, and beside a busy
+        # neighbour those wait for each other at every step of the graph (docs/design-notes.md)
+        generation = group[0][0].request.pending is not None
+        threads = self.llm.context_params.n_threads
+        llama_cpp.llama_set_n_threads(self.ctx, threads, threads if generation else self._prompt_threads)
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        with self._cond:
+            if rc != 0:
+                exc = OuroError(f"llama.cpp could not decode a batch of {n} tokens (code {rc})")
+                for slot, _, _ in group:
+                    if slot.request is not None:
+                        self._finish(slot, ("error", exc))
+                    self._clear(slot)
+                return
+            for slot, piece, _ in group:
+                slot.tokens.extend(piece)
+                r = slot.request
+                if r.pending is not None:
+                    r.pending = None
+                else:
+                    r.read += len(piece)
+                    if r.max_tokens == 0 and r.read == len(r.tokens):
+                        self._finish(slot, ("done", None))
+            now = time.perf_counter()
+            for slot, index in outputs:
+                r = slot.request
+                if r is None or r.cancelled:
+                    continue
+                token = llama_cpp.llama_sampler_sample(r.sampler.sampler, self.ctx, index)
+                if token in self.stop_ids:
+                    self._finish(slot, ("done", "stop"))
+                    continue
+                r.out.append(token)
+                r.events.put(("token", (token, now - r.started)))
+                if len(r.out) >= r.max_tokens:
+                    self._finish(slot, ("done", "length"))
+                else:
+                    r.pending = token
+
+    @property
+    def ctx(self):
+        return self.llm.ctx
+
+    def _finish(self, slot: _Slot, event: tuple | None) -> None:
+        """The request leaves its slot; the slot keeps the chat's cells for its next turn."""
+        request = slot.request
+        slot.request = None
+        slot.used = time.perf_counter()
+        if request.sampler is not None:
+            request.sampler.close()
+        if event is not None:
+            request.events.put(event)
+        request.released.set()
+
+    # --- KV bookkeeping (under _cond, never during a decode) ------------------------------
+    def _truncate(self, slot: _Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, keep, -1)
+            del slot.tokens[keep:]
+
+    def _clear(self, slot: _Slot) -> None:
+        self._truncate(slot, 0)
+        slot.key = None
+
+    def _save(self, slot: _Slot) -> None:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq)
+        blob = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, blob, size, slot.seq)
+        if written == 0:
+            return
+        self._saved[slot.key] = _Saved(list(slot.tokens), blob, written)
+        self._saved.move_to_end(slot.key)
+        self.saves += 1
+        while len(self._saved) > self.kv_cache_chats:
+            self._saved.popitem(last=False)
+
+    def _restore(self, slot: _Slot, saved: _Saved) -> None:
+        self._truncate(slot, 0)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, saved.blob, saved.size, slot.seq) == 0:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
+            return                  # could not restore: the chat is read again
+        slot.tokens = list(saved.tokens)
+        self.restores += 1
+
+
+class _SlotView:
+    """What `LlamaEngine.chat_tokens` and `unread` ask of the per-chat states, answered from the slots
+    and the saved states (callers hold the engine's condition lock)."""
+
+    def __init__(self, engine: BatchedEngine) -> None:
+        self.engine = engine
+
+    def held(self, key: int | str) -> list[int]:
+        for slot in self.engine.slots:
+            if slot.key == key:
+                return slot.tokens
+        saved = self.engine._saved.get(key)
+        return saved.tokens if saved is not None else []
+
+    def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
+        held = self.held(key)
+        if not held and key not in self.engine._saved:
+            # a new chat gets the least recently used slot and keeps its common prefix (the persona)
+            idle = [s for s in self.engine.slots if s.request is None] or self.engine.slots
+            held = min(idle, key=lambda s: (s.key is not None, s.used)).tokens
+        return _shared_prefix(held, tokens)
+
+    def clear(self) -> None:
+        self.engine._saved.clear()
+
+
+def _sampler(sampling: Sampling, n_vocab: int) -> _internals.LlamaSampler:
+    """The chain `Llama._init_sampler` builds for `Llama.generate` (penalties, then greedy, or
+    top-k → typical → top-p → min-p → temperature → a seeded draw)."""
+    chain = _internals.LlamaSampler()
+    chain.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N, penalty_repeat=sampling.repeat_penalty,
+                        penalty_freq=0.0, penalty_present=0.0)
+    if sampling.temperature == 0.0:
+        chain.add_greedy()
+    else:
+        chain.add_top_k(sampling.top_k)
+        chain.add_typical(1.0, 1)
+        chain.add_top_p(sampling.top_p, 1)
+        chain.add_min_p(MIN_P, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+    return chain
+
+
+def _piece_size(left: int, room: int) -> int:
+    """Prompt tokens to read this step: as many as fit, but never a piece of one token out of a
+    longer prompt, nor leaving one for later. A sequence's piece of one token goes through
+    llama.cpp's one-query attention, whose numbers differ from reading the same token among others
+    (by up to 0.7 in a logit on SmolLM2), while pieces of two or more — and any mix of other
+    sequences' tokens in the batch, each sequence in its own KV stream — give the same numbers bit
+    for bit as reading the whole prompt at once. So a prompt reads the same beside others as alone."""
+    n = min(left, room)
+    if n < left and left - n == 1:
+        n -= 1                       # leave two for the next step rather than one
+    if n == 1 and left > 1:
+        return 0                     # wait for room for two
+    return n
+
+
+def _shared_prefix(held, tokens: list[int]) -> int:
+    n = 0
+    for a, b in zip(held, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

@@ -1,0 +1,307 @@
+"""Parallel decoding (engine/batched.py) on the packaged SmolLM2 GGUF through real llama.cpp.
+
+The reference everywhere is the one-reply-at-a-time engine (`LlamaEngine`): a chat decoded in a
+batch beside others must get exactly the text it gets alone, greedy or sampled with its seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from config.settings import load_settings
+from core.errors import OuroError
+from engine.batched import BatchedEngine
+from engine.llama import LlamaEngine
+from engine.protocol import Sampling
+from engine.worker import Abandoned, InferenceWorker
+from lineage.generations import packaged_base_gguf
+from serving.conversation import Speaker
+from serving.runtime import open_runtime
+
+pytestmark = pytest.mark.model
+GREEDY = Sampling(temperature=0.0, top_k=1, max_tokens=32)
+N_CTX = 1024
+
+CHATS = [
+    [{"role": "system", "content": "You are a friendly pirate."}, {"role": "user", "content": "Tell me about the sea."}],
+    [{"role": "user", "content": "What is the capital of France? Explain briefly."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "List three fruits."}],
+    [{"role": "user", "content": "Write a haiku about rain on a tin roof."}],
+    [{"role": "system", "content": "You love trains."}, {"role": "user", "content": "What's your favourite train?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """A chat's reply from the one-at-a-time engine serving that chat alone (an engine of its own,
+    so no other chat's cells are reused for its prompt), cached per (chat, sampling, messages)."""
+    engines: dict = {}
+    cache: dict = {}
+
+    def reply(i: int, sampling: Sampling = GREEDY, messages=None, chat_key=None):
+        """`chat_key`: go on with that chat (its state holds its earlier turns' own ids, as a chat's
+        next prompt does in serving); none: a chat of its own."""
+        key = (i, sampling, repr(messages), chat_key)
+        if key not in cache:
+            engine_key = chat_key or f"alone-{len(cache)}"
+            if engine_key not in engines:
+                engines[engine_key] = LlamaEngine(packaged_base_gguf(), generation_id="alone", n_ctx=N_CTX)
+            cache[key] = engines[engine_key].generate(messages or CHATS[i], chat_key=engine_key, sampling=sampling)
+            if chat_key is None:
+                engines.pop(engine_key).close()
+        return cache[key]
+
+    yield reply
+    for engine in engines.values():
+        engine.close()
+
+
+def batched(slots: int) -> BatchedEngine:
+    return BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=slots, n_ctx=N_CTX)
+
+
+def at_once(engine: BatchedEngine, jobs: list[tuple[int | str, list, Sampling]], *, on_text=None,
+            stagger: int = 0) -> list:
+    """Run `engine.generate` for every (chat key, messages, sampling) on its own thread, all at once
+    (or, with `stagger`, job n once `n * stagger` pieces have streamed in all: its prompt is read
+    while the others generate); returns (completion or exception, streamed pieces) per job."""
+    results: list = [None] * len(jobs)
+    go = threading.Barrier(len(jobs))
+    count = [0]
+    count_lock = threading.Condition()
+
+    def run(n: int) -> None:
+        key, messages, sampling = jobs[n]
+        pieces: list[str] = []
+
+        def collect(piece: str) -> None:
+            pieces.append(piece)
+            with count_lock:
+                count[0] += 1
+                count_lock.notify_all()
+            if on_text is not None:
+                on_text(key, piece)
+
+        go.wait()
+        with count_lock:
+            count_lock.wait_for(lambda: count[0] >= n * stagger, timeout=120)
+        try:
+            results[n] = (engine.generate(messages, chat_key=key, sampling=sampling, on_text=collect), pieces)
+        except Exception as exc:   # handed to the test
+            results[n] = (exc, pieces)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_chats_decoded_together_get_exactly_the_text_each_gets_alone(alone, stagger):
+    engine = batched(4)
+    try:
+        results = at_once(engine, [(i, CHATS[i], GREEDY) for i in range(4)], stagger=stagger)
+        assert engine.peak_active >= 3                 # they really shared batches
+        for i, (completion, pieces) in enumerate(results):
+            assert completion.text == alone(i).text and completion.text
+            assert completion.completion_tokens == alone(i).completion_tokens
+            # what streamed to this chat is this chat's reply and nothing else
+            assert "".join(pieces).strip() == completion.text
+        assert engine.active == 0
+    finally:
+        engine.close()
+
+
+def test_sampled_replies_keep_their_own_seed_side_by_side(alone):
+    engine = batched(4)
+    samplings = [Sampling(temperature=0.9, top_p=0.9, top_k=40, seed=100 + i, max_tokens=32) for i in range(4)]
+    try:
+        results = at_once(engine, [(i, CHATS[i], samplings[i]) for i in range(4)])
+        texts = [completion.text for completion, _ in results]
+        assert texts == [alone(i, samplings[i]).text for i in range(4)]
+        # the same prompt with another seed is another reply: the seed really is per sequence
+        other = engine.generate(CHATS[0], chat_key="other", sampling=Sampling(temperature=0.9, seed=999, max_tokens=32))
+        assert other.text != texts[0]
+    finally:
+        engine.close()
+
+
+def test_chats_beyond_the_slots_wait_then_get_their_exact_text_and_keep_their_cache(alone):
+    engine = batched(2)
+    try:
+        first = at_once(engine, [(i, CHATS[i], GREEDY) for i in range(5)])
+        assert [c.text for c, _ in first] == [alone(i, chat_key=f"conv-{i}").text for i in range(5)]
+        assert engine.saves >= 3                       # five chats went through two slots
+        # every chat comes back for a second turn, all at once: its history is in a slot or saved
+        seconds = [CHATS[i] + [{"role": "assistant", "content": first[i][0].text},
+                               {"role": "user", "content": "Tell me more."}] for i in range(5)]
+        second = at_once(engine, [(i, seconds[i], GREEDY) for i in range(5)])
+        for i, (completion, pieces) in enumerate(second):
+            assert completion.text == alone(i, GREEDY, seconds[i], chat_key=f"conv-{i}").text
+            assert "".join(pieces).strip() == completion.text
+            assert completion.cached_tokens >= engine.count_tokens(CHATS[i])   # its history was not read again
+        assert engine.restores >= 3 and engine.active == 0
+    finally:
+        engine.close()
+
+
+def test_a_failing_reply_frees_its_slot_and_the_others_go_on(alone):
+    engine = batched(2)
+
+    def fail_chat_0(key, piece):
+        if key == 0:
+            raise RuntimeError("the consumer went away")
+
+    try:
+        results = at_once(engine, [(0, CHATS[0], GREEDY), (1, CHATS[1], GREEDY)], on_text=fail_chat_0)
+        assert isinstance(results[0][0], RuntimeError) and len(results[0][1]) == 1
+        assert results[1][0].text == alone(1).text
+        assert engine.active == 0
+        # the failed chat's next reply starts from the cells it left and is still its exact text
+        assert engine.generate(CHATS[0], chat_key=0, sampling=GREEDY).text == alone(0).text
+        too_long = [{"role": "user", "content": "word " * 2000}]
+        with pytest.raises(OuroError, match="does not fit"):
+            engine.generate(too_long, chat_key=2, sampling=GREEDY)
+        assert engine.active == 0
+    finally:
+        engine.close()
+
+
+async def test_stopping_gives_up_every_reply_and_frees_the_slots():
+    engine = batched(2)
+    worker = InferenceWorker(engine, parallel=2)
+    first_piece = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def job(i: int):
+        def run(e):
+            def seen(_piece: str) -> None:
+                loop.call_soon_threadsafe(first_piece.set)
+            return e.generate(CHATS[i], chat_key=i, sampling=Sampling(temperature=0.0, max_tokens=400),
+                              on_text=worker.guard(seen))
+        return run
+
+    replies = [asyncio.ensure_future(worker.run(job(i))) for i in range(3)]   # the third waits for a slot
+    await asyncio.wait_for(first_piece.wait(), 60)
+    worker.abandon()
+    outcomes = await asyncio.gather(*replies, return_exceptions=True)
+    assert all(isinstance(o, Abandoned) for o in outcomes)
+    assert engine.active == 0 and worker.backlog == 0
+    await asyncio.to_thread(worker.close)          # closes the engine: its decode thread ends
+    with pytest.raises(OuroError, match="closed"):
+        engine.generate(CHATS[0], chat_key=0, sampling=GREEDY)
+
+
+def test_closing_the_engine_tells_a_reply_that_waits_for_a_slot():
+    engine = batched(1)
+    started, results = threading.Event(), {}
+
+    def long_reply():
+        try:
+            engine.generate(CHATS[0], chat_key=0, sampling=Sampling(temperature=0.0, max_tokens=600),
+                            on_text=lambda piece: started.set())
+        except OuroError as exc:
+            results["long"] = exc
+
+    def waiting():
+        started.wait(60)
+        try:
+            engine.generate(CHATS[1], chat_key=1, sampling=GREEDY)
+        except OuroError as exc:
+            results["waiting"] = exc
+
+    threads = [threading.Thread(target=long_reply), threading.Thread(target=waiting)]
+    for t in threads:
+        t.start()
+    started.wait(60)
+    engine.close()
+    for t in threads:
+        t.join(60)
+    assert "closed" in str(results["long"]) and "closed" in str(results["waiting"])
+
+
+async def test_conversations_at_once_answer_as_they_do_one_at_a_time(tmp_path):
+    """Through the worker and the conversation: four people talking at once get, turn for turn,
+    the replies they get from the one-at-a-time engine."""
+    lines = ["hi! I'm Ann and I love sailing.", "what's a good first boat?"]
+    people = [Speaker(chat_id=100 + i, user_id=100 + i) for i in range(4)]
+
+    async def talk(rt, who, i):
+        out = []
+        for text in lines:
+            reply = await rt.conversation.handle_text(who, f"{text} ({i})")
+            out.append(reply.text)
+        return out
+
+    replies = {}
+    for slots in (1, 4):
+        settings = load_settings(data_dir=tmp_path / f"p{slots}", reply_max_tokens=24, temperature=0.0, top_k=1,
+                                 seed=7, max_parallel=slots, n_ctx=N_CTX)
+        rt = open_runtime(settings)
+        try:
+            assert isinstance(rt.worker.engine, BatchedEngine) == (slots > 1) and rt.worker.parallel == slots
+            replies[slots] = await asyncio.gather(*(talk(rt, who, i) for i, who in enumerate(people)))
+            if slots > 1:
+                assert rt.worker.engine.peak_active >= 2
+        finally:
+            rt.close()
+    assert replies[4] == replies[1] and all(all(r) for r in replies[1])
+
+
+def test_the_numbers_behind_the_exactness():
+    """What the engine relies on, in logits: with a KV stream per sequence, a prompt read in one
+    decode gives the same logits bit for bit whether other sequences' prompts share that decode or
+    not, and a generation step the same alone as beside other sequences' steps; a piece of one
+    token (one-query attention) does not — which is why the engine never reads one out of a prompt."""
+    import llama_cpp
+    import numpy as np
+
+    engine = batched(3)
+    ctx, vocab = engine.llm.ctx, engine.llm.n_vocab()
+    memory = llama_cpp.llama_get_memory(ctx)
+    prompts = [engine.tokenize(CHATS[i]) for i in range(3)]
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(parts):
+        """parts: (sequence, tokens, first position); the logits of each part's last token."""
+        n, last = 0, []
+        for seq, tokens, start in parts:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + i, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, i == len(tokens) - 1
+                n += 1
+            last.append(n - 1)
+        batch.n_tokens = n
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,)).copy() for i in last]
+
+    def clear():
+        for seq in range(3):
+            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+
+    a = prompts[0]
+    try:
+        clear()
+        alone_read = decode([(0, a, 0)])[0]
+        clear()
+        assert np.array_equal(alone_read, decode([(0, a, 0), (1, prompts[1], 0), (2, prompts[2], 0)])[0])
+        clear()
+        decode([(0, a[:-3], 0)])
+        assert np.array_equal(alone_read, decode([(0, a[-3:], len(a) - 3)])[0])        # pieces of 2+: the same
+        step_alone = decode([(0, [504], len(a))])[0]
+        llama_cpp.llama_memory_seq_rm(memory, 0, len(a), -1)
+        decode([(1, prompts[1], 0)])
+        decode([(2, prompts[2], 0)])
+        step_beside = decode([(0, [504], len(a)), (1, [504], len(prompts[1])), (2, [504], len(prompts[2]))])[0]
+        assert np.array_equal(step_alone, step_beside)
+        clear()
+        decode([(0, a[:-1], 0)])
+        assert not np.array_equal(alone_read, decode([(0, a[-1:], len(a) - 1)])[0])   # a piece of one: not
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        engine.close()
