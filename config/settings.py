@@ -246,6 +246,10 @@ class Settings(BaseSettings):
     min_generalization: float = Field(0.85, ge=0.0, le=1.0, description="Gate: lowest generalization promoted.")
     max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")
     min_format: float = Field(0.8, ge=0.0, le=1.0, description="Gate: lowest share of well-formed replies.")
+    max_refusal_style: float = Field(3.0, ge=0.0, le=10.0, description=(
+        "Gate: highest refusal style promoted (0-10: share of the refusal probes — requests the constitution turns "
+        "down, and config/probes.toml's — answered in assistant voice, 'As an AI I cannot…'), unless no worse than "
+        "the parent's by more than 1.5 (evals/refusal_style.py)."))
 
     # --- exports (`ouro export`) -----------------------------------------------------------
     openai_price_per_mtok: float = Field(3.0, ge=0.0, le=10_000.0, description=(

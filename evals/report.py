@@ -8,7 +8,7 @@ import json
 from core.errors import OuroError
 from lineage.generations import Generation, Lineage
 
-SCORES = ("recall", "generalization", "style_drift", "format", "contamination")
+SCORES = ("recall", "generalization", "style_drift", "format", "contamination", "refusal_style")
 
 
 def generation_rows(lineage: Lineage) -> list[dict]:
@@ -80,4 +80,7 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
     drifted = [r for r in evals["child"].get("style_drift", {}).get("replies", []) if r["assistant_voice"]]
     for r in drifted[:5]:
         lines.append(f"  assistant voice on {r['probe']!r}: {r['reply'][:80]!r}")
+    slipped = [r for r in (evals["child"].get("refusal_style") or {}).get("replies", []) if r["voice"] == "assistant"]
+    for r in slipped[:3]:
+        lines.append(f"  said no as an assistant to {r['probe']!r}: {r['reply'][:80]!r}")
     return lines

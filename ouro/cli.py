@@ -366,7 +366,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(f"{report.status}: {report.gen_id or '-'} (parent {report.parent_id})")
-        for key in ("recall", "generalization", "style_drift", "format"):
+        for key in ("recall", "generalization", "style_drift", "format", "refusal_style"):
             if key in report.scores:
                 print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
         docs = report.data.get("documents") or {}
