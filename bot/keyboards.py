@@ -11,6 +11,7 @@ turn exists, the button sits on that turn's own message in that chat, the presse
     o1:adm:<promote|rollback|cancel>:<gen>:<gen active when asked>
     o1:rv:<ok|no|ed|sk>:<turn>               a review verdict
     o1:fg:<yes|no>:<user>                    the /forget confirmation
+    o1:iv:<keep|edit|again|save|drop>:<question>   an /interview answer (question = its index; save/drop: the count)
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ FAMILIES = {
     "admin": (r"^o1:adm:", re.compile(rf"o1:adm:(promote|rollback|cancel):{_GEN}:{_GEN}")),
     "review": (r"^o1:rv:", re.compile(rf"o1:rv:(ok|no|ed|sk):{_ID}")),
     "forget": (r"^o1:fg:", re.compile(rf"o1:fg:(yes|no):{_ID}")),
+    "interview": (r"^o1:iv:", re.compile(r"o1:iv:(keep|edit|again|save|drop):(\d{1,2})")),
 }
-REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
-_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg"}
+REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN, INTERVIEW_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
+_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg", "interview": "o1:iv"}
 
 
 def encode(family: str, *fields: object) -> str:
@@ -125,4 +127,20 @@ def forget_keyboard(user_id: int) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[
         InlineKeyboardButton("🗑 Yes, forget me", callback_data=encode("forget", "yes", user_id)),
         InlineKeyboardButton("Cancel", callback_data=encode("forget", "no", user_id)),
+    ]])
+
+
+def interview_keyboard(index: int) -> InlineKeyboardMarkup:
+    """Under an /interview answer: the buttons name the question, so a stale one is refused."""
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton("✅ Keep", callback_data=encode("interview", "keep", index)),
+        InlineKeyboardButton("✏️ Edit", callback_data=encode("interview", "edit", index)),
+        InlineKeyboardButton("🔁 Ask again", callback_data=encode("interview", "again", index)),
+    ]])
+
+
+def interview_done_keyboard(index: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton("💾 Save as the constitution", callback_data=encode("interview", "save", index)),
+        InlineKeyboardButton("🗑 Discard", callback_data=encode("interview", "drop", index)),
     ]])

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import OuroError
+from core.files import atomic_write_text, ensure_private_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = CONFIG_DIR.parent
@@ -403,6 +404,22 @@ class Settings(BaseSettings):
         except OSError as exc:
             raise OuroError(f"cannot read the persona file {self.persona_file}: {exc.strerror}",
                             hint="set OURO_PERSONA_FILE to a readable text file") from exc
+
+    def persona_draft_path(self) -> Path:
+        """Where a new persona draft (the interview's constitution) goes: the persona file when one was
+        given (OURO_PERSONA_FILE, settings.toml), else <data_dir>/persona.md — never the packaged default."""
+        return self.persona_file if "persona_file" in self.model_fields_set else self.data_dir / DATA_PERSONA
+
+    def write_persona(self, text: str) -> Path:
+        """Write `text` as the persona draft, atomically (readers see the old text or the new one), and
+        read the persona from there from now on; the path written."""
+        path = self.persona_draft_path()
+        if not path.parent.exists():
+            ensure_private_dir(path.parent)
+        atomic_write_text(path, text.strip() + "\n", mode=0o600)
+        if "persona_file" not in self.model_fields_set:
+            self.__dict__["persona_file"] = path   # as _persona_in_data_dir does: still "not given"
+        return path
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_ids

@@ -93,3 +93,32 @@ def constitution_diff(settings: Settings, a: str, b: str) -> str:
     return "\n".join(difflib.unified_diff(left.text.splitlines(), right.text.splitlines(),
                                           fromfile=f"{a} ({left.source})", tofile=f"{b} ({right.source})", n=2,
                                           lineterm=""))
+
+
+def persona_report(settings: Settings) -> dict:
+    """What /persona and `ouro persona` show: the text in force, the draft, and each generation's SHA."""
+    lineage = Lineage(settings.models_dir)
+    served, draft = served_constitution(settings), constitution_for(settings)
+    gens = [{"id": g.id, "constitution_sha256": g.meta.get("constitution_sha256")} for g in lineage.generations()]
+    return {"active": lineage.active_id(),
+            "served": {"source": served.source, "sha256": served.sha256, "path": str(served.path), "text": served.text},
+            "draft": {"sha256": draft.sha256, "path": str(draft.path), "text": draft.text,
+                      "in_force": draft.sha256 == served.sha256},
+            "generations": gens}
+
+
+def persona_text(report: dict) -> str:
+    """The report as people read it."""
+    served, draft = report["served"], report["draft"]
+    own = "its own" if served["source"] != "draft" else "the persona file's: it has none of its own"
+    lines = [f"Constitution in force — {report['active'] or 'no generation yet'} ({own}, sha {served['sha256'][:12]}):",
+             "", served["text"] or "(empty)", ""]
+    if draft["in_force"]:
+        lines.append(f"The draft ({draft['path']}) is this same text.")
+    else:
+        lines.append(f"The draft ({draft['path']}, sha {draft['sha256'][:12]}) differs: the next cycle trains with it. "
+                     f"Diff: /persona {report['active'] or 'gen-0000'} draft")
+    kept = [g for g in report["generations"] if g["constitution_sha256"]]
+    if kept:
+        lines.append("Trained with: " + " · ".join(f"{g['id']} {g['constitution_sha256'][:8]}" for g in kept))
+    return "\n".join(lines)
