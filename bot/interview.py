@@ -137,8 +137,11 @@ class InterviewHandlers:
     async def take_answer(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """The admin's message after ✏️ Edit: the answer to the current question, as written."""
         admin = update.effective_user.id
-        session = self.sessions[admin]
+        session = self.sessions.get(admin)
         text = (update.effective_message.text or "").strip()
+        if session is None or not session.editing or session.interview.done:   # saved or restarted meanwhile
+            await update.effective_message.reply_text("No question is waiting for your answer. /interview starts one.")
+            return
         if not text:
             await update.effective_message.reply_text(EDIT_PROMPT)
             return

@@ -21,7 +21,7 @@ from pathlib import Path
 from config.settings import Settings
 from core.errors import OuroError
 from core.files import atomic_write_text
-from lineage.generations import Generation, Lineage
+from lineage.generations import Generation, Lineage, gen_number
 
 CONSTITUTION_NAME = "constitution.md"
 
@@ -88,6 +88,9 @@ def served_constitution(settings: Settings) -> Constitution:
 def constitution_diff(settings: Settings, a: str, b: str) -> str:
     """A unified diff between the constitutions of generations `a` and `b` ("draft": the draft);
     empty when they are the same text."""
+    for name in (a, b):
+        if name != "draft" and gen_number(name) is None:
+            raise OuroError(f"{name!r} is not a generation", hint="name generations as gen-0003, or draft")
     left = constitution_for(settings, None if a == "draft" else a)
     right = constitution_for(settings, None if b == "draft" else b)
     return "\n".join(difflib.unified_diff(left.text.splitlines(), right.text.splitlines(),
