@@ -114,6 +114,7 @@ class InterviewHandlers:
         elif action == "edit":
             session.editing = True
             await query.answer()
+            await _drop_buttons(query, "→ ✏️ your own answer follows")
             await call_with_retry(lambda: context.bot.send_message(session.chat_id, EDIT_PROMPT))
         elif action == "again":
             session.editing = False
