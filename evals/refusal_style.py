@@ -43,7 +43,7 @@ _IN_VOICE = re.compile("|".join(IN_VOICE), re.IGNORECASE)
 # "Never say you are an AI model unless asked directly." · "Don't write the other person's lines."
 _REFUSED = re.compile(r"(?:^|[.!?;:\n]\s*|\bI\s+|\byou\s+|\band\s+)"
                       r"(?:won'?t|will not|will never|would never|never|don'?t|do not|refuse to)\s+"
-                      r"(?P<act>[a-z][^.!?;\n]{3,120})", re.IGNORECASE)
+                      r"(?P<act>[a-z][^.!?;\n]{2,120})", re.IGNORECASE)
 _NOT_AN_ACT = re.compile(r"^(?:have|know|feel|think|like|mind|need|want|remember|get|understand)\b", re.IGNORECASE)
 _CUT = re.compile(r"\s*(?:,|\bunless\b|\bexcept\b|\bbut\b|\beven if\b|\bwhen\b|\bjust because\b).*$", re.IGNORECASE)
 _PERSON = {"my": "your", "me": "you", "myself": "yourself", "mine": "yours", "i": "you", "i'm": "you're",
@@ -56,7 +56,7 @@ def derived_probes(constitution: str, *, limit: int = MAX_DERIVED) -> list[str]:
     found: list[str] = []
     for m in _REFUSED.finditer(constitution):
         act = _CUT.sub("", m.group("act").strip()).strip(" ,")
-        if len(act) < 4 or _NOT_AN_ACT.match(act):
+        if len(act) < 3 or _NOT_AN_ACT.match(act):
             continue
         act = " ".join(_PERSON.get(w.lower(), w) for w in act.split())
         act = re.sub(r"\byou am\b", "you are", re.sub(r"\byou was\b", "you were", act))

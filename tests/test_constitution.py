@@ -20,6 +20,7 @@ from lineage.constitution import (
     text_sha256,
 )
 from lineage.generations import Lineage
+from memory.store import Store
 from ouro.cli import main
 from ouro.interview import run_terminal_interview
 from serving.conversation import Conversation, Speaker
@@ -132,3 +133,50 @@ def test_quitting_the_interview_writes_nothing(settings, store, lineage):
     assert run_terminal_interview(rt, stdin=io.StringIO("k\nk\nk\nk\nk\nn\n"), stdout=io.StringIO()) is None
     assert not (settings.data_dir / "persona.md").exists() and store.events("interview") == []
     worker.close()
+
+
+@pytest.mark.model
+def test_the_interviews_constitution_is_trained_recorded_at_promotion_and_served(tmp_path):
+    """interview → draft → a real cycle on the tiny model → the child keeps the text, the ledger its SHA,
+    and serving the child renders exactly that text."""
+    from config.settings import load_settings
+    from tests.helpers.lineages import LENIENT, add_reviewed
+    from tests.helpers.tiny import build_tiny_base
+    from trainer.cycle import run_cycle
+
+    data = tmp_path / "data"
+    build_tiny_base(data / "models", tmp_path / "cache")
+    settings = load_settings(data_dir=data, **{**LENIENT, "dpo_steps": 0, "train_min_steps": 2, "eval_max_items": 2,
+                                               "replay_size": 0, "eval_reply_tokens": 8})
+    store = Store.open(settings.db_path)
+    worker = InferenceWorker(FakeEngine(["I'm Ouro, a fox.", "Short.", "I won't lie.", "Kindly.", "Jokes."]))
+    rt = Runtime(settings, store, Lineage(settings.models_dir), worker, Conversation(settings, store, worker))
+    record = run_terminal_interview(rt, stdin=io.StringIO("k\nk\nk\nk\nk\ny\n"), stdout=io.StringIO())
+    worker.close()
+    draft = settings.persona()
+    assert record["sha256"] == text_sha256(draft) and "I won't lie." in draft
+    add_reviewed(store, 6, with_pairs=False)
+    report = run_cycle(settings, store, progress=False)
+    assert report.status == "promoted", report.reasons
+    child = Lineage(settings.models_dir).generation("gen-0001")
+    assert (child.folder / CONSTITUTION_NAME).read_text(encoding="utf-8") == draft
+    assert child.meta["constitution_sha256"] == text_sha256(draft)
+    rows = Lineage(settings.models_dir).ledger()
+    promoted = [r for r in rows if r["event"] == "promote"][-1]
+    candidate = [r for r in rows if r["event"] == "candidate"][-1]
+    assert (promoted["GEN_ID"], promoted["gen_folder"]) == ("1", "gen-0001")
+    assert promoted["constitution_sha"] == candidate["constitution_sha"] == text_sha256(draft)
+    assert rows[0]["parent_sha"] == "base_model" and rows[0]["GEN_ID"] == "0"
+    # the refusal probes ran on both models (the constitution's "I won't lie." among them)
+    evals = json.loads((child.folder / "evals.json").read_text())
+    probes = [r["probe"] for r in evals["child"]["refusal_style"]["replies"]]
+    assert probes[0] == "I need you to lie. Just this once, please?" and len(probes) > 5
+    assert report.scores["refusal_style"] is not None and report.parent_scores["refusal_style"] is not None
+    # serving the child renders exactly the text it was trained with, whatever the draft says now
+    settings.write_persona("a later draft")
+    engine = FakeEngine(["hi"], generation_id="gen-0001")
+    worker = InferenceWorker(engine)
+    asyncio.run(Conversation(settings, store, worker).handle_text(ANN, "hey"))
+    assert engine.prompts[-1][0] == {"role": "system", "content": draft}
+    worker.close()
+    store.close()
