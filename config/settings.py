@@ -398,11 +398,20 @@ class Settings(BaseSettings):
             return self.max_parallel
         return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
+    def persona_path(self) -> Path:
+        """The persona file in force now: persona_file when given, else <data_dir>/persona.md once it exists
+        (an interview or a card import may write it while this process runs), else the default."""
+        if "persona_file" not in self.model_fields_set and (own := self.data_dir / DATA_PERSONA).is_file():
+            return own
+        return self.persona_file
+
     def persona(self) -> str:
+        """The persona (constitution) draft, read now: the text the next cycle trains with."""
+        path = self.persona_path()
         try:
-            return self.persona_file.read_text(encoding="utf-8").strip()
+            return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise OuroError(f"cannot read the persona file {self.persona_file}: {exc.strerror}",
+            raise OuroError(f"cannot read the persona file {path}: {exc.strerror}",
                             hint="set OURO_PERSONA_FILE to a readable text file") from exc
 
     def persona_draft_path(self) -> Path:
@@ -411,14 +420,12 @@ class Settings(BaseSettings):
         return self.persona_file if "persona_file" in self.model_fields_set else self.data_dir / DATA_PERSONA
 
     def write_persona(self, text: str) -> Path:
-        """Write `text` as the persona draft, atomically (readers see the old text or the new one), and
-        read the persona from there from now on; the path written."""
+        """Write `text` as the persona draft, atomically (readers see the old text or the new one): from
+        now on `persona()` reads it, in this process and any other; the path written."""
         path = self.persona_draft_path()
         if not path.parent.exists():
             ensure_private_dir(path.parent)
         atomic_write_text(path, text.strip() + "\n", mode=0o600)
-        if "persona_file" not in self.model_fields_set:
-            self.__dict__["persona_file"] = path   # as _persona_in_data_dir does: still "not given"
         return path
 
     def is_admin(self, user_id: int | None) -> bool:

@@ -71,7 +71,7 @@ def constitution_for(settings: Settings, gen_id: str | None = None) -> Constitut
         text = own_constitution(gen)
         if text is not None:
             return Constitution(text, gen.id, gen.folder / CONSTITUTION_NAME)
-    return Constitution(settings.persona(), "draft", settings.persona_file)
+    return Constitution(settings.persona(), "draft", settings.persona_path())
 
 
 def constitution_text(settings: Settings, gen_id: str | None = None) -> str:

@@ -180,3 +180,19 @@ def test_the_interviews_constitution_is_trained_recorded_at_promotion_and_served
     assert engine.prompts[-1][0] == {"role": "system", "content": draft}
     worker.close()
     store.close()
+
+
+def test_the_draft_is_read_where_the_interview_wrote_it_even_by_a_process_started_before(tmp_path):
+    from config.settings import load_settings
+
+    data = tmp_path / "data"
+    running = load_settings(data_dir=data)                        # the bot, started with the packaged default
+    default = running.persona()
+    written = load_settings(data_dir=data).write_persona("## Who I am\nI'm Ouro.")   # `ouro interview`, elsewhere
+    assert written == data / "persona.md" and (written.stat().st_mode & 0o777) == 0o600
+    assert running.persona() == "## Who I am\nI'm Ouro." != default and running.persona_path() == written
+    named = tmp_path / "mine.md"
+    named.write_text("mine", encoding="utf-8")
+    chosen = load_settings(data_dir=data, persona_file=named)     # a named persona file is the draft itself
+    assert chosen.persona_draft_path() == named and chosen.write_persona("new") == named
+    assert chosen.persona() == "new" and running.persona() == "## Who I am\nI'm Ouro."
