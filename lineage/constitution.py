@@ -113,7 +113,8 @@ def persona_report(settings: Settings) -> dict:
 def persona_text(report: dict) -> str:
     """The report as people read it."""
     served, draft = report["served"], report["draft"]
-    own = "its own" if served["source"] != "draft" else "the persona file's: it has none of its own"
+    own = "its own" if served["source"] != "draft" else \
+        "none of its own, so the draft's, as read when the bot starts"
     lines = [f"Constitution in force — {report['active'] or 'no generation yet'} ({own}, sha {served['sha256'][:12]}):",
              "", served["text"] or "(empty)", ""]
     if draft["in_force"]:

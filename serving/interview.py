@@ -16,6 +16,7 @@ every reply — never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,13 @@ class Interview:
         return "\n\n".join(parts)
 
 
+def whole_sentences(text: str) -> str:
+    """An answer cut off at the token limit, back to its last finished sentence (all of it if none finished)."""
+    text = text.strip()
+    ends = [m.end() for m in re.finditer(r"[.!?…](?:[\"')\]]*)(?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text
+
+
 def messages_for(interview: Interview) -> list[dict]:
     q = interview.question
     if q is None:
@@ -116,14 +124,15 @@ class Interviewer:
         sampling = self.conversation.sampling(seed=int(time.time() * 1000) % 2**31, max_tokens=ANSWER_TOKENS)
         stream = loop_callback(asyncio.get_running_loop(), on_text) if on_text else None
 
-        def job(engine: Engine) -> str:
+        def job(engine: Engine):
             engine = worker.route(key, messages)
             try:
-                return engine.generate(messages, chat_key=key, sampling=sampling, on_text=worker.guard(stream)).text
+                return engine.generate(messages, chat_key=key, sampling=sampling, on_text=worker.guard(stream))
             finally:
                 engine.forget(key)   # no KV slot kept for a question asked once
 
-        text = (await worker.run(job)).strip()
+        out = await worker.run(job)
+        text = whole_sentences(out.text) if out.finish_reason == "length" else out.text.strip()
         interview.last = text
         interview.asked += 1
         return text

@@ -196,3 +196,12 @@ def test_the_draft_is_read_where_the_interview_wrote_it_even_by_a_process_starte
     chosen = load_settings(data_dir=data, persona_file=named)     # a named persona file is the draft itself
     assert chosen.persona_draft_path() == named and chosen.write_persona("new") == named
     assert chosen.persona() == "new" and running.persona() == "## Who I am\nI'm Ouro."
+
+
+def test_an_answer_cut_at_the_token_limit_keeps_its_whole_sentences():
+    from serving.interview import whole_sentences
+
+    assert whole_sentences("I'm Ouro. I like rain! My tone is funny and sarcas") == "I'm Ouro. I like rain!"
+    assert whole_sentences('She said "hi." Then she') == 'She said "hi."'
+    assert whole_sentences("no sentence ends here") == "no sentence ends here"
+    assert whole_sentences("Version 2.5 is out and") == "Version 2.5 is out and"
