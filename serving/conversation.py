@@ -236,15 +236,18 @@ class Conversation:
         what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`) — each with
         whether a reply in it is under way (its words are not here yet: the hot-swap waits for them
         rather than hand the chat over a turn behind). Read here, on the event loop's thread, so
-        the loading thread never touches the store."""
+        the loading thread never touches the store. Read with the new generation's constitution: what
+        it will be asked with once the chat is handed over."""
         plan = []
+        incoming = self.worker.incoming   # the model being read into speaks with its own constitution
+        persona = self.persona_of(incoming.generation_id) if incoming is not None else self.persona
         for chat_id, session in self.store.recent_chats(limit):
             history = self.store.history(session)
             anchor = self.store.context_start(session)
             if anchor is not None:
                 history = [ex for ex in history if ex.turn_id >= anchor]
             if history:
-                plan.append((chat_id, to_messages(self.persona, history, "")[:-1], chat_id in self._answering))
+                plan.append((chat_id, to_messages(persona, history, "")[:-1], chat_id in self._answering))
         return plan
 
     def reset(self, who: Speaker) -> None:

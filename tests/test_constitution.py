@@ -205,3 +205,19 @@ def test_an_answer_cut_at_the_token_limit_keeps_its_whole_sentences():
     assert whole_sentences('She said "hi." Then she') == 'She said "hi."'
     assert whole_sentences("no sentence ends here") == "no sentence ends here"
     assert whole_sentences("Version 2.5 is out and") == "Version 2.5 is out and"
+
+
+def test_a_hot_swap_reads_chats_into_the_new_model_with_its_own_constitution(settings, store, lineage):
+    engine = FakeEngine(["hello!"], generation_id="gen-0001")
+    worker = InferenceWorker(engine)
+    conv = Conversation(settings, store, worker)
+    asyncio.run(conv.handle_text(ANN, "hey"))
+    assert conv.warmup_plan(4)[0][1][0] == {"role": "system", "content": FIRST}
+    incoming = FakeEngine(generation_id="gen-0002")
+    worker.begin_handover(incoming)
+    [(chat, messages, _)] = conv.warmup_plan(4)
+    assert chat == ANN.chat_id and messages[0] == {"role": "system", "content": SECOND}
+    assert [m["content"] for m in messages[1:]] == ["hey", "hello!"]
+    old = worker.finish_handover()
+    assert old is engine and conv.persona == SECOND   # once handed over, every reply speaks with gen-0002's
+    worker.close()
