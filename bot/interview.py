@@ -6,14 +6,15 @@ here is the answer instead) · 🔁 Ask again. After the last one the whole draf
 💾 Save (it becomes the constitution the next cycle trains with) or 🗑 Discard. The interview in
 progress lives in this process's memory: a restart forgets it, and nothing is written until Save.
 
-Callback data `o1:iv:<keep|edit|again|save|drop>:<question>` is untrusted: the presser must be an
-admin with an interview in progress at that question. /persona shows the constitution in force
+Callback data `o1:iv:<keep|edit|again|save|drop>:<interview>:<question>` is untrusted: the presser
+must be an admin whose interview in progress has that number and is at that question. /persona shows the constitution in force
 and `/persona gen-0001 gen-0003` the diff between two generations' (lineage/constitution.py).
 """
 
 from __future__ import annotations
 
 import html
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ PERSONA_USAGE = "Usage: /persona — the constitution in force; /persona gen-000
 class _Session:
     interview: Interview
     chat_id: int
+    number: int               # which interview: buttons of an earlier one are refused
     editing: bool = False
 
 
@@ -70,6 +72,7 @@ class InterviewHandlers:
         self.store = store
         self.interviewer = interviewer
         self.sessions: dict[int, _Session] = {}   # admin → the interview in progress
+        self._numbers = itertools.count(1)
         self.awaiting_answer = AwaitingAnswer(self.sessions)
 
     async def interview(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -79,7 +82,7 @@ class InterviewHandlers:
             return
         admin, chat_id = update.effective_user.id, update.effective_chat.id
         interview = self.interviewer.start(f"admin {admin} (telegram)")
-        self.sessions[admin] = _Session(interview, chat_id)
+        self.sessions[admin] = _Session(interview, chat_id, next(self._numbers))
         n = len(interview.questions)
         await update.effective_message.reply_text(
             f"🎙 Interview with {interview.generation_id}: {n} questions. Keep, edit or re-ask each answer; "
@@ -98,7 +101,7 @@ class InterviewHandlers:
         fields = keyboards.decode("interview", query.data)
         session = self.sessions.get(admin)
         if fields is None or query.message is None or session is None or session.chat_id != query.message.chat.id \
-                or int(fields[1]) != session.interview.index:
+                or (int(fields[1]), int(fields[2])) != (session.number, session.interview.index):
             await query.answer(STALE)
             return
         action, interview = fields[0], session.interview
@@ -162,7 +165,7 @@ class InterviewHandlers:
             pieces = split_text(body, 4000)
             for piece in pieces[:-1]:
                 await call_with_retry(lambda p=piece: context.bot.send_message(chat_id, p))
-            markup = keyboards.interview_done_keyboard(interview.index) if draft else None
+            markup = keyboards.interview_done_keyboard(session.number, interview.index) if draft else None
             if not draft:
                 del self.sessions[admin]
             await call_with_retry(lambda: context.bot.send_message(chat_id, pieces[-1], reply_markup=markup))
@@ -174,9 +177,9 @@ class InterviewHandlers:
         try:
             text = await self.interviewer.ask(interview, on_text=stream.push)
         except Busy:
-            await stream.finish(BUSY, markup=keyboards.interview_keyboard(interview.index))
+            await stream.finish(BUSY, markup=keyboards.interview_keyboard(session.number, interview.index))
             return
-        await stream.finish(text or "…", markup=keyboards.interview_keyboard(interview.index))
+        await stream.finish(text or "…", markup=keyboards.interview_keyboard(session.number, interview.index))
 
 
 class PersonaHandlers:

@@ -11,7 +11,8 @@ turn exists, the button sits on that turn's own message in that chat, the presse
     o1:adm:<promote|rollback|cancel>:<gen>:<gen active when asked>
     o1:rv:<ok|no|ed|sk>:<turn>               a review verdict
     o1:fg:<yes|no>:<user>                    the /forget confirmation
-    o1:iv:<keep|edit|again|save|drop>:<question>   an /interview answer (question = its index; save/drop: the count)
+    o1:iv:<keep|edit|again|save|drop>:<interview>:<question>   an /interview answer (its interview's number,
+                                             the question's index; save/drop: the number of questions)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FAMILIES = {
     "admin": (r"^o1:adm:", re.compile(rf"o1:adm:(promote|rollback|cancel):{_GEN}:{_GEN}")),
     "review": (r"^o1:rv:", re.compile(rf"o1:rv:(ok|no|ed|sk):{_ID}")),
     "forget": (r"^o1:fg:", re.compile(rf"o1:fg:(yes|no):{_ID}")),
-    "interview": (r"^o1:iv:", re.compile(r"o1:iv:(keep|edit|again|save|drop):(\d{1,2})")),
+    "interview": (r"^o1:iv:", re.compile(r"o1:iv:(keep|edit|again|save|drop):(\d{1,9}):(\d{1,2})")),
 }
 REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN, INTERVIEW_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
 _PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg", "interview": "o1:iv"}
@@ -130,17 +131,17 @@ def forget_keyboard(user_id: int) -> InlineKeyboardMarkup:
     ]])
 
 
-def interview_keyboard(index: int) -> InlineKeyboardMarkup:
-    """Under an /interview answer: the buttons name the question, so a stale one is refused."""
+def interview_keyboard(number: int, index: int) -> InlineKeyboardMarkup:
+    """Under an /interview answer: the buttons name the interview and the question, so a stale one is refused."""
     return InlineKeyboardMarkup([[
-        InlineKeyboardButton("✅ Keep", callback_data=encode("interview", "keep", index)),
-        InlineKeyboardButton("✏️ Edit", callback_data=encode("interview", "edit", index)),
-        InlineKeyboardButton("🔁 Ask again", callback_data=encode("interview", "again", index)),
+        InlineKeyboardButton("✅ Keep", callback_data=encode("interview", "keep", number, index)),
+        InlineKeyboardButton("✏️ Edit", callback_data=encode("interview", "edit", number, index)),
+        InlineKeyboardButton("🔁 Ask again", callback_data=encode("interview", "again", number, index)),
     ]])
 
 
-def interview_done_keyboard(index: int) -> InlineKeyboardMarkup:
+def interview_done_keyboard(number: int, index: int) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[
-        InlineKeyboardButton("💾 Save as the constitution", callback_data=encode("interview", "save", index)),
-        InlineKeyboardButton("🗑 Discard", callback_data=encode("interview", "drop", index)),
+        InlineKeyboardButton("💾 Save as the constitution", callback_data=encode("interview", "save", number, index)),
+        InlineKeyboardButton("🗑 Discard", callback_data=encode("interview", "drop", number, index)),
     ]])

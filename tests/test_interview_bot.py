@@ -18,7 +18,7 @@ def _buttons(bot, prefix: str = "o1:iv:") -> list[tuple[int, int, str]]:
 
 
 async def _press(bot, action: str) -> str:
-    chat, mid, data = next(b for b in _buttons(bot) if b[2].split(":")[2] == action)
+    chat, mid, data = [b for b in _buttons(bot) if b[2].split(":")[2] == action][-1]   # the newest
     return await bot.press(ADMIN, chat, mid, data)
 
 
@@ -34,7 +34,7 @@ async def test_an_admin_interviews_the_persona_and_saves_its_constitution(tmp_pa
         await bot.command(ADMIN, "interview")
         assert any("1/5 · Who I am" in t for t in bot.tg.texts_to(ADMIN))
         assert engine.prompts[-1][0] == {"role": "system", "content": OWN}
-        assert [b[2] for b in _buttons(bot)] == ["o1:iv:keep:0", "o1:iv:edit:0", "o1:iv:again:0"]
+        assert [b[2] for b in _buttons(bot)] == ["o1:iv:keep:1:0", "o1:iv:edit:1:0", "o1:iv:again:1:0"]
         # someone else cannot press them; a stale one does nothing
         chat, mid, keep = _buttons(bot)[0]
         qid = await bot.press(ANN, chat, mid, keep)
@@ -49,7 +49,7 @@ async def test_an_admin_interviews_the_persona_and_saves_its_constitution(tmp_pa
         await _press(bot, "keep")                                    # 4, 5
         await _press(bot, "keep")
         assert "📜 The new constitution" in bot.tg.texts_to(ADMIN)[-1]
-        assert [b[2] for b in _buttons(bot)] == ["o1:iv:save:5", "o1:iv:drop:5"]
+        assert [b[2] for b in _buttons(bot)] == ["o1:iv:save:1:5", "o1:iv:drop:1:5"]
         assert not (data / "persona.md").exists()                    # nothing written before Save
         await _press(bot, "save")
         assert "💾 Saved" in bot.tg.texts_to(ADMIN)[-1]
@@ -72,12 +72,18 @@ async def test_an_admin_interviews_the_persona_and_saves_its_constitution(tmp_pa
         assert bot.errors == []
 
 
-async def test_discarding_writes_nothing(tmp_path):
+async def test_discarding_writes_nothing_and_an_earlier_interviews_buttons_are_refused(tmp_path):
     async with offline_bot(tmp_path / "data") as bot:
         await bot.command(ADMIN, "interview")
+        [(chat, mid, first), *_] = _buttons(bot)
+        await bot.command(ADMIN, "interview")                     # starts over: interview 2, question 0 again
+        qid = await bot.press(ADMIN, chat, mid, first)
+        assert "earlier question or interview" in bot.answer_to(qid)[0]["text"]
+        assert [b[2] for b in _buttons(bot) if b[1] != mid][0] == "o1:iv:keep:2:0"
         for _ in range(5):
             await _press(bot, "keep")
         await _press(bot, "drop")
         assert "discarded" in bot.tg.texts_to(ADMIN)[-1]
         assert not (tmp_path / "data" / "persona.md").exists() and bot.store.events("interview") == []
-        assert not _buttons(bot) and bot.errors == []
+        assert [b[2] for b in _buttons(bot)][:1] == ["o1:iv:keep:1:0"] and len(_buttons(bot)) == 3   # interview 1's
+        assert bot.errors == []
