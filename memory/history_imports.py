@@ -31,10 +31,10 @@ class HistoryImportsMixin(AuditMixin):
             new = 0
             for ex in examples:
                 new += conn.execute(
-                    "INSERT INTO imported_examples (import_id, messages, split, ended_at, created_at, sha256) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
+                    "INSERT INTO imported_examples (import_id, messages, split, ended_at, created_at, sha256, language) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
                     (import_id, json.dumps(ex["messages"], ensure_ascii=False), ex["split"], ex.get("ended_at"),
-                     ts, ex["sha256"])).rowcount
+                     ts, ex["sha256"], ex.get("language"))).rowcount
             summary = {**summary, "import_id": import_id, "new_examples": new,
                        "already_present": len(examples) - new}
             conn.execute("UPDATE imports SET summary = ? WHERE id = ?",
@@ -49,6 +49,14 @@ class HistoryImportsMixin(AuditMixin):
             "WHERE (? IS NULL OR created_at > ?) AND (? IS NULL OR created_at <= ?) ORDER BY created_at, id",
             (since, since, until, until))
         return [{**r, "messages": json.loads(r["messages"])} for r in rows]
+
+    def history_languages(self) -> dict[str, int]:
+        """{language (or "unknown"): imported windows and live turns stored in it}: what the evals and the
+        redaction must cover (memory/language.py)."""
+        rows = self.database.query(
+            "SELECT COALESCE(language, 'unknown') AS language, COUNT(*) AS n FROM ("
+            "SELECT language FROM imported_examples UNION ALL SELECT language FROM turns) GROUP BY 1")
+        return {r["language"]: r["n"] for r in rows}
 
     def imports(self) -> list[dict]:
         rows = self.database.query("SELECT * FROM imports ORDER BY id")

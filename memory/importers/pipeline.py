@@ -14,7 +14,10 @@ The steps, each for a reason:
 5. A 90/10 chronological split: the newest tenth of the windows is held out for the
    generalization eval. A training window that shares a message with a held-out one is
    dropped, or the eval would grade text the model trained on.
-6. Personal data is redacted (memory.redact) before anything is stored; emoji stay as typed.
+6. Each conversation's language (memory.language: its majority language, for French/English
+   code-switching) is stored with each of its windows; the summary counts the windows per
+   language and names the languages the evals and the redaction do not cover.
+7. Personal data is redacted (memory.redact) before anything is stored; emoji stay as typed.
 The windows are stored without the persona's system message: export adds the current one.
 
 Tokens are an estimate (words, plus each other non-space symbol such as punctuation or an
@@ -35,6 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from core.errors import OuroError
+from memory import language
 from memory.importers import chatgpt, discord, messenger, telegram, whatsapp
 from memory.importers.chat import Message, Parsed
 from memory.redact import redact
@@ -66,6 +70,7 @@ class Turn:
 class Window:
     turns: tuple[Turn, ...]
     ids: frozenset[tuple[int, int]]      # (conversation, position) of each turn: to find overlaps
+    language: str | None = None          # its conversation's (memory/language.py)
 
     @property
     def messages(self) -> list[dict]:
@@ -114,12 +119,15 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
         else:
             messages.append(m)
     conversations = merge_and_split(messages, owners)
+    languages = [language.majority(t.text for t in conversation) for conversation in conversations]
     for conversation in conversations:
         for turn in conversation:
             turn.text = redact(turn.text)
-    windows = [w for n, conversation in enumerate(conversations) for w in rolling_windows(conversation, n)]
+    windows = [w for n, conversation in enumerate(conversations)
+               for w in rolling_windows(conversation, n, languages[n])]
     train, heldout, overlapping = split(windows)
     examples = [{"messages": w.messages, "split": name, "ended_at": w.turns[-1].end.isoformat(),
+                 "language": w.language,
                  "sha256": hashlib.sha256(json.dumps(w.messages, ensure_ascii=False, sort_keys=True)
                                           .encode()).hexdigest()}
                 for name, part in (("train", train), ("heldout", heldout)) for w in part]
@@ -134,8 +142,17 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
         "tokens_estimate": {"messages": sum(tokens(t.text) for c in conversations for t in c),
                             "windows": sum(tokens(m["content"]) for e in examples for m in e["messages"])},
         "token_method": TOKEN_METHOD,
+        "languages": language_counts(examples),
+        "conversation_languages": dict(sorted(Counter(lang or "unknown" for lang in languages).items())),
     }
+    summary["languages_not_covered"] = language.not_covered(summary["languages"])
     return summary, examples
+
+
+def language_counts(examples: list[dict]) -> dict[str, int]:
+    """{language (or "unknown"): windows}, most first."""
+    counts = Counter(e.get("language") or "unknown" for e in examples)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def tokens(text: str) -> int:
@@ -217,7 +234,7 @@ def merge_and_split(messages: list[Message], owner: str | Collection[str]) -> li
     return conversations
 
 
-def rolling_windows(conversation: list[Turn], number: int) -> list[Window]:
+def rolling_windows(conversation: list[Turn], number: int, lang: str | None = None) -> list[Window]:
     """Every STRIDE-th start, up to WINDOW_MAX turns, cut back to end on the owner; kept at ≥ WINDOW_MIN
     turns with someone else in it."""
     out = []
@@ -227,7 +244,7 @@ def rolling_windows(conversation: list[Turn], number: int) -> list[Window]:
             end -= 1
         turns = tuple(conversation[start:end])
         if len(turns) >= WINDOW_MIN and any(t.role == "user" for t in turns):
-            out.append(Window(turns, frozenset((number, i) for i in range(start, end))))
+            out.append(Window(turns, frozenset((number, i) for i in range(start, end)), lang))
     return out
 
 
@@ -240,6 +257,16 @@ def split(windows: list[Window]) -> tuple[list[Window], list[Window], int]:
     held_ids = frozenset().union(*(w.ids for w in heldout))
     train = [w for w in ordered[:cut] if not w.ids & held_ids]
     return train, heldout, cut - len(train)
+
+
+def language_line(s: dict) -> str:
+    """The windows per language, and the languages the evals and the redaction were not written for."""
+    counts = ", ".join(f"{lang} {n}" for lang, n in s["languages"].items()) or "none"
+    missing = s.get("languages_not_covered") or {}
+    note = ("; NOT covered: " + "; ".join(f"{lang} (no {', '.join(checks)})" for lang, checks in missing.items())
+            if missing else "; all covered by the style-drift and format evals and the redaction" if s["languages"]
+            else "")
+    return f"  languages  windows by conversation language: {counts}{note}"
 
 
 def format_summary(s: dict) -> str:
@@ -259,6 +286,8 @@ def format_summary(s: dict) -> str:
         f"  tokens     ~{s['tokens_estimate']['messages']} in the messages, ~{s['tokens_estimate']['windows']} "
         "in the windows (estimated: words and symbols, not the model's tokenizer)",
     ]
+    if "languages" in s:
+        lines.append(language_line(s))
     if s["new_examples"]:
         lines.append("next: `ouro cycle` trains the next generation on them")
     elif not s["windows"]:
