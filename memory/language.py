@@ -67,9 +67,9 @@ def majority(texts: Iterable[str]) -> str | None:
 
 def not_covered(languages: Iterable[str | None]) -> dict[str, list[str]]:
     """{language: the checks (style_drift, format, redaction) written without it}, for each language given
-    that some check lacks; None (undetected) is skipped."""
+    that some check lacks; None and "unknown" (undetected) are skipped."""
     out = {}
-    for language in sorted({lang for lang in languages if lang}):
+    for language in sorted({lang for lang in languages if lang and lang != "unknown"}):
         missing = [check for check, known in CHECKS.items() if language not in known]
         if missing:
             out[language] = missing

@@ -349,6 +349,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
+    from memory.language import coverage_line
     from ouro.logs import setup_logging
     from serving.runtime import open_store, register_base
     from trainer.cycle import run_cycle
@@ -377,6 +378,8 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         if report.train.get("kto_steps"):
             print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
                   f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
+        if report.data.get("languages"):
+            print("  " + coverage_line(report.data["languages"]))
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1

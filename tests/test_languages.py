@@ -103,3 +103,96 @@ def test_migrating_an_older_database_keeps_its_rows_without_a_language(tmp_path)
         assert store.history_languages() == {"unknown": 1}
     finally:
         store.close()
+
+
+# --- the evals and the redaction, per language --------------------------------------------
+
+ASSISTANT_VOICE = {
+    "en": ("As an AI, I don't have feelings, but I'd be happy to help!", "Ha, no way, I'd rather stay in bed today."),
+    "fr": ("En tant qu'IA, je n'ai pas de sentiments, mais je serais ravi de vous aider.",
+           "Franchement, je préfère rester au lit aujourd'hui, il pleut trop."),
+    "de": ("Als KI habe ich keine Gefühle, aber ich helfe Ihnen gerne weiter.",
+           "Ehrlich gesagt bleibe ich heute lieber im Bett, es regnet zu sehr."),
+    "es": ("Como inteligencia artificial, no tengo sentimientos, pero estaré encantado de ayudarte.",
+           "La verdad, hoy prefiero quedarme en la cama, llueve demasiado."),
+    "pt": ("Como uma IA, não tenho sentimentos, mas fico feliz em ajudar.",
+           "Na verdade, hoje prefiro ficar na cama, está chovendo demais."),
+    "ru": ("Как ИИ, я не испытываю эмоций, но буду рад помочь вам.",
+           "Честно, сегодня я лучше останусь в кровати, слишком сильный дождь."),
+}
+MORE_VOICE = {
+    "fr": "Je suis désolé d'apprendre cela. N'hésitez pas à me poser d'autres questions !",
+    "de": "Es tut mir leid, das zu hören. Wie kann ich Ihnen helfen?",
+    "es": "Lamento escuchar eso. ¿En qué puedo ayudarte hoy?",
+    "pt": "Lamento ouvir isso. Como posso te ajudar hoje?",
+    "ru": "Мне жаль это слышать. Чем я могу вам помочь?",
+}
+OTHER_SPEAKER = {
+    "en": "sure, see you at eight\nUser: and bring the cake", "fr": "d'accord, à ce soir\nUtilisateur : et le gâteau ?",
+    "de": "klar, bis später\nNutzer: und der Kuchen?", "es": "vale, hasta luego\nUsuario: ¿y la tarta?",
+    "pt": "combinado, até logo\nVocê: e o bolo?", "ru": "договорились, до вечера\nПользователь: а торт?",
+}
+ADDRESSES = {
+    "en": ("Come by 221 Baker Street after work.", "Baker Street"),
+    "fr": ("Passe au 12 rue de la Paix après le travail.", "rue de la Paix"),
+    "de": ("Komm nach der Arbeit in die Hauptstraße 12 vorbei.", "Hauptstraße"),
+    "es": ("Pásate por la Calle Mayor, 5 después del trabajo.", "Calle Mayor"),
+    "pt": ("Passa na Rua das Flores, nº 12 depois do trabalho.", "Rua das Flores"),
+    "ru": ("Заходи после работы на ул. Ленина, д. 5, кв. 12.", "Ленина"),
+}
+
+
+@pytest.mark.parametrize("lang", sorted(ASSISTANT_VOICE))
+def test_assistant_voice_is_caught_in_each_language_and_plain_talk_is_not(lang):
+    from evals.style_drift import is_assistant_voice
+
+    drifted, plain = ASSISTANT_VOICE[lang]
+    assert language.detect(drifted) == lang and language.detect(plain) == lang
+    assert is_assistant_voice(drifted) and not is_assistant_voice(plain)
+    if lang in MORE_VOICE:
+        assert is_assistant_voice(MORE_VOICE[lang])
+
+
+@pytest.mark.parametrize("lang", sorted(OTHER_SPEAKER))
+def test_a_reply_that_writes_the_other_side_is_caught_in_each_language(lang):
+    from evals.format_check import check_reply
+
+    assert check_reply(OTHER_SPEAKER[lang], "stop") == ["continued as another speaker"]
+    assert check_reply(OTHER_SPEAKER[lang].split("\n")[0], "stop") == []
+
+
+@pytest.mark.parametrize("lang", sorted(ADDRESSES))
+def test_street_addresses_are_redacted_in_each_language(lang):
+    from memory.redact import redact
+
+    sentence, street = ADDRESSES[lang]
+    out = redact(sentence)
+    assert street not in out and "[address]" in out
+    assert redact(out) == out
+
+
+def test_ordinary_sentences_with_numbers_keep_them():
+    from memory.redact import redact
+
+    for text in ("Ich bin in 5 Minuten weg, warte kurz.", "On se voit à la place 5 minutes avant.",
+                 "Vamos a la plaza en 10 minutos.", "Я буду через 5 минут на площади."):
+        assert redact(text) == text
+
+
+def test_every_check_covers_the_same_six_languages():
+    assert {check: sorted(known) for check, known in language.CHECKS.items()} == {
+        check: ["de", "en", "es", "fr", "pt", "ru"] for check in ("style_drift", "format", "redaction")}
+    assert language.not_covered(["en", "fr", "unknown", None]) == {}
+    assert language.not_covered(["ja", "en"]) == {"ja": ["style_drift", "format", "redaction"]}
+
+
+def test_a_generations_eval_report_names_the_languages_it_does_not_cover(tmp_path):
+    from evals.report import eval_lines
+    from lineage.generations import Generation
+
+    data = {"languages": language.coverage({"fr": 30, "it": 4, "unknown": 2})}
+    gen = Generation("gen-0001", tmp_path, {"parent_id": "gen-0000", "data": data})
+    evals = {"child": {}, "parent": {}, "gate": {"passed": True}}
+    assert "  languages NOT covered: it (no style_drift, format, redaction)" in eval_lines(gen, evals)
+    data["languages"] = language.coverage({"fr": 30, "en": 3})
+    assert any("fr 30, en 3 — all covered" in line for line in eval_lines(gen, evals))
