@@ -64,6 +64,7 @@ class Turn:
     text: str
     start: datetime
     end: datetime
+    rejected: tuple[str, ...] = ()   # replies regenerated in its place (ChatGPT); none once merged
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence
         file_sha256 = fingerprint(path, parsed)
     except OSError as exc:
         raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
-    summary, examples = build(parsed, names, path, min_chars)
+    summary, examples, pairs = build(parsed, names, path, min_chars)
     return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=", ".join(names),
-                            summary={"kind": kind, "file": str(path), **summary}, examples=examples)
+                            summary={"kind": kind, "file": str(path), **summary}, examples=examples, pairs=pairs)
 
 
 def fingerprint(path: Path, parsed: Parsed) -> str:
@@ -108,8 +109,9 @@ def fingerprint(path: Path, parsed: Parsed) -> str:
     return digest.hexdigest()
 
 
-def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = MIN_CHARS) -> tuple[dict, list[dict]]:
-    """(summary, examples for Store.add_import) — everything but the writing."""
+def build(parsed: Parsed, me: str | Sequence[str], path: Path,
+          min_chars: int = MIN_CHARS) -> tuple[dict, list[dict], list[dict]]:
+    """(summary, examples and preference pairs for Store.add_import) — everything but the writing."""
     names = owner_names(me)
     owners, matched = owner_keys(parsed, names, path)
     messages, dropped = [], Counter(parsed.dropped)
@@ -126,6 +128,7 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
     windows = [w for n, conversation in enumerate(conversations)
                for w in rolling_windows(conversation, n, languages[n])]
     train, heldout, overlapping = split(windows)
+    pairs, pairs_left_out = preference_pairs(parsed, messages, owners, conversations, languages, heldout)
     examples = [{"messages": w.messages, "split": name, "ended_at": w.turns[-1].end.isoformat(),
                  "language": w.language,
                  "sha256": hashlib.sha256(json.dumps(w.messages, ensure_ascii=False, sort_keys=True)
@@ -142,11 +145,46 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
         "tokens_estimate": {"messages": sum(tokens(t.text) for c in conversations for t in c),
                             "windows": sum(tokens(m["content"]) for e in examples for m in e["messages"])},
         "token_method": TOKEN_METHOD,
+        "preference_pairs": len(pairs), "preference_pairs_left_out": pairs_left_out,
         "languages": language_counts(examples),
         "conversation_languages": dict(sorted(Counter(lang or "unknown" for lang in languages).items())),
     }
     summary["languages_not_covered"] = language.not_covered(summary["languages"])
-    return summary, examples
+    return summary, examples, pairs
+
+
+def preference_pairs(parsed: Parsed, kept: list[Message], owners: Collection[str], conversations: list[list[Turn]],
+                     languages: list[str | None], heldout: list[Window]) -> tuple[list[dict], dict[str, int]]:
+    """(pairs for Store.add_import, tries that made none by reason): a persona's reply kept over the replies
+    regenerated in its place (ChatGPT) is a DPO pair, prompt = the conversation before it (up to
+    WINDOW_MAX − 1 messages, as a window would show it). Left out: tries of the other side (not the
+    persona's: `--persona user` learns your side, and ChatGPT regenerated its own), of a message left
+    out as short or merged with the next, of a reply a held-out window grades (a pair would train
+    on it), with nobody before it, or the same text as the reply kept."""
+    left: Counter = Counter()
+    held = frozenset().union(*(w.ids for w in heldout))
+    tries = lambda ms: sum(len(m.rejected) for m in ms)  # noqa: E731
+    left["not_the_persona"] = tries(m for m in parsed.messages if not is_owner(m, owners))
+    left["short"] = tries(m for m in parsed.messages if is_owner(m, owners)) - tries(m for m in kept if is_owner(m, owners))
+    left["merged"] = tries(m for m in kept if is_owner(m, owners)) - tries(t for c in conversations for t in c
+                                                                          if t.role == "assistant")
+    pairs = []
+    for n, conversation in enumerate(conversations):
+        for i, turn in enumerate(conversation):
+            if not turn.rejected or turn.role != "assistant":
+                continue
+            prompt = [{"role": t.role, "content": t.text} for t in conversation[max(0, i - WINDOW_MAX + 1):i]]
+            for rejected in map(redact, turn.rejected):
+                reason = ("heldout" if (n, i) in held else "no_prompt" if not any(m["role"] == "user" for m in prompt)
+                          else "same_text" if rejected.strip() == turn.text.strip() else None)
+                if reason:
+                    left[reason] += 1
+                    continue
+                body = {"prompt": prompt, "chosen": turn.text, "rejected": rejected}
+                pairs.append({**body, "language": languages[n], "ended_at": turn.end.isoformat(),
+                              "sha256": hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True)
+                                                       .encode()).hexdigest()})
+    return pairs, {reason: n for reason, n in sorted(left.items()) if n}
 
 
 def language_counts(examples: list[dict]) -> dict[str, int]:
@@ -227,8 +265,9 @@ def merge_and_split(messages: list[Message], owner: str | Collection[str]) -> li
             if same and m.at - last.end <= MERGE_WITHIN:
                 last.text += "\n" + m.text
                 last.end = max(last.end, m.at)
+                last.rejected = ()            # the tries were in place of one bubble, not of the merged message
             else:
-                current.append(Turn(m.speaker, role, m.text, m.at, m.at))
+                current.append(Turn(m.speaker, role, m.text, m.at, m.at, m.rejected))
         if current:
             conversations.append(current)
     return conversations
@@ -286,6 +325,10 @@ def format_summary(s: dict) -> str:
         f"  tokens     ~{s['tokens_estimate']['messages']} in the messages, ~{s['tokens_estimate']['windows']} "
         "in the windows (estimated: words and symbols, not the model's tokenizer)",
     ]
+    if s.get("preference_pairs") or s.get("preference_pairs_left_out"):
+        left = ", ".join(f"{reason} {n}" for reason, n in s["preference_pairs_left_out"].items()) or "none"
+        lines.append(f"  pairs      {s['preference_pairs']} preference pairs (a kept answer over one regenerated in "
+                     f"its place), {s.get('new_pairs', 0)} new; tries left out: {left}")
     if "languages" in s:
         lines.append(language_line(s))
     if s["new_examples"]:
