@@ -79,10 +79,11 @@ class Window:
 
 
 def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence[str],
-                min_chars: int = MIN_CHARS) -> dict:
+                min_chars: int = MIN_CHARS, consent_of: str | None = None) -> dict:
     """Parse, build the windows, store them in one transaction; return the summary.
 
-    `me`: the owner's name, or several (each may also be comma-separated)."""
+    `me`: the persona's person's name, or several (each may also be comma-separated): the importer's
+    own, unless `consent_of` names who agreed to someone else's messages becoming the persona."""
     path = Path(path)
     if kind not in PARSERS:
         raise OuroError(f"unknown import kind {kind!r}", hint="one of: " + ", ".join(PARSERS))
@@ -92,9 +93,32 @@ def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence
         file_sha256 = fingerprint(path, parsed)
     except OSError as exc:
         raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
+    consent = consent_record(parsed, names, consent_of, path)
     summary, examples, pairs = build(parsed, names, path, min_chars)
     return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=", ".join(names),
-                            summary={"kind": kind, "file": str(path), **summary}, examples=examples, pairs=pairs)
+                            summary={"kind": kind, "file": str(path), **summary, "consent": consent},
+                            examples=examples, pairs=pairs, consent=consent)
+
+
+def consent_record(parsed: Parsed, names: list[str], consent_of: str | None, path: Path) -> dict:
+    """Whose messages the persona learns to write, and on whose say (stored with the import).
+
+    The rule: an import teaches the persona the voice of the person who runs it, and an export is
+    theirs (they downloaded it from their own account). `--me` (and a ChatGPT export, either side)
+    is that person's own word about their own messages. Anyone else's messages need their
+    agreement, named with `consent_of` (who agreed: the person, or who may speak for them). Where
+    an export shows who it was shared with — the other person of a one-to-one Telegram,
+    WhatsApp or Messenger chat — `--me` naming that person is refused: they did not export it."""
+    if consent_of is not None and not consent_of.strip():
+        raise OuroError("--consent-of is empty", hint="name who agreed that these messages become the persona")
+    if consent_of is None:
+        others = {_key(name) for name in parsed.not_exporter}
+        clash = next((name for name in names if _key(name) in others), None)
+        if clash:
+            raise OuroError(f"{path}: {clash!r} is the person this chat was with, not the one who exported it",
+                            hint=f"--me names you. To make {clash}'s messages the persona, they must agree: "
+                                 f"--persona-of {clash!r} --consent-of \"WHO agreed\" (recorded with the import)")
+    return {"persona_of": names, "own": consent_of is None, "consent_of": consent_of.strip() if consent_of else None}
 
 
 def fingerprint(path: Path, parsed: Parsed) -> str:
@@ -298,6 +322,18 @@ def split(windows: list[Window]) -> tuple[list[Window], list[Window], int]:
     return train, heldout, cut - len(train)
 
 
+def consent_line(kind: str, c: dict) -> str:
+    """Whose voice the persona learns, as recorded with the import."""
+    if kind == "chatgpt":
+        side = "ChatGPT's answers" if c["persona_of"] == ["assistant"] else "the account holder's own messages"
+        whose = "the importer's own account" if c["own"] else f"someone else's account, with the consent of {c['consent_of']}"
+        return f"  consent    the persona learns {side}, from {whose}"
+    names = " / ".join(c["persona_of"])
+    if c["own"]:
+        return f"  consent    the persona learns {names}'s messages: the importer's own (--me)"
+    return f"  consent    the persona learns {names}'s messages, not the importer's: with the consent of {c['consent_of']}"
+
+
 def language_line(s: dict) -> str:
     """The windows per language, and the languages the evals and the redaction were not written for."""
     counts = ", ".join(f"{lang} {n}" for lang, n in s["languages"].items()) or "none"
@@ -325,6 +361,8 @@ def format_summary(s: dict) -> str:
         f"  tokens     ~{s['tokens_estimate']['messages']} in the messages, ~{s['tokens_estimate']['windows']} "
         "in the windows (estimated: words and symbols, not the model's tokenizer)",
     ]
+    if s.get("consent"):
+        lines.append(consent_line(s["kind"], s["consent"]))
     if s.get("preference_pairs") or s.get("preference_pairs_left_out"):
         left = ", ".join(f"{reason} {n}" for reason, n in s["preference_pairs_left_out"].items()) or "none"
         lines.append(f"  pairs      {s['preference_pairs']} preference pairs (a kept answer over one regenerated in "

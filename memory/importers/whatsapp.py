@@ -69,6 +69,8 @@ def parse(path: Path) -> Parsed:
     records = _records(path, _read(path))
     day_first = _day_first(records)
     parsed = Parsed()
+    if other := _chat_with(path.name):
+        parsed.not_exporter.add(other)
     for r in records:
         at = _when(path, r, day_first)
         parsed.read += 1
@@ -85,6 +87,17 @@ def parse(path: Path) -> Parsed:
         text = text.translate(_NO_MARKS).strip()
         parsed.messages.append(Message(chat=path.name, speaker=speaker, at=at, text=text))
     return parsed
+
+
+# The name WhatsApp gives the file of a chat with one person, by the phone's language: the other person
+# is not the exporter (pipeline.py's consent rule).
+_CHAT_WITH = re.compile(r"(?:WhatsApp Chat with|WhatsApp-Chat mit|Discussion WhatsApp avec|Chat de WhatsApp con|"
+                        r"Conversa do WhatsApp com|Чат WhatsApp с|WhatsApp Chat -) (?P<name>.+?)(?: \(\d+\))?\.(?:txt|zip)")
+
+
+def _chat_with(filename: str) -> str | None:
+    m = _CHAT_WITH.fullmatch(filename)
+    return m["name"].strip() if m else None
 
 
 def _read(path: Path) -> str:
