@@ -196,3 +196,26 @@ def test_a_generations_eval_report_names_the_languages_it_does_not_cover(tmp_pat
     assert "  languages NOT covered: it (no style_drift, format, redaction)" in eval_lines(gen, evals)
     data["languages"] = language.coverage({"fr": 30, "en": 3})
     assert any("fr 30, en 3 — all covered" in line for line in eval_lines(gen, evals))
+
+
+def test_a_cards_windows_carry_its_language(store, tmp_path):
+    from pathlib import Path
+
+    from memory.importers.card import import_card
+
+    card = Path(__file__).parent / "fixtures" / "imports" / "card" / "Aria.json"
+    summary = import_card(store, card, persona_file=tmp_path / "persona.md", replace_persona=False,
+                          reply_tokens=200, context_tokens=2048)
+    assert summary["languages"] == {"en": 5} and summary["languages_not_covered"] == {}
+    assert {r["language"] for r in store.database.query("SELECT language FROM imported_examples")} == {"en"}
+
+
+def test_whatsapp_notes_written_in_the_phones_language_are_left_out(tmp_path):
+    from memory.importers import whatsapp
+
+    path = tmp_path / "chat.txt"
+    path.write_text("12/03/2024 20:02 - Bob: Mensagem apagada\n12/03/2024 20:03 - Ann: Это сообщение удалено\n"
+                    "12/03/2024 20:04 - Bob: Ce message a été supprimé\n"
+                    "12/03/2024 20:05 - Ann: até já <Mensagem editada>\n", encoding="utf-8")
+    parsed = whatsapp.parse(path)
+    assert dict(parsed.dropped) == {"deleted": 3} and [m.text for m in parsed.messages] == ["até já"]
