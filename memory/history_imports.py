@@ -7,6 +7,7 @@ skipping windows already stored, and logs the import as an audit event.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from core.files import now
 from memory.audit import AuditMixin
@@ -16,7 +17,7 @@ class HistoryImportsMixin(AuditMixin):
     """Imports and imported_examples rows."""
 
     def add_import(self, *, kind: str, file: str, file_sha256: str, owner: str, summary: dict,
-                   examples: list[dict], pairs: list[dict] = (), consent: dict | None = None) -> dict:
+                   examples: list[dict], pairs: Sequence[dict] = (), consent: dict | None = None) -> dict:
         """Record one import and its windows in a single transaction: all of it lands, or none of it.
 
         `examples` are {"messages", "split", "ended_at", "sha256", "language"}; `pairs` {"prompt",

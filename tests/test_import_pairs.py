@@ -56,3 +56,26 @@ def test_the_next_cycle_trains_on_the_imported_pairs(store):
     assert {p.chosen for p in split.pairs} == {p.chosen for p in pairs}          # trained, never held out
     held = [m[-1]["content"] for m in split.heldout]
     assert not any(p.chosen in held for p in pairs)
+
+
+def test_tries_of_a_merged_message_make_no_pair(tmp_path):
+    from datetime import datetime, timedelta
+
+    from memory.importers.chat import Message, Parsed
+    from memory.importers.pipeline import build
+
+    t0 = datetime(2024, 6, 1, 10, 0)
+    texts = [("user", "Which train goes to the coast on Sunday mornings?", ()),
+             ("assistant", "The 8:10 regional, change at the junction.", ("Certainly! I'd be happy to help.",)),
+             ("assistant", "Or the 9:40 direct one if you sleep in.", ()),
+             ("user", "Is the direct one much more expensive than the other?", ()),
+             ("assistant", "A few euros more, worth it for the view.", ()),
+             ("user", "Then the direct one it is, thanks a lot.", ()),
+             ("assistant", "Sit on the left side for the sea.", ("Great question! Please note that fares vary.",))]
+    parsed = Parsed(messages=[Message("c", who, t0 + timedelta(minutes=i), text, rejected=tries)
+                              for i, (who, text, tries) in enumerate(texts)], read=len(texts))
+    summary, _, pairs = build(parsed, "assistant", tmp_path)
+    assert summary["preference_pairs_left_out"] == {"merged": 1}
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        ("Sit on the left side for the sea.", "Great question! Please note that fares vary.")]
+    assert pairs[0]["prompt"][1]["content"] == "The 8:10 regional, change at the junction.\nOr the 9:40 direct one if you sleep in."

@@ -187,7 +187,10 @@ def preference_pairs(parsed: Parsed, kept: list[Message], owners: Collection[str
     on it), with nobody before it, or the same text as the reply kept."""
     left: Counter = Counter()
     held = frozenset().union(*(w.ids for w in heldout))
-    tries = lambda ms: sum(len(m.rejected) for m in ms)  # noqa: E731
+
+    def tries(items) -> int:
+        return sum(len(m.rejected) for m in items)
+
     left["not_the_persona"] = tries(m for m in parsed.messages if not is_owner(m, owners))
     left["short"] = tries(m for m in parsed.messages if is_owner(m, owners)) - tries(m for m in kept if is_owner(m, owners))
     left["merged"] = tries(m for m in kept if is_owner(m, owners)) - tries(t for c in conversations for t in c
