@@ -7,6 +7,7 @@ import json
 
 from core.errors import OuroError
 from lineage.generations import Generation, Lineage
+from memory.language import coverage_line
 
 SCORES = ("recall", "generalization", "style_drift", "format", "contamination")
 
@@ -73,6 +74,8 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
     if held or data.get("waiting_review") or data.get("deferred"):
         lines.append(f"  kept out: screened {held or 0} · waiting for /review {sum((data.get('waiting_review') or {}).values())}"
                      f" · over a person's share {data.get('deferred') or 0} (next generation)")
+    if data.get("languages"):
+        lines.append("  " + coverage_line(data["languages"]))
     for reason in gate.get("reasons", []):
         lines.append(f"  - {reason}")
     for hit in (evals["child"].get("contamination") or {}).get("hits", [])[:3]:

@@ -15,7 +15,8 @@ the contributor is the turn's author) and through the content screens (on the re
 teach away from). A 👍's desirable item follows its SFT example: it exists only if the example
 survived the screens, trust rules, caps and budget, and has the example's weight. Windows imported from a chat history (memory/importers)
 come in whole, the persona in front, with their own train/held-out split and outside the
-rating budget (nobody rated them; the admin chose them). Everything passes PII redaction before it is
+rating budget (nobody rated them; the admin chose them); so do the preference pairs an import
+found (a ChatGPT answer kept over one regenerated in its place). Everything passes PII redaction before it is
 returned; exact duplicates are dropped; people who opted out are left out entirely.
 """
 
@@ -55,11 +56,12 @@ class Pair:
     prompt: list[dict]            # messages up to and including the user's message
     chosen: str
     rejected: str
-    source: str                   # regenerate | correction | review_edit
+    source: str                   # regenerate | correction | review_edit | import
     created_at: str
     turn_id: int | None = None
     contributor: int | None = None
     approved: bool = False
+    split: str | None = None      # an import's pair: "train" (its reply is in no held-out window); None: replay decides
 
 
 @dataclass
@@ -241,6 +243,9 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     imported = [Example(messages=system + r["messages"], source="import", created_at=r["created_at"], split=r["split"],
                         approved=True)
                 for r in store.imported_examples(since=since, until=until)]
+    pairs += [Pair(prompt=system + r["prompt"], chosen=r["chosen"], rejected=r["rejected"], source="import",
+                   created_at=r["created_at"], approved=True, split="train")
+              for r in store.imported_pairs(since=since, until=until)]
     seen: set[str] = set()
     for ex in sorted(candidates + imported, key=lambda e: (e.created_at, e.turn_id or 0)):
         ex.messages = _clean(ex.messages)

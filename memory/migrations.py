@@ -251,6 +251,31 @@ def m010_rating_reasons(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m012_languages(conn: sqlite3.Connection) -> None:
+    """The language of each imported window and each live turn (memory/language.py; NULL: stored
+    before, or too short to tell), preference pairs an import found (a ChatGPT answer kept over a
+    regenerated one), and each import's consent: whose messages became the persona, and whether
+    they were the importer's own."""
+    _script(conn, """
+    ALTER TABLE imported_examples ADD COLUMN language TEXT;   -- ISO 639-1, its conversation's majority language
+    ALTER TABLE turns ADD COLUMN language TEXT;               -- of the user's text, else of the chat so far
+    ALTER TABLE imports ADD COLUMN consent TEXT;              -- JSON {persona_of, own, consent_of}; NULL: before m012
+    CREATE TABLE imported_pairs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        import_id INTEGER NOT NULL REFERENCES imports(id),
+        prompt TEXT NOT NULL,              -- JSON [{role, content}] up to the user's message, redacted
+        chosen TEXT NOT NULL,              -- the reply kept
+        rejected TEXT NOT NULL,            -- a reply the person regenerated away from
+        language TEXT,
+        ended_at TEXT,                     -- when the chosen reply was written (the export's clock)
+        created_at TEXT NOT NULL,          -- when it was imported: the cycle's data window looks at this
+        sha256 TEXT NOT NULL UNIQUE        -- of (prompt, chosen, rejected): importing twice adds nothing
+    );
+    CREATE INDEX imported_pairs_created ON imported_pairs(created_at);
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -36,8 +36,15 @@ Read a chat export; the --me person's messages become the persona's replies. Med
 forwarded and unsent messages are left out, and so are --me's messages under --min-chars
 characters; one speaker's messages under 3 minutes apart are merged; a 30-minute gap starts a
 new conversation; windows of 6-12 messages ending on --me's message are redacted and stored
-(90% train, newest 10% held out) for the next `ouro cycle`. Importing the same export again
-adds nothing, and a file that cannot be read stores nothing.
+(90% train, newest 10% held out) for the next `ouro cycle`, each with its conversation's
+language. Importing the same export again adds nothing, and a file that cannot be read stores
+nothing.
+
+Consent: --me says the messages are yours (you exported the chat). The persona writes as the
+person it learned from, to other people, so someone else's messages need their agreement:
+--persona-of NAME --consent-of WHO instead of --me (for chatgpt, --consent-of WHO when the export
+is not your account). It is recorded with the import and shown in its report. --me naming the
+other person of a one-to-one chat (whom the export names) is refused.
 
 Or read a character card (kind card): its description becomes the persona, written to
 <data-dir>/persona.md, and its greetings and example dialogues become training windows.
@@ -53,7 +60,9 @@ formats, and where to get them:
              "user" and "assistant", so no --me: --persona picks the side the persona speaks as
              (default assistant: it learns ChatGPT's replies; user: it learns your prompts).
              Only the branch you kept of each conversation is read; regenerated answers and
-             edited prompts are counted as regenerated_branch.
+             edited prompts are counted as regenerated_branch. An answer you kept over one
+             regenerated in its place becomes a preference pair (chosen: kept; rejected: the other)
+             for the next cycle's DPO stage (--persona assistant only).
   messenger  Facebook: Settings → Accounts Center → Your information and permissions → Download
              your information → Messages, format JSON. PATH: the .zip, its folder, one thread's
              folder (messages/inbox/<name>/) or one message_1.json. --me: your name as Facebook
@@ -83,6 +92,7 @@ examples:
   ouro import messenger facebook-ann.zip --me "Ann Smith" --me "Annie S"
   ouro import discord general.json --me ann_b,Ann
   ouro import chatgpt chatgpt-export.zip --persona user
+  ouro import telegram grandpa.json --persona-of "Walter" --consent-of "Walter, by letter, 2026-03-02"
   ouro import card Aria.png --replace-persona
   ouro import docs ~/notes
 """
@@ -349,6 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
+    from memory.language import coverage_line
     from ouro.logs import setup_logging
     from serving.runtime import open_store, register_base
     from trainer.cycle import run_cycle
@@ -377,6 +388,8 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         if report.train.get("kto_steps"):
             print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
                   f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
+        if report.data.get("languages"):
+            print("  " + coverage_line(report.data["languages"]))
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1
@@ -467,27 +480,38 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise OuroError(f"--replace-persona is only for card imports, not {args.kind}",
                         hint="a chat export trains the persona's replies; its text stays in OURO_PERSONA_FILE")
     if args.kind == "chatgpt":
-        if args.me:
-            raise OuroError("--me is not used for a chatgpt import: its speakers are 'user' and 'assistant'",
+        if args.me or args.persona_of:
+            raise OuroError(f"{'--me' if args.me else '--persona-of'} is not used for a chatgpt import: its speakers "
+                            "are 'user' and 'assistant'",
                             hint="--persona assistant (the default: the persona learns ChatGPT's replies) or "
-                                 "--persona user (it learns your side)")
+                                 "--persona user (it learns your side); someone else's export: add --consent-of WHO")
         me = [args.persona or "assistant"]
     else:
         if args.persona:
             raise OuroError(f"--persona is only for chatgpt imports, not {args.kind}",
                             hint="--me NAME says whose messages the persona learns to write")
-        if not args.me:
+        if args.me and args.persona_of:
+            raise OuroError("--me and --persona-of both name the persona: give one",
+                            hint="--me for your own messages, --persona-of NAME --consent-of WHO for someone else's")
+        if args.me and args.consent_of is not None:
+            raise OuroError("--consent-of is for someone else's messages, but --me says they are yours",
+                            hint="someone else's messages: --persona-of NAME --consent-of WHO")
+        if args.persona_of and args.consent_of is None:
+            raise OuroError("--persona-of makes someone else's messages the persona: it needs --consent-of WHO",
+                            hint="WHO: the person who agreed (themselves, or who may speak for them); it is recorded "
+                                 "with the import. Why: the persona will write as them, to other people")
+        if not args.me and not args.persona_of:
             raise OuroError(f"--me is required for a {args.kind} import",
                             hint="--me NAME: your name as the export writes it; repeat --me (or separate names "
                                  "with commas) for every name you go by")
-        me = args.me
+        me = args.me or args.persona_of
     if args.min_chars is not None and args.min_chars < 0:
         raise OuroError(f"--min-chars {args.min_chars}: must be 0 or more")
     settings = _settings(args)
     store = open_store(settings)
     try:
         extra = {} if args.min_chars is None else {"min_chars": args.min_chars}
-        summary = import_chat(store, args.kind, args.path, me=me, **extra)
+        summary = import_chat(store, args.kind, args.path, me=me, consent_of=args.consent_of, **extra)
     finally:
         store.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
@@ -499,7 +523,8 @@ def _import_docs(args: argparse.Namespace) -> int:
     from serving.runtime import open_store
 
     for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None),
-                        ("--replace-persona", args.replace_persona)):
+                        ("--replace-persona", args.replace_persona), ("--persona-of", args.persona_of),
+                        ("--consent-of", args.consent_of is not None)):
         if given:
             raise OuroError(f"{flag} is not used for a docs import: documents are read as they are written",
                             hint="ouro import docs PATH [--json]")
@@ -518,7 +543,8 @@ def _import_card(args: argparse.Namespace) -> int:
     from memory.importers.card import format_summary, import_card
     from serving.runtime import open_store
 
-    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None)):
+    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None),
+                        ("--persona-of", args.persona_of), ("--consent-of", args.consent_of is not None)):
         if given:
             raise OuroError(f"{flag} is not used for a card import: the card's character is the persona",
                             hint="ouro import card PATH [--replace-persona]")
@@ -702,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your name as the export writes it: whose messages the persona learns to write "
                         "(required, except for chatgpt and card); repeat it, or separate names with commas, for every "
                         "name you go by")
+    p.add_argument("--persona-of", action="append", metavar="NAME",
+                   help="someone else's name as the export writes it: their messages become the persona (instead "
+                        "of --me; needs --consent-of)")
+    p.add_argument("--consent-of", metavar="WHO",
+                   help="who agreed that someone else's messages become the persona (with --persona-of; for chatgpt: "
+                        "the export is not your account); recorded with the import")
     p.add_argument("--persona", choices=["assistant", "user"],
                    help="chatgpt only: whose side the persona learns (default assistant)")
     p.add_argument("--min-chars", type=int, metavar="N",

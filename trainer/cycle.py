@@ -26,6 +26,7 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
+from memory import language
 from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
 from memory.screens import Screens, screens_for
 from memory.store import Store
@@ -334,7 +335,8 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
                    "kto_undesirable": sum(not r.desirable for r in split.rated), "dropped": delta.dropped, "data_delta_sha": data_sha,
                    "screened": delta.screened, "screened_items": delta.screened_items[:50],
                    "waiting_review": {str(k): v for k, v in delta.waiting.items()},
-                   "deferred": len(delta.deferred), **delta.sources}
+                   "deferred": len(delta.deferred), **delta.sources,
+                   "languages": language.coverage(store.history_languages())}   # what the evals were written for
     return split, data_sha
 
 
