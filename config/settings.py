@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         "once, in file order. 0: none."))
     refine_scenarios_file: Path = Field(CONFIG_DIR / "scenarios.toml", description=(
         "Questions that test the constitution's rules, for self-refinement's scenarios."))
-    refine_max_tokens: int = Field(200, ge=16, le=4096, description=(
+    refine_max_tokens: int = Field(160, ge=16, le=4096, description=(
         "Longest critique plus refined reply a generation writes for one proposal, in tokens."))
     refine_admin_skip_review: bool = Field(False, description=(
         "Proposals on an admin's own 👎'd turns are kept at once (signed by that admin) instead of waiting in "
