@@ -378,14 +378,18 @@ def _refine(settings: Settings, store: Store, parent: Generation) -> dict:
 
 
 def _refine_counts(store: Store, refined: dict, split, *, since: str | None, until: str) -> dict:
-    """Self-refinement in numbers for the report and the ledger: proposals made at this cycle's start,
-    kept (edited included) and dropped since the parent took its data, pairs this generation trains on
-    (held-out ones not counted), and how many still wait in /review."""
+    """Self-refinement in numbers for the report and the ledger: proposals made at this cycle's start
+    (and botched outputs dropped there), proposals kept (edited included) and dropped by admins since
+    the parent took its data, pairs this generation trains on (held-out ones not counted), and how
+    many still wait in /review."""
     counts = store.proposal_counts(since=since, until=until)
-    return {**{k: v for k, v in refined.items() if k not in ("made", "pending")},
-            "made": refined.get("made", 0), "kept": counts["kept"], "edited": counts["edited"],
-            "dropped": counts["dropped"], "used": sum(p.source == "refine" for p in split.pairs),
-            "pending": counts["pending"]}
+    out = {"made": refined.get("made", 0), "botched": refined.get("dropped_total", 0),
+           "botched_reasons": refined.get("dropped", {}), "kept": counts["kept"], "edited": counts["edited"],
+           "dropped": counts["dropped"], "used": sum(p.source == "refine" for p in split.pairs),
+           "pending": counts["pending"], "wall_s": refined.get("wall_s", 0.0)}
+    if refined.get("error"):
+        out["error"] = refined["error"]
+    return out
 
 
 def _docs_upto(gen: Generation) -> int:

@@ -105,6 +105,10 @@ def _strip(text: str) -> str:
     m = _ROLE_LINE.search(text)                 # the other side's line, or a new turn: the reply ended before it
     if m:
         text = text[: m.start()].strip()
+    if text.startswith("**") and text.endswith("**") and len(text) > 4:   # the whole reply in bold
+        text = text[2:-2].strip()
+    elif text.endswith("**") and text.count("**") == 1:                   # its opening went with the label
+        text = text[:-2].strip()
     if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
         text = text[1:-1].strip()
     return text
