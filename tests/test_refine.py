@@ -261,19 +261,35 @@ def test_m011_brings_an_older_database_forward_with_its_rows(tmp_path):
 
 # --- a real model, and the cycle ---------------------------------------------------------------
 @pytest.mark.model
-def test_a_real_gguf_writes_a_stored_proposal(store, tmp_path, tiny_models):
+def test_the_packaged_model_writes_a_stored_proposal(store, tmp_path):
+    from lineage.generations import packaged_base_gguf
+    from trainer.refine import refine_with_gguf
+
+    settings = settings_for(tmp_path, refine_max_tokens=24)
+    t = store.add_user_turn(chat_id=ANN, user_id=ANN, text="what should I cook tonight?")
+    store.complete_turn(t, reply_text="As an AI language model, I cannot have favourite foods.",
+                        generation_id="gen-0000", prompt_tokens=1, completion_tokens=1, latency_s=0.1, ttft_s=0.1,
+                        context_start_turn_id=t)
+    store.rate(t, ANN, -1)
+    store.give_reason(t, ANN, "voice")
+    report = refine_with_gguf(settings, store, packaged_base_gguf(), generation_id="gen-0000")
+    assert (report.tried, report.made, report.dropped) == ({"thumbs_down": 1, "scenario": 0}, 1, {})
+    stored = store.next_proposal(opt_out_by_default=False)
+    assert (stored.turn_id, stored.generation_id, stored.reasons) == (t, "gen-0000", ("not like you",))
+    assert stored.critique and stored.refined and stored.refined != stored.served
+    assert store.database.scalar("SELECT COUNT(*) FROM events WHERE kind = 'refine'") == 1
+
+
+@pytest.mark.model
+def test_a_random_model_botches_everything_and_nothing_is_stored_or_crashes(store, tmp_path, tiny_models):
     from trainer.refine import refine_with_gguf
 
     settings = settings_for(tmp_path, refine_max_tokens=24, refine_scenarios=1)
-    t = answered(store, ANN, 1, "As an AI language model, I cannot have favourite foods.", reason="voice")
-    gguf = tiny_models / "gen-0000" / "model.gguf"
-    report = refine_with_gguf(settings, store, gguf, generation_id="gen-0000")
+    answered(store, ANN, 1, "As an AI language model, I cannot have favourite foods.", reason="voice")
+    report = refine_with_gguf(settings, store, tiny_models / "gen-0000" / "model.gguf", generation_id="gen-0000")
     assert report.tried == {"thumbs_down": 1, "scenario": 1}
-    assert report.made + sum(report.dropped.values()) == 2 and report.made >= 1
-    stored = [store.proposal(p["id"]) for p in report.proposals]
-    assert all(p.critique and p.refined and p.generation_id == "gen-0000" for p in stored)
-    assert any(p.turn_id == t for p in stored) or report.dropped
-    assert store.database.scalar("SELECT COUNT(*) FROM events WHERE kind = 'refine'") == 1
+    assert report.made + sum(report.dropped.values()) == 2
+    assert store.database.scalar("SELECT COUNT(*) FROM proposals") == report.made
 
 
 @pytest.mark.model

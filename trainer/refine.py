@@ -80,11 +80,19 @@ def critique_messages(constitution_text: str, question: str, served: str, reason
 
 def refine_messages(constitution_text: str, question: str, served: str, critique: str,
                     reasons: tuple[str, ...] = (), *, scenario: bool = False) -> list[dict]:
-    """Ask for the reply it should have given, with the critique in view."""
-    return _system(constitution_text) + [{"role": "user", "content": (
-        _what_happened(question, served, reasons, scenario)
-        + f"\nWhat was wrong with it: {critique}\n"
-        + "Now write the reply you should have given: only the reply itself, as yourself, nothing else.")}]
+    """Ask for the reply it should have given: the hindsight (the first reply, its 👎, the critique) goes
+    after the constitution, then the person's message comes again, so the model simply answers it — a
+    small model copies a quoted critique when asked to "write the reply", but answers a question."""
+    head = (constitution_text + "\n\n") if constitution_text else ""
+    if scenario:
+        verdict = "Read against your constitution, it fell short"
+    else:
+        why = f" ({', '.join(REASONS.get(r, r) for r in reasons)})" if reasons else ""
+        verdict = f"The person pressed 👎{why}"
+    return [{"role": "system", "content": (
+        head + f"You are answering the next message a second time. Your first reply was: \"{_cut(served)}\"\n"
+        f"{verdict}. What was wrong with it: {critique}\nAnswer again, better, as yourself.")},
+        {"role": "user", "content": question}]
 
 
 # --- reading what the model wrote -------------------------------------------------------------
@@ -114,25 +122,33 @@ def _strip(text: str) -> str:
     return text
 
 
-def clean_critique(text: str) -> tuple[str | None, str | None]:
-    """(critique, None), or (None, why it was dropped)."""
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()).lower() == " ".join(b.split()).lower()
+
+
+def clean_critique(text: str, constitution_text: str = "") -> tuple[str | None, str | None]:
+    """(critique, None), or (None, why it was dropped): no words, the constitution recited, a conversation."""
     text = _strip(text)
     if len(text) < 8 or not re.search(r"[^\W\d_]{2}", text):
         return None, "empty_critique"
+    if constitution_text and _same(text[:40], " ".join(constitution_text.split())[:40]):
+        return None, "echo"
     if _ROLE_LINE.search(text) or "<|im_start|>" in text:
         return None, "both_speakers"
     return _cut(text, _CRITIQUE_CHARS), None
 
 
-def clean_reply(text: str, served: str, *, max_chars: int) -> tuple[str | None, str | None]:
-    """(the refined reply, None), or (None, why it was dropped): empty, the served reply again, an echo
-    of the instructions, a whole conversation, or too long to be a target."""
+def clean_reply(text: str, served: str, *, max_chars: int, critique: str = "") -> tuple[str | None, str | None]:
+    """(the refined reply, None), or (None, why it was dropped): empty, the served reply (or the
+    critique) again, an echo of the instructions, a whole conversation, or too long to be a target."""
     full = text
     text = _strip(text)
     if len(text) < 2 or not re.search(r"[^\W\d_]", text):
         return None, "empty"
-    if " ".join(text.split()).lower() == " ".join(served.split()).lower():
+    if _same(text, served):
         return None, "same_as_served"
+    if critique and (_same(text, critique) or _same(text[: len(critique)], critique)):
+        return None, "same_as_critique"
     if _ECHO.search(text):
         return None, "echo"
     if "<|im_start|>" in full and not text:
@@ -179,8 +195,8 @@ def write_proposals(settings: Settings, store: Store, writer: Writer, *, generat
     def one(question: str, served: str, reasons: tuple[str, ...], scenario: bool) -> tuple[str, str] | None:
         try:
             raw = writer.greedy_reply(critique_messages(text, question, served, reasons, scenario=scenario),
-                                      max_tokens=CRITIQUE_TOKENS).text
-            critique, why = clean_critique(raw)
+                                      max_tokens=min(CRITIQUE_TOKENS, settings.refine_max_tokens)).text
+            critique, why = clean_critique(raw, text)
             if critique is None:
                 dropped[why] += 1
                 return None
@@ -190,7 +206,7 @@ def write_proposals(settings: Settings, store: Store, writer: Writer, *, generat
             log.info("self-refinement skipped an item: %s", exc)
             dropped["prompt_too_long"] += 1
             return None
-        refined, why = clean_reply(raw, served, max_chars=max_chars)
+        refined, why = clean_reply(raw, served, max_chars=max_chars, critique=critique)
         if refined is None:
             dropped[why] += 1
             return None
