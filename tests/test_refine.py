@@ -90,7 +90,8 @@ def test_prompts_are_deterministic_and_carry_the_constitution_and_the_reasons():
     assert a[0]["role"] == "system" and a[0]["content"].startswith(PERSONA)
     assert "too long, not like you" in a[1]["content"] and "As an AI…" in a[1]["content"]
     b = refine_messages(PERSONA, "what should I cook?", "As an AI…", CRITIQUE, ("long",))
-    assert CRITIQUE in b[1]["content"] and b[0] == a[0]
+    assert b[0]["content"].startswith(PERSONA) and CRITIQUE in b[0]["content"] and "👎 (too long)" in b[0]["content"]
+    assert b[1] == {"role": "user", "content": "what should I cook?"}   # asked again, answered with hindsight
     assert "👎" not in critique_messages(PERSONA, "hi", "hello", scenario=True)[1]["content"]
 
 
@@ -110,7 +111,7 @@ def test_the_step_stores_good_proposals_and_drops_botched_ones_without_crashing(
     assert report.tried == {"thumbs_down": 3, "scenario": 0}
     assert report.made == 1 and report.dropped == {"echo": 1, "empty_critique": 1}
     assert len(writer.prompts) == 5
-    assert "too long" in writer.prompts[3][1]["content"] and CRITIQUE in writer.prompts[4][1]["content"]
+    assert "too long" in writer.prompts[3][1]["content"] and CRITIQUE in writer.prompts[4][0]["content"]
     proposal = store.next_proposal(opt_out_by_default=False)
     assert (proposal.turn_id, proposal.refined, proposal.critique, proposal.generation_id) == \
         (good, "pasta, obviously 🍝", CRITIQUE, "gen-0007")
