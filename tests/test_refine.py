@@ -188,6 +188,9 @@ async def test_a_proposal_kept_in_review_is_a_pair_in_the_next_export_and_a_drop
         assert pairs[third.turn_id].chosen == "Ahoy! orange juice, fresh 🍊" and pairs[first.turn_id].approved
         assert pairs[first.turn_id].prompt[0] == {"role": "system", "content": PERSONA}
         assert pairs[first.turn_id].prompt[-1] == {"role": "user", "content": first.question}
+        # and, as a ✏️ correction is, an example of the reply it should have given
+        assert {e.turn_id: e.messages[-1]["content"] for e in after.examples if e.source == "refine"} == \
+            {first.turn_id: first.refined, third.turn_id: "Ahoy! orange juice, fresh 🍊"}
         # a kept proposal's turn is no longer a lone 👎; the dropped one's still is, and is never a pair
         assert {r.turn_id for r in after.rated} == {second.turn_id}
         assert all(p.turn_id != second.turn_id for p in after.pairs)
@@ -203,8 +206,9 @@ def test_ouro_review_keeps_edits_and_drops_proposals_first(store, tmp_path):
     tally = run_terminal_review(settings, store, stdin=io.StringIO("x\nk\ne\nmy own words\nd\nq\n"), stdout=out)
     assert tally["proposals kept"] == 1 and tally["proposals edited"] == 1 and tally["proposals dropped"] == 1
     assert "✨ refined: Ahoy! three" in out.getvalue() and "Review · turn" in out.getvalue()
-    pairs = {p.turn_id: p.chosen for p in refine_pairs(export(store, settings))}
-    assert pairs == {c: "Ahoy! three", b: "my own words"}
+    delta = export(store, settings)
+    assert {p.turn_id: p.chosen for p in refine_pairs(delta)} == {c: "Ahoy! three", b: "my own words"}
+    assert {e.turn_id for e in delta.examples} == {b, c} and a not in {p.turn_id for p in delta.pairs}
 
 
 def test_trust_rules_and_screens_hold_for_refined_replies(store, tmp_path):
@@ -227,7 +231,7 @@ def test_trust_rules_and_screens_hold_for_refined_replies(store, tmp_path):
     assert [p.turn_id for p in refine_pairs(delta)] == [mine] and delta.screened
     # someone else's chat is not kept without review; learn_from=reviewed: an unreviewed auto-keep waits
     strict = settings_for(tmp_path, refine_admin_skip_review=True, learn_from="reviewed", admin_ids=[7])
-    assert not refine_pairs(export(store, strict)) and export(store, strict).waiting == {ADMIN: 1}
+    assert not refine_pairs(export(store, strict)) and export(store, strict).waiting == {ADMIN: 2}   # example, pair
 
 
 def test_opt_out_and_forget_take_proposals_with_them(store, tmp_path):
