@@ -609,7 +609,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    if args.attack:
+    if args.refine:
+        from ouro.bench.refine_round import run_refine_experiment
+
+        result = run_refine_experiment(cycles=args.cycles, rules=args.rule, data_dir=args.keep, json_output=args.json)
+    elif args.attack:
         from ouro.bench.attack import run_attack
 
         result = run_attack(variants=args.variant, data_dir=args.keep, json_output=args.json)
@@ -783,6 +787,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "people; one cycle per variant (protected, allow-listed, unprotected)")
     p.add_argument("--variant", choices=["protected", "allow-listed", "unprotected"], action="append",
                    help="with --attack: run only this variant (repeatable)")
+    p.add_argument("--refine", action="store_true",
+                   help="instead: learning from 👎 alone — people only 👎 (with a reason) replies that break one "
+                        "rule of the constitution, the generation critiques and rewrites them (self-refinement), an "
+                        "admin keeps only rewrites that keep the rule; per generation the rule-breaking share of "
+                        "probe replies, recall and style drift (about an hour on 2 cores)")
+    p.add_argument("--rule", choices=["short", "voice"], action="append",
+                   help="with --refine: the rule (repeatable; default short: at most 30 words)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)
