@@ -330,3 +330,20 @@ def test_a_cycle_makes_proposals_first_and_counts_kept_ones_in_its_report_and_le
         assert (row["refine_kept"], row["refine_used"]) == ("1", str(refine["used"]))
     finally:
         store.close()
+
+
+@pytest.mark.model
+def test_ouro_refine_json_reports_what_the_active_generation_wrote(tmp_path, tiny_models, capsys):
+    from ouro.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_models, data / "models")
+    store = Store.open(data / "ouro.db")
+    try:
+        answered(store, ANN, 1, "As an AI language model, I cannot have favourite foods.", reason="long")
+    finally:
+        store.close()
+    assert main(["--data-dir", str(data), "refine", "--json", "--scenarios", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["generation_id"] == "gen-0000" and out["tried"] == {"thumbs_down": 1, "scenario": 0}
+    assert out["made"] + out["dropped_total"] == 1 and out["pending"] == out["made"]
