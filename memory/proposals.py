@@ -47,11 +47,6 @@ class Proposal:
     auto: bool = False
     remaining: int = 0               # pending proposals, this one included
 
-    @property
-    def chosen(self) -> str:
-        """What a kept proposal teaches: the admin's edit, else the refined reply."""
-        return self.edited_text if self.status == "edited" and self.edited_text else self.refined
-
 
 @dataclass(frozen=True)
 class LoneDown:
