@@ -127,21 +127,20 @@ def _same(a: str, b: str) -> bool:
 
 
 def clean_critique(text: str, constitution_text: str = "") -> tuple[str | None, str | None]:
-    """(critique, None), or (None, why it was dropped): no words, the constitution recited, a conversation."""
+    """(critique, None), or (None, why it was dropped): no words, or the constitution recited. Labels
+    and anything from another speaker's line on are cut off first."""
     text = _strip(text)
     if len(text) < 8 or not re.search(r"[^\W\d_]{2}", text):
         return None, "empty_critique"
     if constitution_text and _same(text[:40], " ".join(constitution_text.split())[:40]):
         return None, "echo"
-    if _ROLE_LINE.search(text) or "<|im_start|>" in text:
-        return None, "both_speakers"
     return _cut(text, _CRITIQUE_CHARS), None
 
 
 def clean_reply(text: str, served: str, *, max_chars: int, critique: str = "") -> tuple[str | None, str | None]:
     """(the refined reply, None), or (None, why it was dropped): empty, the served reply (or the
-    critique) again, an echo of the instructions, a whole conversation, or too long to be a target."""
-    full = text
+    critique) again, an echo of the instructions, or too long to be a target. Labels, wrapping quotes
+    and anything from another speaker's line on (a model writing the whole conversation) are cut off."""
     text = _strip(text)
     if len(text) < 2 or not re.search(r"[^\W\d_]", text):
         return None, "empty"
@@ -151,8 +150,6 @@ def clean_reply(text: str, served: str, *, max_chars: int, critique: str = "") -
         return None, "same_as_critique"
     if _ECHO.search(text):
         return None, "echo"
-    if "<|im_start|>" in full and not text:
-        return None, "both_speakers"
     if len(text) > max_chars:
         return None, "too_long"
     return text, None
