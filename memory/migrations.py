@@ -252,6 +252,41 @@ def m010_rating_reasons(conn: sqlite3.Connection) -> None:
 
 
 @migration
+def m011_refinements(conn: sqlite3.Connection) -> None:
+    """Self-refinement proposals (memory/proposals.py, trainer/refine.py): a generation's critique of a
+    reply — a lone 👎'd one, or its own answer to a scenario from the constitution — and the reply it
+    should have given. Each waits for an admin (kept, edited or dropped); kept ones become preference
+    pairs. A scenario proposal has no turn: its question is `prompt`."""
+    _script(conn, """
+    CREATE TABLE proposals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('thumbs_down', 'scenario')),
+        turn_id INTEGER REFERENCES turns(id),   -- the 👎'd turn; NULL for a scenario
+        prompt TEXT,                           -- a scenario's question; NULL for a turn (its context is the turn's)
+        served TEXT NOT NULL,                  -- the reply as served (or as the generation answered the scenario)
+        critique TEXT NOT NULL,                -- why it falls short of the constitution, in the model's words
+        refined TEXT NOT NULL,                 -- the reply it should have given
+        reasons TEXT,                          -- JSON list of the 👎 reasons it was written from
+        generation_id TEXT,                    -- the generation that wrote it
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'kept', 'edited', 'dropped')),
+        edited_text TEXT,                      -- the admin's version, for 'edited'
+        reviewer_id INTEGER,                   -- who decided (0: the terminal); NULL once they /forget
+        auto INTEGER NOT NULL DEFAULT 0,       -- kept without review (refine_admin_skip_review)
+        created_at TEXT NOT NULL,
+        decided_at TEXT
+    );
+    CREATE UNIQUE INDEX proposals_turn ON proposals(turn_id) WHERE turn_id IS NOT NULL;
+    CREATE INDEX proposals_status ON proposals(status, id);
+    CREATE TABLE awaiting_proposal_edits (  -- an admin pressed ✏️ on a proposal: their next message is the reply
+        chat_id INTEGER NOT NULL, reviewer_id INTEGER NOT NULL,
+        proposal_id INTEGER NOT NULL REFERENCES proposals(id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (chat_id, reviewer_id)
+    );
+    """)
+
+
+@migration
 def m012_languages(conn: sqlite3.Connection) -> None:
     """The language of each imported window and each live turn (memory/language.py; NULL: stored
     before, or too short to tell), preference pairs an import found (a ChatGPT answer kept over a

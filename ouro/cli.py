@@ -300,6 +300,37 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    from lineage.generations import Lineage
+    from serving.runtime import open_store, register_base
+    from trainer.refine import refine_with_gguf
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        register_base(settings, store)
+        active = Lineage(settings.models_dir).active()
+        report = refine_with_gguf(settings, store, active.gguf, generation_id=active.id, turns=args.turns,
+                                  scenarios=args.scenarios).to_dict()
+        report["pending"] = store.proposal_counts()["pending"]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{report['generation_id']} wrote {report['made']} proposal(s) from {report['tried']['thumbs_down']} "
+          f"👎'd repl{'y' if report['tried']['thumbs_down'] == 1 else 'ies'} and {report['tried']['scenario']} "
+          f"scenario(s) in {report['wall_s']} s; dropped {report['dropped_total']} botched "
+          f"{report['dropped'] or ''}".rstrip())
+    for p in report["proposals"]:
+        print(f"  #{p['id']} {p['kind']}: {p['question'][:60]!r}\n     critique: {p['critique'][:100]}\n"
+              f"     refined:  {p['refined'][:100]}")
+    if report["kept_unreviewed"]:
+        print(f"  {report['kept_unreviewed']} kept at once (an admin's own chat; refine_admin_skip_review)")
+    print(f"{report['pending']} proposal(s) wait in /review and `ouro review`.")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from config.settings import describe
 
@@ -385,6 +416,11 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             loss = (report.train.get("documents") or {})
             print(f"  documents       {docs['chunks']} chunks, {docs['tokens']} tokens read before SFT (loss on them "
                   f"{loss.get('loss_start')} → {loss.get('loss_end')}); {docs['waiting']} chunks wait for later cycles")
+        refine = report.data.get("refine") or {}
+        if refine:
+            print(f"  self-refinement: {refine.get('made', 0)} proposals made · {refine.get('kept', 0)} kept · "
+                  f"{refine.get('dropped', 0)} dropped · {refine.get('used', 0)} trained as pairs · "
+                  f"{refine.get('pending', 0)} wait in /review")
         if report.train.get("kto_steps"):
             print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
                   f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
@@ -599,7 +635,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    if args.attack:
+    if args.refine:
+        from ouro.bench.refine_round import run_refine_experiment
+
+        result = run_refine_experiment(cycles=args.cycles, rules=args.rule, data_dir=args.keep, json_output=args.json)
+    elif args.attack:
         from ouro.bench.attack import run_attack
 
         result = run_attack(variants=args.variant, data_dir=args.keep, json_output=args.json)
@@ -683,6 +723,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a approves it (trained on like a 👍), r rejects it (never trained on), e stores "
                                    "the reply it should have given, s skips, q quits. 👍'd turns come first.")
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("refine", help="the active generation critiques and rewrites 👎'd replies: proposals for review",
+                       description="Self-refinement: the active generation reads the constitution, critiques lone "
+                                   "👎'd replies (no ✏️ or 🔁; newest first, their 👎 reasons in the prompt) and its own "
+                                   "answers to a few scenarios, and writes the reply it should have given. Good ones "
+                                   "wait in /review and `ouro review` (keep as a pair, edit then keep, drop); botched "
+                                   "ones are dropped and counted. Each cycle does this at its start too.")
+    p.add_argument("--turns", type=int, metavar="N", help="👎'd replies to refine (default: refine_per_cycle)")
+    p.add_argument("--scenarios", type=int, metavar="N", help="scenarios to practise (default: refine_scenarios)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("cycle", help="train, evaluate and maybe promote the next generation",
                        description="One learning generation: export what was reviewed since the active generation, "
@@ -768,6 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "people; one cycle per variant (protected, allow-listed, unprotected)")
     p.add_argument("--variant", choices=["protected", "allow-listed", "unprotected"], action="append",
                    help="with --attack: run only this variant (repeatable)")
+    p.add_argument("--refine", action="store_true",
+                   help="instead: learning from 👎 alone — people only 👎 (with a reason) replies that break one "
+                        "rule of the constitution, the generation critiques and rewrites them (self-refinement), an "
+                        "admin keeps only rewrites that keep the rule; per generation the rule-breaking share of "
+                        "probe replies, recall and style drift (about an hour on 2 cores)")
+    p.add_argument("--rule", choices=["short", "voice"], action="append",
+                   help="with --refine: the rule (repeatable; default short: at most 30 words)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)
