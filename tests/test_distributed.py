@@ -16,6 +16,7 @@ import torch
 
 from core.errors import OuroError
 from trainer import train_job
+from trainer.dataset import DPOPair
 from trainer.distributed import SINGLE, Group, check_processes
 from trainer.finetune import TrainConfig, train
 from trainer.kto import KTOItem
@@ -69,6 +70,27 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains(tiny_models, tm
     assert moved > 1e-3                                # training did change the weights…
     assert apart <= 1e-3 * moved                       # …and two processes changed them the same way (6.6e-5 seen)
     assert not (tmp_path / "job" / "error-rank0.json").exists()
+
+
+def test_with_preference_pairs_the_main_process_finishes_alone_and_equal(tiny_models, tmp_path):
+    """trl's DPOTrainer cannot share the group's steps: SFT runs in both processes, then the main one
+    leaves the group and runs DPO alone — the same DPO a single process runs on the same adapter."""
+    base = tiny_models / "gen-0000" / "hf"
+    examples = chats(6)
+    pairs = [DPOPair([{"role": "user", "content": f"how are you? #{i}"}], f"great, you? 😄 #{i}",
+                     f"As an AI, I'd be happy to help. #{i}") for i in range(2)]
+    cfg = TrainConfig(rank=4, alpha=8, lr=5e-3, batch=4, epochs=1, min_steps=1, max_epochs=1, max_steps=2,
+                      max_seq_len=64, kl_beta=0.0, dpo_steps=1, dpo_lr=5e-3, seed=7)
+    one = train(base, examples, pairs, tmp_path / "one", cfg, progress=False)
+    two = train_job.finetune(2, base, examples, pairs, tmp_path / "two", cfg, tmp_path / "job")
+
+    assert two.dpo_steps == one.dpo_steps == 1
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert two.dpo_margin_start == pytest.approx(one.dpo_margin_start, rel=1e-4)
+    assert two.dpo_margin_end == pytest.approx(one.dpo_margin_end, rel=1e-4)
+    parent, a, b = weights_of(base), weights_of(tmp_path / "one"), weights_of(tmp_path / "two")
+    moved = max((a[k] - parent[k]).abs().max().item() for k in parent)
+    assert max((a[k] - b[k]).abs().max().item() for k in parent) <= 1e-3 * moved
 
 
 def test_a_process_count_this_machine_cannot_run_is_a_clear_error(tiny_models, tmp_path):

@@ -29,6 +29,11 @@ import torch
 from core.errors import OuroError
 
 T = TypeVar("T")
+# what torch.distributed.run / accelerate launch set for each process
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                    "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,16 @@ class Group:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def leave(self) -> Group:
+        """Leave the group and go on as one process (SINGLE): the process group is destroyed and the
+        launcher's variables leave the environment, so a library that sets itself up from them
+        (accelerate, under trl's trainers) sees a single process. For a pass that cannot be shared
+        out: the main process runs it alone, the others stop."""
+        self.close()
+        for name in LAUNCH_VARIABLES:
+            os.environ.pop(name, None)
+        return SINGLE
 
     def close(self) -> None:
         if self.active:

@@ -627,20 +627,25 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step, group=group)
     dpo: dict = {"steps": 0, "loss_start": None, "loss_end": None}
     margin_start = margin_end = None
-    if pairs and cfg.dpo_steps:
+    main = group.main
+    if pairs and cfg.dpo_steps and group.active:
+        # trl's DPOTrainer sets up its own accelerate state and cannot share this group's steps: the
+        # main process finishes the stage alone (DPO, KTO, merge, save), the others stop here
+        group = group.leave()
+    if pairs and cfg.dpo_steps and main:
         with stages.run("dpo"):
             margin_start = preference_margin(model, pairs[:32], group=group)
             dpo = dpo_train(model, tokenizer, pairs, cfg, progress=progress and group.main)
             margin_end = preference_margin(model, pairs[:32], group=group)
     kto: dict = {"steps": 0, "loss_start": None, "loss_end": None, "margin_end": None, "desirable": 0,
                  "undesirable": 0}
-    if rated and cfg.kto_steps:
+    if rated and cfg.kto_steps and (main or group.active):
         with stages.run("kto"):
             kto = kto_train(model, rated, cfg, pad_id, group=group)
     changed = _share_changed(model, snapshot)
     del snapshot
     merged, diff = None, 0.0
-    if group.main:   # the other processes hold the same adapter: one merge and one save
+    if main:   # the other processes hold the same adapter: one merge and one save
         with stages.run("merge"):
             if quantized:  # pragma: no cover - QLoRA path, needs CUDA
                 model = _full_precision_with_adapter(model, base_dir)
@@ -657,7 +662,7 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         kto_undesirable=kto["undesirable"], kto_dropped=kto_dropped, kto_steps=kto["steps"],
         kto_loss_start=kto["loss_start"], kto_loss_end=kto["loss_end"], kto_margin_end=kto["margin_end"],
         merge_max_abs_diff=diff, losses=sft.losses)
-    if group.main:
+    if main:
         with stages.run("save"):
             tokenizer.chat_template = fmt.template  # the next generation renders with the same template
             _save(merged, tokenizer, out_dir, result, cfg, started, stages)
