@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import pytest
 import torch
 
+from config.settings import load_settings
 from core.errors import OuroError
+from lineage.generations import Lineage
+from memory.store import Store
+from tests.helpers.lineages import LENIENT, add_reviewed
 from trainer import train_job
+from trainer.cycle import run_cycle
 from trainer.dataset import DPOPair
 from trainer.distributed import SINGLE, Group, check_processes
 from trainer.finetune import TrainConfig, train
@@ -107,6 +113,30 @@ def test_a_process_count_this_machine_cannot_run_is_a_clear_error(tiny_models, t
     assert check_processes(1) == "single"
     assert check_processes(2, cores=2, cuda_devices=0, gloo=True) == "gloo"
     assert check_processes(4, cores=2, cuda_devices=4, gloo=False) == "nccl"
+
+
+def test_a_cycle_with_two_training_processes_trains_in_them_and_cleans_up(tiny_models, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_models, data / "models")
+    settings = load_settings(data_dir=data, **{**LENIENT, "train_processes": 2, "train_max_steps": 4})
+    store = Store.open(settings.db_path)
+    try:
+        add_reviewed(store, 6)
+        stages: list[str] = []
+        report = run_cycle(settings, store, progress=False, on_stage=stages.append)
+        assert report.status == "promoted", report.reasons
+        assert report.train["steps"] == 4 and report.train["dpo_steps"] >= 1
+        child = Lineage(settings.models_dir).generation("gen-0001")
+        assert {p.name for p in child.folder.iterdir()} >= {"hf", "model.gguf", "data"}
+        assert not (child.folder / "train-job").exists()     # the job folder (a copy of the data) is gone
+
+        bad = load_settings(data_dir=data, **{**LENIENT, "train_processes": (os.cpu_count() or 1) + 1})
+        add_reviewed(store, 3, start=50)
+        with pytest.raises(OuroError, match="failed during train: train_processes="):
+            run_cycle(bad, store, progress=False)
+        assert Lineage(settings.models_dir).active_id() == "gen-0001"
+    finally:
+        store.close()
 
 
 def test_one_process_shards_nothing():
