@@ -115,6 +115,7 @@ def test_a_process_count_this_machine_cannot_run_is_a_clear_error(tiny_models, t
     assert check_processes(4, cores=2, cuda_devices=4, gloo=False) == "nccl"
 
 
+@pytest.mark.model   # the candidate's GGUF goes through llama.cpp's evals
 def test_a_cycle_with_two_training_processes_trains_in_them_and_cleans_up(tiny_models, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_models, data / "models")
