@@ -26,6 +26,7 @@ from trainer.dataset import DPOPair
 from trainer.distributed import SINGLE, Group, check_processes
 from trainer.finetune import TrainConfig, train
 from trainer.kto import KTOItem
+from trainer.pretrain import PretrainConfig, continue_pretraining
 
 PERSONA = "You are Mia 🌸: warm, playful, brief."
 
@@ -97,6 +98,25 @@ def test_with_preference_pairs_the_main_process_finishes_alone_and_equal(tiny_mo
     parent, a, b = weights_of(base), weights_of(tmp_path / "one"), weights_of(tmp_path / "two")
     moved = max((a[k] - parent[k]).abs().max().item() for k in parent)
     assert max((a[k] - b[k]).abs().max().item() for k in parent) <= 1e-3 * moved
+
+
+def test_the_documents_pass_in_two_processes_equals_one(tiny_models, tmp_path):
+    """The continued-pretraining pass: the same SFT loop, and its before/after losses read in shares."""
+    base = tiny_models / "gen-0000" / "hf"
+    docs = ["The blue tomatoes of plot 17 ripen late, never before the first week of September. "
+            "Mulch them with straw and water at the roots.",
+            "Nettle soup: pick the top four leaves of young nettles in April, simmer with one potato."]
+    replay = chats(3)
+    cfg = PretrainConfig(epochs=3, lr=1e-2, batch=2, max_seq_len=64, rank=4, alpha=8, seed=3)
+    one = continue_pretraining(base, docs, replay, tmp_path / "one", cfg)
+    two = train_job.pretrain(2, base, docs, replay, tmp_path / "two", cfg, tmp_path / "job")
+    assert one.steps == two.steps >= 3 and one.tokens == two.tokens and one.replay_examples >= 1
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert (two.loss_start, two.loss_end) == pytest.approx((one.loss_start, one.loss_end), rel=1e-5)
+    assert (two.chat_loss_start, two.chat_loss_end) == pytest.approx((one.chat_loss_start, one.chat_loss_end), rel=1e-5)
+    parent, a, b = weights_of(base), weights_of(tmp_path / "one"), weights_of(tmp_path / "two")
+    moved = max((a[k] - parent[k]).abs().max().item() for k in parent)
+    assert moved > 1e-3 and max((a[k] - b[k]).abs().max().item() for k in parent) <= 1e-3 * moved
 
 
 def test_a_process_count_this_machine_cannot_run_is_a_clear_error(tiny_models, tmp_path):
