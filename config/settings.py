@@ -243,6 +243,10 @@ class Settings(BaseSettings):
         "(trainer/finetune.py): it is what holds recall on a small delta (same data: recall 0.890 → 0.932, "
         "greedy probe replies in style 100% → 92%; docs/design-notes.md). 0: off."))
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
+    train_processes: int = Field(1, ge=1, le=1024, description=(
+        "Processes the cycle's documents and training stages run in (data parallel: one per GPU, or CPU "
+        "processes over gloo; launched with torch.distributed.run, trainer/train_job.py). Each reads its share "
+        "of every batch; the result equals one process's on the same data within float rounding. 1: one process."))
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
         "Generations whose full-precision weights are kept (the active one and its parent always are). "

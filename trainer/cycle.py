@@ -414,9 +414,20 @@ def _documents(settings: Settings, store: Store, staging: Path, parent: Generati
                          batch=settings.train_batch, max_seq_len=settings.max_seq_len, rank=settings.lora_rank,
                          alpha=settings.lora_alpha, seed=settings.train_seed)
     out = staging / "hf-docs"
-    result = continue_pretraining(ensure_full_precision(parent), [c["text"] for c in chunks],
-                                  [e.messages for e in split.replay + split.train], out, cfg,
-                                  chat_format=ChatFormat.from_gguf(parent.gguf), progress=progress, on_step=on_step)
+    texts, replay = [c["text"] for c in chunks], [e.messages for e in split.replay + split.train]
+    if settings.train_processes > 1:
+        from trainer import train_job
+
+        try:
+            result = train_job.pretrain(settings.train_processes, ensure_full_precision(parent), texts, replay, out,
+                                        cfg, staging / "docs-job", chat_format=ChatFormat.from_gguf(parent.gguf),
+                                        on_step=on_step)
+        finally:
+            train_job.remove(staging / "docs-job")
+    else:
+        result = continue_pretraining(ensure_full_precision(parent), texts, replay, out, cfg,
+                                      chat_format=ChatFormat.from_gguf(parent.gguf), progress=progress,
+                                      on_step=on_step)
     upto = chunks[result.chunks - 1]["id"]
     report.data["documents"] = {"chunks": result.chunks, "tokens": result.tokens, "upto_chunk_id": upto,
                                 "waiting": store.document_stats(after_id=upto)["chunks"]}
@@ -434,10 +445,22 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     base_hf = base or ensure_full_precision(parent)
     sft = [e.messages for e in split.train + split.replay]
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
-    result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
-                   chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
-                   weights=[e.weight for e in split.train + split.replay],
-                   kto_items=[KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated])
+    weights = [e.weight for e in split.train + split.replay]
+    kto_items = [KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated]
+    if settings.train_processes > 1:
+        from trainer import train_job
+
+        try:
+            result = train_job.finetune(settings.train_processes, base_hf, sft, pairs, staging / "hf",
+                                        train_config(settings), staging / "train-job",
+                                        chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
+                                        weights=weights, kto_items=kto_items)
+        finally:
+            train_job.remove(staging / "train-job")
+    else:
+        result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
+                       chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step, weights=weights,
+                       kto_items=kto_items)
     report.train = {**report.train, "steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,
