@@ -34,6 +34,7 @@ LEDGER_COLUMNS = [
     "event", "parent_id", "gate", "reason", "actor", "at",
     "contributors", "largest_share", "screened", "eval_contamination",
     "kto_desirable", "kto_undesirable",   # lone 👍/👎 the KTO pass used (trainer/kto.py)
+    "refine_made", "refine_kept", "refine_dropped", "refine_used",   # self-refinement proposals (trainer/refine.py)
     "gen_folder",                         # gen-NNNN, the generation's folder (GEN_ID is its number)
     "constitution_sha",                   # SHA-256 of the constitution it was trained with (lineage/constitution.py)
 ]
