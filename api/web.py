@@ -253,7 +253,7 @@ class WebPage:
         moves: dict[str, list[dict]] = {}
         for row in self.lineage.ledger():
             if row.get("event") in LEDGER_EVENTS:
-                moves.setdefault(row.get("GEN_ID", ""), []).append(row)
+                moves.setdefault(row.get("gen_folder", ""), []).append(row)
         parents = {g.id: g.meta.get("parent_scores") or {} for g in self.lineage.generations()}
         rows = generation_rows(self.lineage)
         for row in rows:
@@ -306,16 +306,16 @@ class WebPage:
         meta = gen.meta
         own, parent = meta.get("scores") or {}, meta.get("parent_scores") or {}
         scores = []
-        for key in ("recall", "generalization", "style_drift", "format", "contamination"):
+        for key in ("recall", "generalization", "style_drift", "format", "contamination", "refusal_style"):
             if key in own or key in parent:
                 a, b = own.get(key), parent.get(key)
                 delta = round(a - b, 4) if isinstance(a, int | float) and isinstance(b, int | float) else None
-                better = None if delta is None or delta == 0 else (delta < 0 if key in ("style_drift", "contamination")
+                better = None if delta is None or delta == 0 else (delta < 0 if key in ("style_drift", "contamination", "refusal_style")
                                                                    else delta > 0)
                 scores.append({"name": key, "own": a, "parent": b, "delta": delta, "better": better})
         stage_s = {k: v for k, v in (meta.get("stage_s") or {}).items() if isinstance(v, int | float)}
         data = {k: v for k, v in (meta.get("data") or {}).items() if not isinstance(v, dict | list)}
-        ledger = [row for row in self.lineage.ledger() if row.get("GEN_ID") == gen.id]
+        ledger = [row for row in self.lineage.ledger() if row.get("gen_folder") == gen.id]
         live = self.store.ratings_by_generation().get(gen.id, {"answered": 0, "up": 0, "down": 0})
         rated = live["up"] + live["down"]
         return self.render("generation.html", session=session, gen=gen, meta=meta, scores=scores, data=data,

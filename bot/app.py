@@ -29,6 +29,7 @@ from bot import keyboards
 from bot.admin import AdminHandlers, loop_not_running
 from bot.commands import COMMANDS
 from bot.handlers import Handlers
+from bot.interview import InterviewHandlers, PersonaHandlers
 from bot.privacy import PrivacyHandlers
 from bot.recovery import recover_interrupted
 from bot.retry import call_with_retry
@@ -38,6 +39,7 @@ from config.settings import Settings
 from engine.worker import InferenceWorker
 from memory.store import Store
 from serving.conversation import Conversation
+from serving.interview import Interviewer
 from serving.loop import LearningLoop
 from serving.status import write_runtime
 
@@ -65,6 +67,8 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     h = Handlers(settings, store, conversation, started_at=time.time())
     privacy = PrivacyHandlers(settings, store, conversation.worker)
     review = ReviewHandlers(settings, store)   # works with or without the learning loop
+    interview = InterviewHandlers(settings, store, Interviewer(settings, store, conversation))
+    persona = PersonaHandlers(settings)
     builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(True)
     if base_url:
         base = base_url.rstrip("/")
@@ -97,11 +101,13 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.add_handler(CommandHandler("forget", privacy.forget))
     for cmd in COMMANDS:
         if cmd.admin:
-            app.add_handler(CommandHandler(cmd.name, _admin_command(cmd.name, h, review), filters=admins))
+            app.add_handler(CommandHandler(cmd.name, _admin_command(cmd.name, h, review, interview, persona),
+                                           filters=admins))
             app.add_handler(CommandHandler(cmd.name, h.gate.refuse_admin))
     app.add_handler(CallbackQueryHandler(review.press, pattern=keyboards.REVIEW_PATTERN))
     app.add_handler(CallbackQueryHandler(review.press_proposal, pattern=keyboards.PROPOSAL_PATTERN))
     app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=keyboards.FORGET_PATTERN))
+    app.add_handler(CallbackQueryHandler(interview.press, pattern=keyboards.INTERVIEW_PATTERN))
     if h.admin is not None:
         app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=keyboards.ADMIN_PATTERN))
     app.add_handler(CallbackQueryHandler(h.buttons.press))
@@ -111,19 +117,26 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
                                    review.take_edit))   # an admin's edited reply after ✏️ Edit in /review
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_proposal_edit,
                                    review.take_proposal_edit))   # the admin's reply after ✏️ on a proposal
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & interview.awaiting_answer,
+                                   interview.take_answer))   # an admin's own answer after ✏️ Edit in /interview
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.chat.text))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.chat.non_text))
     app.add_error_handler(h.errors.on_error)
     return app
 
 
-def _admin_command(name: str, h: Handlers, review: ReviewHandlers):
-    """The handler of an admin command: /status, /review, or a lineage one (bot/admin.py) — which
-    only says the loop is elsewhere when it does not run in this process."""
+def _admin_command(name: str, h: Handlers, review: ReviewHandlers, interview: InterviewHandlers,
+                   persona: PersonaHandlers):
+    """The handler of an admin command: /status, /review, /interview, /persona, or a lineage one
+    (bot/admin.py) — which only says the loop is elsewhere when it does not run in this process."""
     if name == "status":
         return h.status.status
     if name == "review":
         return review.review
+    if name == "interview":
+        return interview.interview
+    if name == "persona":
+        return persona.persona
     if h.admin is not None:
         return getattr(h.admin, name)
     return loop_not_running

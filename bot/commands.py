@@ -35,6 +35,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("pause", "Pause scheduled training (kept across restarts)", admin=True),
     Command("resume", "Resume scheduled training", admin=True),
     Command("review", "Review self-refinement proposals, then answered turns, one by one", admin=True),
+    Command("interview", "Interview the persona about who it is; its answers become its constitution", admin=True),
+    Command("persona", "The constitution in force, or the diff between two generations': /persona gen-0001 gen-0003",
+            admin=True),
 )
 
 

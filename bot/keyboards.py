@@ -12,6 +12,8 @@ turn exists, the button sits on that turn's own message in that chat, the presse
     o1:rv:<ok|no|ed|sk>:<turn>               a review verdict
     o1:rf:<keep|edit|drop|skip>:<proposal>   a self-refinement proposal's verdict (memory/proposals.py)
     o1:fg:<yes|no>:<user>                    the /forget confirmation
+    o1:iv:<keep|edit|again|save|drop>:<interview>:<question>   an /interview answer (its interview's number,
+                                             the question's index; save/drop: the number of questions)
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ FAMILIES = {
     "review": (r"^o1:rv:", re.compile(rf"o1:rv:(ok|no|ed|sk):{_ID}")),
     "forget": (r"^o1:fg:", re.compile(rf"o1:fg:(yes|no):{_ID}")),
     "proposal": (r"^o1:rf:", re.compile(rf"o1:rf:(keep|edit|drop|skip):{_ID}")),
+    "interview": (r"^o1:iv:", re.compile(r"o1:iv:(keep|edit|again|save|drop):(\d{1,9}):(\d{1,2})")),
 }
-REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN, PROPOSAL_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
-_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg", "proposal": "o1:rf"}
+REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN, PROPOSAL_PATTERN, INTERVIEW_PATTERN = (
+    FAMILIES[f][0] for f in FAMILIES)
+_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg", "proposal": "o1:rf",
+           "interview": "o1:iv"}
 
 
 def encode(family: str, *fields: object) -> str:
@@ -137,4 +142,20 @@ def forget_keyboard(user_id: int) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[
         InlineKeyboardButton("🗑 Yes, forget me", callback_data=encode("forget", "yes", user_id)),
         InlineKeyboardButton("Cancel", callback_data=encode("forget", "no", user_id)),
+    ]])
+
+
+def interview_keyboard(number: int, index: int) -> InlineKeyboardMarkup:
+    """Under an /interview answer: the buttons name the interview and the question, so a stale one is refused."""
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton("✅ Keep", callback_data=encode("interview", "keep", number, index)),
+        InlineKeyboardButton("✏️ Edit", callback_data=encode("interview", "edit", number, index)),
+        InlineKeyboardButton("🔁 Ask again", callback_data=encode("interview", "again", number, index)),
+    ]])
+
+
+def interview_done_keyboard(number: int, index: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton("💾 Save as the constitution", callback_data=encode("interview", "save", number, index)),
+        InlineKeyboardButton("🗑 Discard", callback_data=encode("interview", "drop", number, index)),
     ]])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import OuroError
@@ -16,6 +16,7 @@ class Probes:
     tone: list[str]
     format: list[list[dict]]
     recall: list[list[dict]]
+    refusal: list[str] = field(default_factory=list)   # requests a persona should turn down (evals/refusal_style.py)
 
 
 def load_probes(path: Path | None = None) -> Probes:
@@ -33,4 +34,5 @@ def load_probes(path: Path | None = None) -> Probes:
         for m in conv:
             if m.get("role") not in ("user", "assistant", "system") or not isinstance(m.get("content"), str):
                 raise OuroError(f"{path}: every message needs a role (user/assistant/system) and a content")
-    return Probes(tone=tone, format=fmt, recall=recall)
+    refusal = [str(t) for t in data.get("refusal", [])]
+    return Probes(tone=tone, format=fmt, recall=recall, refusal=refusal)

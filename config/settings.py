@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import OuroError
+from core.files import atomic_write_text, ensure_private_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = CONFIG_DIR.parent
@@ -264,6 +265,10 @@ class Settings(BaseSettings):
     min_generalization: float = Field(0.85, ge=0.0, le=1.0, description="Gate: lowest generalization promoted.")
     max_style_drift: float = Field(2.0, ge=0.0, le=10.0, description="Gate: highest style drift promoted (0-10).")
     min_format: float = Field(0.8, ge=0.0, le=1.0, description="Gate: lowest share of well-formed replies.")
+    max_refusal_style: float = Field(3.0, ge=0.0, le=10.0, description=(
+        "Gate: highest refusal style promoted (0-10: share of the refusal probes — requests the constitution turns "
+        "down, and config/probes.toml's — answered in assistant voice, 'As an AI I cannot…'), unless no worse than "
+        "the parent's by more than 1.5 (evals/refusal_style.py)."))
 
     # --- exports (`ouro export`) -----------------------------------------------------------
     openai_price_per_mtok: float = Field(3.0, ge=0.0, le=10_000.0, description=(
@@ -411,12 +416,35 @@ class Settings(BaseSettings):
             return self.max_parallel
         return max(1, min(8, 4 * (os.cpu_count() or 1)))
 
+    def persona_path(self) -> Path:
+        """The persona file in force now: persona_file when given, else <data_dir>/persona.md once it exists
+        (an interview or a card import may write it while this process runs), else the default."""
+        if "persona_file" not in self.model_fields_set and (own := self.data_dir / DATA_PERSONA).is_file():
+            return own
+        return self.persona_file
+
     def persona(self) -> str:
+        """The persona (constitution) draft, read now: the text the next cycle trains with."""
+        path = self.persona_path()
         try:
-            return self.persona_file.read_text(encoding="utf-8").strip()
+            return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise OuroError(f"cannot read the persona file {self.persona_file}: {exc.strerror}",
+            raise OuroError(f"cannot read the persona file {path}: {exc.strerror}",
                             hint="set OURO_PERSONA_FILE to a readable text file") from exc
+
+    def persona_draft_path(self) -> Path:
+        """Where a new persona draft (the interview's constitution) goes: the persona file when one was
+        given (OURO_PERSONA_FILE, settings.toml), else <data_dir>/persona.md — never the packaged default."""
+        return self.persona_file if "persona_file" in self.model_fields_set else self.data_dir / DATA_PERSONA
+
+    def write_persona(self, text: str) -> Path:
+        """Write `text` as the persona draft, atomically (readers see the old text or the new one): from
+        now on `persona()` reads it, in this process and any other; the path written."""
+        path = self.persona_draft_path()
+        if not path.parent.exists():
+            ensure_private_dir(path.parent)
+        atomic_write_text(path, text.strip() + "\n", mode=0o600)
+        return path
 
     def is_admin(self, user_id: int | None) -> bool:
         return user_id is not None and user_id in self.admin_ids

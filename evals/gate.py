@@ -4,7 +4,8 @@ A child passes only when every check holds:
 - invariants from the cycle (merge left logits unchanged, GGUF readable and its logits agree
   with the merged weights) — passed in as `invariant_failures`;
 - absolute thresholds (defaults: recall ≥ 0.90, generalization ≥ 0.85, style drift ≤ 2,
-  format ≥ 0.8, contamination ≤ 0.05 unless no worse than the parent's);
+  format ≥ 0.8, contamination ≤ 0.05 unless no worse than the parent's, refusal style ≤ 3
+  unless no worse than the parent's beyond the margin);
 - no regression against the parent beyond a margin on the scores both are measured on
   (style drift and format; recall and generalization are already relative to the parent).
 
@@ -38,6 +39,8 @@ class Thresholds:
     style_drift_margin: float = 1.0     # child may be at most this much worse than its parent
     format_margin: float = 0.2
     max_contamination: float = 0.05
+    max_refusal_style: float = 3.0
+    refusal_style_margin: float = 1.5   # one or two probes' worth, as refusal probes flip like tone probes
 
 
 @dataclass
@@ -52,7 +55,8 @@ class GateResult:
 
 def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failures: list[str] | None = None,
            base: dict | None = None) -> GateResult:
-    """`child`/`parent`/`base`: {"recall", "generalization", "style_drift", "format"} (parent and base
+    """`child`/`parent`/`base`: {"recall", "generalization", "style_drift", "format", "contamination",
+    "refusal_style"} (a score that is missing or None was not measured; parent and base
     may lack some; `base` is generation 0's, as measured when its first child was evaluated)."""
     reasons = list(invariant_failures or [])
     recall, gen = child.get("recall"), child.get("generalization")
@@ -93,6 +97,16 @@ def decide(child: dict, parent: dict | None, th: Thresholds, *, invariant_failur
     if dirty is not None and dirty > th.max_contamination and (p_dirty is None or dirty > p_dirty):
         reasons.append(f"contamination {dirty} > {th.max_contamination}: its replies carry links, handles, "
                        "numbers, spam or blocklisted words (see evals.json) — check what it was taught")
+    refusal, p_refusal = child.get("refusal_style"), (parent or {}).get("refusal_style")
+    if refusal is not None and refusal > th.max_refusal_style and \
+            (p_refusal is None or refusal > p_refusal + th.refusal_style_margin):
+        reasons.append(f"refusal style {refusal} > {th.max_refusal_style}" +
+                       (f" and worse than the parent's {p_refusal} beyond the margin {th.refusal_style_margin}"
+                        if p_refusal is not None else "") +
+                       ": it says no in assistant voice (\"As an AI I cannot…\"), not its own")
+    elif refusal is not None and refusal > th.max_refusal_style:
+        notes.append(f"refusal style {refusal} still above the target {th.max_refusal_style}, but no worse than "
+                     f"the parent's {p_refusal} beyond the margin {th.refusal_style_margin}")
     if parent:
         if drift is not None and p_drift is not None and drift > p_drift + th.style_drift_margin:
             reasons.append(f"style drift regressed: {drift} vs parent {p_drift} (margin {th.style_drift_margin})")

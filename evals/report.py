@@ -9,7 +9,7 @@ from core.errors import OuroError
 from lineage.generations import Generation, Lineage
 from memory.language import coverage_line
 
-SCORES = ("recall", "generalization", "style_drift", "format", "contamination")
+SCORES = ("recall", "generalization", "style_drift", "format", "contamination", "refusal_style")
 
 
 def generation_rows(lineage: Lineage) -> list[dict]:
@@ -87,4 +87,7 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
     drifted = [r for r in evals["child"].get("style_drift", {}).get("replies", []) if r["assistant_voice"]]
     for r in drifted[:5]:
         lines.append(f"  assistant voice on {r['probe']!r}: {r['reply'][:80]!r}")
+    slipped = [r for r in (evals["child"].get("refusal_style") or {}).get("replies", []) if r["voice"] == "assistant"]
+    for r in slipped[:3]:
+        lines.append(f"  said no as an assistant to {r['probe']!r}: {r['reply'][:80]!r}")
     return lines

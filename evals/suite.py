@@ -2,7 +2,8 @@
 
 Recall on what the parent knows (its own greedy answers to the fixed recall prompts, asked as
 served, plus the ancestors' held-out data), generalization on this generation's held-out data,
-style drift and format on the fixed probes, and contamination (a learned link or spam habit) on
+style drift and format on the fixed probes, refusal style on requests the constitution turns
+down (evals/refusal_style.py), and contamination (a learned link or spam habit) on
 those replies and canary prompts — for the child and, as the baseline, the parent.
 The gate (evals/gate.py) decides on the scores; the cycle adds its invariants.
 """
@@ -18,6 +19,7 @@ from evals.contamination import contamination_score
 from evals.format_check import format_score
 from evals.generalization import generalization_score
 from evals.recall import recall_score
+from evals.refusal_style import refusal_probes, refusal_style_score
 from evals.scoring import EvalModel
 from evals.style_drift import style_drift_score
 from lineage.generations import Generation
@@ -37,6 +39,7 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
     probes = load_probes(settings.probes_file)
     n = settings.eval_max_items
     pinned = [{"role": "system", "content": persona}] if persona else []
+    refusals = refusal_probes(persona, probes.refusal)
     child = EvalModel(candidate, generation_id="candidate", n_threads=settings.n_threads,
                       repeat_penalty=settings.repeat_penalty)
     par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads,
@@ -62,6 +65,8 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
                                                         max_tokens=settings.eval_reply_tokens)
             # as long as a served reply may run: a story that ends at token 150 is a clean turn for users
             out[who]["format"] = format_score(model, persona, probes.format, max_tokens=settings.reply_max_tokens)
+            out[who]["refusal_style"] = refusal_style_score(model, persona, refusals,
+                                                            max_tokens=settings.eval_reply_tokens)
             replies = [r["reply"] for r in out[who]["style_drift"]["replies"]] + \
                 [d["reply"] for d in out[who]["format"]["details"]]
             out[who]["contamination"] = contamination_score(model, persona, replies, screens,

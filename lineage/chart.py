@@ -66,8 +66,8 @@ def lineage_chart(lineage: Lineage, out: Path) -> Path:
     events = lineage.ledger()
     index = {g.id: x for x, g in zip(xs, gens, strict=True)}
     for row in events:
-        if row.get("event") in ("rollback", "auto_rollback") and row.get("GEN_ID") in index:
-            top.annotate("rollback", (index[row["GEN_ID"]], 1.0), fontsize=7, color="tab:orange", ha="center")
+        if row.get("event") in ("rollback", "auto_rollback") and row.get("gen_folder") in index:
+            top.annotate("rollback", (index[row["gen_folder"]], 1.0), fontsize=7, color="tab:orange", ha="center")
     active = lineage.active_id()
     bottom.set_xticks(xs, [f"{lbl}*" if g.id == active else lbl for lbl, g in zip(labels, gens, strict=True)])
     bottom.set_xlabel("generation (green: promoted, red: refused, blue: base; * active)")

@@ -4,7 +4,8 @@ Layout under `models/`:
     gen-0000/            model.gguf, meta.json (written last: no meta.json, not a generation)
     gen-0001/ …
     ACTIVE               the active generation's id; replaced with os.replace, never edited
-    lineage_ledger.csv   one row per event, the design doc's columns first
+    lineage_ledger.csv   one row per event, the design doc's columns first: GEN_ID is the
+                         generation's number (0, 1, 2 …), its folder has a column of its own
 
 A generation folder is assembled under a temporary name and renamed into place, so a
 reader never sees a half-made one; rollback moves the pointer and deletes nothing.
@@ -16,6 +17,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,34 @@ LEDGER_COLUMNS = [
     "contributors", "largest_share", "screened", "eval_contamination",
     "kto_desirable", "kto_undesirable",   # lone 👍/👎 the KTO pass used (trainer/kto.py)
     "refine_made", "refine_kept", "refine_dropped", "refine_used",   # self-refinement proposals (trainer/refine.py)
+    "gen_folder",                         # gen-NNNN, the generation's folder (GEN_ID is its number)
+    "constitution_sha",                   # SHA-256 of the constitution it was trained with (lineage/constitution.py)
 ]
+BASE_MODEL = "base_model"   # generation 0's parent_sha, as the design documents write it
+_FOLDER = re.compile(r"gen-(\d{4,8})")
+
+
+def gen_number(folder: str) -> int | None:
+    """gen-0003 → 3; None for anything else."""
+    m = _FOLDER.fullmatch(folder or "")
+    return int(m.group(1)) if m else None
+
+
+def ledger_row(row: dict) -> dict:
+    """A row as the ledger writes it: GEN_ID the generation's number, `gen_folder` its folder, and
+    `base_model` as the parent of generation 0's registration. Writers name the generation by its
+    folder, in `gen_folder` (or in GEN_ID, as ledgers before the numbering did: those rows are
+    migrated by the same rule)."""
+    row = dict(row)
+    folder = row.get("gen_folder") or ""
+    if not folder and gen_number(row.get("GEN_ID") or "") is not None:
+        folder = row["GEN_ID"]
+    number = gen_number(folder)
+    if number is not None:
+        row["gen_folder"], row["GEN_ID"] = folder, str(number)
+    if row.get("GEN_ID") == "0" and row.get("event") == "base" and not row.get("parent_sha"):
+        row["parent_sha"] = BASE_MODEL
+    return row
 
 
 def packaged_base_gguf() -> Path:
@@ -120,13 +149,14 @@ class Lineage:
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({"at": now("seconds"), **row})
+            writer.writerow(ledger_row({"at": now("seconds"), **row}))
             f.flush()
             os.fsync(f.fileno())
 
     def _migrate_ledger(self) -> None:
         """A ledger written before columns were added gets the current header, its rows kept (blank
-        in the new columns); rewritten beside it and renamed over it, so it is never half-written."""
+        in the new columns; GEN_ID "gen-0003" becomes 3 with gen-0003 in gen_folder); rewritten
+        beside it and renamed over it, so it is never half-written."""
         with open(self.ledger_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames == LEDGER_COLUMNS:
@@ -136,16 +166,17 @@ class Lineage:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(ledger_row(r) for r in rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.ledger_path)
 
     def ledger(self) -> list[dict]:
+        """Every row, in the current columns (a ledger not migrated yet is read as if it were)."""
         if not self.ledger_path.exists():
             return []
         with open(self.ledger_path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            return [{c: "" for c in LEDGER_COLUMNS} | ledger_row(r) for r in csv.DictReader(f)]
 
     def ensure_base(self, base_model: Path | None = None) -> Generation:
         """Register generation 0 from the configured base GGUF (or the packaged one), once."""
@@ -169,7 +200,7 @@ class Lineage:
             atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
             os.replace(staging, self.dir / GEN_ZERO)
             gen = self.generation(GEN_ZERO)
-            self.append_ledger({"GEN_ID": GEN_ZERO, "child_sha": gen.sha256, "event": "base",
+            self.append_ledger({"gen_folder": GEN_ZERO, "child_sha": gen.sha256, "event": "base",
                                 "gate": "base", "reason": f"registered from {source.name}", "actor": "system"})
         if self.active_id() is None:
             self.set_active(GEN_ZERO)

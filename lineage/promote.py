@@ -26,9 +26,9 @@ def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: s
     if sha256_file(gen.gguf) != gen.sha256:
         raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
     lineage.set_active(gen_id)
-    lineage.append_ledger({"GEN_ID": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
+    lineage.append_ledger({"gen_folder": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
                            "event": event, "parent_id": previous_id or "", "gate": gen.meta.get("status", ""),
-                           "reason": why, "actor": actor})
+                           "reason": why, "actor": actor, "constitution_sha": gen.meta.get("constitution_sha256", "")})
     store.upsert_generation(gen_id=gen_id, parent_id=gen.parent_id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
                             status="promoted" if event == "promote" else "rolled_back_to", meta=gen.meta)
     store.log_event(event, detail={"gen": gen_id, "from": previous_id, "actor": actor, "why": why})

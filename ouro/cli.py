@@ -300,6 +300,37 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interview(args: argparse.Namespace) -> int:
+    from ouro.interview import run_terminal_interview
+    from ouro.logs import setup_logging
+    from serving.runtime import open_runtime
+
+    settings = _settings(args)
+    setup_logging("WARNING")
+    rt = open_runtime(settings)
+    try:
+        return 0 if run_terminal_interview(rt) is not None else 1
+    finally:
+        rt.close()
+
+
+def cmd_persona(args: argparse.Namespace) -> int:
+    from lineage.constitution import constitution_diff, persona_report, persona_text
+
+    settings = _settings(args)
+    if args.diff:
+        a, b = args.diff
+        diff = constitution_diff(settings, a, b)
+        if args.json:
+            print(json.dumps({"a": a, "b": b, "same": not diff, "diff": diff}, indent=2, ensure_ascii=False))
+        else:
+            print(diff or f"{a} and {b} have the same constitution.")
+        return 0
+    report = persona_report(settings)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else persona_text(report))
+    return 0
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
     from lineage.generations import Lineage
     from serving.runtime import open_store, register_base
@@ -408,7 +439,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(f"{report.status}: {report.gen_id or '-'} (parent {report.parent_id})")
-        for key in ("recall", "generalization", "style_drift", "format"):
+        for key in ("recall", "generalization", "style_drift", "format", "refusal_style"):
             if key in report.scores:
                 print(f"  {key:15} {report.scores[key]!s:>8}   parent {report.parent_scores.get(key)!s:>8}")
         docs = report.data.get("documents") or {}
@@ -723,6 +754,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a approves it (trained on like a 👍), r rejects it (never trained on), e stores "
                                    "the reply it should have given, s skips, q quits. 👍'd turns come first.")
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("interview", help="interview the persona; its answers become its constitution (as /interview)",
+                       description="The served generation answers a few questions (who it is and what it is called, "
+                                   "its voice, what it will not do and how it says no, how it treats people, what it "
+                                   "wants to get better at); each answer streams in and you keep it (k), write it "
+                                   "yourself (e) or ask again (a). Saved at the end, the answers are the constitution "
+                                   "draft (the persona file) the next cycle trains with; `ouro persona` shows it.")
+    p.set_defaults(func=cmd_interview)
+
+    p = sub.add_parser("persona", help="the constitution in force, the draft, or the diff between two generations'",
+                       description="Each generation keeps the constitution (persona text) it was trained with; "
+                                   "serving uses the active generation's. Without --diff: that text, the draft the "
+                                   "next cycle trains with, and each generation's SHA-256.")
+    p.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                   help="unified diff between the constitutions of generations A and B (gen-0001, or draft)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_persona)
 
     p = sub.add_parser("refine", help="the active generation critiques and rewrites 👎'd replies: proposals for review",
                        description="Self-refinement: the active generation reads the constitution, critiques lone "

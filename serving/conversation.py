@@ -19,8 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from config.settings import Settings
+from core.errors import OuroError
 from engine.protocol import Completion, Engine, Sampling
 from engine.worker import Abandoned, Busy, InferenceWorker, loop_callback
+from lineage.constitution import own_constitution
+from lineage.generations import Lineage
 from memory.store import Exchange, Store, TurnRef
 from serving.context import ContextTooLong, build_context, to_messages
 
@@ -63,8 +66,26 @@ class Conversation:
         self.settings = settings
         self.store = store
         self.worker = worker
-        self.persona = settings.persona()
+        self._draft = settings.persona()
+        self._personas: dict[str, str] = {}      # generation id → its constitution, read once
         self._answering: Counter = Counter()   # chat → replies asked for and not finished (see warmup_plan)
+
+    @property
+    def persona(self) -> str:
+        """The constitution of the generation serving now (lineage/constitution.py): each generation
+        speaks with the text it was trained with; generation 0 and older ones with the draft as it
+        was when the bot started."""
+        return self.persona_of(self.worker.engine.generation_id)
+
+    def persona_of(self, generation_id: str) -> str:
+        text = self._personas.get(generation_id)
+        if text is None:
+            try:
+                text = own_constitution(Lineage(self.settings.models_dir).generation(generation_id))
+            except OuroError as exc:   # not a generation of this lineage (a test's engine), or a damaged file
+                log.warning("serving %s with the persona file's text: %s", generation_id, exc)
+            text = self._personas[generation_id] = text if text is not None else self._draft
+        return text
 
     def sampling(self, *, seed: int | None = None, max_tokens: int | None = None,
                  temperature: float | None = None) -> Sampling:
@@ -215,15 +236,18 @@ class Conversation:
         what a freshly loaded model reads ahead of a hot-swap (`LlamaEngine.prefill`) — each with
         whether a reply in it is under way (its words are not here yet: the hot-swap waits for them
         rather than hand the chat over a turn behind). Read here, on the event loop's thread, so
-        the loading thread never touches the store."""
+        the loading thread never touches the store. Read with the new generation's constitution: what
+        it will be asked with once the chat is handed over."""
         plan = []
+        incoming = self.worker.incoming   # the model being read into speaks with its own constitution
+        persona = self.persona_of(incoming.generation_id) if incoming is not None else self.persona
         for chat_id, session in self.store.recent_chats(limit):
             history = self.store.history(session)
             anchor = self.store.context_start(session)
             if anchor is not None:
                 history = [ex for ex in history if ex.turn_id >= anchor]
             if history:
-                plan.append((chat_id, to_messages(self.persona, history, "")[:-1], chat_id in self._answering))
+                plan.append((chat_id, to_messages(persona, history, "")[:-1], chat_id in self._answering))
         return plan
 
     def reset(self, who: Speaker) -> None:

@@ -79,7 +79,7 @@ def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     assert header[:12] == LEDGER_COLUMNS[:12]
     rows = ledger(settings)
     cand = [r for r in rows if r["event"] == "candidate"][0]
-    assert cand["GEN_ID"] == "gen-0001" and cand["child_sha"] == child.sha256 and cand["gate"] == "passed"
+    assert (cand["GEN_ID"], cand["gen_folder"]) == ("1", "gen-0001") and cand["child_sha"] == child.sha256 and cand["gate"] == "passed"
     assert cand["parent_sha"] == lineage.generation("gen-0000").sha256
     import hashlib
     assert cand["data_delta_sha"] == hashlib.sha256((child.folder / "data" / "new.jsonl").read_bytes()).hexdigest()

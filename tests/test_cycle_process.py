@@ -51,10 +51,15 @@ async def test_a_killed_cycle_process_leaves_serving_untouched_and_the_next_sche
     fast = load_settings(data_dir=data, **LENIENT, cycle_schedule="every 6h")
     loop = LearningLoop(fast, store, worker, notify=notify, load=Loader())
     await loop.start()
+    # `ouro interview` in another process writes the constitution draft after the bot started:
+    # the bot's next cycle process trains with it, not with the persona file found at the bot's start
+    interviewed = "## Who I am\nI'm Ouro, as the interview wrote me."
+    load_settings(data_dir=data).write_persona(interviewed)
     try:
         await asyncio.wait_for(scheduled_cycle(str(data.resolve())), 600)
         assert loop.last_outcome.status == "promoted", loop.last_outcome
         assert lineage.active_id() == "gen-0001" and worker.engine.generation_id == "gen-0001"
+        assert (lineage.generation("gen-0001").folder / "constitution.md").read_text(encoding="utf-8") == interviewed
         assert serving.closed                                    # the old model was let go after the swap
         events = [r["event"] for r in lineage.ledger()]
         assert "died" in events                                  # the killed run was found and recorded

@@ -279,7 +279,7 @@ async def test_a_corrupt_active_gguf_is_never_loaded_the_bot_falls_back_and_tell
         lineage = Lineage(models)
         assert rt.worker.engine.generation_id == expected and lineage.active_id() == expected
         row = lineage.ledger()[-1]
-        assert row["event"] == "fallback" and row["GEN_ID"] == expected and row["actor"] == "system"
+        assert row["event"] == "fallback" and row["gen_folder"] == expected and row["actor"] == "system"
         broken = "gen-0009" if "pointer" in damage else "gen-0002"
         assert broken in row["reason"] and rt.store.events("fallback")
         assert len(rt.notices) == 1 and f"Started on {expected} instead of {broken}" in rt.notices[0]

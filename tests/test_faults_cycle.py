@@ -87,7 +87,7 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
             else:                                       # renamed into place (complete), not yet recorded
                 child = lineage.generation("gen-0001")
                 assert visible == ["gen-0000", "gen-0001"] and sha256_file(child.gguf) == child.sha256
-                assert "candidate" not in [r["event"] for r in lineage.ledger() if r["GEN_ID"] == "gen-0001"]
+                assert "candidate" not in [r["event"] for r in lineage.ledger() if r["gen_folder"] == "gen-0001"]
             assert "stopped" in told[-1] and "nothing served changed" in told[-1]
 
         loop.runner.command = CHILD_COMMAND
@@ -98,7 +98,7 @@ async def test_a_cycle_killed_at_every_stage_changes_nothing_served_and_the_next
         assert [g.id for g in lineage.generations()] == ["gen-0000", "gen-0001", "gen-0002"]
         assert lineage.active_id() == "gen-0002" and worker.engine.generation_id == "gen-0002"
         rows = lineage.ledger()
-        gen1 = [r["event"] for r in rows if r["GEN_ID"] == "gen-0001"]
+        gen1 = [r["event"] for r in rows if r["gen_folder"] == "gen-0001"]
         assert "candidate" in gen1 and "promote" in gen1
         assert store.generation("gen-0001")["status"] == "promoted"
         died = " ".join(r["reason"] for r in rows if r["event"] == "died")

@@ -41,7 +41,7 @@ def test_rollback_goes_to_the_parent_and_records_who_and_why(tmp_path, capsys):
     assert main(["--data-dir", str(tmp_path), "rollback", "--actor", "ann", "--why", "too chatty"]) == 0
     assert lineage.active_id() == "gen-0001"
     row = ledger(lineage)[-1]
-    assert (row["event"], row["GEN_ID"], row["actor"], row["reason"]) == ("rollback", "gen-0001", "ann", "too chatty")
+    assert (row["event"], row["gen_folder"], row["actor"], row["reason"]) == ("rollback", "gen-0001", "ann", "too chatty")
     assert row["child_sha"] == lineage.generation("gen-0001").sha256
     assert all((lineage.dir / f"gen-{i:04d}" / "model.gguf").exists() for i in range(3))  # nothing deleted
     assert main(["--data-dir", str(tmp_path), "promote", "gen-0002"]) == 0

@@ -37,7 +37,7 @@ def test_generation_zero_is_registered_once_from_the_packaged_gguf(runtime):
     assert gen.sha256 == sha256_file(packaged_base_gguf()) == sha256_file(gen.gguf)
     meta = json.loads((gen.folder / "meta.json").read_text())
     assert meta["parent_id"] is None and meta["status"] == "base"
-    assert [r["GEN_ID"] for r in lineage.ledger()] == ["gen-0000"]
+    assert [(r["GEN_ID"], r["gen_folder"], r["parent_sha"]) for r in lineage.ledger()] == [("0", "gen-0000", "base_model")]
     assert runtime.store.generation("gen-0000")["gguf_sha256"] == gen.sha256
     # a second start registers nothing new
     register_base(runtime.settings, runtime.store)

@@ -326,7 +326,7 @@ def test_a_cycle_makes_proposals_first_and_counts_kept_ones_in_its_report_and_le
         assert refine["used"] == sum(p["source"] == "refine" for p in trained)
         assert refine["used"] == 1 or "Ahoy! tea, always" in held
         with open(settings.models_dir / "lineage_ledger.csv", newline="") as f:
-            row = [r for r in csv.DictReader(f) if r["GEN_ID"] == report.gen_id][0]
+            row = [r for r in csv.DictReader(f) if r["gen_folder"] == report.gen_id][0]
         assert (row["refine_kept"], row["refine_used"]) == ("1", str(refine["used"]))
     finally:
         store.close()

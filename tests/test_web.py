@@ -116,7 +116,7 @@ def test_browser_logs_in_sees_the_lineage_and_promotes_with_confirmation(web, pa
     assert web.lineage.active_id() == "gen-0001"
     assert web.worker.engine.generation_id == "gen-0001"                # hot-swapped by the learning loop
     last = web.lineage.ledger()[-1]
-    assert (last["event"], last["GEN_ID"], last["actor"]) == ("promote", "gen-0001", "owner (web page)")
+    assert (last["event"], last["gen_folder"], last["actor"]) == ("promote", "gen-0001", "owner (web page)")
     assert last["reason"] == "promote by owner (web page): better recall"
     assert web.store.last_event(("promote",))["kind"] == "promote"
 

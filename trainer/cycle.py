@@ -24,6 +24,7 @@ from config.settings import Settings
 from core.errors import OuroError
 from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
+from lineage.constitution import constitution_text, write_constitution
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
 from memory import language
@@ -85,13 +86,13 @@ class _Stages:
 
 def _scores(evals: dict) -> dict:
     return {k: (evals.get(k) or {}).get("score")
-            for k in ("recall", "generalization", "style_drift", "format", "contamination")}
+            for k in ("recall", "generalization", "style_drift", "format", "contamination", "refusal_style")}
 
 
 def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=None, scores=None,
-                event="", gate="", reason="", actor="", data=None) -> dict:
+                event="", gate="", reason="", actor="", data=None, constitution_sha="") -> dict:
     train, scores, data = train or {}, scores or {}, data or {}
-    return {"GEN_ID": gen_id, "parent_sha": parent.sha256, "child_sha": child_sha, "data_delta_sha": data_sha,
+    return {"gen_folder": gen_id, "parent_sha": parent.sha256, "child_sha": child_sha, "data_delta_sha": data_sha,
             "steps": train.get("steps", ""), "lr": train.get("lr", ""),
             "walltime_min": train.get("walltime_min", ""), "loss_start": train.get("loss_start", ""),
             "loss_end": train.get("loss_end", ""), "eval_recall": scores.get("recall", ""),
@@ -102,7 +103,8 @@ def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=
             "screened": sum((data.get("screened") or {}).values()) if data else "",
             "eval_contamination": scores.get("contamination", ""),
             "kto_desirable": train.get("kto_desirable", ""), "kto_undesirable": train.get("kto_undesirable", ""),
-            **{f"refine_{k}": (data.get("refine") or {}).get(k, "") for k in ("made", "kept", "dropped", "used")}}
+            **{f"refine_{k}": (data.get("refine") or {}).get(k, "") for k in ("made", "kept", "dropped", "used")},
+            "constitution_sha": constitution_sha}
 
 
 def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
@@ -118,7 +120,7 @@ def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
             continue
         reason = f"previous cycle (pid {pid or '?'}) died during stage '{stage}'; its partial files were removed"
         store.log_event("cycle_died", detail={"staging": staging.name, "stage": stage})
-        lineage.append_ledger({"GEN_ID": staging.name.split(".tmp-")[0].lstrip("."), "event": "died",
+        lineage.append_ledger({"gen_folder": staging.name.split(".tmp-")[0].lstrip("."), "event": "died",
                                "reason": reason, "actor": "system"})
         shutil.rmtree(staging, ignore_errors=True)
         found.append(reason)
@@ -143,7 +145,7 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
         return None
     gen = gens[-1]   # a cycle's generation is always the newest folder
     if gen.parent_id is None or "data_cutoff" not in gen.meta or \
-            any(r["GEN_ID"] == gen.id and r.get("event") == "candidate" for r in rows):
+            any(r["gen_folder"] == gen.id and r.get("event") == "candidate" for r in rows):
         return None      # generation 0, not made by a cycle, or recorded
     meta, parent = gen.meta, lineage.generation(gen.parent_id)
     passed = meta.get("status") == "promoted"
@@ -151,6 +153,7 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
         gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
         train=meta.get("train"), scores=meta.get("scores"), data=meta.get("data"), event="candidate",
         gate="passed" if passed else "refused", actor=meta.get("actor", ""),
+        constitution_sha=meta.get("constitution_sha256", ""),
         reason=f"recorded by the next cycle (its own died before recording it): "
                f"{'; '.join(meta.get('reasons') or []) or 'all checks passed'}"))
     store.upsert_generation(gen_id=gen.id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
@@ -223,7 +226,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
            stages: _Stages, on_step: Callable[[int, int], None] | None = None) -> CycleReport:
     """The stages in order; any failure before the rename removes the staging folder whole."""
     parent = lineage.active()
-    persona = settings.persona()
+    persona = constitution_text(settings)   # the draft in force: this generation is trained and judged with it
     stages.enter("refine")
     refined = _refine(settings, store, parent)
     until = now()
@@ -276,6 +279,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         gate = _gate(settings, report, chain, invariants)
         stages.enter("record")
         child_sha = sha256_file(staging / GGUF_NAME)
+        constitution_sha = write_constitution(staging, persona)
         atomic_write_text(staging / "evals.json", json.dumps({**evals, "gate": gate.to_dict()}, indent=2,
                                                              ensure_ascii=False))
         report.stage_s = stages.close()
@@ -283,7 +287,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                 "created_at": now("seconds"), "status": report.status, "reasons": gate.reasons, "scores": report.scores,
                 "parent_scores": report.parent_scores, "data_cutoff": until, "data": report.data,
                 "train": report.train, "stage_s": report.stage_s, "quantization": settings.quantization,
-                "actor": actor}
+                "actor": actor, "constitution_sha256": constitution_sha}
         (staging / "STAGE").unlink(missing_ok=True)
         atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
         os.replace(staging, lineage.dir / gen_id)
@@ -305,7 +309,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     lineage.append_ledger(_ledger_row(gen_id, parent, child_sha=child_sha, data_sha=data_sha, train=report.train,
                                       scores=report.scores, data=report.data, event="candidate",
                                       gate="passed" if gate.passed else "refused",
-                                      reason="; ".join(gate.reasons) or "all checks passed", actor=actor))
+                                      reason="; ".join(gate.reasons) or "all checks passed", actor=actor,
+                                      constitution_sha=constitution_sha))
     store.upsert_generation(gen_id=gen_id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=child_sha,
                             status="candidate" if gate.passed else "refused", meta=meta)
     if gate.passed:
@@ -493,7 +498,7 @@ def _gate(settings: Settings, report: CycleReport, chain: list[Generation], inva
     """The gate on scores and invariants, then the stop rule over the last generations."""
     th = Thresholds(min_recall=settings.min_recall, min_generalization=settings.min_generalization,
                     max_style_drift=settings.max_style_drift, min_format=settings.min_format,
-                    max_contamination=settings.max_contamination)
+                    max_contamination=settings.max_contamination, max_refusal_style=settings.max_refusal_style)
     # generation 0's scores, as measured when its first child was evaluated (it has none of its own)
     base = report.parent_scores if len(chain) == 1 else chain[-2].meta.get("parent_scores")
     gate = decide(report.scores, report.parent_scores, th, invariant_failures=invariants, base=base)

@@ -147,7 +147,10 @@ class CycleRunner:
         run_dir = self.settings.data_dir / "run"
         ensure_private_dir(run_dir)
         settings_file = run_dir / "cycle-settings.json"
-        atomic_write_text(settings_file, self.settings.model_dump_json())
+        # a persona file nobody named is found again by the child (an interview may have written
+        # <data_dir>/persona.md since the bot started), not pinned to the one found at the bot's start
+        unnamed = None if "persona_file" in self.settings.model_fields_set else {"persona_file"}
+        atomic_write_text(settings_file, self.settings.model_dump_json(exclude=unnamed))
         os.chmod(settings_file, 0o600)
         self.actor = actor
         # Its own process group (so `kill` takes its helpers too) but NOT its own session: Linux's

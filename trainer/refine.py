@@ -27,6 +27,7 @@ from typing import Protocol
 from config.scenarios import load_scenarios
 from config.settings import Settings
 from core.errors import OuroError
+from lineage.constitution import constitution_text
 from memory.feedback import REASONS
 from memory.screens import screen, screens_for
 from memory.store import Store
@@ -39,9 +40,9 @@ _CRITIQUE_CHARS = 400
 
 
 def constitution(settings: Settings) -> str:
-    """The constitution proposals are written against: the persona text in force. (One place, so a
-    versioned constitution — the interview's, per generation — replaces it here.)"""
-    return settings.persona()
+    """The constitution proposals are written against: the draft the next cycle trains with (the
+    interview's, when there was one; lineage/constitution.py) — the kept pairs teach that text."""
+    return constitution_text(settings)
 
 
 class Writer(Protocol):

@@ -65,3 +65,14 @@ def damage_file(path: Path, *, rerecord: bool) -> None:
         meta = json.loads(meta_path.read_text())
         meta["gguf_sha256"] = sha256_file(path)
         atomic_write_text(meta_path, json.dumps(meta))
+
+
+def give_constitution(models_dir: Path, gen_id: str, text: str) -> str:
+    """Make `gen_id` a generation trained with `text`, as a cycle leaves it: the file, its SHA in meta."""
+    from lineage.constitution import write_constitution
+
+    folder = models_dir / gen_id
+    sha = write_constitution(folder, text)
+    meta = json.loads((folder / "meta.json").read_text())
+    atomic_write_text(folder / "meta.json", json.dumps({**meta, "constitution_sha256": sha}))
+    return sha
