@@ -229,6 +229,12 @@ class Settings(BaseSettings):
         "(trainer/finetune.py): it is what holds recall on a small delta (same data: recall 0.890 → 0.932, "
         "greedy probe replies in style 100% → 92%; docs/design-notes.md). 0: off."))
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
+    train_precision: Literal["auto", "nf4", "bf16", "float32"] = Field("auto", description=(
+        "Number format of the training stages. auto: nf4 (4-bit QLoRA) on an NVIDIA GPU with bitsandbytes, "
+        "bf16 on a GPU without it, float32 on the CPU. nf4 needs CUDA and bitsandbytes (`pip install '.[cuda]'` "
+        "or `make setup` on the GPU machine); a cycle asking for it without them stops before any work. "
+        "bf16 also runs on the CPU, but slower than float32 on most CPUs. The merged checkpoint is kept in "
+        "bf16 when training ran in nf4 or bf16, in float32 otherwise."))
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
         "Generations whose full-precision weights are kept (the active one and its parent always are). "
