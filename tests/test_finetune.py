@@ -37,6 +37,7 @@ from trainer.finetune import (
     accumulate_step,
     add_lora,
     dataset_loss,
+    groups,
     load_base,
     lr_factor,
     max_logit_diff,
@@ -414,12 +415,14 @@ def test_a_step_a_row_at_a_time_equals_the_whole_step_in_loss_and_gradients(tiny
     rows = pack(encoded, 96)
     assert len(rows) >= 3 and len({sum(label != IGNORE_INDEX for label in r.labels) for r in rows}) > 1
 
-    def step(micro: int):
+    def step(micro_tokens: int):
         model.zero_grad(set_to_none=True)
-        loss = accumulate_step(model, rows, 0, 0.5, micro)
+        loss = accumulate_step(model, rows, 0, 0.5, micro_tokens)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    whole, whole_grads = step(len(rows))
+    assert [len(g) for g in groups(rows, 1)] == [1] * len(rows)               # every row alone
+    assert len(groups(rows, 96 * len(rows))) == 1                              # all in one forward
+    whole, whole_grads = step(96 * len(rows))
     parts, part_grads = step(1)
     assert parts == pytest.approx(whole, rel=1e-5)
     for name, grad in whole_grads.items():
