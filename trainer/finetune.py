@@ -10,8 +10,10 @@
 Why a plain loop and not trl's SFTTrainer, and why LoRA dropout is off by default: faster on
 CPU by measurement (docs/design-notes.md).
 
-On CUDA the base is loaded in 4-bit nf4 (QLoRA); the adapter is then merged into a
-full-precision copy of the base, since merging into 4-bit weights would round them.
+The base is read in `TrainConfig.precision` (trainer/precision.py resolves the train_precision
+setting): float32 on the CPU by default; on CUDA 4-bit nf4 (QLoRA), whose adapter is then merged
+into a bf16 copy of the base on the GPU (merging into 4-bit weights would round them), or bf16,
+merged as it stands. The merged checkpoint keeps that dtype (bf16 after nf4/bf16 training).
 """
 
 from __future__ import annotations
