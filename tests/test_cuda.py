@@ -30,7 +30,7 @@ def pairs(n: int) -> list[tuple]:
 
 def cfg(precision: str) -> TrainConfig:
     return TrainConfig(rank=8, alpha=16, lr=2e-3, epochs=1, min_steps=4, batch=2, max_seq_len=128, dpo_steps=2,
-                       dpo_lr=1e-3, seed=3, precision=precision)
+                       dpo_epochs=2, dpo_lr=1e-3, seed=3, precision=precision)
 
 
 @pytest.mark.parametrize("precision", ["nf4", "bf16"])

@@ -76,3 +76,23 @@ def test_a_cycle_asking_for_nf4_where_it_cannot_run_stops_before_any_work(tmp_pa
     with pytest.raises(OuroError, match="nf4"):
         run_cycle(settings, store=None, progress=False)   # refused before the store or the models are touched
     assert not settings.models_dir.exists()
+
+
+def test_bf16_training_on_the_cpu_keeps_a_bf16_checkpoint_whose_gguf_matches(tiny_models, tmp_path):
+    import json
+
+    from trainer.convert import logit_agreement, write_gguf
+    from trainer.finetune import TrainConfig, train
+
+    chats = [[{"role": "user", "content": f"tea or coffee? #{i}"}, {"role": "assistant", "content": "tea, always 🍵"}]
+             for i in range(4)]
+    pairs = [([{"role": "user", "content": f"hi #{i}"}], "hiii 👋", "Hello. How may I assist you today?")
+             for i in range(2)]
+    cfg = TrainConfig(rank=8, alpha=16, lr=2e-3, epochs=1, min_steps=3, batch=2, max_seq_len=128, dpo_steps=2,
+                      dpo_lr=1e-3, dpo_epochs=2, seed=3, precision="bf16")
+    out = tmp_path / "child"
+    result = train(tiny_models / "gen-0000" / "hf", chats, pairs, out, cfg, progress=False)
+    assert result.precision == "bf16" and result.trained_tensors_changed > 0.9 and result.dpo_steps == 2
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    write_gguf(out, tiny_models / "gen-0000" / "model.gguf", tmp_path / "child.gguf", dtype="f32")
+    assert logit_agreement(out, tmp_path / "child.gguf", [1, 2, 3, 4, 5, 6, 7, 8]).correlation > 0.999
