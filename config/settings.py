@@ -248,6 +248,12 @@ class Settings(BaseSettings):
         "Processes the cycle's documents and training stages run in (data parallel: one per GPU, or CPU "
         "processes over gloo; launched with torch.distributed.run, trainer/train_job.py). Each reads its share "
         "of every batch; the result equals one process's on the same data within float rounding. 1: one process."))
+    train_precision: Literal["auto", "nf4", "bf16", "float32"] = Field("auto", description=(
+        "Number format of the training stages. auto: nf4 (4-bit QLoRA) on an NVIDIA GPU with bitsandbytes, "
+        "bf16 on a GPU without it, float32 on the CPU. nf4 needs CUDA and bitsandbytes (`pip install '.[cuda]'` "
+        "or `make setup` on the GPU machine); a cycle asking for it without them stops before any work. "
+        "bf16 also runs on the CPU, but slower than float32 on most CPUs. The merged checkpoint is kept in "
+        "bf16 when training ran in nf4 or bf16, in float32 otherwise."))
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
         "Generations whose full-precision weights are kept (the active one and its parent always are). "

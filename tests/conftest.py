@@ -106,3 +106,28 @@ def make_bot(emu, tmp_path):
 
     emu.reset()
     return factory
+
+
+# --- tests that need an NVIDIA GPU (tests/test_cuda.py) ------------------------------------------
+_NO_CUDA: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect `cuda`-marked tests where torch sees no CUDA device, and say so in the summary: they
+    are reported as deselected with the reason, never run as passing."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():   # pragma: no cover - a GPU machine runs them
+        return
+    config.hook.pytest_deselected(items=marked)
+    items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+    _NO_CUDA.extend(item.nodeid for item in marked)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NO_CUDA:
+        terminalreporter.write_line(f"{len(_NO_CUDA)} cuda-marked tests deselected: torch sees no CUDA device "
+                                    "here (run them on an NVIDIA GPU after `pip install '.[cuda]'`)", yellow=True)

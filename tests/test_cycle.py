@@ -67,8 +67,15 @@ def test_a_cycle_trains_converts_evaluates_records_and_promotes(world):
     report = run_cycle(settings, store, progress=False)
     assert report.status == "promoted", report.reasons
     assert "documents" not in report.stage_s and "documents" not in report.train   # no documents: SFT as ever
+    # each stage's own peak memory (trainer/peak.py), the training parts' too, in the report and meta.json
+    peaks = report.stage_peak_rss_mb
+    assert {"export", "dequantize", "train", "convert", "eval"} <= set(peaks) and min(peaks.values()) > 0
+    assert set(report.train["stage_peak_rss_mb"]) == {"load", "encode", "sft", "dpo", "kto", "merge", "save"}
+    assert peaks["train"] >= max(report.train["stage_peak_rss_mb"].values())
+    assert report.train["precision"] == "float32"
     lineage = Lineage(settings.models_dir)
     child = lineage.generation("gen-0001")
+    assert child.meta["stage_peak_rss_mb"] == peaks
     assert lineage.active_id() == "gen-0001" and child.parent_id == "gen-0000"
     files = {p.name for p in child.folder.iterdir()}
     assert {"model.gguf", "meta.json", "evals.json", "hf", "data"} <= files

@@ -34,8 +34,10 @@ from trainer.dataset import (
 from trainer.finetune import (
     TrainConfig,
     TrainConfigError,
+    accumulate_step,
     add_lora,
     dataset_loss,
+    groups,
     load_base,
     lr_factor,
     max_logit_diff,
@@ -399,6 +401,33 @@ def test_weighted_reply_loss_scales_each_token_by_its_examples_weight(tiny_base,
     assert n == int(keep.sum())
     assert torch.allclose(weighted, (per_token * weights[keep]).sum() / n, rtol=1e-4)
     assert not torch.allclose(weighted, per_token.mean(), rtol=1e-3)
+
+
+def test_a_step_a_row_at_a_time_equals_the_whole_step_in_loss_and_gradients(tiny_base, tokenizer, fmt):
+    """SFT's micro-batches (one row a forward on the CPU) accumulate exactly the whole step's gradient:
+    weighted tokens, unequal rows and the KL term included."""
+    model = add_lora(load_base(tiny_base)[0], TrainConfig(rank=8, alpha=16, seed=4))
+    torch.manual_seed(4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)     # an adapter that moved, so the KL term is not zero
+    encoded, _ = encode_all(CHATS + persona_chats(3), tokenizer, fmt, 256, weights=[3.0, 1.0, 1.0, 2.0, 1.0])
+    rows = pack(encoded, 96)
+    assert len(rows) >= 3 and len({sum(label != IGNORE_INDEX for label in r.labels) for r in rows}) > 1
+
+    def step(micro_tokens: int):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_step(model, rows, 0, 0.5, micro_tokens)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert [len(g) for g in groups(rows, 1)] == [1] * len(rows)               # every row alone
+    assert len(groups(rows, 96 * len(rows))) == 1                              # all in one forward
+    whole, whole_grads = step(96 * len(rows))
+    parts, part_grads = step(1)
+    assert parts == pytest.approx(whole, rel=1e-5)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(part_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    assert max(g.abs().max().item() for g in whole_grads.values()) > 0
 
 
 def test_merged_chats_keep_each_targets_weight_and_equal_weights_change_nothing(tokenizer, fmt):

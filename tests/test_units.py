@@ -186,3 +186,15 @@ def test_the_experiment_learns_with_the_products_defaults(tmp_path, monkeypatch)
     assert {k for k in ours if ours[k] != defaults[k]} == {"allowed_user_ids"} and ours["allowed_user_ids"] == PEOPLE
     assert len(STYLES) >= 2 and len({s.phrase for s in STYLES.values()}) == len(STYLES)
     assert all(s.holds(s.correct("hi there")) and not s.holds("hi there") for s in STYLES.values())
+
+
+def test_bench_train_lists_every_stage_with_its_time_share_and_own_peak():
+    from ouro.bench.train import stage_table
+
+    ours = {"stage_s": {"load": 1.0, "sft": 6.0, "dpo": 2.0}, "stage_peak_rss_mb": {"load": 800.0, "sft": 3100.0,
+                                                                                     "dpo": 3400.0},
+            "stage_peak_gpu_mb": {"sft": 512.0}}
+    rows = stage_table({"seconds": 0.5, "peak_rss_mb": 1100.0}, ours, {"seconds": 0.5, "peak_rss_mb": 1700.0})
+    assert [r["stage"] for r in rows] == ["dequantize", "load", "sft", "dpo", "convert"]
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-3) and rows[2]["share"] == 0.6
+    assert rows[3]["peak_rss_mb"] == 3400.0 and rows[2]["peak_gpu_mb"] == 512.0 and "peak_gpu_mb" not in rows[1]

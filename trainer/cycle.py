@@ -33,6 +33,7 @@ from memory.screens import Screens, screens_for
 from memory.store import Store
 from memory.trust import policy_for
 from trainer.lock import CycleLock, pid_alive
+from trainer.peak import peak_gpu_mb, peak_rss_mb, reset_peaks
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
 from trainer.trigger import carried_over
 
@@ -49,6 +50,8 @@ class CycleReport:
     scores: dict = field(default_factory=dict)
     parent_scores: dict = field(default_factory=dict)
     stage_s: dict = field(default_factory=dict)
+    stage_peak_rss_mb: dict = field(default_factory=dict)   # each stage's own peak (trainer/peak.py)
+    stage_peak_gpu_mb: dict = field(default_factory=dict)   # the same for GPU memory, where CUDA is
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
 
@@ -57,30 +60,50 @@ class CycleReport:
 
 
 class _Stages:
-    """Times each stage and leaves a breadcrumb in the staging folder for post-mortems."""
+    """Times each stage, measures its peak memory, and leaves a breadcrumb in the staging folder for
+    post-mortems."""
 
     def __init__(self, on_stage: Callable[[str], None] | None) -> None:
         self.on_stage = on_stage
         self.current = "start"
         self.times: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
         self.staging: Path | None = None
+        self._floor: tuple[float, float] = (0.0, 0.0)
         self._t = time.perf_counter()
+        reset_peaks()
+
+    def _finish(self, t: float) -> None:
+        self.times[self.current] = round(t - self._t, 2)
+        self.peak_mb[self.current] = round(max(peak_rss_mb(), self._floor[0]), 1)
+        gpu = peak_gpu_mb()
+        if gpu is not None:  # pragma: no cover - needs CUDA
+            self.peak_gpu_mb[self.current] = round(max(gpu, self._floor[1]), 1)
+        self._floor = (0.0, 0.0)
 
     def enter(self, name: str) -> None:
         t = time.perf_counter()
-        self.times[self.current] = round(t - self._t, 2)
+        self._finish(t)
         self.current, self._t = name, t
+        reset_peaks()
         self.breadcrumb()
         if self.on_stage:
             self.on_stage(name)
+
+    def absorb(self, peak_mb: dict[str, float], peak_gpu_mb: dict[str, float]) -> None:
+        """The current stage measured its parts itself (resetting the high-water mark between them):
+        its peak is at least theirs."""
+        self._floor = (max(peak_mb.values(), default=0.0), max(peak_gpu_mb.values(), default=0.0))
 
     def breadcrumb(self) -> None:
         if self.staging is not None and self.staging.exists():
             (self.staging / "STAGE").write_text(f"{os.getpid()} {self.current}\n")
 
     def close(self) -> dict:
-        self.times[self.current] = round(time.perf_counter() - self._t, 2)
-        self.times.pop("start", None)
+        self._finish(time.perf_counter())
+        for d in (self.times, self.peak_mb, self.peak_gpu_mb):
+            d.pop("start", None)
         return self.times
 
 
@@ -202,6 +225,7 @@ def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
 def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bool = False, progress: bool = True,
               on_stage: Callable[[str], None] | None = None,
               on_step: Callable[[int, int], None] | None = None) -> CycleReport:
+    precision = check_precision(settings)
     lineage = Lineage(settings.models_dir)
     with CycleLock(settings.models_dir / ".cycle.lock"):
         cleanup_stale(lineage, store)
@@ -212,7 +236,15 @@ def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bo
         if force and halt.exists():
             halt.unlink()
         return _cycle(settings, store, lineage, actor=actor, progress=progress, stages=_Stages(on_stage),
-                      on_step=on_step)
+                      on_step=on_step, precision=precision)
+
+
+def check_precision(settings: Settings) -> str:
+    """The training precision this cycle will use (trainer/precision.py), decided before any work so
+    that a missing GPU library stops the cycle with its fix, not an ImportError halfway."""
+    from trainer.precision import resolve
+
+    return resolve(settings.train_precision).name
 
 
 def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleReport:
@@ -223,7 +255,8 @@ def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleRepor
 
 
 def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, progress: bool,
-           stages: _Stages, on_step: Callable[[int, int], None] | None = None) -> CycleReport:
+           stages: _Stages, on_step: Callable[[int, int], None] | None = None,
+           precision: str = "float32") -> CycleReport:
     """The stages in order; any failure before the rename removes the staging folder whole."""
     parent = lineage.active()
     persona = constitution_text(settings)   # the draft in force: this generation is trained and judged with it
@@ -264,8 +297,13 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         else:
             report.data["documents"] = {"chunks": 0, "tokens": 0, "upto_chunk_id": _docs_upto(parent),
                                         "waiting": store.document_stats(after_id=_docs_upto(parent))["chunks"]}
+        if docs_base is None:
+            stages.enter("dequantize")   # generation 0's GGUF → full-precision weights, once per line
+            ensure_full_precision(parent)
         stages.enter("train")
-        result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step, base=docs_base)
+        result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step, base=docs_base,
+                        precision=precision)
+        stages.absorb(result.stage_peak_rss_mb, result.stage_peak_gpu_mb)
         if docs_base is not None:
             shutil.rmtree(docs_base, ignore_errors=True)   # merged into the SFT result; 4 bytes a weight
         stages.enter("convert")
@@ -283,10 +321,13 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         atomic_write_text(staging / "evals.json", json.dumps({**evals, "gate": gate.to_dict()}, indent=2,
                                                              ensure_ascii=False))
         report.stage_s = stages.close()
+        report.stage_peak_rss_mb, report.stage_peak_gpu_mb = stages.peak_mb, stages.peak_gpu_mb
         meta = {"id": gen_id, "parent_id": parent.id, "gguf": GGUF_NAME, "gguf_sha256": child_sha,
                 "created_at": now("seconds"), "status": report.status, "reasons": gate.reasons, "scores": report.scores,
                 "parent_scores": report.parent_scores, "data_cutoff": until, "data": report.data,
-                "train": report.train, "stage_s": report.stage_s, "quantization": settings.quantization,
+                "train": report.train, "stage_s": report.stage_s,
+                "stage_peak_rss_mb": report.stage_peak_rss_mb, "stage_peak_gpu_mb": report.stage_peak_gpu_mb,
+                "quantization": settings.quantization,
                 "actor": actor, "constitution_sha256": constitution_sha}
         (staging / "STAGE").unlink(missing_ok=True)
         atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
@@ -352,8 +393,9 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
     return split, data_sha
 
 
-def train_config(settings: Settings):
-    """The trainer's configuration from the settings (one place, so the cycle and the bench agree)."""
+def train_config(settings: Settings, precision: str | None = None):
+    """The trainer's configuration from the settings (one place, so the cycle and the bench agree);
+    `precision` as check_precision resolved it (None: resolve it here)."""
     from trainer.finetune import TrainConfig
 
     return TrainConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
@@ -364,7 +406,8 @@ def train_config(settings: Settings):
                        dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
                        dpo_lr=settings.dpo_lr, kto_steps=settings.kto_steps, kto_epochs=settings.kto_epochs,
                        kto_batch=settings.kto_batch, kto_beta=settings.kto_beta, kto_lr=settings.kto_lr,
-                       seed=settings.train_seed, kl_beta=settings.kl_beta)
+                       seed=settings.train_seed, kl_beta=settings.kl_beta,
+                       precision=precision or check_precision(settings))
 
 
 def _refine(settings: Settings, store: Store, parent: Generation) -> dict:
@@ -441,7 +484,8 @@ def _documents(settings: Settings, store: Store, staging: Path, parent: Generati
 
 
 def _train(settings: Settings, staging: Path, parent: Generation, split, report: CycleReport, *,
-           progress: bool, on_step: Callable[[int, int], None] | None, base: Path | None = None):
+           progress: bool, on_step: Callable[[int, int], None] | None, base: Path | None = None,
+           precision: str = "float32"):
     from engine.template import ChatFormat
     from trainer.dataset import DPOPair
     from trainer.finetune import train
@@ -457,19 +501,20 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
 
         try:
             result = train_job.finetune(settings.train_processes, base_hf, sft, pairs, staging / "hf",
-                                        train_config(settings), staging / "train-job",
+                                        train_config(settings, precision), staging / "train-job",
                                         chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
                                         weights=weights, kto_items=kto_items)
         finally:
             train_job.remove(staging / "train-job")
     else:
-        result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
+        result = train(base_hf, sft, pairs, staging / "hf", train_config(settings, precision), progress=progress,
                        chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step, weights=weights,
                        kto_items=kto_items)
     report.train = {**report.train, "steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,
-                    "peak_rss_mb": result.peak_rss_mb,
+                    "peak_rss_mb": result.peak_rss_mb, "stage_peak_rss_mb": result.stage_peak_rss_mb,
+                    "stage_peak_gpu_mb": result.stage_peak_gpu_mb, "precision": result.precision,
                     "walltime_min": round(result.wall_s / 60, 2), "loss_start": round(result.loss_start, 4),
                     "loss_end": round(result.loss_end, 4), "tokens_per_s": round(result.tokens_per_s, 1),
                     "dpo_steps": result.dpo_steps, "dpo_margin_start": result.dpo_margin_start,

@@ -12,9 +12,9 @@ Why this is written on the SFT loop's pieces and not trl's `KTOTrainer` (trl 1.1
 - every item carries its contributor's tier weight (memory/trust.py), as SFT examples do; trl's
   KTO has only one weight per class;
 - memory: trl runs the LM head over every position of every sequence, for the policy, the
-  reference and the KL batch — the full-vocabulary logits that make the DPO pass cost GBs on the
-  CPU. Here the head runs only on reply tokens (as trainer.finetune.reply_loss does), so a step
-  holds (reply tokens × vocabulary) floats, not (sequence × vocabulary) per pass;
+  reference and the KL batch — full-vocabulary logits that cost GBs on the CPU. Here the head runs
+  only on reply tokens, in checkpointed chunks (trainer/head.py, shared with the DPO pass), so a step
+  holds one chunk's logits, not (sequence × vocabulary) per pass;
 - the reference is the model as it stands when the pass starts (SFT, then DPO): its
   log-likelihoods of every item and of every mismatched KL item are read once, without
   gradients, before the first step (trl's precompute_ref_log_probs), so no second adapter or
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from trainer.dataset import IGNORE_INDEX, DPOPair, encode_pair
+from trainer.dataset import DPOPair, encode_pair
 from trainer.distributed import SINGLE, Group
+from trainer.dpo import reply_logps as sequence_logps
 
 
 class KTOItem(NamedTuple):
@@ -75,31 +75,6 @@ def kto_steps(n_items: int, cfg) -> int:
     if not n_items or not cfg.kto_steps:
         return 0
     return min(cfg.kto_steps, math.ceil(cfg.kto_epochs * n_items / min(cfg.kto_batch, n_items)))
-
-
-def sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Sum of log p(reply token) per (prompt ids, reply ids) sequence; the LM head runs on reply tokens only."""
-    from peft import PeftModel
-
-    lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    device = next(model.parameters()).device
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, reply) in enumerate(seqs):
-        n = len(prompt) + len(reply)
-        ids[i, :n] = torch.tensor(prompt + reply)
-        mask[i, :n] = 1
-        labels[i, len(prompt):n] = torch.tensor(reply)
-    hidden = lm.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              use_cache=False).last_hidden_state
-    targets = labels[:, 1:].to(device)
-    keep = targets != IGNORE_INDEX
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(len(seqs), device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
 
 
 def _share_logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:

@@ -4,7 +4,8 @@ Same model (the default GGUF, dequantized to float32), same ~60 synthetic chat e
 LoRA config, same number of epochs, same machine, same run:
 
 1. ours — `trainer.finetune.train`: packed rows (no padding), LM head only on reply tokens,
-   then a short DPO pass, merge (checked) and save; every stage timed.
+   then a short DPO pass, merge (checked) and save; then the GGUF conversion; every stage timed and
+   its own peak memory measured (trainer/peak.py), printed with its share of the time.
 2. plain — transformers + peft as usually written: one example per row, right-padded to the
    batch's longest, `model(**batch).loss`; as many optimizer steps per epoch as ours.
 3. packed-full-logits (with `ablation`) — ours' packed rows through `model(**batch).loss`: separates the gain of
@@ -80,10 +81,23 @@ def _set_threads(threads: int | None) -> None:
 
 def _child_convert(gguf: str, base_dir: str) -> dict:
     from trainer.convert import dequantize_gguf_to_hf
-    from trainer.finetune import peak_rss_mb
+    from trainer.peak import peak_rss_mb
 
     t0 = time.perf_counter()
     dequantize_gguf_to_hf(Path(gguf), Path(base_dir))
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _child_gguf(out_dir: str, parent_gguf: str, target: str, quantization: str) -> dict:
+    """The cycle's convert stage on the trained checkpoint: F16 GGUF written tensor by tensor, then quantized."""
+    from trainer.convert import quantize_gguf, write_gguf
+    from trainer.peak import peak_rss_mb, reset_peak_rss
+
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    f16 = Path(target).with_suffix(".f16.gguf")
+    write_gguf(Path(out_dir), Path(parent_gguf), f16, dtype="f16", name="bench")
+    quantize_gguf(f16, Path(target), quantization)
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
@@ -104,12 +118,14 @@ def _child_plain(base_dir: str, cfg: dict, examples: list, batch_examples: int, 
 
     from engine.template import ChatFormat
     from trainer.dataset import collate_packed, collate_padded, encode_all, pack
-    from trainer.finetune import TrainConfig, add_lora, load_base, peak_rss_mb, reset_peak_rss
+    from trainer.finetune import DTYPES, TrainConfig, add_lora, load_base
+    from trainer.peak import peak_rss_mb, reset_peak_rss
 
     _set_threads(threads)
     config = TrainConfig(**cfg)
     t0 = time.perf_counter()
-    model, tokenizer = load_base(Path(base_dir))
+    model, tokenizer = load_base(Path(base_dir), quantize_4bit=config.precision == "nf4",
+                                 dtype=DTYPES.get(config.precision, torch.float32))
     model = add_lora(model, config)
     load_s = time.perf_counter() - t0
     encoded, _ = encode_all(examples, tokenizer, ChatFormat.from_tokenizer(tokenizer), config.max_seq_len)
@@ -163,18 +179,22 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
     machine 1 thread is steadier: oversubscribed OpenMP threads slow every op several-fold.
     """
     from lineage.generations import packaged_base_gguf
+    from trainer.precision import resolve
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf = (settings.base_model if settings and settings.base_model else None) or packaged_base_gguf()
     examples, pairs = synthetic_examples(), synthetic_pairs()
     cfg = {"rank": 16, "alpha": 32.0, "lr": 2e-4, "epochs": epochs, "batch": batch, "max_seq_len": max_seq_len,
-           "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234}
+           "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234,
+           "precision": resolve(settings.train_precision if settings else "auto").name}
     progress = not json_output
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ouro-bench-train-") as tmp:
         base_dir, out_dir = Path(tmp) / "base", Path(tmp) / "out"
         convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir))
         ours = _in_fresh_process(_child_ours, str(base_dir), str(out_dir), cfg, examples, pairs, progress, threads)
+        gguf_out = _in_fresh_process(_child_gguf, str(out_dir), str(gguf), str(Path(tmp) / "child.gguf"),
+                                     settings.quantization if settings else "Q8_0")
         # the plain loop takes as many optimizer steps per epoch as ours: same examples, same epochs
         batch_examples = math.ceil(len(examples) / math.ceil(ours["rows"] / batch))
         plain = _in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, False, progress,
@@ -183,7 +203,7 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
                                          threads) if ablation else None)
     result = {
         "model": Path(gguf).name, "examples": len(examples), "epochs": epochs, "max_seq_len": max_seq_len,
-        "lora_rank": cfg["rank"], "threads": threads or _threads(),
+        "lora_rank": cfg["rank"], "precision": cfg["precision"], "threads": threads or _threads(),
         "ours": {"tokens_per_s": ours["tokens_per_s"], "steps": ours["steps"], "rows": ours["rows"],
                  "row_fill": ours["row_fill"], "tokens": ours["tokens"], "target_tokens": ours["target_tokens"],
                  "sft_s": ours["stage_s"]["sft"], "sft_peak_rss_mb": ours["stage_peak_rss_mb"]["sft"],
@@ -195,6 +215,7 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
         "speedup": round(ours["tokens_per_s"] / plain["tokens_per_s"], 2),
         "sft_peak_rss_ratio": round(ours["stage_peak_rss_mb"]["sft"] / plain["train_peak_rss_mb"], 2),
         "convert_gguf": convert,
+        "stages": stage_table(convert, ours, gguf_out),
         "wall_s": 0.0,
     }
     if packed_full:
@@ -209,6 +230,21 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
     return result
 
 
+def stage_table(dequantize: dict, ours: dict, convert: dict) -> list[dict]:
+    """One row per stage of a cycle's training path, in order: wall time, its share of their sum,
+    peak RSS (and GPU memory where CUDA is). Each stage's peak is its own (trainer/peak.py)."""
+    rows = [{"stage": "dequantize", "seconds": dequantize["seconds"], "peak_rss_mb": dequantize["peak_rss_mb"]}]
+    gpu = ours.get("stage_peak_gpu_mb") or {}
+    for name, seconds in ours["stage_s"].items():
+        rows.append({"stage": name, "seconds": seconds, "peak_rss_mb": ours["stage_peak_rss_mb"][name],
+                     **({"peak_gpu_mb": gpu[name]} if name in gpu else {})})
+    rows.append({"stage": "convert", "seconds": convert["seconds"], "peak_rss_mb": convert["peak_rss_mb"]})
+    total = sum(r["seconds"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = round(r["seconds"] / total, 3)
+    return rows
+
+
 def _threads() -> int:
     import torch
 
@@ -217,7 +253,7 @@ def _threads() -> int:
 
 def _print(r: dict) -> None:
     ours, plain = r["ours"], r["plain"]
-    print(f"\nLoRA r={r['lora_rank']} on {r['model']} (float32, {r['threads']} threads), "
+    print(f"\nLoRA r={r['lora_rank']} on {r['model']} ({r['precision']}, {r['threads']} threads), "
           f"{r['examples']} examples × {r['epochs']} epoch(s), max_seq_len {r['max_seq_len']}")
     print(f"{'trainer':<26}{'tokens/s':>10}{'steps':>7}{'train s':>9}{'peak RSS MB':>13}{'loss':>16}")
     print(f"{'ours (packed, reply head)':<26}{ours['tokens_per_s']:>10}{ours['steps']:>7}{ours['sft_s']:>9}"
@@ -232,8 +268,9 @@ def _print(r: dict) -> None:
     if "speedup_from_packing" in r:
         print(f"  (packing {r['speedup_from_packing']}×, reply-only LM head {r['speedup_from_reply_only_head']}×)",
               end="")
-    print(f"\nours, seconds per stage: {ours['stage_s']}  (GGUF → float32 checkpoint: "
-          f"{r['convert_gguf']['seconds']} s)")
-    print(f"ours, peak RSS MB per stage: {ours['stage_peak_rss_mb']}")
+    print(f"\n{'stage':<12}{'seconds':>9}{'share':>8}{'peak RSS MB':>13}{'peak GPU MB':>13}")
+    for row in r["stages"]:
+        print(f"{row['stage']:<12}{row['seconds']:>9.1f}{row['share']:>8.0%}{row['peak_rss_mb']:>13.0f}"
+              f"{row.get('peak_gpu_mb', '—'):>13}")
     print(f"DPO margin {ours['dpo_margin_start']:.2f} → {ours['dpo_margin_end']:.2f}; "
           f"merge max |Δlogit| {ours['merge_max_abs_diff']:.2e}; wall {r['wall_s']} s")

@@ -1,0 +1,129 @@
+"""DPO pass: the sigmoid DPO loss (Rafailov et al. 2023) on the peft adapter, memory-bounded.
+
+    margin = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected))
+    loss   = −log σ(β · margin), the mean over a batch of pairs
+
+log π(y) is the sum of log p over the reply tokens of y given the prompt. The reference is the
+model as it stands when the pass starts (the SFT adapter): its log-probabilities of every pair
+are read once, without gradients, before the first step — what trl's DPOTrainer does with
+`precompute_ref_log_probs` — so no second adapter or model is held.
+
+Why not trl's DPOTrainer (which tests/test_dpo.py keeps as the reference this loop must match):
+it runs the LM head over every position of every sequence, chosen and rejected concatenated, and
+keeps the full-vocabulary float32 logits of the batch for the backward — gigabytes on the CPU
+for the 135M model at its defaults, most of a cycle's peak memory. Here each pair (chosen and
+rejected, one forward of two sequences) is a micro-batch whose gradient is accumulated — exact,
+since a pair's loss term depends on that pair alone — and the head runs only on reply positions,
+in checkpointed chunks (trainer/head.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from trainer.dataset import EncodedPair
+from trainer.head import sequence_logps
+
+
+def _lm(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def reply_logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Sum of log p(reply token | everything before it) for each (prompt ids, reply ids), right-padded
+    into one forward; the LM head runs on reply positions only."""
+    lm = _lm(model)
+    device = next(model.parameters()).device
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    keep = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (prompt, reply) in enumerate(seqs):
+        n = len(prompt) + len(reply)
+        ids[i, :n] = torch.tensor(prompt + reply)
+        mask[i, :n] = 1
+        keep[i, len(prompt):n] = True
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # position t predicts token t + 1
+    return sequence_logps(hidden[:, :-1], lm.get_output_embeddings(), ids[:, 1:], keep[:, 1:].to(device))
+
+
+def pair_logps(model, pair: EncodedPair, pad_id: int) -> torch.Tensor:
+    """[log π(chosen), log π(rejected)] of one pair."""
+    return reply_logps(model, [(pair.prompt_ids, pair.chosen_ids), (pair.prompt_ids, pair.rejected_ids)], pad_id)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: Sequence[EncodedPair], pad_id: int) -> torch.Tensor:
+    """[pairs, 2]: the model's log-probabilities of each pair's chosen and rejected reply, as it stands (eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = torch.stack([pair_logps(model, p, pad_id).float().cpu() for p in pairs]) if pairs else torch.zeros(0, 2)
+    model.train(was_training)
+    return out
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sigmoid DPO loss per pair from [pairs, 2] log-probabilities (chosen, rejected)."""
+    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    return -F.logsigmoid(beta * margin)
+
+
+def dpo_steps(n_pairs: int, cfg) -> int:
+    """`cfg.dpo_epochs` passes over the pairs, at most `cfg.dpo_steps` steps (0: no DPO)."""
+    if not n_pairs or not cfg.dpo_steps:
+        return 0
+    return min(cfg.dpo_steps, math.ceil(cfg.dpo_epochs * n_pairs / min(cfg.batch, n_pairs)))
+
+
+def accumulate(model, batch: Sequence[EncodedPair], reference: torch.Tensor, beta: float, pad_id: int) -> float:
+    """Backward of one step's mean DPO loss over `batch`, a pair at a time; returns the loss."""
+    total = 0.0
+    for k, pair in enumerate(batch):
+        policy = pair_logps(model, pair, pad_id)[None]
+        loss = dpo_loss(policy, reference[k:k + 1].to(policy.device), beta).sum() / len(batch)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def dpo_train(model, pairs: Sequence[EncodedPair], cfg, pad_id: int, *,
+              on_step=None) -> dict:
+    """The DPO pass on the peft model as it stands (its adapter keeps training); returns what it did.
+
+    `cfg.batch` pairs a step (fewer if there are fewer pairs), reshuffled each pass (seeded),
+    AdamW at a constant `cfg.dpo_lr`, gradients clipped to norm 1 — trl's DPOConfig as
+    trainer.finetune used it."""
+    started = time.perf_counter()
+    steps = dpo_steps(len(pairs), cfg)
+    if not steps:
+        return {"steps": 0, "loss_start": None, "loss_end": None, "seconds": 0.0}
+    reference = reference_logps(model, pairs, pad_id)
+    batch = min(cfg.batch, len(pairs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.dpo_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    model.train()
+    while len(losses) < steps:
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        for i in range(0, len(order), batch):
+            if len(losses) == steps:
+                break
+            idx = order[i:i + batch]
+            losses.append(accumulate(model, [pairs[j] for j in idx], reference[idx], cfg.dpo_beta, pad_id))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(len(losses), steps)
+    return {"steps": len(losses), "loss_start": losses[0], "loss_end": losses[-1],
+            "seconds": round(time.perf_counter() - started, 2)}
