@@ -377,7 +377,7 @@ class BatchedEngine(LlamaEngine):
 
     def _bind(self, slot: _Slot, request: _Request) -> None:
         if slot.key != request.key:
-            if slot.key is not None and self.kv_cache_chats > 0 and slot.tokens:
+            if slot.key is not None and (self.kv_cache_chats > 0 or self.kv_files is not None) and slot.tokens:
                 self._save(slot)
             saved = self.stored(request.key)
             self._saved.pop(request.key, None)

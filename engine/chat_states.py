@@ -55,7 +55,7 @@ class ChatStates:
         """Make `key`'s KV state the live one (saving the previous chat's first)."""
         if key == self.current:
             return
-        if self.current is not None and self.max_chats > 0 and self.llm.n_tokens > 0:
+        if self.current is not None and (self.max_chats > 0 or self.files is not None) and self.llm.n_tokens > 0:
             self._save(self.current)
         saved = self._stored(key)
         self._saved.pop(key, None)
