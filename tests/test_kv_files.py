@@ -13,6 +13,8 @@ import pytest
 
 from core.files import atomic_write_bytes
 from engine.kv_files import KVFiles, file_stem
+from engine.worker import InferenceWorker
+from tests.helpers.fakes import FakeEngine
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -138,3 +140,18 @@ def test_a_write_a_crash_interrupted_is_cleaned_up(tmp_path):
     kv = files(tmp_path)
     assert list(folder.iterdir()) == [] and kv.files() == {}
     kv.close()
+
+
+def test_a_clean_shutdown_saves_the_states_and_a_failing_save_never_holds_it_up(caplog):
+    engine = FakeEngine()
+    InferenceWorker(engine).close()
+    assert engine.states_saved == 1 and engine.closed
+
+    class DiskFull(FakeEngine):
+        def save_states(self) -> int:
+            raise OSError("no space left on device")
+
+    failing = DiskFull()
+    with caplog.at_level(logging.WARNING, logger="engine.worker"):
+        InferenceWorker(failing).close()
+    assert failing.closed and "could not save the chats' KV states" in caplog.text
