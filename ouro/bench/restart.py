@@ -5,8 +5,9 @@ shutdown writes every chat's state to <data_dir>/kv) and opened again on the sam
 each chat takes two turns in a row: the first restores its state from disk (after a restart), the
 second goes on from the state the first left live (warm) — a pair of neighbouring turns per chat
 and round. Last, cold: the last round's first turns once more, on the database as it was before
-them and with the KV folder emptied, so the whole history is read again (the replies must be the
-same: checked). After each opening, one short unrelated reply pays the new process's first decode
+them and with the KV folder emptied, so the whole history is read again (`restart_same_replies`
+says whether the replies matched: a history read in one go is cut into other batches than the
+turns that built it, and greedy text can part on such rounding differences). After each opening, one short unrelated reply pays the new process's first decode
 (buffers, threads), which any first reply pays with or without saved states.
 Figures: medians over the turns, the ratios after-restart ÷ warm (goal ≤ 1.5) and cold ÷
 after-restart, prompt tokens read per turn, and what a shutdown's save cost (seconds, bytes).
@@ -121,7 +122,7 @@ def _copy_db(source: Path, target: Path, name: str) -> None:
 
 def report_lines(r: dict) -> list[str]:
     read = r["restart_tokens_read"]
-    note = "" if r["restart_same_replies"] else "  (replies differed: not like for like)"
+    note = "" if r["restart_same_replies"] else "  (cold replies differed from the restored ones)"
     return [
         f"  after a restart ÷ warm TTFT:           {r['restart_ratio']:.2f}  (goal ≤ 1.5; median "
         f"{r['restart_after_ttft_s']:.3f} s vs {r['restart_warm_ttft_s']:.3f} s warm, {r['restart_cold_ttft_s']:.3f} s "
