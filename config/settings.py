@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         "report AMX, Q4_1 models segfault with them on."))
     kv_cache_chats: int = Field(8, ge=0, le=256, description=(
         "Recently active chats whose KV state is kept in memory, so a returning chat does not re-read its history."))
+    kv_disk_chats: int = Field(64, ge=0, le=100_000, description=(
+        "Chats whose KV state is kept on disk (<data_dir>/kv/<model sha256>/) when it leaves memory and at a "
+        "clean shutdown, so after a restart a returning chat reads only its new tokens. 0 = off."))
+    kv_disk_mb: int = Field(1024, ge=0, le=1_000_000, description=(
+        "Megabytes those files take at most (a 1000-token chat of the 135M model is ~23 MB); the oldest go "
+        "first. 0 = off."))
     engine: Literal["embedded", "openai"] = Field("embedded", description=(
         "Who writes the replies: 'embedded' (llama.cpp inside the bot) or 'openai' (an OpenAI-compatible "
         "server at engine_base_url — llama.cpp's llama-server, llama-cpp-python's server, vLLM, Ollama — "
@@ -414,6 +420,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def kv_dir(self) -> Path:
+        """Chats' KV states, one folder per model (engine/kv_files.py)."""
+        return self.data_dir / "kv"
 
     @property
     def parallel_slots(self) -> int:

@@ -1,4 +1,4 @@
-"""Small file helpers every floor needs: atomic text writes, SHA-256, private folders, one clock.
+"""Small file helpers every floor needs: atomic writes, SHA-256, private folders, one clock.
 
 They live on the ground floor so that no module has to import upwards for a helper.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +37,25 @@ def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, parts: Iterable[bytes | memoryview], *, mode: int | None = None) -> int:
+    """The same for binary data given in pieces (no copy joins them); bytes written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            for part in parts:
+                written += f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def ensure_private_dir(path: Path) -> None:

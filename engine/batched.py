@@ -13,7 +13,9 @@ seed). A finished or failed request leaves its slot; new ones join between steps
 Per-chat KV reuse: a chat stays in the slot it last used, so its next turn reads only the new
 tokens. When more chats than slots take turns, the least recently used idle slot's chat is
 saved out with the per-sequence state API and restored into whichever slot it gets next — the
-same copy `engine/chat_states.py` makes for the one-sequence engine, bounded by `kv_cache_chats`.
+same copy `engine/chat_states.py` makes for the one-sequence engine, bounded by `kv_cache_chats`;
+past that bound, and at a clean shutdown (`save_states`), states go to the data folder
+(engine/kv_files.py) and come back from there when their chat returns.
 
 Callers (the worker's job threads) block in `generate()` and receive their tokens through a
 queue; `on_text` runs on the caller's thread, so a reply's consumer can never be handed another
@@ -38,6 +40,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from core.errors import OuroError
+from engine.kv_files import KVFiles
 from engine.llama import LlamaEngine, model_params
 from engine.protocol import Completion, Message, OnText, Sampling
 
@@ -111,7 +114,8 @@ class BatchedEngine(LlamaEngine):
 
     def __init__(self, model_path: Path, *, generation_id: str, slots: int, n_ctx: int = 2048,
                  n_threads: int | None = None, n_gpu_layers: int = 0, kv_cache_chats: int = 8,
-                 model_sha256: str = "", extra_buffers: bool = False, n_batch: int = 512) -> None:
+                 model_sha256: str = "", extra_buffers: bool = False, n_batch: int = 512,
+                 kv_files: KVFiles | None = None) -> None:
         if slots < 1:
             raise OuroError(f"max_parallel must be at least 1, not {slots}")
         with context_params(slots=slots), model_params(extra_buffers=extra_buffers):
@@ -122,6 +126,7 @@ class BatchedEngine(LlamaEngine):
         self.n_ctx = n_ctx                  # per chat: what the context builder may fill
         self.slots = [_Slot(seq) for seq in range(slots)]
         self.kv_cache_chats = kv_cache_chats
+        self.kv_files = kv_files
         self.states = _SlotView(self)
         self._prompt_threads = self.llm.context_params.n_threads_batch
         # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
@@ -132,6 +137,8 @@ class BatchedEngine(LlamaEngine):
         self._cond = threading.Condition()  # guards slots, _waiting, _saved; the decode thread waits on it
         self._closing = False
         self._stale: set[int] = set()       # sequences forgotten: cleared by the decode thread once idle
+        self._save_asked: list[threading.Event] = []   # save_states() waiting for the decode thread
+        self._states_saved = 0
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = self.llm.n_vocab()
         self.saves = self.restores = 0
@@ -226,11 +233,27 @@ class BatchedEngine(LlamaEngine):
     def forget(self, chat_key: int | str) -> None:
         with self._cond:
             self._saved.pop(chat_key, None)
+            if self.kv_files is not None:
+                self.kv_files.forget(chat_key)
             for slot in self.slots:
                 if slot.key == chat_key:
                     slot.key = None        # its cells are dropped by the decode thread, between steps
                     self._stale.add(slot.seq)
             self._cond.notify_all()
+
+    def save_states(self) -> int:
+        """Write every idle chat's state to the data folder (see `LlamaEngine.save_states`); the
+        decode thread copies them out between steps, the KV files' writer writes them."""
+        if self.kv_files is None:
+            return 0
+        done = threading.Event()
+        with self._cond:
+            self._check_open()
+            self._save_asked.append(done)
+            self._cond.notify_all()
+        done.wait()
+        self.kv_files.flush()
+        return self._states_saved
 
     def close(self) -> None:
         with self._cond:
@@ -241,6 +264,8 @@ class BatchedEngine(LlamaEngine):
         self._thread.join()
         llama_cpp.llama_batch_free(self._batch)
         self._saved.clear()
+        if self.kv_files is not None:
+            self.kv_files.close()
         self.llm.close()
 
     # --- the caller's side of the queue ---------------------------------------------------
@@ -268,11 +293,14 @@ class BatchedEngine(LlamaEngine):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closing or self._waiting or self._stale or any(s.request for s in self.slots)):
+                while not (self._closing or self._waiting or self._stale or self._save_asked
+                           or any(s.request for s in self.slots)):
                     self._cond.wait()
                 if self._closing:
                     self._fail_all(OuroError("the engine was closed"))
                     return
+                if self._save_asked:
+                    self._save_all()
                 self._drop_cancelled()
                 for slot in self.slots:
                     if slot.seq in self._stale and slot.request is None:
@@ -292,7 +320,22 @@ class BatchedEngine(LlamaEngine):
                             self._finish(slot, ("error", OuroError(f"decoding failed: {exc}")))
                         self._clear(slot)
 
+    def _save_all(self) -> None:
+        """Copy every idle slot's chat out, then hand every saved state to the KV files, oldest first."""
+        for slot in sorted(self.slots, key=lambda s: s.used):
+            if slot.key is not None and slot.request is None and slot.tokens:
+                self._save(slot, keep=len(self._saved) + 1)   # all of them stay in memory too
+        for key, saved in self._saved.items():
+            self.kv_files.put(key, saved.tokens, saved.blob, saved.size)
+        self._states_saved = len(self._saved)
+        for done in self._save_asked:
+            done.set()
+        self._save_asked.clear()
+
     def _fail_all(self, exc: Exception) -> None:
+        for done in self._save_asked:
+            done.set()
+        self._save_asked.clear()
         for slot in self.slots:
             if slot.request is not None:
                 self._finish(slot, ("error", exc))
@@ -334,9 +377,10 @@ class BatchedEngine(LlamaEngine):
 
     def _bind(self, slot: _Slot, request: _Request) -> None:
         if slot.key != request.key:
-            if slot.key is not None and self.kv_cache_chats > 0 and slot.tokens:
+            if slot.key is not None and (self.kv_cache_chats > 0 or self.kv_files is not None) and slot.tokens:
                 self._save(slot)
-            saved = self._saved.pop(request.key, None)
+            saved = self.stored(request.key)
+            self._saved.pop(request.key, None)
             if saved is not None:
                 self._restore(slot, saved)
             slot.key = request.key   # no saved state: the cells left keep their common prefix (the persona)
@@ -459,7 +503,7 @@ class BatchedEngine(LlamaEngine):
         self._truncate(slot, 0)
         slot.key = None
 
-    def _save(self, slot: _Slot) -> None:
+    def _save(self, slot: _Slot, keep: int | None = None) -> None:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq)
         blob = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ctx, blob, size, slot.seq)
@@ -468,12 +512,34 @@ class BatchedEngine(LlamaEngine):
         self._saved[slot.key] = _Saved(list(slot.tokens), blob, written)
         self._saved.move_to_end(slot.key)
         self.saves += 1
-        while len(self._saved) > self.kv_cache_chats:
-            self._saved.popitem(last=False)
+        self._evict(self.kv_cache_chats if keep is None else keep)
+
+    def _evict(self, keep: int) -> None:
+        """The least recently active saved states past `keep` leave memory (for the disk, when there is one)."""
+        while len(self._saved) > keep:
+            key, saved = self._saved.popitem(last=False)
+            if self.kv_files is not None:
+                self.kv_files.put(key, saved.tokens, saved.blob, saved.size)
+
+    def stored(self, key: int | str) -> _Saved | None:
+        """`key`'s saved state: in memory, or read back from disk (into memory) when it is there."""
+        saved = self._saved.get(key)
+        if saved is not None or self.kv_files is None:
+            return saved
+        found = self.kv_files.take(key)
+        if found is None:
+            return None
+        if len(found.tokens) >= self.n_ctx or min(found.tokens) < 0 or max(found.tokens) >= self._vocab:
+            return None                 # not from a context like this one's: the chat is read again
+        saved = self._saved[key] = _Saved(found.tokens, found.blob, found.size)
+        self._evict(self.kv_cache_chats + 1)
+        return saved
 
     def _restore(self, slot: _Slot, saved: _Saved) -> None:
         self._truncate(slot, 0)
         if llama_cpp.llama_state_seq_set_data(self.ctx, saved.blob, saved.size, slot.seq) == 0:
+            log.warning("a saved KV state (%d tokens) could not be restored; the chat is read again",
+                        len(saved.tokens))
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
             return                  # could not restore: the chat is read again
         slot.tokens = list(saved.tokens)
@@ -491,12 +557,12 @@ class _SlotView:
         for slot in self.engine.slots:
             if slot.key == key:
                 return slot.tokens
-        saved = self.engine._saved.get(key)
+        saved = self.engine.stored(key)
         return saved.tokens if saved is not None else []
 
     def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
         held = self.held(key)
-        if not held and key not in self.engine._saved:
+        if not held and self.engine.stored(key) is None:
             # a new chat gets the least recently used slot and keeps its common prefix (the persona)
             idle = [s for s in self.engine.slots if s.request is None] or self.engine.slots
             held = min(idle, key=lambda s: (s.key is not None, s.used)).tokens

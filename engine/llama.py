@@ -4,7 +4,7 @@ Prompts are rendered with the chat template stored in the GGUF itself (the same 
 training uses), tokenized once, and fed to `Llama.generate`, which evaluates only the part
 after the longest prefix it already holds. When another chat used the context in between,
 the returning chat's KV state is restored from `ChatStates` first, so it does not re-read
-its whole history.
+its whole history — from memory, or after a restart from the data folder (engine/kv_files.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.errors import OuroError
 from engine.chat_states import ChatStates
+from engine.kv_files import KVFiles
 from engine.protocol import Completion, Message, OnText, Sampling
 from engine.template import CHATML, ChatFormat
 
@@ -58,7 +59,7 @@ def model_params(*, extra_buffers: bool):
 class LlamaEngine:
     def __init__(self, model_path: Path, *, generation_id: str, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_cache_chats: int = 8, model_sha256: str = "",
-                 extra_buffers: bool = False, logits_all: bool = False) -> None:
+                 extra_buffers: bool = False, logits_all: bool = False, kv_files: KVFiles | None = None) -> None:
         from llama_cpp import Llama
 
         self.model_path = Path(model_path)
@@ -82,7 +83,8 @@ class LlamaEngine:
                                  and "bos_token" not in template)
         self._add_bos = self.format.add_bos
         self.stop_ids = self._end_of_turn_ids()
-        self.states = ChatStates(self.llm, max_chats=kv_cache_chats)
+        self.kv_files = kv_files
+        self.states = ChatStates(self.llm, max_chats=kv_cache_chats, files=kv_files)
         # True while generate() streams: the worker may run background work between its tokens,
         # and that work must not touch this model's context meanwhile (see prefill)
         self.generating = False
@@ -246,6 +248,14 @@ class LlamaEngine:
     def forget(self, chat_key: int | str) -> None:
         self.states.forget(chat_key)
 
+    def save_states(self) -> int:
+        """Write every chat's KV state to the data folder (a clean shutdown); states written."""
+        if self.generating:
+            raise RuntimeError("save_states() while this model streams a reply")
+        return self.states.save_all()
+
     def close(self) -> None:
         self.states.clear()
+        if self.kv_files is not None:
+            self.kv_files.close()
         self.llm.close()

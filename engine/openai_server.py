@@ -225,6 +225,9 @@ class OpenAIServerEngine:
     def forget(self, chat_key: int | str) -> None:
         pass          # the server's prompt cache holds no chat by name
 
+    def save_states(self) -> int:
+        return 0      # the server keeps (or drops) its own cache across its restarts
+
     def close(self) -> None:
         self.vocab.close()
         self.client.close()

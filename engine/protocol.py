@@ -70,7 +70,13 @@ class Engine(Protocol):
         ...
 
     def forget(self, chat_key: int | str) -> None:
-        """Drop any cached state of this chat (after /reset)."""
+        """Drop any cached state of this chat, in memory and on disk (after /forget)."""
+        ...
+
+    def save_states(self) -> int:
+        """Write the chats' cached states to the data folder, so the same model loaded again (after a
+        restart) reads only their new tokens; states written (0 without a KV folder). At a clean
+        shutdown, with no reply under way; `close` alone does not save (an old model after a swap)."""
         ...
 
     def close(self) -> None:

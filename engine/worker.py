@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import statistics
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import TypeVar
 from engine.protocol import Engine
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class _SharedLock:
@@ -358,6 +360,12 @@ class InferenceWorker:
             with contextlib.suppress(RuntimeError):   # that loop is closed already
                 task.loop.call_soon_threadsafe(settle, task.future, None, Abandoned("the worker was closed"))
         with self._lock.exclusive():
+            try:    # a clean shutdown: the serving model's chats need not be read again after a restart
+                saved = self._engine.save_states()
+                if saved:
+                    log.info("saved the KV states of %d chats", saved)
+            except Exception:   # never keeps the bot from stopping
+                log.warning("could not save the chats' KV states", exc_info=True)
             self._engine.close()
             if self._incoming is not None:
                 self._incoming.close()

@@ -901,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side",
                        description="serve: time to first token at turn 20 ÷ turn 2; a chat returning after three "
                                    "others ÷ warm; a reply through the bot and the emulator ÷ the bare model; a reply through the "
-                                   "OpenAI-compatible API ÷ the bare model (median latency, 5 prompts); with --concurrent N, N "
+                                   "OpenAI-compatible API ÷ the bare model (median latency, 5 prompts); a returning chat's time to "
+                                   "first token after a restart (KV states from the data folder) ÷ warm, and cold; with --concurrent N, N "
                                    "API clients at once beside N Telegram chats at once (replies/min, tokens/s, "
                                    "p50/p95 latency). "
                                    "train: training tokens/s of our trainer (packed) ÷ a plain transformers + peft "
@@ -913,9 +914,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answered or told 'busy', no errors; reply latency, queue wait, peak memory.")
     p.add_argument("what", choices=["serve", "train", "swap", "soak"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
-    p.add_argument("--only", action="append", choices=["chat", "api", "bot", "concurrent"],
+    p.add_argument("--only", action="append", choices=["chat", "api", "bot", "restart", "concurrent"],
                    help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
-                        "OpenAI-compatible API ÷ the bare model), bot (through the emulator), concurrent (see "
+                        "OpenAI-compatible API ÷ the bare model), bot (through the emulator), restart (a returning "
+                        "chat's TTFT after a restart ÷ warm, and cold), concurrent (see "
                         "--concurrent-api; 4 clients unless it says otherwise)")
     p.add_argument("--concurrent", type=int, default=None, metavar="N",
                    help="serve: instead of the ratios, N chats talking at once (3 turns each, greedy): replies/min "

@@ -68,15 +68,33 @@ def load_engine(settings: Settings, gen: Generation):
     from engine.batched import BatchedEngine
     from engine.llama import LlamaEngine
 
+    kv_files = open_kv_files(settings, gen)
     slots = settings.parallel_slots
-    if slots > 1:
-        return BatchedEngine(gen.gguf, generation_id=gen.id, slots=slots, n_ctx=settings.n_ctx,
-                             n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
-                             kv_cache_chats=settings.kv_cache_chats, model_sha256=gen.sha256,
-                             extra_buffers=settings.llama_extra_buffers)
-    return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                       n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
-                       model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers)
+    try:
+        if slots > 1:
+            return BatchedEngine(gen.gguf, generation_id=gen.id, slots=slots, n_ctx=settings.n_ctx,
+                                 n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
+                                 kv_cache_chats=settings.kv_cache_chats, model_sha256=gen.sha256,
+                                 extra_buffers=settings.llama_extra_buffers, kv_files=kv_files)
+        return LlamaEngine(gen.gguf, generation_id=gen.id, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                           n_gpu_layers=settings.n_gpu_layers, kv_cache_chats=settings.kv_cache_chats,
+                           model_sha256=gen.sha256, extra_buffers=settings.llama_extra_buffers, kv_files=kv_files)
+    except BaseException:
+        if kv_files is not None:
+            kv_files.close()
+        raise
+
+
+def open_kv_files(settings: Settings, gen: Generation):
+    """The folder of `gen`'s chat states on disk (None when kv_disk_chats or kv_disk_mb is 0). Opening it
+    deletes every other model's states: they can never be restored into this one."""
+    from engine.kv_files import KVFiles
+
+    if not settings.kv_disk_chats or not settings.kv_disk_mb:
+        return None
+    ensure_private_dir(settings.kv_dir)
+    return KVFiles(settings.kv_dir, gen.sha256, max_files=settings.kv_disk_chats,
+                   max_bytes=settings.kv_disk_mb << 20)
 
 
 def open_runtime(settings: Settings) -> Runtime:

@@ -129,6 +129,7 @@ async def test_swap_waits_for_the_running_reply_then_closes_the_old_model(lineag
     text, engine_used = await reply
     assert result.ok and text == "one two three four"
     assert engine_used is slow and slow.closed            # finished on the old model, which was then closed
+    assert slow.states_saved == 0     # its chats' KV states are not written: no model of its SHA-256 loads them
     assert worker.engine is loader.engines[-1] and worker.engine.generation_id == "gen-0001"
     # the smoke test waited its turn on the inference thread behind the reply in flight; the swap
     # itself then took no time

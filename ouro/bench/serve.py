@@ -10,7 +10,9 @@
 4. A reply through the OpenAI-compatible API (api/, a real uvicorn server on loopback, the
    `openai` client, non-streaming, temperature 0, the same max tokens) ÷ the bare model on the
    same prompt: the ratio of the median latencies over API_PROMPTS prompts (goal ≤ 1.10).
-5. With `concurrent` (`--concurrent N`): N API clients at once beside N Telegram chats at once,
+5. A returning chat's TTFT after a restart ÷ warm (goal ≤ 1.5), beside a cold read of the same
+   turn: the chats' KV states saved at shutdown come back from the data folder (ouro/bench/restart.py).
+6. With `concurrent` (`--concurrent N`): N API clients at once beside N Telegram chats at once,
    replies/min, tokens/s and p50/p95 latency of each (ouro/bench/concurrent_api.py).
 Every figure uses the default model on this machine; nothing is compared across runs.
 """
@@ -60,13 +62,13 @@ async def _turns(rt, who: Speaker, texts: list[str]) -> list:
 
 
 API_PROMPTS = 5
-PARTS = ("chat", "api", "bot")
+PARTS = ("chat", "api", "bot", "restart")
 
 
 def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = False,
                     parts: tuple[str, ...] = PARTS, concurrent: int = 4) -> dict:
     """`parts`: which measurements to run (chat: 1 and 2; api: 4; bot: 3, which needs the emulator;
-    concurrent: 5, with `concurrent` clients on each side, which needs the emulator too)."""
+    restart: 5, on a data folder of its own; concurrent: 6, with `concurrent` clients on each side, which needs the emulator too)."""
     turns = max(3, min(turns, len(MESSAGES)))
     with tempfile.TemporaryDirectory(prefix="ouro-bench-") as tmp:
         settings = _bench_settings(base, Path(tmp))
@@ -85,6 +87,11 @@ def run_bench_serve(base: Settings, *, turns: int = 20, json_output: bool = Fals
                 result.update(asyncio.run(measure_concurrent(rt, concurrent, messages=MESSAGES, quiet=json_output)))
         finally:
             rt.close()
+        if "restart" in parts:
+            from ouro.bench.restart import run_bench_restart
+
+            result.update(run_bench_restart(_bench_settings(base, Path(tmp) / "restart"), MESSAGES,
+                                            quiet=json_output))
     if not json_output:
         print_report(result)
     return result
@@ -219,6 +226,10 @@ def print_report(r: dict) -> None:
         note = "" if r["api_same_replies"] else "  (replies differed: not a like-for-like ratio)"
         print(f"  reply through the API ÷ bare model:    {r['api_vs_bare_ratio']:.2f}  (goal ≤ 1.10; median "
               f"{r['api_reply_s']:.3f} s vs {r['api_bare_reply_s']:.3f} s, {r['api_prompts']} prompts){note}")
+    if "restart_ratio" in r:
+        from ouro.bench.restart import report_lines as restart_lines
+
+        print("\n".join(restart_lines(r)))
     if "concurrent_clients" in r:
         from ouro.bench.concurrent_api import report_lines
 

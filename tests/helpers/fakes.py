@@ -55,6 +55,7 @@ class FakeEngine:
         self.prefilled: list[tuple[int | str, int]] = []    # (chat, tokens read) per prefill call
         self.batch_threads: list[int | None] = []
         self.cached: dict[int | str, list[str]] = {}
+        self.states_saved = 0   # save_states() calls (the worker's clean shutdown)
         self.closed = False
 
     def count_tokens(self, messages: list[Message]) -> int:
@@ -107,6 +108,10 @@ class FakeEngine:
     def forget(self, chat_key: int | str) -> None:
         self.forgotten.append(chat_key)
         self.cached.pop(chat_key, None)
+
+    def save_states(self) -> int:
+        self.states_saved += 1
+        return len(self.cached)
 
     def close(self) -> None:
         self.closed = True
