@@ -25,6 +25,7 @@ not one that reasons. Bigger sizes are for bigger machines (`SIZES`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -269,7 +270,7 @@ def train(size: ScratchSize, work: Path, corpus: Corpus, *, progress: bool = Tru
             schedule.step()
             state["step"] += 1
             step = state["step"]
-            recent = (recent + [float(loss)])[-size.eval_every:]
+            recent = (recent + [loss.item()])[-size.eval_every:]
             state["seconds"] = earlier_seconds + time.monotonic() - started
             if step % size.eval_every == 0 or step == size.steps:
                 evaluate(step, sum(recent) / len(recent))
@@ -415,6 +416,8 @@ def build_base(settings: Settings, store: Store, *, size: str | ScratchSize = "s
     ensure_private_dir(exports)
     modelfile = write_modelfile(settings, gen, exports / f"{gen.id}.Modelfile")
     shutil.rmtree(work, ignore_errors=True)   # finished: the generation holds everything worth keeping
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()                   # scratch/, unless another size's run is unfinished there
     return {**report, "generation": gen.id, "folder": str(gen.folder), "chart": str(gen.folder / CHART),
             "modelfile": modelfile["path"], "ollama_create": modelfile["create"],
             "old_lineage": None if moved is None else str(moved)}
