@@ -44,6 +44,7 @@ from engine.template import CHATML, render_chat
 from lineage.generations import GEN_ZERO, GGUF_NAME, Lineage
 from memory.store import Store
 from trainer.bpe import END_OF_TEXT, gguf_metadata, load_tokenizer, save_hf_tokenizer, train_tokenizer
+from trainer.lock import CycleLock
 
 CHECKPOINT = "checkpoint.pt"
 HELDOUT_DOC_SHARE = 0.1
@@ -78,15 +79,15 @@ SIZES: dict[str, ScratchSize] = {s.name: s for s in (
     ScratchSize("tiny", vocab=384, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, seq_len=64, batch=8,
                 steps=60, lr=3e-3, warmup=6, eval_every=10, checkpoint_every=20, eval_rows=8,
                 about="~0.1M parameters; seconds: for tests"),
-    ScratchSize("small", vocab=4096, hidden=256, layers=6, heads=8, kv_heads=4, ffn=640, seq_len=256, batch=16,
-                steps=600, lr=1.5e-3, warmup=30, eval_every=50, checkpoint_every=50,
-                about="~5M parameters; about 15 minutes on 2 CPU cores"),
+    ScratchSize("small", vocab=4096, hidden=192, layers=6, heads=6, kv_heads=2, ffn=512, seq_len=256, batch=8,
+                steps=400, lr=2e-3, warmup=20, eval_every=25, checkpoint_every=50,
+                about="~3M parameters; about 15 minutes on 2 shared CPU cores"),
     ScratchSize("medium", vocab=8192, hidden=512, layers=8, heads=8, kv_heads=4, ffn=1408, seq_len=512, batch=32,
                 steps=3000, lr=8e-4, warmup=150, eval_every=200, checkpoint_every=200,
-                about="~30M parameters; a GPU (minutes) or 16+ cores (hours)"),
+                about="~28M parameters; for a GPU or many cores (not measured here)"),
     ScratchSize("large", vocab=16384, hidden=768, layers=12, heads=12, kv_heads=4, ffn=2048, seq_len=1024,
                 batch=32, steps=10000, lr=5e-4, warmup=500, eval_every=500, checkpoint_every=500,
-                about="~100M parameters; a GPU, about an hour"),
+                about="~90M parameters; for a GPU (not measured here)"),
 )}
 
 
@@ -207,8 +208,10 @@ def train(size: ScratchSize, work: Path, corpus: Corpus, *, progress: bool = Tru
         raise OuroError(f"the training text is only {len(train_ids)} tokens long", hint="import more text")
     rows = _heldout_rows(held_ids, seq_len, size.eval_rows)
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # the CPU path is the one measured
+    rows = [r.to(device) for r in rows]
     torch.manual_seed(size.seed)
-    model = LlamaForCausalLM(model_config(size, tokenizer.get_vocab_size()))
+    model = LlamaForCausalLM(model_config(size, tokenizer.get_vocab_size())).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -220,7 +223,7 @@ def train(size: ScratchSize, work: Path, corpus: Corpus, *, progress: bool = Tru
     checkpoint, best_dir = work / CHECKPOINT, work / "best"
     resumed_from = None
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
+        saved = torch.load(checkpoint, weights_only=True, map_location="cpu")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -261,7 +264,7 @@ def train(size: ScratchSize, work: Path, corpus: Corpus, *, progress: bool = Tru
     try:
         while state["step"] < size.steps:
             offsets = torch.randint(0, len(train_ids) - seq_len, (size.batch,), generator=sampler)
-            batch = torch.stack([train_ids[o:o + seq_len + 1] for o in offsets.tolist()])
+            batch = torch.stack([train_ids[o:o + seq_len + 1] for o in offsets.tolist()]).to(device)
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -400,8 +403,10 @@ def build_base(settings: Settings, store: Store, *, size: str | ScratchSize = "s
     atomic_write_text(staging / "scratch.json", json.dumps(report, indent=2))
 
     moved = None
+    if existing and settings.models_dir.exists():
+        with CycleLock(settings.models_dir / ".cycle.lock"):   # never move a lineage a cycle is writing to
+            moved = lineage.set_aside()
     if existing:
-        moved = lineage.set_aside() if settings.models_dir.exists() else None
         store.retire_generations(moved_to=str(moved or ""))
     gen = lineage.add_base(staging, {"source": f"ouro base scratch --size {size.name}", "scratch": {
         k: report[k] for k in ("size", "params", "vocab", "steps", "best_step", "best_loss", "train_seconds")}},
