@@ -170,3 +170,30 @@ def test_an_existing_lineage_is_refused_unless_replaced(settings, store, tmp_pat
     assert store.generation(GEN_ZERO)["gguf_sha256"] == new.sha256
     replaced = store.events("lineage_replaced")
     assert len(replaced) == 1 and old.sha256 in replaced[0]["detail"]
+
+
+def test_the_next_cycle_fine_tunes_a_scratch_base_like_any_other(tmp_path):
+    from config.settings import load_settings
+    from memory.store import Store
+    from tests.helpers.lineages import LENIENT, add_reviewed
+    from trainer.cycle import run_cycle
+
+    settings = load_settings(data_dir=tmp_path / "data", **LENIENT)
+    store = Store.open(settings.db_path)
+    try:
+        seed_corpus(store, tmp_path)
+        build_base(settings, store, size=replace(TINY, steps=20), progress=False)
+        add_reviewed(store, 6)
+        report = run_cycle(settings, store, progress=False)
+    finally:
+        store.close()
+    assert report.status == "promoted", report.reasons
+    lineage = Lineage(settings.models_dir)
+    child = lineage.active()
+    assert child.parent_id == GEN_ZERO and report.train["trained_tensors_changed"] > 0
+    # the child inherits the scratch tokenizer and template from its parent's GGUF
+    from engine.gguf import scan_gguf
+
+    parent_kv, child_kv = scan_gguf(lineage.generation(GEN_ZERO).gguf).kv, scan_gguf(child.gguf).kv
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"):
+        assert child_kv[key][0] == parent_kv[key][0]
