@@ -58,13 +58,14 @@ def kill_at(step_to_die: int, seen: list[int]):
     return on_step
 
 
-def test_a_tiny_model_learns_and_its_q8_gguf_answers_a_chat_in_llama_cpp(settings, store, tmp_path):
+def test_a_tiny_model_learns_and_its_q8_gguf_answers_a_chat_in_llama_cpp(settings, store, tmp_path, capsys):
     from llama_cpp import Llama
 
     from engine.llama import model_params
 
     seed_corpus(store, tmp_path)
-    report = build_base(settings, store, size="tiny", progress=False)
+    assert main(["--data-dir", str(settings.data_dir), "base", "scratch", "--size", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
 
     assert report["best_loss"] < report["loss_start"] - 1.0, report["curve"]
     assert report["steps"] == TINY.steps and report["resumed_from"] is None
