@@ -100,6 +100,7 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
             app.add_handler(CommandHandler(cmd.name, _admin_command(cmd.name, h, review), filters=admins))
             app.add_handler(CommandHandler(cmd.name, h.gate.refuse_admin))
     app.add_handler(CallbackQueryHandler(review.press, pattern=keyboards.REVIEW_PATTERN))
+    app.add_handler(CallbackQueryHandler(review.press_proposal, pattern=keyboards.PROPOSAL_PATTERN))
     app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=keyboards.FORGET_PATTERN))
     if h.admin is not None:
         app.add_handler(CallbackQueryHandler(h.admin.confirm, pattern=keyboards.ADMIN_PATTERN))
@@ -108,6 +109,8 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.add_handler(MessageHandler(filters.COMMAND, h.commands.unknown))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_edit,
                                    review.take_edit))   # an admin's edited reply after ✏️ Edit in /review
+    app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT & admins & review.awaiting_proposal_edit,
+                                   review.take_proposal_edit))   # the admin's reply after ✏️ on a proposal
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & filters.TEXT, h.chat.text))
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.chat.non_text))
     app.add_error_handler(h.errors.on_error)

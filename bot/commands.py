@@ -34,7 +34,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "Start a learning cycle now, in its own process", admin=True),
     Command("pause", "Pause scheduled training (kept across restarts)", admin=True),
     Command("resume", "Resume scheduled training", admin=True),
-    Command("review", "Review answered turns one by one: approve, reject, edit or skip", admin=True),
+    Command("review", "Review self-refinement proposals, then answered turns, one by one", admin=True),
 )
 
 

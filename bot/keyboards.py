@@ -10,6 +10,7 @@ turn exists, the button sits on that turn's own message in that chat, the presse
     o1:keep:<turn>:<alternative>:<1|2>       which of two replies the person keeps
     o1:adm:<promote|rollback|cancel>:<gen>:<gen active when asked>
     o1:rv:<ok|no|ed|sk>:<turn>               a review verdict
+    o1:rf:<keep|edit|drop|skip>:<proposal>   a self-refinement proposal's verdict (memory/proposals.py)
     o1:fg:<yes|no>:<user>                    the /forget confirmation
 """
 
@@ -34,9 +35,10 @@ FAMILIES = {
     "admin": (r"^o1:adm:", re.compile(rf"o1:adm:(promote|rollback|cancel):{_GEN}:{_GEN}")),
     "review": (r"^o1:rv:", re.compile(rf"o1:rv:(ok|no|ed|sk):{_ID}")),
     "forget": (r"^o1:fg:", re.compile(rf"o1:fg:(yes|no):{_ID}")),
+    "proposal": (r"^o1:rf:", re.compile(rf"o1:rf:(keep|edit|drop|skip):{_ID}")),
 }
-REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
-_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg"}
+REPLY_PATTERN, ADMIN_PATTERN, REVIEW_PATTERN, FORGET_PATTERN, PROPOSAL_PATTERN = (FAMILIES[f][0] for f in FAMILIES)
+_PREFIX = {"reply": "o1", "admin": "o1:adm", "review": "o1:rv", "forget": "o1:fg", "proposal": "o1:rf"}
 
 
 def encode(family: str, *fields: object) -> str:
@@ -118,6 +120,16 @@ def review_keyboard(turn_id: int) -> InlineKeyboardMarkup:
         InlineKeyboardButton("🚫 Reject", callback_data=encode("review", "no", turn_id)),
         InlineKeyboardButton("✏️ Edit", callback_data=encode("review", "ed", turn_id)),
         InlineKeyboardButton("⏭ Skip", callback_data=encode("review", "sk", turn_id)),
+    ]])
+
+
+def proposal_keyboard(proposal_id: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton("✅ Keep as a pair", callback_data=encode("proposal", "keep", proposal_id)),
+        InlineKeyboardButton("✏️ Edit then keep", callback_data=encode("proposal", "edit", proposal_id)),
+    ], [
+        InlineKeyboardButton("🚫 Drop", callback_data=encode("proposal", "drop", proposal_id)),
+        InlineKeyboardButton("⏭ Skip", callback_data=encode("proposal", "skip", proposal_id)),
     ]])
 
 

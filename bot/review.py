@@ -7,6 +7,10 @@ given: an example and a preference pair against the served one) and ⏭ skip (no
 it comes back once the rest is done, or after a restart). After each verdict the next turn
 follows. `ouro review` (ouro/review.py) does the same in a terminal.
 
+Self-refinement proposals (memory/proposals.py) come first: the generation's critique of a 👎'd reply
+(or of its answer to a scenario) and the reply it would give instead, with ✅ keep as a pair, ✏️ edit
+then keep, 🚫 drop and ⏭ skip (`o1:rf:<keep|edit|drop|skip>:<proposal id>`, checked the same way).
+
 Callback data `o1:rv:<ok|no|ed|sk>:<turn id>` is untrusted: it must fullmatch, the presser
 must be an admin, and the turn must still be an answered one in the store. Unlike the lineage
 commands in bot/admin.py, this works whether or not the learning loop runs in this process.
@@ -23,6 +27,7 @@ from telegram.ext import ContextTypes, filters
 from bot import keyboards
 from bot.retry import call_with_retry
 from config.settings import Settings
+from memory.proposals import Proposal
 from memory.store import ReviewItem, Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,29 @@ def review_text(item: ReviewItem) -> str:
     return "\n".join(lines)
 
 
+PROPOSAL_VERDICTS = {"keep": "kept", "drop": "dropped"}
+PROPOSAL_MARKS = {"kept": "✅ kept as a pair", "dropped": "🚫 dropped", "edited": "✏️ edited and kept",
+                  "skipped": "⏭ skipped"}
+PROPOSAL_EDIT_PROMPT = ("✏️ Send the reply it should have given, as your next message here; it is kept as the "
+                        "better reply. (/review again: skip the edit.)")
+PROPOSAL_GONE = "That proposal is gone (its turn was forgotten at its author's request)."
+
+
+def proposal_text(p: Proposal) -> str:
+    """A self-refinement proposal as admins see it (Telegram and terminal)."""
+    if p.kind == "scenario":
+        head = f"Proposal {p.id} · a scenario from the constitution · written by {p.generation_id or '—'}"
+        said = [f"👤 (scenario) {_cut(p.question, _TEXT)}", f"🤖 answered: {_cut(p.served, _TEXT)}"]
+    else:
+        why = f" ({', '.join(p.reasons)})" if p.reasons else ""
+        head = f"Proposal {p.id} · turn {p.turn_id} got 👎{why} · written by {p.generation_id or '—'}"
+        said = [f"👤 {_cut(p.question, _TEXT)}", f"🤖 served: {_cut(p.served, _TEXT)}"]
+    lines = [head, "", *said, "", f"🪞 critique: {_cut(p.critique, _SNIPPET)}", f"✨ refined: {_cut(p.refined, _TEXT)}",
+             "", "(✅ trains the refined reply over the served one; 🚫 never trains either)",
+             f"{p.remaining} proposal(s) waiting, this one included."]
+    return "\n".join(lines)
+
+
 class AwaitingEdit(filters.MessageFilter):
     """Messages from someone who pressed ✏️ Edit in this chat and owes the edited reply."""
 
@@ -79,12 +107,26 @@ class AwaitingEdit(filters.MessageFilter):
         return user is not None and self.store.awaiting_review_edit(message.chat.id, user.id) is not None
 
 
+class AwaitingProposalEdit(filters.MessageFilter):
+    """Messages from someone who pressed ✏️ on a proposal in this chat and owes the reply."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(name="AwaitingProposalEdit")
+        self.store = store
+
+    def filter(self, message: Message) -> bool:
+        user = message.from_user
+        return user is not None and self.store.awaiting_proposal_edit(message.chat.id, user.id) is not None
+
+
 class ReviewHandlers:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self._skipped: dict[int, set[int]] = {}   # per admin; in memory: a restart brings skipped turns back
+        self._skipped_proposals: dict[int, set[int]] = {}
         self.awaiting_edit = AwaitingEdit(store)
+        self.awaiting_proposal_edit = AwaitingProposalEdit(store)
 
     async def review(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Admins: the next turn to review, with its context and approve / reject / edit / skip."""
@@ -93,6 +135,60 @@ class ReviewHandlers:
             await update.effective_message.reply_text(PRIVATE_ONLY)
             return
         self.store.cancel_review_edit(chat_id, admin)
+        self.store.cancel_proposal_edit(chat_id, admin)
+        await self._show_next(context, chat_id, admin)
+
+    async def press_proposal(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A proposal's button: checked (admin, data, proposal) before anything is recorded."""
+        query = update.callback_query
+        admin = query.from_user.id
+        if not self.settings.is_admin(admin):
+            self.store.log_event("admin_refused", user_id=admin,
+                                 chat_id=query.message.chat.id if query.message else None, detail=(query.data or "")[:64])
+            await query.answer(ADMINS_ONLY, show_alert=True)
+            return
+        fields = keyboards.decode("proposal", query.data)
+        if fields is None or query.message is None:
+            await query.answer("That button is not one of mine.")
+            return
+        action, proposal_id, chat_id = fields[0], int(fields[1]), query.message.chat.id
+        proposal = self.store.proposal(proposal_id)
+        if proposal is None:
+            await query.answer(PROPOSAL_GONE)
+            await self._mark(query, "gone")
+            await self._show_next(context, chat_id, admin)
+            return
+        if action == "edit" and proposal.status == "pending":
+            self.store.await_proposal_edit(chat_id, admin, proposal_id)
+            await query.answer()
+            await call_with_retry(lambda: context.bot.send_message(chat_id, PROPOSAL_EDIT_PROMPT))
+            return
+        if action == "skip":
+            self._skipped_proposals.setdefault(admin, set()).add(proposal_id)
+            await query.answer("Skipped.")
+            await self._mark(query, PROPOSAL_MARKS["skipped"])
+        elif action in PROPOSAL_VERDICTS and self.store.decide_proposal(proposal_id, admin, PROPOSAL_VERDICTS[action]):
+            verdict = PROPOSAL_VERDICTS[action]
+            self.store.log_event("proposal", user_id=admin, detail={"proposal_id": proposal_id, "verdict": verdict})
+            await query.answer(f"{PROPOSAL_MARKS[verdict]}.")
+            await self._mark(query, PROPOSAL_MARKS[verdict])
+        else:  # decided already (another admin, or a second press): the first decision stands
+            status = (self.store.proposal(proposal_id) or proposal).status
+            await query.answer(f"Already {status}.")
+            await self._mark(query, f"already {status}")
+        self.store.cancel_proposal_edit(chat_id, admin)
+        await self._show_next(context, chat_id, admin)
+
+    async def take_proposal_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The admin's message after ✏️ on a proposal: kept as the better reply."""
+        msg = update.effective_message
+        admin, chat_id = update.effective_user.id, update.effective_chat.id
+        proposal_id = self.store.take_proposal_edit(chat_id, admin, msg.text or "")
+        if proposal_id is None:
+            await msg.reply_text("That proposal was decided meanwhile (or is gone) — nothing saved. /review goes on.")
+            return
+        self.store.log_event("proposal", user_id=admin, detail={"proposal_id": proposal_id, "verdict": "edited"})
+        await msg.reply_text(f"✍️ Kept your reply for proposal {proposal_id}.")
         await self._show_next(context, chat_id, admin)
 
     async def press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -150,11 +246,18 @@ class ReviewHandlers:
         await self._show_next(context, chat_id, admin)
 
     async def _show_next(self, context: ContextTypes.DEFAULT_TYPE, chat_id: int, admin: int) -> None:
+        proposal = self.store.next_proposal(opt_out_by_default=self.settings.training_opt_out_default,
+                                            skip=self._skipped_proposals.get(admin, set()))
+        if proposal is not None:   # self-refinement proposals first: few, and each a pair in waiting
+            await call_with_retry(lambda: context.bot.send_message(
+                chat_id, proposal_text(proposal), reply_markup=keyboards.proposal_keyboard(proposal.id)))
+            return
         skipped = self._skipped.get(admin, set())
         item = self.store.next_review(opt_out_by_default=self.settings.training_opt_out_default, skip=skipped)
         if item is None:
             text = ONLY_SKIPPED.format(len(skipped)) if skipped else EMPTY
             self._skipped.pop(admin, None)
+            self._skipped_proposals.pop(admin, None)
             await call_with_retry(lambda: context.bot.send_message(chat_id, text))
             return
         await call_with_retry(lambda: context.bot.send_message(chat_id, review_text(item),

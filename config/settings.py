@@ -224,11 +224,29 @@ class Settings(BaseSettings):
         "Lone ratings per KTO step: ≥ 2 for the KL estimate; small, since every item is read twice per step."))
     kto_beta: float = Field(0.1, gt=0.0, le=10.0, description="KTO beta: how far the policy may move from the model before it.")
     kto_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the KTO pass.")
+    refine_per_cycle: int = Field(4, ge=0, le=1000, description=(
+        "Self-refinement (trainer/refine.py): lone 👎'd replies (no ✏️ or 🔁) the active generation critiques and "
+        "rewrites, with the constitution in front of it, at the start of each cycle and on `ouro refine`; newest "
+        "first. They wait in /review as proposals; kept ones are preference pairs. 0: none."))
+    refine_scenarios: int = Field(2, ge=0, le=100, description=(
+        "Self-refinement: scenarios from refine_scenarios_file answered, critiqued and rewritten per run, each "
+        "once, in file order. 0: none."))
+    refine_scenarios_file: Path = Field(CONFIG_DIR / "scenarios.toml", description=(
+        "Questions that test the constitution's rules, for self-refinement's scenarios."))
+    refine_max_tokens: int = Field(160, ge=16, le=4096, description=(
+        "Longest critique plus refined reply a generation writes for one proposal, in tokens."))
+    refine_admin_skip_review: bool = Field(False, description=(
+        "Proposals on an admin's own 👎'd turns are kept at once (signed by that admin) instead of waiting in "
+        "/review. Content screens and trust rules still apply when the next cycle exports them."))
     kl_beta: float = Field(0.5, ge=0.0, le=100.0, description=(
         "Weight of a KL term holding the SFT model's next-token distribution at reply tokens to the parent's "
         "(trainer/finetune.py): it is what holds recall on a small delta (same data: recall 0.890 → 0.932, "
         "greedy probe replies in style 100% → 92%; docs/design-notes.md). 0: off."))
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
+    train_processes: int = Field(1, ge=1, le=1024, description=(
+        "Processes the cycle's documents and training stages run in (data parallel: one per GPU, or CPU "
+        "processes over gloo; launched with torch.distributed.run, trainer/train_job.py). Each reads its share "
+        "of every batch; the result equals one process's on the same data within float rounding. 1: one process."))
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
         "Generations whose full-precision weights are kept (the active one and its parent always are). "

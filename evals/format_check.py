@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import re
 
+from config.languages import SPEAKER_LABELS
 from evals.scoring import EvalModel
 
 LEAKS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "<|eot_id|>")
-_OTHER_SPEAKER = re.compile(r"(?im)^\s*(?:user|human|me|you|assistant|system)\s*:|^\s*(?:user|assistant)\s*$")
+_LABELS = "|".join(sorted({re.escape(w) for words in SPEAKER_LABELS.values() for w in words}, key=len, reverse=True))
+_OTHER_SPEAKER = re.compile(rf"(?im)^\s*(?:{_LABELS})\s*:|^\s*(?:user|assistant)\s*$")
 
 
 def check_reply(text: str, finish_reason: str) -> list[str]:

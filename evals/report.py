@@ -7,6 +7,7 @@ import json
 
 from core.errors import OuroError
 from lineage.generations import Generation, Lineage
+from memory.language import coverage_line
 
 SCORES = ("recall", "generalization", "style_drift", "format", "contamination")
 
@@ -69,10 +70,16 @@ def eval_lines(gen: Generation, evals: dict) -> list[str]:
     if data.get("kto_desirable") or data.get("kto_undesirable"):
         lines.append(f"  lone ratings (KTO): {data.get('kto_desirable') or 0} 👍 desirable · "
                      f"{data.get('kto_undesirable') or 0} 👎 undesirable")
+    refine = data.get("refine") or {}
+    if refine.get("made") or refine.get("kept") or refine.get("dropped"):
+        lines.append(f"  self-refinement: {refine.get('made', 0)} proposals made · {refine.get('kept', 0)} kept · "
+                     f"{refine.get('dropped', 0)} dropped · {refine.get('used', 0)} trained as pairs")
     held = {k: v for k, v in (data.get("screened") or {}).items() if v}
     if held or data.get("waiting_review") or data.get("deferred"):
         lines.append(f"  kept out: screened {held or 0} · waiting for /review {sum((data.get('waiting_review') or {}).values())}"
                      f" · over a person's share {data.get('deferred') or 0} (next generation)")
+    if data.get("languages"):
+        lines.append("  " + coverage_line(data["languages"]))
     for reason in gate.get("reasons", []):
         lines.append(f"  - {reason}")
     for hit in (evals["child"].get("contamination") or {}).get("hits", [])[:3]:

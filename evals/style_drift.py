@@ -2,23 +2,19 @@
 
 Each tone probe (config/probes.toml, at least 10) is answered greedily after the persona
 prompt. A reply *drifted* when it contains any corporate/assistant marker below (case
-insensitive). style_drift = 10 × drifted / probes, so 10 probes give the plain count.
+insensitive), in any language config/languages.py lists (English, French, German, Spanish,
+Portuguese, Russian): a persona that talks French drifts as "je serais ravi de".
+style_drift = 10 × drifted / probes, so 10 probes give the plain count.
 """
 
 from __future__ import annotations
 
 import re
 
+from config.languages import ASSISTANT_VOICE
 from evals.scoring import EvalModel
 
-MARKERS = [
-    r"\bI'?d be (?:happy|glad) to\b", r"\bas an? (?:ai|chatbot|assistant|language model)\b",
-    r"\bI'?m sorry for (?:any|the) (?:misunderstanding|confusion|inconvenience)\b", r"\bI'?m sorry to hear\b", r"\blanguage model\b",
-    r"\bhow can I (?:help|assist)\b", r"\bI'?m (?:just )?an? (?:ai|assistant|chatbot|virtual assistant)\b",
-    r"\bI (?:do not|don't) have (?:personal )?(?:feelings|emotions|opinions)\b", r"\bI apologi[sz]e\b",
-    r"\bfeel free to\b", r"\bI'?m here to (?:help|assist)\b", r"\bcertainly!", r"\bgreat question\b",
-    r"\bI hope this helps\b", r"\bplease note that\b", r"\bit'?s important to (?:note|remember)\b",
-]
+MARKERS = [marker.replace("'", "['’]") for markers in ASSISTANT_VOICE.values() for marker in markers]
 _MARKER_RE = re.compile("|".join(MARKERS), re.IGNORECASE)
 
 

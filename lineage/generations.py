@@ -32,6 +32,7 @@ LEDGER_COLUMNS = [
     "event", "parent_id", "gate", "reason", "actor", "at",
     "contributors", "largest_share", "screened", "eval_contamination",
     "kto_desirable", "kto_undesirable",   # lone 👍/👎 the KTO pass used (trainer/kto.py)
+    "refine_made", "refine_kept", "refine_dropped", "refine_used",   # self-refinement proposals (trainer/refine.py)
 ]
 
 

@@ -8,14 +8,18 @@ preference pair against the reply it corrected; a 🔁 pick is a preference pair
 verdicts (/review, `ouro review`): an approved turn is an example like a 👍 one — except a lone
 👎, where approving agrees with the 👎 (as approving a ✏️ approves the correction): an undesirable
 item; an edited turn is an example with the admin's reply and a pair against the served one
-(whose 👍s no longer count); a rejected turn is never a target nor a pair nor a KTO item.
+(whose 👍s no longer count); a rejected turn is never a target nor a pair nor a KTO item. A
+self-refinement proposal an admin kept (memory/proposals.py) is a pair (the refined reply chosen,
+the served one rejected) and, on a 👎'd turn, an example with the refined reply; its turn's 👎 is
+then no longer lone.
 
 A 👎 goes through the trust rules as every other item does (memory/trust.py: review mode, caps;
 the contributor is the turn's author) and through the content screens (on the reply it would
 teach away from). A 👍's desirable item follows its SFT example: it exists only if the example
 survived the screens, trust rules, caps and budget, and has the example's weight. Windows imported from a chat history (memory/importers)
 come in whole, the persona in front, with their own train/held-out split and outside the
-rating budget (nobody rated them; the admin chose them). Everything passes PII redaction before it is
+rating budget (nobody rated them; the admin chose them); so do the preference pairs an import
+found (a ChatGPT answer kept over one regenerated in its place). Everything passes PII redaction before it is
 returned; exact duplicates are dropped; people who opted out are left out entirely.
 """
 
@@ -25,6 +29,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from memory.proposals import kept_proposal_rows
 from memory.redact import redact
 from memory.screens import Screens, screen
 from memory.speakers import as_read
@@ -37,7 +42,7 @@ class Example:
     """Messages ending with the assistant's target reply."""
 
     messages: list[dict]
-    source: str                  # thumbs_up | correction | review | review_edit | import | probe
+    source: str                  # thumbs_up | correction | review | review_edit | refine | import | probe
     created_at: str
     turn_id: int | None = None
     score: float = 0.0
@@ -55,11 +60,12 @@ class Pair:
     prompt: list[dict]            # messages up to and including the user's message
     chosen: str
     rejected: str
-    source: str                   # regenerate | correction | review_edit
+    source: str                   # regenerate | correction | review_edit | import | refine (memory/proposals.py)
     created_at: str
     turn_id: int | None = None
     contributor: int | None = None
     approved: bool = False
+    split: str | None = None      # an import's pair: "train" (its reply is in no held-out window); None: replay decides
 
 
 @dataclass
@@ -214,6 +220,12 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
                           rejected=p["rejected"], source=p["source"], created_at=p["created_at"],
                           turn_id=p["turn_id"], contributor=p["user_id"]))
 
+    refined_examples, refined = _refinements(store, persona, since=since, until=until,
+                                             opt_out_by_default=opt_out_by_default)
+    delta.considered += len(refined)
+    candidates += refined_examples
+    pairs += refined
+
     reviewed, review_pairs, agreed = _admin_reviews(store, persona, since=since, until=until,
                                                     opt_out_by_default=opt_out_by_default, paired=paired,
                                                     have={e.turn_id for e in candidates if e.source == "thumbs_up"})
@@ -241,6 +253,9 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     imported = [Example(messages=system + r["messages"], source="import", created_at=r["created_at"], split=r["split"],
                         approved=True)
                 for r in store.imported_examples(since=since, until=until)]
+    pairs += [Pair(prompt=system + r["prompt"], chosen=r["chosen"], rejected=r["rejected"], source="import",
+                   created_at=r["created_at"], approved=True, split="train")
+              for r in store.imported_pairs(since=since, until=until)]
     seen: set[str] = set()
     for ex in sorted(candidates + imported, key=lambda e: (e.created_at, e.turn_id or 0)):
         ex.messages = _clean(ex.messages)
@@ -263,9 +278,36 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
 
 
 def _paired(store: Store) -> set[int]:
-    """Turns with an alternative (a ✏️ correction or a 🔁 pick): a preference pair says more than a rating."""
+    """Turns with an alternative (a ✏️ correction, a 🔁 pick, a kept self-refinement): a preference pair
+    says more than a rating."""
     return {r["turn_id"] for r in store.database.query(
-        "SELECT turn_id FROM corrections UNION SELECT turn_id FROM preferences")}
+        "SELECT turn_id FROM corrections UNION SELECT turn_id FROM preferences UNION SELECT turn_id FROM proposals "
+        "WHERE status IN ('kept', 'edited') AND turn_id IS NOT NULL")}
+
+
+def _refinements(store: Store, persona: str, *, since: str | None, until: str | None,
+                 opt_out_by_default: bool) -> tuple[list[Example], list[Pair]]:
+    """Self-refinement proposals kept (or edited) in (since, until] (memory/proposals.py): a pair each,
+    the refined reply (or the admin's edit) chosen, the served one rejected — and, for a 👎'd turn, an
+    example with that reply, as a ✏️ correction is both (so a cycle can learn from 👎s alone: training
+    needs something to imitate). A 👎'd turn's prompt is its served context; a scenario's is the persona
+    and its question (a pair only: it has no turn to hold out with). Kept by an admin in review: the
+    admin teaches it (approved); kept without review (refine_admin_skip_review): the admin whose chat it
+    was, under the trust rules like any of their feedback. Dropped ones are never read."""
+    examples, pairs = [], []
+    for r in kept_proposal_rows(store.database, since=since, until=until, opt_out_by_default=opt_out_by_default):
+        chosen = r["edited_text"] if r["status"] == "edited" and r["edited_text"] else r["refined"]
+        if chosen.strip() == r["served"].strip():
+            continue
+        prompt = served_context(store, r["turn_id"], persona) if r["turn_id"] is not None else \
+            ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": r["prompt"]}]
+        who = {"created_at": r["decided_at"], "turn_id": r["turn_id"], "contributor": r["reviewer_id"],
+               "approved": not r["auto"]}
+        pairs.append(Pair(prompt=prompt, chosen=chosen, rejected=r["served"], source="refine", **who))
+        if r["turn_id"] is not None:
+            examples.append(Example(messages=prompt + [{"role": "assistant", "content": chosen}], source="refine",
+                                    score=2.0, **who))
+    return examples, pairs
 
 
 def _screen(delta: Delta, examples: list[Example], pairs: list[Pair], unwanted: list[Rated],
@@ -366,7 +408,7 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
     return examples, pairs, agreed
 
 
-LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit")   # examples made from a stored chat turn
+LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit", "refine")   # examples made from a stored chat turn
 
 
 def still_unwanted(store: Store, items: list[Rated], *, opt_out_by_default: bool) -> list[Rated]:

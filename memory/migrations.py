@@ -251,6 +251,66 @@ def m010_rating_reasons(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m011_refinements(conn: sqlite3.Connection) -> None:
+    """Self-refinement proposals (memory/proposals.py, trainer/refine.py): a generation's critique of a
+    reply — a lone 👎'd one, or its own answer to a scenario from the constitution — and the reply it
+    should have given. Each waits for an admin (kept, edited or dropped); kept ones become preference
+    pairs. A scenario proposal has no turn: its question is `prompt`."""
+    _script(conn, """
+    CREATE TABLE proposals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('thumbs_down', 'scenario')),
+        turn_id INTEGER REFERENCES turns(id),   -- the 👎'd turn; NULL for a scenario
+        prompt TEXT,                           -- a scenario's question; NULL for a turn (its context is the turn's)
+        served TEXT NOT NULL,                  -- the reply as served (or as the generation answered the scenario)
+        critique TEXT NOT NULL,                -- why it falls short of the constitution, in the model's words
+        refined TEXT NOT NULL,                 -- the reply it should have given
+        reasons TEXT,                          -- JSON list of the 👎 reasons it was written from
+        generation_id TEXT,                    -- the generation that wrote it
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'kept', 'edited', 'dropped')),
+        edited_text TEXT,                      -- the admin's version, for 'edited'
+        reviewer_id INTEGER,                   -- who decided (0: the terminal); NULL once they /forget
+        auto INTEGER NOT NULL DEFAULT 0,       -- kept without review (refine_admin_skip_review)
+        created_at TEXT NOT NULL,
+        decided_at TEXT
+    );
+    CREATE UNIQUE INDEX proposals_turn ON proposals(turn_id) WHERE turn_id IS NOT NULL;
+    CREATE INDEX proposals_status ON proposals(status, id);
+    CREATE TABLE awaiting_proposal_edits (  -- an admin pressed ✏️ on a proposal: their next message is the reply
+        chat_id INTEGER NOT NULL, reviewer_id INTEGER NOT NULL,
+        proposal_id INTEGER NOT NULL REFERENCES proposals(id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (chat_id, reviewer_id)
+    );
+    """)
+
+
+@migration
+def m012_languages(conn: sqlite3.Connection) -> None:
+    """The language of each imported window and each live turn (memory/language.py; NULL: stored
+    before, or too short to tell), preference pairs an import found (a ChatGPT answer kept over a
+    regenerated one), and each import's consent: whose messages became the persona, and whether
+    they were the importer's own."""
+    _script(conn, """
+    ALTER TABLE imported_examples ADD COLUMN language TEXT;   -- ISO 639-1, its conversation's majority language
+    ALTER TABLE turns ADD COLUMN language TEXT;               -- of the user's text, else of the chat so far
+    ALTER TABLE imports ADD COLUMN consent TEXT;              -- JSON {persona_of, own, consent_of}; NULL: before m012
+    CREATE TABLE imported_pairs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        import_id INTEGER NOT NULL REFERENCES imports(id),
+        prompt TEXT NOT NULL,              -- JSON [{role, content}] up to the user's message, redacted
+        chosen TEXT NOT NULL,              -- the reply kept
+        rejected TEXT NOT NULL,            -- a reply the person regenerated away from
+        language TEXT,
+        ended_at TEXT,                     -- when the chosen reply was written (the export's clock)
+        created_at TEXT NOT NULL,          -- when it was imported: the cycle's data window looks at this
+        sha256 TEXT NOT NULL UNIQUE        -- of (prompt, chosen, rejected): importing twice adds nothing
+    );
+    CREATE INDEX imported_pairs_created ON imported_pairs(created_at);
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -75,7 +75,7 @@ class PrivacyMixin:
         """Delete everything stored about this person, in one transaction; leave a tombstone without content.
 
         Gone: their turns (with the replies, alternatives, ratings, picks, corrections, reviews and
-        pending corrections attached to them), their own ratings, picks and corrections anywhere,
+        pending corrections and self-refinement proposals attached to them), their own ratings, picks and corrections anywhere,
         their private chat and its sessions, their audit events and their user row. Verdicts they
         gave as an admin stay, unsigned. Deleted pages are zeroed (secure_delete) and the WAL is
         checkpointed, so the text does not linger in the file. Returns (rows deleted per table, the
@@ -99,6 +99,10 @@ class PrivacyMixin:
                     conn.execute("UPDATE reviews SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
                     delete("awaiting_review_edits", f"turn_id IN ({mine}) OR reviewer_id = ?", (user_id, user_id))
                     delete("awaiting_corrections", f"turn_id IN ({mine}) OR user_id = ?", (user_id, user_id))
+                    theirs = f"SELECT id FROM proposals WHERE turn_id IN ({mine})"
+                    delete("awaiting_proposal_edits", f"proposal_id IN ({theirs}) OR reviewer_id = ?", (user_id, user_id))
+                    delete("proposals", f"turn_id IN ({mine})", (user_id,))
+                    conn.execute("UPDATE proposals SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
                     for table in ("corrections", "preferences", "ratings"):
                         delete(table, f"turn_id IN ({mine}) OR user_id = ?", (user_id, user_id))
                     delete("alternatives", f"turn_id IN ({mine})", (user_id,))

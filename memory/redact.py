@@ -21,11 +21,31 @@ _BOT_TOKEN = re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 _PHONE = re.compile(r"(?<![\w+])(?:\+|00)?\d[\d ().-]{6,}\d(?!\w)")
-_ACCOUNT = re.compile(r"\b(?:account|acct|konto|счет|счёт)\s*(?:no\.?|number|#|nr\.?|№)?\s*[:#]?\s*\d[\d -]{5,}\d",
-                      re.IGNORECASE)
-_ADDRESS = re.compile(
-    r"\b\d{1,5}\s+(?:[A-Z][a-z]+\s){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|"
-    r"Way|Place|Pl|Square|Sq|Terrace)\b\.?", re.UNICODE)
+_ACCOUNT = re.compile(
+    r"\b(?:account|acct|konto|kontonummer|compte|cuenta|conta|счет|счёт)\s*"
+    r"(?:no\.?|number|#|nr\.?|№|n°|nº|numéro|número)?\s*[:#]?\s*\d[\d -]{5,}\d", re.IGNORECASE)
+# Street addresses, per language: how people write them in a chat. A language listed here is one
+# whose addresses are redacted (memory/language.py reports the history's languages that are not).
+_CAP = r"[A-ZÀ-ÖØ-ÞА-ЯЁ][\w'’.-]*"                      # a capitalised word of a street's name
+_ADDRESSES = {
+    "en": r"\b\d{1,5}\s+(?:[A-Z][a-z]+\s){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|"
+          r"Court|Ct|Way|Place|Pl|Square|Sq|Terrace)\b\.?",
+    "fr": rf"\b\d{{1,4}}(?:\s?(?:bis|ter))?,?\s+(?i:rue|avenue|av\.|boulevard|bd|place|chemin|allée|impasse|quai|"
+          rf"route|cours|square)\s+(?:(?i:de|du|des|la|le|l'|d'|aux?)\s*)*{_CAP}(?:\s+{_CAP}){{0,3}}",
+    "de": rf"\b{_CAP}(?i:straße|strasse|str\.|weg|platz|allee|gasse|ring|damm|ufer)\s*\d{{1,4}}[a-z]?\b"
+          rf"|\b{_CAP}\s+(?:Straße|Strasse|Str\.|Weg|Platz|Allee|Gasse|Ring|Damm|Ufer)\s*\d{{1,4}}[a-z]?\b",
+    "es": rf"(?<!\w)(?i:calle|c/|avenida|avda\.|av\.|plaza|paseo|carrera|camino|ronda|travesía)\s*"
+          rf"(?:(?i:de|del|la|las|los|el)\s+)*{_CAP}(?:\s+(?:(?i:de|del|la|las|los|el)\s+)*{_CAP}){{0,3}},?\s*"
+          r"(?:n[º°o]\.?\s*)?\d{1,4}",
+    "pt": rf"\b(?i:rua|avenida|av\.|travessa|praça|largo|alameda|estrada)\s+"
+          rf"(?:(?i:da|do|das|dos|de)\s+)*{_CAP}(?:\s+(?:(?i:da|do|das|dos|de)\s+)*{_CAP}){{0,3}},?\s*"
+          r"(?:n[º°o]\.?\s*)?\d{1,5}",
+    "ru": rf"(?<!\w)(?i:ул\.|улица|пр-т|проспект|пр\.|переулок|пер\.|бульвар|б-р|шоссе|площадь|пл\.|наб\.|"
+          rf"набережная)\s*{_CAP}(?:\s+{_CAP}){{0,2}},?\s*(?:(?i:д\.|дом)\s*)?\d{{1,4}}(?:\s?[а-я]\b)?"
+          r"(?:,?\s*(?i:кв\.|квартира)\s*\d{1,4})?",
+}
+ADDRESS_LANGUAGES = tuple(_ADDRESSES)
+_ADDRESS = re.compile("|".join(f"(?:{p})" for p in _ADDRESSES.values()))
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -54,7 +74,8 @@ def _phone(m: re.Match) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace emails, phone/card/account numbers, IBANs, street addresses and secret-bearing URLs."""
+    """Replace emails, phone/card/account numbers, IBANs, street addresses (in the ADDRESS_LANGUAGES)
+    and secret-bearing URLs."""
     text = _URL.sub(_url, text)
     text = _BOT_TOKEN.sub("[secret]", text)
     text = _EMAIL.sub("[email]", text)

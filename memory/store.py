@@ -2,7 +2,7 @@
 
 Nothing else in the project writes SQL for these tables. `Store` only opens and closes the
 database; each kind of record has its own module and mixin (memory/sessions.py, turns.py,
-feedback.py, review_queue.py, privacy.py, audit.py, history_imports.py, documents.py, stats.py,
+feedback.py, review_queue.py, proposals.py, privacy.py, audit.py, history_imports.py, documents.py, stats.py,
 api_keys.py), and the
 records they return are importable from here as before.
 """
@@ -19,6 +19,7 @@ from memory.feedback import FeedbackMixin
 from memory.history_imports import HistoryImportsMixin
 from memory.migrations import migrate
 from memory.privacy import PrivacyMixin
+from memory.proposals import ProposalsMixin
 from memory.review_queue import ReviewItem, ReviewQueueMixin
 from memory.sessions import SessionsMixin
 from memory.stats import StatsMixin
@@ -28,7 +29,7 @@ __all__ = ["Exchange", "ReviewItem", "Store", "TurnRef"]
 
 
 class Store(ReviewQueueMixin, TurnsMixin, SessionsMixin, FeedbackMixin, PrivacyMixin,
-            HistoryImportsMixin, DocumentsMixin, AuditMixin, StatsMixin, ApiKeysMixin):
+            HistoryImportsMixin, DocumentsMixin, AuditMixin, StatsMixin, ApiKeysMixin, ProposalsMixin):
     def __init__(self, database: Database) -> None:
         self.database = database
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 from core.files import now
+from memory import language
 from memory.sessions import SessionsMixin
 from memory.speakers import label_for
 
@@ -50,15 +51,21 @@ class TurnsMixin(SessionsMixin):
                       username: str | None = None, first_name: str | None = None,
                       status: str = "pending") -> int:
         """Store what the user said, before anything else happens to it; in a group, with the name
-        it will be read under from now on (memory/speakers.py)."""
+        it will be read under from now on (memory/speakers.py); with its language (memory/language.py),
+        or, for a message too short to tell ("ok", 👍), the language of the conversation so far."""
         speaker = label_for(chat_type, first_name, username, user_id)
+        lang = language.detect(text)
         with self.database.transaction() as conn:
             self._touch(conn, chat_id, chat_type, chat_title, user_id, username, first_name)
             session_id = self._open_session(conn, chat_id)
+            if lang is None:
+                row = conn.execute("SELECT language FROM turns WHERE session_id = ? AND language IS NOT NULL "
+                                   "ORDER BY id DESC LIMIT 1", (session_id,)).fetchone()
+                lang = row[0] if row else None
             return conn.execute(
                 "INSERT INTO turns (session_id, chat_id, user_id, user_message_id, user_text, created_at, status, "
-                "speaker) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, chat_id, user_id, user_message_id, text, now(), status, speaker)).lastrowid
+                "speaker, language) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, chat_id, user_id, user_message_id, text, now(), status, speaker, lang)).lastrowid
 
     def complete_turn(self, turn_id: int, *, reply_text: str, generation_id: str | None, prompt_tokens: int,
                       completion_tokens: int, latency_s: float, ttft_s: float | None,

@@ -36,8 +36,15 @@ Read a chat export; the --me person's messages become the persona's replies. Med
 forwarded and unsent messages are left out, and so are --me's messages under --min-chars
 characters; one speaker's messages under 3 minutes apart are merged; a 30-minute gap starts a
 new conversation; windows of 6-12 messages ending on --me's message are redacted and stored
-(90% train, newest 10% held out) for the next `ouro cycle`. Importing the same export again
-adds nothing, and a file that cannot be read stores nothing.
+(90% train, newest 10% held out) for the next `ouro cycle`, each with its conversation's
+language. Importing the same export again adds nothing, and a file that cannot be read stores
+nothing.
+
+Consent: --me says the messages are yours (you exported the chat). The persona writes as the
+person it learned from, to other people, so someone else's messages need their agreement:
+--persona-of NAME --consent-of WHO instead of --me (for chatgpt, --consent-of WHO when the export
+is not your account). It is recorded with the import and shown in its report. --me naming the
+other person of a one-to-one chat (whom the export names) is refused.
 
 Or read a character card (kind card): its description becomes the persona, written to
 <data-dir>/persona.md, and its greetings and example dialogues become training windows.
@@ -53,7 +60,9 @@ formats, and where to get them:
              "user" and "assistant", so no --me: --persona picks the side the persona speaks as
              (default assistant: it learns ChatGPT's replies; user: it learns your prompts).
              Only the branch you kept of each conversation is read; regenerated answers and
-             edited prompts are counted as regenerated_branch.
+             edited prompts are counted as regenerated_branch. An answer you kept over one
+             regenerated in its place becomes a preference pair (chosen: kept; rejected: the other)
+             for the next cycle's DPO stage (--persona assistant only).
   messenger  Facebook: Settings → Accounts Center → Your information and permissions → Download
              your information → Messages, format JSON. PATH: the .zip, its folder, one thread's
              folder (messages/inbox/<name>/) or one message_1.json. --me: your name as Facebook
@@ -83,6 +92,7 @@ examples:
   ouro import messenger facebook-ann.zip --me "Ann Smith" --me "Annie S"
   ouro import discord general.json --me ann_b,Ann
   ouro import chatgpt chatgpt-export.zip --persona user
+  ouro import telegram grandpa.json --persona-of "Walter" --consent-of "Walter, by letter, 2026-03-02"
   ouro import card Aria.png --replace-persona
   ouro import docs ~/notes
 """
@@ -290,6 +300,37 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    from lineage.generations import Lineage
+    from serving.runtime import open_store, register_base
+    from trainer.refine import refine_with_gguf
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        register_base(settings, store)
+        active = Lineage(settings.models_dir).active()
+        report = refine_with_gguf(settings, store, active.gguf, generation_id=active.id, turns=args.turns,
+                                  scenarios=args.scenarios).to_dict()
+        report["pending"] = store.proposal_counts()["pending"]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{report['generation_id']} wrote {report['made']} proposal(s) from {report['tried']['thumbs_down']} "
+          f"👎'd repl{'y' if report['tried']['thumbs_down'] == 1 else 'ies'} and {report['tried']['scenario']} "
+          f"scenario(s) in {report['wall_s']} s; dropped {report['dropped_total']} botched "
+          f"{report['dropped'] or ''}".rstrip())
+    for p in report["proposals"]:
+        print(f"  #{p['id']} {p['kind']}: {p['question'][:60]!r}\n     critique: {p['critique'][:100]}\n"
+              f"     refined:  {p['refined'][:100]}")
+    if report["kept_unreviewed"]:
+        print(f"  {report['kept_unreviewed']} kept at once (an admin's own chat; refine_admin_skip_review)")
+    print(f"{report['pending']} proposal(s) wait in /review and `ouro review`.")
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from config.settings import describe
 
@@ -349,6 +390,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
+    from memory.language import coverage_line
     from ouro.logs import setup_logging
     from serving.runtime import open_store, register_base
     from trainer.cycle import run_cycle
@@ -374,9 +416,16 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             loss = (report.train.get("documents") or {})
             print(f"  documents       {docs['chunks']} chunks, {docs['tokens']} tokens read before SFT (loss on them "
                   f"{loss.get('loss_start')} → {loss.get('loss_end')}); {docs['waiting']} chunks wait for later cycles")
+        refine = report.data.get("refine") or {}
+        if refine:
+            print(f"  self-refinement: {refine.get('made', 0)} proposals made · {refine.get('kept', 0)} kept · "
+                  f"{refine.get('dropped', 0)} dropped · {refine.get('used', 0)} trained as pairs · "
+                  f"{refine.get('pending', 0)} wait in /review")
         if report.train.get("kto_steps"):
             print(f"  KTO on lone ratings: {report.train['kto_desirable']} 👍 desirable · "
                   f"{report.train['kto_undesirable']} 👎 undesirable · {report.train['kto_steps']} steps")
+        if report.data.get("languages"):
+            print("  " + coverage_line(report.data["languages"]))
         for reason in report.reasons:
             print(f"  - {reason}")
     return 0 if report.status in ("promoted", "skipped", "refused") else 1
@@ -467,27 +516,38 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise OuroError(f"--replace-persona is only for card imports, not {args.kind}",
                         hint="a chat export trains the persona's replies; its text stays in OURO_PERSONA_FILE")
     if args.kind == "chatgpt":
-        if args.me:
-            raise OuroError("--me is not used for a chatgpt import: its speakers are 'user' and 'assistant'",
+        if args.me or args.persona_of:
+            raise OuroError(f"{'--me' if args.me else '--persona-of'} is not used for a chatgpt import: its speakers "
+                            "are 'user' and 'assistant'",
                             hint="--persona assistant (the default: the persona learns ChatGPT's replies) or "
-                                 "--persona user (it learns your side)")
+                                 "--persona user (it learns your side); someone else's export: add --consent-of WHO")
         me = [args.persona or "assistant"]
     else:
         if args.persona:
             raise OuroError(f"--persona is only for chatgpt imports, not {args.kind}",
                             hint="--me NAME says whose messages the persona learns to write")
-        if not args.me:
+        if args.me and args.persona_of:
+            raise OuroError("--me and --persona-of both name the persona: give one",
+                            hint="--me for your own messages, --persona-of NAME --consent-of WHO for someone else's")
+        if args.me and args.consent_of is not None:
+            raise OuroError("--consent-of is for someone else's messages, but --me says they are yours",
+                            hint="someone else's messages: --persona-of NAME --consent-of WHO")
+        if args.persona_of and args.consent_of is None:
+            raise OuroError("--persona-of makes someone else's messages the persona: it needs --consent-of WHO",
+                            hint="WHO: the person who agreed (themselves, or who may speak for them); it is recorded "
+                                 "with the import. Why: the persona will write as them, to other people")
+        if not args.me and not args.persona_of:
             raise OuroError(f"--me is required for a {args.kind} import",
                             hint="--me NAME: your name as the export writes it; repeat --me (or separate names "
                                  "with commas) for every name you go by")
-        me = args.me
+        me = args.me or args.persona_of
     if args.min_chars is not None and args.min_chars < 0:
         raise OuroError(f"--min-chars {args.min_chars}: must be 0 or more")
     settings = _settings(args)
     store = open_store(settings)
     try:
         extra = {} if args.min_chars is None else {"min_chars": args.min_chars}
-        summary = import_chat(store, args.kind, args.path, me=me, **extra)
+        summary = import_chat(store, args.kind, args.path, me=me, consent_of=args.consent_of, **extra)
     finally:
         store.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
@@ -499,7 +559,8 @@ def _import_docs(args: argparse.Namespace) -> int:
     from serving.runtime import open_store
 
     for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None),
-                        ("--replace-persona", args.replace_persona)):
+                        ("--replace-persona", args.replace_persona), ("--persona-of", args.persona_of),
+                        ("--consent-of", args.consent_of is not None)):
         if given:
             raise OuroError(f"{flag} is not used for a docs import: documents are read as they are written",
                             hint="ouro import docs PATH [--json]")
@@ -518,7 +579,8 @@ def _import_card(args: argparse.Namespace) -> int:
     from memory.importers.card import format_summary, import_card
     from serving.runtime import open_store
 
-    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None)):
+    for flag, given in (("--me", args.me), ("--persona", args.persona), ("--min-chars", args.min_chars is not None),
+                        ("--persona-of", args.persona_of), ("--consent-of", args.consent_of is not None)):
         if given:
             raise OuroError(f"{flag} is not used for a card import: the card's character is the persona",
                             hint="ouro import card PATH [--replace-persona]")
@@ -589,7 +651,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
-    if args.attack:
+    if args.refine:
+        from ouro.bench.refine_round import run_refine_experiment
+
+        result = run_refine_experiment(cycles=args.cycles, rules=args.rule, data_dir=args.keep, json_output=args.json)
+    elif args.attack:
         from ouro.bench.attack import run_attack
 
         result = run_attack(variants=args.variant, data_dir=args.keep, json_output=args.json)
@@ -674,6 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the reply it should have given, s skips, q quits. 👍'd turns come first.")
     p.set_defaults(func=cmd_review)
 
+    p = sub.add_parser("refine", help="the active generation critiques and rewrites 👎'd replies: proposals for review",
+                       description="Self-refinement: the active generation reads the constitution, critiques lone "
+                                   "👎'd replies (no ✏️ or 🔁; newest first, their 👎 reasons in the prompt) and its own "
+                                   "answers to a few scenarios, and writes the reply it should have given. Good ones "
+                                   "wait in /review and `ouro review` (keep as a pair, edit then keep, drop); botched "
+                                   "ones are dropped and counted. Each cycle does this at its start too.")
+    p.add_argument("--turns", type=int, metavar="N", help="👎'd replies to refine (default: refine_per_cycle)")
+    p.add_argument("--scenarios", type=int, metavar="N", help="scenarios to practise (default: refine_scenarios)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_refine)
+
     p = sub.add_parser("cycle", help="train, evaluate and maybe promote the next generation",
                        description="One learning generation: export what was reviewed since the active generation, "
                                    "fine-tune (LoRA, +DPO on preference pairs), convert to GGUF, evaluate against the "
@@ -718,6 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your name as the export writes it: whose messages the persona learns to write "
                         "(required, except for chatgpt and card); repeat it, or separate names with commas, for every "
                         "name you go by")
+    p.add_argument("--persona-of", action="append", metavar="NAME",
+                   help="someone else's name as the export writes it: their messages become the persona (instead "
+                        "of --me; needs --consent-of)")
+    p.add_argument("--consent-of", metavar="WHO",
+                   help="who agreed that someone else's messages become the persona (with --persona-of; for chatgpt: "
+                        "the export is not your account); recorded with the import")
     p.add_argument("--persona", choices=["assistant", "user"],
                    help="chatgpt only: whose side the persona learns (default assistant)")
     p.add_argument("--min-chars", type=int, metavar="N",
@@ -775,6 +858,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "people; one cycle per variant (protected, allow-listed, unprotected)")
     p.add_argument("--variant", choices=["protected", "allow-listed", "unprotected"], action="append",
                    help="with --attack: run only this variant (repeatable)")
+    p.add_argument("--refine", action="store_true",
+                   help="instead: learning from 👎 alone — people only 👎 (with a reason) replies that break one "
+                        "rule of the constitution, the generation critiques and rewrites them (self-refinement), an "
+                        "admin keeps only rewrites that keep the rule; per generation the rule-breaking share of "
+                        "probe replies, recall and style drift (about an hour on 2 cores)")
+    p.add_argument("--rule", choices=["short", "voice"], action="append",
+                   help="with --refine: the rule (repeatable; default short: at most 30 words)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_experiment)

@@ -15,6 +15,7 @@ from engine.gguf import check_gguf
 from engine.worker import InferenceWorker
 from lineage.fallback import servable_generation
 from lineage.generations import Generation, Lineage
+from memory import language
 from memory.store import Store
 from serving.conversation import Conversation
 
@@ -85,6 +86,7 @@ def open_runtime(settings: Settings) -> Runtime:
         gen, notices = servable_generation(settings, store, lineage)   # never a damaged GGUF (lineage/fallback.py)
         log.info("loading %s (%s)", gen.id, gen.gguf)
         engine = load_engine(settings, gen)
+        language.load()          # each turn's language is stored with it: not a second's wait on the first one
     except BaseException:
         store.close()
         raise

@@ -261,9 +261,9 @@ def test_a_failure_while_storing_leaves_nothing_behind(store, tmp_path, monkeypa
     real_build = pipeline.build
 
     def build_with_a_bad_last_row(*args):
-        summary, examples = real_build(*args)
+        summary, examples, pairs = real_build(*args)
         examples[-1]["split"] = "bogus"                     # violates the CHECK after the other rows went in
-        return summary, examples
+        return summary, examples, pairs
 
     monkeypatch.setattr(pipeline, "build", build_with_a_bad_last_row)
     with pytest.raises(Exception, match="CHECK"):

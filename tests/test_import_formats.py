@@ -103,10 +103,10 @@ def test_chatgpt_each_conversation_is_its_own_chat_and_persona_picks_the_side(tm
     parsed = chatgpt.parse(path)
     assert {m.chat for m in parsed.messages} == {"c1", "c2"}
     assert [len(c) for c in merge_and_split(parsed.messages, "assistant")] == [8, 8]
-    summary, examples = build(parsed, "assistant", path)
+    summary, examples, _ = build(parsed, "assistant", path)
     assert summary["windows"] == 2 and all(e["messages"][-1]["role"] == "assistant" for e in examples)
     assert examples[0]["messages"][-1]["content"].startswith("assistant line 7")
-    _, as_user = build(parsed, "user", path)
+    _, as_user, _ = build(parsed, "user", path)
     assert as_user[0]["messages"][-1] == {"role": "assistant", "content": "user line 6 of c1"}
     assert as_user[0]["messages"][0]["role"] == "assistant"        # the persona speaks first: it is the user
 
@@ -353,7 +353,7 @@ def chat(spec: list[tuple[str, str]], chat_id: str = "c", aliases: dict | None =
 
 def test_several_names_for_the_owner_and_none_of_them_present(tmp_path):
     parsed = chat([("Bob", "hi"), ("Ann Smith", "hello Bob"), ("Bob", "how are you"), ("Annie", "fine, you?")] * 2)
-    summary, examples = build(parsed, ["Ann Smith", "annie"], tmp_path)
+    summary, examples, _ = build(parsed, ["Ann Smith", "annie"], tmp_path)
     assert summary["owner"] == "Ann Smith, annie" and summary["owner_speakers"] == ["Ann Smith", "Annie"]
     assert [m["role"] for m in examples[0]["messages"]] == ["user", "assistant"] * 4
     assert build(parsed, "Ann Smith, Annie ,", tmp_path)[0]["owner"] == "Ann Smith, Annie"     # comma-separated
@@ -374,7 +374,7 @@ def test_the_owner_under_two_names_is_one_speaker_when_merging():
 def test_short_messages_of_the_owner_are_left_out(tmp_path):
     parsed = chat([("Bob", "k"), ("Ann", "k"), ("Bob", "?"), ("Ann", "👍🏽"), ("Bob", "so?"), ("Ann", "ok"),
                    ("Bob", "❤️"), ("Ann", " ? ")])
-    summary, _ = build(parsed, "Ann", tmp_path)
+    summary, _, _ = build(parsed, "Ann", tmp_path)
     assert summary["dropped"] == {"short": 3} and summary["messages_kept"] == 5
     assert summary["merged_messages"] == 5               # Bob's "k" and "?" now follow each other, 10 minutes apart
     assert build(parsed, "Ann", tmp_path, 0)[0]["dropped"] == {}

@@ -251,6 +251,8 @@ TRUSTED_SQL_NAMES = {
     ("memory/privacy.py", "delete", "where"): "literal WHERE clauses given by forget_user",
     ("memory/audit.py", "generation_ratings", "order"): "'ASC' or 'DESC'",
     ("memory/audit.py", "last_event", "marks"): "one '?' per kind",
+    ("memory/proposals.py", "refine_candidates", "_LONE_DOWN"): "a module constant: a literal clause",
+    ("memory/proposals.py", "next_proposal", "queue"): "a literal clause assembled just above",
     ("memory/export.py", "reviewed_since", "consent"): "a literal clause",
     ("memory/export.py", "reviewed_since", "window"): "a literal clause, formatted with literal column names",
 }

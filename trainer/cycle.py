@@ -1,6 +1,6 @@
 """`ouro cycle`: one learning generation, end to end, restartable and all-or-nothing.
 
-export → hold-out + replay → LoRA fine-tune (+DPO on pairs, +KTO on lone ratings) → merge → GGUF → quantize → evals →
+self-refinement proposals (trainer/refine.py) → export → hold-out + replay → LoRA fine-tune (+DPO on pairs, +KTO on lone ratings) → merge → GGUF → quantize → evals →
 gate → record → promote. The child is assembled in a hidden staging folder and renamed into
 `models/gen-NNNN` only after `meta.json` is written, so a crash at any stage leaves nothing
 half-made visible and the active generation untouched; the next cycle notices the leftover
@@ -26,6 +26,7 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.generations import GGUF_NAME, Generation, Lineage
 from lineage.promote import promote
+from memory import language
 from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
 from memory.screens import Screens, screens_for
 from memory.store import Store
@@ -100,7 +101,8 @@ def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=
             "largest_share": data.get("largest_share", ""),
             "screened": sum((data.get("screened") or {}).values()) if data else "",
             "eval_contamination": scores.get("contamination", ""),
-            "kto_desirable": train.get("kto_desirable", ""), "kto_undesirable": train.get("kto_undesirable", "")}
+            "kto_desirable": train.get("kto_desirable", ""), "kto_undesirable": train.get("kto_undesirable", ""),
+            **{f"refine_{k}": (data.get("refine") or {}).get(k, "") for k in ("made", "kept", "dropped", "used")}}
 
 
 def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
@@ -222,6 +224,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     """The stages in order; any failure before the rename removes the staging folder whole."""
     parent = lineage.active()
     persona = settings.persona()
+    stages.enter("refine")
+    refined = _refine(settings, store, parent)
     until = now()
     stages.enter("export")
     delta = reviewed_since(store, persona=persona, since=parent.meta.get("data_cutoff"), until=until,
@@ -231,6 +235,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     if not delta.examples and not delta.pairs:   # lone 👎s alone wait: a generation needs something to imitate
         docs = store.document_stats(after_id=_docs_upto(parent))["chunks"]
         lone = f"; {len(delta.rated)} lone ratings wait" if delta.rated else ""
+        if refined.get("made") or refined.get("pending"):
+            lone += f"; self-refinement: {refined.get('made', 0)} proposals made, {refined.get('pending', 0)} wait in /review"
         return _skip(lineage, store, actor, f"nothing reviewed since {parent.id} "
                                             f"(considered {delta.considered} rated items{lone})"
                                             + (f"; {docs} document chunks wait for a cycle with chat data"
@@ -245,6 +251,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     try:
         chain = ancestors(lineage, parent)
         split, data_sha = _write_data(settings, store, staging, delta, chain, report)
+        report.data["refine"] = _refine_counts(store, refined, split, since=parent.meta.get("data_cutoff"),
+                                               until=until)
         docs_base = None
         if settings.doc_pretrain_tokens and store.document_stats(after_id=_docs_upto(parent))["chunks"]:
             stages.enter("documents")
@@ -334,7 +342,8 @@ def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: l
                    "kto_undesirable": sum(not r.desirable for r in split.rated), "dropped": delta.dropped, "data_delta_sha": data_sha,
                    "screened": delta.screened, "screened_items": delta.screened_items[:50],
                    "waiting_review": {str(k): v for k, v in delta.waiting.items()},
-                   "deferred": len(delta.deferred), **delta.sources}
+                   "deferred": len(delta.deferred), **delta.sources,
+                   "languages": language.coverage(store.history_languages())}   # what the evals were written for
     return split, data_sha
 
 
@@ -351,6 +360,38 @@ def train_config(settings: Settings):
                        dpo_lr=settings.dpo_lr, kto_steps=settings.kto_steps, kto_epochs=settings.kto_epochs,
                        kto_batch=settings.kto_batch, kto_beta=settings.kto_beta, kto_lr=settings.kto_lr,
                        seed=settings.train_seed, kl_beta=settings.kl_beta)
+
+
+def _refine(settings: Settings, store: Store, parent: Generation) -> dict:
+    """Stage 0: the parent critiques and rewrites lone 👎'd replies and a few scenarios (trainer/refine.py),
+    proposals for /review. Optional practice: if it fails (the GGUF will not load, …), the cycle trains
+    on what people and admins gave, and the report says why none were made."""
+    from trainer.refine import refine_with_gguf
+
+    try:
+        out = refine_with_gguf(settings, store, parent.gguf, generation_id=parent.id).to_dict()
+    except (OuroError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("self-refinement failed; the cycle goes on without it", exc_info=True)
+        store.log_event("refine_failed", detail={"gen": parent.id, "error": repr(exc)[:300]})
+        out = {"made": 0, "error": str(exc)[:300]}
+    out.pop("proposals", None)
+    out["pending"] = store.proposal_counts()["pending"]
+    return out
+
+
+def _refine_counts(store: Store, refined: dict, split, *, since: str | None, until: str) -> dict:
+    """Self-refinement in numbers for the report and the ledger: proposals made at this cycle's start
+    (and botched outputs dropped there), proposals kept (edited included) and dropped by admins since
+    the parent took its data, pairs this generation trains on (held-out ones not counted), and how
+    many still wait in /review."""
+    counts = store.proposal_counts(since=since, until=until)
+    out = {"made": refined.get("made", 0), "botched": refined.get("dropped_total", 0),
+           "botched_reasons": refined.get("dropped", {}), "kept": counts["kept"], "edited": counts["edited"],
+           "dropped": counts["dropped"], "used": sum(p.source == "refine" for p in split.pairs),
+           "pending": counts["pending"], "wall_s": refined.get("wall_s", 0.0)}
+    if refined.get("error"):
+        out["error"] = refined["error"]
+    return out
 
 
 def _docs_upto(gen: Generation) -> int:
@@ -373,9 +414,20 @@ def _documents(settings: Settings, store: Store, staging: Path, parent: Generati
                          batch=settings.train_batch, max_seq_len=settings.max_seq_len, rank=settings.lora_rank,
                          alpha=settings.lora_alpha, seed=settings.train_seed)
     out = staging / "hf-docs"
-    result = continue_pretraining(ensure_full_precision(parent), [c["text"] for c in chunks],
-                                  [e.messages for e in split.replay + split.train], out, cfg,
-                                  chat_format=ChatFormat.from_gguf(parent.gguf), progress=progress, on_step=on_step)
+    texts, replay = [c["text"] for c in chunks], [e.messages for e in split.replay + split.train]
+    if settings.train_processes > 1:
+        from trainer import train_job
+
+        try:
+            result = train_job.pretrain(settings.train_processes, ensure_full_precision(parent), texts, replay, out,
+                                        cfg, staging / "docs-job", chat_format=ChatFormat.from_gguf(parent.gguf),
+                                        on_step=on_step)
+        finally:
+            train_job.remove(staging / "docs-job")
+    else:
+        result = continue_pretraining(ensure_full_precision(parent), texts, replay, out, cfg,
+                                      chat_format=ChatFormat.from_gguf(parent.gguf), progress=progress,
+                                      on_step=on_step)
     upto = chunks[result.chunks - 1]["id"]
     report.data["documents"] = {"chunks": result.chunks, "tokens": result.tokens, "upto_chunk_id": upto,
                                 "waiting": store.document_stats(after_id=upto)["chunks"]}
@@ -393,10 +445,22 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     base_hf = base or ensure_full_precision(parent)
     sft = [e.messages for e in split.train + split.replay]
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
-    result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
-                   chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
-                   weights=[e.weight for e in split.train + split.replay],
-                   kto_items=[KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated])
+    weights = [e.weight for e in split.train + split.replay]
+    kto_items = [KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated]
+    if settings.train_processes > 1:
+        from trainer import train_job
+
+        try:
+            result = train_job.finetune(settings.train_processes, base_hf, sft, pairs, staging / "hf",
+                                        train_config(settings), staging / "train-job",
+                                        chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step,
+                                        weights=weights, kto_items=kto_items)
+        finally:
+            train_job.remove(staging / "train-job")
+    else:
+        result = train(base_hf, sft, pairs, staging / "hf", train_config(settings), progress=progress,
+                       chat_format=ChatFormat.from_gguf(parent.gguf), on_step=on_step, weights=weights,
+                       kto_items=kto_items)
     report.train = {**report.train, "steps": result.steps, "lr": settings.learning_rate, "epochs": result.epochs,
                     "batch": result.batch, "chats": result.chats, "examples": result.examples,
                     "target_tokens": result.target_tokens, "stage_s": result.stage_s,

@@ -46,6 +46,7 @@ from trainer.dataset import (
     encode_pairs,
     pack,
 )
+from trainer.distributed import SINGLE, Group
 from trainer.kto import KTOItem, encode_items, kto_train
 
 # Llama/Qwen/Gemma/Mistral projections, and Phi-3's fused qkv_proj / gate_up_proj
@@ -210,8 +211,8 @@ class _Stages:
 
 
 # --- model ---------------------------------------------------------------------------------
-def load_base(base_dir: Path, *, quantize_4bit: bool = False):
-    """(model, tokenizer) from an HF checkpoint: float32, or 4-bit nf4 on the GPU for QLoRA (CUDA only)."""
+def load_base(base_dir: Path, *, quantize_4bit: bool = False, device: int = 0):
+    """(model, tokenizer) from an HF checkpoint: float32, or 4-bit nf4 on GPU `device` for QLoRA (CUDA only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(base_dir) / "config.json").exists():
@@ -223,7 +224,7 @@ def load_base(base_dir: Path, *, quantize_4bit: bool = False):
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, device_map={"": device})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -351,10 +352,15 @@ class SFTStats:
 
 
 def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *, progress: bool = True,
-              on_step: Callable[[int, int], None] | None = None) -> SFTStats:
+              on_step: Callable[[int, int], None] | None = None, group: Group = SINGLE) -> SFTStats:
     """The SFT loop: shuffled packed rows, as many a step and as many steps as `plan_run` says,
-    AdamW on the `cfg.lr_schedule`."""
+    AdamW on the `cfg.lr_schedule`.
+
+    With several processes (`group`, trainer/distributed.py) every process draws the same order and
+    reads its share of each step's rows; the summed gradients are divided by the step's reply tokens
+    over all processes, so a step is the one a single process takes on the whole batch."""
     params = [p for p in model.parameters() if p.requires_grad]
+    group.broadcast(params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     plan = plan_run(len(rows), cfg)
     total = plan.steps
@@ -364,51 +370,72 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
     tokens = 0
     model.train()
     started = time.perf_counter()
-    with tqdm(total=total, desc="SFT", unit="step", disable=not progress) as bar:
+    with tqdm(total=total, desc="SFT", unit="step", disable=not progress or not group.main) as bar:
         while len(losses) < total:
             order = torch.randperm(len(rows), generator=generator).tolist()
             for i in range(0, len(order), plan.batch):
                 if len(losses) == total:
                     break
                 chunk = [rows[j] for j in order[i:i + plan.batch]]
-                loss, _ = reply_loss(model, collate_packed(chunk, pad_id), kl_beta=cfg.kl_beta)
-                loss.backward()
+                if group.active:
+                    losses.append(_shared_step(model, group.shard(chunk), params, group, pad_id, cfg.kl_beta))
+                else:
+                    loss, _ = reply_loss(model, collate_packed(chunk, pad_id), kl_beta=cfg.kl_beta)
+                    loss.backward()
+                    losses.append(loss.item())
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
                 tokens += sum(len(r) for r in chunk)
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update(1)
-                if on_step is not None:
+                if on_step is not None and group.main:
                     on_step(len(losses), total)
     return SFTStats(losses=losses, steps=len(losses), tokens=tokens, seconds=time.perf_counter() - started,
                     plan=plan)
 
 
+def _shared_step(model, mine: Sequence[PackedRow], params: list, group: Group, pad_id: int,
+                 kl_beta: float) -> float:
+    """One process's part of a step: the summed loss of its rows backwards, then the gradients and
+    token counts of all processes summed and divided by the step's tokens (reply_loss is a mean
+    per reply token, the KL term's too, so loss × tokens is their sum). Returns the step's loss."""
+    loss_sum, n = 0.0, 0
+    if mine:
+        loss, n = reply_loss(model, collate_packed(mine, pad_id), kl_beta=kl_beta)
+        (loss * n).backward()
+        loss_sum = loss.item() * n
+    total_loss, total_n = group.reduce_grads(params, [loss_sum, n])
+    group.scale_grads(params, 1.0 / max(total_n, 1.0))
+    return total_loss / max(total_n, 1.0)
+
+
 @torch.no_grad()
-def dataset_loss(model, rows: Sequence[PackedRow], pad_id: int, batch: int = 4) -> float:
-    """Mean reply-token loss over all rows (eval mode: no dropout)."""
+def dataset_loss(model, rows: Sequence[PackedRow], pad_id: int, batch: int = 4, *, group: Group = SINGLE) -> float:
+    """Mean reply-token loss over all rows (eval mode: no dropout); with several processes each
+    reads its share of the batches and the sums are combined."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch):
+    for i in group.shard(range(0, len(rows), batch)):
         loss, n = reply_loss(model, collate_packed(rows[i:i + batch], pad_id))
         total += loss.item() * n
         count += n
     model.train(was_training)
+    total, count = group.sum([total, count])
     return total / count
 
 
 @torch.no_grad()
-def preference_margin(model, pairs: Sequence[EncodedPair]) -> float:
-    """Mean over pairs of log p(chosen | prompt) − log p(rejected | prompt), summed over reply tokens."""
+def preference_margin(model, pairs: Sequence[EncodedPair], *, group: Group = SINGLE) -> float:
+    """Mean over pairs of log p(chosen | prompt) − log p(rejected | prompt), summed over reply tokens
+    (with several processes, each reads its share of the pairs)."""
     was_training = model.training
     model.eval()
     margins = []
-    for pair in pairs:
+    for pair in group.shard(pairs):
         logps = []
         for reply in (pair.chosen_ids, pair.rejected_ids):
             ids = torch.tensor([pair.prompt_ids + reply])
@@ -417,7 +444,8 @@ def preference_margin(model, pairs: Sequence[EncodedPair]) -> float:
             logps.append(-loss.item() * n)
         margins.append(logps[0] - logps[1])
     model.train(was_training)
-    return sum(margins) / len(margins)
+    total, count = group.sum([sum(margins), len(margins)])
+    return total / count
 
 
 def dpo_steps(n_pairs: int, cfg: TrainConfig) -> int:
@@ -559,7 +587,8 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
           out_dir: Path, cfg: TrainConfig, progress: bool = True, *,
           chat_format: ChatFormat | None = None,
           on_step: Callable[[int, int], None] | None = None,
-          weights: Sequence[float] | None = None, kto_items: Sequence[KTOItem] = ()) -> TrainResult:
+          weights: Sequence[float] | None = None, kto_items: Sequence[KTOItem] = (),
+          group: Group = SINGLE) -> TrainResult:
     """Fine-tune the checkpoint in base_dir and save the merged model into out_dir.
 
     `chat_format` is the parent GGUF's template (`ChatFormat.from_gguf`); by default the one
@@ -567,6 +596,8 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
     `weights`: one SFT loss weight per example (memory/trust.py's tier weights), normalized here to
     a mean of 1 over the target tokens; None or all equal: the plain mean loss.
     `kto_items`: lone ratings for the KTO pass after DPO (trainer/kto.py), each with its own weight.
+    `group`: this process's place when several train together (trainer/train_job.py launches them):
+    each reads its share of every batch; only the main process merges, saves and reports progress.
     """
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -579,7 +610,7 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
 
     quantized = torch.cuda.is_available()
     with stages.run("load"):
-        model, tokenizer = load_base(base_dir, quantize_4bit=quantized)
+        model, tokenizer = load_base(base_dir, quantize_4bit=quantized, device=group.local_rank)
         fmt = chat_format or ChatFormat.from_tokenizer(tokenizer)
         model = add_lora(model, cfg)
         snapshot = _trainable_snapshot(model)
@@ -593,25 +624,32 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         rated, kto_dropped = encode_items(kto_items, tokenizer, fmt, cfg.dpo_max_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with stages.run("sft"):
-        sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step)
+        sft = sft_train(model, rows, cfg, pad_id, progress=progress, on_step=on_step, group=group)
     dpo: dict = {"steps": 0, "loss_start": None, "loss_end": None}
     margin_start = margin_end = None
-    if pairs and cfg.dpo_steps:
+    main = group.main
+    if pairs and cfg.dpo_steps and group.active:
+        # trl's DPOTrainer sets up its own accelerate state and cannot share this group's steps: the
+        # main process finishes the stage alone (DPO, KTO, merge, save), the others stop here
+        group = group.leave()
+    if pairs and cfg.dpo_steps and main:
         with stages.run("dpo"):
-            margin_start = preference_margin(model, pairs[:32])
-            dpo = dpo_train(model, tokenizer, pairs, cfg, progress=progress)
-            margin_end = preference_margin(model, pairs[:32])
+            margin_start = preference_margin(model, pairs[:32], group=group)
+            dpo = dpo_train(model, tokenizer, pairs, cfg, progress=progress and group.main)
+            margin_end = preference_margin(model, pairs[:32], group=group)
     kto: dict = {"steps": 0, "loss_start": None, "loss_end": None, "margin_end": None, "desirable": 0,
                  "undesirable": 0}
-    if rated and cfg.kto_steps:
+    if rated and cfg.kto_steps and (main or group.active):
         with stages.run("kto"):
-            kto = kto_train(model, rated, cfg, pad_id)
+            kto = kto_train(model, rated, cfg, pad_id, group=group)
     changed = _share_changed(model, snapshot)
     del snapshot
-    with stages.run("merge"):
-        if quantized:  # pragma: no cover - QLoRA path, needs CUDA
-            model = _full_precision_with_adapter(model, base_dir)
-        merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
+    merged, diff = None, 0.0
+    if main:   # the other processes hold the same adapter: one merge and one save
+        with stages.run("merge"):
+            if quantized:  # pragma: no cover - QLoRA path, needs CUDA
+                model = _full_precision_with_adapter(model, base_dir)
+            merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
     result = TrainResult(
         loss_start=sft.losses[0], loss_end=sft.losses[-1], steps=sft.steps, tokens=sft.tokens,
         tokens_per_s=round(sft.tokens_per_s, 1), wall_s=0.0, peak_rss_mb=0.0, examples=len(sft_examples) - dropped,
@@ -624,9 +662,10 @@ def train(base_dir: Path, sft_examples: Sequence[Sequence[Message]], dpo_pairs: 
         kto_undesirable=kto["undesirable"], kto_dropped=kto_dropped, kto_steps=kto["steps"],
         kto_loss_start=kto["loss_start"], kto_loss_end=kto["loss_end"], kto_margin_end=kto["margin_end"],
         merge_max_abs_diff=diff, losses=sft.losses)
-    with stages.run("save"):
-        tokenizer.chat_template = fmt.template  # the next generation renders with the same template
-        _save(merged, tokenizer, out_dir, result, cfg, started, stages)
+    if main:
+        with stages.run("save"):
+            tokenizer.chat_template = fmt.template  # the next generation renders with the same template
+            _save(merged, tokenizer, out_dir, result, cfg, started, stages)
     result.stage_s, result.stage_peak_rss_mb = stages.seconds, stages.peak_mb
     result.peak_rss_mb = max(stages.peak_mb.values())
     result.wall_s = round(time.perf_counter() - started, 2)

@@ -21,6 +21,8 @@ Why this is written on the SFT loop's pieces and not trl's `KTOTrainer` (trl 1.1
   model is held. For that the batches are fixed: the items are shuffled once (seeded) and each
   epoch walks the same batches; the KL item of a batch's i-th prompt is the (i−1)-th reply.
 A batch of one has no mismatched reply: its z is 0 (KTO's reference point without the KL term).
+With several processes (trainer/distributed.py) each reads its share of every batch, reference and
+KL items included; z and the loss are then sums over all processes divided by the batch's size.
 λD and λU balance the classes as the KTO paper advises (λD·nD / λU·nU = 1): the rarer class
 counts more, so a generation of a hundred 👍 and three 👎 still moves on the 👎s.
 """
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.dataset import IGNORE_INDEX, DPOPair, encode_pair
+from trainer.distributed import SINGLE, Group
 
 
 class KTOItem(NamedTuple):
@@ -99,6 +102,11 @@ def sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad_id: i
     return torch.zeros(len(seqs), device=device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
 
 
+def _share_logps(model, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """sequence_logps, or an empty tensor when this process holds no sequence of the batch."""
+    return sequence_logps(model, seqs, pad_id) if seqs else torch.zeros(0)
+
+
 def _batches(items: Sequence[EncodedItem], size: int, seed: int) -> list[list[EncodedItem]]:
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     return [[items[j] for j in order[i:i + size]] for i in range(0, len(order), size)]
@@ -110,38 +118,44 @@ def _mismatched(batch: list[EncodedItem]) -> list[tuple[list[int], list[int]]]:
 
 
 @torch.no_grad()
-def _logps(model, batches: list[list[EncodedItem]], pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(matched, mismatched) log-likelihoods per batch, as the model stands (eval mode)."""
+def _logps(model, batches: list[list[EncodedItem]], pad_id: int,
+           group: Group = SINGLE) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(matched, mismatched) log-likelihoods of this process's share of each batch, as the model
+    stands (eval mode)."""
     was_training = model.training
     model.eval()
     out = []
     for b in batches:
-        matched = sequence_logps(model, [(i.prompt_ids, i.completion_ids) for i in b], pad_id)
-        out.append((matched, sequence_logps(model, _mismatched(b), pad_id) if len(b) > 1 else None))
+        matched = _share_logps(model, [(i.prompt_ids, i.completion_ids) for i in group.shard(b)], pad_id)
+        out.append((matched, _share_logps(model, group.shard(_mismatched(b)), pad_id) if len(b) > 1 else None))
     model.train(was_training)
     return out
 
 
-def reward_margin(model, items: Sequence[EncodedItem], reference: dict, pad_id: int, seed: int) -> float | None:
+def reward_margin(model, items: Sequence[EncodedItem], reference: dict, pad_id: int, seed: int, *,
+                  group: Group = SINGLE) -> float | None:
     """Mean log-ratio (model vs reference) of the desirable items minus that of the undesirable ones;
-    0 at the start of the pass; None when one class is missing."""
+    0 at the start of the pass; None when one class is missing. With several processes `items` are
+    this process's and the sums are combined."""
     batches = _batches(items, 8, seed)
     ratios: dict[bool, list[float]] = {True: [], False: []}
     for b, (now, _) in zip(batches, _logps(model, batches, pad_id), strict=True):
         for item, logp in zip(b, now.tolist(), strict=True):
             ratios[item.desirable].append(logp - reference[id(item)])
-    if not ratios[True] or not ratios[False]:
+    wanted, n_wanted, unwanted, n_unwanted = group.sum(
+        [sum(ratios[True]), len(ratios[True]), sum(ratios[False]), len(ratios[False])])
+    if not n_wanted or not n_unwanted:
         return None
-    return sum(ratios[True]) / len(ratios[True]) - sum(ratios[False]) / len(ratios[False])
+    return wanted / n_wanted - unwanted / n_unwanted
 
 
-def kto_train(model, items: Sequence[EncodedItem], cfg, pad_id: int) -> dict:
+def kto_train(model, items: Sequence[EncodedItem], cfg, pad_id: int, *, group: Group = SINGLE) -> dict:
     """The KTO pass on the peft model as it stands (its adapter keeps training); returns what it did."""
     started = time.perf_counter()
     batches = _batches(items, min(cfg.kto_batch, len(items)), cfg.seed)
-    reference = _logps(model, batches, pad_id)
+    reference = _logps(model, batches, pad_id, group)
     ref_of = {id(item): logp for b, (m, _) in zip(batches, reference, strict=True)
-              for item, logp in zip(b, m.tolist(), strict=True)}
+              for item, logp in zip(group.shard(b), m.tolist(), strict=True)}
     n_wanted = sum(i.desirable for i in items)
     n_unwanted = len(items) - n_wanted
     lam = {True: 1.0, False: 1.0}
@@ -154,6 +168,12 @@ def kto_train(model, items: Sequence[EncodedItem], cfg, pad_id: int) -> dict:
     model.train()
     for step in range(kto_steps(len(items), cfg)):
         k = step % len(batches)
+        if group.active:
+            losses.append(_shared_step(model, batches[k], reference[k], lam, mean_w, params, cfg, pad_id, group))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            continue
         b, (ref, ref_kl) = batches[k], reference[k]
         policy = sequence_logps(model, [(i.prompt_ids, i.completion_ids) for i in b], pad_id)
         z = torch.zeros((), device=policy.device)
@@ -171,7 +191,37 @@ def kto_train(model, items: Sequence[EncodedItem], cfg, pad_id: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    margin = reward_margin(model, items, ref_of, pad_id, cfg.seed)
+    mine = [item for b in batches for item in group.shard(b)]
+    margin = reward_margin(model, mine, ref_of, pad_id, cfg.seed, group=group)
     return {"steps": len(losses), "loss_start": losses[0] if losses else None,
             "loss_end": losses[-1] if losses else None, "margin_end": margin,
             "desirable": n_wanted, "undesirable": n_unwanted, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _shared_step(model, batch: list[EncodedItem], reference: tuple[torch.Tensor, torch.Tensor | None],
+                 lam: dict[bool, float], mean_w: float, params: list, cfg, pad_id: int, group: Group) -> float:
+    """One process's part of a KTO step on its share of `batch`: z from the KL items of all processes,
+    this share's summed loss backwards, then the gradients summed over the processes and divided by
+    the batch's size (the single-process loss is a mean over the batch). Returns the step's loss."""
+    mine = group.shard(batch)
+    ref, ref_kl = reference
+    z = 0.0
+    if ref_kl is not None:
+        with torch.no_grad():
+            kl = _share_logps(model, group.shard(_mismatched(batch)), pad_id)
+            (kl_sum,) = group.sum([float((kl - ref_kl.to(kl.device)).sum())])
+        z = max(kl_sum / len(batch), 0.0)
+    local = 0.0
+    if mine:
+        policy = sequence_logps(model, [(i.prompt_ids, i.completion_ids) for i in mine], pad_id)
+        ratio = policy - ref.to(policy.device)
+        wanted = torch.tensor([i.desirable for i in mine], device=policy.device)
+        per = torch.where(wanted, 1 - torch.sigmoid(cfg.kto_beta * (ratio - z)),
+                          1 - torch.sigmoid(cfg.kto_beta * (z - ratio)))
+        scale = torch.tensor([lam[i.desirable] * i.weight / mean_w for i in mine], device=policy.device)
+        loss = (per * scale).sum()
+        loss.backward()
+        local = loss.item()
+    (total,) = group.reduce_grads(params, [local])
+    group.scale_grads(params, 1.0 / len(batch))
+    return total / len(batch)

@@ -34,6 +34,7 @@ import torch
 from core.errors import OuroError
 from engine.template import ChatFormat, Message
 from trainer.dataset import Encoded, collate_packed, encode_all, pack, tokenize
+from trainer.distributed import SINGLE, Group
 from trainer.finetune import TrainConfig, add_lora, dataset_loss, load_base, merge_checked, sft_train
 
 EVAL_ROWS = 16   # rows the before/after losses are measured on (the pass itself reads them all)
@@ -123,9 +124,11 @@ def replay_sample(chats: Sequence[Sequence[Message]], tokenizer, fmt: ChatFormat
 def continue_pretraining(base_dir: Path, documents: Sequence[str], replay: Sequence[Sequence[Message]],
                          out_dir: Path, cfg: PretrainConfig, *, chat_format: ChatFormat | None = None,
                          progress: bool = False,
-                         on_step: Callable[[int, int], None] | None = None) -> PretrainResult:
+                         on_step: Callable[[int, int], None] | None = None,
+                         group: Group = SINGLE) -> PretrainResult:
     """Train on `documents` (plain text, in order, within cfg.max_tokens) mixed with `replay` chats; save
-    the merged model and its tokenizer into out_dir (which must not exist)."""
+    the merged model and its tokenizer into out_dir (which must not exist). With several processes
+    (`group`) each reads its share of every batch and only the main one merges and saves."""
     started = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists():
@@ -135,7 +138,7 @@ def continue_pretraining(base_dir: Path, documents: Sequence[str], replay: Seque
     train_cfg = cfg.train_config()
     model, tokenizer = load_base(base_dir)
     if torch.cuda.is_available():  # pragma: no cover - float32 on the GPU; the merge stays exact
-        model = model.to("cuda")
+        model = model.to(f"cuda:{group.local_rank}")
     fmt = chat_format or ChatFormat.from_tokenizer(tokenizer)
     docs, used = encode_documents(documents, tokenizer, fmt, cfg.max_seq_len, cfg.max_tokens)
     if not docs:
@@ -146,13 +149,15 @@ def continue_pretraining(base_dir: Path, documents: Sequence[str], replay: Seque
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     doc_rows, chat_rows = pack(docs, cfg.max_seq_len), pack(chats, cfg.max_seq_len) if chats else []
     rows = pack([*docs, *chats], cfg.max_seq_len)
-    loss_start = dataset_loss(model, doc_rows[:EVAL_ROWS], pad_id)
-    chat_start = dataset_loss(model, chat_rows[:EVAL_ROWS], pad_id) if chat_rows else None
-    stats = sft_train(model, rows, train_cfg, pad_id, progress=progress, on_step=on_step)
-    loss_end = dataset_loss(model, doc_rows[:EVAL_ROWS], pad_id)
-    chat_end = dataset_loss(model, chat_rows[:EVAL_ROWS], pad_id) if chat_rows else None
-    merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
-    _save(merged, tokenizer, out_dir)
+    loss_start = dataset_loss(model, doc_rows[:EVAL_ROWS], pad_id, group=group)
+    chat_start = dataset_loss(model, chat_rows[:EVAL_ROWS], pad_id, group=group) if chat_rows else None
+    stats = sft_train(model, rows, train_cfg, pad_id, progress=progress, on_step=on_step, group=group)
+    loss_end = dataset_loss(model, doc_rows[:EVAL_ROWS], pad_id, group=group)
+    chat_end = dataset_loss(model, chat_rows[:EVAL_ROWS], pad_id, group=group) if chat_rows else None
+    diff = 0.0
+    if group.main:   # the other processes hold the same adapter
+        merged, diff = merge_checked(model, collate_packed(rows[:1], pad_id))
+        _save(merged, tokenizer, out_dir)
     return PretrainResult(chunks=used, tokens=doc_tokens, replay_examples=len(chats),
                           replay_tokens=sum(len(e) for e in chats), steps=stats.steps, loss_start=loss_start,
                           loss_end=loss_end, chat_loss_start=chat_start, chat_loss_end=chat_end,

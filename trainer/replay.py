@@ -45,12 +45,13 @@ def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], 
     trained by DPO would leak the held-out correction), and it is one held-out item (the example's,
     else the pair's chosen reply), with its source. Imported examples carry their own chronological
     split (`Example.split`, 90/10 within the chat history, see memory/importers) and go where it
-    says, outside this count. Their held-out windows come first: that history is older than any
+    says, outside this count, as do imported pairs (train: the importer kept out those whose reply a
+    held-out window grades). Their held-out windows come first: that history is older than any
     live turn, and the eval takes the newest items.
     """
     presplit = [e for e in delta.examples if e.split]
     turns: dict = {}
-    for i, item in enumerate([e for e in delta.examples if not e.split] + delta.pairs):
+    for i, item in enumerate([e for e in delta.examples if not e.split] + [p for p in delta.pairs if not p.split]):
         key = item.turn_id if item.turn_id is not None else ("item", i)
         turns.setdefault(key, []).append(item)
     order = sorted(turns, key=lambda k: min((x.created_at, isinstance(x, Pair)) for x in turns[k]))
@@ -77,7 +78,8 @@ def holdout_with_sources(delta: Delta, fraction: float) -> tuple[list[Example], 
             rejected.append(pair.rejected)
     kept = [x for k in order if k not in held_keys for x in turns[k]]
     return ([x for x in kept if isinstance(x, Example)] + [e for e in presplit if e.split == "train"],
-            [x for x in kept if isinstance(x, Pair)], heldout, sources, rejected)
+            [x for x in kept if isinstance(x, Pair)] + [p for p in delta.pairs if p.split == "train"],
+            heldout, sources, rejected)
 
 
 def ancestors(lineage: Lineage, parent: Generation) -> list[Generation]:

@@ -54,8 +54,9 @@ from pathlib import Path
 
 from core.errors import OuroError
 from core.files import atomic_write_text, ensure_private_dir
+from memory import language
 from memory.importers import limits
-from memory.importers.pipeline import HELDOUT_FRACTION, TOKEN_METHOD, tokens
+from memory.importers.pipeline import HELDOUT_FRACTION, TOKEN_METHOD, language_counts, language_line, tokens
 from memory.redact import redact
 from memory.store import Store
 
@@ -346,8 +347,9 @@ def build(card: Card, *, reply_tokens: int) -> tuple[str, dict, list[dict]]:
             seen.add(sha)
             windows.append((number, window, sha))
     held = _held_out(windows)
-    examples = [{"messages": w, "split": "heldout" if n in held else "train", "ended_at": None, "sha256": sha}
-                for n, w, sha in windows]
+    lang = language.majority([persona] + [m["content"] for _, w, _ in windows for m in w])   # one card, one voice
+    examples = [{"messages": w, "split": "heldout" if n in held else "train", "ended_at": None, "sha256": sha,
+                 "language": lang} for n, w, sha in windows]
     macros = unknown_macros([text(card, k) for k in ("system_prompt", "description", "personality", "scenario",
                                                      "mes_example")] + greetings)
     warnings = [f"macros left as written (SillyTavern fills them in, this import does not): "
@@ -367,6 +369,7 @@ def build(card: Card, *, reply_tokens: int) -> tuple[str, dict, list[dict]]:
         "windows_heldout": sum(e["split"] == "heldout" for e in examples),
         "tokens_estimate": {"windows": sum(tokens(m["content"]) for e in examples for m in e["messages"])},
         "token_method": TOKEN_METHOD, "warnings": warnings,
+        "languages": language_counts(examples), "languages_not_covered": language.not_covered([lang]),
     }
     return persona, summary, examples
 
@@ -467,6 +470,8 @@ def format_summary(s: dict) -> str:
         f"  tokens     ~{s['tokens_estimate']['windows']} in the windows (estimated: words and symbols, not the "
         "model's tokenizer)",
     ]
+    if "languages" in s:
+        lines.append(language_line(s))
     lines += [f"warning: {w}" for w in s["warnings"]]
     if s["new_examples"]:
         lines.append("next: `ouro cycle` trains the next generation on them")

@@ -17,6 +17,7 @@ class Message:
     at: datetime          # the chat's local clock (or UTC), naive: only gaps between messages matter
     text: str
     aliases: tuple[str, ...] = ()   # other names the speaker goes by here (Discord's nickname): --me may match one
+    rejected: tuple[str, ...] = ()  # replies regenerated in its place that the person moved away from (ChatGPT)
 
 
 @dataclass
@@ -25,3 +26,4 @@ class Parsed:
     read: int = 0                                            # every message in the file, kept or not
     dropped: Counter = field(default_factory=Counter)       # reason → count (media, service, forwarded, …)
     files: list[Path] = field(default_factory=list)         # what was read when PATH is a folder: its fingerprint
+    not_exporter: set[str] = field(default_factory=set)     # speakers the export shows are not its exporter

@@ -8,9 +8,12 @@ A conversation is a tree, not a list: {"mapping": {node id: {"message", "parent"
 "current_node"}. Regenerating an answer or editing a prompt adds a sibling branch, and
 current_node is the last message of the branch the person kept, so that branch is the
 conversation: walked from current_node up through `parent` to the root, then reversed. The
-messages on the other branches are counted as regenerated_branch and left out; they are not
-turned into preference pairs, because the store keeps no pairs for imports (imported_examples
-holds windows only).
+messages on the other branches are counted as regenerated_branch and left out of the windows.
+An answer regenerated beside the kept one (another child of the prompt, or of a node between
+the prompt and the kept answer) is the first visible answer down that branch; it rides along
+with the kept answer (Message.rejected) and the pipeline makes the pair: the person moved on
+from it and kept the other, the design's "regenerated reply the user picked". An edited prompt
+is a sibling of the prompt, not of an answer, and makes no pair.
 
 Kept: "user" and "assistant" messages of content type text (or multimodal_text without an
 attachment), their string parts joined; the speakers are named "user" and "assistant", and
@@ -86,6 +89,7 @@ def _conversation(name: str, number: int, conversation, parsed: Parsed, seen: se
     on_branch = sum(mapping[node_id].get("message") is not None for node_id in branch)
     if total > on_branch:
         parsed.dropped["regenerated_branch"] += total - on_branch
+    regenerated = _regenerated(at, mapping, branch)
     latest = _time(at, conversation.get("create_time"))
     for node_id in branch:
         message = mapping[node_id].get("message")
@@ -103,7 +107,8 @@ def _conversation(name: str, number: int, conversation, parsed: Parsed, seen: se
             continue
         if latest is None:
             raise OuroError(f"{where}: no 'create_time', nor one on its conversation or an earlier message", hint=HINT)
-        parsed.messages.append(Message(chat=key, speaker=message["author"]["role"], at=latest, text=text))
+        parsed.messages.append(Message(chat=key, speaker=message["author"]["role"], at=latest, text=text,
+                                       rejected=tuple(t for t in regenerated.get(node_id, ()) if t != text)))
 
 
 def _kept_branch(at: str, conversation: dict, mapping: dict) -> list[str]:
@@ -122,6 +127,63 @@ def _kept_branch(at: str, conversation: dict, mapping: dict) -> list[str]:
         node_id = parent
     branch.reverse()
     return branch
+
+
+def _regenerated(at: str, mapping: dict, branch: list[str]) -> dict[str, list[str]]:
+    """{a kept answer's node id: the answers regenerated beside it}. The branches that leave the kept one
+    between a prompt and its answer are where "Regenerate" put the other tries."""
+    on_branch, out, since_prompt = set(branch), {}, []
+    for node_id in branch:
+        message = mapping[node_id].get("message")
+        role = _role(message)
+        if role == "user":
+            since_prompt = [node_id]
+        elif since_prompt and role == "assistant" and _visible(at, node_id, message) is not None:
+            others = [child for n in since_prompt for child in _children(mapping, n) if child not in on_branch]
+            tries = [text for child in others if (text := _first_answer(at, mapping, child))]
+            if tries:
+                out[node_id] = tries
+            since_prompt = []
+        elif since_prompt:
+            since_prompt.append(node_id)
+    return out
+
+
+def _role(message) -> str | None:
+    author = message.get("author") if isinstance(message, dict) else None
+    return author.get("role") if isinstance(author, dict) else None
+
+
+def _children(mapping: dict, node_id: str) -> list[str]:
+    children = mapping[node_id].get("children")
+    return [c for c in children if isinstance(c, str) and c in mapping] if isinstance(children, list) else []
+
+
+def _first_answer(at: str, mapping: dict, node_id: str) -> str | None:
+    """The first visible answer down a regenerated branch (following the newest child), before any prompt."""
+    seen: set[str] = set()
+    while node_id not in seen:
+        seen.add(node_id)
+        message = mapping[node_id].get("message")
+        role = _role(message)
+        if role == "user":
+            return None
+        if role == "assistant" and (text := _visible(at, node_id, message)) is not None:
+            return text
+        children = _children(mapping, node_id)
+        if not children:
+            return None
+        node_id = children[-1]
+    return None
+
+
+def _visible(at: str, node_id: str, message: dict) -> str | None:
+    """The text of a message kept as text, else None; a damaged one off the kept branch is only skipped."""
+    try:
+        reason, text = _read(f"{at}, message {node_id!r}", message)
+    except OuroError:
+        return None
+    return None if reason else text
 
 
 def _read(where: str, message: dict) -> tuple[str | None, str]:

@@ -61,6 +61,10 @@ def parse(path: Path) -> Parsed:
             parent = PurePosixPath(doc.member).parent.as_posix()
             thread = parent if parent != "." else doc.file.parent.name
         kept = threads.setdefault(thread, [])
+        names = [fix_text(p["name"]) for p in data.get("participants") or [] if isinstance(p, dict)
+                 and isinstance(p.get("name"), str)]
+        if len(names) == 2 and isinstance(data.get("title"), str) and fix_text(data["title"]) in names:
+            parsed.not_exporter.add(fix_text(data["title"]))   # a one-to-one thread is named after the other person
         for i, m in enumerate(data["messages"]):
             at = f"{doc.name}: messages[{i}]"
             if not isinstance(m, dict):

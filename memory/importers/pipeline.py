@@ -14,7 +14,10 @@ The steps, each for a reason:
 5. A 90/10 chronological split: the newest tenth of the windows is held out for the
    generalization eval. A training window that shares a message with a held-out one is
    dropped, or the eval would grade text the model trained on.
-6. Personal data is redacted (memory.redact) before anything is stored; emoji stay as typed.
+6. Each conversation's language (memory.language: its majority language, for French/English
+   code-switching) is stored with each of its windows; the summary counts the windows per
+   language and names the languages the evals and the redaction do not cover.
+7. Personal data is redacted (memory.redact) before anything is stored; emoji stay as typed.
 The windows are stored without the persona's system message: export adds the current one.
 
 Tokens are an estimate (words, plus each other non-space symbol such as punctuation or an
@@ -35,6 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from core.errors import OuroError
+from memory import language
 from memory.importers import chatgpt, discord, messenger, telegram, whatsapp
 from memory.importers.chat import Message, Parsed
 from memory.redact import redact
@@ -60,12 +64,14 @@ class Turn:
     text: str
     start: datetime
     end: datetime
+    rejected: tuple[str, ...] = ()   # replies regenerated in its place (ChatGPT); none once merged
 
 
 @dataclass(frozen=True)
 class Window:
     turns: tuple[Turn, ...]
     ids: frozenset[tuple[int, int]]      # (conversation, position) of each turn: to find overlaps
+    language: str | None = None          # its conversation's (memory/language.py)
 
     @property
     def messages(self) -> list[dict]:
@@ -73,10 +79,11 @@ class Window:
 
 
 def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence[str],
-                min_chars: int = MIN_CHARS) -> dict:
+                min_chars: int = MIN_CHARS, consent_of: str | None = None) -> dict:
     """Parse, build the windows, store them in one transaction; return the summary.
 
-    `me`: the owner's name, or several (each may also be comma-separated)."""
+    `me`: the persona's person's name, or several (each may also be comma-separated): the importer's
+    own, unless `consent_of` names who agreed to someone else's messages becoming the persona."""
     path = Path(path)
     if kind not in PARSERS:
         raise OuroError(f"unknown import kind {kind!r}", hint="one of: " + ", ".join(PARSERS))
@@ -86,9 +93,32 @@ def import_chat(store: Store, kind: str, path: Path | str, *, me: str | Sequence
         file_sha256 = fingerprint(path, parsed)
     except OSError as exc:
         raise OuroError(f"{path}: cannot read it: {exc.strerror}") from exc
-    summary, examples = build(parsed, names, path, min_chars)
+    consent = consent_record(parsed, names, consent_of, path)
+    summary, examples, pairs = build(parsed, names, path, min_chars)
     return store.add_import(kind=kind, file=str(path.resolve()), file_sha256=file_sha256, owner=", ".join(names),
-                            summary={"kind": kind, "file": str(path), **summary}, examples=examples)
+                            summary={"kind": kind, "file": str(path), **summary, "consent": consent},
+                            examples=examples, pairs=pairs, consent=consent)
+
+
+def consent_record(parsed: Parsed, names: list[str], consent_of: str | None, path: Path) -> dict:
+    """Whose messages the persona learns to write, and on whose say (stored with the import).
+
+    The rule: an import teaches the persona the voice of the person who runs it, and an export is
+    theirs (they downloaded it from their own account). `--me` (and a ChatGPT export, either side)
+    is that person's own word about their own messages. Anyone else's messages need their
+    agreement, named with `consent_of` (who agreed: the person, or who may speak for them). Where
+    an export shows who it was shared with — the other person of a one-to-one Telegram,
+    WhatsApp or Messenger chat — `--me` naming that person is refused: they did not export it."""
+    if consent_of is not None and not consent_of.strip():
+        raise OuroError("--consent-of is empty", hint="name who agreed that these messages become the persona")
+    if consent_of is None:
+        others = {_key(name) for name in parsed.not_exporter}
+        clash = next((name for name in names if _key(name) in others), None)
+        if clash:
+            raise OuroError(f"{path}: {clash!r} is the person this chat was with, not the one who exported it",
+                            hint=f"--me names you. To make {clash}'s messages the persona, they must agree: "
+                                 f"--persona-of {clash!r} --consent-of \"WHO agreed\" (recorded with the import)")
+    return {"persona_of": names, "own": consent_of is None, "consent_of": consent_of.strip() if consent_of else None}
 
 
 def fingerprint(path: Path, parsed: Parsed) -> str:
@@ -103,8 +133,9 @@ def fingerprint(path: Path, parsed: Parsed) -> str:
     return digest.hexdigest()
 
 
-def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = MIN_CHARS) -> tuple[dict, list[dict]]:
-    """(summary, examples for Store.add_import) — everything but the writing."""
+def build(parsed: Parsed, me: str | Sequence[str], path: Path,
+          min_chars: int = MIN_CHARS) -> tuple[dict, list[dict], list[dict]]:
+    """(summary, examples and preference pairs for Store.add_import) — everything but the writing."""
     names = owner_names(me)
     owners, matched = owner_keys(parsed, names, path)
     messages, dropped = [], Counter(parsed.dropped)
@@ -114,12 +145,16 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
         else:
             messages.append(m)
     conversations = merge_and_split(messages, owners)
+    languages = [language.majority(t.text for t in conversation) for conversation in conversations]
     for conversation in conversations:
         for turn in conversation:
             turn.text = redact(turn.text)
-    windows = [w for n, conversation in enumerate(conversations) for w in rolling_windows(conversation, n)]
+    windows = [w for n, conversation in enumerate(conversations)
+               for w in rolling_windows(conversation, n, languages[n])]
     train, heldout, overlapping = split(windows)
+    pairs, pairs_left_out = preference_pairs(parsed, messages, owners, conversations, languages, heldout)
     examples = [{"messages": w.messages, "split": name, "ended_at": w.turns[-1].end.isoformat(),
+                 "language": w.language,
                  "sha256": hashlib.sha256(json.dumps(w.messages, ensure_ascii=False, sort_keys=True)
                                           .encode()).hexdigest()}
                 for name, part in (("train", train), ("heldout", heldout)) for w in part]
@@ -134,8 +169,55 @@ def build(parsed: Parsed, me: str | Sequence[str], path: Path, min_chars: int = 
         "tokens_estimate": {"messages": sum(tokens(t.text) for c in conversations for t in c),
                             "windows": sum(tokens(m["content"]) for e in examples for m in e["messages"])},
         "token_method": TOKEN_METHOD,
+        "preference_pairs": len(pairs), "preference_pairs_left_out": pairs_left_out,
+        "languages": language_counts(examples),
+        "conversation_languages": dict(sorted(Counter(lang or "unknown" for lang in languages).items())),
     }
-    return summary, examples
+    summary["languages_not_covered"] = language.not_covered(summary["languages"])
+    return summary, examples, pairs
+
+
+def preference_pairs(parsed: Parsed, kept: list[Message], owners: Collection[str], conversations: list[list[Turn]],
+                     languages: list[str | None], heldout: list[Window]) -> tuple[list[dict], dict[str, int]]:
+    """(pairs for Store.add_import, tries that made none by reason): a persona's reply kept over the replies
+    regenerated in its place (ChatGPT) is a DPO pair, prompt = the conversation before it (up to
+    WINDOW_MAX − 1 messages, as a window would show it). Left out: tries of the other side (not the
+    persona's: `--persona user` learns your side, and ChatGPT regenerated its own), of a message left
+    out as short or merged with the next, of a reply a held-out window grades (a pair would train
+    on it), with nobody before it, or the same text as the reply kept."""
+    left: Counter = Counter()
+    held = frozenset().union(*(w.ids for w in heldout))
+
+    def tries(items) -> int:
+        return sum(len(m.rejected) for m in items)
+
+    left["not_the_persona"] = tries(m for m in parsed.messages if not is_owner(m, owners))
+    left["short"] = tries(m for m in parsed.messages if is_owner(m, owners)) - tries(m for m in kept if is_owner(m, owners))
+    left["merged"] = tries(m for m in kept if is_owner(m, owners)) - tries(t for c in conversations for t in c
+                                                                          if t.role == "assistant")
+    pairs = []
+    for n, conversation in enumerate(conversations):
+        for i, turn in enumerate(conversation):
+            if not turn.rejected or turn.role != "assistant":
+                continue
+            prompt = [{"role": t.role, "content": t.text} for t in conversation[max(0, i - WINDOW_MAX + 1):i]]
+            for rejected in map(redact, turn.rejected):
+                reason = ("heldout" if (n, i) in held else "no_prompt" if not any(m["role"] == "user" for m in prompt)
+                          else "same_text" if rejected.strip() == turn.text.strip() else None)
+                if reason:
+                    left[reason] += 1
+                    continue
+                body = {"prompt": prompt, "chosen": turn.text, "rejected": rejected}
+                pairs.append({**body, "language": languages[n], "ended_at": turn.end.isoformat(),
+                              "sha256": hashlib.sha256(json.dumps(body, ensure_ascii=False, sort_keys=True)
+                                                       .encode()).hexdigest()})
+    return pairs, {reason: n for reason, n in sorted(left.items()) if n}
+
+
+def language_counts(examples: list[dict]) -> dict[str, int]:
+    """{language (or "unknown"): windows}, most first."""
+    counts = Counter(e.get("language") or "unknown" for e in examples)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def tokens(text: str) -> int:
@@ -210,14 +292,15 @@ def merge_and_split(messages: list[Message], owner: str | Collection[str]) -> li
             if same and m.at - last.end <= MERGE_WITHIN:
                 last.text += "\n" + m.text
                 last.end = max(last.end, m.at)
+                last.rejected = ()            # the tries were in place of one bubble, not of the merged message
             else:
-                current.append(Turn(m.speaker, role, m.text, m.at, m.at))
+                current.append(Turn(m.speaker, role, m.text, m.at, m.at, m.rejected))
         if current:
             conversations.append(current)
     return conversations
 
 
-def rolling_windows(conversation: list[Turn], number: int) -> list[Window]:
+def rolling_windows(conversation: list[Turn], number: int, lang: str | None = None) -> list[Window]:
     """Every STRIDE-th start, up to WINDOW_MAX turns, cut back to end on the owner; kept at ≥ WINDOW_MIN
     turns with someone else in it."""
     out = []
@@ -227,7 +310,7 @@ def rolling_windows(conversation: list[Turn], number: int) -> list[Window]:
             end -= 1
         turns = tuple(conversation[start:end])
         if len(turns) >= WINDOW_MIN and any(t.role == "user" for t in turns):
-            out.append(Window(turns, frozenset((number, i) for i in range(start, end))))
+            out.append(Window(turns, frozenset((number, i) for i in range(start, end)), lang))
     return out
 
 
@@ -240,6 +323,28 @@ def split(windows: list[Window]) -> tuple[list[Window], list[Window], int]:
     held_ids = frozenset().union(*(w.ids for w in heldout))
     train = [w for w in ordered[:cut] if not w.ids & held_ids]
     return train, heldout, cut - len(train)
+
+
+def consent_line(kind: str, c: dict) -> str:
+    """Whose voice the persona learns, as recorded with the import."""
+    if kind == "chatgpt":
+        side = "ChatGPT's answers" if c["persona_of"] == ["assistant"] else "the account holder's own messages"
+        whose = "the importer's own account" if c["own"] else f"someone else's account, with the consent of {c['consent_of']}"
+        return f"  consent    the persona learns {side}, from {whose}"
+    names = " / ".join(c["persona_of"])
+    if c["own"]:
+        return f"  consent    the persona learns {names}'s messages: the importer's own (--me)"
+    return f"  consent    the persona learns {names}'s messages, not the importer's: with the consent of {c['consent_of']}"
+
+
+def language_line(s: dict) -> str:
+    """The windows per language, and the languages the evals and the redaction were not written for."""
+    counts = ", ".join(f"{lang} {n}" for lang, n in s["languages"].items()) or "none"
+    missing = s.get("languages_not_covered") or {}
+    note = ("; NOT covered: " + "; ".join(f"{lang} (no {', '.join(checks)})" for lang, checks in missing.items())
+            if missing else "; all covered by the style-drift and format evals and the redaction" if s["languages"]
+            else "")
+    return f"  languages  windows by conversation language: {counts}{note}"
 
 
 def format_summary(s: dict) -> str:
@@ -259,6 +364,14 @@ def format_summary(s: dict) -> str:
         f"  tokens     ~{s['tokens_estimate']['messages']} in the messages, ~{s['tokens_estimate']['windows']} "
         "in the windows (estimated: words and symbols, not the model's tokenizer)",
     ]
+    if s.get("consent"):
+        lines.append(consent_line(s["kind"], s["consent"]))
+    if s.get("preference_pairs") or s.get("preference_pairs_left_out"):
+        left = ", ".join(f"{reason} {n}" for reason, n in s["preference_pairs_left_out"].items()) or "none"
+        lines.append(f"  pairs      {s['preference_pairs']} preference pairs (a kept answer over one regenerated in "
+                     f"its place), {s.get('new_pairs', 0)} new; tries left out: {left}")
+    if "languages" in s:
+        lines.append(language_line(s))
     if s["new_examples"]:
         lines.append("next: `ouro cycle` trains the next generation on them")
     elif not s["windows"]:

@@ -6,7 +6,8 @@ string or a list of parts (plain strings and {"type", "text"} entities: links, b
 flattened here to plain text. Left out, by reason: service messages (joins, calls, pins),
 media (photos, stickers, voice notes, files, polls, locations: their words are not the
 persona's text), forwarded messages and inline-bot results (someone else's words), and chats
-without a dialogue (channels, Saved Messages, bots). Errors name the file and the JSON line
+without a dialogue (channels, Saved Messages, bots). A personal chat carries the other person's
+name: they are not the exporter (pipeline.py's consent rule). Errors name the file and the JSON line
 and column, or the path inside the document (e.g. chats.list[2].messages[17]).
 """
 
@@ -69,6 +70,8 @@ def _parse_chat(path: Path, where: str, chat: dict, parsed: Parsed) -> None:
         raise OuroError(f"{path}: {where}messages: expected a list", hint=HINT)
     chat_key = str(chat.get("id", where or "chat"))
     skip_chat = chat.get("type") in SKIPPED_CHAT_TYPES
+    if chat.get("type") == "personal_chat" and isinstance(chat.get("name"), str):
+        parsed.not_exporter.add(chat["name"])     # a one-to-one chat is named after the other person
     for i, m in enumerate(messages):
         at = f"{path}: {where}messages[{i}]"
         if not isinstance(m, dict):

@@ -43,10 +43,15 @@ _MEDIA = re.compile(
     r"^(?:<(?:Media omitted|Medien ausgelassen|Multimedia omitido|Médias omis|Media weggelaten|Mídia oculta|"
     r"Media omessi|Без медиафайлов)>|null|<attached: [^>]+>|.+ \(file attached\)|"
     r".*\b(?:image|video|audio|sticker|GIF|document|Contact card|video note) omitted)$", re.IGNORECASE)
-_DELETED = re.compile(r"^(?:This message was deleted|You deleted this message)\.?$", re.IGNORECASE)
+_DELETED = re.compile(   # en, de, fr, es, pt, ru: the languages the evals cover (config/languages.py)
+    r"^(?:This message was deleted|You deleted this message|Diese Nachricht wurde gelöscht|Du hast diese Nachricht "
+    r"gelöscht|Ce message a été supprimé|Vous avez supprimé ce message|Se eliminó este mensaje|Eliminaste este "
+    r"mensaje|Mensagem apagada|Esta mensagem foi apagada|Você apagou esta mensagem|(?:Данное|Это) сообщение удалено|"
+    r"Вы удалили (?:данное|это) сообщение)\.?$", re.IGNORECASE)
 _SYSTEM = re.compile(r"^(?:Messages and calls are end-to-end encrypted|Missed (?:voice|video) call|"
                      r"Your security code with)", re.IGNORECASE)
-_EDITED = re.compile(r"\s*\u200e?<This message was edited>\s*$")
+_EDITED = re.compile(r"\s*\u200e?<(?:This message was edited|Diese Nachricht wurde bearbeitet|Ce message a été "
+                     r"modifié|Se editó este mensaje\.?|Mensagem editada|Сообщение изменено)>\s*$")
 
 
 @dataclass
@@ -69,6 +74,8 @@ def parse(path: Path) -> Parsed:
     records = _records(path, _read(path))
     day_first = _day_first(records)
     parsed = Parsed()
+    if other := _chat_with(path.name):
+        parsed.not_exporter.add(other)
     for r in records:
         at = _when(path, r, day_first)
         parsed.read += 1
@@ -85,6 +92,17 @@ def parse(path: Path) -> Parsed:
         text = text.translate(_NO_MARKS).strip()
         parsed.messages.append(Message(chat=path.name, speaker=speaker, at=at, text=text))
     return parsed
+
+
+# The name WhatsApp gives the file of a chat with one person, by the phone's language: the other person
+# is not the exporter (pipeline.py's consent rule).
+_CHAT_WITH = re.compile(r"(?:WhatsApp Chat with|WhatsApp-Chat mit|Discussion WhatsApp avec|Chat de WhatsApp con|"
+                        r"Conversa do WhatsApp com|Чат WhatsApp с|WhatsApp Chat -) (?P<name>.+?)(?: \(\d+\))?\.(?:txt|zip)")
+
+
+def _chat_with(filename: str) -> str | None:
+    m = _CHAT_WITH.fullmatch(filename)
+    return m["name"].strip() if m else None
 
 
 def _read(path: Path) -> str:

@@ -110,3 +110,18 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ScriptedWriter:
+    """Writes what it is told, in order (trainer/refine.py's Writer): for the self-refinement step's
+    handling of what a model writes, botched outputs included. Records every prompt it was given."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = deque(texts)
+        self.prompts: list[list[Message]] = []
+
+    def greedy_reply(self, messages: list[Message], max_tokens: int = 96) -> Completion:
+        self.prompts.append(messages)
+        text = self.texts.popleft() if self.texts else ""
+        return Completion(text=text, prompt_tokens=0, completion_tokens=len(text.split()), ttft_s=0.0,
+                          total_s=0.0, finish_reason="stop")
