@@ -178,6 +178,40 @@ class Lineage:
         with open(self.ledger_path, newline="", encoding="utf-8") as f:
             return [{c: "" for c in LEDGER_COLUMNS} | ledger_row(r) for r in csv.DictReader(f)]
 
+    def exists(self) -> bool:
+        """Whether this folder already holds a lineage: a generation, a ledger or an ACTIVE pointer."""
+        return bool(self.generations()) or self.ledger_path.exists() or self.pointer.exists()
+
+    def set_aside(self) -> Path:
+        """Rename the whole models folder to `<name>-replaced-<time>` beside it (nothing is deleted), so a
+        new lineage can start in its place; returns where the old one now lives."""
+        stamp = now("seconds").replace(":", "").replace("-", "").replace("+0000", "Z")
+        target = self.dir.with_name(f"{self.dir.name}-replaced-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.dir.with_name(f"{self.dir.name}-replaced-{stamp}-{n}")
+        os.replace(self.dir, target)
+        return target
+
+    def add_base(self, staging: Path, meta: dict, ledger: dict) -> Generation:
+        """Register a prepared folder (its GGUF named in `meta`) as generation 0 and make it active.
+
+        Why: a base trained here (`ouro base scratch`) rather than copied from OURO_BASE_MODEL. The
+        folder is renamed into place with meta.json written last, as every generation is made."""
+        if (self.dir / GEN_ZERO).exists():
+            raise OuroError(f"{self.dir} already holds {GEN_ZERO}; a new base would start a second lineage in it")
+        meta = {"id": GEN_ZERO, "parent_id": None, "gguf": GGUF_NAME, "created_at": now("seconds"),
+                "status": "base", **meta}
+        meta["gguf_sha256"] = sha256_file(staging / meta["gguf"])
+        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+        ensure_private_dir(self.dir)
+        os.replace(staging, self.dir / GEN_ZERO)
+        gen = self.generation(GEN_ZERO)
+        self.append_ledger({"GEN_ID": GEN_ZERO, "child_sha": gen.sha256, "event": "base", "gate": "base", **ledger})
+        self.set_active(GEN_ZERO)
+        return gen
+
     def ensure_base(self, base_model: Path | None = None) -> Generation:
         """Register generation 0 from the configured base GGUF (or the packaged one), once."""
         if (self.dir / GEN_ZERO / "meta.json").exists():

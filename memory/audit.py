@@ -26,6 +26,16 @@ class AuditMixin:
                 "meta = excluded.meta", (gen_id, parent_id, gguf_path, gguf_sha256, status, now(),
                                          json.dumps(meta or {})))
 
+    def retire_generations(self, *, moved_to: str) -> list[str]:
+        """Remove every generations row, keeping them whole in one audit event: a new lineage (`ouro base
+        scratch --replace-lineage`) starts at gen-0000 again, and its folder went to `moved_to`."""
+        with self.database.transaction() as conn:
+            rows = self.database.query("SELECT * FROM generations ORDER BY id")
+            conn.execute("DELETE FROM generations")
+            conn.execute("INSERT INTO events (at, kind, user_id, chat_id, detail) VALUES (?, ?, NULL, NULL, ?)",
+                         (now(), "lineage_replaced", json.dumps({"moved_to": moved_to, "generations": rows})))
+        return [r["id"] for r in rows]
+
     def generation(self, gen_id: str) -> dict | None:
         return self.database.one("SELECT * FROM generations WHERE id = ?", (gen_id,))
 

@@ -635,6 +635,22 @@ def _import_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_scratch(args: argparse.Namespace) -> int:
+    from serving.runtime import open_store
+    from trainer.scratch import build_base, format_report
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        report = build_base(settings, store, size=args.size, replace_lineage=args.replace_lineage,
+                            restart=args.restart, progress=not args.json and sys.stderr.isatty(),
+                            actor=os.environ.get("USER", "cli"))
+    finally:
+        store.close()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ouro.demo.run import run_demo
     from ouro.logs import setup_logging
@@ -841,6 +857,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="card only: overwrite <data-dir>/persona.md when it holds a different persona")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("base", help="make generation 0 without a downloaded model",
+                       description="Start a lineage from what this data folder imported.")
+    base = p.add_subparsers(dest="base_command", metavar="HOW", required=True)
+    from trainer.scratch import SIZES
+    size_help = "sizes (steps, parameters, what to expect):\n" + "\n".join(
+        f"  {s.name:7} {s.steps:>6} steps  {s.about}" for s in SIZES.values())
+    k = base.add_parser("scratch", help="train a small Llama from nothing on the imported chats and documents",
+                        description="Train a byte-level BPE tokenizer and a small Llama-architecture model from "
+                                    "scratch on the imported chat windows (rendered with ChatML, the persona as "
+                                    "system turn) and documents (plain text); warm-up + cosine, gradient clipping, "
+                                    "held-out loss every few steps, the best weights kept. A killed run continues "
+                                    "from its last checkpoint when run again. Exported as GGUF F32, F16 and Q8_0 "
+                                    "(served) with a ChatML template, registered as gen-0000 of a new lineage, with "
+                                    "a loss chart and an Ollama Modelfile (<data-dir>/exports/gen-0000.Modelfile).",
+                        epilog=size_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("--size", default="small", choices=list(SIZES), help="model size (default small; see below)")
+    k.add_argument("--replace-lineage", action="store_true",
+                   help="this data folder already has generations: move models/ aside to models-replaced-<time>/ "
+                        "(nothing deleted) and start a new lineage")
+    k.add_argument("--restart", action="store_true", help="discard an unfinished run's checkpoint and start over")
+    k.add_argument("--json", action="store_true", help="print one JSON document")
+    k.set_defaults(func=cmd_base_scratch)
 
     p = sub.add_parser("demo", help="the whole loop on this machine: emulator, bot, users, /train, swap, rollback",
                        description="A local Telegram emulator, the real bot on the packaged model, simulated people "

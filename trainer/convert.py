@@ -515,9 +515,6 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
     Tensors are streamed one at a time into a temp file beside `out_path`, renamed into place
     at the end; on any failure the temp file is removed and OuroError raised.
     """
-    import gguf
-    import torch  # noqa: F401  (safetensors' pt framework needs it)
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     model_dir, parent_gguf, out_path = Path(model_dir), Path(parent_gguf), Path(out_path)
@@ -547,21 +544,61 @@ def write_gguf(model_dir: Path, parent_gguf: Path, out_path: Path, *, dtype: str
         raise OuroError(f"the child's vocabulary ({config.vocab_size}) differs from its parent's tokenizer "
                         f"({len(tokens[0])} tokens); the parent's tokenizer cannot be reused")
 
+    inherited = {key: item for key, item in parent.kv.items()
+                 # <arch>.* keys describe the parent's shapes: the child's come from its own config
+                 if key not in _NOT_INHERITED and not key.startswith(f"{parent_arch}.")
+                 and not (name is not None and key == "general.name")}
+    alignment = int(parent.kv["general.alignment"][0]) if "general.alignment" in parent.kv else None
+    _write(out_path, arch, hparams, plan, inherited, dtype=dtype, alignment=alignment,
+           name=None if name is None else child_name(name, parent.text("general.name")))
+
+
+def write_gguf_with_metadata(model_dir: Path, out_path: Path, metadata: dict[str, tuple[Any, int, int | None]], *,
+                             dtype: str = "f16") -> None:
+    """Write the HF checkpoint in `model_dir` as a GGUF whose non-architecture keys are `metadata`
+    ({key: (value, GGUFValueType, array sub-type)}: tokenizer, chat template, general.name).
+
+    Why: a model trained from scratch (trainer/scratch.py) has no parent GGUF to inherit its
+    tokenizer from; its own tokenizer's keys come from `trainer.bpe.gguf_metadata`. Tensors and
+    architecture keys are written exactly as `write_gguf` writes them.
+    """
+    from transformers import AutoConfig
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if dtype not in _WRITE_DTYPES:
+        raise OuroError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(_WRITE_DTYPES)}")
+    if not (model_dir / "config.json").is_file():
+        raise OuroError(f"{model_dir} is not a saved HF model (no config.json)")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    arch = architecture_for(config)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens[0]) != config.vocab_size:
+        raise OuroError(f"the model's vocabulary ({config.vocab_size}) does not match the tokenizer metadata "
+                        f"({0 if tokens is None else len(tokens[0])} tokens)")
+    _write(out_path, arch, _child_hparams(config, arch), _plan_tensors(model_dir, config, arch), metadata,
+           dtype=dtype, alignment=None, name=None)
+
+
+def _write(out_path: Path, arch: Architecture, hparams: dict[str, tuple[Any, Any]], plan: list[_TensorPlan],
+           inherited: dict[str, tuple[Any, int, int | None]], *, dtype: str, alignment: int | None,
+           name: str | None) -> None:
+    """Stream the GGUF: `inherited` keys, then the architecture keys (`hparams`), then the tensors of `plan`."""
+    import gguf
+    import torch  # noqa: F401  (safetensors' pt framework needs it)
+    from safetensors import safe_open
+
     with _atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
         try:
-            for key, (value, vtype, sub) in parent.kv.items():
-                # <arch>.* keys describe the parent's shapes: the child's come from its own config
-                if key in _NOT_INHERITED or key.startswith(f"{parent_arch}.") or (name is not None and key == "general.name"):
-                    continue
+            for key, (value, vtype, sub) in inherited.items():
                 writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
                                      sub_type=None if sub is None else gguf.GGUFValueType(sub))
-            if "general.alignment" in parent.kv:
-                writer.add_custom_alignment(int(parent.kv["general.alignment"][0]))
+            if alignment is not None:
+                writer.add_custom_alignment(alignment)
             for key, (value, vtype) in hparams.items():
                 writer.add_key_value(key, value, vtype)
             if name is not None:
-                writer.add_name(child_name(name, parent.text("general.name")))
+                writer.add_name(name)
             writer.add_file_type(_WRITE_DTYPES[dtype])
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for p in plan:
