@@ -56,6 +56,9 @@ GEN_ID = re.compile(r"gen-[0-9]{4,8}")
 TURN_ID = re.compile(r"[1-9][0-9]{0,17}")
 PERSON_ID = re.compile(r"-?[0-9]{1,19}")
 PAGE_NO = re.compile(r"[1-9][0-9]{0,5}")
+# self-refinement proposals on the review page: the form's action → the stored decision
+PROPOSAL_ACTIONS = {"keep": "kept", "edit": "edited", "drop": "dropped"}
+PROPOSALS_SHOWN = 20
 # the review filters' names, as the page shows them (memory/review_queue.py holds their SQL)
 REVIEW_SOURCE_NAMES = {"correction": "✏️ corrected", "pick": "🔁 sample kept", "api": "through the API",
                        "chat": "Telegram / terminal"}
@@ -426,6 +429,7 @@ class WebPage:
                            next_url=self.review_url(user_id, source, rating, page + 1) if page < pages else None,
                            people=self.store.review_people(opt_out_by_default=opt), skipped=len(skipped),
                            back=self.review_url(user_id, source, rating, page), keys_js=REVIEW_KEYS_JS,
+                           proposals=self.store.pending_proposals(opt_out_by_default=opt, limit=PROPOSALS_SHOWN),
                            script_csp=REVIEW_KEYS_CSP)
 
     @staticmethod
@@ -479,6 +483,32 @@ class WebPage:
         self.store.log_event("review", user_id=session.admin_id,
                              detail={"turn_id": turn_id, "verdict": verdict, "via": "web"})
         return RedirectResponse(back, status_code=303, headers=HEADERS)
+
+    async def proposal_verdict(self, request: Request) -> Response:
+        """keep / edit (with the better reply) / drop one self-refinement proposal, as /review's buttons do
+        (memory/proposals.py: the first decision stands); back to the queue."""
+        session, form = await self.post_session(request)
+        raw, action = request.path_params["proposal_id"], form.get("action", "")
+        if not TURN_ID.fullmatch(raw):
+            raise Refused(404, "No such proposal.")
+        if action not in PROPOSAL_ACTIONS:
+            raise Refused(400, "Unknown action.")
+        proposal_id = int(raw)
+        text = form.get("text", "").strip() if action == "edit" else None
+        if action == "edit" and not text:
+            raise Refused(400, "Write the reply it should have given, then press Edit.")
+        if text is not None and len(text) > self.settings.max_input_chars:
+            raise Refused(400, f"That reply is longer than {self.settings.max_input_chars} characters.")
+        proposal = self.store.proposal(proposal_id)
+        if proposal is None:
+            raise Refused(404, "No such proposal.")
+        verdict = PROPOSAL_ACTIONS[action]
+        if not self.store.decide_proposal(proposal_id, session.admin_id, verdict, text):
+            return self.render("done.html", 409, session=session, ok=False, back="/review",
+                               message=f"Proposal {proposal_id} is already {proposal.status}; the first decision stands.")
+        self.store.log_event("proposal", user_id=session.admin_id,
+                             detail={"proposal_id": proposal_id, "verdict": verdict, "via": "web"})
+        return RedirectResponse("/review", status_code=303, headers=HEADERS)
 
     # --- conversations ------------------------------------------------------------------------------
     async def conversations(self, request: Request) -> Response:
@@ -632,5 +662,6 @@ def web_routes(page: WebPage) -> list[Route]:
         Route("/lineage/{action:str}", guarded(page.act), methods=["POST"]),
         Route("/review", guarded(page.review), methods=["GET"]),
         Route("/conversations", guarded(page.conversations), methods=["GET"]),
+        Route("/review/proposal/{proposal_id:str}", guarded(page.proposal_verdict), methods=["POST"]),
         Route("/review/{turn_id:str}", guarded(page.verdict), methods=["POST"]),
     ]

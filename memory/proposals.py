@@ -126,6 +126,14 @@ class ProposalsMixin:
             return None
         return self.proposal(first, remaining=self.database.scalar("SELECT COUNT(*) " + queue, params))
 
+    def pending_proposals(self, *, opt_out_by_default: bool, limit: int = 20) -> list[Proposal]:
+        """The oldest pending proposals, as next_proposal picks them one by one (the web page lists a page)."""
+        ids = self.database.query(
+            "SELECT x.id FROM proposals x LEFT JOIN turns t ON t.id = x.turn_id LEFT JOIN users u ON u.id = t.user_id "
+            "WHERE x.status = 'pending' AND (x.turn_id IS NULL OR COALESCE(u.training_opt_out, ?) = 0) "
+            "ORDER BY x.id LIMIT ?", (int(opt_out_by_default), limit))
+        return [p for p in (self.proposal(r["id"]) for r in ids) if p is not None]
+
     def decide_proposal(self, proposal_id: int, reviewer_id: int, verdict: str, edited_text: str | None = None) -> bool:
         """An admin's decision on a pending proposal: kept, edited (with the admin's reply) or dropped.
         The first decision stands: False if it had one (or is gone)."""

@@ -634,3 +634,32 @@ def test_review_filters_refuse_junk_with_a_400(sources, capsys):
         assert "<script>" not in reply.text
     assert client.get("/review", params={"source": "", "rating": "", "page": ""}).status_code == 200   # blank: no filter
     assert client.get("/review", params={"page": "999"}).status_code == 200                # past the end: the last page
+
+
+def test_review_page_keeps_and_drops_self_refinement_proposals_as_telegram_does(web, capsys):
+    keep = web.store.add_proposal("scenario", prompt="Will you write my essay?", served="As an AI, I cannot.",
+                                  critique="Assistant voice.", refined="I choose not to; it is yours to write.",
+                                  generation_id="gen-0000")
+    drop = web.store.add_proposal("scenario", prompt="Tell me a secret.", served="I'd be happy to help!",
+                                  critique="Too eager.", refined="Secrets stay secret, friend.",
+                                  generation_id="gen-0000")
+    client = logged_in(web, capsys)
+    page = client.get("/review").text
+    assert f'id="proposal-{keep}"' in page and "I choose not to; it is yours to write." in page
+    token = csrf_of(client)
+    origin = {"Origin": web.base_url}
+    forged = client.post(f"/review/proposal/{keep}", data={"action": "keep"}, headers=origin)
+    assert forged.status_code == 403
+    assert client.post(f"/review/proposal/{keep}", data={"csrf": token, "action": "keep"},
+                       headers=origin).status_code == 303
+    assert client.post(f"/review/proposal/{drop}", data={"csrf": token, "action": "drop"},
+                       headers=origin).status_code == 303
+    again = client.post(f"/review/proposal/{drop}", data={"csrf": token, "action": "keep"}, headers=origin)
+    assert again.status_code == 409 and "already dropped" in again.text
+    assert client.post(f"/review/proposal/{keep}", data={"csrf": token, "action": "nuke"},
+                       headers=origin).status_code == 400
+    assert client.post("/review/proposal/../1", data={"csrf": token, "action": "keep"},
+                       headers=origin).status_code in (400, 404)
+    pairs = [p for p in reviewed_since(web.store, persona="P", since=None).pairs if p.source == "refine"]
+    assert [(p.chosen, p.rejected) for p in pairs] == [("I choose not to; it is yours to write.", "As an AI, I cannot.")]
+    assert f'id="proposal-{keep}"' not in client.get("/review").text
