@@ -103,6 +103,7 @@ REVIEW_KEYS_JS = """
     ev.preventDefault();
   });
   focus(0);
+  document.documentElement.dataset.keys = "on";   // the shortcuts listen from here on (tests wait for it)
 })();
 """
 REVIEW_KEYS_CSP = "script-src 'sha256-" + base64.b64encode(hashlib.sha256(REVIEW_KEYS_JS.encode()).digest()).decode() + "'"

@@ -331,6 +331,8 @@ def test_the_sql_scan_flags_built_sql(snippet):
 BOT_WRITES = {   # bot/, api/ and serving/ (the turn life cycle every transport runs) are what people reach
     ("serving/status.py", "write_runtime"): "<data>/run/serve.json, a fixed name",
     ("serving/runtime.py", "open_store"): "<data>/ and <data>/ouro.db, at start-up",
+    ("serving/runtime.py", "open_kv_files"): "<data>/kv/ at start-up; engine/kv_files.py names files by the GGUF's "
+                                             "SHA-256 and the chat id (a number, or a hash of any other key)",
     ("serving/runtime.py", "register_base"): "<data>/models/ (generation 0), at start-up",
     ("bot/admin.py", "draw"): "the /lineage chart in a temporary folder inside <data>, deleted after sending",
     ("api/web.py", "draw"): "the web page's charts (lineage, per generation), the same way as bot/admin.py's",

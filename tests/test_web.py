@@ -165,6 +165,7 @@ def test_browser_review_keys_record_verdicts_on_the_focused_item(web, page, caps
     assert "focused" in page.get_attribute(f"#turn-{bob}", "class")
     page.keyboard.press("r")
     page.wait_for_selector(f"#turn-{bob}", state="detached")
+    page.wait_for_selector("html[data-keys=on]")                    # the reloaded page's shortcuts listen
     assert web.store.review_verdict(bob) == "rejected" and web.store.review_verdict(ann) is None
     page.keyboard.press("k")                                          # at the top already: stays on Ann's
     page.keyboard.press("a")
