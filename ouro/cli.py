@@ -682,10 +682,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ouro.logs import setup_logging
 
     setup_logging("WARNING")
+    chosen = [flag for flag, on in (("--refine", args.refine), ("--imported", args.imported),
+                                    ("--attack", args.attack)) if on]
+    if len(chosen) > 1:
+        raise OuroError(f"{' and '.join(chosen)}: one experiment at a time", hint="run them one after another")
     if args.refine:
         from ouro.bench.refine_round import run_refine_experiment
 
         result = run_refine_experiment(cycles=args.cycles, rules=args.rule, data_dir=args.keep, json_output=args.json)
+    elif args.imported:
+        from ouro.bench.imported import run_imported_experiment
+
+        result = run_imported_experiment(styles=args.style, data_dir=args.keep, json_output=args.json)
     elif args.attack:
         from ouro.bench.attack import run_attack
 
@@ -911,6 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rule of the constitution, the generation critiques and rewrites them (self-refinement), an "
                         "admin keeps only rewrites that keep the rule; per generation the rule-breaking share of "
                         "probe replies, recall and style drift (about an hour on 2 cores)")
+    p.add_argument("--imported", action="store_true",
+                   help="instead: the cold start — nobody rates anything; the owner imports a Telegram history (six "
+                        "chats in which her replies open with the style's phrase) and one cycle trains on it; the "
+                        "share of probe replies in her style before and after (default style: ahoy; ~15 min)")
     p.add_argument("--rule", choices=["short", "voice"], action="append",
                    help="with --refine: the rule (repeatable; default short: at most 30 words)")
     p.add_argument("--keep", type=Path, help="run in this data folder and keep it (default: a temporary one)")

@@ -1,0 +1,158 @@
+"""`ouro experiment --imported`: a good generation 1 before anyone rates anything (cold start).
+
+The owner, Ann, imports her Telegram history (Telegram Desktop's account-wide JSON export, the format
+`ouro import telegram` reads) and runs one real `ouro cycle` on it with `load_settings()`'s defaults;
+nobody has chatted with or rated the bot. Her history: six one-to-one chats with friends, nine
+messages each, where Ann always opens her reply with one phrase — the same checkable style as
+`ouro experiment` ("Ahoy!", or "Oh my stars!"). What she says after the phrase is generation 0's own
+reply in that conversation (sampled at the serving settings), so the only thing that separates her
+replies from the base model's is the style: the same construction as the experiment's ✏️
+corrections, without a single rating. Measured before and after as `ouro experiment` measures: new
+probe questions, each in a fresh conversation, sampled as users get them and greedily beside it;
+with the gate's decision and scores, and the refused candidate's own share when it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from tqdm import tqdm
+
+from config.settings import Settings
+from engine.protocol import Sampling
+from lineage.generations import Lineage
+from memory.importers.pipeline import import_chat
+from ouro.bench.experiment import CONVERSATIONS, STYLES, Style, candidate_share, experiment_settings, measure
+from serving.runtime import load_engine, open_store, register_base
+from trainer.cycle import run_cycle
+
+OWNER = "Ann"
+FRIENDS = ["Bea", "Cal", "Dan", "Eve", "Finn", "Gus"]
+# Three more conversations beside the experiment's three; none asks a probe question.
+MORE_CONVERSATIONS = [
+    ["yo! what's new?", "did you sleep well?", "what are you having for lunch?", "is it any good?",
+     "I might try that. what else do you like to eat?", "what did you do after work yesterday?",
+     "any good shows lately?", "should I start it tonight?", "ok bye for now"],
+    ["hello hello", "I got a new plant today", "any tips to keep it alive?", "do you have plants?",
+     "what's your favourite flower?", "I'm going to a concert friday", "what should I wear?",
+     "do you like dancing?", "see you!"],
+    ["guess what, I passed my exam!", "thanks! what should I do to celebrate?", "pizza or sushi?",
+     "what's your favourite dessert?", "do you bake?", "I'm thinking of learning to swim",
+     "is it hard for adults?", "any advice for a beginner?", "wish me luck!"],
+]
+HISTORY = CONVERSATIONS + MORE_CONVERSATIONS
+START = datetime(2026, 11, 2, 18, 0)
+
+
+def owner_history(settings: Settings, style: Style, *, quiet: bool) -> list[list[tuple[str, str]]]:
+    """Each conversation as (friend's message, Ann's reply): generation 0 answers in context, Ann's
+    reply is the phrase followed by that answer."""
+    lineage = Lineage(settings.models_dir)
+    engine = load_engine(settings, lineage.active())
+    persona = settings.persona()
+    sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                        repeat_penalty=settings.repeat_penalty, seed=settings.train_seed,
+                        max_tokens=settings.reply_max_tokens)
+    out = []
+    bar = tqdm(total=sum(map(len, HISTORY)), desc="Ann's history", disable=quiet)
+    try:
+        for n, questions in enumerate(HISTORY):
+            messages = [{"role": "system", "content": persona}]
+            pairs = []
+            for question in questions:
+                messages.append({"role": "user", "content": question})
+                reply = style.correct(engine.generate(messages, chat_key=f"history-{n}", sampling=sampling).text)
+                messages.append({"role": "assistant", "content": reply})
+                pairs.append((question, reply))
+                bar.update(1)
+            out.append(pairs)
+    finally:
+        bar.close()
+        engine.close()
+    return out
+
+
+def telegram_export(history: list[list[tuple[str, str]]]) -> dict:
+    """Telegram Desktop's account-wide JSON: one personal chat per friend, a message every few minutes
+    (never within the importer's 3-minute merge of one speaker, never a 30-minute gap), a day apart."""
+    chats, message_id = [], 1
+    for n, (friend, pairs) in enumerate(zip(FRIENDS, history, strict=True)):
+        at, messages = START + timedelta(days=n), []
+        for question, reply in pairs:
+            for speaker, text in ((friend, question), (OWNER, reply)):
+                messages.append({"id": message_id, "type": "message", "date": at.isoformat(timespec="seconds"),
+                                 "date_unixtime": str(int(at.timestamp())), "from": speaker,
+                                 "from_id": f"user{100 + (0 if speaker == OWNER else n + 1)}", "text": text})
+                message_id += 1
+                at += timedelta(minutes=4)
+        chats.append({"name": friend, "type": "personal_chat", "id": 5000 + n, "messages": messages})
+    return {"about": "written by ouro experiment --imported", "chats": {"about": "", "list": chats}}
+
+
+def run_imported_style(style: Style, data_dir: Path, *, quiet: bool) -> dict:
+    settings = experiment_settings(data_dir)
+    store = open_store(settings)
+    try:
+        register_base(settings, store)
+    finally:
+        store.close()
+    lineage = Lineage(settings.models_dir)
+    base = {"generation": lineage.active_id(), "status": "base", **measure(settings, style, 0)}
+    if not quiet:
+        print(f"[{style.phrase}] {base['generation']}: {base['style_share']:.0%} sampled, "
+              f"{base['style_share_greedy']:.0%} greedy in style")
+    started = time.perf_counter()
+    history = owner_history(settings, style, quiet=quiet)
+    export = data_dir / "telegram-export" / "result.json"
+    export.parent.mkdir(parents=True, exist_ok=True)
+    export.write_text(json.dumps(telegram_export(history), ensure_ascii=False, indent=1), encoding="utf-8")
+    history_s = round(time.perf_counter() - started, 1)
+    store = open_store(settings)
+    try:
+        summary = import_chat(store, "telegram", export, me=OWNER)
+        started = time.perf_counter()
+        report = run_cycle(settings, store, actor="experiment", progress=not quiet)
+    finally:
+        store.close()
+    cycle_s = round(time.perf_counter() - started, 1)
+    row = {"generation": report.gen_id, "status": report.status, "active": lineage.active_id(),
+           "imported": {k: summary.get(k) for k in ("messages_read", "messages_kept", "conversations",
+                                                    "windows_train", "windows_heldout", "windows_dropped_overlap")},
+           "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data, "train": report.train,
+           "scores": report.scores, "reasons": report.reasons, **measure(settings, style, 1)}
+    if report.status == "refused" and report.gen_id:
+        row.update(candidate_share(settings, report.gen_id, style))
+    if not quiet:
+        print(f"[{style.phrase}] imported {summary['messages_kept']} of {summary['messages_read']} messages "
+              f"({summary['windows_train']} training windows, {summary['windows_heldout']} held out); "
+              f"{report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active {lineage.active_id()} answers "
+              f"{row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} greedy in style; "
+              f"scores {report.scores}")
+        if "candidate_style_share" in row:
+            print(f"    the refused candidate itself: {row['candidate_style_share']:.0%} sampled, "
+                  f"{row['candidate_style_share_greedy']:.0%} greedy in style")
+        for reason in report.reasons:
+            print(f"    - {reason}")
+    return {"style": style.phrase, "history_s": history_s, "import": summary, "generations": [base, row],
+            "gain_after_1": round(row["style_share"] - base["style_share"], 3),
+            "candidate_gain": round(row.get("candidate_style_share", row["style_share"]) - base["style_share"], 3)}
+
+
+def run_imported_experiment(*, styles: list[str] | None = None, data_dir: Path | None = None,
+                            json_output: bool = False) -> dict:
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-imported-")
+        data_dir = Path(tmp.name)
+    try:
+        results = [run_imported_style(STYLES[name], Path(data_dir) / f"imported-{name}", quiet=json_output)
+                   for name in (styles or ["ahoy"])]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"settings": "load_settings() defaults; nothing rated: one Telegram history import, then one cycle",
+            "styles": results, "data_dir": None if tmp is not None else str(data_dir)}
