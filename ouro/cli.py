@@ -406,7 +406,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ouro.bench.concurrent import print_concurrent, run_bench_concurrent
         from ouro.bench.serve import MESSAGES
 
-        result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json)
+        result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json,
+                                      compare=tuple(args.compare or ("serial", "llama-server")))
         if not args.json:
             print_concurrent(result)
     else:
@@ -973,7 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrent", type=int, default=None, metavar="N",
                    help="serve: instead of the ratios, N chats talking at once (3 turns each, greedy): replies/min "
                         "and p50/p95 time to first token, decoded together (max_parallel slots) vs one reply at "
-                        "a time, in one run")
+                        "a time and vs llama.cpp's own llama-server with as many slots on the same GGUF, in one "
+                        "run (`make llama-server` builds it once)")
+    p.add_argument("--compare", choices=["serial", "llama-server"], action="append",
+                   help="with --concurrent: what the parallel engine is compared with (repeatable; default both)")
     p.add_argument("--concurrent-api", type=int, metavar="N",
                    help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
                         "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "

@@ -2,10 +2,13 @@
 
 Each of the N people sends TURNS_EACH messages through the conversation (store, rolling context,
 worker, engine), the next as soon as the reply to the last one is complete; all N start together.
-The same run is made twice in one process, each on a fresh data folder: with `max_parallel = 1`
-(one reply at a time, `LlamaEngine`) and with `max_parallel` slots (`BatchedEngine`). Replies are
-greedy, so both sides write the same words (checked: `same_replies`) and the ratio is like for
-like. Figures: replies per minute over the whole run, generated tokens per second, and time to
+The same run is made in one process, each on a fresh data folder: with `max_parallel` slots
+(`BatchedEngine`), with `max_parallel = 1` (one reply at a time, `LlamaEngine`), and against
+llama.cpp's own `llama-server` with as many slots on the same GGUF, its clients sending the persona
+and the whole history each turn as OpenAI clients do (ouro/bench/llama_server.py). Replies are
+greedy, so the two embedded sides write the same words (checked: `same_replies`) and the ratio is
+like for like; the server renders the prompt itself, so how many of its replies are identical is
+reported beside its ratio. Figures: replies per minute over the whole run, generated tokens per second, and time to
 first token measured from the moment a message is handed to the conversation to its first piece
 of text (queue wait included: that is what a person waits), p50 and p95 over every turn.
 """
@@ -19,37 +22,79 @@ import time
 from pathlib import Path
 
 from config.settings import Settings, load_settings
+from core.errors import OuroError
 from serving.conversation import Speaker
 from serving.runtime import open_runtime
 
 TURNS_EACH = 3
 
 
-def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool) -> dict:
+SIDES = ("serial", "llama-server")   # what the parallel engine is compared with (`--compare`)
+
+
+def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool,
+                         compare: tuple[str, ...] = SIDES) -> dict:
     if chats < 1:
         raise ValueError("--concurrent needs at least one chat")
     slots = min(chats, base.parallel_slots)
+    runs = [("parallel", slots)] + ([("one_at_a_time", 1)] if "serial" in compare else [])
+    binary = None
+    if "llama-server" in compare:
+        from ouro.bench.llama_server import llama_server_binary
+
+        binary = llama_server_binary(build=False)
+        if not binary.is_file():
+            raise OuroError(f"no llama-server at {binary}",
+                            hint="`make llama-server` builds llama.cpp's own server once (minutes), or set "
+                                 "OURO_LLAMA_SERVER; or leave it out: --compare serial")
     sides = {}
-    for name, parallel in (("one_at_a_time", 1), ("parallel", slots)):
+    for name, parallel in runs:
         with tempfile.TemporaryDirectory(prefix="ouro-bench-concurrent-") as tmp:
             settings = _settings(base, Path(tmp), parallel)
             rt = open_runtime(settings)
             try:
                 sides[name] = asyncio.run(_chats_at_once(rt, messages, chats))
+                if name == "parallel" and binary is not None:
+                    sides["llama_server"] = _server_side(binary, settings, rt.lineage.active().gguf, slots,
+                                                         messages, chats, Path(tmp))
             finally:
                 rt.close()
         if not quiet:
-            print(f"  {name}: {sides[name]['figures']}")
+            for side in (name, "llama_server"):
+                if side in sides and "printed" not in sides[side]:
+                    print(f"  {side}: {sides[side]['figures']}")
+                    sides[side]["printed"] = True
     texts = {name: side.pop("texts") for name, side in sides.items()}
-    one, par = sides["one_at_a_time"]["figures"], sides["parallel"]["figures"]
-    return {
-        "concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
-        "reply_max_tokens": base.reply_max_tokens,
-        "one_at_a_time": one, "parallel": par,
-        "throughput_ratio": round(par["replies_per_min"] / one["replies_per_min"], 3),
-        "ttft_p95_ratio": round(par["ttft_p95_s"] / one["ttft_p95_s"], 3),
-        "same_replies": texts["one_at_a_time"] == texts["parallel"],
-    }
+    for side in sides.values():
+        side.pop("printed", None)
+    par = sides["parallel"]["figures"]
+    result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
+              "reply_max_tokens": base.reply_max_tokens, "parallel": par}
+    if "one_at_a_time" in sides:
+        one = sides["one_at_a_time"]["figures"]
+        result.update(one_at_a_time=one,
+                      throughput_ratio=round(par["replies_per_min"] / one["replies_per_min"], 3),
+                      ttft_p95_ratio=round(par["ttft_p95_s"] / one["ttft_p95_s"], 3),
+                      same_replies=texts["one_at_a_time"] == texts["parallel"])
+    if "llama_server" in sides:
+        server = sides["llama_server"]["figures"]
+        same = sum(a == b for i in texts["parallel"] for a, b in zip(texts["parallel"][i], texts["llama_server"][i],
+                                                                      strict=True))
+        result.update(llama_server=server,
+                      vs_server_throughput=round(par["replies_per_min"] / server["replies_per_min"], 3),
+                      vs_server_ttft_p95=round(par["ttft_p95_s"] / server["ttft_p95_s"], 3),
+                      same_replies_as_server=f"{same} of {sum(map(len, texts['parallel'].values()))}")
+    return result
+
+
+def _server_side(binary: Path, settings: Settings, gguf: Path, slots: int, messages: list[str], chats: int,
+                 folder: Path) -> dict:
+    """llama.cpp's llama-server on the same GGUF, `slots` slots, the same chats (ouro/bench/llama_server.py)."""
+    from ouro.bench.llama_server import chats_through_server, free_port, running_server, server_argv
+
+    port = free_port()
+    with running_server(server_argv(binary, gguf, settings, slots, port), port, folder / "llama-server.log") as url:
+        return asyncio.run(chats_through_server(url, settings, messages, chats, TURNS_EACH))
 
 
 def _settings(base: Settings, data_dir: Path, parallel: int) -> Settings:
@@ -98,12 +143,21 @@ async def _chats_at_once(rt, messages: list[str], chats: int) -> dict:
 
 
 def print_concurrent(r: dict) -> None:
-    one, par = r["one_at_a_time"], r["parallel"]
     print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, greedy, "
           f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots)")
-    for name, side in (("one reply at a time", one), (f"parallel, {r['slots']} slots", par)):
+    rows = [("parallel (embedded)", r["parallel"])]
+    if "one_at_a_time" in r:
+        rows.append(("one reply at a time", r["one_at_a_time"]))
+    if "llama_server" in r:
+        rows.append((f"llama-server, {r['slots']} slots", r["llama_server"]))
+    for name, side in rows:
         print(f"  {name:<22} {side['replies_per_min']:7.2f} replies/min  {side['tokens_per_s']:7.2f} tokens/s  "
               f"TTFT p50 {side['ttft_p50_s']:.3f} s  p95 {side['ttft_p95_s']:.3f} s")
-    note = "" if r["same_replies"] else "  (replies differed: not a like-for-like ratio)"
-    print(f"  throughput parallel ÷ one at a time: {r['throughput_ratio']:.2f}   "
-          f"TTFT p95 parallel ÷ one at a time: {r['ttft_p95_ratio']:.2f}{note}")
+    if "one_at_a_time" in r:
+        note = "" if r["same_replies"] else "  (replies differed: not a like-for-like ratio)"
+        print(f"  throughput parallel ÷ one at a time: {r['throughput_ratio']:.2f}   "
+              f"TTFT p95 parallel ÷ one at a time: {r['ttft_p95_ratio']:.2f}{note}")
+    if "llama_server" in r:
+        print(f"  throughput parallel ÷ llama-server: {r['vs_server_throughput']:.2f}   "
+              f"TTFT p95 parallel ÷ llama-server: {r['vs_server_ttft_p95']:.2f}   "
+              f"(identical replies: {r['same_replies_as_server']})")

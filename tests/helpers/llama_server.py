@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,13 @@ from pathlib import Path
 
 import httpx
 
+from ouro.bench.llama_server import free_port, llama_server_binary
 from tests.helpers.layers import ROOT
+
+__all__ = ["LlamaCppServer", "LlamaServer", "free_port", "llama_server_binary"]
 
 LAUNCH = ("import sys; from engine.llama import model_params; from llama_cpp.server.__main__ import main\n"
           "with model_params(extra_buffers=False):\n    main()\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -90,48 +86,7 @@ class LlamaServer:
 
 
 # --- llama.cpp's own llama-server, built from the source llama-cpp-python vendors ----------------
-SERVER_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
-                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
-                "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
-
-
-def llama_server_binary(*, build: bool = True) -> Path:
-    """llama.cpp's `llama-server` of the llama.cpp that llama-cpp-python vendors (same version, same
-    kernels): `OURO_LLAMA_SERVER` when set, else built once into the user's cache, keyed by
-    llama-cpp-python's version (the sdist pip downloads; minutes on two cores), outside the checkout."""
-    import importlib.metadata
-
-    if os.environ.get("OURO_LLAMA_SERVER"):
-        return Path(os.environ["OURO_LLAMA_SERVER"])
-    version = importlib.metadata.version("llama_cpp_python")
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ouroboros" / f"llama.cpp-{version}"
-    binary = home / "build" / "bin" / "llama-server"
-    if binary.is_file() or not build:
-        return binary
-    src = llama_cpp_source(home, version)
-    jobs = str(os.cpu_count() or 2)
-    subprocess.run(["cmake", "-S", str(src), "-B", str(home / "build"), *SERVER_FLAGS], check=True)
-    subprocess.run(["cmake", "--build", str(home / "build"), "--target", "llama-server", "-j", jobs], check=True)
-    return binary
-
-
-def llama_cpp_source(home: Path, version: str) -> Path:
-    """The llama.cpp tree inside llama-cpp-python's sdist of `version` (pip downloads it, or takes it
-    from its cache), unpacked once under `home`."""
-    import tarfile
-
-    src = home / "src"
-    if not (src / "CMakeLists.txt").is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "-d", str(home), f"llama-cpp-python=={version}"], check=True)
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        with tarfile.open(home / f"llama_cpp_python-{version}.tar.gz") as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(home / "src.tmp", members=members, filter="data")
-        os.replace(home / "src.tmp", src)
-    return src
+# (ouro/bench/llama_server.py locates or builds it: the concurrent bench runs it too)
 
 
 class LlamaCppServer(LlamaServer):

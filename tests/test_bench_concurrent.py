@@ -1,0 +1,51 @@
+"""`ouro bench serve --concurrent N`'s sides, small (marked `model`): the embedded engine with slots
+and llama.cpp's own llama-server with as many slots on the same packaged GGUF, 2 chats × 3 turns of
+8 tokens. Checks the bench's plumbing, not speed: every reply arrives, each side's figures are
+counted over all of them, greedy replies of the two embedded engines agree, the server is started
+with the embedded engine's threads and buffer choice and stopped afterwards, and a missing server
+binary is a clear error before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import load_settings
+from core.errors import OuroError
+from ouro.bench.concurrent import TURNS_EACH, run_bench_concurrent
+from ouro.bench.llama_server import server_argv
+from tests.helpers.llama_server import llama_server_binary
+
+pytestmark = pytest.mark.model
+MESSAGES = ["hi! how are you?", "what do you like to eat?", "tell me a joke"]
+
+
+def test_parallel_serial_and_llama_server_sides_answer_every_turn(tmp_path, monkeypatch):
+    monkeypatch.setenv("OURO_LLAMA_SERVER", str(llama_server_binary()))
+    base = load_settings(data_dir=tmp_path / "unused", reply_max_tokens=8, max_parallel=2, cycle_schedule="off")
+    r = run_bench_concurrent(base, MESSAGES, chats=2, quiet=True)
+    assert r["slots"] == 2
+    for side in ("parallel", "one_at_a_time", "llama_server"):
+        figures = r[side]
+        assert figures["replies"] == 2 * TURNS_EACH and figures["tokens_per_s"] > 0, side
+        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"] < figures["wall_s"], side
+    assert r["same_replies"] is True
+    assert r["vs_server_throughput"] > 0 and r["same_replies_as_server"].endswith(f"of {2 * TURNS_EACH}")
+
+
+def test_the_server_runs_as_the_embedded_engine_does(tmp_path):
+    settings = load_settings(data_dir=tmp_path, n_ctx=1024)
+    argv = server_argv(tmp_path / "llama-server", tmp_path / "m.gguf", settings, 8, 5555)
+    assert argv[argv.index("-np") + 1] == "8" and argv[argv.index("-c") + 1] == str(8 * 1024)
+    assert "--no-repack" in argv                           # extra buffer types off, as engine/llama.py loads
+    on = server_argv(tmp_path / "s", tmp_path / "m.gguf", settings.model_copy(update={"llama_extra_buffers": True}),
+                     1, 5555)
+    assert "--no-repack" not in on
+
+
+def test_a_missing_server_is_a_clear_error_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("OURO_LLAMA_SERVER", str(tmp_path / "nowhere" / "llama-server"))
+    base = load_settings(data_dir=tmp_path / "unused")
+    with pytest.raises(OuroError, match="no llama-server at") as caught:
+        run_bench_concurrent(base, MESSAGES, chats=2, quiet=True, compare=("llama-server",))
+    assert "make llama-server" in caught.value.hint
+    assert not (tmp_path / "unused").exists()
