@@ -49,3 +49,23 @@ def test_a_missing_server_is_a_clear_error_before_anything_runs(tmp_path, monkey
         run_bench_concurrent(base, MESSAGES, chats=2, quiet=True, compare=("llama-server",))
     assert "make llama-server" in caught.value.hint
     assert not (tmp_path / "unused").exists()
+
+
+def test_bare_llama_cpp_times_each_turn_of_the_same_chat(tmp_path):
+    """`ouro bench serve`'s bare llama.cpp side: every turn's first token is timed, and a turn whose
+    prompt extends the last one (reply included) reads only the new tokens."""
+    from engine.llama import LlamaEngine
+    from lineage.generations import packaged_base_gguf
+    from ouro.bench.serve import bare_llama_ttfts
+
+    settings = load_settings(data_dir=tmp_path, reply_max_tokens=8)
+    engine = LlamaEngine(packaged_base_gguf(), generation_id="bare")
+    try:
+        chat = [{"role": "system", "content": "You are Ouro. " * 60}, {"role": "user", "content": "hi"}]
+        first = engine.tokenize(chat)
+        again = engine.tokenize([*chat, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "ok"}])
+    finally:
+        engine.close()
+    ttfts = bare_llama_ttfts(settings, packaged_base_gguf(), [first, again], quiet=True)
+    assert len(ttfts) == 2 and all(t > 0 for t in ttfts)
+    assert ttfts[1] < ttfts[0]            # the long persona was read once, on the first turn

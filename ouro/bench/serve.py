@@ -1,7 +1,9 @@
 """`ouro bench serve`: serving speed as ratios measured side by side in one run.
 
 1. Time to first token (TTFT) at turn 20 of one conversation ÷ at turn 2 (goal ≤ 1.5):
-   KV reuse means a long history costs little once it has been read.
+   KV reuse means a long history costs little once it has been read. Beside it the same ratio in
+   bare llama.cpp (one `Llama` context reusing the common prefix) on the same prompts, and the bot's
+   ratio ÷ bare llama.cpp's (goal ≤ 1.1).
 2. Four chats interleaved: TTFT of a chat returning after the other three ÷ its warm TTFT
    (goal ≤ 2.0): the per-chat KV cache restores its state instead of re-reading history.
 3. A reply through the whole bot (Telegram emulator over HTTP, python-telegram-bot, store,
@@ -101,10 +103,17 @@ async def _measure(rt, turns: int, *, quiet: bool) -> dict:
     # 1. one long conversation
     ttft = []
     me = Speaker(chat_id=1, user_id=1)
+    prompts: list[list[int]] = []
+    history = [{"role": "system", "content": rt.conversation.persona}]
     for text in tqdm(MESSAGES[:turns], desc="turns of one chat", disable=quiet):
         out = await rt.conversation.handle_text(me, text)
         ttft.append(out.completion.ttft_s)
+        history.append({"role": "user", "content": text})
+        prompts.append(await rt.worker.run(lambda e, m=list(history): e.tokenize(m)))
+        history.append({"role": "assistant", "content": out.text})
     long_ratio = ttft[turns - 1] / ttft[1]
+    bare = bare_llama_ttfts(rt.settings, rt.lineage.active().gguf, prompts, quiet=quiet)
+    bare_ratio = bare[turns - 1] / bare[1]
 
     # 2. four chats interleaved: warm (same chat twice in a row) vs returning after three others
     chats = [Speaker(chat_id=10 + i, user_id=10 + i) for i in range(4)]
@@ -127,11 +136,41 @@ async def _measure(rt, turns: int, *, quiet: bool) -> dict:
         f"turn_{turns}_ttft_s": round(ttft[turns - 1], 4),
         "long_conversation_ratio": round(long_ratio, 3),
         "long_conversation_goal": 1.5,
+        "bare_turn_2_ttft_s": round(bare[1], 4),
+        f"bare_turn_{turns}_ttft_s": round(bare[turns - 1], 4),
+        "bare_long_conversation_ratio": round(bare_ratio, 3),
+        "long_vs_bare": round(long_ratio / bare_ratio, 3),
+        "long_vs_bare_goal": 1.1,
         "warm_ttft_s": round(statistics.median(warm), 4),
         "returning_ttft_s": round(statistics.median(returning), 4),
         "interleaved_ratio": round(interleave_ratio, 3),
         "interleaved_goal": 2.0,
     }
+
+
+def bare_llama_ttfts(settings: Settings, gguf: Path, prompts: list[list[int]], *, quiet: bool) -> list[float]:
+    """The same conversation in bare llama.cpp (llama-cpp-python's `Llama`, one context that keeps what
+    it read and reuses the longest common prefix): each turn's prompt tokens as the bot rendered them,
+    the reply generated greedily to its end (so the next turn finds it cached, as the bot does), the
+    first token timed. Same model, threads, context and buffer choice as the embedded engine."""
+    from llama_cpp import Llama
+
+    from engine.llama import model_params
+
+    with model_params(extra_buffers=settings.llama_extra_buffers):
+        llm = Llama(model_path=str(gguf), n_ctx=settings.n_ctx, n_threads=settings.n_threads, verbose=False)
+    out = []
+    try:
+        for tokens in tqdm(prompts, desc="the same chat in bare llama.cpp", disable=quiet):
+            started, first = time.perf_counter(), None
+            for _chunk in llm.create_completion(tokens, max_tokens=settings.reply_max_tokens, temperature=0.0,
+                                                top_k=1, repeat_penalty=settings.repeat_penalty, stream=True):
+                if first is None:
+                    first = time.perf_counter()
+            out.append((first or time.perf_counter()) - started)
+    finally:
+        llm.close()
+    return out
 
 
 async def _measure_bot(rt, *, quiet: bool, reps: int = 3) -> dict:
@@ -219,6 +258,8 @@ def print_report(r: dict) -> None:
     print("\nouro bench serve")
     if "long_conversation_ratio" in r:
         print(f"  TTFT at the last turn ÷ turn 2:        {r['long_conversation_ratio']:.2f}  (goal ≤ 1.5)")
+        print(f"  … ÷ bare llama.cpp's own ratio ({r['bare_long_conversation_ratio']:.2f}):  {r['long_vs_bare']:.2f}  "
+              f"(goal ≤ 1.1)")
         print(f"  returning chat ÷ warm chat TTFT:       {r['interleaved_ratio']:.2f}  (goal ≤ 2.0)")
     if "bot_vs_bare_ratio" in r:
         print(f"  reply through the bot ÷ bare model:    {r['bot_vs_bare_ratio']:.2f}  (goal ≤ 1.15)")
