@@ -249,6 +249,10 @@ class Settings(BaseSettings):
         "Weight of a KL term holding the SFT model's next-token distribution at reply tokens to the parent's "
         "(trainer/finetune.py): it is what holds recall on a small delta (same data: recall 0.890 → 0.932, "
         "greedy probe replies in style 100% → 92%; docs/design-notes.md). 0: off."))
+    kl_free_below: float = Field(0.05, ge=0.0, lt=1.0, description=(
+        "Reply tokens the parent gives less than this probability are left out of the KL term, so what people "
+        "teach anew (a corrected opening) is learned in full while what the parent already says is held "
+        "(trainer/finetune.py reply_loss). 0: the KL term at every reply token."))
     train_seed: int = Field(1234, description="Seed for LoRA init, shuffling, replay sampling.")
     train_processes: int = Field(1, ge=1, le=1024, description=(
         "Processes the cycle's documents and training stages run in (data parallel: one per GPU, or CPU "

@@ -494,3 +494,35 @@ def test_the_kl_term_is_zero_at_the_parent_and_grows_as_the_adapter_moves(tiny_b
     assert moved_kl > moved + 1e-4
     with pytest.raises(TrainConfigError, match="kl_beta"):
         TrainConfig(kl_beta=-1.0)
+
+
+def test_kl_free_below_leaves_out_the_positions_the_parent_thinks_unlikely(tiny_base, tokenizer, fmt):
+    """The KL term counted only where the parent gives the target ≥ kl_free_below: at 0 every position,
+    at a threshold above every target's probability none (the plain loss), in between some."""
+    from trainer.head import token_logps_and_kl
+
+    model, _ = load_base(tiny_base)
+    model = add_lora(model, TrainConfig())
+    batch = collate_packed(pack(encode_all(CHATS, tokenizer, fmt, 256)[0], 512), 0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        plain, _ = reply_loss(model, batch)
+        every, _ = reply_loss(model, batch, kl_beta=1.0)
+        none, _ = reply_loss(model, batch, kl_beta=1.0, kl_free_below=0.999)
+        lm = model.get_base_model()
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state[:, :-1][keep]
+        with model.disable_adapter():
+            ref_hidden = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state[:, :-1][keep]
+            ref_p = lm.get_output_embeddings()(ref_hidden).float().softmax(-1).gather(-1, targets[keep][:, None])
+        middle = float(ref_p.median())
+        head = lm.get_output_embeddings()
+        _, kl_all = token_logps_and_kl(head, hidden, targets[keep], ref_hidden)
+        _, kl_some = token_logps_and_kl(head, hidden, targets[keep], ref_hidden, free_below=middle)
+    assert every > plain + 1e-4 and torch.allclose(none, plain, atol=1e-6)
+    assert 0 < kl_some < kl_all
+    with pytest.raises(TrainConfigError, match="kl_free_below"):
+        TrainConfig(kl_free_below=1.0)

@@ -98,6 +98,10 @@ class TrainConfig:
         "help": "Weight of a KL term holding the next-token distribution at the reply tokens to the parent's "
                 "(the adapter switched off): the taught token still wins, the rest keeps the parent's shape. "
                 "Costs one more forward per step; 0: off."})
+    kl_free_below: float = field(default=0.0, metadata={
+        "help": "Positions whose target token the parent gives less than this probability are left out of the "
+                "KL term: what the data teaches anew (a correction's new opening) is learned in full, what the "
+                "parent already says is held. 0: the KL term at every reply token."})
     seed: int = field(default=1234, metadata={"help": "Seed for LoRA init, shuffling and dropout."})
     micro_tokens: int | None = field(default=None, metadata={
         "help": "Most tokens per forward within an SFT step: its rows are read in groups this long (a longer "
@@ -137,6 +141,7 @@ class TrainConfig:
         need(self.kto_lr > 0, "kto_lr", "> 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer ≥ 0")
         need(0 <= self.kl_beta <= 100, "kl_beta", "in [0, 100]")
+        need(0 <= self.kl_free_below < 1, "kl_free_below", "in [0, 1)")
         need(self.precision in ("nf4", "bf16", "float32"), "precision", "nf4, bf16 or float32")
         need(self.micro_tokens is None or (isinstance(self.micro_tokens, int) and self.micro_tokens >= 1),
              "micro_tokens", "None or an integer ≥ 1")
@@ -250,7 +255,8 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def reply_loss(model, batch: dict[str, torch.Tensor], *, kl_beta: float = 0.0) -> tuple[torch.Tensor, int]:
+def reply_loss(model, batch: dict[str, torch.Tensor], *, kl_beta: float = 0.0,
+               kl_free_below: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled positions; the LM head runs only where a label is, in
     checkpointed chunks (trainer/head.py), so no [tokens, vocabulary] float32 tensor is held whole.
 
@@ -260,7 +266,11 @@ def reply_loss(model, batch: dict[str, torch.Tensor], *, kl_beta: float = 0.0) -
     three times as hard as a stranger's (1.0) whatever else shares its batch.
     With `kl_beta` > 0 on a peft model, plus kl_beta × the mean KL(parent ‖ model) over the same
     positions; the parent is the same weights with the adapter switched off, so it costs one forward
-    without gradients and no second model in memory.
+    without gradients and no second model in memory. With `kl_free_below` > 0 the KL is summed only
+    where the parent gives the target at least that probability (still divided by all the positions):
+    forward KL pulls each position towards (target + kl_beta × parent) / (1 + kl_beta), which at a
+    position the parent thinks nearly impossible holds the taught token to ~1/(1 + kl_beta) and slows
+    it down; there the data, not the parent, should decide (docs/design-notes.md, the KL ablation).
     Works for an HF causal LM and for a peft model around one (LoRA sits inside the decoder).
     """
     from peft import PeftModel
@@ -276,7 +286,8 @@ def reply_loss(model, batch: dict[str, torch.Tensor], *, kl_beta: float = 0.0) -
     if kl_beta > 0 and isinstance(model, PeftModel):
         with torch.no_grad(), model.disable_adapter():
             ref_hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
-        logps, kl = token_logps_and_kl(head, hidden[:, :-1][keep], targets[keep], ref_hidden)
+        logps, kl = token_logps_and_kl(head, hidden[:, :-1][keep], targets[keep], ref_hidden,
+                                       free_below=kl_free_below)
     else:
         logps, kl = token_logps(head, hidden[:, :-1][keep], targets[keep]), None
     if "label_weights" in batch:
@@ -356,7 +367,8 @@ def groups(rows: Sequence[PackedRow], budget: int) -> list[list[PackedRow]]:
     return out
 
 
-def accumulate_step(model, rows: Sequence[PackedRow], pad_id: int, kl_beta: float, micro_tokens: int) -> float:
+def accumulate_step(model, rows: Sequence[PackedRow], pad_id: int, kl_beta: float, micro_tokens: int,
+                    kl_free_below: float = 0.0) -> float:
     """Backward of one step's reply loss over `rows`, at most `micro_tokens` tokens a forward; returns the loss.
 
     reply_loss is a sum over labelled tokens divided by their count, so each part's loss, rescaled
@@ -364,13 +376,13 @@ def accumulate_step(model, rows: Sequence[PackedRow], pad_id: int, kl_beta: floa
     rows still share a forward: one row a forward was 25% slower on a delta of short chats."""
     parts = groups(rows, micro_tokens)
     if len(parts) == 1:
-        loss, _ = reply_loss(model, collate_packed(rows, pad_id), kl_beta=kl_beta)
+        loss, _ = reply_loss(model, collate_packed(rows, pad_id), kl_beta=kl_beta, kl_free_below=kl_free_below)
         loss.backward()
         return loss.item()
     total_n = sum(sum(label != IGNORE_INDEX for label in r.labels[1:]) for r in rows) or 1
     total = 0.0
     for part in parts:
-        loss, n = reply_loss(model, collate_packed(part, pad_id), kl_beta=kl_beta)
+        loss, n = reply_loss(model, collate_packed(part, pad_id), kl_beta=kl_beta, kl_free_below=kl_free_below)
         if not n:
             continue
         scaled = loss * (n / total_n)
@@ -420,9 +432,10 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
                     break
                 chunk = [rows[j] for j in order[i:i + plan.batch]]
                 if group.active:
-                    losses.append(_shared_step(model, group.shard(chunk), params, group, pad_id, cfg.kl_beta))
+                    losses.append(_shared_step(model, group.shard(chunk), params, group, pad_id, cfg.kl_beta,
+                                               cfg.kl_free_below))
                 else:
-                    losses.append(accumulate_step(model, chunk, pad_id, cfg.kl_beta, micro))
+                    losses.append(accumulate_step(model, chunk, pad_id, cfg.kl_beta, micro, cfg.kl_free_below))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -438,13 +451,13 @@ def sft_train(model, rows: Sequence[PackedRow], cfg: TrainConfig, pad_id: int, *
 
 
 def _shared_step(model, mine: Sequence[PackedRow], params: list, group: Group, pad_id: int,
-                 kl_beta: float) -> float:
+                 kl_beta: float, kl_free_below: float = 0.0) -> float:
     """One process's part of a step: the summed loss of its rows backwards, then the gradients and
     token counts of all processes summed and divided by the step's tokens (reply_loss is a mean
     per reply token, the KL term's too, so loss × tokens is their sum). Returns the step's loss."""
     loss_sum, n = 0.0, 0
     if mine:
-        loss, n = reply_loss(model, collate_packed(mine, pad_id), kl_beta=kl_beta)
+        loss, n = reply_loss(model, collate_packed(mine, pad_id), kl_beta=kl_beta, kl_free_below=kl_free_below)
         (loss * n).backward()
         loss_sum = loss.item() * n
     total_loss, total_n = group.reduce_grads(params, [loss_sum, n])

@@ -13,6 +13,8 @@ docs/design-notes.md (Training memory and precision).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -24,12 +26,14 @@ def _logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _logps_kl(head, hidden: torch.Tensor, targets: torch.Tensor, ref_hidden: torch.Tensor):
+def _logps_kl(head, hidden: torch.Tensor, targets: torch.Tensor, ref_hidden: torch.Tensor, free_below: float):
     logits = head(hidden).float()
     logp = logits.log_softmax(-1)
     with torch.no_grad():
         ref = head(ref_hidden).float().log_softmax(-1)
-    kl = (ref.exp() * (ref - logp)).sum()
+        held = ref.gather(-1, targets[:, None]).squeeze(-1) >= math.log(free_below) if free_below > 0 else None
+    per_row = (ref.exp() * (ref - logp)).sum(-1)
+    kl = (per_row[held] if held is not None else per_row).sum()
     return logp.gather(-1, targets[:, None]).squeeze(-1), kl
 
 
@@ -52,14 +56,15 @@ def token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int
 
 
 def token_logps_and_kl(head, hidden: torch.Tensor, targets: torch.Tensor, ref_hidden: torch.Tensor, *,
-                       chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                       free_below: float = 0.0, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """token_logps, and the sum over rows of KL(ref ‖ model) between the next-token distributions that
-    `ref_hidden` (no gradient) and `hidden` give through the same head."""
+    `ref_hidden` (no gradient) and `hidden` give through the same head — over the rows whose target
+    the reference gives at least `free_below` probability (0: every row)."""
     parts, kl = [], hidden.new_zeros((), dtype=torch.float32)
     whole = len(targets) <= chunk
     for i in range(0, len(targets), chunk):
         logp, part = _run(_logps_kl, head, hidden[i:i + chunk], targets[i:i + chunk], ref_hidden[i:i + chunk],
-                          whole=whole)
+                          free_below, whole=whole)
         parts.append(logp)
         kl = kl + part
     return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), kl
