@@ -75,3 +75,18 @@ def test_a_correction_is_learned_when_the_child_prefers_it_over_the_reply_it_rep
     one = [[{"role": "assistant", "content": "Ahoy! x"}]]
     assert generalization_score(child2, parent2, one)["score"] == 0.0          # mean NLL: 1.099 > 1.05
     assert generalization_score(child2, parent2, one, rejected=["x"])["score"] == 1.0
+
+
+def test_a_correction_the_parent_already_preferred_is_learned_when_the_child_still_prefers_it():
+    """Generation 2 of a style: the parent already prefers the held-out correction, so there is no nat
+    left to gain; the child learned it when it still prefers it by preference_gain (counted as kept),
+    and not when it lost that preference."""
+    items = [[{"role": "assistant", "content": t}] for t in ("Ahoy! a", "Ahoy! b")]
+    body = [-1.0] * 19
+    parent = Scored({"Ahoy! a": [-0.5] + body, "a": [-3.0] + body, "Ahoy! b": [-0.5] + body, "b": [-3.0] + body})
+    child = Scored({"Ahoy! a": [-0.4] + body, "a": [-3.2] + body,    # still prefers it (2.8 nats), gain 0.3
+                    "Ahoy! b": [-2.0] + body, "b": [-2.5] + body})   # prefers it by 0.5 nat only: lost it
+    out = generalization_score(child, parent, items, sources=["correction"] * 2, rejected=["a", "b"])
+    assert [x["learned"] for x in out["per_item"]] == [True, False]
+    assert out["per_item"][0]["parent_margin"] == 2.5 and out["per_item"][0]["child_margin"] == 2.8
+    assert out["kept"] == 1 and out["improved"] == 0 and out["already_preferred"] == 2 and out["score"] == 0.5
