@@ -54,19 +54,16 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
             rt = open_runtime(settings)
             try:
                 sides[name] = asyncio.run(_chats_at_once(rt, messages, chats))
+                if not quiet:
+                    print(f"  {name}: {sides[name]['figures']}", flush=True)
                 if name == "parallel" and binary is not None:
                     sides["llama_server"] = _server_side(binary, settings, rt.lineage.active().gguf, slots,
                                                          messages, chats, Path(tmp))
+                    if not quiet:
+                        print(f"  llama_server: {sides['llama_server']['figures']}", flush=True)
             finally:
                 rt.close()
-        if not quiet:
-            for side in (name, "llama_server"):
-                if side in sides and "printed" not in sides[side]:
-                    print(f"  {side}: {sides[side]['figures']}")
-                    sides[side]["printed"] = True
     texts = {name: side.pop("texts") for name, side in sides.items()}
-    for side in sides.values():
-        side.pop("printed", None)
     par = sides["parallel"]["figures"]
     result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
               "reply_max_tokens": base.reply_max_tokens, "parallel": par}
@@ -93,7 +90,8 @@ def _server_side(binary: Path, settings: Settings, gguf: Path, slots: int, messa
     from ouro.bench.llama_server import chats_through_server, free_port, running_server, server_argv
 
     port = free_port()
-    with running_server(server_argv(binary, gguf, settings, slots, port), port, folder / "llama-server.log") as url:
+    with running_server(server_argv(binary, gguf, settings, slots, port, clients=chats), port,
+                        folder / "llama-server.log") as url:
         return asyncio.run(chats_through_server(url, settings, messages, chats, TURNS_EACH))
 
 

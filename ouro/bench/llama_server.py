@@ -76,13 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_argv(binary: Path, gguf: Path, settings: Settings, slots: int, port: int) -> list[str]:
-    """The embedded engine's model, context per chat, threads and buffer choice, with `slots` slots."""
+def server_argv(binary: Path, gguf: Path, settings: Settings, slots: int, port: int, clients: int = 0) -> list[str]:
+    """The embedded engine's model, context per chat, threads and buffer choice, with `slots` slots.
+    An HTTP thread per client: llama-server's default (slots + 4) keeps the clients past that waiting
+    for a thread, and closed some of their connections unanswered with 32 clients on 8 slots."""
     cores = os.cpu_count() or 1
     threads = settings.n_threads or max(cores // 2, 1)
     argv = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
             "-c", str(settings.n_ctx * slots), "-t", str(threads), "-tb", str(settings.n_threads or cores),
-            "--no-webui"]
+            "--no-webui", "--threads-http", str(max(clients, slots) + 4)]
     if not settings.llama_extra_buffers:
         argv.append("--no-repack")
     return argv
