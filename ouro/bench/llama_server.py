@@ -122,14 +122,19 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
                                turns_each: int) -> dict:
     """N conversations at once through the server, as `concurrent._chats_at_once` holds them through
     the bot: the next message as soon as the reply is complete; TTFT from sending to the first text."""
-    from openai import AsyncOpenAI
+    import httpx2
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     persona = settings.persona()
     extra = {"top_k": 1, "repeat_penalty": settings.repeat_penalty, "seed": 1234}
     ttfts: list[float] = []
     tokens = 0
     texts: dict[int, list[str]] = {}
-    async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600.0) as client:
+    # a connection per request: llama-server (cpp-httplib) closes an idle kept-alive connection after
+    # 5 s, and a request sent on it as it closes fails with "Server disconnected without sending a
+    # response" (seen once in a test run); a loopback connect costs far less than a token
+    fresh = DefaultAsyncHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0))
+    async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600.0, http_client=fresh) as client:
 
         async def ask(history: list[dict]) -> tuple[str, float, int]:
             sent, first, parts, usage = time.perf_counter(), None, [], None
