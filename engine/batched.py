@@ -40,6 +40,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from core.errors import OuroError
+from engine.chat_states import copy_seq_state, evict_oldest
 from engine.kv_files import KVFiles
 from engine.llama import LlamaEngine, model_params
 from engine.protocol import Completion, Message, OnText, Sampling
@@ -504,9 +505,7 @@ class BatchedEngine(LlamaEngine):
         slot.key = None
 
     def _save(self, slot: _Slot, keep: int | None = None) -> None:
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq)
-        blob = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, blob, size, slot.seq)
+        blob, written = copy_seq_state(self.ctx, slot.seq)
         if written == 0:
             return
         self._saved[slot.key] = _Saved(list(slot.tokens), blob, written)
@@ -515,11 +514,7 @@ class BatchedEngine(LlamaEngine):
         self._evict(self.kv_cache_chats if keep is None else keep)
 
     def _evict(self, keep: int) -> None:
-        """The least recently active saved states past `keep` leave memory (for the disk, when there is one)."""
-        while len(self._saved) > keep:
-            key, saved = self._saved.popitem(last=False)
-            if self.kv_files is not None:
-                self.kv_files.put(key, saved.tokens, saved.blob, saved.size)
+        evict_oldest(self._saved, keep, self.kv_files)
 
     def stored(self, key: int | str) -> _Saved | None:
         """`key`'s saved state: in memory, or read back from disk (into memory) when it is there."""

@@ -38,6 +38,21 @@ class SavedState:
     size: int
 
 
+def copy_seq_state(ctx, seq: int) -> tuple[ctypes.Array, int]:
+    """A copy of sequence `seq`'s KV state in `ctx`: (buffer, bytes written; 0 when llama.cpp wrote none)."""
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+    blob = (ctypes.c_uint8 * size)()
+    return blob, llama_cpp.llama_state_seq_get_data(ctx, blob, size, seq)
+
+
+def evict_oldest(saved: OrderedDict, keep: int, files: KVFiles | None) -> None:
+    """The least recently active states past `keep` leave memory (for the disk, when there is one)."""
+    while len(saved) > keep:
+        key, state = saved.popitem(last=False)
+        if files is not None:
+            files.put(key, state.tokens, state.blob, state.size)
+
+
 class ChatStates:
     def __init__(self, llm: llama_cpp.Llama, *, max_chats: int, files: KVFiles | None = None) -> None:
         self.llm = llm
@@ -119,10 +134,7 @@ class ChatStates:
         return saved
 
     def _save(self, key: int | str, keep: int | None = None) -> None:
-        ctx = self.llm.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, SEQ)
-        blob = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, blob, size, SEQ)
+        blob, written = copy_seq_state(self.llm.ctx, SEQ)
         if written == 0:
             return
         self._saved[key] = SavedState(self.llm.input_ids[: self.llm.n_tokens].copy(), blob, written)
@@ -131,11 +143,7 @@ class ChatStates:
         self._evict(self.max_chats if keep is None else keep)
 
     def _evict(self, keep: int) -> None:
-        """The least recently active states past `keep` leave memory (for the disk, when there is one)."""
-        while len(self._saved) > keep:
-            key, saved = self._saved.popitem(last=False)
-            if self.files is not None:
-                self.files.put(key, saved.tokens, saved.blob, saved.size)
+        evict_oldest(self._saved, keep, self.files)
 
     def _restore(self, saved: SavedState) -> None:
         ctx = self.llm.ctx

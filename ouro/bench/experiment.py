@@ -16,6 +16,7 @@ tuned to one phrase. Goals (README): ≥ 30 points more after one generation, pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -169,18 +170,59 @@ def measure(settings: Settings, style: Style, round_: int) -> dict:
             "example": sampled[0][:80]}
 
 
-def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict:
-    settings = experiment_settings(data_dir)
+@contextlib.contextmanager
+def data_folder(data_dir: Path | None, prefix: str):
+    """`data_dir` as given (kept), or a temporary folder removed afterwards."""
+    if data_dir is not None:
+        yield Path(data_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def start_lineage(settings: Settings) -> Lineage:
+    """A fresh data folder with generation 0 registered, as the bot's first start leaves it."""
     store = open_store(settings)
     try:
         register_base(settings, store)
     finally:
         store.close()
-    lineage = Lineage(settings.models_dir)
-    rows = [{"generation": lineage.active_id(), "status": "base", **measure(settings, style, 0)}]
+    return Lineage(settings.models_dir)
+
+
+def base_row(settings: Settings, lineage: Lineage, style: Style, *, quiet: bool) -> dict:
+    row = {"generation": lineage.active_id(), "status": "base", **measure(settings, style, 0)}
     if not quiet:
-        print(f"[{style.phrase}] {lineage.active_id()}: {rows[0]['style_share']:.0%} sampled, "
-              f"{rows[0]['style_share_greedy']:.0%} greedy in style")
+        print(f"[{style.phrase}] {row['generation']}: {row['style_share']:.0%} sampled, "
+              f"{row['style_share_greedy']:.0%} greedy in style")
+    return row
+
+
+def cycle_row(settings: Settings, lineage: Lineage, style: Style, report, cycle_s: float, round_: int, *,
+              quiet: bool, extra: dict | None = None, said: str = "") -> dict:
+    """A cycle's report and the probe shares after it (the refused candidate's own too), printed
+    unless `quiet`; `said`: what the line says before the generation."""
+    row = {"generation": report.gen_id, "status": report.status, "active": lineage.active_id(), **(extra or {}),
+           "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data, "train": report.train,
+           "scores": report.scores, "reasons": report.reasons, **measure(settings, style, round_)}
+    if report.status == "refused" and report.gen_id:
+        row.update(candidate_share(settings, report.gen_id, style))
+    if not quiet:
+        print(f"[{style.phrase}] {said}{report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active "
+              f"{lineage.active_id()} answers {row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} "
+              f"greedy in style; scores {report.scores}")
+        if "candidate_style_share" in row:
+            print(f"    the refused candidate itself: {row['candidate_style_share']:.0%} sampled, "
+                  f"{row['candidate_style_share_greedy']:.0%} greedy in style")
+        for reason in report.reasons:
+            print(f"    - {reason}")
+    return row
+
+
+def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict:
+    settings = experiment_settings(data_dir)
+    lineage = start_lineage(settings)
+    rows = [base_row(settings, lineage, style, quiet=quiet)]
     for round_ in range(1, cycles + 1):
         rt = open_runtime(settings)
         try:
@@ -193,23 +235,8 @@ def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict
             report = run_cycle(settings, store, actor="experiment", progress=not quiet)
         finally:
             store.close()
-        cycle_s = round(time.perf_counter() - started, 1)
-        row = {"generation": report.gen_id, "status": report.status, "active": lineage.active_id(),
-               "reviewed": counts, "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data,
-               "train": report.train, "scores": report.scores, "reasons": report.reasons,
-               **measure(settings, style, round_)}
-        if report.status == "refused" and report.gen_id:
-            row.update(candidate_share(settings, report.gen_id, style))
-        rows.append(row)
-        if not quiet:
-            print(f"[{style.phrase}] {report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active "
-                  f"{lineage.active_id()} answers {row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} "
-                  f"greedy in style; scores {report.scores}")
-            if "candidate_style_share" in row:
-                print(f"    the refused candidate itself: {row['candidate_style_share']:.0%} sampled, "
-                      f"{row['candidate_style_share_greedy']:.0%} greedy in style")
-            for reason in report.reasons:
-                print(f"    - {reason}")
+        rows.append(cycle_row(settings, lineage, style, report, round(time.perf_counter() - started, 1), round_,
+                              quiet=quiet, extra={"reviewed": counts}))
     return {"style": style.phrase, "generations": rows,
             "gain_after_1": round(rows[min(1, cycles)]["style_share"] - rows[0]["style_share"], 3),
             "share_at_2": rows[2]["style_share"] if cycles >= 2 else None}
@@ -217,16 +244,9 @@ def run_style(style: Style, data_dir: Path, cycles: int, *, quiet: bool) -> dict
 
 def run_experiment(*, cycles: int = 2, styles: list[str] | None = None, data_dir: Path | None = None,
                    json_output: bool = False) -> dict:
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-")
-        data_dir = Path(tmp.name)
-    try:
-        results = [run_style(STYLES[name], Path(data_dir) / name, cycles, quiet=json_output)
+    with data_folder(data_dir, "ouro-experiment-") as folder:
+        results = [run_style(STYLES[name], folder / name, cycles, quiet=json_output)
                    for name in (styles or list(STYLES))]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return {"settings": "load_settings() defaults; allow-list of the three people", "styles": results,
-            "data_dir": None if tmp is not None else str(data_dir),
+            "data_dir": None if data_dir is None else str(data_dir),
             "goal": "+30 points after generation 1 (promoted by the gate), >= 60% at generation 2, each style"}

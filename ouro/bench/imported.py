@@ -15,7 +15,6 @@ with the gate's decision and scores, and the refused candidate's own share when 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,8 +25,17 @@ from config.settings import Settings
 from engine.protocol import Sampling
 from lineage.generations import Lineage
 from memory.importers.pipeline import import_chat
-from ouro.bench.experiment import CONVERSATIONS, STYLES, Style, candidate_share, experiment_settings, measure
-from serving.runtime import load_engine, open_store, register_base
+from ouro.bench.experiment import (
+    CONVERSATIONS,
+    STYLES,
+    Style,
+    base_row,
+    cycle_row,
+    data_folder,
+    experiment_settings,
+    start_lineage,
+)
+from serving.runtime import load_engine, open_store
 from trainer.cycle import run_cycle
 
 OWNER = "Ann"
@@ -95,16 +103,8 @@ def telegram_export(history: list[list[tuple[str, str]]]) -> dict:
 
 def run_imported_style(style: Style, data_dir: Path, *, quiet: bool) -> dict:
     settings = experiment_settings(data_dir)
-    store = open_store(settings)
-    try:
-        register_base(settings, store)
-    finally:
-        store.close()
-    lineage = Lineage(settings.models_dir)
-    base = {"generation": lineage.active_id(), "status": "base", **measure(settings, style, 0)}
-    if not quiet:
-        print(f"[{style.phrase}] {base['generation']}: {base['style_share']:.0%} sampled, "
-              f"{base['style_share_greedy']:.0%} greedy in style")
+    lineage = start_lineage(settings)
+    base = base_row(settings, lineage, style, quiet=quiet)
     started = time.perf_counter()
     history = owner_history(settings, style, quiet=quiet)
     export = data_dir / "telegram-export" / "result.json"
@@ -118,25 +118,12 @@ def run_imported_style(style: Style, data_dir: Path, *, quiet: bool) -> dict:
         report = run_cycle(settings, store, actor="experiment", progress=not quiet)
     finally:
         store.close()
-    cycle_s = round(time.perf_counter() - started, 1)
-    row = {"generation": report.gen_id, "status": report.status, "active": lineage.active_id(),
-           "imported": {k: summary.get(k) for k in ("messages_read", "messages_kept", "conversations",
-                                                    "windows_train", "windows_heldout", "windows_dropped_overlap")},
-           "cycle_s": cycle_s, "stage_s": report.stage_s, "data": report.data, "train": report.train,
-           "scores": report.scores, "reasons": report.reasons, **measure(settings, style, 1)}
-    if report.status == "refused" and report.gen_id:
-        row.update(candidate_share(settings, report.gen_id, style))
-    if not quiet:
-        print(f"[{style.phrase}] imported {summary['messages_kept']} of {summary['messages_read']} messages "
-              f"({summary['windows_train']} training windows, {summary['windows_heldout']} held out); "
-              f"{report.gen_id}: {report.status} in {cycle_s / 60:.1f} min; active {lineage.active_id()} answers "
-              f"{row['style_share']:.0%} sampled, {row['style_share_greedy']:.0%} greedy in style; "
-              f"scores {report.scores}")
-        if "candidate_style_share" in row:
-            print(f"    the refused candidate itself: {row['candidate_style_share']:.0%} sampled, "
-                  f"{row['candidate_style_share_greedy']:.0%} greedy in style")
-        for reason in report.reasons:
-            print(f"    - {reason}")
+    imported = {k: summary.get(k) for k in ("messages_read", "messages_kept", "conversations", "windows_train",
+                                             "windows_heldout", "windows_dropped_overlap")}
+    row = cycle_row(settings, lineage, style, report, round(time.perf_counter() - started, 1), 1, quiet=quiet,
+                    extra={"imported": imported},
+                    said=f"imported {summary['messages_kept']} of {summary['messages_read']} messages "
+                         f"({summary['windows_train']} training windows, {summary['windows_heldout']} held out); ")
     return {"style": style.phrase, "history_s": history_s, "import": summary, "generations": [base, row],
             "gain_after_1": round(row["style_share"] - base["style_share"], 3),
             "candidate_gain": round(row.get("candidate_style_share", row["style_share"]) - base["style_share"], 3)}
@@ -144,15 +131,8 @@ def run_imported_style(style: Style, data_dir: Path, *, quiet: bool) -> dict:
 
 def run_imported_experiment(*, styles: list[str] | None = None, data_dir: Path | None = None,
                             json_output: bool = False) -> dict:
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-imported-")
-        data_dir = Path(tmp.name)
-    try:
-        results = [run_imported_style(STYLES[name], Path(data_dir) / f"imported-{name}", quiet=json_output)
+    with data_folder(data_dir, "ouro-experiment-imported-") as folder:
+        results = [run_imported_style(STYLES[name], folder / f"imported-{name}", quiet=json_output)
                    for name in (styles or ["ahoy"])]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return {"settings": "load_settings() defaults; nothing rated: one Telegram history import, then one cycle",
-            "styles": results, "data_dir": None if tmp is not None else str(data_dir)}
+            "styles": results, "data_dir": None if data_dir is None else str(data_dir)}

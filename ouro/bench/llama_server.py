@@ -18,7 +18,6 @@ import contextlib
 import importlib.metadata
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import httpx
 
 from config.settings import Settings
 from core.errors import OuroError
+from ouro.bench.concurrent import side_figures
 
 SERVER_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
@@ -168,9 +168,4 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
         started = time.perf_counter()
         await asyncio.gather(*(person(i) for i in range(chats)))
         wall = time.perf_counter() - started
-    ttfts.sort()
-    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
-    figures = {"replies_per_min": round(60 * len(ttfts) / wall, 2), "tokens_per_s": round(tokens / wall, 2),
-               "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(p95, 3),
-               "wall_s": round(wall, 2), "replies": len(ttfts)}
-    return {"figures": figures, "texts": texts}
+    return {"figures": side_figures(ttfts, tokens, wall), "texts": texts}

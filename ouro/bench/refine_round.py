@@ -16,7 +16,6 @@ generations with recall ≥ 0.90 — learning from 👎 alone.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from engine.protocol import Sampling
 from evals.style_drift import is_assistant_voice
 from lineage.generations import Lineage
 from memory.store import Store
-from ouro.bench.experiment import CONVERSATIONS, PEOPLE, PROBE_PROMPTS
+from ouro.bench.experiment import CONVERSATIONS, PEOPLE, PROBE_PROMPTS, data_folder, start_lineage
 from serving.conversation import Conversation, Speaker
-from serving.runtime import load_engine, open_runtime, open_store, register_base
+from serving.runtime import load_engine, open_runtime, open_store
 from trainer.cycle import run_cycle
 from trainer.refine import refine_with_gguf
 
@@ -113,12 +112,7 @@ def refine_round_settings(data_dir: Path, **overrides) -> Settings:
 def run_refine_round(rule: Rule, data_dir: Path, cycles: int, *, quiet: bool,
                      conversations: list[list[str]] = CONVERSATIONS, probe_samples: int = 2, **overrides) -> dict:
     settings = refine_round_settings(data_dir, **overrides)
-    store = open_store(settings)
-    try:
-        register_base(settings, store)
-    finally:
-        store.close()
-    lineage = Lineage(settings.models_dir)
+    lineage = start_lineage(settings)
     rows = [{"generation": lineage.active_id(), "status": "base",
              **rule_share(settings, lineage.active_id(), rule, samples=probe_samples)}]
     say = (lambda text: None) if quiet else print
@@ -161,16 +155,9 @@ def run_refine_round(rule: Rule, data_dir: Path, cycles: int, *, quiet: bool,
 
 def run_refine_experiment(*, cycles: int = 2, rules: list[str] | None = None, data_dir: Path | None = None,
                           json_output: bool = False) -> dict:
-    tmp = None
-    if data_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ouro-experiment-refine-")
-        data_dir = Path(tmp.name)
-    try:
-        results = [run_refine_round(RULES[name], Path(data_dir) / f"refine-{name}", cycles, quiet=json_output)
+    with data_folder(data_dir, "ouro-experiment-refine-") as folder:
+        results = [run_refine_round(RULES[name], folder / f"refine-{name}", cycles, quiet=json_output)
                    for name in (rules or ["short"])]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return {"settings": "load_settings() defaults; allow-list of the three people; one admin reviews proposals",
-            "rules": results, "data_dir": None if tmp is not None else str(data_dir),
+            "rules": results, "data_dir": None if data_dir is None else str(data_dir),
             "goal": "the rule-breaking share halves within two generations, recall >= 0.90, from 👎 alone"}
