@@ -222,6 +222,10 @@ class Settings(BaseSettings):
         "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
     dpo_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
+    contrast_pairs: int = Field(24, ge=0, le=10_000, description=(
+        "Most preference pairs a cycle makes from an imported history: the owner's reply chosen over the "
+        "parent's own reply to the same context (sampled as users are answered), so a history teaches what "
+        "sets the owner apart and not only what to imitate (trainer/contrast.py; 0: off)."))
     kto_steps: int = Field(0, ge=0, le=100_000, description=(
         "Most KTO steps after SFT and DPO when lone 👍/👎 ratings (no ✏️ or 🔁 alternative) exist (0: off). "
         "Off by default until `ouro experiment` has measured it on the defaults; 20 is a sensible value."))

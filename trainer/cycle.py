@@ -289,6 +289,10 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         split, data_sha = _write_data(settings, store, staging, delta, chain, report)
         report.data["refine"] = _refine_counts(store, refined, split, since=parent.meta.get("data_cutoff"),
                                                until=until)
+        if settings.contrast_pairs and any(e.source == "import" for e in split.train):
+            stages.enter("contrast")
+            report.data["contrast"] = _contrast(settings, staging, parent, split)
+            report.data["dpo_pairs"] = len(split.pairs)
         docs_base = None
         if settings.doc_pretrain_tokens and store.document_stats(after_id=_docs_upto(parent))["chunks"]:
             stages.enter("documents")
@@ -425,6 +429,30 @@ def _refine(settings: Settings, store: Store, parent: Generation) -> dict:
     out.pop("proposals", None)
     out["pending"] = store.proposal_counts()["pending"]
     return out
+
+
+def _contrast(settings: Settings, staging: Path, parent: Generation, split) -> dict:
+    """Pairs from an imported history (trainer/contrast.py), added to the split's pairs and to
+    pairs.jsonl. Optional like self-refinement: if the parent will not load or generate, the cycle
+    trains on the import by imitation alone and the report says why."""
+    from engine.protocol import Sampling
+    from trainer.contrast import SampledWriter, contrast_pairs
+
+    sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                        repeat_penalty=settings.repeat_penalty, max_tokens=settings.reply_max_tokens)
+    try:
+        writer = SampledWriter(parent.gguf, generation_id=parent.id, n_ctx=min(settings.n_ctx, 4096),
+                               n_threads=settings.n_threads, sampling=sampling)
+        try:
+            report = contrast_pairs(split.train, writer, limit=settings.contrast_pairs, seed=settings.train_seed)
+        finally:
+            writer.close()
+    except (OuroError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("contrast pairs failed; the cycle trains on the import without them", exc_info=True)
+        return {"made": 0, "error": str(exc)[:300]}
+    split.pairs.extend(report.pairs)
+    write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
+    return report.to_dict()
 
 
 def _refine_counts(store: Store, refined: dict, split, *, since: str | None, until: str) -> dict:
