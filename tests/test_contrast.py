@@ -40,6 +40,22 @@ def test_candidates_take_each_owner_reply_once_with_the_least_of_the_owner_in_fr
     assert all(prompt[-1]["role"] == "user" for prompt, _, _ in got)
 
 
+def test_an_imported_window_teaches_every_owner_reply_that_answers_a_message():
+    from trainer.cycle import sft_examples
+    from trainer.dataset import merge_conversations
+
+    imported = window("hi", "A1", "how are you", "A2", "and you?", "A3")
+    opens_with_owner = Example(messages=[{"role": "system", "content": "p"}, {"role": "assistant", "content": "B0"},
+                                         {"role": "user", "content": "q"}, {"role": "assistant", "content": "B1"}],
+                               source="import", created_at="x", weight=2.0)
+    live = window("hi", "L1", "more?", "L2", source="correction")
+    sft, weights = sft_examples([imported, opens_with_owner, live])
+    assert [m[-1]["content"] for m in sft] == ["A1", "A2", "A3", "B1", "L2"]     # B0 answers nothing; live: last only
+    assert weights == [1.0, 1.0, 1.0, 2.0, 1.0]
+    chats = merge_conversations(sft, weights)
+    assert len(chats) == 3 and sorted(len(c.targets) for c in chats) == [1, 1, 3]   # one row per window, as before
+
+
 def test_contrast_pairs_prefer_the_owner_over_the_parent_and_skip_the_parent_s_own_words():
     seeds: list[int] = []
 
@@ -67,7 +83,7 @@ def test_a_cycle_on_an_import_pairs_owner_replies_with_the_parent_s_and_trains_d
                    for n, questions in enumerate(HISTORY)]
         export = tmp_path / "result.json"
         export.write_text(json.dumps(telegram_export(history)), encoding="utf-8")
-        import_chat(store, "telegram", export, me=OWNER)
+        summary = import_chat(store, "telegram", export, me=OWNER)
         settings = load_settings(data_dir=data, **{**LENIENT, "contrast_pairs": 4, "reply_max_tokens": 12})
         from trainer.cycle import run_cycle
 
@@ -78,6 +94,8 @@ def test_a_cycle_on_an_import_pairs_owner_replies_with_the_parent_s_and_trains_d
         made = report.data["contrast"]
         assert made["candidates"] == 4 and made["made"] + made["same"] == 4 and made["made"] >= 1
         assert report.data["dpo_pairs"] == made["made"] and report.train["dpo_steps"] > 0
+        # every owner reply of a window is a target, not only its last (trainer/dataset.py every_reply)
+        assert report.train["chats"] == summary["windows_train"] < report.train["examples"]
         gen = settings.models_dir / report.gen_id
         pairs = [json.loads(line) for line in (gen / "data" / "pairs.jsonl").read_text().splitlines()]
         assert len(pairs) == made["made"] and {p["source"] for p in pairs} == {"contrast"}

@@ -511,6 +511,19 @@ def _documents(settings: Settings, store: Store, staging: Path, parent: Generati
     return out
 
 
+def sft_examples(examples) -> tuple[list[list[dict]], list[float]]:
+    """(messages, weights) for SFT: a live example as it is (its final reply is the target); an
+    imported window with every owner reply a target (trainer/dataset.py `every_reply`)."""
+    from trainer.dataset import every_reply
+
+    sft, weights = [], []
+    for e in examples:
+        for messages in every_reply(e.messages) if e.source == "import" else [e.messages]:
+            sft.append(messages)
+            weights.append(e.weight)
+    return sft, weights
+
+
 def _train(settings: Settings, staging: Path, parent: Generation, split, report: CycleReport, *,
            progress: bool, on_step: Callable[[int, int], None] | None, base: Path | None = None,
            precision: str = "float32"):
@@ -520,9 +533,8 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     from trainer.kto import KTOItem
 
     base_hf = base or ensure_full_precision(parent)
-    sft = [e.messages for e in split.train + split.replay]
+    sft, weights = sft_examples(split.train + split.replay)
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
-    weights = [e.weight for e in split.train + split.replay]
     kto_items = [KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated]
     if settings.train_processes > 1:
         from trainer import train_job

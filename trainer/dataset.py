@@ -159,6 +159,24 @@ def _key(messages: Sequence[Message]) -> tuple:
     return tuple((m.get("role"), m.get("content")) for m in messages)
 
 
+def every_reply(messages: Sequence[Message]) -> list[list[Message]]:
+    """An imported window as examples: the prefix ending at each of the owner's replies that answers
+    a message (merge_conversations folds them back into one row with a target per reply).
+
+    Why: every reply in an imported window is the owner's, but an example's loss is on its final
+    reply only, and a window ends deep in a conversation whose earlier replies already show the
+    owner's manner, so that reply learns to copy it from the context. Measured (session 14, `ouro
+    experiment --imported`, defaults): 25 windows, loss on their last replies only (1,741 tokens,
+    0.31 nats/token at the end), and 0% of fresh-conversation probe replies in the owner's style:
+    the first reply of a conversation, which the probes ask for, was never a target. The same
+    tokens are read either way; only the labels grow."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant" and i > 0 and messages[i - 1].get("role") == "user":
+            out.append(list(messages[: i + 1]))
+    return out or [list(messages)]
+
+
 def merge_conversations(examples: Sequence[Sequence[Message]],
                         weights: Sequence[float] | None = None) -> list[Chat]:
     """Fold each example that is a prefix of a longer one into it (as another target); exact
