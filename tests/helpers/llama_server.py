@@ -101,7 +101,7 @@ class LlamaCppServer(LlamaServer):
         self.proc = None
         self.argv = [str(binary), "--models-dir", str(models_dir), "--models-max", str(models_max),
                      "--host", "127.0.0.1", "--port", str(self.port), "-c", str(n_ctx), "-t", str(threads),
-                     "--no-webui"]
+                     "--no-webui", "--no-repack"]   # the router passes it on; AMX repacking faults on some VMs
 
     def start(self, timeout_s: float = 120.0) -> LlamaCppServer:
         with self.log_file.open("ab") as log:
