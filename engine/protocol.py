@@ -24,6 +24,16 @@ class Sampling:
     seed: int | None = None
     max_tokens: int = 200
 
+    @classmethod
+    def serving(cls, settings, *, seed: int | None = None, max_tokens: int | None = None,
+                temperature: float | None = None) -> Sampling:
+        """How users are answered (config.settings: temperature, top-p, top-k, repeat penalty, seed,
+        reply_max_tokens); a caller may ask for another temperature or seed, or fewer tokens."""
+        budget = settings.reply_max_tokens if max_tokens is None else max(1, min(max_tokens, settings.reply_max_tokens))
+        return cls(temperature=settings.temperature if temperature is None else temperature, top_p=settings.top_p,
+                   top_k=settings.top_k, repeat_penalty=settings.repeat_penalty,
+                   seed=seed if seed is not None else settings.seed, max_tokens=budget)
+
 
 @dataclass
 class Completion:

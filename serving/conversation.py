@@ -90,11 +90,7 @@ class Conversation:
     def sampling(self, *, seed: int | None = None, max_tokens: int | None = None,
                  temperature: float | None = None) -> Sampling:
         """The settings' sampling; a caller may ask for fewer tokens than reply_max_tokens, or another temperature."""
-        s = self.settings
-        budget = s.reply_max_tokens if max_tokens is None else max(1, min(max_tokens, s.reply_max_tokens))
-        return Sampling(temperature=s.temperature if temperature is None else temperature, top_p=s.top_p,
-                        top_k=s.top_k, repeat_penalty=s.repeat_penalty, seed=seed if seed is not None else s.seed,
-                        max_tokens=budget)
+        return Sampling.serving(self.settings, seed=seed, max_tokens=max_tokens, temperature=temperature)
 
     async def handle_text(self, who: Speaker, text: str, *, message_id: int | None = None,
                           on_text: Callable[[str], None] | None = None) -> Outcome:

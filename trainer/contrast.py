@@ -17,11 +17,13 @@ never is), and a reply the parent already gives word for word makes no pair.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from memory.export import Example, Pair
+from trainer.dataset import every_reply
+from trainer.refine import GreedyWriter
 
 
 class Writer(Protocol):
@@ -31,15 +33,16 @@ class Writer(Protocol):
 @dataclass
 class ContrastReport:
     candidates: int = 0          # distinct owner replies that could be paired
-    made: int = 0
     same: int = 0                # the parent said the owner's very words (or nothing): no pair
     wall_s: float = 0.0
-    error: str | None = None
     pairs: list[Pair] = field(default_factory=list)
 
+    @property
+    def made(self) -> int:
+        return len(self.pairs)
+
     def to_dict(self) -> dict:
-        out = {"candidates": self.candidates, "made": self.made, "same": self.same, "wall_s": self.wall_s}
-        return {**out, "error": self.error} if self.error else out
+        return {"candidates": self.candidates, "made": self.made, "same": self.same, "wall_s": self.wall_s}
 
 
 def candidates(examples: list[Example], limit: int) -> list[tuple[list[dict], str, str]]:
@@ -51,14 +54,14 @@ def candidates(examples: list[Example], limit: int) -> list[tuple[list[dict], st
     for e in examples:
         if e.source != "import":
             continue
-        messages = e.messages
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant" or i == 0 or messages[i - 1]["role"] != "user" or not m["content"].strip():
+        for prefix in every_reply(e.messages):
+            *prompt, reply = prefix
+            key = reply["content"].strip()
+            if reply["role"] != "assistant" or not key or not prompt or prompt[-1]["role"] != "user":
                 continue
-            depth = sum(x["role"] == "assistant" for x in messages[:i])
-            key = m["content"].strip()
+            depth = sum(x["role"] == "assistant" for x in prompt)
             if key not in best or depth < best[key][0]:
-                best[key] = (depth, order, messages[:i], m["content"], e.created_at)
+                best[key] = (depth, order, prompt, reply["content"], e.created_at)
             order += 1
     ranked = sorted(best.values(), key=lambda x: (x[0], x[1]))
     return [(prompt, reply, at) for _, _, prompt, reply, at in ranked[:limit]]
@@ -75,27 +78,20 @@ def contrast_pairs(examples: list[Example], writer: Writer, *, limit: int, seed:
             continue
         report.pairs.append(Pair(prompt=prompt, chosen=chosen, rejected=rejected, source="contrast",
                                  created_at=at, approved=True, split="train"))
-    report.made = len(report.pairs)
     report.wall_s = round(time.perf_counter() - started, 1)
     return report
 
 
-class SampledWriter:
-    """A GGUF through llama.cpp, answering as users are answered (the serving sampling, seeded)."""
+class SampledWriter(GreedyWriter):
+    """Self-refinement's GGUF writer (trainer/refine.py), answering as users are answered: the
+    serving sampling, seeded per reply."""
 
     def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int, n_threads: int | None, sampling) -> None:
-        from engine.llama import LlamaEngine
-
-        self.engine = LlamaEngine(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
-                                  kv_cache_chats=0)
+        super().__init__(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
+                         repeat_penalty=sampling.repeat_penalty)
         self.sampling = sampling
 
     def reply(self, messages: list[dict], seed: int) -> str:
-        from dataclasses import replace
-
         self.engine.llm.reset()
         return self.engine.generate(messages, chat_key="contrast", sampling=replace(self.sampling, seed=seed)).text
-
-    def close(self) -> None:
-        self.engine.close()
 

@@ -438,11 +438,9 @@ def _contrast(settings: Settings, staging: Path, parent: Generation, split) -> d
     from engine.protocol import Sampling
     from trainer.contrast import SampledWriter, contrast_pairs
 
-    sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                        repeat_penalty=settings.repeat_penalty, max_tokens=settings.reply_max_tokens)
     try:
         writer = SampledWriter(parent.gguf, generation_id=parent.id, n_ctx=min(settings.n_ctx, 4096),
-                               n_threads=settings.n_threads, sampling=sampling)
+                               n_threads=settings.n_threads, sampling=Sampling.serving(settings))
         try:
             report = contrast_pairs(split.train, writer, limit=settings.contrast_pairs, seed=settings.train_seed)
         finally:
@@ -451,7 +449,8 @@ def _contrast(settings: Settings, staging: Path, parent: Generation, split) -> d
         log.warning("contrast pairs failed; the cycle trains on the import without them", exc_info=True)
         return {"made": 0, "error": str(exc)[:300]}
     split.pairs.extend(report.pairs)
-    write_jsonl(staging / "data" / "pairs.jsonl", [asdict(p) for p in split.pairs])
+    with (staging / "data" / "pairs.jsonl").open("a", encoding="utf-8") as f:   # after _write_data's people's pairs
+        f.writelines(json.dumps(asdict(p), ensure_ascii=False, sort_keys=True) + "\n" for p in report.pairs)
     return report.to_dict()
 
 

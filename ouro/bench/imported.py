@@ -62,9 +62,7 @@ def owner_history(settings: Settings, style: Style, *, quiet: bool) -> list[list
     lineage = Lineage(settings.models_dir)
     engine = load_engine(settings, lineage.active())
     persona = settings.persona()
-    sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                        repeat_penalty=settings.repeat_penalty, seed=settings.train_seed,
-                        max_tokens=settings.reply_max_tokens)
+    sampling = Sampling.serving(settings, seed=settings.train_seed)
     out = []
     bar = tqdm(total=sum(map(len, HISTORY)), desc="Ann's history", disable=quiet)
     try:
