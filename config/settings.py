@@ -222,6 +222,12 @@ class Settings(BaseSettings):
         "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")
     dpo_lr: float = Field(1e-4, gt=0.0, lt=1.0, description="Learning rate of the DPO pass.")
+    dpo_nll_weight: float = Field(0.0, ge=0.0, le=100.0, description=(
+        "RPO: weight of the chosen replies' mean negative log-likelihood added to the DPO loss, so the "
+        "preference is not learned by lowering both replies (trainer/dpo.py). 0: plain DPO."))
+    dpo_kl_beta: float = Field(0.0, ge=0.0, le=100.0, description=(
+        "Weight of a KL term in the DPO pass holding the next-token distribution at the chosen reply's tokens "
+        "to the parent's, where the parent gives the token at least kl_free_below (trainer/dpo.py). 0: off."))
     contrast_pairs: int = Field(24, ge=0, le=10_000, description=(
         "Most preference pairs a cycle makes from an imported history: the owner's reply chosen over the "
         "parent's own reply to the same context (sampled as users are answered), so a history teaches what "

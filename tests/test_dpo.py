@@ -11,7 +11,7 @@ import torch
 
 from engine.template import ChatFormat
 from trainer.dataset import DPOPair, encode_pairs
-from trainer.dpo import accumulate, dpo_loss, dpo_train, reference_logps
+from trainer.dpo import accumulate, dpo_loss, dpo_train, parent_hiddens, reference_logps
 from trainer.finetune import TrainConfig, add_lora, load_base, preference_margin
 from trainer.head import token_logps, token_logps_and_kl
 
@@ -41,11 +41,13 @@ def sft_model(tiny_models):
 
 
 def trl_trainer(model, tokenizer, encoded, cfg: TrainConfig, tmp_path):
-    """trl's DPOTrainer set up as trainer/finetune.py used it before trainer/dpo.py replaced it."""
+    """trl's DPOTrainer set up as trainer/finetune.py used it before trainer/dpo.py replaced it; with
+    cfg.dpo_nll_weight > 0, trl's RPO: the sigmoid and the SFT losses, weighted 1 and the weight."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(encoded), max_steps=1,
+    rpo = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.dpo_nll_weight]} if cfg.dpo_nll_weight else {}
+    args = DPOConfig(**rpo, output_dir=str(tmp_path), per_device_train_batch_size=len(encoded), max_steps=1,
                      learning_rate=cfg.dpo_lr, lr_scheduler_type="constant", beta=cfg.dpo_beta,
                      max_length=cfg.dpo_max_len, save_strategy="no", precompute_ref_log_probs=True,
                      report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed, bf16=False,
@@ -59,12 +61,13 @@ def adapter_grads(model) -> dict[str, torch.Tensor]:
             if p.requires_grad and p.grad is not None and ".default." in n}
 
 
-def test_one_step_matches_trls_dpo_trainer_in_loss_and_adapter_gradients(sft_model, tmp_path):
+@pytest.mark.parametrize("nll_weight", [0.0, 0.7], ids=["dpo", "rpo"])
+def test_one_step_matches_trls_dpo_trainer_in_loss_and_adapter_gradients(sft_model, tmp_path, nll_weight):
     model, tokenizer = sft_model
     fmt = ChatFormat.from_tokenizer(tokenizer)
     encoded, dropped = encode_pairs(pairs(), tokenizer, fmt, 256)
     assert dropped == 0
-    cfg = TrainConfig(dpo_beta=0.5, dpo_max_len=256, dpo_lr=1e-3, seed=1)
+    cfg = TrainConfig(dpo_beta=0.5, dpo_max_len=256, dpo_lr=1e-3, seed=1, dpo_nll_weight=nll_weight)
     theirs = copy.deepcopy(model)
     pad = tokenizer.pad_token_id
 
@@ -77,7 +80,7 @@ def test_one_step_matches_trls_dpo_trainer_in_loss_and_adapter_gradients(sft_mod
             if ".default." in name and "lora_A" in name:
                 p.data += 0.05 * torch.randn_like(p)
     model.train()
-    ours_loss = accumulate(model, encoded, reference, cfg.dpo_beta, pad)
+    ours_loss = accumulate(model, encoded, reference, cfg.dpo_beta, pad, nll_weight=nll_weight)
     ours = adapter_grads(model)
 
     rows = trainer.train_dataset
@@ -94,6 +97,8 @@ def test_one_step_matches_trls_dpo_trainer_in_loss_and_adapter_gradients(sft_mod
     assert ours_loss == pytest.approx(their_loss.item(), abs=1e-4)
     at_reference = dpo_loss(reference, reference, cfg.dpo_beta).mean().item()      # log 2
     assert abs(ours_loss - at_reference) > 1e-3
+    if nll_weight:   # the SFT term is really in both: far above the sigmoid loss alone
+        assert ours_loss > at_reference + 0.5
     assert set(ours) == set(grads) and len(ours) > 0
     for name, g in grads.items():
         assert torch.allclose(ours[name], g, rtol=1e-3, atol=1e-6), name
@@ -121,6 +126,54 @@ def test_dpo_steps_follow_the_pairs_and_zero_means_off(sft_model):
     assert off["steps"] == 0 and off["loss_start"] is None
     two = dpo_train(model, encoded, TrainConfig(batch=2, dpo_steps=20, dpo_epochs=1), tokenizer.pad_token_id)
     assert two["steps"] == 2     # ceil(1 × 3 pairs / 2 a step)
+
+
+def chosen_kl(model, encoded, pad) -> float:
+    """KL(parent ‖ model) summed over every pair's chosen reply tokens, from the full logits of both."""
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for pair in encoded:
+            ids = torch.tensor([pair.prompt_ids + pair.chosen_ids])
+            span = slice(len(pair.prompt_ids) - 1, ids.shape[1] - 1)   # the positions that predict the reply
+            with model.disable_adapter():
+                parent = model(input_ids=ids).logits[0, span].float().log_softmax(-1)
+            policy = model(input_ids=ids).logits[0, span].float().log_softmax(-1)
+            total += (parent.exp() * (parent - policy)).sum().item()
+    return total
+
+
+def test_the_kl_anchor_adds_the_parents_kl_over_the_batchs_chosen_tokens(sft_model):
+    model, tokenizer = sft_model
+    encoded, _ = encode_pairs(pairs(3), tokenizer, ChatFormat.from_tokenizer(tokenizer), 256)
+    pad = tokenizer.pad_token_id
+    reference, parents = reference_logps(model, encoded, pad), parent_hiddens(model, encoded, pad)
+    expected = chosen_kl(model, encoded, pad) / sum(len(p.chosen_ids) for p in encoded)
+    assert expected > 1e-3                         # the adapter has moved the model off the parent
+    model.train()
+    plain = accumulate(model, encoded, reference, 0.5, pad)
+    held = accumulate(model, encoded, reference, 0.5, pad, kl_beta=2.0, parents=parents)
+    assert held - plain == pytest.approx(2.0 * expected, rel=1e-3)
+    none = accumulate(model, encoded, reference, 0.5, pad, kl_beta=2.0, parents=parents, free_below=0.999)
+    # only the few chosen tokens the parent is that sure of (an end of turn) are held, and there it barely moved
+    assert abs(none - plain) < 0.01 * (held - plain)
+
+
+def test_the_kl_anchor_keeps_the_pass_nearer_the_parent(sft_model):
+    """The same DPO pass with and without dpo_kl_beta: both learn the preference, the anchored one ends
+    nearer the parent at the chosen replies' tokens."""
+    model, tokenizer = sft_model
+    encoded, _ = encode_pairs(pairs(4), tokenizer, ChatFormat.from_tokenizer(tokenizer), 256)
+    pad = tokenizer.pad_token_id
+    after, start = {}, chosen_kl(model, encoded, pad)
+    for kl_beta in (0.0, 5.0):
+        trained = copy.deepcopy(model)
+        cfg = TrainConfig(batch=2, dpo_steps=8, dpo_epochs=4, dpo_beta=0.5, dpo_lr=5e-3, seed=2, dpo_kl_beta=kl_beta)
+        before = preference_margin(trained, encoded)
+        dpo_train(trained, encoded, cfg, pad)
+        assert preference_margin(trained, encoded) > before + 1.0
+        after[kl_beta] = chosen_kl(trained, encoded, pad)
+    assert after[5.0] - start < 0.8 * (after[0.0] - start)   # measured: 0.20 vs 0.32 nats over 31 tokens
 
 
 # --- the chunked head ---------------------------------------------------------------------------

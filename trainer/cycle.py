@@ -408,7 +408,8 @@ def train_config(settings: Settings, precision: str | None = None):
                        max_steps=settings.train_max_steps, lr_schedule=settings.lr_schedule,
                        batch=settings.train_batch, max_seq_len=settings.max_seq_len, dpo_beta=settings.dpo_beta,
                        dpo_steps=settings.dpo_steps, dpo_epochs=settings.dpo_epochs, dpo_max_len=settings.dpo_max_len,
-                       dpo_lr=settings.dpo_lr, kto_steps=settings.kto_steps, kto_epochs=settings.kto_epochs,
+                       dpo_lr=settings.dpo_lr, dpo_nll_weight=settings.dpo_nll_weight,
+                       dpo_kl_beta=settings.dpo_kl_beta, kto_steps=settings.kto_steps, kto_epochs=settings.kto_epochs,
                        kto_batch=settings.kto_batch, kto_beta=settings.kto_beta, kto_lr=settings.kto_lr,
                        seed=settings.train_seed, kl_beta=settings.kl_beta, kl_free_below=settings.kl_free_below,
                        precision=precision or check_precision(settings))

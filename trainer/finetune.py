@@ -86,6 +86,12 @@ class TrainConfig:
         "help": "Tokens per DPO (and KTO) sequence: a pair's prompt keeps its newest exchanges within this. Which "
                 "reply is better rarely depends on the start of a long chat, and DPO reads every pair twice per step."})
     dpo_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the DPO pass."})
+    dpo_nll_weight: float = field(default=0.0, metadata={
+        "help": "RPO: weight of the mean negative log-likelihood of the chosen replies added to the DPO loss, "
+                "so both replies' likelihood cannot fall together (trainer/dpo.py). 0: plain DPO."})
+    dpo_kl_beta: float = field(default=0.0, metadata={
+        "help": "Weight of the KL(parent ‖ model) at the chosen reply's tokens in the DPO pass, with kl_free_below "
+                "as in SFT: the parent's words held while the preference is learned (trainer/dpo.py). 0: off."})
     kto_steps: int = field(default=20, metadata={"help": "Most KTO optimizer steps on lone 👍/👎 (0: skip KTO)."})
     kto_epochs: int = field(default=1, metadata={
         "help": "Passes over the lone ratings: the KTO pass takes ceil(kto_epochs x items / kto_batch) steps, "
@@ -134,6 +140,8 @@ class TrainConfig:
         need(isinstance(self.dpo_epochs, int) and self.dpo_epochs >= 1, "dpo_epochs", "an integer ≥ 1")
         need(isinstance(self.dpo_max_len, int) and self.dpo_max_len >= 16, "dpo_max_len", "an integer ≥ 16")
         need(self.dpo_lr > 0, "dpo_lr", "> 0")
+        need(0 <= self.dpo_nll_weight <= 100, "dpo_nll_weight", "in [0, 100]")
+        need(0 <= self.dpo_kl_beta <= 100, "dpo_kl_beta", "in [0, 100]")
         need(isinstance(self.kto_steps, int) and self.kto_steps >= 0, "kto_steps", "an integer ≥ 0")
         need(isinstance(self.kto_epochs, int) and self.kto_epochs >= 1, "kto_epochs", "an integer ≥ 1")
         need(isinstance(self.kto_batch, int) and self.kto_batch >= 1, "kto_batch", "an integer ≥ 1")
