@@ -17,8 +17,9 @@ the target:
   opener, and their drift (recall's business) outweighed the opener the child did learn
   (measured: docs/design-notes.md);
 - a served reply people approved as it was (👍, an admin's approval): the parent wrote it, so the
-  child learned it when it still says it — recall's per-token rule (evals/recall.py): at least
-  `keep_share` of its tokens keep e^-tolerance of the parent's probability. A mean-NLL rule was
+  child learned it when it still says it — recall's per-token rule (evals/recall.py `retention`,
+  the reply's first token left out as there): at least `keep_share` of its tokens keep e^-tolerance
+  of the parent's probability. A mean-NLL rule was
   tried first (at most 0.05 nats/token worse) and refused children that had learned exactly what
   people taught: a new opener moves one or two tokens of every approved reply without it by
   several nats, which swamps a mean over a 40-token reply (measured: docs/design-notes.md), the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from evals.recall import retention as token_retention
 from evals.scoring import EvalModel
 
 KEPT_AS_SERVED = ("thumbs_up", "review")   # sources whose target is the reply the parent served
@@ -49,7 +51,7 @@ def generalization_score(child: EvalModel, parent: EvalModel, items: list[list[d
     for messages, source, replaced in zip(items, sources, rejected, strict=True):
         c, p = child.reply_logprobs(messages), parent.reply_logprobs(messages)
         nll_c, nll_p = float(-np.mean(c)), float(-np.mean(p))
-        retention = float(np.mean(c >= p - tolerance))
+        retention = token_retention(c, p, tolerance=tolerance)
         row: dict = {"source": source}
         if source in KEPT_AS_SERVED:
             learned = retention >= keep_share

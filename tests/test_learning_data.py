@@ -47,9 +47,10 @@ def test_generalization_asks_corrections_to_improve_and_approved_replies_to_be_k
     out = generalization_score(child, parent, items, sources=["correction", "correction", "thumbs_up", "thumbs_up"])
     assert [x["learned"] for x in out["per_item"]] == [True, False, True, False]
     assert out["score"] == 0.5 and out["improved"] == 1 and out["kept"] == 1
-    # c is 0.25 nats/token worse on average, yet 19 of its 20 tokens are as likely as the parent made them
+    # c is 0.25 nats/token worse on average, yet every token after its first (the new opener's place, which
+    # recall's rule leaves out) is as likely as the parent made it; d kept 10 of those 19
     assert out["per_item"][2]["nll_child"] - out["per_item"][2]["nll_parent"] > 0.2
-    assert out["per_item"][2]["retention"] == 0.95 and out["per_item"][3]["retention"] == 0.5
+    assert out["per_item"][2]["retention"] == 1.0 and out["per_item"][3]["retention"] == round(10 / 19, 4)
     # without sources every item must improve (the old rule): the kept approved reply no longer counts
     assert generalization_score(child, parent, items)["score"] == 0.25
 

@@ -79,7 +79,7 @@ class TrainConfig:
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per packed row (and per DPO sequence)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta: how far from the SFT model."})
     dpo_steps: int = field(default=20, metadata={"help": "Most DPO optimizer steps (0: skip DPO)."})
-    dpo_epochs: int = field(default=1, metadata={
+    dpo_epochs: int = field(default=4, metadata={
         "help": "Passes over the preference pairs: the DPO pass takes ceil(dpo_epochs x pairs / batch) steps, "
                 "at most dpo_steps."})
     dpo_max_len: int = field(default=384, metadata={
