@@ -17,7 +17,7 @@ since a pair's loss term depends on that pair alone — and the head runs only o
 in checkpointed chunks (trainer/head.py).
 
 Two anchors can join the loss, both on the chosen reply and both off at 0 (what each bought is in
-docs/design-notes.md, "What holds recall in the DPO pass"):
+docs/design-notes.md, "What the DPO pass's recall loss was": on one round, nothing):
 - `dpo_nll_weight` α: + α × the mean negative log-likelihood of the batch's chosen tokens — RPO
   (Pang et al. 2024), trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`. DPO alone
   can lower both replies' likelihood as long as the rejected falls faster; this keeps the chosen up.
