@@ -217,9 +217,9 @@ class Settings(BaseSettings):
     dpo_steps: int = Field(20, ge=0, le=100_000, description=(
         "Most DPO steps after SFT when preference pairs exist (0: off)."))
     dpo_epochs: int = Field(4, ge=1, le=100, description=(
-        "Passes over the preference pairs; the DPO pass is sized to them, at most dpo_steps. 4: on a round of "
-        "14 pairs, 1 pass (4 steps) left the held-out corrections unpreferred, 4 passes (14 steps) preferred all "
-        "of them (docs/design-notes.md, 'The DPO pass's length')."))
+        "Passes over the preference pairs; the DPO pass is sized to them, at most dpo_steps. 4: on one round of "
+        "14 pairs 1 pass (4 steps) left the held-out corrections unpreferred and 4 (14 steps) preferred them all; "
+        "4 promoted on two of three measured rounds (docs/design-notes.md, 'The DPO pass's length')."))
     dpo_max_len: int = Field(384, ge=16, le=32768, description=(
         "Tokens per DPO sequence: a pair's prompt keeps its newest exchanges within this."))
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO beta: how far the policy may move from the SFT model.")

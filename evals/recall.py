@@ -16,7 +16,7 @@ Why a reply's first token is left out (`skip_first`, session 15): a generation t
 its replies differently no longer gives the parent's first token — that is the lesson, not
 forgetting, and on a short old reply it weighed like forgetting a quarter of it. Measured on a
 refused "Oh my stars!" candidate (100% of its probe replies in the style): it lost the first
-token of all 5 recall items and only 4 of their other 106 tokens; "Good night!" (4 tokens) kept
+token of all 5 recall items and only 3 of their other 136 tokens; "Good night!" (4 tokens) kept
 75% for the opener alone. Style drift, the tone probes and format watch how replies open.
 `score_all_tokens` is the old figure, reported beside it.
 """
