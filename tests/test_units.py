@@ -188,6 +188,26 @@ def test_the_experiment_learns_with_the_products_defaults(tmp_path, monkeypatch)
     assert all(s.holds(s.correct("hi there")) and not s.holds("hi there") for s in STYLES.values())
 
 
+def test_the_experiments_people_never_endorse_the_assistants_voice():
+    """A simulated reviewer edits out sentences that speak as an AI, never likes such a reply, and
+    gives a bare 👎 when nothing of it is left to keep."""
+    from ouro.bench.experiment import DOWN_ONLY, LIKED_ANYWAY, STYLES, review
+
+    stars = STYLES["stars"]
+    voiced = "As a chatbot, I don't have weekends. But I read a great book!  What did you do?"
+    assert stars.edit(voiced) == "Oh my stars! But I read a great book! What did you do?"
+    assert stars.edit("Oh my stars! I'm just an AI.\nI love the sea.") == "Oh my stars! I love the sea."
+    assert stars.edit("I'm sorry for any confusion. As an AI language model, I cannot.") is None
+    liked_turn, down_turn, plain_turn = LIKED_ANYWAY[0], DOWN_ONLY[0], 0
+    assert review(stars, "Oh my stars! The sea!", plain_turn) == ("like", None)
+    assert review(stars, "I love the sea.", liked_turn) == ("like", None)
+    assert review(stars, "I love the sea.", down_turn) == ("dislike", None)
+    assert review(stars, "I love the sea.", plain_turn) == ("correct", "Oh my stars! I love the sea.")
+    assert review(stars, "Oh my stars! As an AI, I can't swim. I like boats.", plain_turn) == (
+        "correct", "Oh my stars! I like boats.")
+    assert review(stars, "I'm an AI assistant. How can I help you?", liked_turn) == ("dislike", None)
+
+
 def test_bench_train_lists_every_stage_with_its_time_share_and_own_peak():
     from ouro.bench.train import stage_table
 

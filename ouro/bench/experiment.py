@@ -2,9 +2,14 @@
 
 Three people on the bot's allow-list each hold one conversation of nine messages with the
 persona, through the same turn life cycle Telegram uses (serving.conversation). They want one
-checkable style — replies that open with a fixed phrase — and review as people do: a reply
-already in the style gets 👍; otherwise most replies get ✏️ a correction in the style (the
-phrase in front of the reply they got), two per person get a 👍 anyway and one a bare 👎. Then
+checkable style — replies that open with a fixed phrase — from a persona, not an assistant, and
+review as people do (`review`): a reply already in the style gets 👍; otherwise most replies get
+✏️ a correction in the style (the reply they got with the phrase in front, less any sentence that
+speaks as an AI assistant — "As a chatbot, I…"), two per person get a 👍 anyway and one a bare
+👎. They never endorse the assistant's voice: such a reply gets no 👍, and one with nothing left
+once those sentences go gets a bare 👎 instead of a correction. (Session 15 measured what
+endorsing it does: the "Oh my stars!" round's people kept "as a chatbot" in 14 of 19 training
+targets, and its child drifted into that voice; docs/design-notes.md.) Then
 one real `ouro cycle` with the settings `load_settings()` gives (export → LoRA + DPO → GGUF →
 evals → gate). Per generation: the share of probe replies in the style — new questions, each in
 a fresh conversation, answered through the same path and sampling users get, and greedily beside
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +32,7 @@ from tqdm import tqdm
 
 from config.settings import Settings, load_settings
 from engine.protocol import Sampling
+from evals.style_drift import is_assistant_voice
 from lineage.generations import Lineage
 from serving.conversation import Speaker
 from serving.runtime import load_engine, open_runtime, open_store, register_base
@@ -41,8 +48,20 @@ class Style:
         return text.lstrip().lower().startswith(self.phrase.lower())
 
     def correct(self, reply: str) -> str:
-        """What the simulated person writes with ✏️: the phrase, then the reply they got."""
+        """The reply in the style: the phrase, then the reply (an imported history's owner replies)."""
         return f"{self.phrase} {reply.strip() or 'Hello!'}"
+
+    def edit(self, reply: str) -> str | None:
+        """What the simulated person writes with ✏️: the reply they got with the phrase in front and
+        its sentences in the assistant's voice deleted; None when no sentence is left."""
+        body = reply.strip()
+        if self.holds(body):
+            body = body.lstrip()[len(self.phrase):].strip()
+        kept = [s for s in SENTENCE_END.split(body) if s.strip() and not is_assistant_voice(s)]
+        return f"{self.phrase} {' '.join(kept)}" if kept else None
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
 
 
 STYLES = {"ahoy": Style("ahoy", "Ahoy!"), "stars": Style("stars", "Oh my stars!")}
@@ -76,6 +95,15 @@ def in_style(text: str) -> bool:
     return STYLES["ahoy"].holds(text)
 
 
+def review(style: Style, reply: str, turn: int) -> tuple[str, str | None]:
+    """What a simulated person does with the reply to their `turn`-th message: ("like", None),
+    ("dislike", None) or ("correct", the ✏️ text). A reply in the assistant's voice is never liked."""
+    if not is_assistant_voice(reply) and (style.holds(reply) or turn in LIKED_ANYWAY):
+        return "like", None
+    edited = None if turn in DOWN_ONLY else style.edit(reply)
+    return ("correct", edited) if edited else ("dislike", None)
+
+
 def experiment_settings(data_dir: Path) -> Settings:
     """The product's defaults; only where the data lives and who may talk (an allow-list) are set."""
     return load_settings(data_dir=data_dir, allowed_user_ids=PEOPLE)
@@ -83,7 +111,7 @@ def experiment_settings(data_dir: Path) -> Settings:
 
 async def converse(rt, style: Style, round_: int, *, quiet: bool) -> dict:
     """Each person holds one conversation and reviews every reply as the module docstring says."""
-    counts = {"turns": 0, "liked": 0, "corrected": 0, "disliked": 0}
+    counts = {"turns": 0, "liked": 0, "corrected": 0, "disliked": 0, "assistant_voice": 0}
     bar = tqdm(total=sum(map(len, CONVERSATIONS)), desc=f"round {round_}: people chat", disable=quiet)
     for person, questions in zip(PEOPLE, CONVERSATIONS, strict=True):
         who = Speaker(chat_id=person * 1000 + round_, user_id=person)
@@ -93,17 +121,13 @@ async def converse(rt, style: Style, round_: int, *, quiet: bool) -> dict:
             if out.kind != "answered":
                 continue
             counts["turns"] += 1
-            if style.holds(out.text) or i in LIKED_ANYWAY:
-                rt.store.rate(out.turn_id, person, 1)
-                counts["liked"] += 1
-            elif i in DOWN_ONLY:
-                rt.store.rate(out.turn_id, person, -1)
-                counts["disliked"] += 1
-            else:
-                rt.store.rate(out.turn_id, person, -1)
+            counts["assistant_voice"] += is_assistant_voice(out.text)
+            verdict, edited = review(style, out.text, i)
+            rt.store.rate(out.turn_id, person, 1 if verdict == "like" else -1)
+            counts[{"like": "liked", "dislike": "disliked", "correct": "corrected"}[verdict]] += 1
+            if edited:
                 rt.store.await_correction(who.chat_id, person, out.turn_id)
-                rt.conversation.receive(who, style.correct(out.text))   # the ✏️ reply, as Telegram delivers it
-                counts["corrected"] += 1
+                rt.conversation.receive(who, edited)   # the ✏️ reply, as Telegram delivers it
     bar.close()
     return counts
 

@@ -4,7 +4,8 @@ A local Telegram emulator on loopback (emulator/server.js), the real bot polling
 HTTP with the packaged SmolLM2 as generation 0, and three simulated people on its allow-list
 who each hold a conversation and review through the real buttons, as `ouro experiment` does:
 they want replies that open with "Ahoy!" — one in style gets 👍, most others ✏️ a correction,
-a few 👍 anyway and one a bare 👎. Then the admin, also simulated, sends /train; the cycle runs
+a few 👍 anyway and one a bare 👎, and no reply in the assistant's voice is liked or kept
+(`ouro.bench.experiment.review`). Then the admin, also simulated, sends /train; the cycle runs
 in its own process, with the product's training defaults, while the bot keeps answering; the
 admin gets the result; the next replies come from the new generation (hot-swap) and the demo
 counts how many open with "Ahoy!"; finally /rollback with its confirmation button brings the
@@ -21,7 +22,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ouro.bench.experiment import CONVERSATIONS, DOWN_ONLY, LIKED_ANYWAY, PROBE_PROMPTS, STYLE, in_style
+from ouro.bench.experiment import CONVERSATIONS, PROBE_PROMPTS, STYLE, STYLES, in_style, review
 
 ADMIN_ID = 1
 PEOPLE = [(101, "Ann"), (102, "Bo"), (103, "Cy")]
@@ -54,16 +55,17 @@ async def _chat_and_rate(emu, turns: int) -> dict:
             mid = await user.asend_text(questions[i])
             reply = await _until(user, lambda m: bool(m.callback_data), mid, 90)
             text = reply.text or ""
-            if in_style(text) or i in LIKED_ANYWAY:
+            action, edited = review(STYLES["ahoy"], text, i)
+            if action == "like":
                 await user.apress(reply.callback_data[0], reply.message_id)
                 verdict = "👍"
-            elif i in DOWN_ONLY:
+            elif action == "dislike":
                 await user.apress(reply.callback_data[1], reply.message_id)
                 verdict = "👎"
             else:
                 await user.apress(reply.callback_data[3], reply.message_id)
                 ask = await _until(user, lambda m: "✏️" in (m.text or ""), reply.message_id, 30)
-                sent = await user.asend_text(f"{STYLE} {text.strip()}")
+                sent = await user.asend_text(edited)
                 await _until(user, lambda m: "noted" in (m.text or ""), max(sent, ask.message_id), 30)
                 verdict = "✏️"
             counts[verdict] += 1
@@ -117,7 +119,8 @@ async def _run(data_dir: Path, turns: int) -> dict:
             async with running(app, poll_timeout=1):
                 admin = emu.client(ADMIN_ID, "Ada")
                 say(f"\n▶ {len(PEOPLE)} people chat. They like replies that open with {STYLE!r}: those get 👍; most "
-                    "others get ✏️ the same reply with the phrase in front, a few 👍 anyway, one a bare 👎.")
+                    "others get ✏️ the same reply with the phrase in front (sentences that speak as an AI assistant deleted), "
+                    "a few 👍 anyway, one a bare 👎.")
                 say("\n▶ Before: Ann asks new questions in fresh conversations.")
                 before, _ = await _probe(emu, rt)
                 result["before"] = {"in_style": before, "of": SHOWN_PROBES}
