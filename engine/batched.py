@@ -40,6 +40,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from core.errors import OuroError
+from engine import neighbours
 from engine.chat_states import copy_seq_state, evict_oldest
 from engine.kv_files import KVFiles
 from engine.llama import LlamaEngine, model_params
@@ -144,6 +145,7 @@ class BatchedEngine(LlamaEngine):
         self._vocab = self.llm.n_vocab()
         self.saves = self.restores = 0
         self.peak_active = 0                # most sequences in one llama_decode (the tests read it)
+        self.step_threads: set[tuple[bool, int]] = set()   # (several chats generating, threads) seen (tests)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
         self._thread.start()
 
@@ -439,12 +441,17 @@ class BatchedEngine(LlamaEngine):
                 outputs.append((slot, n - 1))
         batch.n_tokens = n
         self.peak_active = max(self.peak_active, len(group))
-        # generation steps with the generation threads, as on the one-at-a-time engine: llama.cpp
-        # would take the prompt threads for any batch of more than one token, and beside a busy
-        # neighbour those wait for each other at every step of the graph (docs/design-notes.md)
+        # a step of several generating chats reads with the prompt threads, as llama.cpp and its
+        # server do for any batch of more than one token (quiet, that is the batch's throughput);
+        # while the bot's own cycle trains beside it, with the generation threads, which two
+        # threads waiting for each other at every step of the graph would not be (engine/neighbours.py)
         generation = group[0][0].request.pending is not None
         threads = self.llm.context_params.n_threads
-        llama_cpp.llama_set_n_threads(self.ctx, threads, threads if generation else self._prompt_threads)
+        batch_threads = self._prompt_threads
+        if generation and (len(group) == 1 or neighbours.training()):
+            batch_threads = threads
+        llama_cpp.llama_set_n_threads(self.ctx, threads, batch_threads)
+        self.step_threads.add((generation and len(group) > 1, batch_threads))
         rc = llama_cpp.llama_decode(self.ctx, batch)
         with self._cond:
             if rc != 0:

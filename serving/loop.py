@@ -33,6 +33,7 @@ from functools import partial
 
 from config.settings import Settings
 from core.errors import OuroError
+from engine.neighbours import training_beside
 from engine.worker import InferenceWorker
 from evals.live_watch import Verdict, judge
 from lineage.generations import Lineage
@@ -195,7 +196,8 @@ class LearningLoop:
             return thin
         self.store.log_event("cycle_started", detail={"actor": actor})
         try:
-            outcome = await self.runner.run(actor)
+            with training_beside():
+                outcome = await self.runner.run(actor)
         except OuroError as exc:
             outcome = CycleOutcome("failed", {"status": "failed", "reasons": [str(exc)]})
         self.last_outcome = outcome

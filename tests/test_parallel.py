@@ -117,6 +117,29 @@ def test_chats_decoded_together_get_exactly_the_text_each_gets_alone(alone, stag
         engine.close()
 
 
+def test_several_chats_generate_with_all_threads_unless_a_cycle_trains_beside(alone):
+    """Quiet, a step of several generating chats reads with the prompt threads (llama.cpp's own rule
+    for batches); while the bot's cycle trains, with the generation threads. The text is the same."""
+    from engine.neighbours import training, training_beside
+
+    engine = BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=2, n_ctx=N_CTX, n_threads=1)
+    try:
+        prompt_threads = engine.llm.context_params.n_threads_batch
+        assert prompt_threads > 1, "needs a machine of at least two cores"
+        quiet = at_once(engine, [(i, CHATS[i], GREEDY) for i in range(2)])
+        assert (True, prompt_threads) in engine.step_threads and (True, 1) not in engine.step_threads
+        engine.step_threads.clear()
+        with training_beside():
+            assert training()
+            beside = at_once(engine, [(f"b{i}", CHATS[i], GREEDY) for i in range(2)])
+        assert not training()
+        assert (True, 1) in engine.step_threads and (True, prompt_threads) not in engine.step_threads
+        for i in range(2):
+            assert quiet[i][0].text == beside[i][0].text == alone(i).text
+    finally:
+        engine.close()
+
+
 def test_sampled_replies_keep_their_own_seed_side_by_side(alone):
     engine = batched(4)
     samplings = [Sampling(temperature=0.9, top_p=0.9, top_k=40, seed=100 + i, max_tokens=32) for i in range(4)]
