@@ -903,10 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="prove the defaults learn: three people teach a style mid-conversation",
                        description="Three people on the allow-list chat nine messages each; they want replies that "
                                    "open with one phrase ('Ahoy!', then 'Oh my stars!') and correct most others with "
-                                   "✏️, 👍 a few, 👎 one. Real cycles run with load_settings()'s defaults. Prints, per "
+                                   "✏️ (deleting any sentence in the assistant's voice), 👍 a few, 👎 one. Real cycles run with load_settings()'s defaults. Prints, per "
                                    "generation, the share of probe replies in the style (sampled as users get them, "
                                    "and greedy), the gate's decision and scores, and each stage's time. "
-                                   "About 8 minutes per style for generation 1 and 13 for generation 2 on 2 cores (~40 in all).")
+                                   "About 5-11 minutes a cycle on 2 cores, plus the probes (~40 minutes in all).")
     p.add_argument("--cycles", type=int, default=2, help="learning cycles to run per style")
     p.add_argument("--style", choices=["ahoy", "stars"], action="append",
                    help="run only this style (repeatable; default: both)")
