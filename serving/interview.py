@@ -16,13 +16,13 @@ every reply — never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config.settings import Settings
 from engine.protocol import Engine
+from engine.sentences import whole_sentences
 from engine.worker import loop_callback
 from lineage.constitution import constitution_text, text_sha256
 from memory.store import Store
@@ -86,13 +86,6 @@ class Interview:
         """The constitution the kept answers make: one heading per question, in order."""
         parts = [f"## {q.heading}\n{self.answers[q.key]}" for q in self.questions if self.answers.get(q.key)]
         return "\n\n".join(parts)
-
-
-def whole_sentences(text: str) -> str:
-    """An answer cut off at the token limit, back to its last finished sentence (all of it if none finished)."""
-    text = text.strip()
-    ends = [m.end() for m in re.finditer(r"[.!?…](?:[\"')\]]*)(?=\s|$)", text)]
-    return text[:ends[-1]] if ends else text
 
 
 def messages_for(interview: Interview) -> list[dict]:

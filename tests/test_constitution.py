@@ -199,7 +199,7 @@ def test_the_draft_is_read_where_the_interview_wrote_it_even_by_a_process_starte
 
 
 def test_an_answer_cut_at_the_token_limit_keeps_its_whole_sentences():
-    from serving.interview import whole_sentences
+    from engine.sentences import whole_sentences
 
     assert whole_sentences("I'm Ouro. I like rain! My tone is funny and sarcas") == "I'm Ouro. I like rain!"
     assert whole_sentences('She said "hi." Then she') == 'She said "hi."'

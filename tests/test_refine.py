@@ -21,7 +21,15 @@ from memory.trust import policy_for
 from ouro.review import run_terminal_review
 from tests.helpers.fakes import ScriptedWriter
 from tests.helpers.offline_bot import ADMIN, ANN, offline_bot
-from trainer.refine import clean_critique, clean_reply, critique_messages, refine_messages, write_proposals
+from trainer.refine import (
+    clean_critique,
+    clean_reply,
+    critique_messages,
+    refine_messages,
+    within_budget,
+    word_budget,
+    write_proposals,
+)
 
 PERSONA = "You are Ouro, a warm and playful friend. Short replies, plain words."
 CRITIQUE = "Too long and stiff; I should answer like a friend, in a line."
@@ -120,6 +128,33 @@ def test_the_step_stores_good_proposals_and_drops_botched_ones_without_crashing(
     again = write_proposals(settings, store, ScriptedWriter([]), generation_id="gen-0007")
     assert again.tried["thumbs_down"] == 2 and {no_critique, echoed} == {c.turn_id for c in store.refine_candidates(
         limit=9, opt_out_by_default=False)}
+
+
+def test_a_too_long_reply_is_rewritten_in_half_its_words_and_kept_to_whole_sentences(store, tmp_path):
+    settings = settings_for(tmp_path, refine_max_tokens=160)
+    served = " ".join(["word"] * 40) + "."
+    long = answered(store, ANN, 1, served, reason="long")
+    answered(store, ANN, 2, "Paris is the capital, and that is that.", reason="off")
+    rambling = "Pasta! Always pasta. " + " ".join(["and then more"] * 10)
+    writer = ScriptedWriter([CRITIQUE, "Rome, then Paris.", CRITIQUE, rambling])   # newest first
+    report = write_proposals(settings, store, writer, generation_id="gen-0003")
+    assert report.made == 2
+    assert word_budget(served, ("too long",)) == 20 and word_budget(served, ("off-topic",)) is None
+    assert "in at most" not in writer.prompts[1][0]["content"] and writer.max_tokens[1] == 160
+    assert "in at most 20 words." in writer.prompts[3][0]["content"] and writer.max_tokens[3] == 38
+    refined = {p["turn_id"]: p["refined"] for p in report.proposals}
+    assert refined[long] == "Pasta! Always pasta."          # cut back to the whole sentences within 20 words
+    assert word_budget("short one", ("long",)) == 12         # never under MIN_WORDS
+
+
+@pytest.mark.parametrize(("text", "cut", "kept"), [
+    ("Sure thing", False, "Sure thing"),                   # whole (the decode ended) and within budget
+    ("Sure. I love the sea and", True, "Sure."),           # the decode stopped at its cap: unfinished tail cut
+    ("I love the sea and the sky and", True, None),        # no whole sentence: dropped as cut off
+    ("One. Two! Three? " + "four " * 20, False, "One. Two! Three?"),
+])
+def test_within_budget_keeps_whole_sentences(text, cut, kept):
+    assert within_budget(text, 6, cut=cut) == ((kept, None) if kept else (None, "cut_off"))
 
 
 def test_scenarios_are_answered_as_served_then_refined_each_once(store, tmp_path):

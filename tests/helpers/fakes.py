@@ -124,9 +124,12 @@ class ScriptedWriter:
     def __init__(self, texts: list[str]) -> None:
         self.texts = deque(texts)
         self.prompts: list[list[Message]] = []
+        self.max_tokens: list[int] = []
 
     def greedy_reply(self, messages: list[Message], max_tokens: int = 96) -> Completion:
+        """The next text; finish_reason "length" when it has more words than `max_tokens` (a cut decode)."""
         self.prompts.append(messages)
+        self.max_tokens.append(max_tokens)
         text = self.texts.popleft() if self.texts else ""
         return Completion(text=text, prompt_tokens=0, completion_tokens=len(text.split()), ttft_s=0.0,
-                          total_s=0.0, finish_reason="stop")
+                          total_s=0.0, finish_reason="length" if len(text.split()) > max_tokens else "stop")
