@@ -35,6 +35,7 @@ ADMIN = 4242                 # the simulated admin who reviews the proposals
 SHORT_WORDS = 30
 PROBE_TOKENS = 96            # long enough for a reply to break the `short` rule
 SCENARIOS_PER_ROUND = 2
+PROBE_SEED = 1000
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,21 @@ def admin_review(settings: Settings, store: Store, rule: Rule) -> dict:
 
 def rule_share(settings: Settings, gen_id: str, rule: Rule, *, samples: int = 2) -> dict:
     """One generation asked the probe questions directly, each in a fresh conversation: sampled
-    `samples` times as users get them, and greedily; the share of replies that break the rule."""
+    `samples` times as users get them, and greedily; the share of replies that break the rule.
+    The k-th sampling of every generation uses seed PROBE_SEED + k, so generations are compared on
+    the same draws (one run's base measured 71% and another's 46% with unseeded draws)."""
     engine = load_engine(settings, Lineage(settings.models_dir).generation(gen_id))
     persona, sampled, greedy = settings.persona(), [], []
     try:
-        for temperature, out in [(settings.temperature, sampled)] * samples + [(0.0, greedy)]:
+        draws = [(settings.temperature, PROBE_SEED + k, sampled) for k in range(samples)] + [(0.0, 0, greedy)]
+        for temperature, seed, out in draws:
             for prompt in PROBE_PROMPTS:
                 engine.forget(prompt)
                 out.append(engine.generate(
                     [{"role": "system", "content": persona}, {"role": "user", "content": prompt}], chat_key=prompt,
                     sampling=Sampling(temperature=temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                      repeat_penalty=settings.repeat_penalty, max_tokens=PROBE_TOKENS)).text)
+                                      repeat_penalty=settings.repeat_penalty, seed=seed,
+                                      max_tokens=PROBE_TOKENS)).text)
     finally:
         engine.close()
     return {"rule_broken_share": round(sum(map(rule.broken, sampled)) / max(1, len(sampled)), 3),
