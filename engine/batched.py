@@ -573,6 +573,11 @@ class _SlotView:
     def clear(self) -> None:
         self.engine._saved.clear()
 
+    def __len__(self) -> int:
+        """Chats whose cells are kept: in a slot, or saved in memory (`ouro bench soak` reports the peak)."""
+        with self.engine._cond:
+            return len({s.key for s in self.engine.slots if s.key is not None} | set(self.engine._saved))
+
 
 def _sampler(sampling: Sampling, n_vocab: int) -> _internals.LlamaSampler:
     """The chain `Llama._init_sampler` builds for `Llama.generate` (penalties, then greedy, or

@@ -140,6 +140,18 @@ def test_several_chats_generate_with_all_threads_unless_a_cycle_trains_beside(al
         engine.close()
 
 
+def test_the_engine_counts_the_chats_whose_cells_it_keeps(alone):
+    engine = BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=2, n_ctx=N_CTX, n_threads=1)
+    try:
+        assert len(engine.states) == 0
+        at_once(engine, [(i, CHATS[i], GREEDY) for i in range(2)])
+        assert len(engine.states) == 2
+        at_once(engine, [("third", CHATS[2], GREEDY)])      # takes a slot; the chat it held is saved
+        assert len(engine.states) == 3 and engine.saves >= 1
+    finally:
+        engine.close()
+
+
 def test_sampled_replies_keep_their_own_seed_side_by_side(alone):
     engine = batched(4)
     samplings = [Sampling(temperature=0.9, top_p=0.9, top_k=40, seed=100 + i, max_tokens=32) for i in range(4)]
