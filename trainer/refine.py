@@ -241,7 +241,7 @@ def write_proposals(settings: Settings, store: Store, writer: Writer, *, generat
             return None
         refined, why = clean_reply(out.text, served, max_chars=max_chars, critique=critique)
         if refined is not None and words is not None:
-            refined, why = within_budget(refined, words, cut=getattr(out, "finish_reason", "stop") == "length")
+            refined, why = within_budget(refined, words, cut=out.finish_reason == "length")
         if refined is None:
             dropped[why] += 1
             return None

@@ -97,9 +97,8 @@ def rule_share(settings: Settings, gen_id: str, rule: Rule, *, samples: int = 2)
                 engine.forget(prompt)
                 out.append(engine.generate(
                     [{"role": "system", "content": persona}, {"role": "user", "content": prompt}], chat_key=prompt,
-                    sampling=Sampling(temperature=temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                      repeat_penalty=settings.repeat_penalty, seed=seed,
-                                      max_tokens=PROBE_TOKENS)).text)
+                    sampling=Sampling.serving(settings, temperature=temperature, seed=seed,
+                                              max_tokens=PROBE_TOKENS)).text)
     finally:
         engine.close()
     return {"rule_broken_share": round(sum(map(rule.broken, sampled)) / max(1, len(sampled)), 3),
