@@ -16,8 +16,13 @@ rejected, one forward of two sequences) is a micro-batch whose gradient is accum
 since a pair's loss term depends on that pair alone — and the head runs only on reply positions,
 in checkpointed chunks (trainer/head.py).
 
-Two anchors can join the loss, both on the chosen reply and both off at 0 (what each bought is in
-docs/design-notes.md, "What the DPO pass's recall loss was": on one round, nothing):
+Two anchors can join the loss, both on the chosen reply (what each bought is in docs/design-notes.md,
+"What the DPO pass's recall loss was" and "Short rewrites chosen over long replies"). The KL anchor is
+on by default (`dpo_kl_beta` 1.0): on a round of short rewrites chosen over long served replies, plain
+DPO found the cheapest way to prefer the short ones — end every reply after a few tokens (the end of
+turn at p ≥ 0.9 two or three tokens into the parent's own answers; recall 0.685) — and the anchor,
+which holds the parent's next-token distribution along the chosen replies, kept recall at 0.960 with
+the rule learned as well. The two:
 - `dpo_nll_weight` α: + α × the mean negative log-likelihood of the batch's chosen tokens — RPO
   (Pang et al. 2024), trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`. DPO alone
   can lower both replies' likelihood as long as the rejected falls faster; this keeps the chosen up.
