@@ -98,6 +98,8 @@ def test_browser_logs_in_sees_the_lineage_and_promotes_with_confirmation(web, pa
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
     page.click("text=Lineage")
+    page.wait_for_url(f"{web.base_url}/lineage")    # a click does not wait for the page it opens (flaked under load)
+    page.wait_for_selector("#generations")
     rows = page.locator("#generations tr[id^=row-]")
     assert rows.count() == 3
     one = page.inner_text("#row-gen-0001")
@@ -514,6 +516,7 @@ def test_browser_shows_the_per_generation_charts_and_a_generations_page(web, pag
                                "reason": "rollback by admin 4242: it forgot <b>names</b>"})
     page.goto(login_link(web, capsys))
     page.click("text=Lineage")
+    page.wait_for_selector("#chart-stages")
     for chart in ("#chart-evals", "#chart-feedback", "#chart-stages"):
         assert image_width(page, chart) > 300, chart                    # loaded and decoded as an image
     client = logged_in(web, capsys)
