@@ -219,7 +219,9 @@ async def _replies(user, n: int, timeout: float = 20.0) -> list:
 
 @pytest_e2e
 async def test_small_soak_under_overload_stores_everything_and_answers_everyone(emu, make_bot):
-    plan = SoakPlan(users=8, messages=5, think_s=0.2, rate_p=0.6, regen_p=0.2, outcome_timeout_s=30)
+    # every reply to a lone message gets a press (🔁 or a rating): under overload few replies may come,
+    # and at rate_p 0.6 a slow run once pressed no rating at all (rating_presses 0)
+    plan = SoakPlan(users=8, messages=5, think_s=0.2, rate_p=0.8, regen_p=0.2, outcome_timeout_s=30)
     async with make_bot(FakeEngine(delay_s=0.2), max_backlog=3) as bot:
         result = await run_soak(emu, bot.app, plan)
         busy_rows = bot.store.database.query(
