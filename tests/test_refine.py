@@ -70,6 +70,7 @@ def refine_pairs(delta) -> list:
     ("As an AI, I'd be happy to help you with that!", "same_as_served"),
     ("Judged by your constitution, the reply you should have given is shorter.", "echo"),
     ("Someone wrote to you: hi. You replied: hello.", "echo"),
+    ("How would you get there?\n👎 (too long)\nI'm sorry for the misunderstanding", "echo"),
     ("hey! " * 400, "too_long"),
 ])
 def test_botched_refined_replies_are_dropped_with_a_reason(raw, why):

@@ -47,7 +47,7 @@ def test_people_press_thumbs_down_only_on_replies_that_break_the_rule(settings, 
     assert {r["user_id"] for r in rows} == {PEOPLE[0], PEOPLE[1]}
 
 
-def test_the_admin_keeps_only_rewrites_that_keep_the_rule(settings, store):
+def test_the_admin_keeps_only_rewrites_that_keep_the_rule_and_the_other_checkable_one(settings, store):
     t = store.add_user_turn(chat_id=5, user_id=5, text="hi")
     store.complete_turn(t, reply_text=LONG, generation_id="gen-0000", prompt_tokens=1, completion_tokens=1,
                         latency_s=0.1, ttft_s=0.1, context_start_turn_id=t)
@@ -55,9 +55,11 @@ def test_the_admin_keeps_only_rewrites_that_keep_the_rule(settings, store):
                        generation_id="gen-0000")
     store.add_proposal("scenario", prompt="Tell me about Rome.", served=LONG, critique="long",
                        refined=LONG + " more", generation_id="gen-0000")
-    assert admin_review(settings, store, RULES["short"]) == {"kept": 1, "dropped": 1}
-    assert [store.proposal(i).status for i in (1, 2)] == ["kept", "dropped"]
-    assert store.database.scalar("SELECT COUNT(*) FROM proposals WHERE reviewer_id = ?", (ADMIN,)) == 2
+    store.add_proposal("scenario", prompt="Who are you?", served=LONG, critique="long",
+                       refined="As an AI, I'd be happy to help!", generation_id="gen-0000")   # short, but not a person
+    assert admin_review(settings, store, RULES["short"]) == {"kept": 1, "dropped": 2, "dropped_other_rule": 1}
+    assert [store.proposal(i).status for i in (1, 2, 3)] == ["kept", "dropped", "dropped"]
+    assert store.database.scalar("SELECT COUNT(*) FROM proposals WHERE reviewer_id = ?", (ADMIN,)) == 3
 
 
 def test_the_round_changes_nothing_about_training_and_the_cli_takes_it(tmp_path, monkeypatch):

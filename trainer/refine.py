@@ -134,7 +134,8 @@ _LABEL = re.compile(r"^\s*(?:\*\*|#+\s*)?(?:critique|what was wrong(?: with it)?
 _ROLE_LINE = re.compile(r"(?im)^\s*(?:<\|im_(?:start|end)\|>|\[?(?:user|human|assistant|system)\]?\s*[:：]|"
                         r"(?:user|assistant|system)\s*$)")
 _ECHO = re.compile(r"(?i)\b(?:your constitution|judged by|pressed 👎|what was wrong with (?:it|your reply)|"
-                   r"the reply you should have given|someone wrote to you|you replied:)")
+                   r"the reply you should have given|someone wrote to you|you replied:)"
+                   r"|👎\s*\(")          # the verdict as the prompt writes it: "👎 (too long)"
 _QUOTES = "\"'“”«»`"
 
 

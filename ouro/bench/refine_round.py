@@ -6,7 +6,8 @@ constitution — `short`: more than SHORT_WORDS words ("short replies"), or `voi
 voice the style-drift eval counts ("talk like a person, not like a customer-service assistant").
 The active generation then critiques and rewrites every 👎'd reply and a few scenarios
 (trainer/refine.py), a simulated admin keeps exactly the proposals whose refined reply keeps the
-rule and drops the rest, and one real cycle trains on what was kept (the product's defaults, with
+rule — and the other checkable rule, as a mentor holding the whole constitution would — and drops
+the rest, and one real cycle trains on what was kept (the product's defaults, with
 the self-refinement done before the admin's review rather than inside the cycle). Per generation:
 the share of probe replies (new questions, fresh conversations; sampled as users get them, and
 greedy) that break the rule, recall and style drift. Goal (issue 18): the share halves within two
@@ -74,12 +75,19 @@ async def thumbs_down_only(conversation: Conversation, store: Store, rule: Rule,
 
 
 def admin_review(settings: Settings, store: Store, rule: Rule) -> dict:
-    """The simulated admin: keep each pending proposal whose refined reply keeps the rule, drop the rest."""
-    counts = {"kept": 0, "dropped": 0}
+    """The simulated admin: keep each pending proposal whose refined reply keeps the rule and the
+    constitution's other checkable rule (RULES), drop the rest. Why both (session 19): keeping every
+    short rewrite, the admin kept 3 of 9 in the assistant voice ("I'm an AI assistant for text
+    re-writing…") over served replies that were not, and the round taught that voice (style drift
+    and refusal style refused the child) — a mentor holding the constitution drops those."""
+    counts = {"kept": 0, "dropped": 0, "dropped_other_rule": 0}
     while (p := store.next_proposal(opt_out_by_default=settings.training_opt_out_default)) is not None:
-        verdict = "dropped" if rule.broken(p.refined) else "kept"
+        breaks_rule = rule.broken(p.refined)
+        breaks_other = any(r.broken(p.refined) for r in RULES.values() if r.name != rule.name)
+        verdict = "dropped" if breaks_rule or breaks_other else "kept"
         store.decide_proposal(p.id, ADMIN, verdict)
         counts[verdict] += 1
+        counts["dropped_other_rule"] += breaks_other and not breaks_rule
     return counts
 
 
@@ -147,7 +155,8 @@ def run_refine_round(rule: Rule, data_dir: Path, cycles: int, *, quiet: bool,
                **rule_share(settings, lineage.active_id(), rule, samples=probe_samples)}
         rows.append(row)
         say(f"[{rule.name}] {report.gen_id}: {report.status}; 👎 {people['disliked']} of {people['turns']} · "
-            f"proposals {refined['made']} (kept {admin['kept']}, dropped {admin['dropped']}) · active "
+            f"proposals {refined['made']} (kept {admin['kept']}, dropped {admin['dropped']}, "
+            f"{admin['dropped_other_rule']} of them for the other rule) · active "
             f"{lineage.active_id()} breaks the rule in {row['rule_broken_share']:.0%} sampled, "
             f"{row['rule_broken_share_greedy']:.0%} greedy · recall {row['recall']} · drift {row['style_drift']}")
     first = rows[0]["rule_broken_share"]
