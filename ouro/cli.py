@@ -918,8 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action="store_true",
                    help="instead: learning from 👎 alone — people only 👎 (with a reason) replies that break one "
                         "rule of the constitution, the generation critiques and rewrites them (self-refinement), an "
-                        "admin keeps only rewrites that keep the rule; per generation the rule-breaking share of "
-                        "probe replies, recall and style drift (15-30 minutes a rule on 2 cores)")
+                        "admin keeps only rewrites that keep the rule (and the other checkable one); per generation "
+                        "the rule-breaking share of probe replies, recall and style drift (15-30 minutes a rule on "
+                        "2 cores)")
     p.add_argument("--imported", action="store_true",
                    help="instead: the cold start — nobody rates anything; the owner imports a Telegram history (six "
                         "chats in which her replies open with the style's phrase) and one cycle trains on it; the "
