@@ -148,11 +148,14 @@ async def _measure(rt, turns: int, *, quiet: bool) -> dict:
     }
 
 
-def bare_llama_ttfts(settings: Settings, gguf: Path, prompts: list[list[int]], *, quiet: bool) -> list[float]:
+def bare_llama_ttfts(settings: Settings, gguf: Path, prompts: list[list[int]], *, quiet: bool,
+                     reads: list[int] | None = None) -> list[float]:
     """The same conversation in bare llama.cpp (llama-cpp-python's `Llama`, one context that keeps what
     it read and reuses the longest common prefix): each turn's prompt tokens as the bot rendered them,
     the reply generated greedily to its end (so the next turn finds it cached, as the bot does), the
-    first token timed. Same model, threads, context and buffer choice as the embedded engine."""
+    first token timed. Same model, threads, context and buffer choice as the embedded engine.
+    `reads`, when given, gets the prompt tokens llama.cpp read on each turn (its perf counters)."""
+    import llama_cpp
     from llama_cpp import Llama
 
     from engine.llama import model_params
@@ -163,11 +166,14 @@ def bare_llama_ttfts(settings: Settings, gguf: Path, prompts: list[list[int]], *
     try:
         for tokens in tqdm(prompts, desc="the same chat in bare llama.cpp", disable=quiet):
             started, first = time.perf_counter(), None
+            llama_cpp.llama_perf_context_reset(llm.ctx)
             for _chunk in llm.create_completion(tokens, max_tokens=settings.reply_max_tokens, temperature=0.0,
                                                 top_k=1, repeat_penalty=settings.repeat_penalty, stream=True):
                 if first is None:
                     first = time.perf_counter()
             out.append((first or time.perf_counter()) - started)
+            if reads is not None:
+                reads.append(int(llama_cpp.llama_perf_context(llm.ctx).n_p_eval))
     finally:
         llm.close()
     return out
