@@ -227,12 +227,12 @@ class Settings(BaseSettings):
     dpo_nll_weight: float = Field(0.0, ge=0.0, le=100.0, description=(
         "RPO: weight of the chosen replies' mean negative log-likelihood added to the DPO loss, so the "
         "preference is not learned by lowering both replies (trainer/dpo.py). 0: plain DPO."))
-    dpo_kl_beta: float = Field(3.0, ge=0.0, le=100.0, description=(
+    dpo_kl_beta: float = Field(1.0, ge=0.0, le=100.0, description=(
         "Weight of a KL term in the DPO pass holding the next-token distribution at the chosen reply's tokens "
         "to the parent's, where the parent gives the token at least kl_free_below (trainer/dpo.py). On rounds of "
         "short rewrites chosen over long replies plain DPO taught the child to end replies after a few tokens "
         "(recall 0.685; 1.0 held 0.960); on a round of 4 such pairs, recall 0.984 without DPO, 0.910 at 1.0, "
-        "0.954 at 3.0, the rule learned as well (docs/design-notes.md). 0: off."))
+        "0.954 at 3.0 — but 3.0 refused an 'Ahoy!' style round on style drift (docs/design-notes.md). 0: off."))
     contrast_pairs: int = Field(24, ge=0, le=10_000, description=(
         "Most preference pairs a cycle makes from an imported history: the owner's reply chosen over the "
         "parent's own reply to the same context (sampled as users are answered), so a history teaches what "

@@ -18,13 +18,13 @@ in checkpointed chunks (trainer/head.py).
 
 Two anchors can join the loss, both on the chosen reply (what each bought is in docs/design-notes.md,
 "What the DPO pass's recall loss was" and "Short rewrites chosen over long replies"). The KL anchor is
-on by default (`dpo_kl_beta` 3.0): on a round of short rewrites chosen over long served replies, plain
+on by default (`dpo_kl_beta` 1.0): on a round of short rewrites chosen over long served replies, plain
 DPO found the cheapest way to prefer the short ones — end every reply after a few tokens (the end of
 turn at p ≥ 0.9 two or three tokens into the parent's own answers; recall 0.685) — and the anchor,
 which holds the parent's next-token distribution along the chosen replies, kept recall at 0.960 (at
 1.0) with the rule learned as well. On a later round at 1.0 the child lost no end of turn but
 wavered on the tokens its parent was unsure of (recall 0.910; 0.984 with no DPO at all); 3.0 kept
-0.954 and the rule (session 19). The two:
+0.954 and the rule, but refused an "Ahoy!" style round on style drift, so 1.0 stays (session 19). The two:
 - `dpo_nll_weight` α: + α × the mean negative log-likelihood of the batch's chosen tokens — RPO
   (Pang et al. 2024), trl's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, α]`. DPO alone
   can lower both replies' likelihood as long as the rejected falls faster; this keeps the chosen up.

@@ -89,7 +89,7 @@ class TrainConfig:
     dpo_nll_weight: float = field(default=0.0, metadata={
         "help": "RPO: weight of the mean negative log-likelihood of the chosen replies added to the DPO loss, "
                 "so both replies' likelihood cannot fall together (trainer/dpo.py). 0: plain DPO."})
-    dpo_kl_beta: float = field(default=3.0, metadata={
+    dpo_kl_beta: float = field(default=1.0, metadata={
         "help": "Weight of the KL(parent ‖ model) at the chosen reply's tokens in the DPO pass, with kl_free_below "
                 "as in SFT: the parent's words held while the preference is learned (trainer/dpo.py). 0: off."})
     kto_steps: int = field(default=20, metadata={"help": "Most KTO optimizer steps on lone 👍/👎 (0: skip KTO)."})
