@@ -185,6 +185,32 @@ def test_chats_beyond_the_slots_wait_then_get_their_exact_text_and_keep_their_ca
         engine.close()
 
 
+def test_a_reply_that_ends_early_leaves_no_gap_in_the_batch(alone):
+    """Chats 0-3 take slots 0-3 in turn; chat 1's short reply ends first, and a step of slots
+    {0, 2, 3} would be cut by llama.cpp into two micro-batches (one per run of consecutive ids).
+    The engine moves a reply into the gap instead: every step stays one run, the texts stay exact,
+    and the moved chat's next turn still starts from its cells."""
+    engine = batched(4)
+    short = Sampling(temperature=0.0, top_k=1, max_tokens=12)
+    long = Sampling(temperature=0.0, top_k=1, max_tokens=48)
+    jobs = [(i, CHATS[i], short if i == 1 else long) for i in range(4)]
+    try:
+        results = at_once(engine, jobs, stagger=2)
+        for i, (completion, pieces) in enumerate(results):
+            assert completion.text == alone(i, jobs[i][2], chat_key=f"gap-{i}").text
+            assert "".join(pieces).strip() == completion.text
+        assert engine.peak_active == 4 and engine.moves >= 1
+        assert engine.peak_runs == 1
+        seconds = [CHATS[i] + [{"role": "assistant", "content": results[i][0].text},
+                               {"role": "user", "content": "Tell me more."}] for i in (0, 3)]
+        again = at_once(engine, [(i, seconds[n], GREEDY) for n, i in enumerate((0, 3))])
+        for n, i in enumerate((0, 3)):
+            assert again[n][0].text == alone(i, GREEDY, seconds[n], chat_key=f"gap-{i}").text
+            assert again[n][0].cached_tokens >= engine.count_tokens(CHATS[i])
+    finally:
+        engine.close()
+
+
 def test_a_failing_reply_frees_its_slot_and_the_others_go_on(alone):
     engine = batched(2)
 
