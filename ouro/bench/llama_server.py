@@ -119,9 +119,16 @@ def running_server(argv: list[str], port: int, log_file: Path, timeout_s: float 
 
 
 async def chats_through_server(url: str, settings: Settings, messages: list[str], chats: int,
-                               turns_each: int) -> dict:
+                               turns_each: int, lengths: dict[int, list[int]] | None = None) -> dict:
     """N conversations at once through the server, as `concurrent._chats_at_once` holds them through
-    the bot: the next message as soon as the reply is complete; TTFT from sending to the first text."""
+    the bot: the next message as soon as the reply is complete; TTFT from sending to the first text.
+
+    `lengths` (chat → tokens of each of its replies on the embedded side): each reply is held to that
+    many tokens (`max_tokens` and llama-server's `ignore_eos`), so both sides do the same work. Left
+    free, the server writes other replies than the bot from the same prompt, because it counts the
+    prompt's last 64 tokens in the repeat penalty's window (llama-server accepts the prompt into its
+    sampler; llama-cpp-python's `generate`, and the embedded engine with it, only the reply) — in
+    one run 27 tokens a reply longer on average, which moves replies/min by a quarter."""
     import httpx2
     from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
@@ -136,11 +143,13 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     fresh = DefaultAsyncHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0))
     async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600.0, http_client=fresh) as client:
 
-        async def ask(history: list[dict]) -> tuple[str, float, int]:
+        async def ask(history: list[dict], length: int | None = None) -> tuple[str, float, int]:
             sent, first, parts, usage = time.perf_counter(), None, [], None
+            body = extra if length is None else {**extra, "ignore_eos": True}
             stream = await client.chat.completions.create(
                 model="bench", messages=history, stream=True, temperature=0.0, top_p=settings.top_p,
-                max_tokens=settings.reply_max_tokens, stream_options={"include_usage": True}, extra_body=extra)
+                max_tokens=settings.reply_max_tokens if length is None else max(length, 1),
+                stream_options={"include_usage": True}, extra_body=body)
             async for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage.completion_tokens
@@ -159,7 +168,7 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
             texts[i] = []
             for turn in range(turns_each):
                 history.append({"role": "user", "content": messages[(i + turn) % len(messages)]})
-                text, ttft, n = await ask(history)
+                text, ttft, n = await ask(history, None if lengths is None else lengths[i][turn])
                 history.append({"role": "assistant", "content": text})
                 ttfts.append(ttft)
                 tokens += n
