@@ -407,7 +407,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ouro.bench.serve import MESSAGES
 
         result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json,
-                                      compare=tuple(args.compare or ("serial", "llama-server")))
+                                      compare=tuple(args.compare or ("serial", "llama-server")),
+                                      repeat=args.repeat)
         if not args.json:
             print_concurrent(result)
     else:
@@ -979,6 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run (`make llama-server` builds it once)")
     p.add_argument("--compare", choices=["serial", "llama-server"], action="append",
                    help="with --concurrent: what the parallel engine is compared with (repeatable; default both)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="with --concurrent: K rounds, every side once per round in turn; prints the medians and "
+                        "each round's ratio (a shared machine drifts by ±10%% between minutes)")
     p.add_argument("--concurrent-api", type=int, metavar="N",
                    help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
                         "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "

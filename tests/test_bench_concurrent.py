@@ -1,7 +1,7 @@
 """`ouro bench serve --concurrent N`'s sides, small (marked `model`): the embedded engine with slots
 and llama.cpp's own llama-server with as many slots on the same packaged GGUF, 2 chats × 3 turns of
 8 tokens. Checks the bench's plumbing, not speed: every reply arrives, each side's figures are
-counted over all of them, greedy replies of the two embedded engines agree, the server writes as
+counted over all of them (the median over two rounds), greedy replies of the two embedded engines agree, the server writes as
 many tokens as the bot reply for reply, the server is started
 with the embedded engine's threads and buffer choice and stopped afterwards, and a missing server
 binary is a clear error before anything runs."""
@@ -23,8 +23,11 @@ MESSAGES = ["hi! how are you?", "what do you like to eat?", "tell me a joke"]
 def test_parallel_serial_and_llama_server_sides_answer_every_turn(tmp_path, monkeypatch):
     monkeypatch.setenv("OURO_LLAMA_SERVER", str(llama_server_binary()))
     base = load_settings(data_dir=tmp_path / "unused", reply_max_tokens=8, max_parallel=2, cycle_schedule="off")
-    r = run_bench_concurrent(base, MESSAGES, chats=2, quiet=True)
-    assert r["slots"] == 2
+    r = run_bench_concurrent(base, MESSAGES, chats=2, quiet=True, repeat=2)
+    assert r["slots"] == 2 and r["rounds"] == 2
+    for key in ("throughput_ratio", "vs_server_throughput"):     # the median of the two rounds' ratios
+        low, high = sorted(r[f"{key}_by_round"])
+        assert low <= r[key] <= high and low > 0
     for side in ("parallel", "one_at_a_time", "llama_server"):
         figures = r[side]
         assert figures["replies"] == 2 * TURNS_EACH and figures["tokens_per_s"] > 0, side

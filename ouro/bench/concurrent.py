@@ -33,11 +33,15 @@ SIDES = ("serial", "llama-server")   # what the parallel engine is compared with
 
 
 def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool,
-                         compare: tuple[str, ...] = SIDES) -> dict:
+                         compare: tuple[str, ...] = SIDES, repeat: int = 1) -> dict:
+    """`repeat` rounds, each side once per round in turn (parallel, llama-server, one at a time): a
+    shared VM's speed drifts by ±10% between minutes, so each round's ratio is taken side by side
+    and the figures reported are the medians over the rounds (each round's ratios are listed too)."""
     if chats < 1:
         raise ValueError("--concurrent needs at least one chat")
+    if repeat < 1:
+        raise ValueError("--repeat needs at least one round")
     slots = min(chats, base.parallel_slots)
-    runs = [("parallel", slots)] + ([("one_at_a_time", 1)] if "serial" in compare else [])
     binary = None
     if "llama-server" in compare:
         from ouro.bench.llama_server import llama_server_binary
@@ -47,6 +51,32 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
             raise OuroError(f"no llama-server at {binary}",
                             hint="`make llama-server` builds llama.cpp's own server once (minutes), or set "
                                  "OURO_LLAMA_SERVER; or leave it out: --compare serial")
+    rounds = []
+    for n in range(repeat):
+        if not quiet and repeat > 1:
+            print(f"  round {n + 1} of {repeat}", flush=True)
+        rounds.append(_round(base, messages, chats, slots, compare, binary, quiet))
+    result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
+              "reply_max_tokens": base.reply_max_tokens, "rounds": len(rounds)}
+    for side in ("parallel", "one_at_a_time", "llama_server"):
+        if side in rounds[0]:
+            result[side] = _median_figures([r[side] for r in rounds])
+    ratios = ("throughput_ratio", "ttft_p95_ratio", "vs_server_throughput", "vs_server_tokens_per_s",
+              "vs_server_ttft_p95")
+    for key in ratios:
+        if key in rounds[0]:
+            result[key] = round(statistics.median(r[key] for r in rounds), 3)
+            if repeat > 1:
+                result[f"{key}_by_round"] = [r[key] for r in rounds]
+    if "same_replies" in rounds[0]:
+        result["same_replies"] = all(r["same_replies"] for r in rounds)
+    return result
+
+
+def _round(base: Settings, messages: list[str], chats: int, slots: int, compare: tuple[str, ...],
+           binary: Path | None, quiet: bool) -> dict:
+    """Every side once, on fresh data folders; the ratios of this round."""
+    runs = [("parallel", slots)] + ([("one_at_a_time", 1)] if "serial" in compare else [])
     sides = {}
     for name, parallel in runs:
         with tempfile.TemporaryDirectory(prefix="ouro-bench-concurrent-") as tmp:
@@ -64,11 +94,8 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
             finally:
                 rt.close()
     texts = {name: side.pop("texts") for name, side in sides.items()}
-    for side in sides.values():
-        side.pop("lengths", None)
     par = sides["parallel"]["figures"]
-    result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
-              "reply_max_tokens": base.reply_max_tokens, "parallel": par}
+    result = {"parallel": par}
     if "one_at_a_time" in sides:
         one = sides["one_at_a_time"]["figures"]
         result.update(one_at_a_time=one,
@@ -82,6 +109,12 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
                       vs_server_tokens_per_s=round(par["tokens_per_s"] / server["tokens_per_s"], 3),
                       vs_server_ttft_p95=round(par["ttft_p95_s"] / server["ttft_p95_s"], 3))
     return result
+
+
+def _median_figures(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (one round: that round's figures)."""
+    return {key: (round(statistics.median(r[key] for r in runs), 3) if isinstance(runs[0][key], float)
+                  else runs[0][key]) for key in runs[0]}
 
 
 def _server_side(binary: Path, settings: Settings, gguf: Path, slots: int, messages: list[str], chats: int,
@@ -148,8 +181,9 @@ def side_figures(ttfts: list[float], tokens: int, wall: float) -> dict:
 
 
 def print_concurrent(r: dict) -> None:
+    rounds = f"; median of {r['rounds']} rounds" if r["rounds"] > 1 else ""
     print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, greedy, "
-          f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots)")
+          f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots{rounds})")
     rows = [("parallel (embedded)", r["parallel"])]
     if "one_at_a_time" in r:
         rows.append(("one reply at a time", r["one_at_a_time"]))
@@ -167,3 +201,7 @@ def print_concurrent(r: dict) -> None:
               f"TTFT p95 parallel ÷ llama-server: {r['vs_server_ttft_p95']:.2f}   "
               f"(the server's replies held to the bot's lengths: {r['llama_server']['tokens']} tokens against "
               f"{r['parallel']['tokens']})")
+    for key, label in (("throughput_ratio_by_round", "parallel ÷ one at a time"),
+                       ("vs_server_throughput_by_round", "parallel ÷ llama-server")):
+        if key in r:
+            print(f"  {label}, round by round: " + ", ".join(f"{x:.2f}" for x in r[key]))
