@@ -423,10 +423,8 @@ class BatchedEngine(LlamaEngine):
         seqs = [s.seq for s in busy]
         start = max(range(len(self.slots) - k + 1), key=lambda w: (sum(w <= q < w + k for q in seqs), -w))
         outside = [s for s in busy if not start <= s.seq < start + k]
-        free = [s for s in self.slots[start:start + k] if not (s.request is not None and s.request.max_tokens > 0)]
+        free = [s for s in self.slots[start:start + k] if s.request is None]   # a prefill being read stays
         for moving, other in zip(outside, free, strict=False):
-            if other.request is not None:
-                continue                 # a prompt being read in (prefill): left where it is
             self._swap(moving, other)
         self.slots.sort(key=lambda s: s.seq)
 
