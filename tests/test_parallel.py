@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -207,6 +208,41 @@ def test_a_reply_that_ends_early_leaves_no_gap_in_the_batch(alone):
         for n, i in enumerate((0, 3)):
             assert again[n][0].text == alone(i, GREEDY, seconds[n], chat_key=f"gap-{i}").text
             assert again[n][0].cached_tokens >= engine.count_tokens(CHATS[i])
+    finally:
+        engine.close()
+
+
+def test_a_chat_forgotten_while_its_reply_moves_leaves_no_cells_behind(alone):
+    """/forget during a reply drops the chat's cells once the reply ends — also when the reply is
+    moved into another slot afterwards (the mark goes with it), and the chats beside it are untouched."""
+    engine = batched(4)
+    short = Sampling(temperature=0.0, top_k=1, max_tokens=12)
+    long = Sampling(temperature=0.0, top_k=1, max_tokens=48)
+    jobs = [(i, CHATS[i], short if i == 1 else long) for i in range(4)]
+    forgotten = threading.Event()
+    moves_then = []
+
+    def forget_3_at_once(key, piece):
+        if key == 3 and not forgotten.is_set():
+            forgotten.set()
+            moves_then.append(engine.moves)
+            engine.forget(3)
+
+    try:
+        results = at_once(engine, jobs, stagger=2, on_text=forget_3_at_once)
+        # forgotten before chat 1's reply ended, then moved into its slot
+        assert moves_then == [0] and engine.moves >= 1
+        for i in (0, 2):
+            assert results[i][0].text == alone(i, long).text
+        deadline = time.monotonic() + 30          # the decode thread clears a forgotten slot once idle
+        while engine._stale and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(s.seq for s in engine.slots) == [0, 1, 2, 3]
+        assert all(not s.tokens for s in engine.slots if s.key is None)
+        assert 3 not in {s.key for s in engine.slots} and engine.stored(3) is None
+        again = engine.generate(CHATS[3], chat_key=3, sampling=GREEDY)
+        assert again.text == alone(3).text
+        assert again.cached_tokens < engine.count_tokens(CHATS[3]) - 2   # read again, not restored
     finally:
         engine.close()
 
