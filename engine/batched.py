@@ -161,9 +161,10 @@ class BatchedEngine(LlamaEngine):
     def generate(self, messages: list[Message], *, chat_key: int | str, sampling: Sampling,
                  on_text: OnText | None = None) -> Completion:
         started = time.perf_counter()
+        text = self.render(messages)       # outside the lock: the decode thread takes it after every step
         with self._cond:
             self._check_open()
-            tokens = self.chat_tokens(self.render(messages), chat_key)
+            tokens = self.chat_tokens(text, chat_key)
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
@@ -201,9 +202,10 @@ class BatchedEngine(LlamaEngine):
                           cached_tokens=request.cached)
 
     def unread(self, messages: list[Message], *, chat_key: int | str) -> int:
+        text = self.render(messages)
         with self._cond:
             self._check_open()
-            tokens = self.chat_tokens(self.render(messages), chat_key)
+            tokens = self.chat_tokens(text, chat_key)
             return len(tokens) - self.states.cached_prefix(chat_key, tokens)
 
     def prefill(self, messages: list[Message], *, chat_key: int | str, max_tokens: int | None = None) -> int:
