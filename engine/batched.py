@@ -432,31 +432,22 @@ class BatchedEngine(LlamaEngine):
 
     def _swap(self, moving: _Slot, other: _Slot) -> None:
         """Exchange the cells of two slots' sequences (and their ids): `moving` holds a reply under
-        way, `other` an idle chat's cells (or none, or a forgotten chat's, which are dropped)."""
-        if other.seq in self._stale:
-            self._stale.discard(other.seq)
-            other.tokens.clear()
-            other.key = None
-        blob, written = copy_seq_state(self.ctx, moving.seq) if moving.tokens else (None, 0)
-        if moving.tokens and written == 0:
+        way, `other` an idle chat's cells or none (a forgotten idle chat's were cleared by `_loop`)."""
+        moving_cells = self._copy(moving) if moving.tokens else None
+        if moving.tokens and moving_cells is None:
             return                       # could not copy: the step stays cut, nothing is lost
-        kept, kept_size = copy_seq_state(self.ctx, other.seq) if other.tokens else (None, 0)
-        memory = llama_cpp.llama_get_memory(self.ctx)
+        other_cells = self._copy(other) if other.tokens else None
         for slot in (moving, other):
-            llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
-        stale = moving.seq in self._stale
-        self._stale.discard(moving.seq)
+            self._truncate(slot, 0)
+        if moving.seq in self._stale:    # forgotten while its reply runs: the mark goes with the cells
+            self._stale.discard(moving.seq)
+            self._stale.add(other.seq)
         moving.seq, other.seq = other.seq, moving.seq
-        if stale:
-            self._stale.add(moving.seq)
-        if blob is not None and llama_cpp.llama_state_seq_set_data(self.ctx, blob, written, moving.seq) == 0:
-            log.warning("a reply's cells (%d tokens) could not be moved to another slot", len(moving.tokens))
-            moving.tokens.clear()
+        if moving_cells is not None and not self._load(moving, moving_cells):
+            log.warning("a reply's cells (%d tokens) could not be moved to another slot", len(moving_cells.tokens))
             self._finish(moving, ("error", OuroError("decoding failed: a reply's cells could not be moved")))
-        if kept is not None and (kept_size == 0 or
-                                 llama_cpp.llama_state_seq_set_data(self.ctx, kept, kept_size, other.seq) == 0):
-            llama_cpp.llama_memory_seq_rm(memory, other.seq, -1, -1)
-            other.tokens.clear()         # the idle chat is read again on its next turn
+        if other_cells is not None:
+            self._load(other, other_cells)   # refused: the idle chat is read again on its next turn
         self.moves += 1
 
     def _plan(self) -> list[list[tuple[_Slot, list[int], bool]]]:
@@ -573,11 +564,26 @@ class BatchedEngine(LlamaEngine):
         self._truncate(slot, 0)
         slot.key = None
 
-    def _save(self, slot: _Slot, keep: int | None = None) -> None:
+    def _copy(self, slot: _Slot) -> _Saved | None:
+        """The slot's cells copied out with the ids they hold (None when llama.cpp wrote none)."""
         blob, written = copy_seq_state(self.ctx, slot.seq)
-        if written == 0:
+        return _Saved(list(slot.tokens), blob, written) if written else None
+
+    def _load(self, slot: _Slot, saved: _Saved) -> bool:
+        """`saved` into the slot's sequence, emptied first; False, the sequence left empty, when
+        llama.cpp refuses it."""
+        self._truncate(slot, 0)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, saved.blob, saved.size, slot.seq) == 0:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
+            return False
+        slot.tokens = list(saved.tokens)
+        return True
+
+    def _save(self, slot: _Slot, keep: int | None = None) -> None:
+        saved = self._copy(slot)
+        if saved is None:
             return
-        self._saved[slot.key] = _Saved(list(slot.tokens), blob, written)
+        self._saved[slot.key] = saved
         self._saved.move_to_end(slot.key)
         self.saves += 1
         self._evict(self.kv_cache_chats if keep is None else keep)
@@ -600,13 +606,10 @@ class BatchedEngine(LlamaEngine):
         return saved
 
     def _restore(self, slot: _Slot, saved: _Saved) -> None:
-        self._truncate(slot, 0)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, saved.blob, saved.size, slot.seq) == 0:
+        if not self._load(slot, saved):
             log.warning("a saved KV state (%d tokens) could not be restored; the chat is read again",
                         len(saved.tokens))
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
             return                  # could not restore: the chat is read again
-        slot.tokens = list(saved.tokens)
         self.restores += 1
 
 

@@ -119,7 +119,7 @@ def running_server(argv: list[str], port: int, log_file: Path, timeout_s: float 
 
 
 async def chats_through_server(url: str, settings: Settings, messages: list[str], chats: int,
-                               turns_each: int, lengths: dict[int, list[int]] | None = None) -> dict:
+                               turns_each: int, lengths: dict[int, list[int]]) -> dict:
     """N conversations at once through the server, as `concurrent._chats_at_once` holds them through
     the bot: the next message as soon as the reply is complete; TTFT from sending to the first text.
 
@@ -133,7 +133,7 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     persona = settings.persona()
-    extra = {"top_k": 1, "repeat_penalty": settings.repeat_penalty, "seed": 1234}
+    extra = {"top_k": 1, "repeat_penalty": settings.repeat_penalty, "seed": 1234, "ignore_eos": True}
     ttfts: list[float] = []
     tokens = 0
     texts: dict[int, list[str]] = {}
@@ -143,13 +143,11 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     fresh = DefaultAsyncHttpxClient(limits=httpx2.Limits(max_keepalive_connections=0))
     async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600.0, http_client=fresh) as client:
 
-        async def ask(history: list[dict], length: int | None = None) -> tuple[str, float, int]:
+        async def ask(history: list[dict], length: int) -> tuple[str, float, int]:
             sent, first, parts, usage = time.perf_counter(), None, [], None
-            body = extra if length is None else {**extra, "ignore_eos": True}
             stream = await client.chat.completions.create(
                 model="bench", messages=history, stream=True, temperature=0.0, top_p=settings.top_p,
-                max_tokens=settings.reply_max_tokens if length is None else max(length, 1),
-                stream_options={"include_usage": True}, extra_body=body)
+                max_tokens=max(length, 1), stream_options={"include_usage": True}, extra_body=extra)
             async for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage.completion_tokens
@@ -160,7 +158,8 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
                         parts.append(choice.delta.content)
             return "".join(parts), (first or time.perf_counter()) - sent, usage if usage is not None else len(parts)
 
-        await ask([{"role": "system", "content": persona}, {"role": "user", "content": "hello"}])   # warm-up
+        await ask([{"role": "system", "content": persona}, {"role": "user", "content": "hello"}],   # warm-up
+                  settings.reply_max_tokens)
 
         async def person(i: int) -> None:
             nonlocal tokens
@@ -168,7 +167,7 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
             texts[i] = []
             for turn in range(turns_each):
                 history.append({"role": "user", "content": messages[(i + turn) % len(messages)]})
-                text, ttft, n = await ask(history, None if lengths is None else lengths[i][turn])
+                text, ttft, n = await ask(history, lengths[i][turn])
                 history.append({"role": "assistant", "content": text})
                 ttfts.append(ttft)
                 tokens += n
