@@ -408,7 +408,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json,
                                       compare=tuple(args.compare or ("serial", "llama-server")),
-                                      repeat=args.repeat)
+                                      repeat=args.repeat, sampled=args.sampled)
         if not args.json:
             print_concurrent(result)
     else:
@@ -983,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="K",
                    help="with --concurrent: K rounds, every side once per round in turn; prints the medians and "
                         "each round's ratio (a shared machine drifts by ±10%% between minutes)")
+    p.add_argument("--sampled", action="store_true",
+                   help="with --concurrent: every side samples as the bot does by default (temperature, top-p, "
+                        "top-k, seed 1234) instead of greedily; the server's replies are still held to the bot's lengths")
     p.add_argument("--concurrent-api", type=int, metavar="N",
                    help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
                         "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "

@@ -38,6 +38,16 @@ def test_parallel_serial_and_llama_server_sides_answer_every_turn(tmp_path, monk
     assert r["llama_server"]["tokens"] == r["parallel"]["tokens"] > 0
 
 
+def test_the_bots_own_sampling_holds_the_server_to_the_same_work(tmp_path, monkeypatch):
+    """`--sampled`: the owner's sampling on every side; the server still writes as many tokens as the bot."""
+    monkeypatch.setenv("OURO_LLAMA_SERVER", str(llama_server_binary()))
+    base = load_settings(data_dir=tmp_path / "unused", reply_max_tokens=8, max_parallel=2, cycle_schedule="off")
+    r = run_bench_concurrent(base, MESSAGES, chats=2, quiet=True, compare=("llama-server",), sampled=True)
+    assert r["sampling"] == f"temperature {base.temperature}, top-p {base.top_p}, top-k {base.top_k}"
+    assert base.temperature > 0 and r["parallel"]["replies"] == 2 * TURNS_EACH
+    assert r["llama_server"]["tokens"] == r["parallel"]["tokens"] > 0
+
+
 def test_the_server_runs_as_the_embedded_engine_does(tmp_path):
     settings = load_settings(data_dir=tmp_path, n_ctx=1024)
     argv = server_argv(tmp_path / "llama-server", tmp_path / "m.gguf", settings, 8, 5555)

@@ -33,10 +33,12 @@ SIDES = ("serial", "llama-server")   # what the parallel engine is compared with
 
 
 def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool,
-                         compare: tuple[str, ...] = SIDES, repeat: int = 1) -> dict:
+                         compare: tuple[str, ...] = SIDES, repeat: int = 1, sampled: bool = False) -> dict:
     """`repeat` rounds, each side once per round in turn (parallel, llama-server, one at a time): a
     shared VM's speed drifts by ±10% between minutes, so each round's ratio is taken side by side
-    and the figures reported are the medians over the rounds (each round's ratios are listed too)."""
+    and the figures reported are the medians over the rounds (each round's ratios are listed too).
+    `sampled`: every side samples as the bot does by default (the owner's temperature, top-p, top-k,
+    seed 1234) instead of greedily."""
     if chats < 1:
         raise ValueError("--concurrent needs at least one chat")
     if repeat < 1:
@@ -55,9 +57,11 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
     for n in range(repeat):
         if not quiet and repeat > 1:
             print(f"  round {n + 1} of {repeat}", flush=True)
-        rounds.append(_round(base, messages, chats, slots, compare, binary, quiet))
+        rounds.append(_round(base, messages, chats, slots, compare, binary, quiet, sampled))
     result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
-              "reply_max_tokens": base.reply_max_tokens, "rounds": len(rounds)}
+              "reply_max_tokens": base.reply_max_tokens, "rounds": len(rounds),
+              "sampling": f"temperature {base.temperature}, top-p {base.top_p}, top-k {base.top_k}" if sampled
+              else "greedy"}
     for side in ("parallel", "one_at_a_time", "llama_server"):
         if side in rounds[0]:
             result[side] = _median_figures([r[side] for r in rounds])
@@ -74,13 +78,13 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
 
 
 def _round(base: Settings, messages: list[str], chats: int, slots: int, compare: tuple[str, ...],
-           binary: Path | None, quiet: bool) -> dict:
+           binary: Path | None, quiet: bool, sampled: bool) -> dict:
     """Every side once, on fresh data folders; the ratios of this round."""
     runs = [("parallel", slots)] + ([("one_at_a_time", 1)] if "serial" in compare else [])
     sides = {}
     for name, parallel in runs:
         with tempfile.TemporaryDirectory(prefix="ouro-bench-concurrent-") as tmp:
-            settings = _settings(base, Path(tmp), parallel)
+            settings = _settings(base, Path(tmp), parallel, sampled)
             rt = open_runtime(settings)
             try:
                 sides[name] = asyncio.run(_chats_at_once(rt, messages, chats))
@@ -129,11 +133,13 @@ def _server_side(binary: Path, settings: Settings, gguf: Path, slots: int, messa
         return asyncio.run(chats_through_server(url, settings, messages, chats, TURNS_EACH, lengths))
 
 
-def _settings(base: Settings, data_dir: Path, parallel: int) -> Settings:
-    """Greedy, so both sides write the same replies; everything else as the owner set it."""
+def _settings(base: Settings, data_dir: Path, parallel: int, sampled: bool) -> Settings:
+    """Greedy unless `sampled`, seed 1234 either way, so both embedded sides write the same replies;
+    everything else as the owner set it."""
     values = base.model_dump()
-    values.update(data_dir=data_dir, seed=1234, temperature=0.0, top_k=1, max_parallel=parallel,
-                  max_backlog=max(base.max_backlog, 4 * TURNS_EACH))
+    values.update(data_dir=data_dir, seed=1234, max_parallel=parallel, max_backlog=max(base.max_backlog, 4 * TURNS_EACH))
+    if not sampled:
+        values.update(temperature=0.0, top_k=1)
     return load_settings(**values)
 
 
@@ -182,7 +188,7 @@ def side_figures(ttfts: list[float], tokens: int, wall: float) -> dict:
 
 def print_concurrent(r: dict) -> None:
     rounds = f"; median of {r['rounds']} rounds" if r["rounds"] > 1 else ""
-    print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, greedy, "
+    print(f"\nouro bench serve --concurrent {r['concurrent_chats']}  ({r['turns_each']} turns each, {r['sampling']}, "
           f"up to {r['reply_max_tokens']} tokens; {r['slots']} slots{rounds})")
     rows = [("parallel (embedded)", r["parallel"])]
     if "one_at_a_time" in r:

@@ -133,7 +133,8 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
     persona = settings.persona()
-    extra = {"top_k": 1, "repeat_penalty": settings.repeat_penalty, "seed": 1234, "ignore_eos": True}
+    extra = {"top_k": settings.top_k, "repeat_penalty": settings.repeat_penalty, "seed": settings.seed,
+             "ignore_eos": True}
     ttfts: list[float] = []
     tokens = 0
     texts: dict[int, list[str]] = {}
@@ -146,7 +147,7 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
         async def ask(history: list[dict], length: int) -> tuple[str, float, int]:
             sent, first, parts, usage = time.perf_counter(), None, [], None
             stream = await client.chat.completions.create(
-                model="bench", messages=history, stream=True, temperature=0.0, top_p=settings.top_p,
+                model="bench", messages=history, stream=True, temperature=settings.temperature, top_p=settings.top_p,
                 max_tokens=max(length, 1), stream_options={"include_usage": True}, extra_body=extra)
             async for chunk in stream:
                 if chunk.usage is not None:
