@@ -320,6 +320,10 @@ class BatchedEngine(LlamaEngine):
             try:
                 for group in plan:
                     self._step(group)
+                with self._cond:
+                    generating = self._generating()
+                if generating:
+                    self._step(generating)
             except Exception as exc:   # never leave a caller waiting on a thread that died
                 log.exception("decode step failed")
                 with self._cond:
@@ -451,18 +455,17 @@ class BatchedEngine(LlamaEngine):
         self.moves += 1
 
     def _plan(self) -> list[list[tuple[_Slot, list[int], bool]]]:
-        """This step's decodes: one with the token each generating sequence sampled last (in slot
-        order), then one per prompt piece (oldest request first, `n_batch` prompt tokens in all).
+        """This step's prompt pieces, each a decode of its own (oldest request first, `n_batch`
+        prompt tokens in all); the generation step follows them (`_generating`).
 
         Why not one batch for everything: with a KV stream per sequence llama.cpp splits a batch
         into micro-batches holding the same number of tokens of each sequence (`split_equal`), so
         a prompt beside a generating sequence would be cut into a piece of one token and the rest —
         and a piece of one token takes the one-query attention path, whose numbers differ (see
         `_piece_size`). Read alone, each prompt is read as it is on the one-at-a-time engine."""
-        active = [s for s in self.slots if s.request is not None]
-        plan = [[(s, [s.request.pending], True) for s in active if s.request.pending is not None]]
+        plan = []
         room = self.n_batch
-        for slot in sorted(active, key=lambda s: s.request.started):
+        for slot in sorted((s for s in self.slots if s.request is not None), key=lambda s: s.request.started):
             r = slot.request
             if r.pending is None and room > 0:
                 n = _piece_size(len(r.tokens) - r.read, room)
@@ -472,7 +475,18 @@ class BatchedEngine(LlamaEngine):
                 last = r.read + n == len(r.tokens)
                 plan.append([(slot, piece, last and r.max_tokens > 0)])
                 room -= n
-        return [group for group in plan if group]
+        return plan
+
+    def _generating(self) -> list[tuple[_Slot, list[int], bool]]:
+        """The generation step: the token each generating sequence sampled last, in slot order.
+
+        It runs after the step's prompt pieces, so a reply whose prompt was just read decodes its
+        first token with the others. The other way round, a chat reading its prompt in the middle
+        of the run of generating slots cut that step in two graph passes (see `_pack`): in `ouro
+        bench serve --concurrent 32` a step of 7 took 64 ms on average against 56 for a step of 8.
+        Each sequence sees the same computations in the same order either way."""
+        return [(s, [s.request.pending], True) for s in self.slots
+                if s.request is not None and s.request.pending is not None]
 
     def _step(self, group: list[tuple[_Slot, list[int], bool]]) -> None:
         """One llama_decode of `group`, then each sequence that asked for logits samples its next token."""

@@ -408,7 +408,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_bench_concurrent(settings, MESSAGES, chats=args.concurrent, quiet=args.json,
                                       compare=tuple(args.compare or ("serial", "llama-server")),
-                                      repeat=args.repeat, sampled=args.sampled)
+                                      repeat=args.repeat, sampled=args.sampled,
+                                      server_prompt_cache=not args.server_no_prompt_cache)
         if not args.json:
             print_concurrent(result)
     else:
@@ -986,6 +987,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampled", action="store_true",
                    help="with --concurrent: every side samples as the bot does by default (temperature, top-p, "
                         "top-k, seed 1234) instead of greedily; the server's replies are still held to the bot's lengths")
+    p.add_argument("--server-no-prompt-cache", action="store_true",
+                   help="with --concurrent: run llama-server with its prompt cache in RAM off (--cache-ram 0): a "
+                        "chat that lost its slot is read again from the start, where by default the server "
+                        "restores it from RAM as the bot restores a saved chat")
     p.add_argument("--concurrent-api", type=int, metavar="N",
                    help="serve: also run N clients at once through the OpenAI-compatible API (the openai client, "
                         "a key each) beside N Telegram chats at once (the emulator), 2 prompts each: replies/min, "

@@ -48,6 +48,25 @@ def test_the_bots_own_sampling_holds_the_server_to_the_same_work(tmp_path, monke
     assert r["llama_server"]["tokens"] == r["parallel"]["tokens"] > 0
 
 
+def test_each_side_counts_the_prompt_tokens_it_read_and_the_server_can_run_without_its_prompt_cache(
+        tmp_path, monkeypatch):
+    """Two chats taking turns on one slot: the bot restores each chat's saved cells and reads only
+    what is new. llama-server restores from its prompt cache in RAM, but only when a slot is about to
+    lose more than half its cells (`f_keep < 0.5`; below that it keeps the shared prefix — the
+    persona — and reads the rest again), so replies of up to 64 tokens make the histories long
+    enough; with `--cache-ram 0` (`server_prompt_cache=False`) it reads them again every time."""
+    monkeypatch.setenv("OURO_LLAMA_SERVER", str(llama_server_binary()))
+    base = load_settings(data_dir=tmp_path / "unused", reply_max_tokens=64, max_parallel=1, cycle_schedule="off")
+    read = {}
+    for cache in (True, False):
+        r = run_bench_concurrent(base, MESSAGES, chats=2, quiet=True, compare=("llama-server",),
+                                 server_prompt_cache=cache)
+        assert r["slots"] == 1 and r["server_prompt_cache"] is cache
+        read[cache] = r["llama_server"]["prompt_tokens_read"]
+        assert 0 < r["parallel"]["prompt_tokens_read"] <= read[cache]
+    assert read[False] > read[True]
+
+
 def test_the_server_runs_as_the_embedded_engine_does(tmp_path):
     settings = load_settings(data_dir=tmp_path, n_ctx=1024)
     argv = server_argv(tmp_path / "llama-server", tmp_path / "m.gguf", settings, 8, 5555)

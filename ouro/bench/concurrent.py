@@ -33,12 +33,13 @@ SIDES = ("serial", "llama-server")   # what the parallel engine is compared with
 
 
 def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, quiet: bool,
-                         compare: tuple[str, ...] = SIDES, repeat: int = 1, sampled: bool = False) -> dict:
+                         compare: tuple[str, ...] = SIDES, repeat: int = 1, sampled: bool = False,
+                         server_prompt_cache: bool = True) -> dict:
     """`repeat` rounds, each side once per round in turn (parallel, llama-server, one at a time): a
     shared VM's speed drifts by ±10% between minutes, so each round's ratio is taken side by side
     and the figures reported are the medians over the rounds (each round's ratios are listed too).
     `sampled`: every side samples as the bot does by default (the owner's temperature, top-p, top-k,
-    seed 1234) instead of greedily."""
+    seed 1234) instead of greedily. `server_prompt_cache` False runs llama-server with `--cache-ram 0`."""
     if chats < 1:
         raise ValueError("--concurrent needs at least one chat")
     if repeat < 1:
@@ -57,11 +58,11 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
     for n in range(repeat):
         if not quiet and repeat > 1:
             print(f"  round {n + 1} of {repeat}", flush=True)
-        rounds.append(_round(base, messages, chats, slots, compare, binary, quiet, sampled))
+        rounds.append(_round(base, messages, chats, slots, compare, binary, quiet, sampled, server_prompt_cache))
     result = {"concurrent_chats": chats, "slots": slots, "turns_each": TURNS_EACH,
               "reply_max_tokens": base.reply_max_tokens, "rounds": len(rounds),
               "sampling": f"temperature {base.temperature}, top-p {base.top_p}, top-k {base.top_k}" if sampled
-              else "greedy"}
+              else "greedy", "server_prompt_cache": server_prompt_cache}
     for side in ("parallel", "one_at_a_time", "llama_server"):
         if side in rounds[0]:
             result[side] = _median_figures([r[side] for r in rounds])
@@ -78,7 +79,7 @@ def run_bench_concurrent(base: Settings, messages: list[str], *, chats: int, qui
 
 
 def _round(base: Settings, messages: list[str], chats: int, slots: int, compare: tuple[str, ...],
-           binary: Path | None, quiet: bool, sampled: bool) -> dict:
+           binary: Path | None, quiet: bool, sampled: bool, server_prompt_cache: bool = True) -> dict:
     """Every side once, on fresh data folders; the ratios of this round."""
     runs = [("parallel", slots)] + ([("one_at_a_time", 1)] if "serial" in compare else [])
     sides = {}
@@ -92,7 +93,8 @@ def _round(base: Settings, messages: list[str], chats: int, slots: int, compare:
                     print(f"  {name}: {sides[name]['figures']}", flush=True)
                 if name == "parallel" and binary is not None:
                     sides["llama_server"] = _server_side(binary, settings, rt.lineage.active().gguf, slots,
-                                                         messages, chats, Path(tmp), sides[name]["lengths"])
+                                                         messages, chats, Path(tmp), sides[name]["lengths"],
+                                                         prompt_cache=server_prompt_cache)
                     if not quiet:
                         print(f"  llama_server: {sides['llama_server']['figures']}", flush=True)
             finally:
@@ -122,14 +124,14 @@ def _median_figures(runs: list[dict]) -> dict:
 
 
 def _server_side(binary: Path, settings: Settings, gguf: Path, slots: int, messages: list[str], chats: int,
-                 folder: Path, lengths: dict[int, list[int]]) -> dict:
+                 folder: Path, lengths: dict[int, list[int]], prompt_cache: bool = True) -> dict:
     """llama.cpp's llama-server on the same GGUF, `slots` slots, the same chats, each reply as many
     tokens long as the embedded engine's (ouro/bench/llama_server.py says why)."""
     from ouro.bench.llama_server import chats_through_server, free_port, running_server, server_argv
 
     port = free_port()
-    with running_server(server_argv(binary, gguf, settings, slots, port, clients=chats), port,
-                        folder / "llama-server.log") as url:
+    argv = server_argv(binary, gguf, settings, slots, port, clients=chats) + ([] if prompt_cache else ["--cache-ram", "0"])
+    with running_server(argv, port, folder / "llama-server.log") as url:
         return asyncio.run(chats_through_server(url, settings, messages, chats, TURNS_EACH, lengths))
 
 
@@ -147,12 +149,12 @@ async def _chats_at_once(rt, messages: list[str], chats: int) -> dict:
     # first use of the model (allocations, first graph) is not part of either figure
     await rt.conversation.handle_text(Speaker(chat_id=1, user_id=1), "hello")
     ttfts: list[float] = []
-    tokens = 0
+    tokens = read = 0
     texts: dict[int, list[str]] = {}
     lengths: dict[int, list[int]] = {}
 
     async def person(i: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, read
         who = Speaker(chat_id=1000 + i, user_id=1000 + i)
         texts[i], lengths[i] = [], []
         for turn in range(TURNS_EACH):
@@ -168,22 +170,24 @@ async def _chats_at_once(rt, messages: list[str], chats: int) -> dict:
                 raise RuntimeError(f"chat {i} turn {turn} was not answered: {out.kind}")
             ttfts.append((first[0] if first else time.perf_counter()) - sent)
             tokens += out.completion.completion_tokens
+            read += out.completion.prompt_tokens - out.completion.cached_tokens
             texts[i].append(out.text)
             lengths[i].append(out.completion.completion_tokens)
 
     started = time.perf_counter()
     await asyncio.gather(*(person(i) for i in range(chats)))
     wall = time.perf_counter() - started
-    return {"figures": side_figures(ttfts, tokens, wall), "texts": texts, "lengths": lengths}
+    return {"figures": side_figures(ttfts, tokens, wall, read), "texts": texts, "lengths": lengths}
 
 
-def side_figures(ttfts: list[float], tokens: int, wall: float) -> dict:
-    """One side's figures over all its replies: replies/min, tokens/s, TTFT p50 and p95."""
+def side_figures(ttfts: list[float], tokens: int, wall: float, read: int = 0) -> dict:
+    """One side's figures over all its replies: replies/min, tokens/s, TTFT p50 and p95, and the
+    prompt tokens it read (decoded, not taken from a cached state) over the whole run."""
     ttfts = sorted(ttfts)
     p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
     return {"replies_per_min": round(60 * len(ttfts) / wall, 2), "tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(p95, 3),
-            "wall_s": round(wall, 2), "replies": len(ttfts), "tokens": tokens}
+            "wall_s": round(wall, 2), "replies": len(ttfts), "tokens": tokens, "prompt_tokens_read": read}
 
 
 def print_concurrent(r: dict) -> None:
@@ -194,10 +198,13 @@ def print_concurrent(r: dict) -> None:
     if "one_at_a_time" in r:
         rows.append(("one reply at a time", r["one_at_a_time"]))
     if "llama_server" in r:
-        rows.append((f"llama-server, {r['slots']} slots", r["llama_server"]))
+        cache = "" if r["server_prompt_cache"] else ", no prompt cache"
+        rows.append((f"llama-server, {r['slots']} slots{cache}", r["llama_server"]))
+    width = max(len(name) for name, _ in rows)
     for name, side in rows:
-        print(f"  {name:<22} {side['replies_per_min']:7.2f} replies/min  {side['tokens_per_s']:7.2f} tokens/s  "
-              f"TTFT p50 {side['ttft_p50_s']:.3f} s  p95 {side['ttft_p95_s']:.3f} s")
+        print(f"  {name:<{width}} {side['replies_per_min']:7.2f} replies/min  {side['tokens_per_s']:7.2f} tokens/s  "
+              f"TTFT p50 {side['ttft_p50_s']:.3f} s  p95 {side['ttft_p95_s']:.3f} s  "
+              f"prompt tokens read {side['prompt_tokens_read']}")
     if "one_at_a_time" in r:
         note = "" if r["same_replies"] else "  (replies differed: not a like-for-like ratio)"
         print(f"  throughput parallel ÷ one at a time: {r['throughput_ratio']:.2f}   "

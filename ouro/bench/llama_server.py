@@ -136,7 +136,7 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     extra = {"top_k": settings.top_k, "repeat_penalty": settings.repeat_penalty, "seed": settings.seed,
              "ignore_eos": True}
     ttfts: list[float] = []
-    tokens = 0
+    tokens = read = 0
     texts: dict[int, list[str]] = {}
     # a connection per request: llama-server (cpp-httplib) closes an idle kept-alive connection after
     # 5 s, and a request sent on it as it closes fails with "Server disconnected without sending a
@@ -145,36 +145,39 @@ async def chats_through_server(url: str, settings: Settings, messages: list[str]
     async with AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600.0, http_client=fresh) as client:
 
         async def ask(history: list[dict], length: int) -> tuple[str, float, int]:
-            sent, first, parts, usage = time.perf_counter(), None, [], None
+            sent, first, parts, usage, timings = time.perf_counter(), None, [], None, None
             stream = await client.chat.completions.create(
                 model="bench", messages=history, stream=True, temperature=settings.temperature, top_p=settings.top_p,
                 max_tokens=max(length, 1), stream_options={"include_usage": True}, extra_body=extra)
             async for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage.completion_tokens
+                timings = (chunk.model_extra or {}).get("timings") or timings   # llama-server's own figures
                 for choice in chunk.choices:
                     if choice.delta.content:
                         if first is None:
                             first = time.perf_counter()
                         parts.append(choice.delta.content)
-            return "".join(parts), (first or time.perf_counter()) - sent, usage if usage is not None else len(parts)
+            read = timings.get("prompt_n", 0) if timings else 0
+            return "".join(parts), (first or time.perf_counter()) - sent, usage if usage is not None else len(parts), read
 
         await ask([{"role": "system", "content": persona}, {"role": "user", "content": "hello"}],   # warm-up
                   settings.reply_max_tokens)
 
         async def person(i: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, read
             history = [{"role": "system", "content": persona}]
             texts[i] = []
             for turn in range(turns_each):
                 history.append({"role": "user", "content": messages[(i + turn) % len(messages)]})
-                text, ttft, n = await ask(history, lengths[i][turn])
+                text, ttft, n, prompt_read = await ask(history, lengths[i][turn])
                 history.append({"role": "assistant", "content": text})
                 ttfts.append(ttft)
                 tokens += n
+                read += prompt_read
                 texts[i].append(text.strip())
 
         started = time.perf_counter()
         await asyncio.gather(*(person(i) for i in range(chats)))
         wall = time.perf_counter() - started
-    return {"figures": side_figures(ttfts, tokens, wall), "texts": texts}
+    return {"figures": side_figures(ttfts, tokens, wall, read), "texts": texts}
