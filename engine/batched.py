@@ -15,7 +15,9 @@ tokens. When more chats than slots take turns, the least recently used idle slot
 saved out with the per-sequence state API and restored into whichever slot it gets next — the
 same copy `engine/chat_states.py` makes for the one-sequence engine, bounded by `kv_cache_chats`;
 past that bound, and at a clean shutdown (`save_states`), states go to the data folder
-(engine/kv_files.py) and come back from there when their chat returns.
+(engine/kv_files.py) and come back from there when their chat returns. A chat new to the engine
+starts from a copy of the longest prefix another slot holds — the persona — instead of reading
+it again (`_share`).
 
 Callers (the worker's job threads) block in `generate()` and receive their tokens through a
 queue; `on_text` runs on the caller's thread, so a reply's consumer can never be handed another
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64        # `Llama`'s default `last_n_tokens_size`: the window the repeat penalty sees
 MIN_P = 0.05               # `Llama.generate`'s default min_p, kept so sampled replies match
+SHARE_MIN = 32             # a prefix at least this much longer in another slot is copied, not read (`_share`)
 
 
 _PARAMS_LOCK = threading.Lock()
@@ -81,6 +84,7 @@ class _Saved:
     tokens: list[int]
     blob: ctypes.Array
     size: int
+    shareable: int = 0           # the slot's `shareable` when copied out (0: from disk, unknown)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _Slot:
     seq: int
     key: int | str | None = None
     tokens: list[int] = field(default_factory=list)   # the ids this sequence's KV cells hold
+    shareable: int = 0           # leading cells read as prompt pieces, none decoded alone: what another chat may copy
     request: _Request | None = None
     used: float = 0.0
 
@@ -146,6 +151,7 @@ class BatchedEngine(LlamaEngine):
         self.saves = self.restores = 0
         self.peak_active = 0                # most sequences in one llama_decode (the tests read it)
         self.moves = 0                      # replies moved to another slot to keep the batch in one run (_pack)
+        self.shared = 0                     # prompts that started from another slot's copied prefix (_share)
         self.peak_runs = 0                  # most runs of consecutive sequence ids in one generation step
         self.step_threads: set[tuple[bool, int]] = set()   # (several chats generating, threads) seen (tests)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
@@ -396,7 +402,7 @@ class BatchedEngine(LlamaEngine):
             if saved is not None:
                 self._restore(slot, saved)
             slot.key = request.key   # no saved state: the cells left keep their common prefix (the persona)
-        keep = _shared_prefix(slot.tokens, request.tokens)
+        keep = self._share(slot, request.tokens, _shared_prefix(slot.tokens, request.tokens))
         if request.max_tokens > 0 and keep >= len(request.tokens) - 1:
             # the last prompt token's logits are not kept: read it again, with the one before it (a
             # piece of one token takes llama.cpp's one-query path, whose numbers differ; see _plan)
@@ -408,6 +414,40 @@ class BatchedEngine(LlamaEngine):
         slot.used = time.perf_counter()
         if request.max_tokens > 0:
             request.sampler = _sampler(request.sampling, self._vocab)
+
+    def _share(self, slot: _Slot, tokens: list[int], keep: int) -> int:
+        """Start `slot` from another slot's cells when they hold a longer prefix of `tokens` — the
+        persona, for a chat new to this engine (after a start or a hot-swap every slot is empty, and
+        each new chat would read the persona again: ~80 tokens of the default one, ~0.3 s here, and an
+        owner's persona can be ten times that). The donor's cells are copied whole through host memory
+        (the copy `_save` makes: a few ms for a few hundred tokens) and cut back to the shared prefix;
+        only cells read as prompt pieces are taken (`shareable`), never ones decoded one token at a
+        time, whose numbers differ (see `_piece_size`), so the text is the same as reading it.
+        Returns the prompt tokens the slot now holds."""
+        donor, best = self._donor(tokens, slot)
+        if donor is None or best < keep + SHARE_MIN:
+            return keep
+        cells = self._copy(donor)
+        if cells is None:
+            return keep
+        if not self._load(slot, cells):
+            log.warning("another chat's cells (%d tokens) could not be copied; the prompt is read", len(cells.tokens))
+            return 0
+        self._truncate(slot, best)
+        self.shared += 1
+        return best
+
+    def _donor(self, tokens: list[int], exclude: _Slot | None) -> tuple[_Slot | None, int]:
+        """The slot whose shareable cells hold the longest prefix of `tokens` (the shortest such
+        sequence, the cheapest to copy), and that prefix's length."""
+        donor, best = None, 0
+        for other in self.slots:
+            if other is exclude:
+                continue
+            n = min(other.shareable, _shared_prefix(other.tokens, tokens))
+            if n > best or (n == best and donor is not None and len(other.tokens) < len(donor.tokens)):
+                donor, best = other, n
+        return (donor, best) if best > 0 else (None, 0)
 
     def _pack(self) -> None:
         """Keep the replies under way on consecutive sequence ids, moving a reply's cells into a free
@@ -529,6 +569,8 @@ class BatchedEngine(LlamaEngine):
                     self._clear(slot)
                 return
             for slot, piece, _ in group:
+                if len(piece) > 1 and slot.shareable == len(slot.tokens):
+                    slot.shareable += len(piece)       # a prompt piece (never one token: `_piece_size`)
                 slot.tokens.extend(piece)
                 r = slot.request
                 if r.pending is not None:
@@ -573,6 +615,7 @@ class BatchedEngine(LlamaEngine):
         if keep < len(slot.tokens):
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, keep, -1)
             del slot.tokens[keep:]
+        slot.shareable = min(slot.shareable, keep)
 
     def _clear(self, slot: _Slot) -> None:
         self._truncate(slot, 0)
@@ -581,7 +624,7 @@ class BatchedEngine(LlamaEngine):
     def _copy(self, slot: _Slot) -> _Saved | None:
         """The slot's cells copied out with the ids they hold (None when llama.cpp wrote none)."""
         blob, written = copy_seq_state(self.ctx, slot.seq)
-        return _Saved(list(slot.tokens), blob, written) if written else None
+        return _Saved(list(slot.tokens), blob, written, slot.shareable) if written else None
 
     def _load(self, slot: _Slot, saved: _Saved) -> bool:
         """`saved` into the slot's sequence, emptied first; False, the sequence left empty, when
@@ -591,6 +634,7 @@ class BatchedEngine(LlamaEngine):
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
             return False
         slot.tokens = list(saved.tokens)
+        slot.shareable = min(saved.shareable, len(saved.tokens))
         return True
 
     def _save(self, slot: _Slot, keep: int | None = None) -> None:
@@ -643,11 +687,18 @@ class _SlotView:
 
     def cached_prefix(self, key: int | str, tokens: list[int]) -> int:
         held = self.held(key)
+        own = None
         if not held and self.engine.stored(key) is None:
             # a new chat gets the least recently used slot and keeps its common prefix (the persona)
             idle = [s for s in self.engine.slots if s.request is None] or self.engine.slots
-            held = min(idle, key=lambda s: (s.key is not None, s.used)).tokens
-        return _shared_prefix(held, tokens)
+            own = min(idle, key=lambda s: (s.key is not None, s.used))
+            held = own.tokens
+        keep = _shared_prefix(held, tokens)
+        for slot in self.engine.slots:      # or starts from a longer prefix another slot holds (`_share`)
+            if slot.key == key:
+                own = slot
+        _, best = self.engine._donor(tokens, own)
+        return best if best >= keep + SHARE_MIN else keep
 
     def clear(self) -> None:
         self.engine._saved.clear()

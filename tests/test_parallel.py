@@ -402,3 +402,57 @@ def test_the_numbers_behind_the_exactness():
     finally:
         llama_cpp.llama_batch_free(batch)
         engine.close()
+
+
+PERSONA = ("You are Captain Mirela, the keeper of an old lighthouse on a windy northern island. You speak "
+           "warmly and briefly, you love storms, tea with honey and the logbook your grandmother kept, and "
+           "you answer every question as someone who has watched the sea for forty years.")
+
+
+def test_a_new_chat_copies_the_persona_another_slot_read_instead_of_reading_it(alone):
+    """Three chats with one long persona: the first reads it; the next two, each in an empty slot,
+    start from a copy of the first one's cells (`_share`) and read only what is new — and their
+    texts are the ones they get alone, where everything is read."""
+    engine = batched(3)
+    chats = [[{"role": "system", "content": PERSONA}, {"role": "user", "content": q}]
+             for q in ("What do you do on a calm night?", "Tell me about your grandmother.", "Do you like tea?")]
+    prompts = [engine.tokenize(chat) for chat in chats]
+    common = [_common(prompts[0], prompts[n]) for n in (1, 2)]   # the persona and the user turn's opening
+    assert min(common) > len(engine.tokenize(chats[0][:1])) - 8
+    try:
+        first = engine.generate(chats[0], chat_key="a", sampling=GREEDY)
+        assert first.cached_tokens == 0 and engine.shared == 0
+        results = at_once(engine, [("b", chats[1], GREEDY), ("c", chats[2], GREEDY)])
+        assert engine.shared == 2
+        for n, (completion, pieces) in enumerate(results, start=1):
+            assert completion.cached_tokens == common[n - 1]
+            assert completion.text == alone(n, GREEDY, chats[n]).text
+            assert "".join(pieces).strip() == completion.text
+    finally:
+        engine.close()
+
+
+def test_only_cells_read_as_a_prompt_are_copied_to_another_chat(alone):
+    """A second chat whose history repeats the first chat's whole exchange, reply included: the reply's
+    cells in the first chat's slot were decoded one token at a time (other numbers than reading the
+    same tokens as a prompt), so the copy stops where the first chat's prompt ended and the rest is read."""
+    engine = batched(2)
+    a = [{"role": "system", "content": PERSONA}, {"role": "user", "content": "What do you do on a calm night?"}]
+    try:
+        reply = engine.generate(a, chat_key="a", sampling=GREEDY)
+        prompt_a = engine.tokenize(a)
+        b = a + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And on a stormy one?"}]
+        assert _common(engine.tokenize(b), prompt_a) == len(prompt_a)   # b's prompt goes on into a's reply
+        again = engine.generate(b, chat_key="b", sampling=GREEDY)
+        assert engine.shared == 1
+        assert again.cached_tokens == len(prompt_a)
+        assert again.text == alone(0, GREEDY, b).text
+    finally:
+        engine.close()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
