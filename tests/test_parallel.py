@@ -432,11 +432,13 @@ def test_a_new_chat_copies_the_persona_another_slot_read_instead_of_reading_it(a
         engine.close()
 
 
-def test_only_cells_read_as_a_prompt_are_copied_to_another_chat(alone):
+@pytest.mark.parametrize("slots", [2, 1])
+def test_only_cells_read_as_a_prompt_are_copied_to_another_chat(alone, slots):
     """A second chat whose history repeats the first chat's whole exchange, reply included: the reply's
-    cells in the first chat's slot were decoded one token at a time (other numbers than reading the
-    same tokens as a prompt), so the copy stops where the first chat's prompt ended and the rest is read."""
-    engine = batched(2)
+    cells were decoded one token at a time (other numbers than reading the same tokens as a prompt),
+    so the second chat takes the first one's cells only as far as its prompt went, and reads the rest —
+    copied from the first chat's slot (2 slots), or kept in the one slot they take turns in (1)."""
+    engine = batched(slots)
     a = [{"role": "system", "content": PERSONA}, {"role": "user", "content": "What do you do on a calm night?"}]
     try:
         reply = engine.generate(a, chat_key="a", sampling=GREEDY)
@@ -444,7 +446,7 @@ def test_only_cells_read_as_a_prompt_are_copied_to_another_chat(alone):
         b = a + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And on a stormy one?"}]
         assert _common(engine.tokenize(b), prompt_a) == len(prompt_a)   # b's prompt goes on into a's reply
         again = engine.generate(b, chat_key="b", sampling=GREEDY)
-        assert engine.shared == 1
+        assert engine.shared == (1 if slots == 2 else 0)
         assert again.cached_tokens == len(prompt_a)
         assert again.text == alone(0, GREEDY, b).text
     finally:
