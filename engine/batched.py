@@ -84,7 +84,7 @@ class _Saved:
     tokens: list[int]
     blob: ctypes.Array
     size: int
-    shareable: int = 0           # the slot's `shareable` when copied out (0: from disk, unknown)
+    shareable: int = 0           # the slot's `shareable` when copied out (kept in the KV files too)
 
 
 @dataclass
@@ -344,7 +344,7 @@ class BatchedEngine(LlamaEngine):
             if slot.key is not None and slot.request is None and slot.tokens:
                 self._save(slot, keep=len(self._saved) + 1)   # all of them stay in memory too
         for key, saved in self._saved.items():
-            self.kv_files.put(key, saved.tokens, saved.blob, saved.size)
+            self.kv_files.put(key, saved.tokens, saved.blob, saved.size, saved.shareable)
         self._states_saved = len(self._saved)
         for done in self._save_asked:
             done.set()
@@ -664,7 +664,7 @@ class BatchedEngine(LlamaEngine):
             return None
         if len(found.tokens) >= self.n_ctx or min(found.tokens) < 0 or max(found.tokens) >= self._vocab:
             return None                 # not from a context like this one's: the chat is read again
-        saved = self._saved[key] = _Saved(found.tokens, found.blob, found.size)
+        saved = self._saved[key] = _Saved(found.tokens, found.blob, found.size, found.shareable)
         self._evict(self.kv_cache_chats + 1)
         return saved
 

@@ -36,6 +36,7 @@ class SavedState:
     tokens: np.ndarray
     blob: ctypes.Array
     size: int
+    shareable: int = 0   # only the batched engine counts it (engine/batched.py `_share`)
 
 
 def copy_seq_state(ctx, seq: int) -> tuple[ctypes.Array, int]:
@@ -50,7 +51,7 @@ def evict_oldest(saved: OrderedDict, keep: int, files: KVFiles | None) -> None:
     while len(saved) > keep:
         key, state = saved.popitem(last=False)
         if files is not None:
-            files.put(key, state.tokens, state.blob, state.size)
+            files.put(key, state.tokens, state.blob, state.size, state.shareable)
 
 
 class ChatStates:

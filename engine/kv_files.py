@@ -3,7 +3,9 @@
 The engines keep the states of recently active chats in memory (engine/chat_states.py,
 engine/batched.py). A state pushed out of memory, and every state at a clean shutdown, is
 written here: `<data_dir>/kv/<the GGUF's sha256>/<chat>.bin`, holding the token ids the state
-covers and llama.cpp's per-sequence state (`llama_state_seq_get_data`). When a chat's next turn
+covers, how far its cells were read as a prompt (the batched engine lends that part to new chats:
+`_share`; files without it count as none) and llama.cpp's per-sequence state
+(`llama_state_seq_get_data`). When a chat's next turn
 comes and its state is in no memory, the file is read back (and removed: the state lives in
 memory again), then the usual prefix reuse reads only the new tokens.
 
@@ -51,6 +53,7 @@ class StoredState:
     tokens: list[int]
     blob: ctypes.Array
     size: int
+    shareable: int = 0   # leading cells read as a prompt (engine/batched.py `_share`); 0 when unknown
 
 
 def file_stem(key: int | str) -> str:
@@ -85,11 +88,12 @@ class KVFiles:
         self._thread.start()
 
     # --- what the engines call ---------------------------------------------------------------
-    def put(self, key: int | str, tokens: Sequence[int] | np.ndarray, blob: ctypes.Array, size: int) -> None:
+    def put(self, key: int | str, tokens: Sequence[int] | np.ndarray, blob: ctypes.Array, size: int,
+            shareable: int = 0) -> None:
         """Queue a state for writing (a newer state of the same chat replaces one not yet written)."""
         if not self.max_files or not self.max_bytes:
             return
-        state = StoredState([int(t) for t in tokens], blob, size)
+        state = StoredState([int(t) for t in tokens], blob, size, shareable)
         stem = file_stem(key)
         with self._cond:
             if self._stopping:
@@ -195,7 +199,7 @@ class KVFiles:
         blob = memoryview(state.blob).cast("B")[: state.size]
         crc = zlib.crc32(blob, zlib.crc32(tokens))
         header = json.dumps({"model_sha256": self.model_sha256, "chat": stem, "tokens": len(state.tokens),
-                             "state_bytes": state.size, "crc32": crc}).encode("utf-8")
+                             "state_bytes": state.size, "crc32": crc, "shareable": state.shareable}).encode("utf-8")
         return atomic_write_bytes(path, [_HEAD.pack(MAGIC, len(header)), header, tokens, blob], mode=0o600)
 
     def _read(self, path: Path, stem: str) -> StoredState:
@@ -210,6 +214,7 @@ class KVFiles:
         try:
             header = json.loads(data[_HEAD.size:_HEAD.size + header_len])
             n, size, crc = int(header["tokens"]), int(header["state_bytes"]), int(header["crc32"])
+            shareable = int(header.get("shareable", 0))     # files from before it was kept: 0
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"unreadable header ({exc})") from exc
         if header.get("model_sha256") != self.model_sha256 or header.get("chat") != stem:
@@ -222,7 +227,7 @@ class KVFiles:
                 raise ValueError("checksum mismatch (corrupt)")
         tokens = np.frombuffer(data, dtype="<i4", count=n, offset=start).tolist()
         blob = (ctypes.c_uint8 * size).from_buffer(data, start + 4 * n)   # keeps the mapping alive
-        return StoredState(tokens, blob, size)
+        return StoredState(tokens, blob, size, min(max(shareable, 0), n))
 
     # --- housekeeping -------------------------------------------------------------------------
     def _drop_other_models(self) -> None:

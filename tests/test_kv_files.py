@@ -30,7 +30,7 @@ def files(root, sha=SHA_A, **bounds) -> KVFiles:
 
 def test_a_state_put_comes_back_once_from_disk_in_a_new_instance(tmp_path):
     kv = files(tmp_path)
-    kv.put(42, [1, 2, 3], blob(100, 9), 100)
+    kv.put(42, [1, 2, 3], blob(100, 9), 100, shareable=2)
     kv.put("api-chat", [5, 6], blob(50, 3), 50)
     kv.flush()
     kv.close()
@@ -39,9 +39,11 @@ def test_a_state_put_comes_back_once_from_disk_in_a_new_instance(tmp_path):
     again = files(tmp_path)                         # a restart
     state = again.take(42)
     assert state.tokens == [1, 2, 3] and state.size == 100 and bytes(state.blob) == bytes([9] * 100)
+    assert state.shareable == 2                     # how far its cells were read as a prompt
     assert not path.exists()                        # the state lives in memory again
     assert again.take(42) is None
-    assert again.take("api-chat").tokens == [5, 6]
+    other = again.take("api-chat")
+    assert other.tokens == [5, 6] and other.shareable == 0
     assert again.loaded == 2 and again.files() == {}
     again.close()
 

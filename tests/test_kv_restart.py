@@ -209,3 +209,26 @@ def test_the_whole_stack_saves_at_shutdown_and_forget_deletes_the_file(tmp_path)
 
     restart([], then=forget)
     assert not list((settings.kv_dir / sha).iterdir())      # and nothing written back at shutdown
+
+
+def test_a_chat_restored_after_a_restart_still_lends_its_persona_to_a_new_chat(tmp_path, sha):
+    """How far a chat's cells were read as a prompt is kept in its file, so after a restart a new chat
+    can start from the persona a restored chat holds instead of reading it (engine/batched.py `_share`)."""
+    persona = PERSONA + (" Between voyages you mend sails in a small harbour town, keep a logbook of every"
+                         " cloud you have named, and you never end a story without a lesson about patience.")
+    before = engine("batched", kv_files(tmp_path, sha))
+    first = Chat(1)
+    first.messages[0]["content"] = persona
+    first.turn(before, TURNS[0])
+    assert before.save_states() == 1
+    before.close()
+
+    after = engine("batched", kv_files(tmp_path, sha))
+    first.turn(after, TURNS[1])                          # restored from its file
+    assert after.restores == 1 and after.shared == 0
+    newcomer = Chat(2)
+    newcomer.messages[0]["content"] = persona
+    done = newcomer.turn(after, TURNS[2])                # an empty slot: the persona comes from chat 1's
+    assert after.shared == 1
+    assert done.cached_tokens >= after.count_tokens(newcomer.messages[:1]) - 8
+    after.close()
