@@ -639,7 +639,7 @@ class BatchedEngine(LlamaEngine):
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), slot.seq, -1, -1)
             return False
         slot.tokens = list(saved.tokens)
-        slot.shareable = min(saved.shareable, len(saved.tokens))
+        slot.shareable = saved.shareable       # never past its tokens: `_copy`, KVFiles clamp it
         return True
 
     def _save(self, slot: _Slot, keep: int | None = None) -> None:
