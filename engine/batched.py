@@ -58,6 +58,42 @@ SHARE_MIN = 32             # a prefix at least this much longer in another slot 
 _PARAMS_LOCK = threading.Lock()
 
 
+class _Turns:
+    """Whose llama_decode runs next, among the engines of this process: one at a time, first come
+    first served.
+
+    Each engine has its own decode thread, and during a hot-swap's handover two of them are
+    loaded — the serving model answering, the incoming one reading the chats ahead. Decoding at
+    once, their threads (two for a prompt read, one for a warm-up piece) outnumber the cores, and
+    ggml's threads wait for each other at every step of the graph: in `ouro bench swap` on 2 cores
+    a reply's 22-token read took 0.93 s beside the new model's 8-token pieces, against ~0.08 s
+    alone. Taking turns, a reply waits at most for one piece of the other model's. FIFO so that
+    a thread stepping again at once cannot starve the other (a plain lock's releaser tends to win
+    it back); with a single engine nobody waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    @contextlib.contextmanager
+    def turn(self):
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
+_TURNS = _Turns()
+
+
 @contextlib.contextmanager
 def context_params(*, slots: int):
     """Create the context with `slots` sequences, each with its own KV stream. `Llama()` has no
@@ -113,6 +149,8 @@ class _Request:
     cancelled: bool = False
     released: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
+    threads: int | None = None   # prompt threads for this request's reads (None: the engine's)
+    budget: int | None = None    # a read: at most this many tokens past what its slot holds when it binds
 
 
 class BatchedEngine(LlamaEngine):
@@ -136,6 +174,7 @@ class BatchedEngine(LlamaEngine):
         self.kv_files = kv_files
         self.states = _SlotView(self)
         self._prompt_threads = self.llm.context_params.n_threads_batch
+        self._local = threading.local()     # `set_batch_threads`, per calling thread
         # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
         # while replies stream, so the hot-swap's warm-up never has to wait for one
         self.n_batch = min(n_batch, self.llm.n_batch)
@@ -174,7 +213,8 @@ class BatchedEngine(LlamaEngine):
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
-        request = _Request(chat_key, tokens, min(sampling.max_tokens, room), sampling, started=started)
+        request = _Request(chat_key, tokens, min(sampling.max_tokens, room), sampling, started=started,
+                           threads=getattr(self._local, "threads", None))
         self._submit(request)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         parts: list[str] = []
@@ -227,7 +267,8 @@ class BatchedEngine(LlamaEngine):
         end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
         if keep >= end:
             return 0
-        request = _Request(chat_key, tokens[:end], 0, None)
+        request = _Request(chat_key, tokens[:end], 0, None, threads=getattr(self._local, "threads", None),
+                           budget=max_tokens)
         self._submit(request)
         try:
             kind, value = request.events.get()
@@ -236,12 +277,15 @@ class BatchedEngine(LlamaEngine):
             raise
         if kind == "error":
             raise value
-        return end - request.cached
+        return len(request.tokens) - request.cached
 
     def set_batch_threads(self, n: int | None) -> None:
-        """Threads for reading prompts (None: the loaded default); applied by the decode thread."""
-        with self._cond:
-            self._prompt_threads = n or self.llm.context_params.n_threads_batch
+        """Threads for the prompts this calling thread reads from now on (None: the loaded default).
+
+        Per calling thread, carried by each request: the decode thread serves several callers, and
+        an engine-wide setting made for the hot-swap's one-thread warm-up pieces also caught the
+        replies read between them (a 54-token read took 0.35 s instead of ~0.15)."""
+        self._local.threads = n
 
     def forget(self, chat_key: int | str) -> None:
         with self._cond:
@@ -413,6 +457,11 @@ class BatchedEngine(LlamaEngine):
             # piece of one token takes llama.cpp's one-query path, whose numbers differ; see _plan)
             keep = max(0, len(request.tokens) - 2)
         self._truncate(slot, keep)
+        if request.budget is not None:
+            # `prefill` sized the read from what it expected to find; when the chat's cells went
+            # meanwhile, a hot-swap warm-up piece meant to read 8 tokens read 238 (1.5 s of one
+            # thread, a reply waiting behind it). A read never takes more than it asked for.
+            del request.tokens[keep + request.budget:]
         request.read = request.cached = keep
         request.slot = slot
         slot.request = request
@@ -556,15 +605,16 @@ class BatchedEngine(LlamaEngine):
         # threads waiting for each other at every step of the graph would not be (engine/neighbours.py)
         generation = group[0][0].request.pending is not None
         threads = self.llm.context_params.n_threads
-        batch_threads = self._prompt_threads
-        if generation and (len(group) == 1 or neighbours.training()):
-            batch_threads = threads
-        llama_cpp.llama_set_n_threads(self.ctx, threads, batch_threads)
+        batch_threads = group[0][0].request.threads or self._prompt_threads   # a prompt: one request's
+        if generation:
+            batch_threads = threads if len(group) == 1 or neighbours.training() else self._prompt_threads
         self.step_threads.add((generation and len(group) > 1, batch_threads))
         if generation:
             seqs = [slot.seq for slot, _, _ in group]
             self.peak_runs = max(self.peak_runs, 1 + sum(b != a + 1 for a, b in zip(seqs, seqs[1:], strict=False)))
-        rc = llama_cpp.llama_decode(self.ctx, batch)
+        with _TURNS.turn():
+            llama_cpp.llama_set_n_threads(self.ctx, threads, batch_threads)
+            rc = llama_cpp.llama_decode(self.ctx, batch)
         with self._cond:
             if rc != 0:
                 exc = OuroError(f"llama.cpp could not decode a batch of {n} tokens (code {rc})")

@@ -111,6 +111,7 @@ class InferenceWorker:
         self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="inference")
         self._backlog = 0
         self._queued = 0                       # regular jobs submitted and not yet started
+        self._running = 0                      # regular jobs under way (several with `parallel` > 1)
         self._abandon = threading.Event()    # set when stopping: running and queued jobs give up
         self._closing = threading.Event()    # set by close(): background work stops at its next piece
         self.max_backlog = max_backlog
@@ -167,7 +168,13 @@ class InferenceWorker:
                 if self._abandon.is_set():
                     raise Abandoned("the bot is stopping")
                 self._job.started, self._job.background_s = time.perf_counter(), 0.0
-                return job(self._engine)
+                with self._count_lock:
+                    self._running += 1
+                try:
+                    return job(self._engine)
+                finally:
+                    with self._count_lock:
+                        self._running -= 1
         finally:
             if job is not None and self._background:
                 # background work goes on once this job's caller has its result, not before
@@ -240,9 +247,13 @@ class InferenceWorker:
                 task.loop.call_soon_threadsafe(settle, task.future, None, None)
 
     def _background_while_idle(self) -> None:
-        """Background pieces until a reply comes to wait (checked between pieces)."""
+        """Background pieces until a reply comes to wait or, with several job threads, starts
+        (checked between pieces). A reply under way on another job thread takes its pieces
+        between its own text (`_between_text`), so their share stays bounded: a placeholder
+        running pieces back to back beside it made the hot-swap's warm-up take the model from the
+        reply as often as the reply had it."""
         with self._background_lock:
-            while self._background and not self._queued:
+            while self._background and not self._queued and not self._running:
                 self._background_piece()
 
     def _between_text(self) -> None:

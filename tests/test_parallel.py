@@ -141,6 +141,85 @@ def test_several_chats_generate_with_all_threads_unless_a_cycle_trains_beside(al
         engine.close()
 
 
+def test_a_threads_setting_for_reading_ahead_holds_for_its_own_calls_only(alone):
+    """The hot-swap's warm-up reads its pieces with one thread (`set_batch_threads(1)`); a reply
+    read meanwhile for another caller keeps the engine's prompt threads."""
+    engine = BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=2, n_ctx=N_CTX, n_threads=1)
+    try:
+        prompt_threads = engine.llm.context_params.n_threads_batch
+        assert prompt_threads > 1, "needs a machine of at least two cores"
+        engine.set_batch_threads(1)
+        assert engine.prefill(CHATS[0], chat_key="ahead") > 0
+        assert engine.step_threads == {(False, 1)}
+        other = at_once(engine, [(1, CHATS[1], GREEDY)])[0][0]     # another thread, while the setting stands
+        assert (False, prompt_threads) in engine.step_threads and other.text == alone(1).text
+        engine.set_batch_threads(None)
+    finally:
+        engine.close()
+
+
+def test_a_read_ahead_never_reads_more_than_it_asked_for_when_the_cells_it_expected_are_gone(monkeypatch):
+    """`prefill(max_tokens=8)` sizes its read from the cells it expects the chat to hold; when they
+    went before the read started (another chat took the slot), it still reads 8 tokens, not
+    everything up to where it expected to start (a hot-swap warm-up piece read 238 tokens at once,
+    one thread for 1.5 s, a reply waiting behind it)."""
+    engine = BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=1, n_ctx=N_CTX, kv_cache_chats=0)
+    try:
+        chat = CHATS[0] + [{"role": "assistant", "content": "Arr, the sea be wide and deep and full of fish. " * 4},
+                           {"role": "user", "content": "And the storms?"}]
+        monkeypatch.setattr(engine.states, "cached_prefix", lambda key, tokens: 40)   # a stale expectation
+        assert engine.prefill(chat, chat_key="ahead", max_tokens=8) == 8
+        assert len(engine.states.held("ahead")) == 8
+        monkeypatch.undo()
+        assert engine.prefill(chat, chat_key="ahead", max_tokens=8) == 8    # and on from there
+        assert len(engine.states.held("ahead")) == 16
+    finally:
+        engine.close()
+
+
+def test_two_engines_of_one_process_take_turns_to_decode(alone, monkeypatch):
+    """During a hot-swap two models decode in one process (the serving one's replies, the incoming
+    one's warm-up); at once, their threads outnumber the cores and each waits for the other at
+    every step of the graph. They take turns, one llama_decode at a time, and both get theirs."""
+    import llama_cpp
+
+    real = llama_cpp.llama_decode
+    lock = threading.Lock()
+    inside = [0, 0, 0]              # now, most at once, decodes in all
+
+    def decode(ctx, batch):
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside[1], inside[0])
+            inside[2] += 1
+        try:
+            return real(ctx, batch)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    first, second = batched(2), batched(2)
+    try:
+        results: dict = {}
+
+        def talk(engine, i):
+            results[(id(engine), i)] = engine.generate(CHATS[i], chat_key=i, sampling=GREEDY)
+
+        threads = [threading.Thread(target=talk, args=(engine, i)) for engine in (first, second) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert inside[1] == 1 and inside[2] > 4 * 2
+        for engine in (first, second):
+            for i in (0, 1):
+                assert results[(id(engine), i)].text == alone(i).text
+    finally:
+        first.close()
+        second.close()
+
+
 def test_the_engine_counts_the_chats_whose_cells_it_keeps(alone):
     engine = BatchedEngine(packaged_base_gguf(), generation_id="batched", slots=2, n_ctx=N_CTX, n_threads=1)
     try:

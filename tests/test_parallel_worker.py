@@ -106,3 +106,47 @@ def test_max_parallel_defaults_by_cores_and_is_validated(monkeypatch):
     assert load_settings(max_parallel=1).parallel_slots == 1
     with pytest.raises(OuroError, match="max_parallel"):
         load_settings(max_parallel=0)
+
+
+async def test_background_work_waits_for_a_reply_under_way_on_another_job_thread_or_runs_between_its_text():
+    """With several job threads, a placeholder running background pieces back to back beside a reply
+    took the model from it as often as the reply had it (the hot-swap's warm-up on the incoming
+    model against the serving model's replies). A reply under way holds background work off, except
+    for the pieces it lets in between its own text (`background_share`)."""
+    worker = InferenceWorker(FakeEngine(), parallel=2)
+    spans: dict[str, list[float]] = {}
+    ran: list[float] = []
+
+    def quiet_reply(engine):                 # writes no text until it is done
+        spans["quiet"] = [time.perf_counter()]
+        time.sleep(0.5)
+        spans["quiet"].append(time.perf_counter())
+
+    def streaming_reply(engine):
+        on_text = worker.guard(None)
+        spans["streaming"] = [time.perf_counter()]
+        for _ in range(6):
+            time.sleep(0.05)
+            on_text("word ")
+        spans["streaming"].append(time.perf_counter())
+
+    def piece() -> bool:
+        ran.append(time.perf_counter())
+        time.sleep(0.01)
+        return len(ran) >= 3
+
+    try:
+        reply = asyncio.ensure_future(worker.run(quiet_reply))
+        while "quiet" not in spans:
+            await asyncio.sleep(0.005)
+        await asyncio.gather(reply, worker.background(piece))
+        assert len(ran) == 3 and min(ran) >= spans["quiet"][1]     # none beside the running reply
+        ran.clear()
+        reply = asyncio.ensure_future(worker.run(streaming_reply))
+        while "streaming" not in spans:
+            await asyncio.sleep(0.005)
+        await asyncio.gather(reply, worker.background(piece))
+        start, end = spans["streaming"]
+        assert len(ran) == 3 and all(start < t < end for t in ran)  # taken between its pieces of text
+    finally:
+        worker.close()
