@@ -193,8 +193,12 @@ class BatchedEngine(LlamaEngine):
         self.shared = 0                     # prompts that started from another slot's copied prefix (_share)
         self.peak_runs = 0                  # most runs of consecutive sequence ids in one generation step
         self.step_threads: set[tuple[bool, int]] = set()   # (several chats generating, threads) seen (tests)
+        # started by the first caller, not here: a thread takes its creator's CPU priority (Linux
+        # nice is per thread), and the hot-swap loads the next model on a niced thread — a decode
+        # thread (and the ggml threads it starts) born there read prompts at nice 19, as slowly
+        # as the niced training cycle beside it let them (7 s instead of 0.06 s in `ouro bench
+        # swap`). Callers are the worker's job threads.
         self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
-        self._thread.start()
 
     # --- what callers see -----------------------------------------------------------------
     @property
@@ -307,6 +311,7 @@ class BatchedEngine(LlamaEngine):
         with self._cond:
             self._check_open()
             self._save_asked.append(done)
+            self._start()
             self._cond.notify_all()
         done.wait()
         self.kv_files.flush()
@@ -318,7 +323,9 @@ class BatchedEngine(LlamaEngine):
                 return
             self._closing = True
             self._cond.notify_all()
-        self._thread.join()
+            started = self._thread.ident is not None
+        if started:
+            self._thread.join()
         llama_cpp.llama_batch_free(self._batch)
         self._saved.clear()
         if self.kv_files is not None:
@@ -334,7 +341,13 @@ class BatchedEngine(LlamaEngine):
         with self._cond:
             self._check_open()
             self._waiting.append(request)
+            self._start()
             self._cond.notify_all()
+
+    def _start(self) -> None:
+        """Start the decode thread from the calling thread, once (under _cond)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     def _cancel(self, request: _Request) -> None:
         """Give the request's slot back (the decode thread drops it at its next step) and wait for that."""
