@@ -84,8 +84,9 @@ class KVFiles:
         self._drop_other_models()
         self._index = self._scan()            # stem → bytes, oldest first
         self._trim()
+        # started by the first `put`, not here: the hot-swap opens the next model's folder on its
+        # niced loading thread, and a thread takes its creator's nice (engine/batched.py says more)
         self._thread = threading.Thread(target=self._writer, name=f"kv-files-{model_sha256[:8]}", daemon=True)
-        self._thread.start()
 
     # --- what the engines call ---------------------------------------------------------------
     def put(self, key: int | str, tokens: Sequence[int] | np.ndarray, blob: ctypes.Array, size: int,
@@ -100,6 +101,8 @@ class KVFiles:
                 return
             self._pending[stem] = state
             self._pending.move_to_end(stem)
+            if self._thread.ident is None:
+                self._thread.start()
             self._cond.notify_all()
 
     def take(self, key: int | str) -> StoredState | None:
@@ -153,7 +156,9 @@ class KVFiles:
             self._stopping = True
             self._pending.clear()
             self._cond.notify_all()
-        self._thread.join()
+            started = self._thread.ident is not None
+        if started:
+            self._thread.join()
 
     def files(self) -> dict[str, int]:
         """The states on disk: file stem → bytes, oldest first."""
