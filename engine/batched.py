@@ -19,6 +19,10 @@ past that bound, and at a clean shutdown (`save_states`), states go to the data 
 starts from a copy of the longest prefix another slot holds — the persona — instead of reading
 it again (`_share`).
 
+Two engines in one process (a hot-swap's handover: the serving model and the incoming one)
+take turns to decode (`_Turns`), and a decode thread starts with its first caller, never on the
+niced thread that loaded the model (it would inherit nice 19).
+
 Callers (the worker's job threads) block in `generate()` and receive their tokens through a
 queue; `on_text` runs on the caller's thread, so a reply's consumer can never be handed another
 sequence's tokens, and an `on_text` that raises (the bot stopping) frees the slot before the
