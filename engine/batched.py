@@ -51,6 +51,7 @@ from engine.chat_states import copy_seq_state, evict_oldest
 from engine.kv_files import KVFiles
 from engine.llama import LlamaEngine, model_params
 from engine.protocol import Completion, Message, OnText, Sampling
+from engine.threads import FirstUseThread
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class _Slot:
     used: float = 0.0
 
 
+class _CallerThreads(threading.local):
+    threads: int | None = None       # prompt threads a caller asked for (`set_batch_threads`)
+
+
 @dataclass(eq=False)
 class _Request:
     key: int | str
@@ -177,8 +182,7 @@ class BatchedEngine(LlamaEngine):
         self.kv_cache_chats = kv_cache_chats
         self.kv_files = kv_files
         self.states = _SlotView(self)
-        self._prompt_threads = self.llm.context_params.n_threads_batch
-        self._local = threading.local()     # `set_batch_threads`, per calling thread
+        self._caller = _CallerThreads()     # `set_batch_threads`, per calling thread
         # `generating` (from LlamaEngine) stays False: prefill is a request like any other, safe
         # while replies stream, so the hot-swap's warm-up never has to wait for one
         self.n_batch = min(n_batch, self.llm.n_batch)
@@ -197,12 +201,8 @@ class BatchedEngine(LlamaEngine):
         self.shared = 0                     # prompts that started from another slot's copied prefix (_share)
         self.peak_runs = 0                  # most runs of consecutive sequence ids in one generation step
         self.step_threads: set[tuple[bool, int]] = set()   # (several chats generating, threads) seen (tests)
-        # started by the first caller, not here: a thread takes its creator's CPU priority (Linux
-        # nice is per thread), and the hot-swap loads the next model on a niced thread — a decode
-        # thread (and the ggml threads it starts) born there read prompts at nice 19, as slowly
-        # as the niced training cycle beside it let them (7 s instead of 0.06 s in `ouro bench
-        # swap`). Callers are the worker's job threads.
-        self._thread = threading.Thread(target=self._loop, name=f"decode-{generation_id}", daemon=True)
+        # started by the first caller (a worker job thread), never on the niced loader: engine/threads.py
+        self._thread = FirstUseThread(self._loop, f"decode-{generation_id}")
 
     # --- what callers see -----------------------------------------------------------------
     @property
@@ -222,7 +222,7 @@ class BatchedEngine(LlamaEngine):
         if room < 1:
             raise OuroError(f"prompt of {len(tokens)} tokens does not fit the {self.n_ctx}-token context")
         request = _Request(chat_key, tokens, min(sampling.max_tokens, room), sampling, started=started,
-                           threads=getattr(self._local, "threads", None))
+                           threads=self._caller.threads)
         self._submit(request)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         parts: list[str] = []
@@ -275,8 +275,7 @@ class BatchedEngine(LlamaEngine):
         end = len(tokens) if max_tokens is None else min(len(tokens), keep + max_tokens)
         if keep >= end:
             return 0
-        request = _Request(chat_key, tokens[:end], 0, None, threads=getattr(self._local, "threads", None),
-                           budget=max_tokens)
+        request = _Request(chat_key, tokens[:end], 0, None, threads=self._caller.threads, budget=max_tokens)
         self._submit(request)
         try:
             kind, value = request.events.get()
@@ -293,7 +292,7 @@ class BatchedEngine(LlamaEngine):
         Per calling thread, carried by each request: the decode thread serves several callers, and
         an engine-wide setting made for the hot-swap's one-thread warm-up pieces also caught the
         replies read between them (a 54-token read took 0.35 s instead of ~0.15)."""
-        self._local.threads = n
+        self._caller.threads = n
 
     def forget(self, chat_key: int | str) -> None:
         with self._cond:
@@ -315,7 +314,7 @@ class BatchedEngine(LlamaEngine):
         with self._cond:
             self._check_open()
             self._save_asked.append(done)
-            self._start()
+            self._thread.start_once()
             self._cond.notify_all()
         done.wait()
         self.kv_files.flush()
@@ -327,9 +326,7 @@ class BatchedEngine(LlamaEngine):
                 return
             self._closing = True
             self._cond.notify_all()
-            started = self._thread.ident is not None
-        if started:
-            self._thread.join()
+        self._thread.join_if_started()       # none starts once closing: `_check_open` comes first
         llama_cpp.llama_batch_free(self._batch)
         self._saved.clear()
         if self.kv_files is not None:
@@ -345,13 +342,8 @@ class BatchedEngine(LlamaEngine):
         with self._cond:
             self._check_open()
             self._waiting.append(request)
-            self._start()
+            self._thread.start_once()
             self._cond.notify_all()
-
-    def _start(self) -> None:
-        """Start the decode thread from the calling thread, once (under _cond)."""
-        if self._thread.ident is None:
-            self._thread.start()
 
     def _cancel(self, request: _Request) -> None:
         """Give the request's slot back (the decode thread drops it at its next step) and wait for that."""
@@ -621,10 +613,13 @@ class BatchedEngine(LlamaEngine):
         # while the bot's own cycle trains beside it, with the generation threads, which two
         # threads waiting for each other at every step of the graph would not be (engine/neighbours.py)
         generation = group[0][0].request.pending is not None
-        threads = self.llm.context_params.n_threads
-        batch_threads = group[0][0].request.threads or self._prompt_threads   # a prompt: one request's
-        if generation:
-            batch_threads = threads if len(group) == 1 or neighbours.training() else self._prompt_threads
+        threads, prompt_threads = self.llm.context_params.n_threads, self.llm.context_params.n_threads_batch
+        if not generation:                   # a prompt piece: one request's, with its caller's setting
+            batch_threads = group[0][0].request.threads or prompt_threads
+        elif len(group) == 1 or neighbours.training():
+            batch_threads = threads
+        else:
+            batch_threads = prompt_threads
         self.step_threads.add((generation and len(group) > 1, batch_threads))
         if generation:
             seqs = [slot.seq for slot, _, _ in group]

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import atomic_write_bytes, ensure_private_dir
+from engine.threads import FirstUseThread
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,8 @@ class KVFiles:
         self._drop_other_models()
         self._index = self._scan()            # stem → bytes, oldest first
         self._trim()
-        # started by the first `put`, not here: the hot-swap opens the next model's folder on its
-        # niced loading thread, and a thread takes its creator's nice (engine/batched.py says more)
-        self._thread = threading.Thread(target=self._writer, name=f"kv-files-{model_sha256[:8]}", daemon=True)
+        # started by the first `put`, never on the hot-swap's niced loader: engine/threads.py
+        self._thread = FirstUseThread(self._writer, f"kv-files-{model_sha256[:8]}")
 
     # --- what the engines call ---------------------------------------------------------------
     def put(self, key: int | str, tokens: Sequence[int] | np.ndarray, blob: ctypes.Array, size: int,
@@ -101,8 +101,7 @@ class KVFiles:
                 return
             self._pending[stem] = state
             self._pending.move_to_end(stem)
-            if self._thread.ident is None:
-                self._thread.start()
+            self._thread.start_once()
             self._cond.notify_all()
 
     def take(self, key: int | str) -> StoredState | None:
@@ -156,9 +155,7 @@ class KVFiles:
             self._stopping = True
             self._pending.clear()
             self._cond.notify_all()
-            started = self._thread.ident is not None
-        if started:
-            self._thread.join()
+        self._thread.join_if_started()       # none starts once stopping: `put` checks first
 
     def files(self) -> dict[str, int]:
         """The states on disk: file stem → bytes, oldest first."""

@@ -225,7 +225,9 @@ async def _low_priority(fn: Callable[..., T], *args) -> T:
 
     Hashing and loading the new GGUF is CPU work beside a model answering on every core: at
     normal priority it preempts one of ggml's threads, whose partners then spin at each barrier
-    and a reply slows several-fold. Niced, it gets only what the serving model leaves.
+    and a reply slows several-fold. Niced, it gets only what the serving model leaves. A thread
+    started in here would keep nice 19 for good: what is built here starts its threads on first
+    use (engine/threads.py).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()

@@ -14,6 +14,7 @@ import pytest
 from core.files import atomic_write_bytes
 from engine.kv_files import KVFiles, file_stem
 from engine.worker import InferenceWorker
+from tests.helpers.concurrency import built_on_a_niced_thread, nice_of, thread_named
 from tests.helpers.fakes import FakeEngine
 
 SHA_A = "a" * 64
@@ -162,25 +163,12 @@ def test_a_clean_shutdown_saves_the_states_and_a_failing_save_never_holds_it_up(
 def test_the_writer_runs_at_its_first_callers_priority_not_the_niced_loaders(tmp_path):
     """The hot-swap opens the next model's folder on its niced loading thread; a writer thread born
     there would write at nice 19 after every swap and at the bot's own priority before the first."""
-    import os
-    import threading
-
-    made: list = []
-
-    def open_niced() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        made.append(files(tmp_path))
-
-    loader = threading.Thread(target=open_niced)
-    loader.start()
-    loader.join()
-    kv = made[0]
+    kv = built_on_a_niced_thread(lambda: files(tmp_path))
     try:
         kv.put(1, [1, 2], blob(10), 10)
         kv.flush()
         assert file_stem(1) in kv.files()                 # written
-        writer = next(t for t in threading.enumerate() if t.name == f"kv-files-{SHA_A[:8]}")
-        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert mine < 19 and os.getpriority(os.PRIO_PROCESS, writer.native_id) == mine
+        mine = nice_of()
+        assert mine < 19 and nice_of(thread_named(f"kv-files-{SHA_A[:8]}")) == mine
     finally:
         kv.close()

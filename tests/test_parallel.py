@@ -21,6 +21,7 @@ from engine.worker import Abandoned, InferenceWorker
 from lineage.generations import packaged_base_gguf
 from serving.conversation import Speaker
 from serving.runtime import open_runtime
+from tests.helpers.concurrency import DecodeWatch, built_on_a_niced_thread, nice_of, thread_named
 
 pytestmark = pytest.mark.model
 GREEDY = Sampling(temperature=0.0, top_k=1, max_tokens=32)
@@ -181,23 +182,12 @@ def test_an_engine_loaded_on_a_niced_thread_decodes_at_its_callers_priority(alon
     """The hot-swap loads the next model on a niced thread. A thread takes its creator's nice (per
     thread on Linux), so a decode thread started while loading read prompts at nice 19 — beside the
     niced training cycle, 7 s for 14 tokens instead of 0.06 s. It starts with its first caller."""
-    import os
-
-    loaded: list = []
-
-    def load() -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        loaded.append(BatchedEngine(packaged_base_gguf(), generation_id="niced-load", slots=2, n_ctx=N_CTX))
-
-    loader = threading.Thread(target=load)
-    loader.start()
-    loader.join()
-    engine = loaded[0]
+    engine = built_on_a_niced_thread(
+        lambda: BatchedEngine(packaged_base_gguf(), generation_id="niced-load", slots=2, n_ctx=N_CTX))
     try:
         assert engine.generate(CHATS[1], chat_key=1, sampling=GREEDY).text == alone(1).text
-        decode = next(t for t in threading.enumerate() if t.name == "decode-niced-load")
-        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert mine < 19 and os.getpriority(os.PRIO_PROCESS, decode.native_id) == mine
+        mine = nice_of()
+        assert mine < 19 and nice_of(thread_named("decode-niced-load")) == mine
     finally:
         engine.close()
 
@@ -206,24 +196,7 @@ def test_two_engines_of_one_process_take_turns_to_decode(alone, monkeypatch):
     """During a hot-swap two models decode in one process (the serving one's replies, the incoming
     one's warm-up); at once, their threads outnumber the cores and each waits for the other at
     every step of the graph. They take turns, one llama_decode at a time, and both get theirs."""
-    import llama_cpp
-
-    real = llama_cpp.llama_decode
-    lock = threading.Lock()
-    inside = [0, 0, 0]              # now, most at once, decodes in all
-
-    def decode(ctx, batch):
-        with lock:
-            inside[0] += 1
-            inside[1] = max(inside[1], inside[0])
-            inside[2] += 1
-        try:
-            return real(ctx, batch)
-        finally:
-            with lock:
-                inside[0] -= 1
-
-    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    decodes = DecodeWatch(monkeypatch)
     first, second = batched(2), batched(2)
     try:
         results: dict = {}
@@ -236,7 +209,7 @@ def test_two_engines_of_one_process_take_turns_to_decode(alone, monkeypatch):
             t.start()
         for t in threads:
             t.join(300)
-        assert inside[1] == 1 and inside[2] > 4 * 2
+        assert decodes.most == 1 and decodes.calls > 4 * 2
         for engine in (first, second):
             for i in (0, 1):
                 assert results[(id(engine), i)].text == alone(i).text

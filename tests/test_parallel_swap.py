@@ -6,54 +6,29 @@ what each of those cost when it was wrong: docs/design-notes.md, "Hot-swap on th
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
 import threading
 
-import llama_cpp
 import pytest
 
 from config.settings import load_settings
-from core.files import atomic_write_text, now, sha256_file
 from serving.conversation import Speaker
 from serving.loop import LearningLoop
 from serving.runtime import open_runtime
+from tests.helpers.concurrency import DecodeWatch, nice_of
+from tests.helpers.lineages import make_generation
 
 pytestmark = pytest.mark.model
-
-
-def _copy_of_the_base(lineage) -> None:
-    """gen-0001: the same weights as gen-0000 under another name (so its replies must be the same)."""
-    folder = lineage.dir / "gen-0001"
-    folder.mkdir()
-    shutil.copyfile(lineage.generation("gen-0000").gguf, folder / "model.gguf")
-    meta = {"id": "gen-0001", "parent_id": "gen-0000", "gguf": "model.gguf", "created_at": now("seconds"),
-            "gguf_sha256": sha256_file(folder / "model.gguf"), "status": "promoted", "note": "test copy"}
-    atomic_write_text(folder / "meta.json", json.dumps(meta))
 
 
 async def test_a_swap_keeps_the_chats_words_takes_turns_and_leaves_the_new_model_at_the_bots_priority(
         tmp_path, monkeypatch):
     settings = load_settings(data_dir=tmp_path, seed=5, temperature=0.0, top_k=1, reply_max_tokens=16,
                              max_parallel=2, cycle_schedule="off")
-    real = llama_cpp.llama_decode
-    lock = threading.Lock()
-    inside = [0, 0]                     # decodes now, most at once
-
-    def decode(ctx, batch):
-        with lock:
-            inside[0] += 1
-            inside[1] = max(inside[1], inside[0])
-        try:
-            return real(ctx, batch)
-        finally:
-            with lock:
-                inside[0] -= 1
-
-    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    decodes = DecodeWatch(monkeypatch)
     rt = open_runtime(settings)
-    _copy_of_the_base(rt.lineage)
+    # gen-0001: the same weights as gen-0000 under another name (so its replies must be the same)
+    make_generation(settings.models_dir, "gen-0001", "gen-0000",
+                    payload=rt.lineage.generation("gen-0000").gguf.read_bytes())
     loop = LearningLoop(settings, rt.store, rt.worker, warmup=rt.conversation.warmup_plan)
     await loop.start(schedule=False)
     try:
@@ -81,10 +56,10 @@ async def test_a_swap_keeps_the_chats_words_takes_turns_and_leaves_the_new_model
         # the same weights answer the same words as a chat of the old model would have
         fresh = await rt.conversation.handle_text(Speaker(chat_id=99, user_id=99), "Tell me about the sea.")
         assert fresh.text == before[0].text
-        assert inside[1] == 1                                    # never two decodes at once
-        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert decodes.most == 1                                 # never two decodes at once
+        mine = nice_of()
         decoders = [t for t in threading.enumerate() if t.name == "decode-gen-0001"]
-        assert decoders and all(os.getpriority(os.PRIO_PROCESS, t.native_id) == mine for t in decoders)
+        assert decoders and all(nice_of(t) == mine for t in decoders)
     finally:
         await loop.stop()
         rt.close()
