@@ -15,7 +15,9 @@ in files and bytes, the oldest going first. A file that is truncated, corrupt or
 another model or chat is deleted with a warning and the chat is simply read again.
 
 Writes go through one writer thread: the decode thread hands a state over and goes on decoding
-(a 1000-token chat of the 135M model is ~23 MB, written and fsync-ed in tens of ms).
+(a 1000-token chat of the 135M model is ~23 MB, written and fsync-ed in tens of ms). The queue
+holds no more than the bounds let onto disk, so a slow disk drops the oldest states instead of
+piling them up in memory.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def file_stem(key: int | str) -> str:
     return "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
+def _file_bytes(state: StoredState) -> int:
+    """About what the state's file takes (the header aside): its token ids and llama.cpp's bytes."""
+    return 4 * len(state.tokens) + state.size
+
+
 class KVFiles:
     """One model's folder of chat states: `put` (written by the writer thread), `take`, `forget`, `flush`."""
 
@@ -76,6 +83,7 @@ class KVFiles:
         self.max_files = max_files
         self.max_bytes = max_bytes
         self.written = self.loaded = self.dropped = 0
+        self.skipped = 0          # queued states dropped past the bounds, never written
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, StoredState] = OrderedDict()
         self._writing: tuple[str, StoredState] | None = None   # the file being written now
@@ -101,6 +109,7 @@ class KVFiles:
                 return
             self._pending[stem] = state
             self._pending.move_to_end(stem)
+            self._drop_past_bounds()
             self._thread.start_once()
             self._cond.notify_all()
 
@@ -248,6 +257,16 @@ class KVFiles:
                 st = path.stat()
                 found.append((st.st_mtime_ns, path.stem, st.st_size))
         return OrderedDict((stem, size) for _, stem, size in sorted(found))
+
+    def _drop_past_bounds(self) -> None:
+        """Queued states past the bounds would be deleted as soon as they were written: drop the
+        oldest now (under the lock), so a disk slower than the chats leaving memory never piles up
+        states in memory."""
+        total = sum(_file_bytes(s) for s in self._pending.values())
+        while self._pending and (len(self._pending) > self.max_files or total > self.max_bytes):
+            _, state = self._pending.popitem(last=False)
+            total -= _file_bytes(state)
+            self.skipped += 1
 
     def _trim(self) -> None:
         """Delete the oldest files past the bounds (under the lock)."""

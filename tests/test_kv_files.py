@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 
 import pytest
 
@@ -172,3 +173,44 @@ def test_the_writer_runs_at_its_first_callers_priority_not_the_niced_loaders(tmp
         assert mine < 19 and nice_of(thread_named(f"kv-files-{SHA_A[:8]}")) == mine
     finally:
         kv.close()
+
+
+def hang_first_write(kv: KVFiles) -> tuple[threading.Event, threading.Event]:
+    """Make the writer's first write wait for `release`; `writing` is set once it waits."""
+    release, writing = threading.Event(), threading.Event()
+    write = kv._write
+
+    def slow_write(path, stem, state):
+        if not writing.is_set():
+            writing.set()
+            release.wait(10)
+        return write(path, stem, state)
+
+    kv._write = slow_write
+    return release, writing
+
+
+def test_a_slow_disk_never_queues_more_states_than_the_bounds_keep(tmp_path):
+    kv = files(tmp_path, max_files=3, max_bytes=1 << 20)
+    release, writing = hang_first_write(kv)
+    kv.put(0, [1], blob(1000), 1000)
+    assert writing.wait(10)
+    for chat in range(1, 8):                            # chats leave memory faster than the disk writes
+        kv.put(chat, [chat + 1], blob(1000, chat), 1000)
+    assert kv.skipped == 4                              # 1–4 were dropped, never held in memory
+    assert kv.take(2) is None
+    assert kv.take(7).tokens == [8]                     # the newest are queued
+    release.set()
+    kv.flush()
+    assert list(kv.files()) == [file_stem(c) for c in (0, 5, 6)]
+    kv.close()
+    # by bytes too: 2500 bytes hold two 1004-byte states
+    small = files(tmp_path / "b", max_files=10, max_bytes=2500)
+    release, writing = hang_first_write(small)
+    small.put(0, [1], blob(1000), 1000)
+    assert writing.wait(10)
+    for chat in range(1, 5):
+        small.put(chat, [1], blob(1000), 1000)
+    assert small.skipped == 2 and small.take(2) is None and small.take(3) is not None
+    release.set()
+    small.close()
