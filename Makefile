@@ -14,17 +14,33 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # The machine decides the build: with an NVIDIA GPU (nvidia-smi lists one) torch is PyPI's CUDA
-# build, bitsandbytes comes in (QLoRA) and llama.cpp is compiled with CUDA (so n_gpu_layers
-# offloads); without one, torch comes from PyTorch's CPU wheel index (no multi-GB CUDA wheels),
-# falling back to the package index's own sources when that index cannot be reached.
+# build, bitsandbytes comes in (QLoRA) and llama.cpp is compiled with CUDA where the CUDA compiler
+# (nvcc) is found, so n_gpu_layers offloads — without nvcc, or if that build fails, it is built for
+# the CPU with a message saying so (training still uses the GPU; /status says where the model runs).
+# Without a GPU, torch comes from PyTorch's CPU wheel index (no multi-GB CUDA wheels), falling back
+# to the package index's own sources when that index cannot be reached.
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda)
+NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+LLAMA_CPP := llama-cpp-python==0.3.36
 
 .stamp-venv: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(GPU),cuda)
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
-	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/python -m pip install -q --no-cache-dir -c $(CONSTRAINTS) llama-cpp-python==0.3.36
+ifneq ($(NVCC),)
+	@echo "set-up: building llama.cpp with CUDA ($(NVCC)); several minutes"
+	PATH="$(dir $(NVCC)):$$PATH" CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/python -m pip install -q --no-cache-dir \
+	  -c $(CONSTRAINTS) $(LLAMA_CPP) \
+	  || { echo "set-up: the CUDA build of llama.cpp failed (above); building it for the CPU instead: replies are" \
+	            "written on the CPU and n_gpu_layers is ignored (training still uses the GPU)"; \
+	       $(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(LLAMA_CPP); }
+else
+	@echo "set-up: an NVIDIA GPU but no CUDA compiler (nvcc): llama.cpp is built for the CPU, so replies are" \
+	      "written on the CPU and n_gpu_layers is ignored (training still uses the GPU). Install the CUDA" \
+	      "toolkit and run 'make clean-venv setup' to serve from the GPU too."
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(LLAMA_CPP)
+endif
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[cuda,dev]'
 else
 	$(BIN)/python -m pip install -q --timeout 15 --retries 0 --index-url $(TORCH_CPU_INDEX) -c $(CONSTRAINTS) torch==2.13.0 \

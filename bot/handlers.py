@@ -47,6 +47,7 @@ class Handlers:
         engine = self.conversation.worker.engine
         info = {"started_at": self.started_at, "queue_depth": self.conversation.worker.backlog,
                 "generation_id": engine.generation_id, "model_file": str(engine.model_path),
+                "runs_on": engine.placement,
                 "updated": time.time()}
         if self.admin is not None:
             info.update(self.admin.loop_info())

@@ -19,6 +19,7 @@ from pathlib import Path
 from core.errors import OuroError
 from engine.chat_states import ChatStates
 from engine.kv_files import KVFiles
+from engine.placement import model_layers, placement
 from engine.protocol import Completion, Message, OnText, Sampling
 from engine.template import CHATML, ChatFormat
 
@@ -72,6 +73,10 @@ class LlamaEngine:
         except Exception as exc:  # llama.cpp says little; the file check upstream says more
             raise OuroError(f"llama.cpp could not load {self.model_path}: {exc}") from exc
         self.n_ctx = self.llm.n_ctx()
+        where = placement(n_gpu_layers, model_layers(self.llm.model))
+        self.placement = where.describe()
+        if where.ignored:
+            log.warning("%s: %s", self.model_path.name, self.placement)
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template") or CHATML
         # One renderer for serving and training (engine/template.py): a generation is trained

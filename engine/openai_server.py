@@ -127,6 +127,7 @@ class OpenAIServerEngine:
         self.model_sha256 = model_sha256
         self.n_ctx = n_ctx
         self.generating = False
+        self.placement = f"the server at {client.root} (it decides where the model runs)"
         try:
             served = client.models()
             if generation_id not in served:

@@ -56,6 +56,7 @@ class Engine(Protocol):
     model_sha256: str
     n_ctx: int
     generating: bool          # True while generate() streams (background reads must wait)
+    placement: str            # where the model runs, one line for /status (engine/placement.py)
 
     def count_tokens(self, messages: list[Message]) -> int:
         """Tokens of the prompt these messages render to, generation prompt included."""

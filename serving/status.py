@@ -56,12 +56,23 @@ def status_report(settings: Settings, store: Store, runtime: dict | None) -> dic
         "loaded_generation": runtime.get("generation_id") if runtime else None,
         "model": model,
         "engine": settings.engine if settings.engine == "embedded" else f"{settings.engine} {settings.engine_base_url}",
+        "runs_on": runtime.get("runs_on") if runtime else _runs_on(settings),
         "training": runtime.get("training") if runtime else None,
         "cycle": runtime.get("cycle") if runtime else None,
         "data_trigger": runtime.get("data_trigger") if runtime else None,
         "live_watch": runtime.get("live_watch") if runtime else None,
         **store.stats(),
     }
+
+
+def _runs_on(settings: Settings) -> str:
+    """Where the model would run, with no bot running: this llama.cpp build, the machine's GPUs and
+    `n_gpu_layers` (the model's layer count is known only once it is loaded)."""
+    if settings.engine != "embedded":
+        return f"the server at {settings.engine_base_url} (when serving)"
+    from engine.placement import placement
+
+    return f"{placement(settings.n_gpu_layers).describe()} (when serving)"
 
 
 def format_status(report: dict) -> str:
@@ -81,6 +92,7 @@ def format_status(report: dict) -> str:
         f"· corrections {report['corrections']}",
         f"Queue depth: {report['queue_depth']}",
         f"Engine: {report.get('engine', 'embedded')}",
+        f"Runs on: {report.get('runs_on') or '—'}",
         f"Model file: {model.get('file', '—')}",
         f"SHA-256: {model.get('sha256', '—')}",
         f"Recent speed: {tps if tps is not None else '—'} tokens/s",

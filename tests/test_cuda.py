@@ -1,5 +1,6 @@
-"""The GPU paths of the training stage, on a tiny Llama: QLoRA (nf4) and bf16 training, the merge in bf16
-on the GPU against the same merge on the CPU, and the GGUF written from the bf16 checkpoint. Marked
+"""The GPU paths: QLoRA (nf4) and bf16 training on a tiny Llama, the merge in bf16 on the GPU against
+the same merge on the CPU, the GGUF written from the bf16 checkpoint, and serving with every layer
+offloaded by llama.cpp's CUDA build. Marked
 `cuda`: deselected (with the reason printed, tests/conftest.py) where torch sees no CUDA device."""
 
 from __future__ import annotations
@@ -71,3 +72,21 @@ def test_the_bf16_merge_on_the_gpu_equals_the_same_merge_on_the_cpu(tiny_models)
     cpu = cpu_model.merge_and_unload().state_dict()
     for name, tensor in cpu.items():
         assert torch.allclose(gpu[name].float().cpu(), tensor.float(), atol=1e-2, rtol=1e-2), name
+
+
+def test_llama_cpp_offloads_the_served_model_to_the_gpu():
+    """The set-up builds llama.cpp with CUDA where it finds nvcc (Makefile); then n_gpu_layers = -1
+    puts every layer on the card and the engine says so (/status: "Runs on")."""
+    from engine.llama import LlamaEngine
+    from engine.protocol import Sampling
+    from lineage.generations import packaged_base_gguf
+
+    engine = LlamaEngine(packaged_base_gguf(), generation_id="gen-0000", n_gpu_layers=-1)
+    try:
+        assert engine.placement.startswith("GPU ("), engine.placement
+        assert engine.placement.endswith(": 31 of 31 layers")      # SmolLM2-135M: 30 blocks and the output
+        reply = engine.generate([{"role": "user", "content": "hi!"}], chat_key=1,
+                                sampling=Sampling(temperature=0.0, max_tokens=8, seed=1))
+        assert reply.completion_tokens > 0 and reply.text.strip()
+    finally:
+        engine.close()

@@ -141,6 +141,7 @@ async def test_status_is_for_admins_only(emu, make_bot):
         mid = await admin.asend_command("/status")
         msg = await admin.await_for(lambda m: m.text is not None, after=mid)
         assert "Active generation" in msg.text and "Queue depth" in msg.text and "SHA-256" in msg.text
+        assert f"Runs on: {bot.engine.placement}" in msg.text          # where the served model's layers are
 
 
 async def test_reply_longer_than_4096_is_split_with_buttons_on_the_last_part(emu, make_bot):

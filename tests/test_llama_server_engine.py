@@ -48,6 +48,7 @@ async def test_router_mode_serves_each_generation_and_finds_a_new_one_at_the_swa
     try:
         engine = runtime.worker.engine
         assert isinstance(engine, OpenAIServerEngine) and engine.generation_id == "gen-0000"
+        assert engine.placement.startswith(f"the server at {server.url}")       # /status: "Runs on"
         pieces: list[str] = []
         out = runtime.worker.run_sync(lambda e: e.generate(HELLO, chat_key=1, sampling=GREEDY,
                                                            on_text=pieces.append))

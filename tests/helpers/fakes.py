@@ -49,6 +49,7 @@ class FakeEngine:
         self.delay_s = delay_s
         self.fail_with = fail_with
         self.generating = False
+        self.placement = "CPU (a fake engine)"
         self.prompts: list[list[Message]] = []
         self.chat_keys: list[int | str] = []
         self.forgotten: list[int | str] = []

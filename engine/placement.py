@@ -1,0 +1,99 @@
+"""Where llama.cpp runs a model — the CPU, or a GPU and how many layers — in one line for /status.
+
+`n_gpu_layers` asks llama.cpp to offload layers, but a llama.cpp built without GPU support (the
+set-up builds it with CUDA only where it finds the CUDA compiler, Makefile) ignores the setting
+without a word, and an admin would believe the model is on the card. So the engine says where the
+layers are: from llama.cpp's own answer to "can this build offload" and its list of devices
+(ggml's backend registry, read through the library llama-cpp-python loaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_GPU_TYPES = {1, 2}      # ggml_backend_dev_type: 0 CPU, 1 GPU, 2 integrated GPU, 3 accelerator (BLAS …)
+REBUILD = ("on a machine with an NVIDIA GPU and the CUDA compiler (nvcc), `make clean-venv setup` builds "
+           "llama.cpp with CUDA")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`layers_on_gpu` of the model's `layers` (its blocks and the output layer, as llama.cpp counts)."""
+
+    gpu_layers_asked: int
+    layers: int | None
+    offload_supported: bool
+    gpus: tuple[str, ...]
+
+    @property
+    def layers_on_gpu(self) -> int:
+        if not self.offload_supported or not self.gpus or self.gpu_layers_asked == 0:
+            return 0
+        if self.layers is None:
+            return self.gpu_layers_asked
+        return self.layers if self.gpu_layers_asked < 0 else min(self.gpu_layers_asked, self.layers)
+
+    @property
+    def ignored(self) -> bool:
+        """Layers were asked for the GPU and none can go there."""
+        return self.gpu_layers_asked != 0 and self.layers_on_gpu == 0
+
+    def describe(self) -> str:
+        asked = "all" if self.gpu_layers_asked < 0 else str(self.gpu_layers_asked)
+        if self.layers_on_gpu:
+            of = f"{self.layers_on_gpu} of {self.layers} layers" if self.layers else f"{asked} layers"
+            on_cpu = "" if self.layers is None or self.layers_on_gpu == self.layers else ", the rest on the CPU"
+            return f"GPU ({', '.join(self.gpus)}): {of}{on_cpu}"
+        if not self.ignored:
+            spare = f"; {', '.join(self.gpus)} is free for it (n_gpu_layers = -1)" if self.gpus else ""
+            return f"CPU{spare}"
+        if not self.offload_supported:
+            return (f"CPU — n_gpu_layers = {asked} is ignored: this llama.cpp was built without GPU support "
+                    f"({REBUILD})")
+        return f"CPU — n_gpu_layers = {asked} is ignored: llama.cpp finds no GPU on this machine"
+
+
+def gpu_devices() -> tuple[str, ...]:
+    """The GPUs llama.cpp can offload to (their descriptions, e.g. 'NVIDIA H100 80GB HBM3'); none when
+    the build has no GPU backend or the registry cannot be read."""
+    try:
+        import llama_cpp
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        base.ggml_backend_dev_type.restype = ctypes.c_int
+        base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        base.ggml_backend_dev_description.restype = ctypes.c_char_p
+        base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+        found = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES:
+                found.append((base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace"))
+        return tuple(found)
+    except (OSError, AttributeError, ImportError) as exc:   # another build layout: say nothing rather than guess
+        log.debug("could not list llama.cpp's devices: %s", exc)
+        return ()
+
+
+def placement(n_gpu_layers: int, layers: int | None = None) -> Placement:
+    """Where a model with `layers` layers (None: not loaded yet) runs with this `n_gpu_layers`."""
+    import llama_cpp
+
+    return Placement(gpu_layers_asked=n_gpu_layers, layers=layers,
+                     offload_supported=bool(llama_cpp.llama_supports_gpu_offload()), gpus=gpu_devices())
+
+
+def model_layers(model) -> int:
+    """The layers llama.cpp can offload for a loaded model: its blocks and the output layer."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_layer(model)) + 1
