@@ -179,6 +179,30 @@ def test_dequantize_round_trip_gives_back_the_exact_weights(tiny):
         dequantize_gguf_to_hf(tiny["parent"], out)
 
 
+def test_a_quantized_gguf_is_dequantized_a_shard_at_a_time_as_transformers_loader_would(tiny):
+    """The cycle's GGUF → HF reads one tensor at a time into shards (a 7B base no longer has to fit
+    in RAM in float32 at once); each tensor equals what transformers' own GGUF loader gives."""
+    from transformers import AutoModelForCausalLM
+
+    q8 = tiny["root"] / "parent-q8.gguf"
+    quantize_gguf(tiny["parent"], q8, "Q8_0")
+    out = tiny["root"] / "dequantized-q8"
+    dequantize_gguf_to_hf(q8, out, shard_bytes=1 << 20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted({*index["weight_map"].values()})
+    assert len(files) >= 3 and files == sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    back = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny["root"]), gguf_file=q8.name,
+                                                     dtype=torch.float32).state_dict()
+    assert set(back) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(back[name], tensor), name
+    assert not torch.equal(back["model.layers.0.mlp.up_proj.weight"],          # Q8_0 rounded them
+                           tiny["model"].state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert _leftovers(tiny["root"]) == []
+
+
 # --- failures leave nothing behind --------------------------------------------------------------
 
 def test_unknown_qtype_names_the_allowed_ones_and_writes_nothing(tiny, tmp_path):

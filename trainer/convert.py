@@ -194,17 +194,20 @@ def _tokenizer_as_served(folder: Path, scan: Any) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+SHARD_BYTES = 1 << 30     # the dequantized weights are written in safetensors files of about this size
+
+
+def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = SHARD_BYTES) -> None:
     """Write the GGUF's weights (dequantized, float32) and tokenizer as an HF folder (safetensors).
 
     Why: training needs full-precision transformers weights, and generation 0 exists only as a
-    (quantized) GGUF. transformers' GGUF loader dequantizes it and undoes llama.cpp's q/k
-    permutation; the tokenizer and chat template are rebuilt from the same file's metadata.
-
-    The loader leaves a `GgufHfQuantizer` and a `quantization_config` on the model although the
-    weights are plain dense tensors (llama goes through its legacy, dequantize-everything path);
-    `save_pretrained` refuses such a model, and a config.json carrying that block would send a
-    later `from_pretrained` looking for a GGUF file. Both are removed before saving.
+    (quantized) GGUF. The per-tensor work is transformers' own GGUF loader's — gguf-py's
+    dequantizers, its name map and its per-family tensor processors (llama's q/k permutation
+    undone, Gemma's norm offset) — but one tensor at a time, written out in shards of about
+    `shard_bytes`: `from_pretrained(gguf_file=…)` holds every dequantized tensor in float32 at
+    once (a 7B base: 28 GB of tensors, then the model built from them), so the first cycle of a
+    big model could not fit a home machine's RAM. Peak here: one shard and one tensor. The config
+    and the tokenizer come from the same loader (metadata only), completed by `_config_from_gguf`.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -220,25 +223,24 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         _config_from_gguf(config, scan, gguf_path)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+        config.name_or_path = ""  # the loader puts general.name here; it is no path
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
         raise OuroError(f"transformers could not load {gguf_path}: {exc}") from exc
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        packed = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
-        if packed:  # a future loader kept blocks packed: saving would write something else
-            raise OuroError(f"transformers kept {len(packed)} tensors of {gguf_path.name} quantized "
-                            f"(e.g. {packed[0]}); cannot save full-precision weights")
-        quantizer.remove_quantization_config(model)
-    model.config.name_or_path = ""  # the loader puts general.name here; it is no path
 
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     except OSError as exc:
         raise _write_error(exc, out_dir) from exc
     try:
-        model.save_pretrained(tmp)
+        _write_dequantized(gguf_path, scan.text("general.architecture"), skeleton, tmp, shard_bytes)
+        skeleton.config.architectures = [type(skeleton).__name__]
+        skeleton.config.dtype = torch.float32
+        skeleton.config.save_pretrained(tmp)
+        if skeleton.can_generate():
+            skeleton.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _tokenizer_as_served(tmp, scan)
         for written in tmp.iterdir():
@@ -247,9 +249,70 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):
+        if isinstance(exc, OuroError) or not isinstance(exc, Exception):
             raise
         raise _write_error(exc, out_dir) from exc
+
+
+def _write_dequantized(gguf_path: Path, arch: str, skeleton: Any, folder: Path, shard_bytes: int) -> None:
+    """Every weight of `skeleton` (a model on the meta device: names and shapes only) from the GGUF,
+    dequantized to float32 a tensor at a time, into `model-0000k-of-0000n.safetensors` files plus
+    their index — or one `model.safetensors` when it fits one shard."""
+    import torch
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    # the processors read head counts by the HF config's own names (what the loader's parsed config holds)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.get_text_config().to_dict())
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    wanted = dict(skeleton.state_dict())
+    if skeleton.config.get_text_config().tie_word_embeddings:
+        for tied in {"lm_head.weight"} & set(wanted):
+            del wanted[tied]                          # the embedding's own tensor, as save_pretrained writes it
+    reader = GGUFReader(str(gguf_path))
+    # the processors of these families change values, never names (only MoE ones rename); a GGUF
+    # tensor the model has no weight for (Llama 3.1's rope_freqs: a config fact here) is left out
+    tensors = [t for t in reader.tensors if names.get(t.name) in wanted]
+    # shards planned up front from the element counts (4 bytes each), so files are named k-of-n
+    shards: list[list[Any]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = 4 * int(t.n_elements)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards, strict=True):
+        out: dict[str, Any] = {}
+        for t in shard:
+            got = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                    tensor_key_mapping=names, parsed_parameters={})
+            hf_name = names[got.name]
+            tensor = torch.from_numpy(np.array(got.weights, dtype=np.float32))     # a copy, off the file's pages
+            if tuple(tensor.shape) != tuple(wanted[hf_name].shape):
+                raise OuroError(f"{gguf_path.name}: tensor {t.name} has shape {tuple(tensor.shape)} where the "
+                                f"model's {hf_name} needs {tuple(wanted[hf_name].shape)}")
+            out[hf_name] = tensor
+            weight_map[hf_name] = file
+            total += tensor.numel() * 4
+        save_file(out, str(folder / file), metadata={"format": "pt"})
+        del out
+    missing = sorted(set(wanted) - set(weight_map))
+    if missing:
+        raise OuroError(f"{gguf_path.name} holds no tensor for {len(missing)} of the model's weights "
+                        f"(e.g. {missing[0]}); it cannot be trained as {type(skeleton).__name__}")
+    if len(files) > 1:
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
 
 
 # --- 2. HF -> GGUF ----------------------------------------------------------------------------
