@@ -274,8 +274,10 @@ class Settings(BaseSettings):
         "processes over gloo; launched with torch.distributed.run, trainer/train_job.py). Each reads its share "
         "of every batch; the result equals one process's on the same data within float rounding. 1: one process."))
     train_precision: Literal["auto", "nf4", "bf16", "float32"] = Field("auto", description=(
-        "Number format of the training stages. auto: nf4 (4-bit QLoRA) on an NVIDIA GPU with bitsandbytes, "
-        "bf16 on a GPU without it, float32 on the CPU. nf4 needs CUDA and bitsandbytes (`pip install '.[cuda]'` "
+        "Number format of the training stages. auto, on an NVIDIA GPU: bf16 when the model's bf16 weights take "
+        "at most a third of the card's free memory, else nf4 (4-bit QLoRA) with bitsandbytes, else bf16 while "
+        "it fits (a model too big for the card is refused before any work); float32 on the CPU. nf4 needs CUDA "
+        "and bitsandbytes (`pip install '.[cuda]'` "
         "or `make setup` on the GPU machine); a cycle asking for it without them stops before any work. "
         "bf16 also runs on the CPU, but slower than float32 on most CPUs. The merged checkpoint is kept in "
         "bf16 when training ran in nf4 or bf16, in float32 otherwise."))

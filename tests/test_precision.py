@@ -96,3 +96,35 @@ def test_bf16_training_on_the_cpu_keeps_a_bf16_checkpoint_whose_gguf_matches(tin
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     write_gguf(out, tiny_models / "gen-0000" / "model.gguf", tmp_path / "child.gguf", dtype="f32")
     assert logit_agreement(out, tmp_path / "child.gguf", [1, 2, 3, 4, 5, 6, 7, 8]).correlation > 0.999
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("params, free, has_bnb, expected", [
+    (0.5e9, 24 * GB, True, "bf16"),      # 1 GB of bf16 weights on a 24 GB card: room to spare, no 4-bit rounding
+    (7.2e9, 80 * GB, True, "bf16"),      # a 7B on an 80 GB card
+    (7.2e9, 24 * GB, True, "nf4"),       # a 7B on a 24 GB card: 4-bit
+    (7.2e9, 24 * GB, False, "bf16"),     # without bitsandbytes: bf16 still fits (14.4 of 24 GB), with the note
+    (3.0e9, 7 * GB, True, "nf4"),
+])
+def test_auto_picks_what_fits_the_card(params, free, has_bnb, expected):
+    assert choose("auto", has_cuda=True, has_bnb=has_bnb, params=int(params), card_free=free).name == expected
+
+
+def test_a_model_too_big_for_the_card_in_bf16_is_refused_before_any_work_with_the_fix():
+    with pytest.raises(OuroError) as err:                 # auto, no bitsandbytes: 16.0 GB of bf16 on a 12 GB card
+        choose("auto", has_cuda=True, has_bnb=False, params=8_000_000_000, card_free=12 * GB)
+    assert "8.0B parameters take 16.0 GB in bf16" in str(err.value) and "12.0 GB free" in str(err.value)
+    assert "4-bit QLoRA would fit" in err.value.hint and "pip install '.[cuda]'" in err.value.hint
+    with pytest.raises(OuroError) as err:                 # bf16 asked for on the same card
+        choose("bf16", has_cuda=True, has_bnb=True, params=8_000_000_000, card_free=12 * GB)
+    assert "OURO_TRAIN_PRECISION=auto or nf4" in err.value.hint
+    assert choose("nf4", has_cuda=True, has_bnb=True, params=8_000_000_000, card_free=12 * GB).name == "nf4"
+
+
+def test_the_parameter_count_comes_from_the_gguf_header():
+    from lineage.generations import packaged_base_gguf
+    from trainer.precision import gguf_parameters
+
+    assert 134_000_000 < gguf_parameters(packaged_base_gguf()) < 136_000_000    # SmolLM2-135M

@@ -241,10 +241,15 @@ def run_cycle(settings: Settings, store: Store, *, actor: str = "cli", force: bo
 
 def check_precision(settings: Settings) -> str:
     """The training precision this cycle will use (trainer/precision.py), decided before any work so
-    that a missing GPU library stops the cycle with its fix, not an ImportError halfway."""
+    that a missing GPU library, or a model too big for the card in bf16, stops the cycle with its
+    fix, not an ImportError or out-of-memory halfway. Sized on the serving generation's file (the
+    parent the cycle trains)."""
     from trainer.precision import resolve
 
-    return resolve(settings.train_precision).name
+    lineage = Lineage(settings.models_dir)
+    active = lineage.active_id()
+    base = lineage.generation(active).gguf if active is not None else None
+    return resolve(settings.train_precision, base).name
 
 
 def _skip(lineage: Lineage, store: Store, actor: str, reason: str) -> CycleReport:

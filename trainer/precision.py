@@ -1,21 +1,27 @@
 """Which number format the training stages run in, decided once at the start of a cycle.
 
-    auto     nf4 (QLoRA: 4-bit base, bf16 compute) on CUDA with bitsandbytes; bf16 on CUDA without
-             it (noted in the log); float32 on the CPU
+    auto     on CUDA, what fits the card: bf16 when the base's bf16 weights take at most a third of
+             the card's free memory (no 4-bit rounding under the adapter, and faster), else nf4
+             (QLoRA: 4-bit base, bf16 compute) with bitsandbytes; without bitsandbytes bf16 while
+             it fits, and a model too big for bf16 is refused before any work, naming the fix.
+             float32 on the CPU
     nf4      needs CUDA and bitsandbytes: refused with the fix before any work, never an
              ImportError in the middle of a cycle
-    bf16     anywhere (on most CPUs slower than float32: few have bf16 matrix units)
+    bf16     anywhere (on most CPUs slower than float32: few have bf16 matrix units); on a card
+             too small for the weights, refused before any work
     float32  anywhere
 
-The decision is a pure function of two facts (`choose`) so every branch is testable without a GPU;
-`resolve` reads the facts from this machine.
+The decision is a pure function of the machine's facts (`choose`) so every branch is testable
+without a GPU; `resolve` reads them from this machine and the base model's file.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.errors import OuroError
 
@@ -32,17 +38,33 @@ class Precision:
     note: str | None = None  # why auto chose less than it could, for the log
 
 
-def choose(requested: str, *, has_cuda: bool, has_bnb: bool) -> Precision:
-    """The precision to train in, from the setting and what this machine has."""
+# bf16 LoRA needs the weights plus activations, the adapter and its optimizer: the weights may take
+# this much of the card's free memory; auto prefers bf16 over 4-bit while they take at most ROOMY
+FITS, ROOMY = 0.75, 1 / 3
+GB = 1e9
+
+
+def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None = None,
+           card_free: int | None = None) -> Precision:
+    """The precision to train in, from the setting and what this machine has: CUDA, bitsandbytes,
+    and where known the base model's parameter count and the card's free memory in bytes."""
     if requested not in CHOICES:
         raise OuroError(f"unknown train_precision {requested!r}", hint=f"one of: {', '.join(CHOICES)}")
+    known = has_cuda and params is not None and card_free is not None
+    bf16_bytes = 2 * (params or 0)
     if requested == "auto":
         if not has_cuda:
             return Precision("float32")
+        if known and bf16_bytes <= ROOMY * card_free:
+            return Precision("bf16")
         if has_bnb:
             return Precision("nf4")
+        if known and bf16_bytes > FITS * card_free:
+            raise _too_big(params, card_free, hint=f"4-bit QLoRA would fit: {CUDA_FIX}")
         return Precision("bf16", note="training in bf16 on the GPU: bitsandbytes is not installed, so 4-bit "
                                       f"QLoRA (less GPU memory) is off; for it, {CUDA_FIX}")
+    if requested == "bf16" and known and bf16_bytes > FITS * card_free:
+        raise _too_big(params, card_free, hint="set OURO_TRAIN_PRECISION=auto or nf4 (4-bit QLoRA)")
     if requested == "nf4" and not has_cuda:
         raise OuroError("train_precision nf4 (4-bit QLoRA) needs an NVIDIA GPU with CUDA, and this machine has none",
                         hint="set OURO_TRAIN_PRECISION=auto (float32 on the CPU), or train on the GPU machine "
@@ -53,6 +75,11 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool) -> Precision:
     return Precision(requested)
 
 
+def _too_big(params: int, card_free: int, *, hint: str) -> OuroError:
+    return OuroError(f"the base model's {params / 1e9:.1f}B parameters take {2 * params / GB:.1f} GB in bf16, more "
+                     f"than training fits in the {card_free / GB:.1f} GB free on this GPU", hint=hint)
+
+
 def has_bitsandbytes() -> bool:
     try:
         importlib.import_module("bitsandbytes")
@@ -61,13 +88,26 @@ def has_bitsandbytes() -> bool:
     return True
 
 
-def resolve(requested: str) -> Precision:
-    """`choose` with this machine's facts; logs auto's note."""
+def gguf_parameters(path: Path) -> int:
+    """Parameters in a GGUF (every tensor's elements), from its header alone."""
+    from engine.gguf import scan_gguf
+
+    return sum(math.prod(dims) for dims, _ in scan_gguf(path).tensors.values())
+
+
+def resolve(requested: str, base: Path | None = None) -> Precision:
+    """`choose` with this machine's facts (the card's free memory now: a model the bot serves from
+    the card takes its share) and `base`'s size; logs auto's note."""
     import torch
 
     has_cuda = torch.cuda.is_available()
+    params = card_free = None
+    if has_cuda and base is not None:
+        params = gguf_parameters(base)
+        card_free = torch.cuda.mem_get_info()[0]
     # bitsandbytes is only asked about where it could be used: importing it costs seconds
-    chosen = choose(requested, has_cuda=has_cuda, has_bnb=has_cuda and has_bitsandbytes())
+    chosen = choose(requested, has_cuda=has_cuda, has_bnb=has_cuda and has_bitsandbytes(), params=params,
+                    card_free=card_free)
     if chosen.note:
         log.warning(chosen.note)
     return chosen

@@ -186,7 +186,7 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
     examples, pairs = synthetic_examples(), synthetic_pairs()
     cfg = {"rank": 16, "alpha": 32.0, "lr": 2e-4, "epochs": epochs, "batch": batch, "max_seq_len": max_seq_len,
            "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234,
-           "precision": resolve(settings.train_precision if settings else "auto").name}
+           "precision": resolve(settings.train_precision if settings else "auto", gguf).name}
     progress = not json_output
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ouro-bench-train-") as tmp:
