@@ -671,15 +671,20 @@ def _write(out_path: Path, arch: Architecture, hparams: dict[str, tuple[Any, Any
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            with contextlib.ExitStack() as stack:
-                open_files: dict[Path, Any] = {}
-                for p in plan:
+            # a safetensors file is memory-mapped while open, and every page read stays in the
+            # process's memory until it is closed: each file closes after its last tensor, so a
+            # 7B checkpoint's 15 GB are never all mapped at once
+            last_use = {p.file: i for i, p in enumerate(plan) if p.data is None}
+            open_files: dict[Path, tuple[contextlib.ExitStack, Any]] = {}
+            try:
+                for i, p in enumerate(plan):
                     if p.data is not None:
                         writer.write_tensor_data(p.data)
                         continue
                     if p.file not in open_files:
-                        open_files[p.file] = stack.enter_context(safe_open(str(p.file), framework="pt"))
-                    data = open_files[p.file].get_tensor(p.hf_name).float().numpy()
+                        stack = contextlib.ExitStack()
+                        open_files[p.file] = (stack, stack.enter_context(safe_open(str(p.file), framework="pt")))
+                    data = open_files[p.file][1].get_tensor(p.hf_name).float().numpy()
                     if p.permute_heads is not None:
                         data = _permute(data, p.permute_heads)
                     if p.offset:
@@ -687,6 +692,11 @@ def _write(out_path: Path, arch: Architecture, hparams: dict[str, tuple[Any, Any
                     encoded, _ = _encode(p, data, dtype)
                     writer.write_tensor_data(encoded)
                     del data, encoded
+                    if last_use[p.file] == i:
+                        open_files.pop(p.file)[0].close()
+            finally:
+                for stack, _ in open_files.values():
+                    stack.close()
         finally:
             writer.close()
 
@@ -753,14 +763,24 @@ def _llama_cpp_last_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
 
 
 def hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
+    """transformers' logits for the last of `ids`. On an NVIDIA GPU the checkpoint is read straight
+    onto the card in bf16 (a 7B child: ~15 GB there, where float32 in RAM would take ~29 GB of a
+    32 GB machine); on the CPU in float32, exact."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.bfloat16, device_map="cuda")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]
-    return logits.double().numpy()
+        logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].double().cpu().numpy()
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return logits
 
 
 def logit_agreement(hf_model_dir: Path, gguf_path: Path, prompt_token_ids: list[int]) -> LogitAgreement:
