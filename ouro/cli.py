@@ -400,7 +400,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "train":
         from ouro.bench.train import run_bench_train
 
-        run_bench_train(settings, json_output=args.json)  # prints its own JSON document or table
+        run_bench_train(settings, json_output=args.json, shape=args.shape)  # prints its own JSON document or table
         return 0
     if args.concurrent is not None:
         from ouro.bench.concurrent import print_concurrent, run_bench_concurrent
@@ -969,6 +969,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answered or told 'busy', no errors; reply latency, queue wait, peak memory.")
     p.add_argument("what", choices=["serve", "train", "swap", "soak"], help="which benchmark")
     p.add_argument("--turns", type=int, default=20, help="conversation length for the serve benchmark")
+    p.add_argument("--shape", choices=["tiny", "1b", "7b"], default=None,
+                   help="train: instead of the base model, a random-weight Q4_K_M base of this size, built first "
+                        "(Llama 3.2 1B's or Mistral 7B's widths; tiny for a quick look); without a GPU only the "
+                        "stages that need none (dequantize, convert) run on it, with their peak memory")
     p.add_argument("--only", action="append", choices=["chat", "api", "bot", "restart", "concurrent"],
                    help="serve: run only this part (repeatable): chat (TTFT ratios), api (a reply through the "
                         "OpenAI-compatible API ÷ the bare model), bot (through the emulator), restart (a returning "

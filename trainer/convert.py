@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -722,11 +723,19 @@ def quantize_gguf(src: Path, dst: Path, qtype: str = "Q8_0") -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
     params.nthread = max(1, os.cpu_count() or 1)
-    with _atomic_file(dst) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise OuroError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc})",
-                            hint="check free disk space and that the source is an F32/F16 GGUF")
+    # llama.cpp logs a line per tensor through llama-cpp-python's logger, which prints everything
+    # until some Llama(verbose=False) quiets it: quiet it here too (errors still show)
+    cpp_log = logging.getLogger("llama-cpp-python")
+    level = cpp_log.level
+    cpp_log.setLevel(max(level, logging.ERROR))
+    try:
+        with _atomic_file(dst) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise OuroError(f"llama.cpp could not quantize {src.name} to {qtype} (return code {rc})",
+                                hint="check free disk space and that the source is an F32/F16 GGUF")
+    finally:
+        cpp_log.setLevel(level)
 
 
 # --- 4. do both runtimes compute the same function? -------------------------------------------

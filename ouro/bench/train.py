@@ -98,7 +98,15 @@ def _child_gguf(out_dir: str, parent_gguf: str, target: str, quantization: str) 
     f16 = Path(target).with_suffix(".f16.gguf")
     write_gguf(Path(out_dir), Path(parent_gguf), f16, dtype="f16", name="bench")
     quantize_gguf(f16, Path(target), quantization)
+    f16.unlink()
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def _child_build(shape: str, folder: str, progress: bool) -> tuple[str, dict]:
+    from ouro.bench.shapes import build_base
+
+    base, steps = build_base(shape, Path(folder), progress=progress)
+    return str(base), steps
 
 
 def _child_ours(base_dir: str, out_dir: str, cfg: dict, examples: list, pairs: list, progress: bool,
@@ -172,29 +180,45 @@ def _in_fresh_process(fn, *args):
 # --- the bench --------------------------------------------------------------------------------
 def run_bench_train(settings: Settings | None = None, json_output: bool = False, *, epochs: int = 1,
                     max_seq_len: int = 512, batch: int = 2, ablation: bool = False,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, shape: str | None = None) -> dict:
     """Run the three trainers (the third only with `ablation`) and return/print their figures.
 
     `threads`: torch threads in each trainer (default: torch's, i.e. all cores). On a busy
     machine 1 thread is steadier: oversubscribed OpenMP threads slow every op several-fold.
+    `shape` (ouro/bench/shapes.py: 1b, 7b): instead of the base model, a random-weight Q4_K_M base of
+    that size built first. Without a GPU the trainers do not run on it (a 1B or 7B on CPU cores
+    is hours): the stages that need none are measured — dequantize, and convert with the
+    dequantized base standing in for the trained child (float32: more than a bf16 child takes).
     """
     from lineage.generations import packaged_base_gguf
-    from trainer.precision import resolve
+    from trainer.precision import gguf_parameters, resolve
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf = (settings.base_model if settings and settings.base_model else None) or packaged_base_gguf()
     examples, pairs = synthetic_examples(), synthetic_pairs()
-    cfg = {"rank": 16, "alpha": 32.0, "lr": 2e-4, "epochs": epochs, "batch": batch, "max_seq_len": max_seq_len,
-           "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234,
-           "precision": resolve(settings.train_precision if settings else "auto", gguf).name}
     progress = not json_output
+    quantization = settings.quantization if settings else "Q8_0"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ouro-bench-train-") as tmp:
+        built = None
+        if shape is not None:
+            gguf, built = _in_fresh_process(_child_build, shape, str(Path(tmp) / "shape"), progress)
+        cfg = {"rank": 16, "alpha": 32.0, "lr": 2e-4, "epochs": epochs, "batch": batch, "max_seq_len": max_seq_len,
+               "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234,
+               "precision": resolve(settings.train_precision if settings else "auto", Path(gguf)).name}
         base_dir, out_dir = Path(tmp) / "base", Path(tmp) / "out"
         convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir))
+        if shape is not None and cfg["precision"] == "float32":       # no GPU: the stages without training
+            gguf_out = _in_fresh_process(_child_gguf, str(base_dir), str(gguf), str(Path(tmp) / "child.gguf"),
+                                         quantization)
+            result = {"model": f"random {shape} ({gguf_parameters(Path(gguf)) / 1e9:.2f}B parameters, "
+                               f"{Path(gguf).name})", "precision": cfg["precision"], "shape": shape,
+                      "trained": False, "build": built, "convert_gguf": convert,
+                      "stages": stage_table(convert, None, gguf_out), "wall_s": 0.0}
+            return _report(result, started, json_output)
         ours = _in_fresh_process(_child_ours, str(base_dir), str(out_dir), cfg, examples, pairs, progress, threads)
         gguf_out = _in_fresh_process(_child_gguf, str(out_dir), str(gguf), str(Path(tmp) / "child.gguf"),
-                                     settings.quantization if settings else "Q8_0")
+                                     quantization)
         # the plain loop takes as many optimizer steps per epoch as ours: same examples, same epochs
         batch_examples = math.ceil(len(examples) / math.ceil(ours["rows"] / batch))
         plain = _in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, False, progress,
@@ -202,7 +226,9 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
         packed_full = (_in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, True, progress,
                                          threads) if ablation else None)
     result = {
-        "model": Path(gguf).name, "examples": len(examples), "epochs": epochs, "max_seq_len": max_seq_len,
+        "model": Path(gguf).name if shape is None else f"random {shape} ({Path(gguf).name})",
+        "shape": shape, "trained": True, "build": built,
+        "examples": len(examples), "epochs": epochs, "max_seq_len": max_seq_len,
         "lora_rank": cfg["rank"], "precision": cfg["precision"], "threads": threads or _threads(),
         "ours": {"tokens_per_s": ours["tokens_per_s"], "steps": ours["steps"], "rows": ours["rows"],
                  "row_fill": ours["row_fill"], "tokens": ours["tokens"], "target_tokens": ours["target_tokens"],
@@ -222,6 +248,10 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
         result["packed_full_logits"] = packed_full
         result["speedup_from_packing"] = round(packed_full["tokens_per_s"] / plain["tokens_per_s"], 2)
         result["speedup_from_reply_only_head"] = round(ours["tokens_per_s"] / packed_full["tokens_per_s"], 2)
+    return _report(result, started, json_output)
+
+
+def _report(result: dict, started: float, json_output: bool) -> dict:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if json_output:
         print(json.dumps(result, indent=2))
@@ -230,10 +260,12 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
     return result
 
 
-def stage_table(dequantize: dict, ours: dict, convert: dict) -> list[dict]:
+def stage_table(dequantize: dict, ours: dict | None, convert: dict) -> list[dict]:
     """One row per stage of a cycle's training path, in order: wall time, its share of their sum,
-    peak RSS (and GPU memory where CUDA is). Each stage's peak is its own (trainer/peak.py)."""
+    peak RSS (and GPU memory where CUDA is). Each stage's peak is its own (trainer/peak.py).
+    Without `ours` (nothing trained) only dequantize and convert."""
     rows = [{"stage": "dequantize", "seconds": dequantize["seconds"], "peak_rss_mb": dequantize["peak_rss_mb"]}]
+    ours = ours or {"stage_s": {}}
     gpu = ours.get("stage_peak_gpu_mb") or {}
     for name, seconds in ours["stage_s"].items():
         rows.append({"stage": name, "seconds": seconds, "peak_rss_mb": ours["stage_peak_rss_mb"][name],
@@ -252,6 +284,15 @@ def _threads() -> int:
 
 
 def _print(r: dict) -> None:
+    if r.get("build"):
+        print(f"\nbuilt {r['model']}: " + ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mb']:.0f} MB peak RSS"
+                                                 for k, v in r["build"].items()))
+    if not r["trained"]:
+        print(f"no GPU: the trainers do not run on {r['model']}; the stages that need none "
+              "(convert: the dequantized float32 base standing in for the child):")
+        _print_stages(r["stages"])
+        print(f"wall {r['wall_s']} s")
+        return
     ours, plain = r["ours"], r["plain"]
     print(f"\nLoRA r={r['lora_rank']} on {r['model']} ({r['precision']}, {r['threads']} threads), "
           f"{r['examples']} examples × {r['epochs']} epoch(s), max_seq_len {r['max_seq_len']}")
@@ -268,9 +309,14 @@ def _print(r: dict) -> None:
     if "speedup_from_packing" in r:
         print(f"  (packing {r['speedup_from_packing']}×, reply-only LM head {r['speedup_from_reply_only_head']}×)",
               end="")
-    print(f"\n{'stage':<12}{'seconds':>9}{'share':>8}{'peak RSS MB':>13}{'peak GPU MB':>13}")
-    for row in r["stages"]:
-        print(f"{row['stage']:<12}{row['seconds']:>9.1f}{row['share']:>8.0%}{row['peak_rss_mb']:>13.0f}"
-              f"{row.get('peak_gpu_mb', '—'):>13}")
+    print()
+    _print_stages(r["stages"])
     print(f"DPO margin {ours['dpo_margin_start']:.2f} → {ours['dpo_margin_end']:.2f}; "
           f"merge max |Δlogit| {ours['merge_max_abs_diff']:.2e}; wall {r['wall_s']} s")
+
+
+def _print_stages(stages: list[dict]) -> None:
+    print(f"{'stage':<12}{'seconds':>9}{'share':>8}{'peak RSS MB':>13}{'peak GPU MB':>13}")
+    for row in stages:
+        print(f"{row['stage']:<12}{row['seconds']:>9.1f}{row['share']:>8.0%}{row['peak_rss_mb']:>13.0f}"
+              f"{row.get('peak_gpu_mb', '—'):>13}")
