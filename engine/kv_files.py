@@ -107,6 +107,10 @@ class KVFiles:
         with self._cond:
             if self._stopping:
                 return
+            if _file_bytes(state) > self.max_bytes:     # alone past the bound: it would push out every other
+                self._pending.pop(stem, None)           # state and then go itself; a stale one goes too
+                self.skipped += 1
+                return
             self._pending[stem] = state
             self._pending.move_to_end(stem)
             self._drop_past_bounds()

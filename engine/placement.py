@@ -3,8 +3,10 @@
 `n_gpu_layers` asks llama.cpp to offload layers, but a llama.cpp built without GPU support (the
 set-up builds it with CUDA only where it finds the CUDA compiler, Makefile) ignores the setting
 without a word, and an admin would believe the model is on the card. So the engine says where the
-layers are: from llama.cpp's own answer to "can this build offload" and its list of devices
-(ggml's backend registry, read through the library llama-cpp-python loaded).
+layers are: from llama.cpp's own answer to "can this offload" (true only where a GPU device
+exists), the GPU backends it was built with and the devices they found (ggml's backend registry,
+read through the library llama-cpp-python loaded) — so a CPU build and a CUDA build that sees no
+GPU get different fixes.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ REBUILD = ("on a machine with an NVIDIA GPU and the CUDA compiler (nvcc), `make 
 
 @dataclass(frozen=True)
 class Placement:
-    """`layers_on_gpu` of the model's `layers` (its blocks and the output layer, as llama.cpp counts)."""
+    """`layers_on_gpu` of the model's `layers` (its blocks and the output layer, as llama.cpp counts).
+
+    `gpu_backends`: the GPU backends this llama.cpp was built with (CUDA, Vulkan, …); `gpus`: the
+    GPU devices they found, None when the registry could not be read (then llama.cpp's own
+    `offload_supported`, true only where a GPU device exists, decides)."""
 
     gpu_layers_asked: int
     layers: int | None
     offload_supported: bool
-    gpus: tuple[str, ...]
+    gpus: tuple[str, ...] | None
+    gpu_backends: tuple[str, ...] | None = None
 
     @property
     def layers_on_gpu(self) -> int:
-        if not self.offload_supported or not self.gpus or self.gpu_layers_asked == 0:
+        if not self.offload_supported or self.gpus == () or self.gpu_layers_asked == 0:
             return 0
         if self.layers is None:
             return self.gpu_layers_asked
@@ -48,40 +55,70 @@ class Placement:
         if self.layers_on_gpu:
             of = f"{self.layers_on_gpu} of {self.layers} layers" if self.layers else f"{asked} layers"
             on_cpu = "" if self.layers is None or self.layers_on_gpu == self.layers else ", the rest on the CPU"
-            return f"GPU ({', '.join(self.gpus)}): {of}{on_cpu}"
+            return f"GPU ({', '.join(self.gpus) if self.gpus else 'device unknown'}): {of}{on_cpu}"
         if not self.ignored:
             spare = f"; {', '.join(self.gpus)} is free for it (n_gpu_layers = -1)" if self.gpus else ""
             return f"CPU{spare}"
-        if not self.offload_supported:
+        if self.gpu_backends == ():
             return (f"CPU — n_gpu_layers = {asked} is ignored: this llama.cpp was built without GPU support "
                     f"({REBUILD})")
-        return f"CPU — n_gpu_layers = {asked} is ignored: llama.cpp finds no GPU on this machine"
+        built = f" (built with {', '.join(self.gpu_backends)})" if self.gpu_backends else ""
+        return f"CPU — n_gpu_layers = {asked} is ignored: llama.cpp finds no GPU on this machine{built}"
 
 
-def gpu_devices() -> tuple[str, ...]:
-    """The GPUs llama.cpp can offload to (their descriptions, e.g. 'NVIDIA H100 80GB HBM3'); none when
-    the build has no GPU backend or the registry cannot be read."""
+def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """ggml's libraries as llama-cpp-python loaded them. By soname (`.so.0`): the wheel also ships
+    `libggml.so` as a separate file, and opening that would map a second ggml with a registry of
+    its own."""
+    import llama_cpp
+
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    ggml, base = ctypes.CDLL(str(lib / "libggml.so.0")), ctypes.CDLL(str(lib / "libggml-base.so.0"))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_description.restype = ctypes.c_char_p
+    base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_reg_name.restype = ctypes.c_char_p
+    base.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    return ggml, base
+
+
+_NOT_GPU_BACKENDS = {"CPU", "BLAS", "RPC"}
+
+
+def gpu_backends() -> tuple[str, ...] | None:
+    """The GPU backends compiled into this llama.cpp (e.g. ('CUDA',)); () for a CPU build; None
+    when the registry cannot be read."""
     try:
-        import llama_cpp
+        ggml, base = _ggml()
+        names = [(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)) or b"").decode("utf-8", "replace")
+                 for i in range(ggml.ggml_backend_reg_count())]
+    except (OSError, AttributeError, ImportError) as exc:   # another build layout: unknown, not "none"
+        log.debug("could not list llama.cpp's backends: %s", exc)
+        return None
+    return tuple(n for n in names if n and n.upper() not in _NOT_GPU_BACKENDS)
 
-        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-        base.ggml_backend_dev_type.restype = ctypes.c_int
-        base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        base.ggml_backend_dev_description.restype = ctypes.c_char_p
-        base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+
+def gpu_devices() -> tuple[str, ...] | None:
+    """The GPUs llama.cpp can offload to (their descriptions, e.g. 'NVIDIA H100 80GB HBM3'); () when
+    there are none; None when the registry cannot be read."""
+    try:
+        ggml, base = _ggml()
         found = []
-        for i in range(lib.ggml_backend_dev_count()):
-            dev = lib.ggml_backend_dev_get(i)
+        for i in range(ggml.ggml_backend_dev_count()):
+            dev = ggml.ggml_backend_dev_get(i)
             if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES:
                 found.append((base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace"))
-        return tuple(found)
-    except (OSError, AttributeError, ImportError) as exc:   # another build layout: say nothing rather than guess
+    except (OSError, AttributeError, ImportError) as exc:
         log.debug("could not list llama.cpp's devices: %s", exc)
-        return ()
+        return None
+    return tuple(found)
 
 
 def placement(n_gpu_layers: int, layers: int | None = None) -> Placement:
@@ -89,7 +126,8 @@ def placement(n_gpu_layers: int, layers: int | None = None) -> Placement:
     import llama_cpp
 
     return Placement(gpu_layers_asked=n_gpu_layers, layers=layers,
-                     offload_supported=bool(llama_cpp.llama_supports_gpu_offload()), gpus=gpu_devices())
+                     offload_supported=bool(llama_cpp.llama_supports_gpu_offload()), gpus=gpu_devices(),
+                     gpu_backends=gpu_backends())
 
 
 def model_layers(model) -> int:

@@ -69,7 +69,7 @@ def _runs_on(settings: Settings) -> str:
     """Where the model would run, with no bot running: this llama.cpp build, the machine's GPUs and
     `n_gpu_layers` (the model's layer count is known only once it is loaded)."""
     if settings.engine != "embedded":
-        return f"the server at {settings.engine_base_url} (when serving)"
+        return f"the server at {settings.engine_base_url} (it decides where the model runs; when serving)"
     from engine.placement import placement
 
     return f"{placement(settings.n_gpu_layers).describe()} (when serving)"

@@ -19,7 +19,7 @@ def test_a_shape_is_built_as_a_q4_base_and_its_stages_report_their_own_peaks(tmp
     captured = capfd.readouterr()                                # the children's output too
     report = json.loads(captured.out)
     assert "blk.0.attn_q.weight" not in captured.err             # llama.cpp's per-tensor quantize log stays quiet
-    assert report["shape"] == "tiny" and report["model"].startswith("random tiny (0.03B parameters")
+    assert report["shape"] == "tiny" and report["model"].startswith("random tiny (0.03B parameters, base-q4_k_m.gguf")
     assert list(report["build"]) == ["weights", "f16_gguf", "quantize"]
     if not torch.cuda.is_available():                            # here: no trainer on the CPU for a shape
         assert report["trained"] is False and report["precision"] == "float32"

@@ -203,6 +203,20 @@ def test_a_quantized_gguf_is_dequantized_a_shard_at_a_time_as_transformers_loade
     assert _leftovers(tiny["root"]) == []
 
 
+def test_a_gguf_missing_weights_is_refused_naming_them_and_nothing_is_left(tiny, tmp_path):
+    import shutil
+
+    holed = tmp_path / "holed.gguf"
+    shutil.copyfile(tiny["parent"], holed)
+    reader = gguf.GGUFReader(str(holed), "r+")       # claims one more block than its tensors hold
+    reader.fields["llama.block_count"].parts[-1][0] = N_LAYERS + 1
+    del reader
+    with pytest.raises(OuroError, match=rf"holds no tensor for 9 of the model's weights "
+                                        rf"\(e\.g\. model\.layers\.{N_LAYERS}\."):
+        dequantize_gguf_to_hf(holed, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holed.gguf"]    # no folder, no temp
+
+
 # --- failures leave nothing behind --------------------------------------------------------------
 
 def test_unknown_qtype_names_the_allowed_ones_and_writes_nothing(tiny, tmp_path):

@@ -212,5 +212,7 @@ def test_a_slow_disk_never_queues_more_states_than_the_bounds_keep(tmp_path):
     for chat in range(1, 5):
         small.put(chat, [1], blob(1000), 1000)
     assert small.skipped == 2 and small.take(2) is None and small.take(3) is not None
+    small.put(9, [1], blob(3000), 3000)                 # one state past the bound alone: it goes, the rest stay
+    assert small.skipped == 3 and small.take(9) is None and small.take(4) is not None
     release.set()
     small.close()

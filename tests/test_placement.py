@@ -8,22 +8,27 @@ import json
 import logging
 
 from engine.llama import LlamaEngine
-from engine.placement import Placement, placement
+from engine.placement import Placement, gpu_backends, gpu_devices, placement
 from lineage.generations import packaged_base_gguf
 from ouro.cli import main
 
 H100 = ("NVIDIA H100 80GB HBM3",)
 
 
-def test_the_cpu_build_says_the_model_runs_on_the_cpu_and_that_gpu_layers_are_ignored(caplog):
+def test_the_engine_says_where_its_layers_are_and_warns_when_gpu_layers_are_ignored(caplog):
     with caplog.at_level(logging.WARNING):
         default = LlamaEngine(packaged_base_gguf(), generation_id="gen-0000")
         asked = LlamaEngine(packaged_base_gguf(), generation_id="gen-0000", n_gpu_layers=-1)
     try:
-        assert default.placement == "CPU"
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if gpu_devices():                     # a CUDA build on a GPU machine (tests/test_cuda.py checks more)
+            assert default.placement.startswith("CPU; ") and asked.placement.endswith(": 31 of 31 layers")
+            assert warned == []
+            return
+        # this project's CI and this machine: llama.cpp built for the CPU
+        assert gpu_backends() == () and default.placement == "CPU"
         assert asked.placement.startswith("CPU — n_gpu_layers = all is ignored: this llama.cpp was built without "
                                           "GPU support") and "make clean-venv setup" in asked.placement
-        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warned == [f"{packaged_base_gguf().name}: {asked.placement}"]    # once, for the engine that asked
     finally:
         default.close()
@@ -37,14 +42,20 @@ def test_layers_on_the_gpu_count_the_output_layer_and_never_exceed_the_model():
     assert Placement(12, 31, True, H100).describe() == "GPU (NVIDIA H100 80GB HBM3): 12 of 31 layers, the rest on the CPU"
     assert Placement(-1, None, True, H100).describe() == "GPU (NVIDIA H100 80GB HBM3): all layers"
     assert Placement(0, 31, True, H100).describe() == "CPU; NVIDIA H100 80GB HBM3 is free for it (n_gpu_layers = -1)"
-    gone = Placement(-1, 31, True, ())                       # a CUDA build on a machine whose GPU is gone
-    assert gone.ignored and gone.describe() == "CPU — n_gpu_layers = all is ignored: llama.cpp finds no GPU on this machine"
+    gone = Placement(-1, 31, False, (), ("CUDA",))            # a CUDA build on a machine whose GPU is gone
+    assert gone.ignored and gone.describe() == ("CPU — n_gpu_layers = all is ignored: llama.cpp finds no GPU on "
+                                                "this machine (built with CUDA)")
+    cpu_build = Placement(-1, 31, False, (), ())
+    assert cpu_build.ignored and "built without GPU support" in cpu_build.describe()
+    unknown = Placement(-1, 31, True, None, None)             # the registry unreadable: llama.cpp's word counts
+    assert unknown.describe() == "GPU (device unknown): 31 of 31 layers"
 
 
 def test_ouro_status_says_where_the_model_would_run_without_a_running_bot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OURO_N_GPU_LAYERS", "-1")
     assert main(["--data-dir", str(tmp_path / "fresh"), "status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["runs_on"].startswith("CPU — n_gpu_layers = all is ignored") and report["runs_on"].endswith("(when serving)")
+    expected = "GPU (" if gpu_devices() else "CPU — n_gpu_layers = all is ignored"
+    assert report["runs_on"].startswith(expected) and report["runs_on"].endswith("(when serving)")
     assert main(["--data-dir", str(tmp_path / "fresh"), "status"]) == 0
-    assert "Runs on: CPU — n_gpu_layers = all is ignored" in capsys.readouterr().out
+    assert f"Runs on: {expected}" in capsys.readouterr().out

@@ -56,6 +56,8 @@ import numpy as np
 from core.errors import OuroError
 from engine.gguf import scan_gguf
 
+log = logging.getLogger(__name__)
+
 # Parent keys that describe the parent's tensors or encoding, never the child's.
 _NOT_INHERITED = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
 
@@ -228,6 +230,9 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        plan = _plan_dequantization(gguf_path, scan.text("general.architecture"), skeleton)
+    except OuroError:
+        raise
     except Exception as exc:
         raise OuroError(f"transformers could not load {gguf_path}: {exc}") from exc
 
@@ -236,7 +241,7 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = 
     except OSError as exc:
         raise _write_error(exc, out_dir) from exc
     try:
-        _write_dequantized(gguf_path, scan.text("general.architecture"), skeleton, tmp, shard_bytes)
+        _write_dequantized(plan, tmp, shard_bytes)
         skeleton.config.architectures = [type(skeleton).__name__]
         skeleton.config.dtype = torch.float32
         skeleton.config.save_pretrained(tmp)
@@ -255,13 +260,21 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = 
         raise _write_error(exc, out_dir) from exc
 
 
-def _write_dequantized(gguf_path: Path, arch: str, skeleton: Any, folder: Path, shard_bytes: int) -> None:
-    """Every weight of `skeleton` (a model on the meta device: names and shapes only) from the GGUF,
-    dequantized to float32 a tensor at a time, into `model-0000k-of-0000n.safetensors` files plus
-    their index — or one `model.safetensors` when it fits one shard."""
-    import torch
-    from gguf import GGUFReader, dequantize
-    from safetensors.torch import save_file
+@dataclass
+class _Dequantization:
+    """Which GGUF tensors become which HF weights, checked before anything is written."""
+
+    processor: Any
+    names: dict[str, str]          # GGUF tensor name -> HF weight name
+    wanted: dict[str, Any]         # HF weight name -> its meta tensor (shape)
+    tensors: list[Any]             # the GGUF reader's tensors to write, in file order
+
+
+def _plan_dequantization(gguf_path: Path, arch: str, skeleton: Any) -> _Dequantization:
+    """Map the GGUF's tensors onto `skeleton`'s weights (a model on the meta device: names and
+    shapes only) with transformers' own name map and the family's tensor processor; a weight the
+    file has no tensor for is an error here, before minutes of dequantizing."""
+    from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -276,13 +289,30 @@ def _write_dequantized(gguf_path: Path, arch: str, skeleton: Any, folder: Path, 
         for tied in {"lm_head.weight"} & set(wanted):
             del wanted[tied]                          # the embedding's own tensor, as save_pretrained writes it
     reader = GGUFReader(str(gguf_path))
-    # the processors of these families change values, never names (only MoE ones rename); a GGUF
-    # tensor the model has no weight for (Llama 3.1's rope_freqs: a config fact here) is left out
+    # the processors of these families change values, never names (only MoE ones rename)
     tensors = [t for t in reader.tensors if names.get(t.name) in wanted]
+    missing = sorted(set(wanted) - {names[t.name] for t in tensors})
+    if missing:
+        raise OuroError(f"{gguf_path.name} holds no tensor for {len(missing)} of the model's weights "
+                        f"(e.g. {missing[0]}); it cannot be trained as {type(skeleton).__name__}")
+    left = [t.name for t in reader.tensors if names.get(t.name) not in wanted]
+    if left:   # Llama 3.1's rope_freqs is a config fact here (_config_from_gguf); transformers drops the same
+        log.info("%s: %d tensors with no weight in %s left out: %s", gguf_path.name, len(left),
+                 type(skeleton).__name__, ", ".join(left[:8]))
+    return _Dequantization(processor, names, wanted, tensors)
+
+
+def _write_dequantized(plan: _Dequantization, folder: Path, shard_bytes: int) -> None:
+    """The planned tensors dequantized to float32 a tensor at a time, into `model-0000k-of-0000n
+    .safetensors` files plus their index — or one `model.safetensors` when it fits one shard."""
+    import torch
+    from gguf import dequantize
+    from safetensors.torch import save_file
+
     # shards planned up front from the element counts (4 bytes each), so files are named k-of-n
     shards: list[list[Any]] = [[]]
     size = 0
-    for t in tensors:
+    for t in plan.tensors:
         nbytes = 4 * int(t.n_elements)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
@@ -295,22 +325,18 @@ def _write_dequantized(gguf_path: Path, arch: str, skeleton: Any, folder: Path, 
     for file, shard in zip(files, shards, strict=True):
         out: dict[str, Any] = {}
         for t in shard:
-            got = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                    tensor_key_mapping=names, parsed_parameters={})
-            hf_name = names[got.name]
+            got = plan.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                         tensor_key_mapping=plan.names, parsed_parameters={})
+            hf_name = plan.names[t.name]
             tensor = torch.from_numpy(np.array(got.weights, dtype=np.float32))     # a copy, off the file's pages
-            if tuple(tensor.shape) != tuple(wanted[hf_name].shape):
-                raise OuroError(f"{gguf_path.name}: tensor {t.name} has shape {tuple(tensor.shape)} where the "
-                                f"model's {hf_name} needs {tuple(wanted[hf_name].shape)}")
+            if tuple(tensor.shape) != tuple(plan.wanted[hf_name].shape):
+                raise OuroError(f"tensor {t.name} has shape {tuple(tensor.shape)} where the model's {hf_name} "
+                                f"needs {tuple(plan.wanted[hf_name].shape)}")
             out[hf_name] = tensor
             weight_map[hf_name] = file
             total += tensor.numel() * 4
         save_file(out, str(folder / file), metadata={"format": "pt"})
         del out
-    missing = sorted(set(wanted) - set(weight_map))
-    if missing:
-        raise OuroError(f"{gguf_path.name} holds no tensor for {len(missing)} of the model's weights "
-                        f"(e.g. {missing[0]}); it cannot be trained as {type(skeleton).__name__}")
     if len(files) > 1:
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
@@ -772,15 +798,18 @@ def _llama_cpp_last_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
 
 
 def hf_last_logits(hf_model_dir: Path, ids: list[int]) -> np.ndarray:
-    """transformers' logits for the last of `ids`. On an NVIDIA GPU the checkpoint is read straight
-    onto the card in bf16 (a 7B child: ~15 GB there, where float32 in RAM would take ~29 GB of a
-    32 GB machine); on the CPU in float32, exact."""
+    """transformers' logits for the last of `ids`, in float32 on the CPU — except a bf16 checkpoint
+    (a child trained on a GPU) where a GPU is: read straight onto the card in bf16 (a 7B child:
+    ~15 GB there, where float32 in RAM would take ~29 GB of a 32 GB machine). bf16 arithmetic moves
+    the figure a little (correlation 0.99999 against float32 on the same bf16 weights, tiny model),
+    far inside the gate's 0.98; float32 checkpoints keep the exact check."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
+    stored = str(getattr(AutoConfig.from_pretrained(str(hf_model_dir)), "dtype", "") or "")
+    cuda = torch.cuda.is_available() and "bfloat16" in stored
     if cuda:
-        model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.bfloat16, device_map="cuda")
+        model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.bfloat16, device_map={"": 0})
     else:
         model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
     model.eval()

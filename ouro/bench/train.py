@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -207,26 +208,30 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
                "dpo_steps": 4, "dpo_lr": 5e-5, "seed": 1234,
                "precision": resolve(settings.train_precision if settings else "auto", Path(gguf)).name}
         base_dir, out_dir = Path(tmp) / "base", Path(tmp) / "out"
+        model = (Path(gguf).name if shape is None else
+                 f"random {shape} ({gguf_parameters(Path(gguf)) / 1e9:.2f}B parameters, {Path(gguf).name})")
         convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir))
-        if shape is not None and cfg["precision"] == "float32":       # no GPU: the stages without training
+        if shape is not None and not _has_cuda():          # no GPU: the stages without training
             gguf_out = _in_fresh_process(_child_gguf, str(base_dir), str(gguf), str(Path(tmp) / "child.gguf"),
                                          quantization)
-            result = {"model": f"random {shape} ({gguf_parameters(Path(gguf)) / 1e9:.2f}B parameters, "
-                               f"{Path(gguf).name})", "precision": cfg["precision"], "shape": shape,
-                      "trained": False, "build": built, "convert_gguf": convert,
-                      "stages": stage_table(convert, None, gguf_out), "wall_s": 0.0}
+            result = {"model": model, "precision": cfg["precision"], "shape": shape, "trained": False,
+                      "build": built, "convert_gguf": convert, "stages": stage_table(convert, None, gguf_out),
+                      "wall_s": 0.0}
             return _report(result, started, json_output)
         ours = _in_fresh_process(_child_ours, str(base_dir), str(out_dir), cfg, examples, pairs, progress, threads)
-        gguf_out = _in_fresh_process(_child_gguf, str(out_dir), str(gguf), str(Path(tmp) / "child.gguf"),
-                                     quantization)
         # the plain loop takes as many optimizer steps per epoch as ours: same examples, same epochs
         batch_examples = math.ceil(len(examples) / math.ceil(ours["rows"] / batch))
         plain = _in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, False, progress,
                                   threads)
         packed_full = (_in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, True, progress,
                                          threads) if ablation else None)
+        # the base is no longer needed: its disk goes before the child's GGUFs are written (a 7B's
+        # float32 base, bf16 child, F16 and Q8_0 GGUFs together would be ~70 GB)
+        shutil.rmtree(base_dir)
+        gguf_out = _in_fresh_process(_child_gguf, str(out_dir), str(gguf), str(Path(tmp) / "child.gguf"),
+                                     quantization)
     result = {
-        "model": Path(gguf).name if shape is None else f"random {shape} ({Path(gguf).name})",
+        "model": model,
         "shape": shape, "trained": True, "build": built,
         "examples": len(examples), "epochs": epochs, "max_seq_len": max_seq_len,
         "lora_rank": cfg["rank"], "precision": cfg["precision"], "threads": threads or _threads(),
@@ -275,6 +280,12 @@ def stage_table(dequantize: dict, ours: dict | None, convert: dict) -> list[dict
     for r in rows:
         r["share"] = round(r["seconds"] / total, 3)
     return rows
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _threads() -> int:
