@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="Sampling seed; set it for reproducible replies.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores).")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1 = all; needs a CUDA build).")
+    cycle_gpu_offload: bool = Field(True, description=(
+        "The learning cycle's own llama.cpp models (evals, self-refinement, contrast pairs) go whole onto the "
+        "GPU when llama.cpp was built with CUDA and the card has room for them at that moment (1.25x the file), "
+        "else they run on the CPU. Off: always the CPU."))
     llama_extra_buffers: bool = Field(False, description=(
         "Let llama.cpp use its extra CPU buffer types (AMX, weight repacking). Off by default: on VMs that "
         "report AMX, Q4_1 models segfault with them on."))

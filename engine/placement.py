@@ -86,6 +86,9 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
     base.ggml_backend_reg_name.restype = ctypes.c_char_p
     base.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_memory.restype = None
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)]
     return ggml, base
 
 
@@ -135,3 +138,41 @@ def model_layers(model) -> int:
     import llama_cpp
 
     return int(llama_cpp.llama_model_n_layer(model)) + 1
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory on the first GPU llama.cpp sees, as its backend reports it (CUDA: cudaMemGetInfo);
+    None where there is none or the registry cannot be read."""
+    try:
+        ggml, base = _ggml()
+        for i in range(ggml.ggml_backend_dev_count()):
+            dev = ggml.ggml_backend_dev_get(i)
+            if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES:
+                free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+                base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+                return int(free.value)
+    except (OSError, AttributeError, ImportError) as exc:
+        log.debug("could not read the GPU's free memory: %s", exc)
+    return None
+
+
+# room a model needs on the card beyond its file: KV cache and compute buffers (a cycle's own
+# models run with small contexts)
+ROOM = 1.25
+
+
+def offload_fits(file_bytes: int, free_bytes: int | None, supported: bool) -> bool:
+    """Whether a model file of `file_bytes` goes on a GPU with `free_bytes` free, whole."""
+    return supported and free_bytes is not None and file_bytes * ROOM <= free_bytes
+
+
+def side_job_gpu_layers(model_file: Path) -> int:
+    """n_gpu_layers for a model the learning cycle loads for itself (evals, self-refinement, contrast
+    pairs): every layer on the GPU when llama.cpp can offload and the card has room for the whole
+    file now, else 0 (the CPU). A 7B's eval suite on CPU cores takes hours; on a card it is minutes.
+    Decided at each load, so a second model sees what the first one took."""
+    import llama_cpp
+
+    supported = bool(llama_cpp.llama_supports_gpu_offload())
+    fits = offload_fits(Path(model_file).stat().st_size, gpu_free_bytes() if supported else None, supported)
+    return -1 if fits else 0

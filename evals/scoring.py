@@ -21,14 +21,23 @@ from engine.protocol import Sampling
 GREEDY = Sampling(temperature=0.0, top_k=1, top_p=1.0, repeat_penalty=1.1, seed=0, max_tokens=96)
 
 
+def cycle_gpu_layers(settings, gguf: Path) -> int:
+    """n_gpu_layers for a model the learning cycle loads for itself (evals here, self-refinement and
+    contrast pairs in trainer/): the whole model on the GPU where it fits now and `cycle_gpu_offload`
+    allows (engine/placement.py), else the CPU."""
+    from engine.placement import side_job_gpu_layers
+
+    return side_job_gpu_layers(gguf) if settings.cycle_gpu_offload else 0
+
+
 class EvalModel:
     """A GGUF loaded for scoring (logits at every position) and greedy generation."""
 
     def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int = 1024, n_threads: int | None = None,
-                 repeat_penalty: float = 1.1) -> None:
+                 repeat_penalty: float = 1.1, n_gpu_layers: int = 0) -> None:
         self.repeat_penalty = repeat_penalty
         self.engine = LlamaEngine(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
-                                  kv_cache_chats=0, logits_all=True)
+                                  n_gpu_layers=n_gpu_layers, kv_cache_chats=0, logits_all=True)
         self._cache: dict[str, np.ndarray] = {}
 
     def close(self) -> None:

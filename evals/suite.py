@@ -20,7 +20,7 @@ from evals.format_check import format_score
 from evals.generalization import generalization_score
 from evals.recall import recall_score
 from evals.refusal_style import refusal_probes, refusal_style_score
-from evals.scoring import EvalModel
+from evals.scoring import EvalModel, cycle_gpu_layers
 from evals.style_drift import style_drift_score
 from lineage.generations import Generation
 from memory.screens import Screens
@@ -41,9 +41,9 @@ def run_suite(settings: Settings, candidate: Path, parent: Generation, *, person
     pinned = [{"role": "system", "content": persona}] if persona else []
     refusals = refusal_probes(persona, probes.refusal)
     child = EvalModel(candidate, generation_id="candidate", n_threads=settings.n_threads,
-                      repeat_penalty=settings.repeat_penalty)
+                      repeat_penalty=settings.repeat_penalty, n_gpu_layers=cycle_gpu_layers(settings, candidate))
     par = EvalModel(parent.gguf, generation_id=parent.id, n_threads=settings.n_threads,
-                    repeat_penalty=settings.repeat_penalty)
+                    repeat_penalty=settings.repeat_penalty, n_gpu_layers=cycle_gpu_layers(settings, parent.gguf))
     try:
         known = []
         for conv in probes.recall:

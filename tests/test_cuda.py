@@ -90,3 +90,20 @@ def test_llama_cpp_offloads_the_served_model_to_the_gpu():
         assert reply.completion_tokens > 0 and reply.text.strip()
     finally:
         engine.close()
+
+
+def test_the_cycles_eval_models_go_on_the_card_when_it_has_room(tmp_path):
+    """A 7B's eval suite on CPU cores takes hours: the cycle's own llama.cpp models go on the GPU
+    whole where they fit (`cycle_gpu_offload`, engine/placement.py)."""
+    from config.settings import load_settings
+    from evals.scoring import EvalModel, cycle_gpu_layers
+    from lineage.generations import packaged_base_gguf
+
+    layers = cycle_gpu_layers(load_settings(data_dir=tmp_path), packaged_base_gguf())
+    assert layers == -1, "llama.cpp cannot offload here: the set-up builds it with CUDA where nvcc is found"
+    model = EvalModel(packaged_base_gguf(), generation_id="gen-0000", n_gpu_layers=layers)
+    try:
+        assert model.engine.placement.endswith(": 31 of 31 layers")
+        assert model.reply_nll([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey!"}]) > 0
+    finally:
+        model.close()

@@ -59,3 +59,34 @@ def test_ouro_status_says_where_the_model_would_run_without_a_running_bot(tmp_pa
     assert report["runs_on"].startswith(expected) and report["runs_on"].endswith("(when serving)")
     assert main(["--data-dir", str(tmp_path / "fresh"), "status"]) == 0
     assert f"Runs on: {expected}" in capsys.readouterr().out
+
+
+def test_the_cycles_own_models_go_on_the_gpu_only_whole_and_where_they_fit_now():
+    from engine.placement import offload_fits
+
+    gb = 10**9
+    assert offload_fits(8 * gb, 24 * gb, True)             # a 7B's Q8_0 beside nothing else
+    assert not offload_fits(8 * gb, 9 * gb, True)          # the served model took most of the card
+    assert not offload_fits(1 * gb, 24 * gb, False)        # a CPU build
+    assert not offload_fits(1 * gb, None, True)            # free memory unknown: the CPU, never a guess
+
+
+def test_evals_and_the_cycles_writers_load_where_the_setting_and_the_card_say(tmp_path):
+    from config.settings import load_settings
+    from engine.placement import side_job_gpu_layers
+    from evals.scoring import EvalModel, cycle_gpu_layers
+
+    gguf = packaged_base_gguf()
+    on = load_settings(data_dir=tmp_path)
+    assert on.cycle_gpu_offload is True
+    assert cycle_gpu_layers(on.model_copy(update={"cycle_gpu_offload": False}), gguf) == 0
+    layers = cycle_gpu_layers(on, gguf)
+    assert layers == side_job_gpu_layers(gguf) == (-1 if gpu_devices() else 0)      # here: 0, a CPU build
+    model = EvalModel(gguf, generation_id="gen-0000", n_gpu_layers=layers)
+    try:
+        if layers:
+            assert model.engine.placement.startswith("GPU (")
+        else:
+            assert model.engine.placement == "CPU"
+    finally:
+        model.close()

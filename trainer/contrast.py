@@ -86,9 +86,10 @@ class SampledWriter(GreedyWriter):
     """Self-refinement's GGUF writer (trainer/refine.py), answering as users are answered: the
     serving sampling, seeded per reply."""
 
-    def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int, n_threads: int | None, sampling) -> None:
+    def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int, n_threads: int | None, sampling,
+                 n_gpu_layers: int = 0) -> None:
         super().__init__(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
-                         repeat_penalty=sampling.repeat_penalty)
+                         repeat_penalty=sampling.repeat_penalty, n_gpu_layers=n_gpu_layers)
         self.sampling = sampling
 
     def reply(self, messages: list[dict], seed: int) -> str:

@@ -442,11 +442,13 @@ def _contrast(settings: Settings, staging: Path, parent: Generation, split) -> d
     pairs.jsonl. Optional like self-refinement: if the parent will not load or generate, the cycle
     trains on the import by imitation alone and the report says why."""
     from engine.protocol import Sampling
+    from evals.scoring import cycle_gpu_layers
     from trainer.contrast import SampledWriter, contrast_pairs
 
     try:
         writer = SampledWriter(parent.gguf, generation_id=parent.id, n_ctx=min(settings.n_ctx, 4096),
-                               n_threads=settings.n_threads, sampling=Sampling.serving(settings))
+                               n_threads=settings.n_threads, sampling=Sampling.serving(settings),
+                               n_gpu_layers=cycle_gpu_layers(settings, parent.gguf))
         try:
             report = contrast_pairs(split.train, writer, limit=settings.contrast_pairs, seed=settings.train_seed)
         finally:

@@ -296,11 +296,11 @@ class GreedyWriter:
     generates), without the evals' logits at every position."""
 
     def __init__(self, gguf: Path, *, generation_id: str, n_ctx: int, n_threads: int | None,
-                 repeat_penalty: float) -> None:
+                 repeat_penalty: float, n_gpu_layers: int = 0) -> None:
         from engine.llama import LlamaEngine
 
         self.engine = LlamaEngine(gguf, generation_id=generation_id, n_ctx=n_ctx, n_threads=n_threads,
-                                  kv_cache_chats=0)
+                                  n_gpu_layers=n_gpu_layers, kv_cache_chats=0)
         self.repeat_penalty = repeat_penalty
 
     def greedy_reply(self, messages: list[dict], max_tokens: int = 96):
@@ -322,8 +322,11 @@ def refine_with_gguf(settings: Settings, store: Store, gguf: Path, *, generation
     n_scen = settings.refine_scenarios if scenarios is None else scenarios
     if n_turns <= 0 and n_scen <= 0:
         return RefineReport(generation_id=generation_id)
+    from evals.scoring import cycle_gpu_layers
+
     writer = GreedyWriter(gguf, generation_id=generation_id or "refine", n_ctx=min(settings.n_ctx, 4096),
-                          n_threads=settings.n_threads, repeat_penalty=settings.repeat_penalty)
+                          n_threads=settings.n_threads, repeat_penalty=settings.repeat_penalty,
+                          n_gpu_layers=cycle_gpu_layers(settings, gguf))
     try:
         return write_proposals(settings, store, writer, generation_id=generation_id, turns=turns, scenarios=scenarios)
     finally:
