@@ -321,3 +321,22 @@ def test_registration_refuses_what_the_loop_cannot_train_before_anything_is_writ
     finally:
         store.close()
     assert check_gguf(base).architecture == arch            # a readable file: refused for what it is, not as corrupt
+
+
+def test_a_gpu_cycles_base_is_dequantized_in_bf16(tiny, tmp_path):
+    """nf4 and bf16 training read the base in bf16 anyway: generation 0's copy is kept so (half the
+    disk and reading of float32); a CPU cycle keeps float32."""
+    from tests.helpers.lineages import make_generation
+    from trainer.cycle import ensure_full_precision
+
+    gen = make_generation(tmp_path / "models", "gen-0000", None, payload=tiny["parent"].read_bytes())
+    hf = ensure_full_precision(gen, "nf4")
+    assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(hf / "model.safetensors"))
+    original = tiny["model"].state_dict()
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    for name, tensor in weights.items():       # the F32 file's exact weights, rounded to bf16
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+    assert ensure_full_precision(gen, "float32") == hf          # made once per lineage, then reused

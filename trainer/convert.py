@@ -200,8 +200,10 @@ def _tokenizer_as_served(folder: Path, scan: Any) -> None:
 SHARD_BYTES = 1 << 30     # the dequantized weights are written in safetensors files of about this size
 
 
-def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write the GGUF's weights (dequantized, float32) and tokenizer as an HF folder (safetensors).
+def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = SHARD_BYTES,
+                          dtype: str = "float32") -> None:
+    """Write the GGUF's weights (dequantized, float32 — or bfloat16 for a GPU cycle, which trains on
+    bf16 or 4-bit weights anyway: half the disk and reading) and tokenizer as an HF folder.
 
     Why: training needs full-precision transformers weights, and generation 0 exists only as a
     (quantized) GGUF. The per-tensor work is transformers' own GGUF loader's — gguf-py's
@@ -216,6 +218,8 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in ("float32", "bfloat16"):
+        raise OuroError(f"unknown dtype {dtype!r} for dequantized weights; float32 or bfloat16")
     scan = scan_gguf(gguf_path)
     if out_dir.exists():
         raise OuroError(f"{out_dir} already exists; refusing to overwrite it",
@@ -241,9 +245,9 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path, *, shard_bytes: int = 
     except OSError as exc:
         raise _write_error(exc, out_dir) from exc
     try:
-        _write_dequantized(plan, tmp, shard_bytes)
+        _write_dequantized(plan, tmp, shard_bytes, getattr(torch, dtype))
         skeleton.config.architectures = [type(skeleton).__name__]
-        skeleton.config.dtype = torch.float32
+        skeleton.config.dtype = getattr(torch, dtype)
         skeleton.config.save_pretrained(tmp)
         if skeleton.can_generate():
             skeleton.generation_config.save_pretrained(tmp)
@@ -302,18 +306,20 @@ def _plan_dequantization(gguf_path: Path, arch: str, skeleton: Any) -> _Dequanti
     return _Dequantization(processor, names, wanted, tensors)
 
 
-def _write_dequantized(plan: _Dequantization, folder: Path, shard_bytes: int) -> None:
-    """The planned tensors dequantized to float32 a tensor at a time, into `model-0000k-of-0000n
-    .safetensors` files plus their index — or one `model.safetensors` when it fits one shard."""
+def _write_dequantized(plan: _Dequantization, folder: Path, shard_bytes: int, dtype: Any) -> None:
+    """The planned tensors dequantized (to float32, then `dtype`) a tensor at a time, into
+    `model-0000k-of-0000n.safetensors` files plus their index — or one `model.safetensors` when it
+    fits one shard."""
     import torch
     from gguf import dequantize
     from safetensors.torch import save_file
 
-    # shards planned up front from the element counts (4 bytes each), so files are named k-of-n
+    # shards planned up front from the element counts, so files are named k-of-n
+    width = torch.empty(0, dtype=dtype).element_size()
     shards: list[list[Any]] = [[]]
     size = 0
     for t in plan.tensors:
-        nbytes = 4 * int(t.n_elements)
+        nbytes = width * int(t.n_elements)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -328,13 +334,13 @@ def _write_dequantized(plan: _Dequantization, folder: Path, shard_bytes: int) ->
             got = plan.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                          tensor_key_mapping=plan.names, parsed_parameters={})
             hf_name = plan.names[t.name]
-            tensor = torch.from_numpy(np.array(got.weights, dtype=np.float32))     # a copy, off the file's pages
+            tensor = torch.from_numpy(np.array(got.weights, dtype=np.float32)).to(dtype)   # a copy, off the file's pages
             if tuple(tensor.shape) != tuple(plan.wanted[hf_name].shape):
                 raise OuroError(f"tensor {t.name} has shape {tuple(tensor.shape)} where the model's {hf_name} "
                                 f"needs {tuple(plan.wanted[hf_name].shape)}")
             out[hf_name] = tensor
             weight_map[hf_name] = file
-            total += tensor.numel() * 4
+            total += tensor.numel() * width
         save_file(out, str(folder / file), metadata={"format": "pt"})
         del out
     if len(files) > 1:

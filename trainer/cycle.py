@@ -193,15 +193,17 @@ def next_gen_id(lineage: Lineage) -> str:
     return f"gen-{(max(numbers) + 1 if numbers else 0):04d}"
 
 
-def ensure_full_precision(gen: Generation) -> Path:
-    """The parent's full-precision weights; generation 0's come from dequantizing its GGUF."""
+def ensure_full_precision(gen: Generation, precision: str = "float32") -> Path:
+    """The parent's full-precision weights; generation 0's come from dequantizing its GGUF (in the
+    dtype `precision` trains from: trainer/precision.py `base_dtype`)."""
     hf = gen.folder / "hf"
     if (hf / "config.json").exists():
         return hf
     if gen.parent_id is None:
         from trainer.convert import dequantize_gguf_to_hf
+        from trainer.precision import base_dtype
 
-        dequantize_gguf_to_hf(gen.gguf, hf)
+        dequantize_gguf_to_hf(gen.gguf, hf, dtype=base_dtype(precision))
         return hf
     raise OuroError(f"{gen.id} has no full-precision weights (pruned by keep_full_precision)",
                     hint="promote a newer generation or raise OURO_KEEP_FULL_PRECISION; training never "
@@ -308,7 +310,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                                         "waiting": store.document_stats(after_id=_docs_upto(parent))["chunks"]}
         if docs_base is None:
             stages.enter("dequantize")   # generation 0's GGUF → full-precision weights, once per line
-            ensure_full_precision(parent)
+            ensure_full_precision(parent, precision)
         stages.enter("train")
         result = _train(settings, staging, parent, split, report, progress=progress, on_step=on_step, base=docs_base,
                         precision=precision)
@@ -539,7 +541,7 @@ def _train(settings: Settings, staging: Path, parent: Generation, split, report:
     from trainer.finetune import train
     from trainer.kto import KTOItem
 
-    base_hf = base or ensure_full_precision(parent)
+    base_hf = base or ensure_full_precision(parent, precision)
     sft, weights = sft_examples(split.train + split.replay)
     pairs = [DPOPair(p.prompt, p.chosen, p.rejected) for p in split.pairs]
     kto_items = [KTOItem(r.prompt, r.completion, r.desirable, r.weight) for r in split.rated]

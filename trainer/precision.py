@@ -75,6 +75,12 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None 
     return Precision(requested)
 
 
+def base_dtype(precision: str) -> str:
+    """The dtype generation 0's dequantized weights are kept in: bfloat16 for a cycle that trains in
+    nf4 or bf16 (it reads them so anyway; a 7B: 15 GB on disk instead of 30), else float32."""
+    return "bfloat16" if precision in ("nf4", "bf16") else "float32"
+
+
 def _too_big(params: int, card_free: int, *, hint: str) -> OuroError:
     return OuroError(f"the base model's {params / 1e9:.1f}B parameters take {2 * params / GB:.1f} GB in bf16, more "
                      f"than training fits in the {card_free / GB:.1f} GB free on this GPU", hint=hint)

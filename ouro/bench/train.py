@@ -80,12 +80,13 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _child_convert(gguf: str, base_dir: str) -> dict:
+def _child_convert(gguf: str, base_dir: str, precision: str = "float32") -> dict:
     from trainer.convert import dequantize_gguf_to_hf
     from trainer.peak import peak_rss_mb
+    from trainer.precision import base_dtype
 
     t0 = time.perf_counter()
-    dequantize_gguf_to_hf(Path(gguf), Path(base_dir))
+    dequantize_gguf_to_hf(Path(gguf), Path(base_dir), dtype=base_dtype(precision))   # as the cycle does
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
@@ -210,7 +211,7 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
         base_dir, out_dir = Path(tmp) / "base", Path(tmp) / "out"
         model = (Path(gguf).name if shape is None else
                  f"random {shape} ({gguf_parameters(Path(gguf)) / 1e9:.2f}B parameters, {Path(gguf).name})")
-        convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir))
+        convert = _in_fresh_process(_child_convert, str(gguf), str(base_dir), cfg["precision"])
         if shape is not None and not _has_cuda():          # no GPU: the stages without training
             gguf_out = _in_fresh_process(_child_gguf, str(base_dir), str(gguf), str(Path(tmp) / "child.gguf"),
                                          quantization)
