@@ -128,3 +128,12 @@ def test_the_parameter_count_comes_from_the_gguf_header():
     from trainer.precision import gguf_parameters
 
     assert 134_000_000 < gguf_parameters(packaged_base_gguf()) < 136_000_000    # SmolLM2-135M
+
+
+def test_a_model_too_big_for_the_card_even_in_4_bit_is_refused_before_any_work():
+    for requested in ("auto", "nf4"):
+        with pytest.raises(OuroError) as err:             # 7.2B: ~4.3 GB in 4-bit, 4 GB free
+            choose(requested, has_cuda=True, has_bnb=True, params=7_200_000_000, card_free=4 * GB)
+        assert "even in 4-bit" in str(err.value) and "4.0 GB free" in str(err.value)
+        assert "OURO_N_GPU_LAYERS" in err.value.hint
+    assert choose("nf4", has_cuda=True, has_bnb=True, params=7_200_000_000, card_free=8 * GB).name == "nf4"

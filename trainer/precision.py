@@ -6,7 +6,8 @@
              it fits, and a model too big for bf16 is refused before any work, naming the fix.
              float32 on the CPU
     nf4      needs CUDA and bitsandbytes: refused with the fix before any work, never an
-             ImportError in the middle of a cycle
+             ImportError in the middle of a cycle; a model too big for the card even in 4-bit
+             (~0.6 bytes a parameter) is refused too
     bf16     anywhere (on most CPUs slower than float32: few have bf16 matrix units); on a card
              too small for the weights, refused before any work
     float32  anywhere
@@ -58,6 +59,8 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None 
         if known and bf16_bytes <= ROOMY * card_free:
             return Precision("bf16")
         if has_bnb:
+            if known:
+                _check_nf4_fits(params, card_free)
             return Precision("nf4")
         if known and bf16_bytes > FITS * card_free:
             raise _too_big(params, card_free, hint=f"4-bit QLoRA would fit: {CUDA_FIX}")
@@ -72,7 +75,22 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None 
     if requested == "nf4" and not has_bnb:
         raise OuroError("train_precision nf4 (4-bit QLoRA) needs bitsandbytes, which is not installed",
                         hint=f"{CUDA_FIX}; or set OURO_TRAIN_PRECISION=bf16")
+    if requested == "nf4" and known:
+        _check_nf4_fits(params, card_free)
     return Precision(requested)
+
+
+# 4-bit weights with their scales, plus the embeddings and head bitsandbytes leaves in bf16: about
+# this many bytes a parameter for the models people bring (a 7B: ~4.4 GB)
+NF4_BYTES_PER_PARAM = 0.6
+
+
+def _check_nf4_fits(params: int, card_free: int) -> None:
+    if NF4_BYTES_PER_PARAM * params > FITS * card_free:
+        raise OuroError(f"the base model's {params / 1e9:.1f}B parameters take ~{NF4_BYTES_PER_PARAM * params / GB:.1f} "
+                        f"GB even in 4-bit, more than training fits in the {card_free / GB:.1f} GB free on this GPU",
+                        hint="a smaller base model, or free the card (the bot's own offloaded layers count: "
+                             "OURO_N_GPU_LAYERS)")
 
 
 def base_dtype(precision: str) -> str:
