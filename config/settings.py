@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     train_precision: Literal["auto", "nf4", "bf16", "float32"] = Field("auto", description=(
         "Number format of the training stages. auto, on an NVIDIA GPU: bf16 when the model's bf16 weights take "
         "at most a third of the card's free memory, else nf4 (4-bit QLoRA) with bitsandbytes, else bf16 while "
-        "it fits (a model too big for the card is refused before any work); float32 on the CPU. nf4 needs CUDA "
+        "it fits (a model too big for the card, even in 4-bit, is refused before any work); float32 on the CPU. nf4 needs CUDA "
         "and bitsandbytes (`pip install '.[cuda]'` "
         "or `make setup` on the GPU machine); a cycle asking for it without them stops before any work. "
         "bf16 also runs on the CPU, but slower than float32 on most CPUs. The merged checkpoint is kept in "
