@@ -107,13 +107,13 @@ class KVFiles:
         with self._cond:
             if self._stopping:
                 return
-            if _file_bytes(state) > self.max_bytes:     # alone past the bound: it would push out every other
-                self._pending.pop(stem, None)           # state and then go itself; a stale one goes too
-                self.skipped += 1
-                return
             self._pending[stem] = state
             self._pending.move_to_end(stem)
-            self._drop_past_bounds()
+            # past the bounds a queued state would be deleted as soon as written: dropped now, so a
+            # disk slower than the chats leaving memory never piles states up in memory
+            for gone in self._past_bounds({s: _file_bytes(q) for s, q in self._pending.items()}):
+                del self._pending[gone]
+                self.skipped += 1
             self._thread.start_once()
             self._cond.notify_all()
 
@@ -262,20 +262,22 @@ class KVFiles:
                 found.append((st.st_mtime_ns, path.stem, st.st_size))
         return OrderedDict((stem, size) for _, stem, size in sorted(found))
 
-    def _drop_past_bounds(self) -> None:
-        """Queued states past the bounds would be deleted as soon as they were written: drop the
-        oldest now (under the lock), so a disk slower than the chats leaving memory never piles up
-        states in memory."""
-        total = sum(_file_bytes(s) for s in self._pending.values())
-        while self._pending and (len(self._pending) > self.max_files or total > self.max_bytes):
-            _, state = self._pending.popitem(last=False)
-            total -= _file_bytes(state)
-            self.skipped += 1
+    def _past_bounds(self, sizes: dict[str, int]) -> list[str]:
+        """What goes to keep `sizes` (stem → bytes, oldest first) within the bounds: a state larger
+        than `max_bytes` alone (keeping it would push out every other one, then itself), then the
+        oldest until both the count and the bytes fit. The one rule for the queue and the disk."""
+        gone = [stem for stem, size in sizes.items() if size > self.max_bytes]
+        kept = [(stem, size) for stem, size in sizes.items() if size <= self.max_bytes]
+        total = sum(size for _, size in kept)
+        for stem, size in kept:
+            if len(sizes) - len(gone) <= self.max_files and total <= self.max_bytes:
+                break
+            gone.append(stem)
+            total -= size
+        return gone
 
     def _trim(self) -> None:
-        """Delete the oldest files past the bounds (under the lock)."""
-        total = sum(self._index.values())
-        while self._index and (len(self._index) > self.max_files or total > self.max_bytes):
-            stem, size = self._index.popitem(last=False)
-            total -= size
+        """Delete the files past the bounds (under the lock)."""
+        for stem in self._past_bounds(self._index):
+            del self._index[stem]
             self._path(stem).unlink(missing_ok=True)

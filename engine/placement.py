@@ -12,9 +12,12 @@ GPU get different fixes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +69,11 @@ class Placement:
         return f"CPU — n_gpu_layers = {asked} is ignored: llama.cpp finds no GPU on this machine{built}"
 
 
+@functools.cache
 def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """ggml's libraries as llama-cpp-python loaded them. By soname (`.so.0`): the wheel also ships
-    `libggml.so` as a separate file, and opening that would map a second ggml with a registry of
-    its own."""
+    """ggml's libraries as llama-cpp-python loaded them, with the signatures used here (once a
+    process). By soname (`.so.0`): the wheel also ships `libggml.so` as a separate file, and opening
+    that would map a second ggml with a registry of its own."""
     import llama_cpp
 
     lib = Path(llama_cpp.__file__).parent / "lib"
@@ -92,36 +96,57 @@ def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return ggml, base
 
 
+T = TypeVar("T")
+
+
+def _read_registry(read: Callable[[ctypes.CDLL, ctypes.CDLL], T], what: str) -> T | None:
+    """`read(ggml, base)`, or None when ggml's registry cannot be read (another build layout):
+    unknown, never a guessed "none"."""
+    try:
+        return read(*_ggml())
+    except (OSError, AttributeError, ImportError) as exc:
+        log.debug("could not read llama.cpp's %s: %s", what, exc)
+        return None
+
+
+def _gpu_handles(ggml: ctypes.CDLL, base: ctypes.CDLL) -> list[int]:
+    devices = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
+    return [dev for dev in devices if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES]
+
+
 _NOT_GPU_BACKENDS = {"CPU", "BLAS", "RPC"}
 
 
 def gpu_backends() -> tuple[str, ...] | None:
     """The GPU backends compiled into this llama.cpp (e.g. ('CUDA',)); () for a CPU build; None
     when the registry cannot be read."""
-    try:
-        ggml, base = _ggml()
-        names = [(base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)) or b"").decode("utf-8", "replace")
-                 for i in range(ggml.ggml_backend_reg_count())]
-    except (OSError, AttributeError, ImportError) as exc:   # another build layout: unknown, not "none"
-        log.debug("could not list llama.cpp's backends: %s", exc)
-        return None
-    return tuple(n for n in names if n and n.upper() not in _NOT_GPU_BACKENDS)
+    def read(ggml, base):
+        names = (base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)) or b""
+                 for i in range(ggml.ggml_backend_reg_count()))
+        return tuple(n for n in (b.decode("utf-8", "replace") for b in names) if n and n.upper() not in _NOT_GPU_BACKENDS)
+
+    return _read_registry(read, "backends")
 
 
 def gpu_devices() -> tuple[str, ...] | None:
     """The GPUs llama.cpp can offload to (their descriptions, e.g. 'NVIDIA H100 80GB HBM3'); () when
     there are none; None when the registry cannot be read."""
-    try:
-        ggml, base = _ggml()
-        found = []
-        for i in range(ggml.ggml_backend_dev_count()):
-            dev = ggml.ggml_backend_dev_get(i)
-            if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES:
-                found.append((base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace"))
-    except (OSError, AttributeError, ImportError) as exc:
-        log.debug("could not list llama.cpp's devices: %s", exc)
+    return _read_registry(lambda ggml, base: tuple(
+        (base.ggml_backend_dev_description(dev) or b"GPU").decode("utf-8", "replace")
+        for dev in _gpu_handles(ggml, base)), "devices")
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory on the first GPU llama.cpp sees, as its backend reports it (CUDA: cudaMemGetInfo);
+    None where there is none or the registry cannot be read."""
+    def read(ggml, base):
+        for dev in _gpu_handles(ggml, base)[:1]:
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            return int(free.value)
         return None
-    return tuple(found)
+
+    return _read_registry(read, "GPU memory")
 
 
 def placement(n_gpu_layers: int, layers: int | None = None) -> Placement:
@@ -138,22 +163,6 @@ def model_layers(model) -> int:
     import llama_cpp
 
     return int(llama_cpp.llama_model_n_layer(model)) + 1
-
-
-def gpu_free_bytes() -> int | None:
-    """Free memory on the first GPU llama.cpp sees, as its backend reports it (CUDA: cudaMemGetInfo);
-    None where there is none or the registry cannot be read."""
-    try:
-        ggml, base = _ggml()
-        for i in range(ggml.ggml_backend_dev_count()):
-            dev = ggml.ggml_backend_dev_get(i)
-            if dev and base.ggml_backend_dev_type(dev) in _GPU_TYPES:
-                free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-                base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-                return int(free.value)
-    except (OSError, AttributeError, ImportError) as exc:
-        log.debug("could not read the GPU's free memory: %s", exc)
-    return None
 
 
 # room a model needs on the card beyond its file: KV cache and compute buffers (a cycle's own

@@ -60,14 +60,15 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None 
             return Precision("bf16")
         if has_bnb:
             if known:
-                _check_nf4_fits(params, card_free)
+                _refuse_past_card(NF4_BYTES_PER_PARAM * params, "even in 4-bit", params, card_free, hint=NF4_HINT)
             return Precision("nf4")
-        if known and bf16_bytes > FITS * card_free:
-            raise _too_big(params, card_free, hint=f"4-bit QLoRA would fit: {CUDA_FIX}")
+        if known:
+            _refuse_past_card(bf16_bytes, "in bf16", params, card_free, hint=f"4-bit QLoRA would fit: {CUDA_FIX}")
         return Precision("bf16", note="training in bf16 on the GPU: bitsandbytes is not installed, so 4-bit "
                                       f"QLoRA (less GPU memory) is off; for it, {CUDA_FIX}")
-    if requested == "bf16" and known and bf16_bytes > FITS * card_free:
-        raise _too_big(params, card_free, hint="set OURO_TRAIN_PRECISION=auto or nf4 (4-bit QLoRA)")
+    if requested == "bf16" and known:
+        _refuse_past_card(bf16_bytes, "in bf16", params, card_free,
+                          hint="set OURO_TRAIN_PRECISION=auto or nf4 (4-bit QLoRA)")
     if requested == "nf4" and not has_cuda:
         raise OuroError("train_precision nf4 (4-bit QLoRA) needs an NVIDIA GPU with CUDA, and this machine has none",
                         hint="set OURO_TRAIN_PRECISION=auto (float32 on the CPU), or train on the GPU machine "
@@ -76,32 +77,27 @@ def choose(requested: str, *, has_cuda: bool, has_bnb: bool, params: int | None 
         raise OuroError("train_precision nf4 (4-bit QLoRA) needs bitsandbytes, which is not installed",
                         hint=f"{CUDA_FIX}; or set OURO_TRAIN_PRECISION=bf16")
     if requested == "nf4" and known:
-        _check_nf4_fits(params, card_free)
+        _refuse_past_card(NF4_BYTES_PER_PARAM * params, "even in 4-bit", params, card_free, hint=NF4_HINT)
     return Precision(requested)
 
 
 # 4-bit weights with their scales, plus the embeddings and head bitsandbytes leaves in bf16: about
 # this many bytes a parameter for the models people bring (a 7B: ~4.4 GB)
 NF4_BYTES_PER_PARAM = 0.6
+NF4_HINT = "a smaller base model, or free the card (the bot's own offloaded layers count: OURO_N_GPU_LAYERS)"
 
 
-def _check_nf4_fits(params: int, card_free: int) -> None:
-    if NF4_BYTES_PER_PARAM * params > FITS * card_free:
-        raise OuroError(f"the base model's {params / 1e9:.1f}B parameters take ~{NF4_BYTES_PER_PARAM * params / GB:.1f} "
-                        f"GB even in 4-bit, more than training fits in the {card_free / GB:.1f} GB free on this GPU",
-                        hint="a smaller base model, or free the card (the bot's own offloaded layers count: "
-                             "OURO_N_GPU_LAYERS)")
+def _refuse_past_card(needed: float, how: str, params: int, card_free: int, *, hint: str) -> None:
+    """Refuse before any work when the weights alone (`needed` bytes) leave training no room."""
+    if needed > FITS * card_free:
+        raise OuroError(f"the base model's {params / 1e9:.1f}B parameters take {needed / GB:.1f} GB {how}, more "
+                        f"than training fits in the {card_free / GB:.1f} GB free on this GPU", hint=hint)
 
 
 def base_dtype(precision: str) -> str:
     """The dtype generation 0's dequantized weights are kept in: bfloat16 for a cycle that trains in
     nf4 or bf16 (it reads them so anyway; a 7B: 15 GB on disk instead of 30), else float32."""
     return "bfloat16" if precision in ("nf4", "bf16") else "float32"
-
-
-def _too_big(params: int, card_free: int, *, hint: str) -> OuroError:
-    return OuroError(f"the base model's {params / 1e9:.1f}B parameters take {2 * params / GB:.1f} GB in bf16, more "
-                     f"than training fits in the {card_free / GB:.1f} GB free on this GPU", hint=hint)
 
 
 def has_bitsandbytes() -> bool:

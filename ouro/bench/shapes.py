@@ -10,7 +10,9 @@ real ones cost; only what they say is noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +49,6 @@ def build_base(name: str, folder: Path, *, quantization: str = "Q4_K_M", progres
     """Write the shape's base GGUF in `folder` (which must be empty or absent); returns its path and
     each build step's seconds and peak RSS. The bf16 safetensors and the F16 GGUF on the way are
     deleted as soon as the next step has read them (a 7B needs ~15 GB of disk for each)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     from lineage.generations import packaged_base_gguf
     from trainer.convert import quantize_gguf, write_gguf
 
@@ -61,8 +57,34 @@ def build_base(name: str, folder: Path, *, quantization: str = "Q4_K_M", progres
     hf = folder / "hf"
     hf.mkdir()
     steps: dict[str, dict] = {}
-    reset_peak_rss()
-    t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(label: str):
+        """Each step's seconds and its own peak RSS (trainer/peak.py)."""
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        yield
+        steps[label] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+    with step("weights"):
+        _write_random_weights(name, shape, hf, progress)
+    with step("f16_gguf"):
+        f16 = folder / "base-f16.gguf"
+        write_gguf(hf, packaged_base_gguf(), f16, dtype="f16", name=f"random {name}")
+        shutil.rmtree(hf)
+    with step("quantize"):
+        base = folder / f"base-{quantization.lower()}.gguf"
+        quantize_gguf(f16, base, quantization)
+        f16.unlink()
+    return base, steps
+
+
+def _write_random_weights(name: str, shape: Shape, hf: Path, progress: bool) -> None:
+    """The shape's config.json and bf16 weights in `hf`, a safetensors file per block."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
     head = shape.hidden // shape.heads
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
               "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
@@ -101,19 +123,3 @@ def build_base(name: str, folder: Path, *, quantization: str = "Q4_K_M", progres
             bar.update(1)
     (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}),
                                                      encoding="utf-8")
-    steps["weights"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    f16 = folder / "base-f16.gguf"
-    write_gguf(hf, packaged_base_gguf(), f16, dtype="f16", name=f"random {name}")
-    shutil.rmtree(hf)
-    steps["f16_gguf"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    base = folder / f"base-{quantization.lower()}.gguf"
-    quantize_gguf(f16, base, quantization)
-    f16.unlink()
-    steps["quantize"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    return base, steps

@@ -227,7 +227,7 @@ def run_bench_train(settings: Settings | None = None, json_output: bool = False,
         packed_full = (_in_fresh_process(_child_plain, str(base_dir), cfg, examples, batch_examples, True, progress,
                                          threads) if ablation else None)
         # the base is no longer needed: its disk goes before the child's GGUFs are written (a 7B's
-        # float32 base, bf16 child, F16 and Q8_0 GGUFs together would be ~70 GB)
+        # base, bf16 child, F16 and Q8_0 GGUFs together would be ~52 GB)
         shutil.rmtree(base_dir)
         gguf_out = _in_fresh_process(_child_gguf, str(out_dir), str(gguf), str(Path(tmp) / "child.gguf"),
                                      quantization)
