@@ -209,6 +209,6 @@ class AdminHandlers:
             info["data_trigger"] = self.loop.describe_trigger()
         watched = self.loop.watched()
         if watched:
-            n = len(self.store.generation_ratings(watched[0], limit=self.settings.watch_min_ratings))
+            n = len(self.loop.watch_ratings(*watched)[0])
             info["live_watch"] = f"{watched[0]} vs {watched[1]}, {n}/{self.settings.watch_min_ratings} ratings"
         return info

@@ -287,8 +287,8 @@ class Settings(BaseSettings):
         "bf16 when training ran in nf4 or bf16, in float32 otherwise."))
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
-        "Generations whose full-precision weights are kept (the active one and its parent always are). "
-        "GGUFs and the ledger are never pruned."))
+        "Promoted generations whose full-precision weights are kept (the active one, its parent and the newest "
+        "generation always are; a refused one's go at the next cycle). GGUFs and the ledger are never pruned."))
 
     # --- learning: evals and gate -------------------------------------------------------
     probes_file: Path = Field(CONFIG_DIR / "probes.toml", description="Tone, format and recall probes for the evals.")

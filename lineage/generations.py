@@ -13,7 +13,9 @@ reader never sees a half-made one; rollback moves the pointer and deletes nothin
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import importlib.util
 import json
 import os
@@ -139,6 +141,21 @@ class Lineage:
     def set_active(self, gen_id: str) -> None:
         self.generation(gen_id)  # refuse a pointer to something that is not a finished generation
         atomic_write_text(self.pointer, gen_id + "\n")
+
+    @contextlib.contextmanager
+    def pointer_lock(self):
+        """Held while the pointer is read, moved and recorded (lineage/promote.py), so a decision
+        taken on what the pointer named — a cycle promoting the child of the generation it trained,
+        a failed hot-swap moving back — cannot overwrite a move made meanwhile by another process
+        (the bot, the cycle's own process, the CLI). A flock: the kernel drops it when its holder
+        dies, even by SIGKILL, so a crash never leaves the pointer locked."""
+        ensure_private_dir(self.dir)
+        fd = os.open(self.dir / ".pointer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)              # closing the descriptor releases the lock
 
     def append_ledger(self, row: dict) -> None:
         ensure_private_dir(self.dir)

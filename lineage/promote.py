@@ -14,32 +14,48 @@ from lineage.generations import Lineage
 from memory.store import Store
 
 
-def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote") -> None:
-    """Move the active pointer (atomically) and record who, when and why."""
+def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote",
+            expect: str | None = None) -> bool:
+    """Move the active pointer (atomically) and record who, when and why; True when it moved.
+
+    `expect`: move it only if it still names that generation, else change nothing and answer False
+    — for a decision taken on what it named earlier (a cycle promoting the child of the generation
+    it trained, hours later; a failed hot-swap moving back), so that it cannot undo a rollback or a
+    promotion made meanwhile. The check and the move happen under the lineage's pointer lock."""
     lineage = Lineage(settings.models_dir)
-    previous_id = lineage.active_id()
-    try:
-        previous_sha = lineage.active().sha256
-    except (OuroError, KeyError):   # the pointer names something unreadable: moving it off is the point
-        previous_sha = ""
     gen = lineage.generation(gen_id)
     if sha256_file(gen.gguf) != gen.sha256:
         raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
-    lineage.set_active(gen_id)
-    lineage.append_ledger({"gen_folder": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
-                           "event": event, "parent_id": previous_id or "", "gate": gen.meta.get("status", ""),
-                           "reason": why, "actor": actor, "constitution_sha": gen.meta.get("constitution_sha256", "")})
+    with lineage.pointer_lock():
+        previous_id = lineage.active_id()
+        if expect is not None and previous_id != expect:
+            return False
+        try:
+            previous_sha = lineage.active().sha256
+        except (OuroError, KeyError):   # the pointer names something unreadable: moving it off is the point
+            previous_sha = ""
+        lineage.set_active(gen_id)
+        lineage.append_ledger({"gen_folder": gen_id, "parent_sha": previous_sha, "child_sha": gen.sha256,
+                               "event": event, "parent_id": previous_id or "", "gate": gen.meta.get("status", ""),
+                               "reason": why, "actor": actor,
+                               "constitution_sha": gen.meta.get("constitution_sha256", "")})
     store.upsert_generation(gen_id=gen_id, parent_id=gen.parent_id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
                             status="promoted" if event == "promote" else "rolled_back_to", meta=gen.meta)
     store.log_event(event, detail={"gen": gen_id, "from": previous_id, "actor": actor, "why": why})
+    return True
 
 
 def rollback(settings: Settings, store: Store, gen_id: str | None, *, actor: str, why: str | None = None,
              event: str = "rollback") -> tuple[str, str]:
-    """Serve `gen_id`, or the active generation's parent; returns (from, to). Deletes nothing."""
+    """Serve `gen_id`, or the active generation's parent; returns (from, to). Deletes nothing.
+    Refused if the pointer moves between choosing the target and moving it."""
     active = Lineage(settings.models_dir).active()
     target = gen_id or active.parent_id
     if target is None:
         raise OuroError(f"{active.id} has no parent to roll back to")
-    promote(settings, store, target, actor=actor, why=why or f"rollback from {active.id}", event=event)
+    if not promote(settings, store, target, actor=actor, why=why or f"rollback from {active.id}", event=event,
+                   expect=active.id):
+        now_id = Lineage(settings.models_dir).active_id()
+        raise OuroError(f"the active generation changed from {active.id} to {now_id} while rolling back; "
+                        "nothing was moved", hint="look at /lineage and try again")
     return active.id, target

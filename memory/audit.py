@@ -7,6 +7,8 @@ can be told later; a generation's ratings feed the live watch's verdict against 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
 
 from core.files import now
 from memory.db import Database
@@ -51,19 +53,44 @@ class AuditMixin:
         return self.database.query(
             "SELECT * FROM events WHERE (? IS NULL OR kind = ?) ORDER BY id DESC LIMIT ?", (kind, kind, limit))
 
-    def generation_ratings(self, gen_id: str, *, limit: int, newest: bool = False) -> list[int]:
+    def generation_ratings(self, gen_id: str, *, limit: int, newest: bool = False,
+                           source_of: Callable[[int | None], str | None] | None = None,
+                           per_source: int | None = None) -> list[int]:
         """Ratings (+1/−1) of the replies `gen_id` wrote, one per turn, in the order they were first given.
 
         `newest` takes the latest `limit` instead of the first. A turn rated by several people
         (groups) counts by the sign of its ratings' sum; a tie counts as neither.
+        `source_of` names the source a rater counts as (memory/trust.py `sources`; None: not capped,
+        an admin or trusted person) and `per_source` is the most turns one source may decide: a
+        turn whose raters' sources have all used theirs is passed over, so one stranger's run of 👎
+        (or 👍) cannot fill the live watch's sample alone.
         """
         order = "DESC" if newest else "ASC"
+        capped = source_of is not None and per_source is not None
         rows = self.database.query(
-            "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at FROM ratings r JOIN turns t ON t.id = r.turn_id "
+            "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at, GROUP_CONCAT(r.user_id) AS raters "
+            "FROM ratings r JOIN turns t ON t.id = r.turn_id "
             f"WHERE t.generation_id = ? GROUP BY r.turn_id HAVING v != 0 ORDER BY first_at {order}, r.turn_id {order} "
-            "LIMIT ?", (gen_id, limit))
-        values = [1 if r["v"] > 0 else -1 for r in rows]
+            "LIMIT ?", (gen_id, limit * 20 if capped else limit))
+        values: list[int] = []
+        taken: Counter[str] = Counter()
+        for r in rows:
+            if capped:
+                names = {source_of(int(u) if u else None) for u in (r["raters"] or "").split(",")}
+                if None not in names and all(taken[n] >= per_source for n in names):
+                    continue
+                taken.update(n for n in names if n is not None)
+            values.append(1 if r["v"] > 0 else -1)
+            if len(values) == limit:
+                break
         return values[::-1] if newest else values
+
+    def rater_first_seen(self, gen_ids: tuple[str, ...]) -> dict[int, str]:
+        """When each person who rated these generations' replies was first seen (for trust.sources)."""
+        rows = self.database.query(
+            "SELECT id, created_at FROM users WHERE id IN (SELECT r.user_id FROM ratings r JOIN turns t "
+            "ON t.id = r.turn_id WHERE t.generation_id IN (SELECT value FROM json_each(?)))", (json.dumps(gen_ids),))
+        return {r["id"]: r["created_at"] for r in rows}
 
     def ratings_by_generation(self) -> dict[str, dict[str, int]]:
         """Per generation that served turns: {"answered": n, "up": n, "down": n} — its answered turns and

@@ -462,7 +462,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             print("  " + coverage_line(report.data["languages"]))
         for reason in report.reasons:
             print(f"  - {reason}")
-    return 0 if report.status in ("promoted", "skipped", "refused") else 1
+    return 0 if report.status in ("promoted", "held", "skipped", "refused") else 1
 
 
 def _generation_rows(settings) -> list[dict]:

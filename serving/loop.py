@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -39,6 +41,7 @@ from evals.live_watch import Verdict, judge
 from lineage.generations import Lineage
 from lineage.promote import promote, rollback
 from memory.store import Store
+from memory.trust import OTHER, policy_for, sources
 from serving.hotswap import HotSwapper, SwapResult
 from trainer.cycle_job import CycleOutcome, CycleRunner, read_cycle_status
 from trainer.scheduler import CycleScheduler
@@ -49,6 +52,12 @@ Notify = Callable[[str], Awaitable[None]]
 ACTIVATIONS = ("promote", "rollback", "auto_rollback", "swap_failed", "watch_verdict")
 TRIGGER_ACTOR = "data trigger"
 TRIGGER_BACKOFF_S = 3600.0   # after a triggered cycle made no generation: wait, or it would retry every check
+
+
+def _could_not_start(exc: Exception) -> str:
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return ("the cycle could not start: " + ("the disk is full; " if full else "") +
+            f"{type(exc).__name__}: {exc}")
 
 
 async def _quiet(text: str) -> None:
@@ -200,8 +209,11 @@ class LearningLoop:
                 outcome = await self.runner.run(actor)
         except OuroError as exc:
             outcome = CycleOutcome("failed", {"status": "failed", "reasons": [str(exc)]})
+        except Exception as exc:   # could not even start it (a full disk, no memory to fork): admins must hear
+            log.exception("the learning cycle could not start")
+            outcome = CycleOutcome("failed", {"status": "failed", "reasons": [_could_not_start(exc)]})
         self.last_outcome = outcome
-        if actor == TRIGGER_ACTOR and outcome.status not in ("promoted", "refused"):
+        if actor == TRIGGER_ACTOR and outcome.status not in ("promoted", "held", "refused"):
             self._next_count = self.clock() + max(TRIGGER_BACKOFF_S, self.settings.cycle_check_s)
         if outcome.status in ("killed", "failed"):
             self.store.log_event("cycle_" + outcome.status, detail={"actor": actor, "reasons": outcome.reasons,
@@ -237,10 +249,15 @@ class LearningLoop:
         self._failed = (gen.id, gen.sha256)
         why = f"{gen.id} failed to load or its smoke test ({result.reason}); {serving_id} kept serving"
         self.store.log_event("swap_failed", detail={"gen": gen.id, "serving": serving_id, "reason": result.reason})
+        moved = False
         with contextlib.suppress(OuroError):  # a serving model that is not a generation (tests) has no pointer
-            await asyncio.to_thread(promote, self.settings, self.store, serving_id, actor="bot", why=why,
-                                    event="swap_failed")
-        await self.notify(f"⚠️ Hot-swap refused: {why}. The active pointer is back on {serving_id}.")
+            # back only if it still names the generation that failed: a promotion made during the
+            # swap (the CLI, a cycle) stands, and the next tick swaps to it
+            moved = await asyncio.to_thread(promote, self.settings, self.store, serving_id, actor="bot", why=why,
+                                            event="swap_failed", expect=gen.id)
+        where = (f"The active pointer is back on {serving_id}." if moved else
+                 f"The active pointer had moved on to {self.lineage.active_id()} meanwhile; that is tried next.")
+        await self.notify(f"⚠️ Hot-swap refused: {why}. {where}")
         return result
 
     async def promote(self, gen_id: str, *, actor: str, why: str) -> SwapResult | None:
@@ -269,21 +286,47 @@ class LearningLoop:
             return None
         return active, detail["from"]
 
+    def watch_ratings(self, child: str, parent: str) -> tuple[list[int], list[int]]:
+        """The ratings the live watch judges: the child's first and the parent's latest
+        `watch_min_ratings`, where one untrusted source — a person, or a burst of new accounts
+        (memory/trust.py) — decides at most `max_share_per_source` of them; admins' and trusted
+        people's ratings are not capped. (The cheap uncapped count first: until the child has
+        enough ratings at all, nothing more is read.)"""
+        n = self.settings.watch_min_ratings
+        if len(self.store.generation_ratings(child, limit=n)) < n:
+            return self.store.generation_ratings(child, limit=n), []
+        policy = policy_for(self.settings, self.store)
+        names = sources(policy, self.store.rater_first_seen((child, parent)))
+
+        def source_of(uid: int | None) -> str | None:
+            return None if policy.tier(uid) != OTHER else names.get(uid, f"user:{uid}")
+
+        per_source = max(1, math.ceil(policy.max_share * n))
+        return (self.store.generation_ratings(child, limit=n, source_of=source_of, per_source=per_source),
+                self.store.generation_ratings(parent, limit=n, newest=True, source_of=source_of,
+                                              per_source=per_source))
+
     async def check_watch(self) -> Verdict | None:
         pair = self.watched()
         if pair is None:
             return None
         child, parent = pair
         n = self.settings.watch_min_ratings
-        verdict = judge(child, parent, self.store.generation_ratings(child, limit=n),
-                        self.store.generation_ratings(parent, limit=n, newest=True),
-                        min_ratings=n, margin=self.settings.watch_margin)
+        verdict = judge(child, parent, *self.watch_ratings(child, parent), min_ratings=n,
+                        margin=self.settings.watch_margin)
         if not verdict.decided:
             return verdict
         self.store.log_event("watch_verdict", detail=verdict.to_dict())
         if verdict.status == "worse":
             why = f"live watch: {verdict.reason()}"
-            _, _, swap = await self.rollback(parent, actor="live-watch", why=why, event="auto_rollback")
+            try:
+                _, _, swap = await self.rollback(parent, actor="live-watch", why=why, event="auto_rollback")
+            except OuroError as exc:   # the verdict ends the watch either way: say it once, with the way out
+                self.store.log_event("auto_rollback_failed", detail={"gen": child, "to": parent, "error": str(exc)})
+                await self.notify(f"⚠️ Live watch: {child} did worse than {parent}, but the automatic rollback "
+                                  f"failed: {exc}. {child} keeps serving; /rollback <generation> serves another.\n"
+                                  f"{verdict.reason()}")
+                return verdict
             served = "" if swap is None or swap.ok else " (but the hot-swap failed: the bot keeps the old model)"
             await self.notify(f"↩️ Automatic rollback {child} → {parent}{served}.\n{verdict.reason()}")
         else:

@@ -8,7 +8,7 @@ from evals.report import SCORES
 from serving.hotswap import SwapResult
 from trainer.cycle_job import CycleOutcome
 
-ICONS = {"promoted": "✅", "refused": "🛑", "skipped": "⏭", "failed": "💥", "killed": "💥"}
+ICONS = {"promoted": "✅", "held": "⏸", "refused": "🛑", "skipped": "⏭", "failed": "💥", "killed": "💥"}
 
 
 def _score(v) -> str:
@@ -19,6 +19,8 @@ def cycle_message(outcome: CycleOutcome, swap: SwapResult | None) -> str:
     r = outcome.report
     gen, parent = r.get("gen_id"), r.get("parent_id")
     head = {"promoted": f"{gen} promoted and now serving (parent {parent})",
+            "held": f"{gen} passed the gate against {parent} but was not promoted: the active generation "
+                    "changed while it trained",
             "refused": f"{gen} refused by the gate; {parent} keeps serving",
             "skipped": "Learning cycle skipped",
             "failed": f"Learning cycle failed{' on ' + gen if gen else ''}; nothing served changed",
@@ -36,7 +38,7 @@ def cycle_message(outcome: CycleOutcome, swap: SwapResult | None) -> str:
         lines.append(f"- {reason}")
     if swap is not None and not swap.ok:
         lines.append(f"⚠️ hot-swap failed: {swap.reason}")
-    if gen and outcome.status in ("promoted", "refused"):
+    if gen and outcome.status in ("promoted", "held", "refused"):
         lines.append(f"Details: /evals {gen}")
     return "\n".join(lines)
 

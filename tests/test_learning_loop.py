@@ -20,14 +20,14 @@ from memory.store import Store
 from serving.hotswap import HotSwapper
 from serving.loop import LearningLoop
 from tests.helpers.fakes import FakeEngine, word_count
-from tests.helpers.lineages import Loader, make_generation
+from tests.helpers.lineages import Loader, make_generation, rate_replies
 from trainer.scheduler import JOB_ID, CycleScheduler, scheduled_cycle
 
 
 @pytest.fixture
 def lineage_world(tmp_path):
     settings = load_settings(data_dir=tmp_path / "data", watch_min_ratings=10, watch_margin=0.15,
-                             cycle_schedule="off")
+                             cycle_schedule="off", new_account_window_s=0)   # each rater their own source
     models = settings.models_dir
     g0 = make_generation(models, "gen-0000", None, status="base")
     make_generation(models, "gen-0001", "gen-0000")
@@ -406,15 +406,6 @@ def test_watch_verdicts():
     assert late.status == "ok" and late.child_down_share == 0.0 and late.parent_down_share == 0.0
 
 
-def rate_replies(store: Store, gen_id: str, values: list[int], start: int) -> None:
-    for i, v in enumerate(values):
-        uid = start + i
-        t = store.add_user_turn(chat_id=uid, user_id=uid, text="hello")
-        store.complete_turn(t, reply_text="hi", generation_id=gen_id, prompt_tokens=1, completion_tokens=1,
-                            latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
-        store.rate(t, uid, v)
-
-
 def test_generation_ratings_are_per_generation_and_ordered(lineage_world):
     _, store, _, _ = lineage_world
     rate_replies(store, "gen-0000", [1, -1, 1], 100)
@@ -456,3 +447,44 @@ async def test_the_live_watch_rolls_back_a_clearly_worse_generation(lineage_worl
         assert all(r["event"] != "auto_rollback" for r in ledger)
     assert loop.watched() is None and await loop.check_watch() is None   # judged once
     assert (settings.models_dir / "gen-0001" / "model.gguf").exists()     # rollback deletes nothing
+
+
+@pytest.mark.parametrize("who", ["one stranger", "a burst of new accounts", "an admin"])
+async def test_one_voice_cannot_decide_the_live_watch_alone(lineage_world, who):
+    """A stranger's run of 👎 (or a flood of fresh accounts, which the caps count as one source)
+    decides at most `max_share_per_source` of the ratings the watch judges; an admin is not capped."""
+    settings, store, worker, _ = lineage_world
+    settings = load_settings(**{**settings.model_dump(), "admin_ids": [77], "new_account_window_s": 3600.0})
+    told: list[str] = []
+
+    async def notify(text):
+        told.append(text)
+
+    loop = LearningLoop(settings, store, worker, notify=notify, load=Loader())
+    for i in range(10):       # parent: 10% 👎 from ten people who came a day apart
+        rate_replies(store, "gen-0000", [-1 if i == 0 else 1], 100 + i)
+        first_seen(store, 100 + i, f"2026-11-{10 + i}T00:00:00")
+    await loop.promote("gen-0001", actor="test", why="passed the gate")
+    if who == "one stranger":
+        rate_replies(store, "gen-0001", [-1] * 10, 300, user_id=300)
+    else:
+        rate_replies(store, "gen-0001", [-1] * 10, 300, user_id=77 if who == "an admin" else None)
+    child, parent = loop.watch_ratings("gen-0001", "gen-0000")
+    verdict = await loop.check_watch()
+    if who == "an admin":
+        assert child == [-1] * 10 and verdict.status == "worse"
+        assert Lineage(settings.models_dir).active_id() == "gen-0000"
+    else:
+        assert child == [-1] * 5 and verdict.status == "waiting"      # half of the 10 the watch needs
+        assert Lineage(settings.models_dir).active_id() == "gen-0001"
+        rate_replies(store, "gen-0001", [1] * 5, 400)                 # others who like it (a day apart)
+        for i in range(5):
+            first_seen(store, 400 + i, f"2026-10-{10 + i}T00:00:00")
+        verdict = await loop.check_watch()
+        assert verdict.status == "worse" and verdict.child_down_share == 0.5   # 5 capped 👎 + 5 👍 vs 10%
+    assert len(parent) == 10
+
+
+def first_seen(store: Store, user_id: int, at: str) -> None:
+    with store.database.transaction() as conn:
+        conn.execute("UPDATE users SET created_at = ? WHERE id = ?", (at, user_id))

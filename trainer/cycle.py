@@ -9,6 +9,7 @@ staging folder, records how the previous run died, and removes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,7 +33,7 @@ from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
 from memory.screens import Screens, screens_for
 from memory.store import Store
 from memory.trust import policy_for
-from trainer.lock import CycleLock, pid_alive
+from trainer.lock import CycleLock
 from trainer.peak import peak_gpu_mb, peak_rss_mb, reset_peaks
 from trainer.replay import ancestor_heldout, ancestors, make_split, write_jsonl
 from trainer.trigger import carried_over
@@ -43,7 +44,7 @@ HALT_FILE = "HALTED"
 
 @dataclass
 class CycleReport:
-    status: str                       # promoted | refused | skipped | failed
+    status: str                       # promoted | held | refused | skipped | failed
     gen_id: str | None = None
     parent_id: str | None = None
     reasons: list[str] = field(default_factory=list)
@@ -98,7 +99,7 @@ class _Stages:
 
     def breadcrumb(self) -> None:
         if self.staging is not None and self.staging.exists():
-            (self.staging / "STAGE").write_text(f"{os.getpid()} {self.current}\n")
+            atomic_write_text(self.staging / "STAGE", f"{os.getpid()} {self.current}\n")
 
     def close(self) -> dict:
         self._finish(time.perf_counter())
@@ -131,16 +132,19 @@ def _ledger_row(gen_id, parent: Generation, *, child_sha="", data_sha="", train=
 
 
 def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
-    """Remove staging folders of cycles that died, recording where each one died."""
+    """Remove staging folders of cycles that died, recording where each one died.
+
+    Called under the cycle lock, which every process that stages a generation holds while it does
+    (generation 0 is staged only while there is none, when no cycle can run): any staging folder
+    found here is dead, whatever process now has the pid its breadcrumb names (after a reboot it may
+    be the bot itself), and a breadcrumb cut short by a crash only loses the stage's name."""
     found = []
     for staging in lineage.dir.glob(".gen-*.tmp-*"):
-        breadcrumb = staging / "STAGE"
         pid, stage = 0, "unknown"
-        if breadcrumb.exists():
-            parts = breadcrumb.read_text().split()
-            pid, stage = int(parts[0]), parts[1] if len(parts) > 1 else "unknown"
-        if pid and pid_alive(pid) and pid != os.getpid():
-            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parts = (staging / "STAGE").read_text().split()
+            stage = parts[1] if len(parts) > 1 else stage
+            pid = int(parts[0])
         reason = f"previous cycle (pid {pid or '?'}) died during stage '{stage}'; its partial files were removed"
         store.log_event("cycle_died", detail={"staging": staging.name, "stage": stage})
         lineage.append_ledger({"gen_folder": staging.name.split(".tmp-")[0].lstrip("."), "event": "died",
@@ -160,31 +164,42 @@ def _disk_full(exc: BaseException | None) -> bool:
 
 
 def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> str | None:
-    """A generation its cycle renamed into place but died before recording (stage 'promote'):
-    record it now from its meta.json and, if it passed the gate and its parent still serves,
-    promote it — what the dead cycle was about to do. Returns its id, or None."""
+    """A generation its cycle renamed into place but died before finishing (stage 'promote'):
+    record it from its meta.json if the cycle had not, and, if it passed the gate, nothing has
+    moved the pointer to or past it since and its parent still serves, promote it — what the dead
+    cycle was about to do. Returns its id, or None."""
     rows, gens = lineage.ledger(), lineage.generations()
     if not rows or not gens:
         return None
     gen = gens[-1]   # a cycle's generation is always the newest folder
-    if gen.parent_id is None or "data_cutoff" not in gen.meta or \
-            any(r["gen_folder"] == gen.id and r.get("event") == "candidate" for r in rows):
-        return None      # generation 0, not made by a cycle, or recorded
+    if gen.parent_id is None or "data_cutoff" not in gen.meta:
+        return None      # generation 0, or not made by a cycle
+    own = [r.get("event") for r in rows if r["gen_folder"] == gen.id]
+    if any(e != "candidate" for e in own):
+        return None      # promoted, held, served by hand or failed since: its cycle finished
     meta, parent = gen.meta, lineage.generation(gen.parent_id)
     passed = meta.get("status") == "promoted"
-    lineage.append_ledger(_ledger_row(
-        gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
-        train=meta.get("train"), scores=meta.get("scores"), data=meta.get("data"), event="candidate",
-        gate="passed" if passed else "refused", actor=meta.get("actor", ""),
-        constitution_sha=meta.get("constitution_sha256", ""),
-        reason=f"recorded by the next cycle (its own died before recording it): "
-               f"{'; '.join(meta.get('reasons') or []) or 'all checks passed'}"))
-    store.upsert_generation(gen_id=gen.id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=gen.sha256,
-                            status="candidate" if passed else "refused", meta=meta)
+    if not own:
+        lineage.append_ledger(_ledger_row(
+            gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
+            train=meta.get("train"), scores=meta.get("scores"), data=meta.get("data"), event="candidate",
+            gate="passed" if passed else "refused", actor=meta.get("actor", ""),
+            constitution_sha=meta.get("constitution_sha256", ""),
+            reason=f"recorded by the next cycle (its own died before recording it): "
+                   f"{'; '.join(meta.get('reasons') or []) or 'all checks passed'}"))
+        store.upsert_generation(gen_id=gen.id, parent_id=parent.id, gguf_path=str(gen.gguf),
+                                gguf_sha256=gen.sha256, status="candidate" if passed else "refused", meta=meta)
+    elif not passed:
+        return None      # recorded as refused: its cycle had nothing left to do
     store.log_event("cycle_died", detail={"gen": gen.id, "stage": "promote"})
-    if passed and lineage.active_id() == parent.id:
-        promote(settings, store, gen.id, actor=meta.get("actor") or "system",
-                why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
+    try:
+        moved = promote(settings, store, gen.id, actor=meta.get("actor") or "system", expect=parent.id,
+                        why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
+    except OuroError as exc:   # e.g. its GGUF damaged since: recorded, so it cannot stop every later cycle
+        _hold(lineage, store, parent, gen, why=str(exc))
+    else:
+        if not moved:
+            _hold(lineage, store, parent, gen)
     return gen.id
 
 
@@ -211,9 +226,14 @@ def ensure_full_precision(gen: Generation, precision: str = "float32") -> Path:
 
 
 def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
+    """Remove the full-precision weights (`hf/`) of all but the active generation, its parent, the
+    `keep` newest promoted ones and the newest generation (a refused candidate an admin may still
+    promote and train from). Run after every cycle that made a generation, refused ones included:
+    otherwise a run of refusals kept a merged checkpoint each (~28 GB for a 7B) until one passed."""
     active = lineage.active()
-    protected = {active.id, active.parent_id}
-    with_hf = [g for g in lineage.generations() if (g.folder / "hf").exists()]
+    gens = lineage.generations()
+    protected = {active.id, active.parent_id} | ({gens[-1].id} if gens else set())
+    with_hf = [g for g in gens if (g.folder / "hf").exists()]
     promoted = [g for g in with_hf if g.meta.get("status") in ("promoted", "base")]
     protected |= {g.id for g in promoted[-keep:]}
     pruned = []
@@ -365,12 +385,29 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                                       constitution_sha=constitution_sha))
     store.upsert_generation(gen_id=gen_id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=child_sha,
                             status="candidate" if gate.passed else "refused", meta=meta)
-    if gate.passed:
-        promote(settings, store, gen_id, actor=actor, why=f"passed the gate against {parent.id}")
-        prune_full_precision(lineage, settings.keep_full_precision)
-    else:
+    if gate.passed and not promote(settings, store, gen_id, actor=actor, expect=parent.id,
+                                   why=f"passed the gate against {parent.id}"):
+        report.status = "held"
+        report.reasons.append(_hold(lineage, store, parent, gen))
+    elif not gate.passed:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
+    prune_full_precision(lineage, settings.keep_full_precision)
     return report
+
+
+def _hold(lineage: Lineage, store: Store, parent: Generation, gen: Generation, why: str | None = None) -> str:
+    """The child passed against `parent`, but the pointer left `parent` while it trained (an admin's
+    or the live watch's rollback, a promotion by hand): serving it now would undo that decision.
+    It is kept as a candidate an admin can promote (recorded as `held`); returns why. `why`: another
+    reason it could not be promoted."""
+    now_id = lineage.active_id()
+    reason = (f"passed the gate against {parent.id}, but " +
+              (f"it could not be promoted: {why}" if why else f"{now_id} was made active while it trained; "
+               f"not promoted over that (/promote {gen.id} serves it)"))
+    lineage.append_ledger(_ledger_row(gen.id, parent, child_sha=gen.sha256, event="held", gate="passed",
+                                      reason=reason, actor="system"))
+    store.log_event("cycle_held", detail={"gen": gen.id, "parent": parent.id, "active": now_id})
+    return reason
 
 
 def _write_data(settings: Settings, store: Store, staging: Path, delta, chain: list[Generation],

@@ -116,7 +116,7 @@ def run_child(argv: list[str], *, at_stage: Callable[[str], None] | None = None)
 # --- the parent side ---------------------------------------------------------------------------
 @dataclass
 class CycleOutcome:
-    status: str                    # promoted | refused | skipped | failed | killed
+    status: str                    # promoted | held | refused | skipped | failed | killed
     report: dict = field(default_factory=dict)
     returncode: int | None = None
     stderr_tail: str = ""

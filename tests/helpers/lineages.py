@@ -27,6 +27,17 @@ def add_reviewed(store, n: int, *, start: int = 0, with_pairs: bool = True) -> N
             store.take_correction(1000 + i, 1000 + i, f"topic {i}? love it, let's dig in 🌊")
 
 
+def rate_replies(store, gen_id: str, values: list[int], start: int, *, user_id: int | None = None) -> None:
+    """One turn per value written by `gen_id`, rated so by its own person (user `start + i`), or
+    all by `user_id`."""
+    for i, v in enumerate(values):
+        uid = user_id if user_id is not None else start + i
+        t = store.add_user_turn(chat_id=start + i, user_id=uid, text="hello")
+        store.complete_turn(t, reply_text="hi", generation_id=gen_id, prompt_tokens=1, completion_tokens=1,
+                            latency_s=0.1, ttft_s=0.01, context_start_turn_id=t)
+        store.rate(t, uid, v)
+
+
 class Loader:
     """Builds fake engines for generations; a set of ids fails to load or returns empty replies."""
 
