@@ -343,6 +343,11 @@ def migrate(conn: sqlite3.Connection, *, stop_before: str | None = None) -> list
         if name in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        # another process opening the store at the same moment (`ouro serve` and `ouro web` started
+        # together) may have applied it between our read of the list and our write lock
+        if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
+            conn.execute("ROLLBACK")
+            continue
         try:
             fn(conn)
             conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, now()))

@@ -118,3 +118,27 @@ def test_failed_migration_rolls_back_and_leaves_nothing_half_applied(tmp_path):
     finally:
         migrations.MIGRATIONS.pop()
         conn.close()
+
+
+def test_two_processes_migrating_at_once_both_open_the_store(tmp_path, monkeypatch):
+    """`ouro serve` and `ouro web` started together on a new or upgraded database: both read the
+    pending list, one takes the write lock first and applies it all; the other must skip what is
+    done by then, not fail on "duplicate column" or "table already exists"."""
+    from memory import migrations
+
+    path = tmp_path / "race.db"
+    migrate(sqlite3.connect(path, isolation_level=None), stop_before="m002_feedback")   # an older database
+    first, second = (sqlite3.connect(path, isolation_level=None) for _ in range(2))
+    real_applied, raced = migrations.applied, []
+
+    def applied_then_overtaken(conn):
+        done = real_applied(conn)
+        if conn is second and not raced:       # the other process wins the lock after our read
+            raced.append(migrate(first))
+        return done
+
+    monkeypatch.setattr(migrations, "applied", applied_then_overtaken)
+    assert migrate(second) == []               # everything it had read as pending was done meanwhile
+    assert raced and raced[0] and pending(first) == pending(second) == []
+    first.close()
+    second.close()
