@@ -150,6 +150,11 @@ class Api:
         if turn is None or turn.user_id != user_id or turn.status != "answered":
             raise ApiError(404, f"no completion {raw_id} of this key", param="completion_id",
                            code="completion_not_found")
+        if correction is not None and self.flood.check(user_id) != ADMIT:
+            # a correction is a message to learn from, stored like one: the same per-key limit as chat
+            # (a rating only ever changes one row per completion and needs none)
+            raise ApiError(429, LIMITED.format(self.flood.messages, self.flood.window_s), code="rate_limit_exceeded",
+                           headers={"retry-after": str(int(self.flood.window_s))})
         result: dict = {"id": raw_id, "object": "feedback"}
         if rating is not None:
             result["rating"] = conv.rate(turn.id, user_id, rating)

@@ -276,6 +276,22 @@ def test_rate_limit_is_per_key_and_stores_the_turn(make_api):
     assert api.client(other).chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_corrections_through_the_api_count_against_the_keys_rate_limit(make_api):
+    api = make_api(RecordingEngine(["a reply"] * 4), flood_messages=3, flood_window_s=600)
+    reply = api.client().chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hi"}])
+    auth = {"authorization": f"Bearer {api.key}"}
+
+    def correct(text):
+        return httpx.post(f"{api.base_url}/feedback", headers=auth, json={"completion_id": reply.id, "correction": text})
+
+    assert [correct(f"better {i}").status_code for i in range(2)] == [200, 200]   # 1 chat + 2 corrections
+    limited = correct("and another, forever")
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "600"
+    assert api.store.database.scalar("SELECT COUNT(*) FROM corrections") == 2
+    rated = httpx.post(f"{api.base_url}/feedback", headers=auth, json={"completion_id": reply.id, "rating": 1})
+    assert rated.status_code == 200                                                # a rating needs no allowance
+
+
 def test_a_failing_model_is_a_500_with_the_turn_stored_and_the_server_alive(make_api, caplog):
     api = make_api(FakeEngine(fail_with=RuntimeError("secret internals exploded")))
     client = api.client()
