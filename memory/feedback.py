@@ -9,9 +9,12 @@ menu, never free text: it is shown to admins and needs no screening.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 from core.files import now
 from memory.db import Database
+
+CORRECTION_WAIT_S = 1800.0   # a ✏️ is answered within this long, or its next message is a message again
 
 # the reasons a 👎 may carry (one tap after 👎), by the key stored in ratings.reason
 REASONS: dict[str, str] = {"long": "too long", "off": "off-topic", "wrong": "wrong", "rude": "rude",
@@ -58,10 +61,13 @@ class FeedbackMixin:
                                    "ORDER BY updated_at", (turn_id,))
         return [REASONS.get(r["reason"], r["reason"]) for r in rows]
 
-    def add_alternative(self, turn_id: int, text: str, generation_id: str | None) -> int:
+    def add_alternative(self, turn_id: int, text: str, generation_id: str | None) -> int | None:
+        """A 🔁 second take of `turn_id`; None when that turn is gone (forgotten while it was written,
+        perhaps by another thread: the check and the insert are one statement)."""
         with self.database.transaction() as conn:
-            return conn.execute("INSERT INTO alternatives (turn_id, text, generation_id, created_at) "
-                                "VALUES (?, ?, ?, ?)", (turn_id, text, generation_id, now())).lastrowid
+            cur = conn.execute("INSERT INTO alternatives (turn_id, text, generation_id, created_at) "
+                               "SELECT id, ?, ?, ? FROM turns WHERE id = ?", (text, generation_id, now(), turn_id))
+            return cur.lastrowid if cur.rowcount else None
 
     def set_alternative_message_ids(self, alternative_id: int, message_ids: list[int]) -> None:
         with self.database.transaction() as conn:
@@ -108,12 +114,19 @@ class FeedbackMixin:
     def take_correction(self, chat_id: int, user_id: int, text: str) -> int | None:
         """If this user owes a correction in this chat, store `text` as it (and as a preference pair).
 
-        Returns the corrected turn's id, or None when no correction was awaited.
+        Returns the corrected turn's id, or None when no correction was awaited. A ✏️ left
+        unanswered for `CORRECTION_WAIT_S` has lapsed: otherwise a message days later — a question
+        to the bot, after the person forgot the ✏️ or answered it where the bot could not hear —
+        would be taken as a better reply and trained as one, and never answered.
         """
+        lapsed = (datetime.now(UTC) - timedelta(seconds=CORRECTION_WAIT_S)).isoformat(timespec="milliseconds")
         with self.database.transaction() as conn:
-            row = conn.execute("SELECT turn_id FROM awaiting_corrections WHERE chat_id = ? AND user_id = ?",
+            row = conn.execute("SELECT turn_id, created_at FROM awaiting_corrections WHERE chat_id = ? AND user_id = ?",
                                (chat_id, user_id)).fetchone()
             if row is None:
+                return None
+            if row[1] < lapsed:
+                conn.execute("DELETE FROM awaiting_corrections WHERE chat_id = ? AND user_id = ?", (chat_id, user_id))
                 return None
             turn_id = row[0]
             reply = conn.execute("SELECT reply_text FROM turns WHERE id = ?", (turn_id,)).fetchone()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime, timedelta
 
 from memory.migrations import MIGRATIONS, migrate, pending
 from memory.store import Store
@@ -142,3 +143,23 @@ def test_two_processes_migrating_at_once_both_open_the_store(tmp_path, monkeypat
     assert raced and raced[0] and pending(first) == pending(second) == []
     first.close()
     second.close()
+
+
+def test_a_correction_left_unanswered_lapses_and_the_next_message_is_a_message(store):
+    """✏️ tapped and never answered (or answered where the bot could not hear it, in a group):
+    a message half an hour later is not stored as a better reply and a preference pair."""
+    from memory.feedback import CORRECTION_WAIT_S
+
+    turn = store.add_user_turn(chat_id=5, user_id=7, text="what is 2+2?")
+    store.complete_turn(turn, reply_text="5", generation_id="gen-0000", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=None)
+    store.await_correction(5, 7, turn)
+    assert store.take_correction(5, 7, "4") == turn                       # answered in time: taken
+    store.await_correction(5, 7, turn)
+    with store.database.transaction() as conn:                             # ... and this one left waiting
+        conn.execute("UPDATE awaiting_corrections SET created_at = ?",
+                     ((datetime.now(UTC) - timedelta(seconds=CORRECTION_WAIT_S + 60)).isoformat(timespec="milliseconds"),))
+    assert store.take_correction(5, 7, "@bot what's the capital of France?") is None
+    assert store.database.scalar("SELECT COUNT(*) FROM corrections") == 1
+    assert store.database.scalar("SELECT COUNT(*) FROM preferences") == 1
+    assert store.database.scalar("SELECT COUNT(*) FROM awaiting_corrections") == 0
