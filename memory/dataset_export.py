@@ -7,7 +7,10 @@ never holds more than the project itself would train on. Three shapes:
   OpenAI's chat fine-tuning. The earlier assistant messages of an example are the context the
   reply was served with, not reviewed replies, so they carry `"weight": 0` (OpenAI's switch for
   "do not train on this message"); only the last one is learned, as in our own trainer.
-- `sft`: TRL's conversational language-modeling format, `{"messages": [...]}`.
+- `sft`: TRL's conversational prompt-completion format, `{"prompt": [...], "completion": [assistant]}`.
+  SFTTrainer learns only the completion of such rows (its default), so only the reviewed reply is
+  a target, as in our own trainer; a `{"messages": [...]}` row would teach every earlier reply too
+  (the served context, replies an admin rejected included).
 - `dpo`: TRL's conversational preference format, `{"prompt": [...], "chosen": [assistant],
   "rejected": [assistant]}`.
 All three load with `datasets.load_dataset("json", data_files=...)` as they are.
@@ -110,7 +113,7 @@ def openai_rows(delta: Delta) -> list[dict]:
 
 
 def sft_rows(delta: Delta) -> list[dict]:
-    return [{"messages": _plain(ex.messages)} for ex in delta.examples]
+    return [{"prompt": _plain(ex.messages[:-1]), "completion": _plain(ex.messages[-1:])} for ex in delta.examples]
 
 
 def dpo_rows(delta: Delta) -> list[dict]:

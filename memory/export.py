@@ -20,13 +20,15 @@ survived the screens, trust rules, caps and budget, and has the example's weight
 come in whole, the persona in front, with their own train/held-out split and outside the
 rating budget (nobody rated them; the admin chose them); so do the preference pairs an import
 found (a ChatGPT answer kept over one regenerated in its place). Everything passes PII redaction before it is
-returned; exact duplicates are dropped; people who opted out are left out entirely.
+returned; exact duplicates are dropped; people who opted out are left out entirely (what they said in a
+group too, from the context of the others' items).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from memory.proposals import kept_proposal_rows
@@ -123,32 +125,49 @@ def _clean(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": redact(m["content"])} for m in messages]
 
 
-def served_context(store: Store, turn_id: int, persona: str) -> list[dict]:
+def served_context(store: Store, turn_id: int, persona: str, *, opt_out_by_default: bool = False,
+                   policy: TrustPolicy | None = None, screens: Screens | None = None) -> list[dict]:
     """The conversation before this turn as it should have gone: persona, the window from its anchor,
-    the question. Each earlier reply is the one people settled on — an admin's edit, else its
-    author's latest ✏️ correction, else the 🔁 reply they kept, else the reply served — so the later
+    the question. Each earlier reply is the one people settled on (`_settled_reply`), so the later
     turns of a corrected chat learn in the voice they were taught, and every example of one chat is a
     prefix of the next (the trainer then reads the chat once: trainer.dataset.merge_conversations).
-    In a group each message is read with its speaker's name, as serving read it (memory/speakers.py)."""
+    In a group each message is read with its speaker's name, as serving read it (memory/speakers.py),
+    and the turns of people who opted out are left out, as /forget leaves out the forgotten's."""
     db = store.database
     turn = db.one("SELECT * FROM turns WHERE id = ?", (turn_id,))
     start = turn["context_start_turn_id"] or turn["id"]
     rows = db.query(
-        "SELECT t.user_text, t.speaker, t.created_at, COALESCE(CASE WHEN v.verdict = 'edited' THEN v.edited_text END, "
-        "(SELECT c.text FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id ORDER BY c.id DESC "
-        "LIMIT 1), a.text, t.reply_text) AS reply FROM turns t "
+        "SELECT t.user_id, t.user_text, t.speaker, t.created_at, t.reply_text, a.text AS picked, v.verdict, "
+        "v.edited_text, (SELECT c.text FROM corrections c WHERE c.turn_id = t.id AND c.user_id = t.user_id "
+        "ORDER BY c.id DESC LIMIT 1) AS correction FROM turns t LEFT JOIN users u ON u.id = t.user_id "
         "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id LEFT JOIN reviews v ON v.turn_id = t.id "
-        "WHERE t.session_id = ? AND t.status = 'answered' AND t.id >= ? AND t.id < ? ORDER BY t.id",
-        (turn["session_id"], start, turn_id))
+        "WHERE t.session_id = ? AND t.status = 'answered' AND t.id >= ? AND t.id < ? "
+        "AND COALESCE(u.training_opt_out, ?) = 0 ORDER BY t.id",
+        (turn["session_id"], start, turn_id, int(opt_out_by_default)))
     messages = [{"role": "system", "content": persona}] if persona else []
     previous_at = None
     for r in rows:
         messages += [{"role": "user", "content": as_read(r["user_text"], r["speaker"], r["created_at"], previous_at)},
-                     {"role": "assistant", "content": r["reply"]}]
+                     {"role": "assistant", "content": _settled_reply(r, policy, screens)}]
         previous_at = r["created_at"]
     messages.append({"role": "user", "content": as_read(turn["user_text"], turn["speaker"], turn["created_at"],
                                                         previous_at)})
     return messages
+
+
+def _settled_reply(row: dict, policy: TrustPolicy | None, screens: Screens | None) -> str:
+    """An earlier turn's reply as people settled it: an admin's edit, else its author's latest ✏️
+    correction where it could be a target itself (the turn not rejected, its author teaching directly
+    or an admin approving it, through the content screens: text kept out of training as a target must
+    not come back in as context), else the 🔁 reply they kept, else the reply served (what /review shows)."""
+    if row["verdict"] == "edited" and row["edited_text"] is not None:
+        return row["edited_text"]
+    correction, verdict = row["correction"], row["verdict"]
+    if correction is not None and verdict != "rejected" \
+            and (verdict == "approved" or policy is None or policy.teaches_directly(row["user_id"])) \
+            and (screens is None or not screen(correction, screens)):
+        return correction
+    return row["picked"] if row["picked"] is not None else row["reply_text"]
 
 
 def reviewed_since(store: Store, *, persona: str, since: str | None, until: str | None = None,
@@ -165,6 +184,10 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     window = "(? IS NULL OR {col} > ?) AND (? IS NULL OR {col} <= ?)"
     params_window = (since, since, until, until)
     delta = Delta()
+
+    def context(turn_id: int) -> list[dict]:
+        return served_context(store, turn_id, persona, opt_out_by_default=opt_out_by_default, policy=policy,
+                              screens=screens)
 
     # 👍 / 👎: one score per turn (sum of its ratings), reviewed when a rating changed in the window
     rated = db.query(
@@ -183,11 +206,11 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     delta.dropped["overruled"] = sum(verdicts.get(r["id"]) in ("rejected", "edited") for r in positive)
     positive = [r for r in positive if verdicts.get(r["id"]) not in ("rejected", "edited")]
     paired = _paired(store)   # turns someone offered an alternative for: their ratings are not lone
-    unwanted = [Rated(prompt=served_context(store, r["id"], persona), completion=r["reply"], desirable=False,
+    unwanted = [Rated(prompt=context(r["id"]), completion=r["reply"], desirable=False,
                       source="thumbs_down", created_at=r["created_at"], turn_id=r["id"], contributor=r["user_id"],
                       reason=r["reason"])
                 for r in rated if r["score"] < 0 and r["id"] not in paired and r["id"] not in verdicts]
-    candidates = [Example(messages=served_context(store, r["id"], persona) + [{"role": "assistant", "content": r["reply"]}],
+    candidates = [Example(messages=context(r["id"]) + [{"role": "assistant", "content": r["reply"]}],
                           source="thumbs_up", created_at=r["created_at"], turn_id=r["id"], score=float(r["score"]),
                           contributor=r["user_id"], approved=verdicts.get(r["id"]) == "approved")
                   for r in positive]
@@ -201,7 +224,7 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
     for c in corrections:
         if verdicts.get(c["turn_id"]) in ("rejected", "approved"):   # approved: it comes with the verdict
             continue
-        prompt = served_context(store, c["turn_id"], persona)
+        prompt = context(c["turn_id"])
         candidates.append(Example(messages=prompt + [{"role": "assistant", "content": c["text"]}], source="correction",
                                   created_at=c["created_at"], turn_id=c["turn_id"], score=2.0,
                                   contributor=c["user_id"]))
@@ -216,17 +239,17 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
             continue
         if p["source"] == "correction" and verdicts.get(p["turn_id"]) == "approved":   # comes with the verdict
             continue
-        pairs.append(Pair(prompt=served_context(store, p["turn_id"], persona), chosen=p["chosen"],
+        pairs.append(Pair(prompt=context(p["turn_id"]), chosen=p["chosen"],
                           rejected=p["rejected"], source=p["source"], created_at=p["created_at"],
                           turn_id=p["turn_id"], contributor=p["user_id"]))
 
-    refined_examples, refined = _refinements(store, persona, since=since, until=until,
+    refined_examples, refined = _refinements(store, persona, context, since=since, until=until,
                                              opt_out_by_default=opt_out_by_default)
     delta.considered += len(refined)
     candidates += refined_examples
     pairs += refined
 
-    reviewed, review_pairs, agreed = _admin_reviews(store, persona, since=since, until=until,
+    reviewed, review_pairs, agreed = _admin_reviews(store, context, since=since, until=until,
                                                     opt_out_by_default=opt_out_by_default, paired=paired,
                                                     have={e.turn_id for e in candidates if e.source == "thumbs_up"})
     delta.considered += len(reviewed) + len(review_pairs) + len(agreed)
@@ -270,6 +293,13 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
         delta.pairs.append(pair)
     for item in unwanted:
         item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
+    for item in delta.deferred:   # written to the generation's deferred.jsonl: redacted like what trains
+        if isinstance(item, Example):
+            item.messages = _clean(item.messages)
+        elif isinstance(item, Pair):
+            item.prompt, item.chosen, item.rejected = _clean(item.prompt), redact(item.chosen), redact(item.rejected)
+        else:
+            item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
     wanted = [Rated(prompt=e.messages[:-1], completion=e.messages[-1]["content"], desirable=True, source="thumbs_up",
                     created_at=e.created_at, turn_id=e.turn_id, contributor=e.contributor, approved=e.approved,
                     weight=e.weight) for e in delta.examples if e.source == "thumbs_up" and e.turn_id not in paired]
@@ -285,8 +315,8 @@ def _paired(store: Store) -> set[int]:
         "WHERE status IN ('kept', 'edited') AND turn_id IS NOT NULL")}
 
 
-def _refinements(store: Store, persona: str, *, since: str | None, until: str | None,
-                 opt_out_by_default: bool) -> tuple[list[Example], list[Pair]]:
+def _refinements(store: Store, persona: str, context: Callable[[int], list[dict]], *, since: str | None,
+                 until: str | None, opt_out_by_default: bool) -> tuple[list[Example], list[Pair]]:
     """Self-refinement proposals kept (or edited) in (since, until] (memory/proposals.py): a pair each,
     the refined reply (or the admin's edit) chosen, the served one rejected — and, for a 👎'd turn, an
     example with that reply, as a ✏️ correction is both (so a cycle can learn from 👎s alone: training
@@ -299,7 +329,7 @@ def _refinements(store: Store, persona: str, *, since: str | None, until: str | 
         chosen = r["edited_text"] if r["status"] == "edited" and r["edited_text"] else r["refined"]
         if chosen.strip() == r["served"].strip():
             continue
-        prompt = served_context(store, r["turn_id"], persona) if r["turn_id"] is not None else \
+        prompt = context(r["turn_id"]) if r["turn_id"] is not None else \
             ([{"role": "system", "content": persona}] if persona else []) + [{"role": "user", "content": r["prompt"]}]
         who = {"created_at": r["decided_at"], "turn_id": r["turn_id"], "contributor": r["reviewer_id"],
                "approved": not r["auto"]}
@@ -366,8 +396,8 @@ def _verdicts(store: Store) -> dict[int, str]:
     return {r["turn_id"]: r["verdict"] for r in store.database.query("SELECT turn_id, verdict FROM reviews")}
 
 
-def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str | None, opt_out_by_default: bool,
-                   have: set, paired: set) -> tuple[list[Example], list[Pair], list[Rated]]:
+def _admin_reviews(store: Store, context: Callable[[int], list[dict]], *, since: str | None, until: str | None,
+                   opt_out_by_default: bool, have: set, paired: set) -> tuple[list[Example], list[Pair], list[Rated]]:
     """Turns approved or edited by an admin in (since, until]: examples (and a pair per edit). Approving
     a turn its author corrected approves the correction: the correction is the target, and a pair.
     Approving a lone 👎 (no alternative, rated below zero) agrees with it: an undesirable item."""
@@ -387,14 +417,14 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
     examples, pairs, agreed = [], [], []
     for r in rows:
         if r["verdict"] == "approved" and (r["score"] or 0) < 0 and r["turn_id"] not in paired:
-            agreed.append(Rated(prompt=served_context(store, r["turn_id"], persona), completion=r["reply"] or "",
+            agreed.append(Rated(prompt=context(r["turn_id"]), completion=r["reply"] or "",
                                 desirable=False, source="review", created_at=r["created_at"], turn_id=r["turn_id"],
                                 contributor=r["reviewer_id"], approved=True, reason=r["reason"]))
             continue
         corrected = r["verdict"] == "approved" and r["correction"] is not None
         if r["verdict"] == "approved" and r["turn_id"] in have and not corrected:   # already an example (👍)
             continue
-        prompt = served_context(store, r["turn_id"], persona)
+        prompt = context(r["turn_id"])
         target = r["edited_text"] if r["verdict"] == "edited" else r["correction"] if corrected else r["reply"]
         examples.append(Example(messages=prompt + [{"role": "assistant", "content": target}],
                                 source="review_edit" if r["verdict"] == "edited" else "correction" if corrected
@@ -411,9 +441,19 @@ def _admin_reviews(store: Store, persona: str, *, since: str | None, until: str 
 LIVE_SOURCES = ("thumbs_up", "correction", "review", "review_edit", "refine")   # examples made from a stored chat turn
 
 
+def _same_people(store: Store, turn_id: int, messages: list[dict], opt_out_by_default: bool) -> bool:
+    """Whether what people said up to this turn is still what the store gives now: someone's /forget or
+    /optout in a group takes their messages out of the conversation, so an item that quoted them may not
+    train. The replies in between may since have been corrected, which changes nothing about who may be
+    trained on. Both sides redacted (redaction is idempotent), as an item may have been stored before it."""
+    current = served_context(store, turn_id, "", opt_out_by_default=opt_out_by_default)
+    return [m for m in _clean(messages) if m["role"] == "user"] == [m for m in _clean(current) if m["role"] == "user"]
+
+
 def still_unwanted(store: Store, items: list[Rated], *, opt_out_by_default: bool) -> list[Rated]:
     """Deferred lone 👎s that may still train: the turn is still there (not /forget-ten), its author still
-    consents, no admin rejected or edited it, it is still rated below zero and still has no alternative."""
+    consents, no admin rejected or edited it, it is still rated below zero and still has no alternative,
+    and the people in its context are still there (`_same_people`)."""
     ids = sorted({r.turn_id for r in items if r.turn_id is not None})
     if not ids:
         return [r for r in items if r.turn_id is None]
@@ -424,15 +464,47 @@ def still_unwanted(store: Store, items: list[Rated], *, opt_out_by_default: bool
         "AND (SELECT COALESCE(SUM(r.value), 0) FROM ratings r WHERE r.turn_id = t.id) < 0",
         (json.dumps(ids), int(opt_out_by_default)))
     alive = {r["id"] for r in rows} - _paired(store)
-    return [r for r in items if r.turn_id is None or r.turn_id in alive]
+    return [r for r in items if r.turn_id is None
+            or (r.turn_id in alive and _same_people(store, r.turn_id, r.prompt, opt_out_by_default))]
+
+
+def still_paired(store: Store, pairs: list[Pair], *, opt_out_by_default: bool) -> list[Pair]:
+    """Deferred preference pairs that may still train, by the rules fresh ones follow: the turn is still
+    answered (not /forget-ten) and its author consents (not /optout-ed); a 🔁 or ✏️ pair's pick is still
+    stored and its chooser consents, and no admin rejected the turn (nor approved it: an approved ✏️
+    comes with the verdict); a kept refinement's turn was neither rejected nor edited; and the people in
+    its context are still there (`_same_people`). A pair without a turn (a refinement's scenario) passes."""
+    ids = json.dumps(sorted({p.turn_id for p in pairs if p.turn_id is not None}))
+    verdicts = {r["id"]: r["verdict"] for r in store.database.query(
+        "SELECT t.id, v.verdict FROM turns t JOIN users u ON u.id = t.user_id LEFT JOIN reviews v ON v.turn_id = t.id "
+        "WHERE t.id IN (SELECT value FROM json_each(?)) AND t.status = 'answered' "
+        "AND COALESCE(u.training_opt_out, ?) = 0", (ids, int(opt_out_by_default)))}
+    chosen = {(r["turn_id"], r["user_id"]) for r in store.database.query(
+        "SELECT p.turn_id, p.user_id FROM preferences p JOIN users u ON u.id = p.user_id "
+        "WHERE p.turn_id IN (SELECT value FROM json_each(?)) AND COALESCE(u.training_opt_out, ?) = 0",
+        (ids, int(opt_out_by_default)))}
+
+    def keep(p: Pair) -> bool:
+        if p.turn_id is None:
+            return True
+        if p.turn_id not in verdicts:
+            return False
+        verdict = verdicts[p.turn_id]
+        if p.source == "refine":
+            allowed = verdict not in ("rejected", "edited")
+        else:
+            allowed = (p.turn_id, p.contributor) in chosen and verdict != "rejected" \
+                and not (p.source == "correction" and verdict == "approved")
+        return allowed and _same_people(store, p.turn_id, p.prompt, opt_out_by_default)
+
+    return [p for p in pairs if keep(p)]
 
 
 def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default: bool) -> list[Example]:
     """Ancestors' examples that may still be trained on (replay). One made from a chat turn needs the turn
     to exist (not /forget-ten), its author's consent now (not /optout-ed), no admin rejection (nor an
-    edit, for the reply as served), and its context as the store gives it now: in a group, someone
-    else's /forget removes their messages from the conversation, so an example that quoted them goes.
-    The rest (imports, probes) pass."""
+    edit, for the reply as served), and the people in its context still there (`_same_people`: in a
+    group, someone else's /forget or /optout takes their messages out). The rest (imports, probes) pass."""
     ids = sorted({e.turn_id for e in examples if e.source in LIVE_SOURCES and e.turn_id is not None})
     rows = store.database.query(
         "SELECT t.id, v.verdict FROM turns t JOIN users u ON u.id = t.user_id LEFT JOIN reviews v ON v.turn_id = t.id "
@@ -447,9 +519,6 @@ def still_trainable(store: Store, examples: list[Example], *, opt_out_by_default
             return False
         if e.source == "thumbs_up" and allowed[e.turn_id] == "edited":
             return False
-        # what people said around it must still be there; the replies in between may since have been
-        # corrected, which changes nothing about who may be trained on
-        then = [m for m in e.messages[:-1] if m["role"] == "user"]
-        return then == [m for m in _clean(served_context(store, e.turn_id, "")) if m["role"] == "user"]
+        return _same_people(store, e.turn_id, e.messages[:-1], opt_out_by_default)
 
     return [e for e in examples if keep(e)]

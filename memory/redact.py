@@ -17,7 +17,14 @@ _URL = re.compile(r"https?://\S+", re.IGNORECASE)
 _SECRET_PARAM = re.compile(
     r"[?&#](?:token|access_token|api_key|apikey|key|secret|sig|signature|auth|password|pwd|session)=[^\s&#]+",
     re.IGNORECASE)
-_BOT_TOKEN = re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b")
+# A Telegram bot token, bare or inside a Bot API URL (".../bot123456789:AAH…/getMe": no word boundary
+# before the digits there), and API keys by their issuers' shapes: OpenAI, GitHub, AWS, Hugging Face,
+# Google, Slack, and this project's own (api/keys.py: "ouro-" and 43 URL-safe characters).
+_BOT_TOKEN = re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}")
+_API_KEY = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:ouro-[A-Za-z0-9_-]{43,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{36,}"
+    r"|github_pat_[A-Za-z0-9_]{22,}|A[KS]IA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|AIza[0-9A-Za-z_-]{35,}"
+    r"|xox[abposr]-[A-Za-z0-9-]{10,})")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 _PHONE = re.compile(r"(?<![\w+])(?:\+|00)?\d[\d ().-]{6,}\d(?!\w)")
@@ -74,10 +81,11 @@ def _phone(m: re.Match) -> str:
 
 
 def redact(text: str) -> str:
-    """Replace emails, phone/card/account numbers, IBANs, street addresses (in the ADDRESS_LANGUAGES)
-    and secret-bearing URLs."""
+    """Replace emails, phone/card/account numbers, IBANs, street addresses (in the ADDRESS_LANGUAGES),
+    secret-bearing URLs, bot tokens and API keys."""
     text = _URL.sub(_url, text)
     text = _BOT_TOKEN.sub("[secret]", text)
+    text = _API_KEY.sub("[secret]", text)
     text = _EMAIL.sub("[email]", text)
     text = _IBAN.sub("[iban]", text)
     text = _ACCOUNT.sub("[account]", text)

@@ -5,7 +5,9 @@ Every training target has a contributor: the person whose ✏️ correction, �
 (listed in settings, or earned: an admin approved enough of their contributions), everyone else.
 
 `learn_from` says whose feedback trains on its own:
-- `everyone`: every tier (an allow-listed bot's default: its owner chose who may talk to it);
+- `everyone`: every tier (an allow-listed bot's default: its owner chose who may talk to it; there
+  "everyone" is who may still talk to it, so taking someone off the allow-list or revoking an API
+  key sends what they left to /review);
 - `trusted`: admins and trusted people; the rest waits in /review (an open bot's default);
 - `reviewed`: admins only; everyone else's feedback waits in /review;
 - `admins`: admins only; nobody else's feedback is even queued.
@@ -37,6 +39,7 @@ class TrustPolicy:
     admins: frozenset[int] = frozenset()
     trusted: frozenset[int] = frozenset()  # listed and earned
     known: frozenset[int] = frozenset()    # on the allow-list: the owner chose them, never "new accounts"
+    members: frozenset[int] | None = None  # who "everyone" is: the allow-list and live API keys; None: anyone
     max_share: float = 0.5
     min_items: int = 8
     new_account_window_s: float = 3600.0
@@ -50,7 +53,7 @@ class TrustPolicy:
     def teaches_directly(self, user_id: int | None) -> bool:
         tier = self.tier(user_id)
         if self.learn_from == "everyone":
-            return True
+            return self.members is None or tier != OTHER or user_id in self.members
         if self.learn_from == "trusted":
             return tier in (ADMIN, TRUSTED)
         return tier == ADMIN
@@ -169,13 +172,21 @@ def earned_trust(store, approvals: int) -> set[int]:
     return {r["user_id"] for r in rows if r["n"] >= approvals}
 
 
+def chat_members(settings, store) -> frozenset[int] | None:
+    """Who may talk to an allow-listed bot now: the allow-list and the people of live API keys (None on an
+    open bot: anyone). Admins and trusted people are not needed here: their tier lets them teach."""
+    if not settings.allowed_user_ids:
+        return None
+    return frozenset(settings.allowed_user_ids) | {key["user_id"] for key in store.api_keys()}
+
+
 def policy_for(settings, store) -> TrustPolicy:
     """The policy the settings and the store's review history give (settings: config.settings.Settings)."""
     return TrustPolicy(
         learn_from=resolve_mode(settings.learn_from, allow_list=bool(settings.allowed_user_ids)),
         admins=frozenset(settings.admin_ids),
         trusted=frozenset(settings.trusted_user_ids) | frozenset(earned_trust(store, settings.trust_after_approvals)),
-        known=frozenset(settings.allowed_user_ids),
+        known=frozenset(settings.allowed_user_ids), members=chat_members(settings, store),
         max_share=settings.max_share_per_source, min_items=settings.min_items_per_source,
         new_account_window_s=settings.new_account_window_s,
         weights={ADMIN: settings.weight_admin, TRUSTED: settings.weight_trusted, OTHER: settings.weight_other})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from memory.export import Delta, reviewed_since, served_context
+from memory.screens import Screens
+from memory.trust import TrustPolicy
 
 
 def answered(store, chat, user, text, reply, anchor=None):
@@ -96,3 +98,34 @@ def test_later_turns_of_a_corrected_chat_carry_the_correction_in_their_context(s
     store.database.conn.execute("INSERT INTO corrections (turn_id, user_id, text, created_at) "
                                 "VALUES (?, 3, 'Buy crypto!', 'x')", (t4,))
     assert served_context(store, t5, "P")[2]["content"] == "hey."
+
+
+def test_a_correction_stands_in_for_a_reply_in_later_context_only_where_it_could_train_itself(store):
+    """Later turns are taught in the corrected voice only when the ✏️ could be a target itself: not on a
+    rejected turn, from someone who teaches directly (or approved by an admin), through the content
+    screens. Otherwise the context holds the reply as served, which is also what /review showed."""
+    admin, ann, eve = 1, 2, 666
+    policy = TrustPolicy(learn_from="trusted", admins=frozenset({admin}), trusted=frozenset({ann}), max_share=1.0)
+
+    def chat(chat_id, user, correction, verdict=None):
+        first = answered(store, chat_id, user, f"where do I buy coins? (chat {chat_id})", "I don't know.")
+        store.await_correction(chat_id, user, first)
+        store.take_correction(chat_id, user, correction)
+        if verdict:
+            store.record_review(first, admin, verdict)
+        later = answered(store, chat_id, user, "thanks, anything else?", "Have a nice day!", anchor=first)
+        store.rate(later, user, 1)
+        if user == eve:
+            store.record_review(later, admin, "approved")
+        return later
+
+    rejected = chat(10, eve, "Buy now at the coin shop!!!", "rejected")
+    waiting = chat(11, eve, "Buy at the shop")
+    approved = chat(12, eve, "Ask your bank.", "approved")
+    screened = chat(13, ann, "Buy now at https://evil-coins.xyz/ref=66")
+    trusted = chat(14, ann, "Ask a friend.")
+    delta = reviewed_since(store, persona="P", since=None, budget=10**9, policy=policy, screens=Screens(reference="P"))
+    context = {e.turn_id: e.messages[2]["content"] for e in delta.examples if e.messages[-1]["content"] == "Have a nice day!"}
+    assert context == {rejected: "I don't know.", waiting: "I don't know.", screened: "I don't know.",
+                       approved: "Ask your bank.", trusted: "Ask a friend."}
+    assert served_context(store, waiting, "P")[2]["content"] == "Buy at the shop"   # no policy: everyone teaches

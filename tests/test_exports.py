@@ -143,9 +143,13 @@ def test_sft_and_dpo_load_with_datasets_as_trl_conversational_data(cfg, store, t
     run_export(cfg, store, "sft", out=tmp_path / "sft.jsonl")
     run_export(cfg, store, "dpo", out=tmp_path / "dpo.jsonl")
     sft = load_json_dataset(tmp_path / "sft.jsonl", tmp_path)
-    assert sft.column_names == ["messages"] and sft.num_rows == 5
-    assert sft[0]["messages"] == read_jsonl(tmp_path / "sft.jsonl")[0]["messages"]
-    assert all(set(m) == {"role", "content"} for row in sft for m in row["messages"])
+    # prompt-completion: TRL's SFTTrainer learns only the reviewed reply, never the context's replies
+    assert sorted(sft.column_names) == ["completion", "prompt"] and sft.num_rows == 5
+    assert sft[0]["prompt"] == read_jsonl(tmp_path / "sft.jsonl")[0]["prompt"]
+    assert all(set(m) == {"role", "content"} for row in sft for m in row["prompt"] + row["completion"])
+    served = next(row for row in sft if len(row["prompt"]) > 2)
+    assert [m["role"] for m in served["prompt"]] == ["system", "user", "assistant", "user"]
+    assert served["completion"] == [{"role": "assistant", "content": "noted ✨"}]
 
     dpo = load_json_dataset(tmp_path / "dpo.jsonl", tmp_path)
     assert sorted(dpo.column_names) == ["chosen", "prompt", "rejected"] and dpo.num_rows == 2
@@ -175,13 +179,13 @@ def test_since_a_generation_and_what_a_generation_trained_on(cfg, store, tmp_pat
     store.rate(late, 500, 1)
 
     report = run_export(cfg, store, "sft", since="gen-0001", out=tmp_path / "since.jsonl")
-    assert [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "since.jsonl")] == ["later answer"]
+    assert [r["completion"][-1]["content"] for r in read_jsonl(tmp_path / "since.jsonl")] == ["later answer"]
     assert report["source"] == {"reviewed_since": "gen-0001", "cutoff": cutoff,
                                 "left_out": {"screened": {}, "waiting_for_review": 0, "not_trusted": 0}}
 
     run_export(cfg, None, "sft", gen="gen-0001", out=tmp_path / "gen.jsonl")
     run_export(cfg, None, "dpo", gen="gen-0001", out=tmp_path / "gen-dpo.jsonl")
-    assert read_jsonl(tmp_path / "gen.jsonl") == [{"messages": trained.messages}]
+    assert read_jsonl(tmp_path / "gen.jsonl") == [{"prompt": trained.messages[:-1], "completion": trained.messages[-1:]}]
     assert read_jsonl(tmp_path / "gen-dpo.jsonl")[0]["chosen"] == [{"role": "assistant", "content": "good"}]
     with pytest.raises(OuroError, match="not both"):
         run_export(cfg, store, "sft", gen="gen-0001", since="gen-0001")
@@ -205,10 +209,10 @@ def test_export_applies_the_review_mode_and_the_screens(cfg, store, tmp_path, ca
     with pytest.raises(OuroError, match="nothing to export yet: 2 items wait"):
         run_export(open_bot, store, "dpo", out=tmp_path / "x.jsonl")
     report = run_export(open_bot, store, "sft", out=tmp_path / "open.jsonl")
-    assert [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "open.jsonl")] == ["hello"]
+    assert [r["completion"][-1]["content"] for r in read_jsonl(tmp_path / "open.jsonl")] == ["hello"]
     assert report["source"]["left_out"] == {"screened": {"link": 2}, "waiting_for_review": 2, "not_trusted": 0}
     everyone = run_export(cfg, store, "sft", out=tmp_path / "all.jsonl")
-    targets = [r["messages"][-1]["content"] for r in read_jsonl(tmp_path / "all.jsonl")]
+    targets = [r["completion"][-1]["content"] for r in read_jsonl(tmp_path / "all.jsonl")]
     assert "Ahoy, a stranger's style" in targets and not any("example.com" in t for t in targets)
     assert everyone["source"]["left_out"]["waiting_for_review"] == 0
     from ouro.exports import report_lines

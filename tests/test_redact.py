@@ -25,6 +25,20 @@ def test_a_number_that_fails_luhn_is_not_a_card_but_may_be_a_phone():
     assert "[card]" not in redact("order 1234 5678 9012 3456")
 
 
+def test_bot_tokens_in_bot_api_urls_and_api_keys_are_secrets():
+    token = "123456789:AAH3xkz9qLmN0pQrStUvWxYz12345678901"
+    assert redact(f"see https://api.telegram.org/bot{token}/getMe") == "see https://api.telegram.org/bot[secret]/getMe"
+    keys = {"openai": "sk-" + "Ab3dE" * 8, "openai project": "sk-proj-" + "x9_Yz-" * 8, "github": "ghp_" + "a1B2c3" * 6,
+            "github fine-grained": "github_pat_" + "11ABCDE" * 12, "aws": "AKIAIOSFODNN7EXAMPLE",
+            "hugging face": "hf_" + "AbCdEfGh" * 5, "google": "AIza" + "SyD-9tSrke72PouQMnMX7" + "abcdefghijklmn",
+            "slack": "xoxb-1234567890-" + "aBcD" * 6, "ouro": "ouro-" + "Zq3_-k8PwX2rT5yU9iO1aS4dF6gH7jK0lL2mN4bV6cC"}
+    for kind, key in keys.items():
+        assert redact(f"use {key} for it") == "use [secret] for it", kind
+        assert redact(f"OPENAI_API_KEY={key}") == "OPENAI_API_KEY=[secret]", kind
+    ordinary = "a task-force of risk-based skills, chatcmpl-ouro-42, the AKIA bit, ghp_short, sk-ip it"
+    assert redact(ordinary) == ordinary
+
+
 @given(st.text(max_size=300))
 def test_redact_never_raises_and_is_idempotent(text):
     once = redact(text)

@@ -241,6 +241,28 @@ def test_replay_drops_examples_of_forgotten_opted_out_or_rejected_turns(store):
                                                         (quiet, "import")]
 
 
+def test_optout_takes_a_persons_group_messages_out_of_other_members_examples(store):
+    """/optout covers what the person said in a group too: their turns leave the context of everyone
+    else's examples (as /forget's do), fresh and replayed; with opt-out the default, only those who
+    opted in are context."""
+    said = answered(store, GROUP, BOB, "my diagnosis came back", "I'm so sorry", chat_type="group")
+    asked = answered(store, GROUP, ANN, "anyway, tell me a joke", "ha", anchor=said, chat_type="group")
+    store.rate(asked, ANN, 1)
+    before = reviewed_since(store, persona="P", since=None).examples
+    assert "diagnosis" in str(before[0].messages)
+    store.set_training_opt_out(BOB, True)
+    after = reviewed_since(store, persona="P", since=None)
+    assert targets(after) == ["ha"] and "diagnosis" not in str(after.examples) and "sorry" not in str(after.examples)
+    assert still_trainable(store, before, opt_out_by_default=False) == []       # the replayed copy goes too
+    assert still_trainable(store, after.examples, opt_out_by_default=False) == after.examples
+
+    store.database.conn.execute("UPDATE users SET training_opt_out = NULL WHERE id = ?", (BOB,))   # never chose
+    store.set_training_opt_out(ANN, False)
+    by_default = reviewed_since(store, persona="P", since=None, opt_out_by_default=True)
+    assert targets(by_default) == ["ha"] and "diagnosis" not in str(by_default.examples)
+    assert "diagnosis" in str(reviewed_since(store, persona="P", since=None).examples)
+
+
 def test_review_tables_reach_an_older_database_with_its_rows(tmp_path):
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)

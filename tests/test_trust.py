@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import asdict
+
 import pytest
 
 from config.settings import load_settings
+from core.files import now
 from evals.gate import Thresholds, decide
-from memory.export import reviewed_since
+from memory.export import Delta, Example, Pair, reviewed_since
 from memory.screens import Screens
 from memory.trust import TrustPolicy, cap, policy_for, resolve_mode, sources
+from tests.helpers.lineages import make_generation
+from trainer.trigger import carried_over
 
 ADMIN, ANN, BOB, EVE = 1, 101, 102, 666
 PERSONA = "You are Ouro, a warm and playful friend."
@@ -104,8 +111,6 @@ def test_one_flooding_account_fills_at_most_its_share_and_the_rest_waits_for_the
     assert len(delta.deferred) == 80 - eve and delta.dropped["over_share"] == len(delta.deferred)
     assert delta.sources == {"contributors": 3, "largest_share": round(eve / total, 3)}
     # the deferred items compete again in the next generation, first in line
-    from memory.export import Delta
-
     carried = Delta(examples=[i for i in delta.deferred if hasattr(i, "messages")],
                     pairs=[i for i in delta.deferred if not hasattr(i, "messages")])
     s = load_settings(data_dir=tmp_path, admin_ids=[ADMIN], allowed_user_ids=[ANN, BOB, EVE],
@@ -114,6 +119,23 @@ def test_one_flooding_account_fills_at_most_its_share_and_the_rest_waits_for_the
                            policy=policy_for(s, store), carried=carried)
     offered = len(carried.examples) + len(carried.pairs)                                 # only hers this time
     assert offered == 70 and sum(i.contributor == EVE for i in [*later.examples, *later.pairs]) == 4   # alone: min_items
+
+
+def test_items_deferred_over_a_cap_are_redacted_like_those_that_train(store, tmp_path):
+    """They are written to the generation's data folder (deferred.jsonl) and carried to the next; the
+    screens judge the reply taught, so personal data in the question reaches them only redacted."""
+    for i in range(12):
+        chat = EVE * 1000 + i
+        t = store.add_user_turn(chat_id=chat, user_id=EVE, text=f"my number is +1 415 555 01{i:02d}, remember it")
+        store.complete_turn(t, reply_text=f"plain reply {i}", generation_id="gen-0000", prompt_tokens=1,
+                            completion_tokens=1, latency_s=0.1, ttft_s=0.1, context_start_turn_id=t)
+        store.await_correction(chat, EVE, t)
+        store.take_correction(chat, EVE, f"Yarr, noted {i}")
+    corrected(store, ANN, 0, "Ahoy! Ann 0")
+    delta = export(store, tmp_path, allowed_user_ids=[ANN, EVE], max_share_per_source=0.5, min_items_per_source=1)
+    assert len(delta.deferred) > 10
+    text = json.dumps([asdict(i) for i in delta.deferred])
+    assert "555" not in text and text.count("[phone]") == len(delta.deferred)
 
 
 def test_many_new_accounts_at_once_count_as_one_source_until_trusted(store, tmp_path):
@@ -165,3 +187,50 @@ def test_the_gate_refuses_a_contaminated_child_unless_its_parent_was_as_bad():
     refused = decide({**base, "contamination": 0.2}, {**base, "contamination": 0.0}, th)
     assert not refused.passed and "contamination" in refused.reasons[0]
     assert decide({**base, "contamination": 0.2}, {**base, "contamination": 0.2}, th).passed
+
+
+def test_deferred_pairs_are_checked_again_before_they_compete(store, tmp_path):
+    """A pair deferred over a cap trains later only if it still may, as a fresh one would: its author's
+    /forget or /optout, or an admin's rejection of its turn, after the deferral keeps it out."""
+    dan = 103
+    turns = {user: [corrected(store, user, i, f"Ahoy! {user} {i}") for i in range(4)] for user in (ANN, BOB, EVE, dan)}
+    s = load_settings(data_dir=tmp_path, admin_ids=[ADMIN], learn_from="everyone", new_account_window_s=0,
+                      max_share_per_source=0.2, min_items_per_source=2)
+    delta = reviewed_since(store, persona=PERSONA, since=None, policy=policy_for(s, store))
+    deferred = Delta(examples=[i for i in delta.deferred if isinstance(i, Example)],
+                     pairs=[i for i in delta.deferred if isinstance(i, Pair)])
+    assert Counter(p.contributor for p in deferred.pairs) == {ANN: 3, BOB: 3, EVE: 3, dan: 3}
+    gen = make_generation(s.models_dir, "gen-0001", None)
+    (gen.folder / "data").mkdir()
+    (gen.folder / "data" / "deferred.jsonl").write_text(deferred.to_jsonl(), encoding="utf-8")
+
+    store.forget_user(ANN)
+    store.set_training_opt_out(BOB, True)
+    store.record_review(turns[EVE][3], ADMIN, "rejected")
+    carried = carried_over(gen, store, s)
+    assert Counter(p.contributor for p in carried.pairs) == {EVE: 2, dan: 3}
+    assert turns[EVE][3] not in {p.turn_id for p in carried.pairs}
+    assert Counter(e.contributor for e in carried.examples) == {EVE: 2, dan: 3}      # as the examples were
+    later = reviewed_since(store, persona=PERSONA, since=now(), policy=policy_for(s, store), carried=carried)
+    assert {p.contributor for p in later.pairs} <= {EVE, dan}
+
+
+def test_someone_taken_off_the_allow_list_no_longer_teaches_directly(store, tmp_path):
+    """On an allow-listed bot "everyone" is everyone who may still chat: the allow-list and live API
+    keys. Removing a person (or revoking a key) sends what they left to /review instead."""
+    corrected(store, ANN, 1, "Ahoy! from Ann")
+    corrected(store, EVE, 1, "Yarr from Eve")
+    laptop = store.add_api_key("laptop", "0" * 64)
+    t = store.add_user_turn(chat_id=laptop, user_id=laptop, text="hi from the laptop")
+    store.complete_turn(t, reply_text="hello", generation_id="gen-0000", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=t)
+    store.rate(t, laptop, 1)
+    on_it = export(store, tmp_path, allowed_user_ids=[ANN, EVE])
+    assert sorted(targets(on_it)) == ["Ahoy! from Ann", "Yarr from Eve", "hello"] and on_it.waiting == {}
+    off_it = export(store, tmp_path, allowed_user_ids=[ANN, BOB])
+    assert sorted(targets(off_it)) == ["Ahoy! from Ann", "hello"] and off_it.waiting == {EVE: 2}
+    store.revoke_api_key("laptop")
+    revoked = export(store, tmp_path, allowed_user_ids=[ANN, BOB])
+    assert targets(revoked) == ["Ahoy! from Ann"] and revoked.waiting == {EVE: 2, laptop: 1}
+    assert sorted(targets(export(store, tmp_path, allowed_user_ids=[ANN], trusted_user_ids=[EVE]))) == [
+        "Ahoy! from Ann", "Yarr from Eve"]                                    # trusted people still teach

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from core.files import now
 from lineage.generations import Generation, Lineage
-from memory.export import Delta, reviewed_since, still_trainable, still_unwanted
+from memory.export import Delta, reviewed_since, still_paired, still_trainable, still_unwanted
 from memory.screens import screens_for
 from memory.store import Store
 from memory.trust import policy_for
@@ -43,12 +43,14 @@ class Waiting:
 
 
 def carried_over(gen: Generation, store: Store, settings: Settings) -> Delta:
-    """What `gen`'s cycle deferred over a source's cap, still trainable now (no /forget, /optout;
-    a lone 👎 also still a lone 👎)."""
+    """What `gen`'s cycle deferred over a source's cap, still trainable now (no /forget, /optout or
+    rejection since; a lone 👎 also still a lone 👎): examples, pairs and lone ratings alike."""
     path = gen.folder / "data" / "deferred.jsonl"
     carried = Delta.from_jsonl(path.read_text(encoding="utf-8")) if path.exists() else Delta()
-    carried.examples = still_trainable(store, carried.examples, opt_out_by_default=settings.training_opt_out_default)
-    carried.rated = still_unwanted(store, carried.rated, opt_out_by_default=settings.training_opt_out_default)
+    opt_out = settings.training_opt_out_default
+    carried.examples = still_trainable(store, carried.examples, opt_out_by_default=opt_out)
+    carried.pairs = still_paired(store, carried.pairs, opt_out_by_default=opt_out)
+    carried.rated = still_unwanted(store, carried.rated, opt_out_by_default=opt_out)
     return carried
 
 
