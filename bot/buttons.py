@@ -4,7 +4,9 @@ tap on why (too long · off-topic · wrong · rude · not like you · other), st
 the reasons go away once one is tapped or the rating changes.
 
 Every press is checked against the stored turn — its chat, its author, the messages the buttons
-sit on — because callback data comes from the client and may be stale, replayed or forged.
+sit on — because callback data comes from the client and may be stale, replayed or forged. A 🔁
+is a reply like any other: it counts against its author's flood limit and takes its chat's place
+(serving/limits.py), so taps cannot pile up replies for the model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from engine.worker import Busy
 from memory.feedback import REASONS
 from memory.store import TurnRef
 from serving.conversation import Conversation
+from serving.limits import ADMIT, ChatQueues, FloodLimit
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +37,18 @@ REASON_NOTED = "Thanks — noted: {}."
 REASON_NOT_DOWN = "That reason goes with a 👎, and this reply doesn't have yours anymore."
 NOT_YOURS = "Only the person I was answering can use these buttons."
 CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
+REGEN_BUSY = "I'm still answering here — tap 🔁 again once I'm done."
+REGEN_FLOOD = "That's a lot at once — tap 🔁 again in a little while."
 
 
 class ButtonHandlers:
     def __init__(self, settings: Settings, conversation: Conversation, errors: ErrorSink, *,
-                 drafts: DraftChats | None = None) -> None:
+                 chat_queues: ChatQueues, flood: FloodLimit, drafts: DraftChats | None = None) -> None:
         self.settings = settings
         self.conversation = conversation
         self.errors = errors
+        self.chat_queues = chat_queues   # shared with bot/chat.py: a 🔁 takes its chat's place like a message
+        self.flood = flood               # and counts against its author's flood limit like one
         self.drafts = drafts   # private chats stream a second take as a draft (bot/drafts.py)
 
     async def press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -95,25 +102,41 @@ class ButtonHandlers:
             log.debug("could not mark the rating on the keyboard", exc_info=True)
 
     async def _regenerate(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
+        """🔁 on the latest reply, alone in its chat: a double tap, or a tap while the chat's next message
+        is answered (the take would be out of date), is refused at once rather than queued."""
         if not self.conversation.is_latest_reply(turn.chat_id, turn.id):
             await query.answer("I can only redo my latest reply.")
             return
-        await query.answer("Trying again…")
+        if self.flood.check(query.from_user.id) != ADMIT:
+            await query.answer(REGEN_FLOOD)
+            return
+        place = self.chat_queues.join(turn.chat_id, alone=True)
+        if place is None:
+            await query.answer(REGEN_BUSY)
+            return
+        async with place:
+            await query.answer("Trying again…")
+            await self._second_take(query, context, turn)
+
+    async def _second_take(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
         private = query.message is not None and query.message.chat.type == ChatType.PRIVATE
-        stream = StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s,
-                                drafts=self.drafts if private else None)
-        stream.start()
-        try:
-            alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
-        except Busy:
-            await stream.finish("I'm answering a lot of people right now — try 🔁 again in a minute.")
-            return
-        except Exception as exc:
-            await stream.finish("I couldn't come up with another take just now, sorry.")
-            await self.errors.notify_admins(context, f"Regenerating turn {turn.id} failed", exc)
-            return
-        await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id),
-                            before_markup=lambda ids: self.conversation.alternative_delivered(alt_id, ids))
+        async with StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s,
+                                  drafts=self.drafts if private else None) as stream:
+            try:
+                alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
+            except Busy:
+                await stream.finish("I'm answering a lot of people right now — try 🔁 again in a minute.")
+                return
+            except Exception as exc:
+                await stream.finish("I couldn't come up with another take just now, sorry.")
+                await self.errors.notify_admins(context, f"Regenerating turn {turn.id} failed", exc)
+                return
+            if alt_id is None:   # forgotten (/forget) meanwhile: what was written, if any, without buttons
+                if text:
+                    await stream.finish(text)
+                return
+            await stream.finish(text, markup=keyboards.pick_keyboard(turn.id, alt_id),
+                                before_markup=lambda ids: self.conversation.alternative_delivered(alt_id, ids))
 
     async def _keep(self, query: CallbackQuery, turn: TurnRef, press: keyboards.Press) -> None:
         alt = self.conversation.alternative(press.alternative_id)

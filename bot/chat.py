@@ -68,13 +68,18 @@ class ChatHandlers:
             await self._reply(context, who, received.turn_id, msg)
 
     async def non_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Stickers, photos, voice, documents: kept as a note in the log, answered kindly."""
+        """Stickers, photos, voice, documents: kept as a note in the log, answered kindly — within the
+        person's flood limit, like text, so a burst of stickers cannot make the bot flood back."""
         msg = update.effective_message
         if not addressed_to_me(update, context):
             return
+        who = speaker(update)
         kind = next((k for k in NON_TEXT_KINDS if getattr(msg, k, None)), "other")
-        self.conversation.refuse_non_text(speaker(update), kind, NON_TEXT, message_id=msg.message_id)
-        await call_with_retry(lambda: msg.reply_text(NON_TEXT))
+        verdict = self.flood.check(who.user_id)
+        told = NON_TEXT if verdict == ADMIT else FLOOD_NOTICE if verdict == NOTICE else None
+        self.conversation.refuse_non_text(who, kind, told, message_id=msg.message_id)
+        if told is not None:
+            await call_with_retry(lambda: msg.reply_text(told))
 
     async def _show(self, msg: Message, outcome: Outcome) -> None:
         """What a message settled without the model gets: thanks for a correction, or why not."""
@@ -95,21 +100,34 @@ class ChatHandlers:
 
     async def _reply(self, context: ContextTypes.DEFAULT_TYPE, who: Speaker, turn_id: int, msg: Message) -> None:
         private = who.chat_type == ChatType.PRIVATE
-        stream = StreamingReply(context.bot, who.chat_id, reply_to=None if private else msg.message_id,
-                                interval=self.settings.stream_edit_interval_s, drafts=self.drafts if private else None)
         # 'typing' is cosmetic: sent beside the reply (the message is already stored)
         typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
         self._background.add(typing)
         typing.add_done_callback(self._background.discard)
-        stream.start()
-        outcome = await self.conversation.answer(turn_id, on_text=stream.push)
-        if outcome.kind != "answered":
-            await stream.finish(outcome.text)
-            if outcome.error is not None:
-                await self.errors.notify_admins(context, f"Reply to turn {outcome.turn_id} failed", outcome.error)
-            return
-        await stream.finish(outcome.text, markup=keyboards.reply_keyboard(outcome.turn_id),
-                            before_markup=lambda ids: self.conversation.delivered(outcome.turn_id, ids))
+        async with StreamingReply(context.bot, who.chat_id, reply_to=None if private else msg.message_id,
+                                  interval=self.settings.stream_edit_interval_s,
+                                  drafts=self.drafts if private else None) as stream:
+            outcome = await self.conversation.answer(turn_id, on_text=stream.push)
+            if outcome.kind == "gone":   # forgotten (/forget) meanwhile: what was written, if any, without buttons
+                if outcome.text:
+                    await stream.finish(outcome.text)
+                return
+            if outcome.kind != "answered":
+                await stream.finish(outcome.text)
+                if outcome.error is not None:
+                    await self.errors.notify_admins(context, f"Reply to turn {outcome.turn_id} failed", outcome.error)
+                return
+            await self._deliver(stream, outcome.turn_id, outcome.text)
+
+    async def _deliver(self, stream: StreamingReply, turn_id: int, text: str) -> None:
+        """The reply, then its buttons. Should sending fail for good, the delivery is recorded as given
+        up (with whatever did arrive), so the next start does not post it again, out of context."""
+        try:
+            await stream.finish(text, markup=keyboards.reply_keyboard(turn_id),
+                                before_markup=lambda ids: self.conversation.delivered(turn_id, ids))
+        except Exception:
+            self.conversation.delivered(turn_id, stream.message_ids)
+            raise
 
     @staticmethod
     async def _typing(bot: Bot, chat_id: int) -> None:

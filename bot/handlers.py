@@ -39,7 +39,8 @@ class Handlers:
         self.drafts = DraftChats() if settings.stream_drafts else None   # which private chats stream as drafts
         self.chat = ChatHandlers(settings, conversation, self.errors, chat_queues=self.chat_queues, flood=self.flood,
                                  drafts=self.drafts)
-        self.buttons = ButtonHandlers(settings, conversation, self.errors, drafts=self.drafts)
+        self.buttons = ButtonHandlers(settings, conversation, self.errors, chat_queues=self.chat_queues,
+                                      flood=self.flood, drafts=self.drafts)
         self.status = StatusCommand(settings, store, self.runtime_info)
 
     def runtime_info(self) -> dict:

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from telegram import Bot, InlineKeyboardMarkup
+from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
 from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
 from bot.drafts import DraftChats
@@ -58,6 +58,21 @@ class StreamingReply:
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump())
 
+    async def __aenter__(self) -> StreamingReply:
+        """Streams while the block runs; its task ends with the block, however the block ends."""
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """End the streaming task (after the update it may be sending) and send nothing more."""
+        self._done.set()
+        self._changed.set()
+        if self._task:
+            await self._task
+
     async def _pump(self) -> None:
         # Never cancelled mid-request: a send cut off after Telegram got it would be sent twice.
         while True:
@@ -83,10 +98,7 @@ class StreamingReply:
         `before_markup(ids)` runs once the final messages exist and before any button is
         visible, so the store knows which messages carry the buttons before anyone can press one.
         """
-        self._done.set()
-        self._changed.set()
-        if self._task:
-            await self._task
+        await self.stop()
         if text is not None:
             self.text = text
         await self._flush(streaming=False)
@@ -114,10 +126,17 @@ class StreamingReply:
                 self._shown[i] = shown
             else:
                 msg = await call_with_retry(lambda s=shown: self.bot.send_message(
-                    self.chat_id, s, reply_to_message_id=self.reply_to if not self.message_ids else None))
+                    self.chat_id, s, reply_parameters=self._reply_parameters()))
                 self.message_ids.append(msg.message_id)
                 self._shown.append(shown)
             self._last_call = time.monotonic()
+
+    def _reply_parameters(self) -> ReplyParameters | None:
+        """The first message answers `reply_to`; should that be deleted meanwhile (its author fixing a
+        typo, an anti-spam bot), Telegram sends the reply all the same, just not as a reply."""
+        if self.reply_to is None or self.message_ids:
+            return None
+        return ReplyParameters(self.reply_to, allow_sending_without_reply=True)
 
     async def _draft(self, piece: int, text: str) -> bool:
         """Show the piece being written as a draft (empty text: Telegram's "thinking" placeholder).

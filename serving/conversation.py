@@ -45,6 +45,7 @@ class Outcome:
     """What happened to a message, for the transport to show."""
 
     kind: str                      # answered | correction | refused | busy | failed | pending (stored, not yet answered)
+    #                                | gone (forgotten by /forget meanwhile: text is what was written, if anything)
     turn_id: int | None = None
     text: str = ""                 # the reply (answered) or what to tell the user
     completion: Completion | None = None
@@ -127,7 +128,8 @@ class Conversation:
         `history`: the conversation the client sent (see `follow`) instead of the stored session.
         `max_tokens` (at most reply_max_tokens) and `temperature` override the settings' for this reply."""
         turn = self.store.turn(turn_id)
-        assert turn is not None
+        if turn is None:   # forgotten (/forget) while it waited its chat's turn: nothing left to answer
+            return Outcome(kind="gone", turn_id=turn_id)
         sampling = self.sampling(max_tokens=max_tokens, temperature=temperature)
         with self._replying(turn.chat_id):
             return await self._answer(turn, on_text, history, sampling)
@@ -194,6 +196,8 @@ class Conversation:
             log.exception("generation failed for turn %s", turn_id)
             self.store.mark_turn(turn_id, "failed", FAILED)
             return Outcome(kind="failed", turn_id=turn_id, text=FAILED, error=exc)
+        if self.store.turn(turn_id) is None:   # forgotten (/forget) while it was written: nothing to keep
+            return Outcome(kind="gone", turn_id=turn_id, text=completion.text)
         self.store.complete_turn(
             turn_id, reply_text=completion.text, generation_id=generation_id,
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
@@ -202,10 +206,13 @@ class Conversation:
         return Outcome(kind="answered", turn_id=turn_id, text=completion.text, completion=completion)
 
     async def regenerate(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
-                         seed: int | None = None) -> tuple[int, str]:
-        """A second sample for the same context; returns (alternative id, text)."""
+                         seed: int | None = None) -> tuple[int | None, str]:
+        """A second sample for the same context; returns (alternative id, text). The id is None when
+        the turn was forgotten (/forget) meanwhile: the sample is not kept, and that is no error."""
         turn = self.store.turn(turn_id)
-        if turn is None or turn.status != "answered":
+        if turn is None:
+            return None, ""
+        if turn.status != "answered":
             raise ValueError(f"turn {turn_id} has no reply to regenerate")
         history = self.store.history(turn.session_id, before_turn_id=turn_id)
         anchor = turn.context_start_turn_id
@@ -224,8 +231,7 @@ class Conversation:
 
         with self._replying(turn.chat_id):
             completion, generation_id = await self.worker.run(job)
-        alt_id = self.store.add_alternative(turn_id, completion.text, generation_id)
-        return alt_id, completion.text
+        return self.store.add_alternative(turn_id, completion.text, generation_id), completion.text
 
     def warmup_plan(self, limit: int) -> list[tuple[int, list[dict], bool]]:
         """The conversations so far of the `limit` most recently active chats, newest first —
@@ -252,8 +258,9 @@ class Conversation:
         self.store.cancel_correction(who.chat_id, who.user_id)
 
     # --- the rest of a turn's life: what the transport reports back, what its buttons ask ----------
-    def refuse_non_text(self, who: Speaker, kind: str, told: str, *, message_id: int | None = None) -> int:
-        """A sticker, photo, voice note…: kept as a turn "[kind]", refused with what its author was told."""
+    def refuse_non_text(self, who: Speaker, kind: str, told: str | None, *, message_id: int | None = None) -> int:
+        """A sticker, photo, voice note…: kept as a turn "[kind]", refused with what its author was told
+        (None: nothing, past the flood limit)."""
         turn_id = self.store.add_user_turn(chat_id=who.chat_id, user_id=who.user_id, text=f"[{kind}]",
                                            user_message_id=message_id, chat_type=who.chat_type,
                                            username=who.username, first_name=who.first_name, status="pending")

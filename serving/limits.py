@@ -9,7 +9,7 @@
 - `ChatQueues`: one reply at a time per chat, in arrival order (each chat's context stays in
   order), with at most `max_waiting` messages waiting behind the one being answered. A message
   past that is stored as `busy` and its author told to send it again. A chat leaves the table
-  as soon as nothing of it is queued.
+  as soon as nothing of it is queued. A 🔁 second take counts against both, like a message.
 
 The worker's own bound (`max_backlog`, engine/worker.py) caps the jobs waiting for the model
 across all chats; these two keep one chat or one person from filling it.
@@ -93,8 +93,12 @@ class ChatQueues:
         slot = self._chats.get(chat_id)
         return max(slot.count - 1, 0) if slot else 0
 
-    def join(self, chat_id: int) -> AbstractAsyncContextManager[None] | None:
-        """A place in the chat's queue (`async with` it right away), or None when it is full."""
+    def join(self, chat_id: int, *, alone: bool = False) -> AbstractAsyncContextManager[None] | None:
+        """A place in the chat's queue (`async with` it right away), or None when it is full.
+        `alone`: only when nothing of the chat is being answered or waiting (a 🔁 second take,
+        which would be out of date behind the chat's next reply)."""
+        if alone and chat_id in self._chats:
+            return None
         slot = self._chats.get(chat_id)
         if slot is None:
             slot = self._chats[chat_id] = _Slot()

@@ -148,3 +148,33 @@ async def test_regenerate_refuses_unanswered_turn(conversation):
     out = await conversation.handle_text(ANN, "  ")
     with pytest.raises(ValueError):
         await conversation.regenerate(out.turn_id)
+
+
+async def test_a_turn_forgotten_while_it_waited_ends_quietly(conversation, fake_engine):
+    """/forget confirmed while the message waited its chat's turn: nothing left to answer."""
+    received = conversation.receive(ANN, "are you there?")
+    conversation.store.forget_user(ANN.user_id)
+    out = await conversation.answer(received.turn_id)
+    assert out.kind == "gone" and out.error is None and fake_engine.prompts == []
+
+
+async def test_a_second_take_on_a_turn_forgotten_meanwhile_is_dropped(settings, store):
+    """/forget confirmed while 🔁 was being written: the take is not stored, and that is no error."""
+
+    class ForgetsMidway(FakeEngine):
+        def generate(self, messages, **kwargs):
+            completion = super().generate(messages, **kwargs)
+            if len(self.prompts) == 2:
+                store.forget_user(ANN.user_id)
+            return completion
+
+    worker = InferenceWorker(ForgetsMidway(), max_backlog=4)
+    try:
+        conv = Conversation(settings, store, worker)
+        out = await conv.handle_text(ANN, "tell me a joke")
+        alt_id, text = await conv.regenerate(out.turn_id)
+        assert alt_id is None and text == "echo: tell me a joke"   # written, not kept
+        assert store.database.scalar("SELECT COUNT(*) FROM alternatives") == 0
+        assert await conv.regenerate(out.turn_id) == (None, "")    # and one asked for once it is gone
+    finally:
+        worker.close()

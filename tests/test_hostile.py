@@ -25,12 +25,13 @@ from hypothesis import strategies as st
 
 from bot import keyboards
 from bot.commands import COMMANDS
+from bot.recovery import deliver_interrupted
 from core.errors import OuroError
 from memory.importers import limits, telegram, whatsapp
 from memory.importers.limits import MAX_LINE_BYTES
 from memory.importers.pipeline import import_chat
 from memory.store import Store
-from tests.helpers.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine, GatedEngine
 from tests.helpers.offline_bot import ADMIN, ANN, BOB, BOT, EVE, GROUP, OfflineBot, offline_bot
 
 # Derandomized, so CI runs the same 80 scenarios every time; OURO_FUZZ_EXAMPLES=500 OURO_FUZZ_RANDOM=1 explores.
@@ -299,6 +300,91 @@ async def test_stale_confirmations_and_inaccessible_messages_are_not_errors(tmp_
         assert bot.errors == []
         assert bot.loop.lineage.active_id() == "gen-0001"      # the admin's confirmation still counted
         assert bot.store.user_data_counts(ANN)["messages"] == 0  # and so did Ann's, late as it came
+
+
+async def _until(condition, what: str) -> None:
+    """Let the bot's tasks run until `condition()` holds (a test that never gets there fails)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _pumps() -> list[asyncio.Task]:
+    """Streaming replies still running (each must end with its reply, whatever happened to the turn)."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "StreamingReply._pump" and not t.done()]
+
+
+async def _confirm_forget(bot: OfflineBot) -> asyncio.Task:
+    """Ann's /forget, confirmed; returns the press once her turns are deleted (it then waits for the model)."""
+    await bot.command(ANN, "forget")
+    [(chat, mid, yes), _] = bot.tg.visible_buttons(ANN)[-2:]
+    press = asyncio.create_task(bot.press(ANN, chat, mid, yes))
+    await _until(lambda: bot.store.user_data_counts(ANN)["messages"] == 0, "Ann forgotten")
+    return press
+
+
+async def test_a_message_forgotten_while_it_waits_its_turn_ends_quietly(tmp_path):
+    """/forget confirmed while a second message waits behind the first: no crash, no apology, no
+    traceback to the admins, the waiting one never reaches the model, and no streaming task is left."""
+    engine = GatedEngine()
+    async with offline_bot(tmp_path / "data", engine=engine, stream_drafts=False) as bot:
+        engine.hold()
+        first = asyncio.create_task(bot.say(ANN, "first message"))
+        await engine.wait_started()
+        second = asyncio.create_task(bot.say(ANN, "second message"))
+        await _until(lambda: bot.store.user_data_counts(ANN)["messages"] == 2, "the second one stored")
+        forget = await _confirm_forget(bot)
+        engine.release()
+        await asyncio.gather(first, second, forget)
+        assert bot.errors == [] and bot.tg.sent("sendMessage", ADMIN) == []
+        assert not any("went wrong" in t for t in bot.tg.texts_to(ANN))
+        assert [p[-1]["content"] for p in engine.prompts] == ["first message"]
+        assert not any(data.startswith("o1:") for _, _, data in bot.tg.visible_buttons(ANN))   # no buttons of a forgotten turn
+        assert _pumps() == []
+
+
+async def test_a_second_take_forgotten_while_it_is_written_ends_quietly(tmp_path):
+    engine = GatedEngine()
+    async with offline_bot(tmp_path / "data", engine=engine, stream_drafts=False) as bot:
+        await bot.say(ANN, "hello")
+        turn = bot.store.latest_answered_turn(ANN)
+        mid = bot.store.turn(turn).reply_message_ids[-1]
+        engine.hold()
+        regen = asyncio.create_task(bot.press(ANN, ANN, mid, keyboards.reply_data(keyboards.REGENERATE, turn)))
+        await engine.wait_started()
+        forget = await _confirm_forget(bot)
+        engine.release()
+        await asyncio.gather(regen, forget)
+        assert bot.errors == [] and bot.tg.sent("sendMessage", ADMIN) == []
+        assert not any("couldn't" in t for t in bot.tg.texts_to(ANN))
+        assert bot.store.database.scalar("SELECT COUNT(*) FROM alternatives") == 0
+        assert _pumps() == []
+
+
+async def test_a_group_reply_to_a_message_deleted_meanwhile_is_still_delivered(tmp_path):
+    """Its author (or an anti-spam bot) deleted the message before the reply's first piece went out."""
+    async with offline_bot(tmp_path / "data", stream_drafts=False) as bot:
+        tg = bot.tg
+        update = tg.message(ANN, GROUP, f"@{BOT['username']} tell me a joke")
+        tg.deleted.add((GROUP, update["message"]["message_id"]))
+        await bot.send(update)
+        assert bot.errors == []
+        turn = bot.store.turn(bot.store.latest_answered_turn(GROUP))
+        assert turn.reply_message_ids and tg.messages[(GROUP, turn.reply_message_ids[-1])]["text"] == turn.reply_text
+        assert len(bot.tg.visible_buttons(GROUP)) == 4
+
+
+async def test_a_reply_that_cannot_be_sent_is_given_up_not_posted_at_the_next_start(tmp_path):
+    async with offline_bot(tmp_path / "data", stream_drafts=False) as bot:
+        bot.tg.blocked.add(ANN)
+        await bot.say(ANN, "hello?")
+        turn = bot.store.turn(bot.store.latest_answered_turn(ANN))
+        assert turn.reply_message_ids == []            # delivery given up, recorded as such
+        bot.tg.blocked.discard(ANN)
+        await deliver_interrupted(bot.app.bot_data["handlers"].conversation, bot.app.bot)   # the next start
+        assert [m for (chat, _), m in bot.tg.messages.items() if chat == ANN] == []
 
 
 # --- a sample over the real emulator (HTTP, PTB polling) -----------------------------------------

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import FLOOD_NOTICE, QUEUE_FULL
+from bot import keyboards
+from bot.buttons import REGEN_BUSY, REGEN_FLOOD
+from bot.chat import FLOOD_NOTICE, NON_TEXT, QUEUE_FULL
 from config.settings import load_settings
 from engine.worker import Busy, InferenceWorker
 from ouro import logs
@@ -23,7 +25,8 @@ from ouro.bench.soak import FIRST_USER, SoakPlan, run_soak
 from ouro.cli import build_parser
 from serving.conversation import BUSY
 from serving.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
-from tests.helpers.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine, GatedEngine
+from tests.helpers.offline_bot import offline_bot
 
 ANN = 1001
 
@@ -191,6 +194,74 @@ def test_new_settings_are_documented_and_validated():
     assert "limited" in helps["flood_messages"] and "busy" in helps["chat_queue_max"]
     with pytest.raises(OuroError, match="flood_window_s"):
         load_settings(flood_window_s=0)
+
+
+# --- 🔁 and stickers meet the same bounds as text (offline Bot API) -------------------------------
+def _regen_button(bot) -> tuple[int, str]:
+    """The message of Ann's latest reply and its 🔁 callback data."""
+    turn = bot.store.latest_answered_turn(ANN)
+    return bot.store.turn(turn).reply_message_ids[-1], keyboards.reply_data(keyboards.REGENERATE, turn)
+
+
+def _alternatives(bot) -> int:
+    return bot.store.database.scalar("SELECT COUNT(*) FROM alternatives")
+
+
+def _answered_with(bot, query_id: str) -> str | None:
+    [answer] = bot.answer_to(query_id)
+    return answer.get("text")
+
+
+async def test_regenerate_takes_its_chats_turn_so_a_double_tap_runs_once(tmp_path):
+    """🔁 holds the chat's place like a message: a second tap while it is written, or a tap while the
+    chat's next message is being answered, is refused at once instead of starting another reply."""
+    engine = GatedEngine()
+    async with offline_bot(tmp_path / "data", engine=engine, stream_drafts=False) as bot:
+        await bot.say(ANN, "hello")
+        mid, regen = _regen_button(bot)
+        engine.hold()
+        first = asyncio.create_task(bot.press(ANN, ANN, mid, regen))
+        await engine.wait_started()
+        double = await bot.press(ANN, ANN, mid, regen)
+        engine.release()
+        await first
+        assert _alternatives(bot) == 1 and _answered_with(bot, double) == REGEN_BUSY
+
+        engine.hold()
+        nxt = asyncio.create_task(bot.say(ANN, "and another thing"))
+        await engine.wait_started()
+        late = await bot.press(ANN, ANN, mid, regen)   # still the latest reply while the next one is written
+        engine.release()
+        await nxt
+        assert _answered_with(bot, late) == REGEN_BUSY
+        assert _alternatives(bot) == 1 and len(engine.prompts) == 3
+        assert bot.errors == []
+
+
+async def test_regenerate_counts_against_the_flood_limit(tmp_path):
+    async with offline_bot(tmp_path / "data", stream_drafts=False, flood_messages=2, flood_window_s=600) as bot:
+        await bot.say(ANN, "hello")
+        mid, regen = _regen_button(bot)
+        await bot.press(ANN, ANN, mid, regen)          # the second of two admitted
+        limited = await bot.press(ANN, ANN, mid, regen)
+        assert _answered_with(bot, limited) == REGEN_FLOOD
+        assert _alternatives(bot) == 1 and len(bot.engine.prompts) == 2
+        assert bot.errors == []
+
+
+STICKER = {"file_id": "s", "file_unique_id": "s", "type": "regular", "width": 1, "height": 1,
+           "is_animated": False, "is_video": False}
+
+
+async def test_stickers_count_against_the_flood_limit_and_are_all_kept(tmp_path):
+    async with offline_bot(tmp_path / "data", stream_drafts=False, flood_messages=3, flood_window_s=600) as bot:
+        for _ in range(10):
+            await bot.send(bot.tg.message(ANN, ANN, None, sticker=STICKER))
+        await bot.say(ANN, "and now in words")
+        assert bot.tg.texts_to(ANN) == [NON_TEXT] * 3 + [FLOOD_NOTICE]   # one notice, then silence
+        rows = bot.store.database.query("SELECT user_text, status FROM turns WHERE chat_id = ? ORDER BY id", (ANN,))
+        assert [r["user_text"] for r in rows] == ["[sticker]"] * 10 + ["and now in words"]
+        assert rows[-1]["status"] == "limited" and bot.engine.prompts == []
 
 
 # --- over the emulator ------------------------------------------------------------------------

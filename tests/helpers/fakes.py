@@ -8,6 +8,8 @@ paths as with llama.cpp.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -116,6 +118,33 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class GatedEngine(FakeEngine):
+    """A FakeEngine whose replies wait for the test: `hold()`, then each `generate` signals `started`
+    and blocks until `release()`, so a test can act while a reply is being written, without sleeps."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+        self.started.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def wait_started(self) -> None:
+        """Until a held reply is being written (a test that never gets there fails, not hangs)."""
+        assert await asyncio.to_thread(self.started.wait, 10), "no reply started"
+
+    def generate(self, messages: list[Message], **kwargs) -> Completion:
+        self.started.set()
+        self._open.wait(10)
+        return super().generate(messages, **kwargs)
 
 
 class ScriptedWriter:

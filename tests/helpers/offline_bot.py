@@ -3,10 +3,10 @@
 `OfflineTelegram` stands in for the Bot API. Patched over `HTTPXRequest.do_request` (the one
 method that touches the network), it answers every call as Telegram would: sent messages get
 ids and keep their buttons; an edit of a message that does not exist, or one that changes
-nothing, gets Telegram's 400; a callback query marked old cannot be answered any more. Every
-call is recorded. Updates go straight into `Application.process_update`, so thousands of them
-run in seconds through every handler, filter and error handler exactly as `ouro serve` builds
-them (`bot.app.build_application`).
+nothing, gets Telegram's 400, and so does a reply to a message marked `deleted`; a callback
+query marked old cannot be answered any more. Every call is recorded. Updates go straight into
+`Application.process_update`, so thousands of them run in seconds through every handler, filter
+and error handler exactly as `ouro serve` builds them (`bot.app.build_application`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class OfflineTelegram:
         self.shown_buttons: set[tuple[int, int, str]] = set()   # every (chat, message, data) ever on screen
         self.old_queries: set[str] = set()                      # callback query ids too old to answer
         self.blocked: set[int] = set()                          # chats whose people blocked the bot
+        self.deleted: set[tuple[int, int]] = set()              # (chat, message) deleted by their author
         self._message_ids = itertools.count(100_000)
         self._update_ids = itertools.count(1)
         self._query_ids = itertools.count(1)
@@ -89,6 +90,8 @@ class OfflineTelegram:
         if method.startswith("send") and int(p.get("chat_id", 0)) in self.blocked:
             return 403, json.dumps({"ok": False, "error_code": 403,
                                     "description": "Forbidden: bot was blocked by the user"}).encode()
+        if method.startswith("send") and self._replies_to_deleted(p):
+            return _refused("Bad Request: message to be replied not found")
         if method == "sendMessageDraft":   # ephemeral: recorded in `calls` only; private chats only
             return _ok(True) if int(p["chat_id"]) > 0 else _refused("Bad Request: TEXTDRAFT_PEER_INVALID")
         if method.startswith("send") and method != "sendChatAction":
@@ -118,6 +121,13 @@ class OfflineTelegram:
         if method == "answerCallbackQuery" and p.get("callback_query_id") in self.old_queries:
             return _refused("Bad Request: query is too old and response timeout expired or query ID is invalid")
         return _ok(True)
+
+    def _replies_to_deleted(self, p: dict) -> bool:
+        """A reply to a deleted message, which Telegram refuses unless the send allows it."""
+        to = p.get("reply_parameters")
+        to = json.loads(to) if isinstance(to, str) else to
+        return bool(to) and (int(p["chat_id"]), to.get("message_id")) in self.deleted \
+            and not to.get("allow_sending_without_reply")
 
     @staticmethod
     def _markup(markup) -> dict | None:
