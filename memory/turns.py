@@ -106,26 +106,46 @@ class TurnsMixin(SessionsMixin):
             "SELECT id FROM turns WHERE session_id = ? AND status = 'answered' ORDER BY id DESC LIMIT 1",
             (session_id,))
 
-    def history(self, session_id: int, *, before_turn_id: int | None = None) -> list[Exchange]:
-        """Answered turns of a session, oldest first, with the 🔁 sample the user kept if any."""
+    def history(self, session_id: int, *, before_turn_id: int | None = None, since_turn_id: int | None = None,
+                last: int | None = None) -> list[Exchange]:
+        """Answered turns of a session, oldest first, with the 🔁 sample the user kept if any.
+
+        `since_turn_id`: from the rolling window's anchor on (what a reply is built from; a session
+        lasts until /reset, so months of a group's turns would otherwise be read for every message);
+        `last`: only the latest n."""
         rows = self.database.query(
             "SELECT t.id, t.user_text, COALESCE(a.text, t.reply_text) AS reply, t.speaker, t.created_at FROM turns t "
             "LEFT JOIN alternatives a ON a.id = t.picked_alternative_id "
-            "WHERE t.session_id = ? AND t.status = 'answered' AND (? IS NULL OR t.id < ?) ORDER BY t.id",
-            (session_id, before_turn_id, before_turn_id))
-        return [Exchange(r["id"], r["user_text"], r["reply"], r["speaker"], r["created_at"]) for r in rows]
+            "WHERE t.session_id = ? AND t.status = 'answered' AND (? IS NULL OR t.id < ?) AND (? IS NULL OR t.id >= ?) "
+            "ORDER BY t.id DESC LIMIT ?",
+            (session_id, before_turn_id, before_turn_id, since_turn_id, since_turn_id, -1 if last is None else last))
+        return [Exchange(r["id"], r["user_text"], r["reply"], r["speaker"], r["created_at"]) for r in reversed(rows)]
 
     def recent_chats(self, limit: int) -> list[tuple[int, int]]:
-        """(chat, its current session) for the chats answered most recently, newest first."""
-        rows = self.database.query(
-            "SELECT t.chat_id, MAX(t.id) AS last FROM turns t JOIN sessions s ON s.id = t.session_id "
-            "WHERE t.status = 'answered' AND s.ended_at IS NULL GROUP BY t.chat_id ORDER BY last DESC LIMIT ?",
-            (limit,))
-        out = []
-        for r in rows:
-            session = self.current_session(r["chat_id"])
-            if session is not None:
-                out.append((r["chat_id"], session))
+        """(chat, its current session) for the chats answered most recently, newest first.
+
+        Read newest turn first, a page at a time, until `limit` chats are found: a hot-swap's
+        warm-up asks on every pass, and grouping the whole turns table took 0.3 s at 400k turns."""
+        out: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        below = None
+        while len(out) < limit:
+            rows = self.database.query(
+                "SELECT t.id, t.chat_id, s.ended_at FROM turns t JOIN sessions s ON s.id = t.session_id "
+                "WHERE t.status = 'answered' AND (? IS NULL OR t.id < ?) ORDER BY t.id DESC LIMIT 256",
+                (below, below))
+            if not rows:
+                break
+            below = rows[-1]["id"]
+            for r in rows:
+                if r["chat_id"] in seen:
+                    continue
+                seen.add(r["chat_id"])
+                session = self.current_session(r["chat_id"]) if r["ended_at"] is None else None
+                if session is not None:
+                    out.append((r["chat_id"], session))
+                    if len(out) == limit:
+                        break
         return out
 
     def context_start(self, session_id: int) -> int | None:

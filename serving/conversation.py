@@ -141,7 +141,7 @@ class Conversation:
         exactly what was served); otherwise (a new or someone else's conversation) a new session
         starts, and they get turn id 0: not stored, the new turn begins its own context."""
         session = self.store.current_session(who.chat_id)
-        stored = self.store.history(session) if session is not None else []
+        stored = self.store.history(session, last=max(len(exchanges), 1)) if session is not None else []
         tail = stored[len(stored) - len(exchanges):] if exchanges else []
         if exchanges and len(tail) == len(exchanges) and all(
                 ex.user_text == user and ex.reply_text == reply for ex, (user, reply) in zip(tail, exchanges, strict=True)):
@@ -163,9 +163,9 @@ class Conversation:
     async def _answer(self, turn, on_text: Callable[[str], None] | None, given: Sequence[Exchange] | None,
                       sampling: Sampling) -> Outcome:
         turn_id = turn.id
-        if given is None:
-            history = self.store.history(turn.session_id, before_turn_id=turn_id)
+        if given is None:   # the window from its anchor on: build_context never reads before it
             anchor = self.store.context_start(turn.session_id)
+            history = self.store.history(turn.session_id, before_turn_id=turn_id, since_turn_id=anchor)
         else:
             history, anchor = list(given), None
         started = time.perf_counter()
@@ -214,8 +214,8 @@ class Conversation:
             return None, ""
         if turn.status != "answered":
             raise ValueError(f"turn {turn_id} has no reply to regenerate")
-        history = self.store.history(turn.session_id, before_turn_id=turn_id)
         anchor = turn.context_start_turn_id
+        history = self.store.history(turn.session_id, before_turn_id=turn_id, since_turn_id=anchor)
         sampling = self.sampling(seed=seed if seed is not None else int(time.time() * 1000) % 2**31)
         on_text = _on_loop(on_text)
 
@@ -244,10 +244,7 @@ class Conversation:
         incoming = self.worker.incoming   # the model being read into speaks with its own constitution
         persona = self.persona_of(incoming.generation_id) if incoming is not None else self.persona
         for chat_id, session in self.store.recent_chats(limit):
-            history = self.store.history(session)
-            anchor = self.store.context_start(session)
-            if anchor is not None:
-                history = [ex for ex in history if ex.turn_id >= anchor]
+            history = self.store.history(session, since_turn_id=self.store.context_start(session))
             if history:
                 plan.append((chat_id, to_messages(persona, history, "")[:-1], chat_id in self._answering))
         return plan

@@ -163,3 +163,37 @@ def test_a_correction_left_unanswered_lapses_and_the_next_message_is_a_message(s
     assert store.database.scalar("SELECT COUNT(*) FROM corrections") == 1
     assert store.database.scalar("SELECT COUNT(*) FROM preferences") == 1
     assert store.database.scalar("SELECT COUNT(*) FROM awaiting_corrections") == 0
+
+
+def _answered(store, chat: int, n: int = 1, anchor_at: int | None = None) -> list[int]:
+    ids = []
+    for i in range(n):
+        t = store.add_user_turn(chat_id=chat, user_id=chat, text=f"m{i}")
+        store.complete_turn(t, reply_text=f"r{i}", generation_id="gen-0000", prompt_tokens=1, completion_tokens=1,
+                            latency_s=0.1, ttft_s=0.1, context_start_turn_id=anchor_at or t)
+        ids.append(t)
+    return ids
+
+
+def test_a_reply_reads_its_session_from_the_window_anchor_and_the_latest_only(store):
+    """A session lasts until /reset: a group's months of turns must not be read for every message."""
+    ids = _answered(store, 5, 40)
+    session = store.current_session(5)
+    assert [e.turn_id for e in store.history(session)] == ids
+    assert [e.turn_id for e in store.history(session, since_turn_id=ids[30])] == ids[30:]
+    assert [e.turn_id for e in store.history(session, since_turn_id=ids[30], before_turn_id=ids[35])] == ids[30:35]
+    assert [e.turn_id for e in store.history(session, last=3)] == ids[-3:]
+
+
+def test_recent_chats_are_the_latest_answered_open_sessions_newest_first(store):
+    _answered(store, 1, 300)                 # a busy chat long ago: more than a page of turns
+    _answered(store, 2)
+    _answered(store, 3)
+    store.reset_session(3)                   # reset, not answered since: nothing to read ahead
+    _answered(store, 4)
+    _answered(store, 2)                      # chat 2 again, most recently of all
+    current = {c: store.current_session(c) for c in (1, 2, 4)}
+    assert store.recent_chats(10) == [(2, current[2]), (4, current[4]), (1, current[1])]
+    assert store.recent_chats(2) == [(2, current[2]), (4, current[4])]
+    _answered(store, 1, 300)                 # the busy chat's turns now fill the newest pages
+    assert store.recent_chats(3) == [(1, current[1]), (2, current[2]), (4, current[4])]
