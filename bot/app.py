@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, Update
+from telegram.constants import ChatType
 from telegram.ext import (
     Application,
     ApplicationBuilder,
@@ -92,18 +93,17 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
 
     admins = filters.User(user_id=settings.admin_ids, allow_empty=False)
     app.add_handler(TypeHandler(Update, h.gate.check), group=-1)
-    app.add_handler(CommandHandler("start", h.commands.start))
-    app.add_handler(CommandHandler("help", h.commands.help))
-    app.add_handler(CommandHandler("reset", h.commands.reset))
-    app.add_handler(CommandHandler("privacy", privacy.privacy))
-    app.add_handler(CommandHandler("optout", privacy.optout))
-    app.add_handler(CommandHandler("optin", privacy.optin))
-    app.add_handler(CommandHandler("forget", privacy.forget))
+    app.add_handler(_command("start", h.commands.start))
+    app.add_handler(_command("help", h.commands.help))
+    app.add_handler(_command("reset", h.commands.reset))
+    app.add_handler(_command("privacy", privacy.privacy))
+    app.add_handler(_command("optout", privacy.optout))
+    app.add_handler(_command("optin", privacy.optin))
+    app.add_handler(_command("forget", privacy.forget))
     for cmd in COMMANDS:
         if cmd.admin:
-            app.add_handler(CommandHandler(cmd.name, _admin_command(cmd.name, h, review, interview, persona),
-                                           filters=admins))
-            app.add_handler(CommandHandler(cmd.name, h.gate.refuse_admin))
+            app.add_handler(_command(cmd.name, _admin_command(cmd.name, h, review, interview, persona), admins))
+            app.add_handler(_command(cmd.name, h.gate.refuse_admin))
     app.add_handler(CallbackQueryHandler(review.press, pattern=keyboards.REVIEW_PATTERN))
     app.add_handler(CallbackQueryHandler(review.press_proposal, pattern=keyboards.PROPOSAL_PATTERN))
     app.add_handler(CallbackQueryHandler(privacy.confirm, pattern=keyboards.FORGET_PATTERN))
@@ -123,6 +123,13 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     app.add_handler(MessageHandler(filters.UpdateType.MESSAGE & ~filters.TEXT & ~filters.StatusUpdate.ALL, h.chat.non_text))
     app.add_error_handler(h.errors.on_error)
     return app
+
+
+def _command(name: str, callback, only: filters.BaseFilter | None = None) -> CommandHandler:
+    """A command in a new message only: PTB also runs commands on edited messages by default, and
+    editing an old message into "/reset" must not reset the chat. Edits go to `_keep_edit`."""
+    new = filters.UpdateType.MESSAGE
+    return CommandHandler(name, callback, filters=new if only is None else new & only)
 
 
 def _admin_command(name: str, h: Handlers, review: ReviewHandlers, interview: InterviewHandlers,
@@ -145,9 +152,13 @@ def _admin_command(name: str, h: Handlers, review: ReviewHandlers, interview: In
 async def _keep_edit(store: Store, update: Update) -> None:
     """An edited message: the original was already answered and is what stays in the conversation
     (and in training); the new text is kept as an event so nothing is silently lost, and never
-    trains (an edit cannot smuggle a correction past the trust rules). /forget deletes it too."""
+    trains (an edit cannot smuggle a correction past the trust rules). /forget deletes it too.
+    Only what was said to the bot is kept: a private chat's, or a group message stored as a turn —
+    never the edits of group chatter the bot ignored (a bot that is admin receives them all)."""
     msg = update.edited_message or update.edited_channel_post
     if msg is None or update.effective_user is None:
+        return
+    if msg.chat.type != ChatType.PRIVATE and not store.is_turn_message(msg.chat_id, msg.message_id):
         return
     store.log_event("edited_message", user_id=update.effective_user.id, chat_id=msg.chat_id,
                     detail={"message_id": msg.message_id, "text": (msg.text or msg.caption or "")[:4096]})

@@ -6,25 +6,27 @@ the reasons go away once one is tapped or the rating changes.
 Every press is checked against the stored turn — its chat, its author, the messages the buttons
 sit on — because callback data comes from the client and may be stale, replayed or forged. A 🔁
 is a reply like any other: it counts against its author's flood limit and takes its chat's place
-(serving/limits.py), so taps cannot pile up replies for the model.
+(serving/limits.py), so taps cannot pile up replies for the model. A second take and the ✏️ prompt
+go under the pressed reply, in its forum topic if it has one.
 """
 
 from __future__ import annotations
 
 import logging
 
-from telegram import CallbackQuery, Update
+from telegram import CallbackQuery, ForceReply, MessageEntity, ReplyParameters, Update, User
 from telegram.constants import ChatType
 from telegram.ext import ContextTypes
 
 from bot import keyboards
+from bot.addressing import topic_of
 from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
 from config.settings import Settings
 from engine.worker import Busy
-from memory.feedback import REASONS
+from memory.feedback import CORRECTION_WAIT_S, REASONS
 from memory.store import TurnRef
 from serving.conversation import Conversation
 from serving.limits import ADMIT, ChatQueues, FloodLimit
@@ -36,7 +38,9 @@ ASK_REASON = "Noted. If you like, tap why below."
 REASON_NOTED = "Thanks — noted: {}."
 REASON_NOT_DOWN = "That reason goes with a 👎, and this reply doesn't have yours anymore."
 NOT_YOURS = "Only the person I was answering can use these buttons."
-CORRECTION_PROMPT = "✏️ Send me the answer you'd have liked, as your next message. (/reset cancels.)"
+CORRECTION_PROMPT = (f"✏️ Reply with the answer you'd have liked, within {CORRECTION_WAIT_S / 60:.0f} minutes. "
+                     "(/reset cancels.)")
+CORRECTION_PLACEHOLDER = "The answer you'd have liked"
 REGEN_BUSY = "I'm still answering here — tap 🔁 again once I'm done."
 REGEN_FLOOD = "That's a lot at once — tap 🔁 again in a little while."
 
@@ -89,7 +93,7 @@ class ButtonHandlers:
         elif press.action == keyboards.CORRECT:
             self.conversation.ask_for_correction(turn.chat_id, query.from_user.id, turn.id)
             await query.answer()
-            await call_with_retry(lambda: context.bot.send_message(turn.chat_id, CORRECTION_PROMPT))
+            await self._prompt_correction(query, context, turn)
         elif press.action == keyboards.REGENERATE:
             await self._regenerate(query, context, turn)
 
@@ -100,6 +104,20 @@ class ButtonHandlers:
             await query.edit_message_reply_markup(markup)
         except Exception:
             log.debug("could not mark the rating on the keyboard", exc_info=True)
+
+    @staticmethod
+    async def _prompt_correction(query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
+        """Ask for the better answer under the pressed reply, in its topic, with a ForceReply. In a group
+        the bot hears only messages that mention or answer it, so the answer must come as a reply; and
+        a selective ForceReply opens the reply field only for the people a message names or answers
+        (here the bot itself), so the prompt names the person who pressed."""
+        message = query.message
+        private = message.chat.type == ChatType.PRIVATE
+        text, entities = (CORRECTION_PROMPT, None) if private else _naming(query.from_user, CORRECTION_PROMPT)
+        await call_with_retry(lambda: context.bot.send_message(
+            turn.chat_id, text, entities=entities, message_thread_id=topic_of(message),
+            reply_parameters=ReplyParameters(message.message_id, allow_sending_without_reply=True),
+            reply_markup=ForceReply(selective=not private, input_field_placeholder=CORRECTION_PLACEHOLDER)))
 
     async def _regenerate(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
         """🔁 on the latest reply, alone in its chat: a double tap, or a tap while the chat's next message
@@ -119,8 +137,11 @@ class ButtonHandlers:
             await self._second_take(query, context, turn)
 
     async def _second_take(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
-        private = query.message is not None and query.message.chat.type == ChatType.PRIVATE
-        async with StreamingReply(context.bot, turn.chat_id, interval=self.settings.stream_edit_interval_s,
+        """Streamed like a reply; in a group it answers the pressed reply, in a forum in that topic."""
+        message = query.message
+        private = message.chat.type == ChatType.PRIVATE
+        async with StreamingReply(context.bot, turn.chat_id, reply_to=None if private else message.message_id,
+                                  thread_id=topic_of(message), interval=self.settings.stream_edit_interval_s,
                                   drafts=self.drafts if private else None) as stream:
             try:
                 alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
@@ -152,3 +173,13 @@ class ButtonHandlers:
             await query.edit_message_reply_markup(None)
         except Exception:
             log.debug("could not remove the pick keyboard", exc_info=True)
+
+
+def _naming(user: User, text: str) -> tuple[str, list[MessageEntity] | None]:
+    """`text` opening with the person's name: their @username, or else their first name linked to
+    them (a text mention; its length counted in UTF-16 units, as Telegram counts)."""
+    if user.username:
+        return f"@{user.username} {text}", None
+    name = user.first_name
+    length = len(name.encode("utf-16-le")) // 2
+    return f"{name} {text}", [MessageEntity(MessageEntity.TEXT_MENTION, 0, length, user=user)]

@@ -15,7 +15,7 @@ from telegram.constants import ChatAction, ChatType
 from telegram.ext import ContextTypes
 
 from bot import keyboards
-from bot.addressing import addressed_to_me, speaker, strip_mention
+from bot.addressing import addressed_to_me, speaker, strip_mention, topic_of
 from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
@@ -105,7 +105,7 @@ class ChatHandlers:
         self._background.add(typing)
         typing.add_done_callback(self._background.discard)
         async with StreamingReply(context.bot, who.chat_id, reply_to=None if private else msg.message_id,
-                                  interval=self.settings.stream_edit_interval_s,
+                                  thread_id=topic_of(msg), interval=self.settings.stream_edit_interval_s,
                                   drafts=self.drafts if private else None) as stream:
             outcome = await self.conversation.answer(turn_id, on_text=stream.push)
             if outcome.kind == "gone":   # forgotten (/forget) meanwhile: what was written, if any, without buttons

@@ -3,7 +3,8 @@
 Telegram tolerates about one edit per second per chat, so text produced by the model is
 buffered and shown at most every `interval` seconds. Once a reply outgrows one message, the
 finished part stays as it is and the rest continues in a new message; the keyboard goes on
-the last one.
+the last one. In a forum every message goes to the topic it answers (`thread_id`), even when the
+message it replies to is gone.
 
 With `drafts` (private chats, bot/drafts.py) the part still being written is shown as a draft
 (`sendMessageDraft`, same throttle) instead of a message edited in place, and is sent as a message
@@ -32,11 +33,12 @@ CURSOR = " ▌"
 
 
 class StreamingReply:
-    def __init__(self, bot: Bot, chat_id: int, *, reply_to: int | None = None, interval: float = 1.0,
-                 limit: int = TELEGRAM_LIMIT, drafts: DraftChats | None = None) -> None:
+    def __init__(self, bot: Bot, chat_id: int, *, reply_to: int | None = None, thread_id: int | None = None,
+                 interval: float = 1.0, limit: int = TELEGRAM_LIMIT, drafts: DraftChats | None = None) -> None:
         self.bot = bot
         self.chat_id = chat_id
         self.reply_to = reply_to
+        self.thread_id = thread_id   # a forum topic (bot/addressing.py topic_of): every piece lands there
         self.interval = interval
         self.limit = limit - len(CURSOR)
         self.text = ""
@@ -126,7 +128,7 @@ class StreamingReply:
                 self._shown[i] = shown
             else:
                 msg = await call_with_retry(lambda s=shown: self.bot.send_message(
-                    self.chat_id, s, reply_parameters=self._reply_parameters()))
+                    self.chat_id, s, message_thread_id=self.thread_id, reply_parameters=self._reply_parameters()))
                 self.message_ids.append(msg.message_id)
                 self._shown.append(shown)
             self._last_call = time.monotonic()
@@ -145,7 +147,8 @@ class StreamingReply:
         if self._drafted == (piece, text):
             return True
         try:
-            await self.bot.send_message_draft(self.chat_id, self._draft_id + piece, text)
+            await self.bot.send_message_draft(self.chat_id, self._draft_id + piece, text,
+                                              message_thread_id=self.thread_id)
         except RetryAfter as exc:
             wait = exc.retry_after.total_seconds() if hasattr(exc.retry_after, "total_seconds") else exc.retry_after
             self._last_call = time.monotonic() + float(wait)

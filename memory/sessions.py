@@ -17,6 +17,8 @@ class SessionsMixin:
 
     def _touch(self, conn, chat_id: int, chat_type: str, title: str | None,
                user_id: int, username: str | None, first_name: str | None) -> None:
+        """Record who spoke where. A group always has a title, so None (a /reset, a sticker's note:
+        callers that do not know it) keeps the stored one rather than clearing it."""
         ts = now()
         conn.execute(
             "INSERT INTO users (id, username, first_name, created_at, last_seen) VALUES (?, ?, ?, ?, ?) "
@@ -24,7 +26,7 @@ class SessionsMixin:
             "last_seen=excluded.last_seen", (user_id, username, first_name, ts, ts))
         conn.execute(
             "INSERT INTO chats (id, type, title, created_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET type=excluded.type, title=excluded.title",
+            "ON CONFLICT(id) DO UPDATE SET type=excluded.type, title=COALESCE(excluded.title, chats.title)",
             (chat_id, chat_type, title, ts))
 
     def _open_session(self, conn, chat_id: int) -> int:

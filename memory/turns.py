@@ -175,3 +175,10 @@ class TurnsMixin(SessionsMixin):
             "LEFT JOIN users u ON u.id = t.user_id "
             "WHERE t.user_text LIKE ? ESCAPE '\\' OR t.reply_text LIKE ? ESCAPE '\\' ORDER BY t.id DESC LIMIT ?",
             (pattern, pattern, limit))
+
+    def is_turn_message(self, chat_id: int, message_id: int) -> bool:
+        """Whether a chat's message `message_id` was stored as a turn (it was said to the bot). Read
+        through the chat's sessions, so it looks at that chat's turns, not the whole table."""
+        return self.database.scalar(
+            "SELECT 1 FROM turns WHERE session_id IN (SELECT id FROM sessions WHERE chat_id = ?) "
+            "AND chat_id = ? AND user_message_id = ? LIMIT 1", (chat_id, chat_id, message_id)) is not None

@@ -23,7 +23,7 @@ class ScriptedBot:
         self.draft_errors = list(draft_errors)
         self.calls: list[tuple[str, str]] = []
 
-    async def send_message_draft(self, chat_id: int, draft_id: int, text: str) -> bool:
+    async def send_message_draft(self, chat_id: int, draft_id: int, text: str, **kw) -> bool:
         self.calls.append(("draft", text))
         if self.draft_errors:
             raise self.draft_errors.pop(0)

@@ -93,3 +93,11 @@ async def test_group_turns_stored_before_names_were_shown_read_as_they_were_serv
         conn.execute("UPDATE turns SET speaker = NULL")
     await conversation.handle_text(BOB, "new message")
     assert [m["content"] for m in fake_engine.prompts[-1] if m["role"] == "user"] == ["old message", "Bob: new message"]
+
+
+async def test_a_reset_in_a_group_keeps_its_title(conversation, fake_engine):
+    """/reset names no title (nor does a sticker's note): the group's stays as its last message gave it."""
+    await conversation.handle_text(ANN, "hello")
+    conversation.reset(BOB)
+    conversation.refuse_non_text(BOB, "sticker", None)
+    assert conversation.store.database.scalar("SELECT title FROM chats WHERE id = ?", (GROUP,)) == "Friends"

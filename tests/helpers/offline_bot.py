@@ -101,6 +101,8 @@ class OfflineTelegram:
             for key in ("text", "caption"):
                 if key in p:
                     msg[key] = p[key]
+            if p.get("message_thread_id") is not None:   # sent into a forum topic
+                msg.update(message_thread_id=int(p["message_thread_id"]), is_topic_message=True)
             if method == "sendPhoto":
                 msg["photo"] = [{"file_id": "p", "file_unique_id": "p", "width": 1, "height": 1}]
             self._show(chat, msg, p.get("reply_markup"))
@@ -137,8 +139,8 @@ class OfflineTelegram:
 
     def _show(self, chat: int, msg: dict, markup) -> None:
         markup = self._markup(markup)
-        if markup:
-            msg["reply_markup"] = markup
+        if markup and "inline_keyboard" in markup:   # a message shows only inline buttons (a ForceReply is
+            msg["reply_markup"] = markup             # the reader's client's business, recorded in `calls`)
         self.messages[(chat, msg["message_id"])] = msg
         for row in (markup or {}).get("inline_keyboard", []):
             for button in row:
