@@ -147,10 +147,13 @@ def _renamed_not_promoted(settings, store, *, candidate_row: bool):
 @pytest.mark.parametrize("candidate_row", [False, True], ids=["before-recording", "after-recording"])
 def test_a_passed_generation_whose_cycle_died_before_promoting_is_promoted_by_the_next(world, candidate_row):
     settings, store = world
+    for stage in ("train", "eval"):      # earlier attempts at the same id died before the rename
+        Lineage(settings.models_dir).append_ledger({"gen_folder": "gen-0002", "event": "died",
+                                                    "reason": f"died during stage '{stage}'"})
     lineage = _renamed_not_promoted(settings, store, candidate_row=candidate_row)
     assert cycle.finish_interrupted(settings, lineage, store) == "gen-0002"
     assert lineage.active_id() == "gen-0002"
-    assert events(lineage, "gen-0002") == ["candidate", "promote"]
+    assert events(lineage, "gen-0002") == ["died", "died", "candidate", "promote"]
     assert cycle.finish_interrupted(settings, lineage, store) is None       # once
 
 

@@ -174,9 +174,10 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     gen = gens[-1]   # a cycle's generation is always the newest folder
     if gen.parent_id is None or "data_cutoff" not in gen.meta:
         return None      # generation 0, or not made by a cycle
-    own = [r.get("event") for r in rows if r["gen_folder"] == gen.id]
+    # rows of earlier attempts at this id that died or failed before it was renamed into place say nothing of it
+    own = [r.get("event") for r in rows if r["gen_folder"] == gen.id and r.get("event") not in ("died", "failed")]
     if any(e != "candidate" for e in own):
-        return None      # promoted, held, served by hand or failed since: its cycle finished
+        return None      # promoted, held or served by hand since: its cycle finished
     meta, parent = gen.meta, lineage.generation(gen.parent_id)
     passed = meta.get("status") == "promoted"
     if not own:
