@@ -24,7 +24,11 @@ def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: s
     promotion made meanwhile. The check and the move happen under the lineage's pointer lock."""
     lineage = Lineage(settings.models_dir)
     gen = lineage.generation(gen_id)
-    if sha256_file(gen.gguf) != gen.sha256:
+    try:
+        sha = sha256_file(gen.gguf)
+    except OSError as exc:   # gone or unreadable: the same refusal, one error type for every caller
+        raise OuroError(f"{gen_id}'s GGUF cannot be read ({exc.strerror or exc}); refusing to serve it") from exc
+    if sha != gen.sha256:
         raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
     with lineage.pointer_lock():
         previous_id = lineage.active_id()

@@ -67,22 +67,27 @@ class AuditMixin:
         """
         order = "DESC" if newest else "ASC"
         capped = source_of is not None and per_source is not None
-        rows = self.database.query(
-            "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at, GROUP_CONCAT(r.user_id) AS raters "
-            "FROM ratings r JOIN turns t ON t.id = r.turn_id "
-            f"WHERE t.generation_id = ? GROUP BY r.turn_id HAVING v != 0 ORDER BY first_at {order}, r.turn_id {order} "
-            "LIMIT ?", (gen_id, limit * 20 if capped else limit))
         values: list[int] = []
         taken: Counter[str] = Counter()
-        for r in rows:
-            if capped:
-                names = {source_of(int(u) if u else None) for u in (r["raters"] or "").split(",")}
-                if None not in names and all(taken[n] >= per_source for n in names):
-                    continue
-                taken.update(n for n in names if n is not None)
-            values.append(1 if r["v"] > 0 else -1)
-            if len(values) == limit:
+        page, offset = (256 if capped else limit), 0
+        while len(values) < limit:
+            rows = self.database.query(
+                "SELECT SUM(r.value) AS v, MIN(r.created_at) AS first_at, GROUP_CONCAT(r.user_id) AS raters "
+                "FROM ratings r JOIN turns t ON t.id = r.turn_id "
+                f"WHERE t.generation_id = ? GROUP BY r.turn_id HAVING v != 0 ORDER BY first_at {order}, "
+                f"r.turn_id {order} LIMIT ? OFFSET ?", (gen_id, page, offset))
+            for r in rows:
+                if capped:   # a turn whose raters' sources have all had their say is passed over
+                    names = {source_of(int(u) if u else None) for u in (r["raters"] or "").split(",")}
+                    if None not in names and all(taken[n] >= per_source for n in names):
+                        continue
+                    taken.update(n for n in names if n is not None)
+                values.append(1 if r["v"] > 0 else -1)
+                if len(values) == limit:
+                    break
+            if len(rows) < page:
                 break
+            offset += page
         return values[::-1] if newest else values
 
     def rater_first_seen(self, gen_ids: tuple[str, ...]) -> dict[int, str]:

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import TypeVar
 
 ADMIN, TRUSTED, OTHER = "admin", "trusted", "other"
+TERMINAL_USER_ID = 0   # `ouro chat`: whoever runs it on the bot's machine (a member of any allow-listed bot)
 MODES = ("admins", "reviewed", "trusted", "everyone")
 T = TypeVar("T")
 
@@ -177,7 +178,7 @@ def chat_members(settings, store) -> frozenset[int] | None:
     open bot: anyone). Admins and trusted people are not needed here: their tier lets them teach."""
     if not settings.allowed_user_ids:
         return None
-    return frozenset(settings.allowed_user_ids) | {key["user_id"] for key in store.api_keys()}
+    return frozenset(settings.allowed_user_ids) | {key["user_id"] for key in store.api_keys()} | {TERMINAL_USER_ID}
 
 
 def policy_for(settings, store) -> TrustPolicy:

@@ -124,29 +124,14 @@ class TurnsMixin(SessionsMixin):
     def recent_chats(self, limit: int) -> list[tuple[int, int]]:
         """(chat, its current session) for the chats answered most recently, newest first.
 
-        Read newest turn first, a page at a time, until `limit` chats are found: a hot-swap's
-        warm-up asks on every pass, and grouping the whole turns table took 0.3 s at 400k turns."""
-        out: list[tuple[int, int]] = []
-        seen: set[int] = set()
-        below = None
-        while len(out) < limit:
-            rows = self.database.query(
-                "SELECT t.id, t.chat_id, s.ended_at FROM turns t JOIN sessions s ON s.id = t.session_id "
-                "WHERE t.status = 'answered' AND (? IS NULL OR t.id < ?) ORDER BY t.id DESC LIMIT 256",
-                (below, below))
-            if not rows:
-                break
-            below = rows[-1]["id"]
-            for r in rows:
-                if r["chat_id"] in seen:
-                    continue
-                seen.add(r["chat_id"])
-                session = self.current_session(r["chat_id"]) if r["ended_at"] is None else None
-                if session is not None:
-                    out.append((r["chat_id"], session))
-                    if len(out) == limit:
-                        break
-        return out
+        Asked of the open sessions (one per chat), each by its latest answered turn through the
+        (session_id, id) index: a hot-swap's warm-up asks on every pass, and grouping the whole
+        turns table took 0.15 s at 400k turns."""
+        rows = self.database.query(
+            "SELECT chat_id, session FROM (SELECT s.chat_id, s.id AS session, (SELECT MAX(t.id) FROM turns t "
+            "WHERE t.session_id = s.id AND t.status = 'answered') AS last FROM sessions s WHERE s.ended_at IS NULL) "
+            "WHERE last IS NOT NULL ORDER BY last DESC LIMIT ?", (limit,))
+        return [(r["chat_id"], r["session"]) for r in rows]
 
     def context_start(self, session_id: int) -> int | None:
         """Where the last served context of this session began (the rolling window's anchor)."""

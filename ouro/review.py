@@ -15,7 +15,7 @@ from collections import Counter
 from bot.review import EMPTY, proposal_text, review_text
 from config.settings import Settings
 from memory.store import Store
-from serving.conversation import TERMINAL_USER_ID
+from memory.trust import TERMINAL_USER_ID
 
 KEYS = "[a]pprove  [r]eject  [e]dit  [s]kip  [q]uit"
 PROPOSAL_KEYS = "[k]eep as a pair  [e]dit then keep  [d]rop  [s]kip  [q]uit"

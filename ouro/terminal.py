@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from serving.conversation import TERMINAL_CHAT_ID, TERMINAL_USER_ID, Speaker
+from memory.trust import TERMINAL_USER_ID
+from serving.conversation import TERMINAL_CHAT_ID, Speaker
 from serving.runtime import Runtime
 
 HELP = """Commands: /good  /bad  rate my last reply · /better <text>  store a better answer for it

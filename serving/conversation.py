@@ -30,7 +30,6 @@ from serving.context import ContextTooLong, build_context, to_messages
 log = logging.getLogger(__name__)
 
 TERMINAL_CHAT_ID = -1   # `ouro chat`; a chat id Telegram never uses for private chats
-TERMINAL_USER_ID = 0
 
 # What people are told. Short and kind; never an exception text.
 TOO_LONG = "That message is too long for me to read in one go — could you send a shorter version?"

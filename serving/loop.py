@@ -289,9 +289,10 @@ class LearningLoop:
     def watch_ratings(self, child: str, parent: str) -> tuple[list[int], list[int]]:
         """The ratings the live watch judges: the child's first and the parent's latest
         `watch_min_ratings`, where one untrusted source — a person, or a burst of new accounts
-        (memory/trust.py) — decides at most `max_share_per_source` of them; admins' and trusted
-        people's ratings are not capped. (The cheap uncapped count first: until the child has
-        enough ratings at all, nothing more is read.)"""
+        (memory/trust.py) — decides at most `watch_margin` of them, so that it alone cannot move the
+        👎 share past the margin either way. Admins, trusted people and the allow-list are not
+        capped. (The cheap uncapped count first: until the child has enough ratings at all,
+        nothing more is read.)"""
         n = self.settings.watch_min_ratings
         if len(self.store.generation_ratings(child, limit=n)) < n:
             return self.store.generation_ratings(child, limit=n), []
@@ -299,9 +300,11 @@ class LearningLoop:
         names = sources(policy, self.store.rater_first_seen((child, parent)))
 
         def source_of(uid: int | None) -> str | None:
-            return None if policy.tier(uid) != OTHER else names.get(uid, f"user:{uid}")
+            if policy.tier(uid) != OTHER or (uid is not None and uid in policy.known):
+                return None
+            return names.get(uid, f"user:{uid}")
 
-        per_source = max(1, math.ceil(policy.max_share * n))
+        per_source = max(1, math.floor(self.settings.watch_margin * n + 1e-9))
         return (self.store.generation_ratings(child, limit=n, source_of=source_of, per_source=per_source),
                 self.store.generation_ratings(parent, limit=n, newest=True, source_of=source_of,
                                               per_source=per_source))

@@ -449,40 +449,52 @@ async def test_the_live_watch_rolls_back_a_clearly_worse_generation(lineage_worl
     assert (settings.models_dir / "gen-0001" / "model.gguf").exists()     # rollback deletes nothing
 
 
-@pytest.mark.parametrize("who", ["one stranger", "a burst of new accounts", "an admin"])
+@pytest.mark.parametrize("who", ["one stranger", "a burst of new accounts", "a stranger's 👍", "an admin"])
 async def test_one_voice_cannot_decide_the_live_watch_alone(lineage_world, who):
-    """A stranger's run of 👎 (or a flood of fresh accounts, which the caps count as one source)
-    decides at most `max_share_per_source` of the ratings the watch judges; an admin is not capped."""
+    """A stranger's run of 👎 or 👍 (or a flood of fresh accounts, which the caps count as one source)
+    decides at most `watch_margin` of the ratings the watch judges — here 1 of 10 — so it cannot move
+    the 👎 share past the margin by itself, either way; an admin is not capped."""
     settings, store, worker, _ = lineage_world
     settings = load_settings(**{**settings.model_dump(), "admin_ids": [77], "new_account_window_s": 3600.0})
-    told: list[str] = []
-
-    async def notify(text):
-        told.append(text)
-
-    loop = LearningLoop(settings, store, worker, notify=notify, load=Loader())
+    loop = LearningLoop(settings, store, worker, load=Loader())
     for i in range(10):       # parent: 10% 👎 from ten people who came a day apart
         rate_replies(store, "gen-0000", [-1 if i == 0 else 1], 100 + i)
         first_seen(store, 100 + i, f"2026-11-{10 + i}T00:00:00")
     await loop.promote("gen-0001", actor="test", why="passed the gate")
-    if who == "one stranger":
-        rate_replies(store, "gen-0001", [-1] * 10, 300, user_id=300)
-    else:
-        rate_replies(store, "gen-0001", [-1] * 10, 300, user_id=77 if who == "an admin" else None)
+    flood = 1 if who == "a stranger's 👍" else -1
+    rate_replies(store, "gen-0001", [flood] * 10, 300,
+                 user_id={"one stranger": 300, "a stranger's 👍": 300, "an admin": 77}.get(who))   # None: each new
     child, parent = loop.watch_ratings("gen-0001", "gen-0000")
+    assert len(parent) == 10
     verdict = await loop.check_watch()
     if who == "an admin":
         assert child == [-1] * 10 and verdict.status == "worse"
         assert Lineage(settings.models_dir).active_id() == "gen-0000"
-    else:
-        assert child == [-1] * 5 and verdict.status == "waiting"      # half of the 10 the watch needs
+        return
+    assert child == [flood] and verdict.status == "waiting"          # 1 of the 10 the watch needs
+    others = [1] * 9 if flood < 0 else [-1] * 4 + [1] * 5             # nine people who came a month apart
+    rate_replies(store, "gen-0001", others, 400)
+    for i in range(9):
+        first_seen(store, 400 + i, f"2026-{i + 1:02d}-10T00:00:00")
+    verdict = await loop.check_watch()
+    if flood < 0:   # the others like it: 1 capped 👎 + 9 👍 against the parent's 10% — no rollback
+        assert verdict.status == "ok" and verdict.child_down_share == 0.1
         assert Lineage(settings.models_dir).active_id() == "gen-0001"
-        rate_replies(store, "gen-0001", [1] * 5, 400)                 # others who like it (a day apart)
-        for i in range(5):
-            first_seen(store, 400 + i, f"2026-10-{10 + i}T00:00:00")
-        verdict = await loop.check_watch()
-        assert verdict.status == "worse" and verdict.child_down_share == 0.5   # 5 capped 👎 + 5 👍 vs 10%
-    assert len(parent) == 10
+    else:           # the others do not: the stranger's 👍 flood shields it no more than one 👍
+        assert verdict.status == "worse" and verdict.child_down_share == 0.4
+        assert Lineage(settings.models_dir).active_id() == "gen-0000"
+
+
+async def test_a_stranger_rating_hundreds_of_replies_first_does_not_keep_the_watch_waiting(lineage_world):
+    settings, store, worker, _ = lineage_world
+    loop = LearningLoop(settings, store, worker, load=Loader())
+    rate_replies(store, "gen-0000", [-1] + [1] * 9, 100)
+    await loop.promote("gen-0001", actor="test", why="passed the gate")
+    rate_replies(store, "gen-0001", [1] * 300, 1000, user_id=999)    # more than a page of rated turns
+    rate_replies(store, "gen-0001", [-1] * 9, 2000)
+    child, _ = loop.watch_ratings("gen-0001", "gen-0000")
+    assert child == [1] + [-1] * 9
+    assert (await loop.check_watch()).status == "worse"
 
 
 def first_seen(store: Store, user_id: int, at: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 import trainer.cycle as cycle
 from config.settings import load_settings
+from core.errors import OuroError
 from core.files import atomic_write_text
 from engine.worker import InferenceWorker
 from lineage.generations import Lineage
@@ -244,3 +245,12 @@ async def test_a_failed_automatic_rollback_is_told_to_admins(loop_world):
     assert any("automatic rollback failed" in t and "SHA-256" in t for t in told)
     assert store.events("auto_rollback_failed")
     assert await loop.check_watch() is None                            # said once, not every tick
+
+
+def test_a_generation_whose_gguf_is_gone_is_refused_with_the_one_error_type(world):
+    """Not a FileNotFoundError: the live watch's rollback and the next cycle's recovery catch OuroError."""
+    settings, store = world
+    Lineage(settings.models_dir).generation("gen-0000").gguf.unlink()
+    with pytest.raises(OuroError, match="gen-0000's GGUF cannot be read"):
+        rollback(settings, store, None, actor="admin", why="back")
+    assert Lineage(settings.models_dir).active_id() == "gen-0001"

@@ -13,7 +13,7 @@ from core.files import now
 from evals.gate import Thresholds, decide
 from memory.export import Delta, Example, Pair, reviewed_since
 from memory.screens import Screens
-from memory.trust import TrustPolicy, cap, policy_for, resolve_mode, sources
+from memory.trust import TERMINAL_USER_ID, TrustPolicy, cap, policy_for, resolve_mode, sources
 from tests.helpers.lineages import make_generation
 from trainer.trigger import carried_over
 
@@ -234,3 +234,5 @@ def test_someone_taken_off_the_allow_list_no_longer_teaches_directly(store, tmp_
     assert targets(revoked) == ["Ahoy! from Ann"] and revoked.waiting == {EVE: 2, laptop: 1}
     assert sorted(targets(export(store, tmp_path, allowed_user_ids=[ANN], trusted_user_ids=[EVE]))) == [
         "Ahoy! from Ann", "Yarr from Eve"]                                    # trusted people still teach
+    corrected(store, TERMINAL_USER_ID, 2, "Ahoy! from the owner's terminal")   # `ouro chat` on the machine
+    assert "Ahoy! from the owner's terminal" in targets(export(store, tmp_path, allowed_user_ids=[ANN]))
