@@ -49,6 +49,7 @@ COMPLETION_ID = re.compile(r"chatcmpl-ouro-([1-9][0-9]{0,17})")
 LIMITED = "Too many requests for this key: at most {} per {:.0f} s. Wait a little and send it again."
 QUEUE_FULL = "This key already has requests waiting for a reply; send this one again once they are answered."
 STATUS = {"busy": 503, "refused": 400, "failed": 500}   # an outcome that is no reply → HTTP status
+GONE = "this conversation was deleted while the reply was written; nothing of it was kept"
 
 
 class Api:
@@ -262,6 +263,8 @@ async def _read_json(request: Request) -> object:
 
 def _outcome_error(outcome: Outcome) -> ApiError:
     """A turn that got no reply, as the error its client sees (what a Telegram user would be told)."""
+    if outcome.kind == "gone":   # forgotten while it was written (`ouro api-key revoke --forget`): nothing kept
+        return ApiError(410, GONE, code="conversation_forgotten")
     code = {"busy": "server_busy", "failed": "model_failed"}.get(outcome.kind, "invalid_request")
     if outcome.text == TOO_LONG:
         code = "context_length_exceeded"

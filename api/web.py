@@ -64,7 +64,7 @@ REVIEW_SOURCE_NAMES = {"correction": "✏️ corrected", "pick": "🔁 sample ke
                        "chat": "Telegram / terminal"}
 REVIEW_RATING_NAMES = {"up": "👍", "down": "👎", "none": "not rated"}
 ACTIONS = {"approve": "approved", "reject": "rejected", "edit": "edited"}
-LEDGER_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback", "swap_failed")
+LEDGER_EVENTS = ("base", "promote", "held", "rollback", "auto_rollback", "fallback", "swap_failed")
 HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
                                       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
            "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store",
@@ -348,7 +348,7 @@ class WebPage:
         if gen.id == active:
             raise Refused(400, f"{gen.id} is already the active generation.")
         note = None
-        if gen.meta.get("status") not in ("promoted", "base"):
+        if gen.meta.get("status") not in ("promoted", "held", "base"):
             note = f"the gate marked it {gen.meta.get('status')}: " + "; ".join(gen.meta.get("reasons", []))
         return self.render("confirm.html", session=session, action=action, gen=gen, active=active, note=note)
 

@@ -130,7 +130,7 @@ class AdminHandlers:
         if gen.id == active:
             await update.effective_message.reply_text(f"{gen.id} is already the active generation.")
             return
-        note = "" if gen.meta.get("status") in ("promoted", "base") else \
+        note = "" if gen.meta.get("status") in ("promoted", "held", "base") else \
             f"\nNote: the gate marked it {gen.meta.get('status')}: " + "; ".join(gen.meta.get("reasons", []))[:300]
         keyboard = keyboards.confirm_keyboard(action, gen.id, active)
         sent = await update.effective_message.reply_text(

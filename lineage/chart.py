@@ -60,7 +60,8 @@ def lineage_chart(lineage: Lineage, out: Path) -> Path:
     bottom.set_ylabel("loss")
     for x, g in zip(xs, gens, strict=True):
         status = g.meta.get("status")
-        color = {"promoted": "tab:green", "refused": "tab:red", "base": "tab:blue"}.get(status, "grey")
+        color = {"promoted": "tab:green", "held": "tab:orange", "refused": "tab:red",
+                 "base": "tab:blue"}.get(status, "grey")
         for ax in (top, bottom):
             ax.axvline(x, color=color, alpha=0.12, lw=8)
     events = lineage.ledger()

@@ -17,7 +17,7 @@ from lineage.generations import Generation
 CHARTS = ("evals", "feedback", "stages")
 EVALS = (("recall", "recall (0–1, higher is better)"), ("generalization", "generalization (0–1, higher is better)"),
          ("style_drift", "style drift (0–10, lower is better)"))
-STATUS_COLORS = {"promoted": "tab:green", "refused": "tab:red", "base": "tab:blue"}
+STATUS_COLORS = {"promoted": "tab:green", "held": "tab:orange", "refused": "tab:red", "base": "tab:blue"}
 
 
 def generation_chart(kind: str, gens: list[Generation], out: Path, *, active: str | None = None,

@@ -255,8 +255,10 @@ class LearningLoop:
             # swap (the CLI, a cycle) stands, and the next tick swaps to it
             moved = await asyncio.to_thread(promote, self.settings, self.store, serving_id, actor="bot", why=why,
                                             event="swap_failed", expect=gen.id)
+        now_id = self.lineage.active_id()
         where = (f"The active pointer is back on {serving_id}." if moved else
-                 f"The active pointer had moved on to {self.lineage.active_id()} meanwhile; that is tried next.")
+                 f"The active pointer still names {gen.id}: it could not be moved back." if now_id == gen.id else
+                 f"The active pointer had moved on to {now_id} meanwhile; that is tried next.")
         await self.notify(f"⚠️ Hot-swap refused: {why}. {where}")
         return result
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import ast
 import json
+import threading
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from api.app import MAX_BODY_BYTES
+from api.app import GONE, MAX_BODY_BYTES
 from api.keys import create_key, key_sha256
 from config.settings import load_settings
 from memory.api_keys import API_USER_BASE
@@ -23,7 +24,7 @@ from memory.trust import policy_for
 from ouro.cli import main
 from serving.conversation import FAILED
 from tests.helpers.api_server import start_api_server
-from tests.helpers.fakes import FakeEngine
+from tests.helpers.fakes import FakeEngine, GatedEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,6 +291,24 @@ def test_corrections_through_the_api_count_against_the_keys_rate_limit(make_api)
     assert api.store.database.scalar("SELECT COUNT(*) FROM corrections") == 2
     rated = httpx.post(f"{api.base_url}/feedback", headers=auth, json={"completion_id": reply.id, "rating": 1})
     assert rated.status_code == 200                                                # a rating needs no allowance
+
+
+def test_a_completion_forgotten_while_it_is_written_is_a_410_without_its_text(make_api):
+    engine = GatedEngine(["a reply nobody may keep"])
+    api = make_api(engine)
+    engine.hold()
+    answer: dict = {}
+    asking = threading.Thread(target=lambda: answer.setdefault("r", httpx.post(
+        f"{api.base_url}/chat/completions", headers={"authorization": f"Bearer {api.key}"}, timeout=30,
+        json={"model": "ouro", "messages": [{"role": "user", "content": "remember this"}]})))
+    asking.start()
+    assert engine.started.wait(10)
+    api.store.forget_user(api.user_id)                 # `ouro api-key revoke --forget` meanwhile
+    engine.release()
+    asking.join(30)
+    r = answer["r"]
+    assert r.status_code == 410 and r.json()["error"]["message"] == GONE
+    assert "nobody may keep" not in r.text and api.store.user_data_counts(api.user_id)["messages"] == 0
 
 
 def test_a_failing_model_is_a_500_with_the_turn_stored_and_the_server_alive(make_api, caplog):

@@ -79,6 +79,7 @@ def test_a_rollback_while_the_cycle_trains_is_not_undone_by_its_promotion(world,
     assert report.status == "held" and report.gen_id == "gen-0002"
     assert lineage.active_id() == "gen-0000"                       # the admin's rollback stands
     assert events(lineage, "gen-0002") == ["candidate", "held"]
+    assert lineage.generation("gen-0002").meta["status"] == "held"   # never shown as served (lists, charts, fallback)
     assert any("gen-0000 was made active while it trained" in r for r in report.reasons)
     assert store.events("cycle_held")
     # the next cycle does not take it for one that died before promoting
@@ -156,6 +157,16 @@ def test_a_passed_generation_whose_cycle_died_before_promoting_is_promoted_by_th
     assert lineage.active_id() == "gen-0002"
     assert events(lineage, "gen-0002") == ["died", "died", "candidate", "promote"]
     assert cycle.finish_interrupted(settings, lineage, store) is None       # once
+
+
+def test_a_held_generation_whose_cycle_died_before_recording_it_is_recorded_held(world):
+    settings, store = world
+    lineage = _renamed_not_promoted(settings, store, candidate_row=False)
+    gen = lineage.generation("gen-0002")
+    atomic_write_text(gen.folder / "meta.json", json.dumps({**gen.meta, "status": "held"}))
+    assert cycle.finish_interrupted(settings, lineage, store) == "gen-0002"
+    assert lineage.active_id() == "gen-0001" and events(lineage, "gen-0002") == ["candidate", "held"]
+    assert lineage.ledger()[-2]["gate"] == "passed"
 
 
 def test_a_dead_cycles_generation_is_not_promoted_over_a_rollback_nor_stops_later_cycles(world):

@@ -179,7 +179,7 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     if any(e != "candidate" for e in own):
         return None      # promoted, held or served by hand since: its cycle finished
     meta, parent = gen.meta, lineage.generation(gen.parent_id)
-    passed = meta.get("status") == "promoted"
+    passed = meta.get("status") in ("promoted", "held")
     if not own:
         lineage.append_ledger(_ledger_row(
             gen.id, parent, child_sha=gen.sha256, data_sha=(meta.get("data") or {}).get("data_delta_sha", ""),
@@ -193,6 +193,9 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     elif not passed:
         return None      # recorded as refused: its cycle had nothing left to do
     store.log_event("cycle_died", detail={"gen": gen.id, "stage": "promote"})
+    if meta.get("status") == "held":
+        _hold(lineage, store, parent, gen)
+        return gen.id
     try:
         moved = promote(settings, store, gen.id, actor=meta.get("actor") or "system", expect=parent.id,
                         why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
@@ -347,6 +350,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         if result.trained_tensors_changed <= 0:
             invariants.append("training changed no trainable parameter")
         gate = _gate(settings, report, chain, invariants)
+        if gate.passed and lineage.active_id() != parent.id:
+            report.status = "held"   # the pointer left the parent while it trained (see _hold): recorded so
         stages.enter("record")
         child_sha = sha256_file(staging / GGUF_NAME)
         constitution_sha = write_constitution(staging, persona)
@@ -386,9 +391,9 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
                                       constitution_sha=constitution_sha))
     store.upsert_generation(gen_id=gen_id, parent_id=parent.id, gguf_path=str(gen.gguf), gguf_sha256=child_sha,
                             status="candidate" if gate.passed else "refused", meta=meta)
-    if gate.passed and not promote(settings, store, gen_id, actor=actor, expect=parent.id,
-                                   why=f"passed the gate against {parent.id}"):
-        report.status = "held"
+    if report.status == "held" or (gate.passed and not promote(
+            settings, store, gen_id, actor=actor, expect=parent.id, why=f"passed the gate against {parent.id}")):
+        report.status = "held"   # (moved in the instant between recording and promoting: meta says passed)
         report.reasons.append(_hold(lineage, store, parent, gen))
     elif not gate.passed:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
