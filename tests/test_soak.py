@@ -21,7 +21,7 @@ from bot.chat import FLOOD_NOTICE, NON_TEXT, QUEUE_FULL
 from config.settings import load_settings
 from engine.worker import Busy, InferenceWorker
 from ouro import logs
-from ouro.bench.soak import FIRST_USER, SoakPlan, run_soak
+from ouro.bench.soak import FIRST_USER, CallWatcher, Seen, SoakPlan, run_soak
 from ouro.cli import build_parser
 from serving.conversation import BUSY
 from serving.limits import ADMIT, NOTICE, SILENT, ChatQueues, FloodLimit
@@ -343,3 +343,23 @@ async def test_a_full_chat_queue_answers_busy_and_stores_it(emu, make_bot):
     assert all(r["reply_text"] == QUEUE_FULL for r in rows if r["status"] == "busy")
     assert sum(m.text == QUEUE_FULL for m in messages) == 2
     assert peak == 1 and len(bot.engine.prompts) == 2
+
+
+def test_the_soak_counts_a_refused_regenerate_told_on_the_button():
+    """A refused 🔁 is answered on the button (not in the chat): the soak must see it as refused, not
+    wait out its timeout and count the press as unrecorded — whether the answer comes before or after
+    it names the press."""
+
+    watcher = CallWatcher(emu=None)
+
+    def answered(press: str, text: str) -> dict:
+        return {"status": 200, "method": "answerCallbackQuery", "time": 1.0,
+                "params": {"callback_query_id": press, "text": text}}
+
+    watcher.watch_press("7", 1001)
+    assert watcher._refused_press(answered("7", REGEN_BUSY)) == (1001, Seen("regen_busy", 1.0))
+    assert watcher._refused_press(answered("8", REGEN_FLOOD)) is None          # not named yet: kept
+    watcher.watch_press("8", 1002)
+    assert watcher.queue(1002).get_nowait().kind == "regen_busy"
+    watcher.watch_press("9", 1003)
+    assert watcher._refused_press(answered("9", "Trying again…")) is None     # not a refusal

@@ -40,6 +40,7 @@ import httpx
 import psutil
 
 from bot import keyboards
+from bot.buttons import REGEN_BUSY, REGEN_FLOOD
 from bot.chat import FLOOD_NOTICE, QUEUE_FULL
 from config.settings import Settings, load_settings
 from core.errors import OuroError
@@ -98,9 +99,30 @@ class CallWatcher:
         self.interval_s = interval_s
         self._seq = 0
         self._queues: dict[int, asyncio.Queue[Seen]] = {}
+        self.presses: dict[str, int] = {}   # 🔁 press id → its chat: a refusal is the press's answer, not a message
+        self._early: dict[str, Seen] = {}   # refusals seen before their press was named (`watch_press`)
 
     def queue(self, chat_id: int) -> asyncio.Queue[Seen]:
         return self._queues.setdefault(chat_id, asyncio.Queue())
+
+    def _refused_press(self, call: dict) -> tuple[int, Seen] | None:
+        """A 🔁 refused (its chat busy, or its person over the flood limit) is told on the button."""
+        if call.get("status") != 200 or call["method"].lower() != "answercallbackquery":
+            return None
+        p = call.get("params") or {}
+        if (p.get("text") or "") not in (REGEN_BUSY, REGEN_FLOOD):
+            return None
+        press, seen = str(p.get("callback_query_id")), Seen("regen_busy", call["time"])
+        if press not in self.presses:
+            self._early[press] = seen
+            return None
+        return self.presses[press], seen
+
+    def watch_press(self, press: str, chat_id: int) -> None:
+        """Hand a refusal of this 🔁 press to its chat, also one answered before it was named here."""
+        self.presses[press] = chat_id
+        if press in self._early:
+            self.queue(chat_id).put_nowait(self._early.pop(press))
 
     async def run(self, stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
@@ -110,7 +132,7 @@ class CallWatcher:
                                       params={"since_seq": str(self._seq), "token": self.emu.token})
                 for call in resp.json()["result"]:
                     self._seq = max(self._seq, int(call["seq"]))
-                    seen = _classify(call)
+                    seen = self._refused_press(call) or _classify(call)
                     if seen is not None:
                         self.queue(seen[0]).put_nowait(seen[1])
                 if last:
@@ -195,7 +217,7 @@ async def _person(emu, watcher: CallWatcher, plan: SoakPlan, i: int, tally: _Tal
         if last is not None and burst == 1:
             roll = rng.random()
             if roll < plan.regen_p:
-                await _reroll(user, events, plan, rng, last, tally)
+                await _reroll(user, events, plan, rng, last, tally, watcher, uid)
             elif roll < plan.regen_p + plan.rate_p:
                 tally.press_ids.append(await user.apress(last.callback_data[rng.choice((0, 0, 1))], last.message_id))
                 tally.rating_presses += 1
@@ -203,8 +225,10 @@ async def _person(emu, watcher: CallWatcher, plan: SoakPlan, i: int, tally: _Tal
             await asyncio.sleep(rng.uniform(0, plan.think_s))
 
 
-async def _reroll(user, events, plan: SoakPlan, rng: random.Random, last: Seen, tally: _Tally) -> None:
+async def _reroll(user, events, plan: SoakPlan, rng: random.Random, last: Seen, tally: _Tally,
+                  watcher: CallWatcher, chat_id: int) -> None:
     tally.press_ids.append(await user.apress(last.callback_data[2], last.message_id))
+    watcher.watch_press(tally.press_ids[-1], chat_id)
     tally.regen_presses += 1
     seen = await _next(events, plan.outcome_timeout_s, {"pick", "regen_busy", "failed"})
     kind = seen.kind if seen else "lost"
