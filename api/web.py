@@ -368,12 +368,14 @@ class WebPage:
         try:
             if self.learning is not None:
                 if action == "promote":
-                    swap = await self.learning.promote(gen.id, actor=actor, why=why)
+                    swap = await self.learning.promote(gen.id, actor=actor, why=why, expect=asked_active)
                 else:
                     _was, _to, swap = await self.learning.rollback(gen.id, actor=actor, why=why)
             else:
                 if action == "promote":
-                    await asyncio.to_thread(promote, self.settings, self.store, gen.id, actor=actor, why=why)
+                    if not await asyncio.to_thread(promote, self.settings, self.store, gen.id, actor=actor, why=why,
+                                                   expect=asked_active):
+                        raise OuroError(f"the active generation changed to {self.lineage.active_id()} meanwhile")
                 else:
                     await asyncio.to_thread(rollback, self.settings, self.store, gen.id, actor=actor, why=why)
                 swap = None

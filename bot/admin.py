@@ -164,7 +164,7 @@ class AdminHandlers:
         why = f"{action} by {_who(update)} from Telegram" + (f": {reason}" if reason else "")
         try:
             if action == "promote":
-                swap = await self.loop.promote(gen_id, actor=_who(update), why=why)
+                swap = await self.loop.promote(gen_id, actor=_who(update), why=why, expect=asked_active)
                 frm = asked_active
             else:
                 frm, _, swap = await self.loop.rollback(gen_id, actor=_who(update), why=why)

@@ -262,10 +262,14 @@ class LearningLoop:
         await self.notify(f"⚠️ Hot-swap refused: {why}. {where}")
         return result
 
-    async def promote(self, gen_id: str, *, actor: str, why: str) -> SwapResult | None:
+    async def promote(self, gen_id: str, *, actor: str, why: str, expect: str | None = None) -> SwapResult | None:
         """Someone asks for `gen_id` now: tried even if it failed before (an inference server may have
-        been given it meanwhile; see engine/openai_server.py)."""
-        await asyncio.to_thread(promote, self.settings, self.store, gen_id, actor=actor, why=why)
+        been given it meanwhile; see engine/openai_server.py). `expect`: the generation active when
+        they were asked to confirm; if the pointer has moved since, nothing is done (an OuroError)."""
+        if not await asyncio.to_thread(promote, self.settings, self.store, gen_id, actor=actor, why=why,
+                                       expect=expect):
+            raise OuroError(f"the active generation changed to {self.lineage.active_id()} meanwhile; nothing was "
+                            "moved", hint="ask again")
         self._failed = None
         return await self.sync()
 

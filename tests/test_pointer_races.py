@@ -265,3 +265,15 @@ def test_a_generation_whose_gguf_is_gone_is_refused_with_the_one_error_type(worl
     with pytest.raises(OuroError, match="gen-0000's GGUF cannot be read"):
         rollback(settings, store, None, actor="admin", why="back")
     assert Lineage(settings.models_dir).active_id() == "gen-0001"
+
+
+async def test_a_confirmed_promotion_is_not_made_over_a_move_since_it_was_asked(loop_world):
+    """/promote and the web page confirm against the generation active when they asked; the move
+    itself checks it again under the pointer lock, so a move in between is never overwritten."""
+    settings, store, worker, told, notify = loop_world
+    loop = LearningLoop(settings, store, worker, notify=notify, load=Loader())
+    with pytest.raises(OuroError, match="changed to gen-0001"):
+        await loop.promote("gen-0000", actor="admin", why="asked while gen-0000 served", expect="gen-0000")
+    assert Lineage(settings.models_dir).active_id() == "gen-0001"
+    await loop.promote("gen-0000", actor="admin", why="asked now", expect="gen-0001")
+    assert Lineage(settings.models_dir).active_id() == "gen-0000"
