@@ -138,11 +138,8 @@ class ButtonHandlers:
 
     async def _second_take(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:
         """Streamed like a reply; in a group it answers the pressed reply, in a forum in that topic."""
-        message = query.message
-        private = message.chat.type == ChatType.PRIVATE
-        async with StreamingReply(context.bot, turn.chat_id, reply_to=None if private else message.message_id,
-                                  thread_id=topic_of(message), interval=self.settings.stream_edit_interval_s,
-                                  drafts=self.drafts if private else None) as stream:
+        async with StreamingReply.answering(context.bot, query.message, interval=self.settings.stream_edit_interval_s,
+                                            drafts=self.drafts) as stream:
             try:
                 alt_id, text = await self.conversation.regenerate(turn.id, on_text=stream.push)
             except Busy:

@@ -11,11 +11,11 @@ import asyncio
 import logging
 
 from telegram import Bot, Message, Update
-from telegram.constants import ChatAction, ChatType
+from telegram.constants import ChatAction
 from telegram.ext import ContextTypes
 
 from bot import keyboards
-from bot.addressing import addressed_to_me, speaker, strip_mention, topic_of
+from bot.addressing import addressed_to_me, speaker, strip_mention
 from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
@@ -99,14 +99,12 @@ class ChatHandlers:
             await call_with_retry(lambda: msg.reply_text(notice))
 
     async def _reply(self, context: ContextTypes.DEFAULT_TYPE, who: Speaker, turn_id: int, msg: Message) -> None:
-        private = who.chat_type == ChatType.PRIVATE
         # 'typing' is cosmetic: sent beside the reply (the message is already stored)
         typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
         self._background.add(typing)
         typing.add_done_callback(self._background.discard)
-        async with StreamingReply(context.bot, who.chat_id, reply_to=None if private else msg.message_id,
-                                  thread_id=topic_of(msg), interval=self.settings.stream_edit_interval_s,
-                                  drafts=self.drafts if private else None) as stream:
+        async with StreamingReply.answering(context.bot, msg, interval=self.settings.stream_edit_interval_s,
+                                            drafts=self.drafts) as stream:
             outcome = await self.conversation.answer(turn_id, on_text=stream.push)
             if outcome.kind == "gone":   # forgotten (/forget) meanwhile: what was written, if any, without buttons
                 if outcome.text:

@@ -21,9 +21,11 @@ import secrets
 import time
 from collections.abc import Callable
 
-from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
+from telegram import Bot, InlineKeyboardMarkup, Message, ReplyParameters
+from telegram.constants import ChatType
 from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
+from bot.addressing import topic_of
 from bot.drafts import DraftChats
 from bot.retry import call_with_retry
 from bot.splitting import TELEGRAM_LIMIT, split_text
@@ -59,6 +61,14 @@ class StreamingReply:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump())
+
+    @classmethod
+    def answering(cls, bot: Bot, message: Message, *, interval: float, drafts: DraftChats | None) -> StreamingReply:
+        """A reply about `message`: in a private chat a plain message (streamed as a draft where the
+        chat takes drafts), in a group an answer to it, in a forum in its topic."""
+        private = message.chat.type == ChatType.PRIVATE
+        return cls(bot, message.chat_id, reply_to=None if private else message.message_id, thread_id=topic_of(message),
+                   interval=interval, drafts=drafts if private else None)
 
     async def __aenter__(self) -> StreamingReply:
         """Streams while the block runs; its task ends with the block, however the block ends."""

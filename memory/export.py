@@ -281,30 +281,31 @@ def reviewed_since(store: Store, *, persona: str, since: str | None, until: str 
               for r in store.imported_pairs(since=since, until=until)]
     seen: set[str] = set()
     for ex in sorted(candidates + imported, key=lambda e: (e.created_at, e.turn_id or 0)):
-        ex.messages = _clean(ex.messages)
+        _redact_item(ex)
         k = ex.key()
         if k in seen:
             delta.dropped["duplicate"] = delta.dropped.get("duplicate", 0) + 1
             continue
         seen.add(k)
         delta.examples.append(ex)
-    for pair in pairs:
-        pair.prompt, pair.chosen, pair.rejected = _clean(pair.prompt), redact(pair.chosen), redact(pair.rejected)
-        delta.pairs.append(pair)
-    for item in unwanted:
-        item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
-    for item in delta.deferred:   # written to the generation's deferred.jsonl: redacted like what trains
-        if isinstance(item, Example):
-            item.messages = _clean(item.messages)
-        elif isinstance(item, Pair):
-            item.prompt, item.chosen, item.rejected = _clean(item.prompt), redact(item.chosen), redact(item.rejected)
-        else:
-            item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
+    for item in [*pairs, *unwanted, *delta.deferred]:   # deferred: written to deferred.jsonl, redacted alike
+        _redact_item(item)
+    delta.pairs += pairs
     wanted = [Rated(prompt=e.messages[:-1], completion=e.messages[-1]["content"], desirable=True, source="thumbs_up",
                     created_at=e.created_at, turn_id=e.turn_id, contributor=e.contributor, approved=e.approved,
                     weight=e.weight) for e in delta.examples if e.source == "thumbs_up" and e.turn_id not in paired]
     delta.rated = sorted(wanted + unwanted, key=lambda r: (r.created_at, r.turn_id or 0))
     return delta
+
+
+def _redact_item(item: Example | Pair | Rated) -> None:
+    """Every text of an item through PII redaction (idempotent, so carried items may pass again)."""
+    if isinstance(item, Example):
+        item.messages = _clean(item.messages)
+    elif isinstance(item, Pair):
+        item.prompt, item.chosen, item.rejected = _clean(item.prompt), redact(item.chosen), redact(item.rejected)
+    else:
+        item.prompt, item.completion = _clean(item.prompt), redact(item.completion)
 
 
 def _paired(store: Store) -> set[int]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -52,12 +51,6 @@ Notify = Callable[[str], Awaitable[None]]
 ACTIVATIONS = ("promote", "rollback", "auto_rollback", "swap_failed", "watch_verdict")
 TRIGGER_ACTOR = "data trigger"
 TRIGGER_BACKOFF_S = 3600.0   # after a triggered cycle made no generation: wait, or it would retry every check
-
-
-def _could_not_start(exc: Exception) -> str:
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return ("the cycle could not start: " + ("the disk is full; " if full else "") +
-            f"{type(exc).__name__}: {exc}")
 
 
 async def _quiet(text: str) -> None:
@@ -211,7 +204,11 @@ class LearningLoop:
             outcome = CycleOutcome("failed", {"status": "failed", "reasons": [str(exc)]})
         except Exception as exc:   # could not even start it (a full disk, no memory to fork): admins must hear
             log.exception("the learning cycle could not start")
-            outcome = CycleOutcome("failed", {"status": "failed", "reasons": [_could_not_start(exc)]})
+            from trainer.cycle import disk_full
+
+            full = "the disk is full; " if disk_full(exc) else ""
+            outcome = CycleOutcome("failed", {"status": "failed",
+                                              "reasons": [f"the cycle could not start: {full}{type(exc).__name__}: {exc}"]})
         self.last_outcome = outcome
         if actor == TRIGGER_ACTOR and outcome.status not in ("promoted", "held", "refused"):
             self._next_count = self.clock() + max(TRIGGER_BACKOFF_S, self.settings.cycle_check_s)
@@ -300,8 +297,9 @@ class LearningLoop:
         capped. (The cheap uncapped count first: until the child has enough ratings at all,
         nothing more is read.)"""
         n = self.settings.watch_min_ratings
-        if len(self.store.generation_ratings(child, limit=n)) < n:
-            return self.store.generation_ratings(child, limit=n), []
+        uncapped = self.store.generation_ratings(child, limit=n)
+        if len(uncapped) < n:
+            return uncapped, []
         policy = policy_for(self.settings, self.store)
         names = sources(policy, self.store.rater_first_seen((child, parent)))
 

@@ -154,7 +154,7 @@ def cleanup_stale(lineage: Lineage, store: Store) -> list[str]:
     return found
 
 
-def _disk_full(exc: BaseException | None) -> bool:
+def disk_full(exc: BaseException | None) -> bool:
     """Whether an error (or what caused it) is the disk running out of space."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -193,17 +193,15 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     elif not passed:
         return None      # recorded as refused: its cycle had nothing left to do
     store.log_event("cycle_died", detail={"gen": gen.id, "stage": "promote"})
-    if meta.get("status") == "held":
-        _hold(lineage, store, parent, gen)
-        return gen.id
-    try:
-        moved = promote(settings, store, gen.id, actor=meta.get("actor") or "system", expect=parent.id,
-                        why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
+    try:   # held already (its cycle saw the pointer move), or the pointer left the parent since
+        moved = meta.get("status") != "held" and promote(
+            settings, store, gen.id, actor=meta.get("actor") or "system", expect=parent.id,
+            why=f"passed the gate against {parent.id} (promoted by the next cycle: its own died first)")
     except OuroError as exc:   # e.g. its GGUF damaged since: recorded, so it cannot stop every later cycle
         _hold(lineage, store, parent, gen, why=str(exc))
-    else:
-        if not moved:
-            _hold(lineage, store, parent, gen)
+        return gen.id
+    if not moved:
+        _hold(lineage, store, parent, gen)
     return gen.id
 
 
@@ -373,7 +371,7 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
         stage = stages.current
         shutil.rmtree(staging, ignore_errors=True)
         text = exc.args[0] if isinstance(exc, OuroError) and exc.args else str(exc)   # its hint goes last
-        full = "the disk is full: " if _disk_full(exc) and "disk full" not in text else ""
+        full = "the disk is full: " if disk_full(exc) and "disk full" not in text else ""
         reason = f"failed during {stage}: {full}{text}"
         lineage.append_ledger(_ledger_row(gen_id, parent, event="failed", reason=reason[:500], actor=actor))
         store.log_event("cycle_failed", detail={"gen": gen_id, "stage": stage, "error": repr(exc)[:500]})
