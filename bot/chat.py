@@ -15,7 +15,7 @@ from telegram.constants import ChatAction
 from telegram.ext import ContextTypes
 
 from bot import keyboards
-from bot.addressing import addressed_to_me, speaker, strip_mention
+from bot.addressing import addressed_to_me, speaker, strip_mention, topic_of
 from bot.drafts import DraftChats
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
@@ -100,7 +100,7 @@ class ChatHandlers:
 
     async def _reply(self, context: ContextTypes.DEFAULT_TYPE, who: Speaker, turn_id: int, msg: Message) -> None:
         # 'typing' is cosmetic: sent beside the reply (the message is already stored)
-        typing = asyncio.create_task(self._typing(context.bot, who.chat_id))
+        typing = asyncio.create_task(self._typing(context.bot, who.chat_id, topic_of(msg)))
         self._background.add(typing)
         typing.add_done_callback(self._background.discard)
         async with StreamingReply.answering(context.bot, msg, interval=self.settings.stream_edit_interval_s,
@@ -128,8 +128,8 @@ class ChatHandlers:
             raise
 
     @staticmethod
-    async def _typing(bot: Bot, chat_id: int) -> None:
-        try:
-            await bot.send_chat_action(chat_id, ChatAction.TYPING)
+    async def _typing(bot: Bot, chat_id: int, topic: int | None) -> None:
+        try:   # in a forum, shown in the topic being answered
+            await bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=topic)
         except Exception:  # only cosmetic
             log.debug("send_chat_action failed", exc_info=True)

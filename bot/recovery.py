@@ -2,6 +2,8 @@
 
 A turn left pending was never answered, so its author is asked to send it again (one message per
 chat, naming each); a reply stored but cut off while being sent is sent now, with its buttons.
+In a group both answer the person's own message, as the live reply would have: a reply lands in the
+replied-to message's forum topic without naming it (the topic is not stored), and says whom it is for.
 Runs once, in the application's start-up hook, before updates are handled.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from telegram import Bot
+from telegram import Bot, ReplyParameters
 
 from bot import keyboards
 from bot.retry import call_with_retry
@@ -37,8 +39,10 @@ async def recover_interrupted(conversation: Conversation, bot: Bot) -> None:
             conversation.mark_failed(turn["id"], text)
         if chat_id == TERMINAL_CHAT_ID or is_api_user(chat_id):  # no Telegram side to tell
             continue
+        answering = _answering(chat_id, turns[-1]["user_message_id"])
         try:
-            await call_with_retry(lambda c=chat_id, m=text: bot.send_message(c, m), attempts=2)
+            await call_with_retry(lambda c=chat_id, m=text, r=answering: bot.send_message(c, m, reply_parameters=r),
+                                  attempts=2)
         except Exception:
             log.warning("could not ask chat %s to resend", chat_id, exc_info=True)
     await deliver_interrupted(conversation, bot)
@@ -51,10 +55,17 @@ async def deliver_interrupted(conversation: Conversation, bot: Bot) -> None:
     for turn in conversation.undelivered_replies(since=since):
         if turn["chat_id"] == TERMINAL_CHAT_ID or is_api_user(turn["chat_id"]):
             continue
-        stream = StreamingReply(bot, turn["chat_id"])
+        stream = StreamingReply(bot, turn["chat_id"], reply_to=None if turn["chat_id"] > 0 else turn["user_message_id"])
         try:
             await stream.finish(turn["reply_text"], markup=keyboards.reply_keyboard(turn["id"]),
                                 before_markup=lambda ids, t=turn["id"]: conversation.delivered(t, ids))
         except Exception:
             log.warning("could not deliver the stored reply of turn %s", turn["id"], exc_info=True)
             conversation.delivered(turn["id"], stream.message_ids)   # not retried at every start
+
+
+def _answering(chat_id: int, message_id: int | None) -> ReplyParameters | None:
+    """In a group, the person's message (sent even if it is gone since); in a private chat, nothing."""
+    if chat_id > 0 or message_id is None:
+        return None
+    return ReplyParameters(message_id, allow_sending_without_reply=True)

@@ -156,11 +156,12 @@ def served_context(store: Store, turn_id: int, persona: str, *, opt_out_by_defau
 
 
 def _settled_reply(row: dict, policy: TrustPolicy | None, screens: Screens | None) -> str:
-    """An earlier turn's reply as people settled it: an admin's edit, else its author's latest ✏️
+    """An earlier turn's reply as people settled it: an admin's edit (through the content screens), else its author's latest ✏️
     correction where it could be a target itself (the turn not rejected, its author teaching directly
     or an admin approving it, through the content screens: text kept out of training as a target must
     not come back in as context), else the 🔁 reply they kept, else the reply served (what /review shows)."""
-    if row["verdict"] == "edited" and row["edited_text"] is not None:
+    if row["verdict"] == "edited" and row["edited_text"] is not None \
+            and (screens is None or not screen(row["edited_text"], screens)):   # screened as a target too
         return row["edited_text"]
     correction, verdict = row["correction"], row["verdict"]
     if correction is not None and verdict != "rejected" \

@@ -141,13 +141,13 @@ class TurnsMixin(SessionsMixin):
 
     def pending_turns(self) -> list[dict]:
         """Turns whose reply never landed (e.g. the process died mid-reply)."""
-        return self.database.query("SELECT id, chat_id, user_id, user_text FROM turns WHERE status = 'pending'")
+        return self.database.query("SELECT id, chat_id, user_id, user_message_id, user_text FROM turns WHERE status = 'pending' ORDER BY id")
 
     def undelivered_turns(self, *, since: str) -> list[dict]:
         """Telegram turns answered (in the store) since `since` whose reply never reached the chat:
         the process died while sending it. Delivery records the message ids, even an empty list."""
         return self.database.query(
-            "SELECT id, chat_id, reply_text FROM turns WHERE status = 'answered' AND reply_message_ids IS NULL "
+            "SELECT id, chat_id, user_message_id, reply_text FROM turns WHERE status = 'answered' AND reply_message_ids IS NULL "
             "AND user_message_id IS NOT NULL AND answered_at >= ? ORDER BY id", (since,))
 
     def search_turns(self, text: str, *, limit: int = 50) -> list[dict]:

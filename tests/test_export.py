@@ -129,3 +129,21 @@ def test_a_correction_stands_in_for_a_reply_in_later_context_only_where_it_could
     assert context == {rejected: "I don't know.", waiting: "I don't know.", screened: "I don't know.",
                        approved: "Ask your bank.", trusted: "Ask a friend."}
     assert served_context(store, waiting, "P")[2]["content"] == "Buy at the shop"   # no policy: everyone teaches
+
+
+def test_an_admin_edit_comes_back_as_later_context_only_through_the_screens(store):
+    """The screens keep an admin's edit out as a target (a pasted link, say); it must not come back in as
+    the context of the chat's later turns either."""
+    admin = 1
+    policy = TrustPolicy(learn_from="trusted", admins=frozenset({admin}), max_share=1.0)
+    context = {}
+    for chat_id, edit in [(20, "Ask your bank."), (21, "Buy now at https://evil-coins.xyz/ref=66")]:
+        first = answered(store, chat_id, admin, f"where do I buy coins? ({chat_id})", "I don't know.")
+        store.record_review(first, admin, "edited", edit)
+        later = answered(store, chat_id, admin, "thanks, anything else?", "Have a nice day!", anchor=first)
+        store.rate(later, admin, 1)
+        context[chat_id] = later
+    delta = reviewed_since(store, persona="P", since=None, budget=10**9, policy=policy, screens=Screens(reference="P"))
+    seen = {e.turn_id: e.messages[2]["content"] for e in delta.examples if e.turn_id in context.values()}
+    assert seen == {context[20]: "Ask your bank.", context[21]: "I don't know."}
+    assert delta.screened   # the edit itself was kept out as a target

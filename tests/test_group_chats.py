@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 from bot import keyboards
 from bot.chat import CORRECTION_THANKS
+from bot.recovery import recover_interrupted
 from tests.helpers.offline_bot import ANN, BOB, BOT, GROUP, OfflineBot, OfflineTelegram, offline_bot
 
 MENTION = f"@{BOT['username']}"
@@ -111,6 +113,37 @@ async def test_outside_topics_no_thread_is_named(tmp_path):
         turn, mid = await answered_in_group(bot, "hi", message_thread_id=12345)   # in a chain of replies
         await bot.press(ANN, GROUP, mid, keyboards.reply_data(keyboards.REGENERATE, turn))
         assert [p.get("message_thread_id") for p in bot.tg.sent("sendMessage", GROUP)] == [None, None]
+
+
+async def test_typing_shows_in_the_topic_being_answered(tmp_path):
+    async with offline_bot(tmp_path / "data", stream_drafts=False) as bot:
+        await answered_in_group(bot, "hi from a topic", message_thread_id=TOPIC, is_topic_message=True)
+        await asyncio.sleep(0.05)   # 'typing' is sent beside the reply, on its own task
+        assert [p.get("message_thread_id") for p in bot.tg.sent("sendChatAction", GROUP)] == [TOPIC]
+
+
+async def test_after_a_restart_the_resend_notice_and_a_stored_reply_answer_the_persons_message(tmp_path):
+    """In a group (or a forum topic, which a reply lands in without naming it) what a restart has to say
+    answers the message it concerns; in a private chat it is a plain message."""
+    async with offline_bot(tmp_path / "data", stream_drafts=False) as bot:
+        conversation = bot.app.bot_data["handlers"].conversation
+        store = bot.store
+        lost = store.add_user_turn(chat_id=GROUP, user_id=ANN, text="are you there?", user_message_id=41,
+                                   chat_type="supergroup")
+        cut = store.add_user_turn(chat_id=GROUP, user_id=BOB, text="tell me a joke", user_message_id=42,
+                                  chat_type="supergroup")
+        store.complete_turn(cut, reply_text="A joke, stored but never sent.", generation_id="gen-0000",
+                            prompt_tokens=1, completion_tokens=1, latency_s=0.1, ttft_s=0.1,
+                            context_start_turn_id=cut)
+        private = store.add_user_turn(chat_id=ANN, user_id=ANN, text="hello?", user_message_id=43)
+        await recover_interrupted(conversation, bot.app.bot)
+        to_group = bot.tg.sent("sendMessage", GROUP)
+        assert [(reply_params(p) or {}).get("message_id") for p in to_group] == [41, 42]
+        assert "are you there?" in to_group[0]["text"] and to_group[1]["text"] == "A joke, stored but never sent."
+        assert all(reply_params(p)["allow_sending_without_reply"] for p in to_group)
+        assert [reply_params(p) for p in bot.tg.sent("sendMessage", ANN)] == [None]
+        assert {store.turn(t).status for t in (lost, private)} == {"failed"}
+        assert store.turn(cut).reply_message_ids == [max(m for (c, m) in bot.tg.messages if c == GROUP)]
 
 
 # --- edits ---------------------------------------------------------------------------------------------
