@@ -13,9 +13,11 @@ apply as they do to Telegram users. A completion's id names its stored turn: `ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -34,7 +36,7 @@ from api.web import WebPage, web_routes
 from api.web_auth import WebAuth
 from config.settings import Settings
 from memory.api_keys import is_api_user
-from serving.conversation import TOO_LONG, Conversation, Outcome, Speaker
+from serving.conversation import FAILED, TOO_LONG, Conversation, Outcome, Speaker
 from serving.limits import ADMIT, NOTICE, ChatQueues, FloodLimit
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ LIMITED = "Too many requests for this key: at most {} per {:.0f} s. Wait a littl
 QUEUE_FULL = "This key already has requests waiting for a reply; send this one again once they are answered."
 STATUS = {"busy": 503, "refused": 400, "failed": 500}   # an outcome that is no reply → HTTP status
 GONE = "this conversation was deleted while the reply was written; nothing of it was kept"
+RETRY_S = 5                       # Retry-After for "busy" answers: a reply or two later
+NO_RETRY = {"x-should-retry": "false"}   # the openai client retries a 500 unless told: each try a new stored turn
 
 
 class Api:
@@ -91,27 +95,34 @@ class Api:
             message = LIMITED.format(self.flood.messages, self.flood.window_s)
             conv.mark_limited(turn_id, message if verdict == NOTICE else None)
             raise ApiError(429, message, code="rate_limit_exceeded",
-                           headers={"retry-after": str(int(self.flood.window_s))})
+                           headers={"retry-after": str(self.flood.retry_after(user_id))})
         queue = self.queues.join(user_id)
         if queue is None:
             conv.mark_busy(turn_id, QUEUE_FULL)
-            raise ApiError(429, QUEUE_FULL, code="too_many_requests_waiting")
+            raise ApiError(429, QUEUE_FULL, code="too_many_requests_waiting", headers={"retry-after": str(RETRY_S)})
 
         pieces: asyncio.Queue[str | Outcome] = asyncio.Queue()
+        cancelled = threading.Event()   # set when a streaming client hangs up: the reply stops being written
 
         async def reply() -> Outcome:
-            async with queue:
-                outcome = await conv.answer(turn_id, history=history, max_tokens=req.max_tokens,
-                                            temperature=req.temperature,
-                                            on_text=pieces.put_nowait if req.stream else None)
-            pieces.put_nowait(outcome)
+            try:
+                async with queue:
+                    outcome = await conv.answer(turn_id, history=history, max_tokens=req.max_tokens,
+                                                temperature=req.temperature, seed=req.seed, cancelled=cancelled,
+                                                on_text=pieces.put_nowait if req.stream else None)
+            except Exception as exc:   # the store failing under it (answer stores every model failure itself)
+                log.exception("API turn %s could not be answered", turn_id)
+                with contextlib.suppress(Exception):
+                    conv.mark_failed(turn_id, FAILED)
+                outcome = Outcome(kind="failed", turn_id=turn_id, text=FAILED, error=exc)
+            pieces.put_nowait(outcome)   # a stream waiting for its end gets one, however the reply ended
             return outcome
 
         task = asyncio.create_task(reply())
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
         if req.stream:
-            return StreamingResponse(self._events(req, turn_id, pieces), media_type="text/event-stream",
+            return StreamingResponse(self._events(req, turn_id, pieces, cancelled), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
         outcome = await asyncio.shield(task)
         if outcome.kind != "answered":
@@ -155,7 +166,7 @@ class Api:
             # a correction is a message to learn from, stored like one: the same per-key limit as chat
             # (a rating only ever changes one row per completion and needs none)
             raise ApiError(429, LIMITED.format(self.flood.messages, self.flood.window_s), code="rate_limit_exceeded",
-                           headers={"retry-after": str(int(self.flood.window_s))})
+                           headers={"retry-after": str(self.flood.retry_after(user_id))})
         result: dict = {"id": raw_id, "object": "feedback"}
         if rating is not None:
             result["rating"] = conv.rate(turn.id, user_id, rating)
@@ -168,30 +179,39 @@ class Api:
         return JSONResponse(result)
 
     # --- pieces -----------------------------------------------------------------------------------
-    async def _events(self, req: ChatRequest, turn_id: int, pieces: asyncio.Queue) -> AsyncIterator[str]:
+    async def _events(self, req: ChatRequest, turn_id: int, pieces: asyncio.Queue,
+                      cancelled: threading.Event) -> AsyncIterator[str]:
         """OpenAI's chunks as server-sent events: the role, the text as it comes, the finish reason
-        (then usage, when asked for), `[DONE]`. A failure after the start is an `error` event."""
+        (then usage, when asked for), `[DONE]`. A failure after the start is an `error` event. A
+        client that hangs up before the end (a Stop button) stops the reply (`cancelled`), which frees
+        the model and the key's queue for its next request."""
         head = {"id": _completion_id(turn_id), "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.conversation.worker.engine.generation_id, "system_fingerprint": None}
 
         def event(delta: dict, finish: str | None = None) -> str:
             return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
-        yield event({"role": "assistant", "content": ""})
-        while True:
-            item = await pieces.get()
-            if isinstance(item, str):
-                yield event({"content": item})
-                continue
-            if item.kind != "answered":
-                yield _sse(_outcome_error(item).body())
+        ended = False
+        try:
+            yield event({"role": "assistant", "content": ""})
+            while True:
+                item = await pieces.get()
+                if isinstance(item, str):
+                    yield event({"content": item})
+                    continue
+                ended = True
+                if item.kind != "answered":
+                    yield _sse(_outcome_error(item).body())
+                    break
+                assert item.completion is not None
+                yield event({}, item.completion.finish_reason)
+                if req.include_usage:
+                    yield _sse({**head, "choices": [], "usage": _usage(item)})
                 break
-            assert item.completion is not None
-            yield event({}, item.completion.finish_reason)
-            if req.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(item)})
-            break
-        yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:   # the response was closed under us: its client is gone
+                cancelled.set()
 
     def _authorize(self, request: Request) -> tuple[str, int]:
         owner = key_owner(self.conversation.store, request.headers.get("authorization"))
@@ -257,7 +277,7 @@ async def _read_json(request: Request) -> object:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: nested past Python's stack
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
@@ -268,7 +288,8 @@ def _outcome_error(outcome: Outcome) -> ApiError:
     code = {"busy": "server_busy", "failed": "model_failed"}.get(outcome.kind, "invalid_request")
     if outcome.text == TOO_LONG:
         code = "context_length_exceeded"
-    return ApiError(STATUS.get(outcome.kind, 500), outcome.text, code=code)
+    headers = {"busy": {"retry-after": str(RETRY_S)}, "failed": NO_RETRY}.get(outcome.kind)
+    return ApiError(STATUS.get(outcome.kind, 500), outcome.text, code=code, headers=headers)
 
 
 def _no_model(model_id: str) -> ApiError:
@@ -314,4 +335,5 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     """A bug: the admins get the traceback in the log, the client a plain 500."""
     log.error("API request %s %s failed", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, "the server failed to handle this request; it has been logged", code="internal_error").response()
+    return ApiError(500, "the server failed to handle this request; it has been logged", code="internal_error",
+                    headers=NO_RETRY).response()

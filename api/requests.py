@@ -1,7 +1,9 @@
 """Reading a chat-completion request: the conversation the client sent, the new message, and the
-few sampling fields the bot honours. Everything else OpenAI defines is either ignored (it changes
-nothing a person would notice: `user`, `metadata`, `stop`…) or refused with a 400 that names it
-(tools and function calling, several choices, log-probabilities, JSON or audio output)."""
+few fields the bot honours (`stream`, `max_completion_tokens`/`max_tokens`, `temperature`, `seed`).
+Everything else OpenAI defines is either ignored, where it changes nothing in the reply (`user`,
+`metadata`, `store`, `top_p`…), or refused with a 400 that names it, where a client relies on it
+and would get a wrong answer without being told: stop sequences, logit bias, tools and function
+calling, several choices, log-probabilities, JSON or audio output."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ REFUSED = {
     "top_logprobs": "log-probabilities are not available",
     "audio": "only text output is supported",
     "prediction": "predicted outputs are not supported",
+    "stop": "stop sequences are not supported (the reply ends at the model's end of turn or max_tokens)",
+    "logit_bias": "logit bias is not supported",
 }
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -32,6 +36,7 @@ class ChatRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     temperature: float | None = None
+    seed: int | None = None            # seeds the sampler, for reproducible replies
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -57,10 +62,11 @@ def parse_chat(body: object) -> ChatRequest:
         raise _bad("the request body must be a JSON object")
     for field, why in REFUSED.items():
         value = body.get(field)
-        if value in (None, False, [], "none") or (field == "parallel_tool_calls" and not body.get("tools")):
+        if value in (None, False, [], {}, "", "none") or (field == "parallel_tool_calls" and not body.get("tools")):
             continue
         raise _bad(f"{field}: {why}", field, "unsupported_parameter")
-    if body.get("n", 1) not in (1, None):
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise _bad("n: only one choice per request is supported", "n", "unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
@@ -104,12 +110,17 @@ def parse_chat(body: object) -> ChatRequest:
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(limit)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _bad("max_tokens must be a positive integer", "max_tokens")
+        raise _bad(f"{limit} must be a positive integer", limit)
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, int | float)
                                     or not 0 <= temperature <= 2):
         raise _bad("temperature must be a number from 0 to 2", "temperature")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise _bad("seed must be an integer from 0 to 2147483647", "seed")
     return ChatRequest(model=model, exchanges=exchanges, text=turns[-1][1], stream=stream, include_usage=include_usage,
-                       max_tokens=max_tokens, temperature=None if temperature is None else float(temperature))
+                       max_tokens=max_tokens, temperature=None if temperature is None else float(temperature),
+                       seed=seed)

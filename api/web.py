@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
 from starlette.requests import Request
@@ -158,7 +158,7 @@ class WebPage:
         if session is None:
             raise Refused(403, NOT_LOGGED_IN)
         origin = request.headers.get("origin")
-        if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+        if origin is not None and not same_site(origin, request.headers.get("host", "")):
             raise Refused(403, "This form was sent from another site.")
         form = await read_form(request)
         if not self.auth.csrf_ok(session, form.get("csrf")):
@@ -180,7 +180,7 @@ class WebPage:
         self.store.log_event("web_login", user_id=session.admin_id)
         response = RedirectResponse("/", status_code=303, headers=HEADERS)
         response.set_cookie(COOKIE, session.cookie, max_age=SESSION_S, httponly=True, samesite="strict", path="/",
-                            secure=request.url.scheme == "https")
+                            secure=served_over_https(request))
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -668,3 +668,19 @@ def web_routes(page: WebPage) -> list[Route]:
         Route("/review/proposal/{proposal_id:str}", guarded(page.proposal_verdict), methods=["POST"]),
         Route("/review/{turn_id:str}", guarded(page.verdict), methods=["POST"]),
     ]
+
+
+def same_site(origin: str, host: str) -> bool:
+    """Whether a POST's Origin is this page's own host and port. The scheme is not compared: behind a
+    TLS proxy that does not say so (`X-Forwarded-Proto`) the page sees http while the browser says https;
+    the CSRF token is what proves the form is the page's own."""
+    try:
+        return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:
+        return False
+
+
+def served_over_https(request: Request) -> bool:
+    """The cookie is `Secure` when the browser reached the page over TLS: directly, or through a proxy
+    that says so (a header only ever making the cookie stricter, so it needs no trust)."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"

@@ -139,4 +139,4 @@ class WebAuth:
         return self._sign("csrf|" + session.cookie)
 
     def csrf_ok(self, session: Session, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(self.csrf(session), token)
+        return bool(token) and hmac.compare_digest(self.csrf(session).encode(), token.encode())   # str: ASCII only

@@ -79,6 +79,10 @@ class Busy(Exception):
     """Too many replies are already waiting for the model (control flow: the turn is stored as busy)."""
 
 
+class Cancelled(Exception):
+    """The reply's reader left (an HTTP client hung up mid-stream): it is not written for nobody."""
+
+
 class Abandoned(Busy):
     """The bot is stopping: the reply was given up (before or while generating) so the process can exit."""
 
@@ -278,12 +282,16 @@ class InferenceWorker:
         """Stopping: jobs still queued give up at once, a reply being generated at its next piece of text."""
         self._abandon.set()
 
-    def guard(self, on_text: Callable[[str], None] | None) -> Callable[[str], None]:
-        """Wrap a job's `on_text` so that generation stops (raises Abandoned) once `abandon()` was called."""
+    def guard(self, on_text: Callable[[str], None] | None,
+              cancelled: threading.Event | None = None) -> Callable[[str], None]:
+        """Wrap a job's `on_text` so that generation stops once `abandon()` was called (raises
+        Abandoned) or its reader left (`cancelled` set: raises Cancelled), freeing its slot."""
 
         def checked(piece: str) -> None:
             if self._abandon.is_set():
                 raise Abandoned("the bot is stopping")
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("the reply's reader left")
             if on_text is not None:
                 on_text(piece)
             self._between_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from config.settings import Settings
 from core.errors import OuroError
 from engine.protocol import Completion, Engine, Sampling
-from engine.worker import Abandoned, Busy, InferenceWorker, loop_callback
+from engine.worker import Abandoned, Busy, Cancelled, InferenceWorker, loop_callback
 from lineage.constitution import own_constitution
 from lineage.generations import Lineage
 from memory.store import Exchange, Store, TurnRef
@@ -37,6 +38,7 @@ EMPTY = "I only read text messages — send me a few words and I'll answer."
 BUSY = "I'm answering a lot of people right now — please try again in a minute."
 FAILED = "Something went wrong on my side while answering. Please send that again."
 STOPPING = "Sorry — I'm restarting and had to stop before finishing this answer. Please send it again in a minute."
+LEFT = "The reply was stopped: its reader left before it was finished."
 
 
 @dataclass
@@ -121,17 +123,20 @@ class Conversation:
 
     async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
                      history: Sequence[Exchange] | None = None, max_tokens: int | None = None,
-                     temperature: float | None = None) -> Outcome:
+                     temperature: float | None = None, seed: int | None = None,
+                     cancelled: threading.Event | None = None) -> Outcome:
         """Generate the reply to a stored pending turn; every failure is stored on the turn.
 
         `history`: the conversation the client sent (see `follow`) instead of the stored session.
-        `max_tokens` (at most reply_max_tokens) and `temperature` override the settings' for this reply."""
+        `max_tokens` (at most reply_max_tokens), `temperature` and `seed` override the settings' for
+        this reply. `cancelled`, once set (its reader left), stops the reply at its next piece: the
+        turn is closed as failed with LEFT, no admin told."""
         turn = self.store.turn(turn_id)
         if turn is None:   # forgotten (/forget) while it waited its chat's turn: nothing left to answer
             return Outcome(kind="gone", turn_id=turn_id)
-        sampling = self.sampling(max_tokens=max_tokens, temperature=temperature)
+        sampling = self.sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
         with self._replying(turn.chat_id):
-            return await self._answer(turn, on_text, history, sampling)
+            return await self._answer(turn, on_text, history, sampling, cancelled)
 
     def follow(self, who: Speaker, exchanges: Sequence[tuple[str, str]]) -> list[Exchange]:
         """For a client that sends the whole conversation with each message: the (user, reply) pairs
@@ -160,7 +165,7 @@ class Conversation:
                 del self._answering[chat_id]
 
     async def _answer(self, turn, on_text: Callable[[str], None] | None, given: Sequence[Exchange] | None,
-                      sampling: Sampling) -> Outcome:
+                      sampling: Sampling, cancelled: threading.Event | None = None) -> Outcome:
         turn_id = turn.id
         if given is None:   # the window from its anchor on: build_context never reads before it
             anchor = self.store.context_start(turn.session_id)
@@ -177,7 +182,7 @@ class Conversation:
                                 speaker=turn.speaker, said_at=turn.created_at)
             engine = self.worker.route(turn.chat_id, ctx.messages)   # during a hot-swap, maybe the new model
             completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
-                                         on_text=self.worker.guard(on_text))
+                                         on_text=self.worker.guard(on_text, cancelled))
             return ctx, completion, engine.generation_id
 
         try:
@@ -188,6 +193,9 @@ class Conversation:
         except Busy:
             self.store.mark_turn(turn_id, "busy", BUSY)
             return Outcome(kind="busy", turn_id=turn_id, text=BUSY)
+        except Cancelled:
+            self.store.mark_turn(turn_id, "failed", LEFT)
+            return Outcome(kind="failed", turn_id=turn_id, text=LEFT)
         except ContextTooLong:
             self.store.mark_turn(turn_id, "refused", TOO_LONG)
             return Outcome(kind="refused", turn_id=turn_id, text=TOO_LONG)

@@ -18,6 +18,7 @@ across all chats; these two keep one chat or one person from filling it.
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import time
 from collections import OrderedDict, deque
@@ -63,6 +64,14 @@ class FloodLimit:
             return SILENT
         tally.noticed = now
         return NOTICE
+
+    def retry_after(self, user_id: int) -> int:
+        """Whole seconds until `user_id` may send again (at least 1): when their oldest message still
+        counted leaves the window."""
+        tally = self._people.get(user_id)
+        if self.messages <= 0 or tally is None or len(tally.admitted) < self.messages:
+            return 1
+        return max(1, math.ceil(tally.admitted[0] + self.window_s - self._clock()))
 
     def _expire(self, now: float) -> None:
         """Forget people quiet for a whole window: nothing of theirs could still count."""

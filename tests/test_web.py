@@ -354,7 +354,13 @@ def test_posts_need_the_sessions_csrf_token_and_the_same_origin(web, capsys):
     evil = client.post(f"/review/{ann}", data={"action": "approve", "csrf": token},
                        headers={"origin": "http://evil.example"})
     assert evil.status_code == 403 and web.store.review_verdict(ann) is None
-    ok = client.post(f"/review/{ann}", data={"action": "approve", "csrf": token})
+    for origin in ("null", "https://evil.example:443", "http://[::1"):
+        assert client.post(f"/review/{ann}", data={"action": "approve", "csrf": token},
+                           headers={"origin": origin}).status_code == 403, origin
+    assert client.post(f"/review/{ann}", data={"action": "approve", "csrf": "é" * 64}).status_code == 403
+    # behind a TLS proxy that does not say so, the browser's Origin is https while the page sees http
+    host = web.base_url.split("://", 1)[1]
+    ok = client.post(f"/review/{ann}", data={"action": "approve", "csrf": token}, headers={"origin": f"https://{host}"})
     assert ok.status_code == 303 and web.store.review_verdict(ann) == "approved"
     again = client.post(f"/review/{ann}", data={"action": "reject", "csrf": token})
     assert again.status_code == 409 and web.store.review_verdict(ann) == "approved"   # the first verdict stands
@@ -362,6 +368,15 @@ def test_posts_need_the_sessions_csrf_token_and_the_same_origin(web, capsys):
     assert stale.status_code == 409 and web.lineage.active_id() == "gen-0000"
     assert client.post("/logout", data={"csrf": token}).status_code == 303
     assert COOKIE not in client.cookies and client.get("/review").status_code == 303
+
+
+def test_the_session_cookie_is_secure_when_a_proxy_says_the_browser_came_over_tls(web, capsys):
+    for proto, secure in (("https", True), (None, False)):
+        client = httpx.Client(base_url=web.base_url, follow_redirects=False, timeout=20)
+        link = login_link(web, capsys, "--admin", str(ADMIN)).removeprefix(web.base_url)
+        reply = client.get(link, headers={"x-forwarded-proto": proto} if proto else {})
+        cookie = reply.headers["set-cookie"].lower()
+        assert reply.status_code == 303 and "httponly" in cookie and ("; secure" in cookie) == secure
 
 
 def test_pages_send_security_headers_and_escape_what_people_wrote(web, capsys):
