@@ -18,8 +18,8 @@ across all chats; these two keep one chat or one person from filling it.
 from __future__ import annotations
 
 import asyncio
-import math
 import contextlib
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
