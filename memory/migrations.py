@@ -311,6 +311,23 @@ def m012_languages(conn: sqlite3.Connection) -> None:
     """)
 
 
+@migration
+def m013_lookup_indexes(conn: sqlite3.Connection) -> None:
+    """Indexes for lookups by turn and by person that every review page, the People page and the trust
+    tiers make: without them each turn in the review queue scanned every correction (a queue of 90k
+    turns took seconds, on the event loop), and each person's counts scanned every turn."""
+    _script(conn, """
+    CREATE INDEX IF NOT EXISTS corrections_turn ON corrections(turn_id, user_id);
+    CREATE INDEX IF NOT EXISTS corrections_user ON corrections(user_id);
+    CREATE INDEX IF NOT EXISTS preferences_user ON preferences(user_id);
+    CREATE INDEX IF NOT EXISTS preferences_turn ON preferences(turn_id);
+    CREATE INDEX IF NOT EXISTS alternatives_turn ON alternatives(turn_id);
+    CREATE INDEX IF NOT EXISTS turns_user ON turns(user_id, id);
+    CREATE INDEX IF NOT EXISTS turns_generation ON turns(generation_id, id);
+    CREATE INDEX IF NOT EXISTS ratings_user ON ratings(user_id);
+    """)
+
+
 def _script(conn: sqlite3.Connection, sql: str) -> None:
     """Run statements one by one: `executescript` would COMMIT the migration's transaction."""
     buffer = ""

@@ -76,6 +76,30 @@ def test_blank_database_gets_every_migration_and_wal(tmp_path):
     store.close()
 
 
+def test_lookups_by_turn_and_by_person_never_scan_a_whole_table(store):
+    """What the review queue, the People page, /privacy and the live watch ask about each turn or each
+    person is found by index: a store months old (90k turns) answered the review queue in seconds,
+    on the event loop, when every turn in it scanned every correction."""
+    t = store.add_user_turn(chat_id=5, user_id=7, text="q")
+    store.complete_turn(t, reply_text="a", generation_id="gen-0001", prompt_tokens=1, completion_tokens=1,
+                        latency_s=0.1, ttft_s=0.1, context_start_turn_id=t)
+    statements: list[str] = []
+    store.database.conn.set_trace_callback(statements.append)
+    store.review_queue(opt_out_by_default=False, limit=5)
+    store.people()
+    store.user_data_counts(7)
+    store.generation_ratings("gen-0001", limit=20)
+    store.database.conn.set_trace_callback(None)
+    scans = []
+    for sql in statements:
+        if sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            plan = [row[-1] for row in store.database.conn.execute("EXPLAIN QUERY PLAN " + sql)]
+            driving = {"SCAN t", "SCAN u"}   # the queue's turns, the People page's people: one pass each
+            scans += [(sql[:80], step) for step in plan if step.startswith("SCAN") and step not in driving
+                      and "json_each" not in step]
+    assert len(statements) >= 6 and scans == []
+
+
 def test_older_schema_is_migrated_with_rows_kept(tmp_path):
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
