@@ -12,7 +12,7 @@ import pytest
 from core.files import ensure_private_dir
 from engine.chat_states import ChatStates
 from lineage.generations import Lineage
-from memory.export import Example, reviewed_since, served_context, still_trainable
+from memory.export import Delta, Example, reviewed_since, served_context, still_trainable
 from memory.migrations import migrate, pending
 from memory.store import Store
 from ouro.logs import RedactSecrets
@@ -239,6 +239,35 @@ def test_replay_drops_examples_of_forgotten_opted_out_or_rejected_turns(store):
     allowed = still_trainable(store, pool, opt_out_by_default=False)
     assert [(e.turn_id, e.source) for e in allowed] == [(kept, "thumbs_up"), (edited, "review_edit"),
                                                         (quiet, "import")]
+
+
+def test_replay_checks_the_examples_it_draws_not_the_whole_lineage(store, tmp_path):
+    """A lineage months old holds tens of thousands of examples and each check reads the store: the
+    replay draws at random (the same draw for the same seed) and checks a batch at a time until it has
+    enough, so a cycle checks about `replay_size` of them, and never replays one that fails."""
+    from tests.helpers.lineages import make_generation
+    from trainer.replay import make_split, write_jsonl
+
+    gens = []
+    for g in range(3):
+        gen = make_generation(tmp_path / "models", f"gen-{g:04d}", f"gen-{g - 1:04d}" if g else None)
+        write_jsonl(gen.folder / "data" / "train.jsonl",
+                    [{"messages": [{"role": "user", "content": f"q{g}-{i}"}, {"role": "assistant", "content": "a"}],
+                      "source": "import" if i % 3 else "thumbs_up", "created_at": "2024", "turn_id": 10**6 + i}
+                     for i in range(300)])   # every third one's turn is gone (forgotten): it never replays
+        gens.append(gen)
+    checked = []
+
+    def allowed(batch):
+        checked.extend(batch)
+        return still_trainable(store, batch, opt_out_by_default=False)
+
+    split = make_split(Delta(), gens, fraction=0.0, replay_size=20, seed=7, allowed=allowed)
+    again = make_split(Delta(), gens, fraction=0.0, replay_size=20, seed=7, allowed=allowed)
+    assert len(split.replay) == 20 and all(e.source == "import" for e in split.replay)
+    assert [e.messages for e in split.replay] == [e.messages for e in again.replay]
+    assert len(checked) <= 2 * 2 * 32   # two draws, a batch or two each — not 2 × 900
+    assert len({e.messages[0]["content"][:2] for e in split.replay}) == 3   # drawn from every ancestor
 
 
 def test_optout_takes_a_persons_group_messages_out_of_other_members_examples(store):

@@ -122,13 +122,27 @@ def make_split(delta: Delta, chain: list[Generation], *, fraction: float, replay
     kept = {x.turn_id for x in [*train, *pairs]}
     held = {x.turn_id for x in [*delta.examples, *delta.pairs] if x.turn_id is not None} - kept
     rated = [r for r in delta.rated if r.turn_id is None or r.turn_id not in held]
-    pool = ancestor_examples(chain)
-    if allowed is not None:
-        pool = allowed(pool)
-    rng = random.Random(seed)
-    replay = rng.sample(pool, min(replay_size, len(pool))) if pool else []
+    replay = _replay(ancestor_examples(chain), replay_size, random.Random(seed), allowed)
     return Split(train=train, pairs=pairs, heldout=heldout, replay=replay, heldout_sources=sources,
                  heldout_rejected=rejected, rated=rated)
+
+
+def _replay(pool: list[Example], size: int, rng: random.Random,
+            allowed: Callable[[list[Example]], list[Example]] | None) -> list[Example]:
+    """`size` of the ancestors' examples, drawn at random (seeded) among those `allowed` — checked in
+    the drawn order, a batch at a time, until enough pass: a lineage months old holds tens of
+    thousands, and each check reads the store, so checking them all for a hundred took minutes."""
+    order = list(pool)
+    rng.shuffle(order)
+    if allowed is None:
+        return order[:size]
+    replay: list[Example] = []
+    batch = max(size, 32)
+    for start in range(0, len(order), batch):
+        if len(replay) >= size:
+            break
+        replay += allowed(order[start:start + batch])
+    return replay[:size]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
