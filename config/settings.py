@@ -288,7 +288,13 @@ class Settings(BaseSettings):
     quantization: str = Field("Q8_0", description="Served GGUF type: Q8_0, Q4_K_M or F16.")
     keep_full_precision: int = Field(3, ge=1, le=1000, description=(
         "Promoted generations whose full-precision weights are kept (the active one, its parent and the newest "
-        "generation always are; a refused one's go at the next cycle). GGUFs and the ledger are never pruned."))
+        "generation always are; a refused one's go at the next cycle). The ledger is never pruned."))
+    keep_gguf: int = Field(10, ge=0, le=100_000, description=(
+        "Generations that served (were promoted or rolled back to) whose GGUF is kept, newest first, besides "
+        "generation 0, the active one, its parent and the newest; older ones' GGUFs (and refused candidates' "
+        "but the newest) are deleted after a cycle — a generation's data, evals and meta.json stay, and "
+        "rolling back to it is refused with the reason. 0 keeps every GGUF (a daily cycle of an 8B in Q8_0 "
+        "is ~8.5 GB a day)."))
 
     # --- learning: evals and gate -------------------------------------------------------
     probes_file: Path = Field(CONFIG_DIR / "probes.toml", description="Tone, format and recall probes for the evals.")

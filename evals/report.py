@@ -25,7 +25,8 @@ def generation_rows(lineage: Lineage) -> list[dict]:
                      "style_drift": scores.get("style_drift"), "format": scores.get("format"),
                      "contamination": scores.get("contamination"), "contributors": data.get("contributors"),
                      "largest_share": data.get("largest_share"),
-                     "reasons": g.meta.get("reasons", []), "gguf_sha256": g.sha256})
+                     "reasons": g.meta.get("reasons", []), "gguf_sha256": g.sha256,
+                     "gguf_pruned": None if (note := g.pruned) is None else note.get("pruned_at", "?")})
     return rows
 
 

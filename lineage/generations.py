@@ -29,6 +29,7 @@ from core.files import atomic_write_text, ensure_private_dir, now, sha256_file
 
 GEN_ZERO = "gen-0000"
 GGUF_NAME = "model.gguf"
+PRUNED_NAME = "gguf-pruned.json"   # written before an old generation's GGUF is deleted (trainer/cycle.py prune_ggufs)
 LEDGER_COLUMNS = [
     "GEN_ID", "parent_sha", "child_sha", "data_delta_sha", "steps", "lr", "walltime_min",
     "loss_start", "loss_end", "eval_recall", "eval_generalization", "eval_style_drift",
@@ -97,6 +98,26 @@ class Generation:
     @property
     def parent_id(self) -> str | None:
         return self.meta.get("parent_id")
+
+    @property
+    def pruned(self) -> dict | None:
+        """When and why its GGUF was deleted to bound disk use (its data, evals and meta stay), or None."""
+        try:
+            return json.loads((self.folder / PRUNED_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"reason": "pruned (its note is unreadable)"}
+
+    def prune_gguf(self, reason: str) -> int:
+        """Delete this generation's GGUF, leaving a note of when and why first; returns the bytes freed.
+        Not for the served generation: callers hold the pointer lock and protect it (and promote
+        refuses a pruned generation, under that lock)."""
+        size = self.gguf.stat().st_size if self.gguf.exists() else 0
+        atomic_write_text(self.folder / PRUNED_NAME, json.dumps(
+            {"pruned_at": now("seconds"), "reason": reason, "bytes": size, "gguf_sha256": self.meta.get("gguf_sha256")}))
+        self.gguf.unlink(missing_ok=True)
+        return size
 
 
 class Lineage:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from config.settings import Settings
 from core.errors import OuroError
 from core.files import sha256_file
-from lineage.generations import Lineage
+from lineage.generations import Generation, Lineage
 from memory.store import Store
 
 
@@ -24,6 +24,7 @@ def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: s
     promotion made meanwhile. The check and the move happen under the lineage's pointer lock."""
     lineage = Lineage(settings.models_dir)
     gen = lineage.generation(gen_id)
+    _refuse_pruned(gen, settings)
     try:
         sha = sha256_file(gen.gguf)
     except OSError as exc:   # gone or unreadable: the same refusal, one error type for every caller
@@ -31,6 +32,7 @@ def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: s
     if sha != gen.sha256:
         raise OuroError(f"{gen_id}'s GGUF does not match its recorded SHA-256; refusing to serve it")
     with lineage.pointer_lock():
+        _refuse_pruned(gen, settings)   # again: pruning holds this lock, and may have run since the hash
         previous_id = lineage.active_id()
         if expect is not None and previous_id != expect:
             return False
@@ -63,3 +65,12 @@ def rollback(settings: Settings, store: Store, gen_id: str | None, *, actor: str
         raise OuroError(f"the active generation changed from {active.id} to {now_id} while rolling back; "
                         "nothing was moved", hint="look at /lineage and try again")
     return active.id, target
+
+
+def _refuse_pruned(gen: Generation, settings: Settings) -> None:
+    note = gen.pruned
+    if note is not None:
+        raise OuroError(f"{gen.id}'s GGUF was deleted on {note.get('pruned_at', '?')} to bound disk use "
+                        f"({note.get('reason', 'pruned')}); it cannot be served again",
+                        hint=f"keep_gguf (now {settings.keep_gguf}) sets how many served generations keep theirs; "
+                             "its data and evals are still in its folder")

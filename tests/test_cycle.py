@@ -209,3 +209,43 @@ def test_full_precision_pruning_keeps_base_active_parent_and_the_newest(tmp_path
     kept = {g.id for g in lineage.generations() if (g.folder / "hf").exists()}
     assert kept == {"gen-0000", "gen-0003", "gen-0005"}
     assert all((g.folder / "model.gguf").exists() for g in lineage.generations())
+
+
+def test_gguf_pruning_keeps_what_can_serve_again_and_a_pruned_generation_is_refused_by_name(tmp_path, store):
+    """A daily cycle makes a model file a day: all but generation 0, the active one, its parent, the
+    newest and the `keep_gguf` newest that served go, each with a note and a ledger row; promoting or
+    rolling back to one is refused with the reason, and its meta, data and evals stay."""
+    from lineage.promote import promote, rollback
+    from tests.helpers.lineages import make_generation
+    from trainer.cycle import prune_ggufs
+
+    settings = load_settings(data_dir=tmp_path / "data", keep_gguf=2)
+    lineage = Lineage(settings.models_dir)
+    parent = None
+    for i in range(9):   # 0 base; 3 and 6 refused candidates that never served; 8 the newest, refused
+        status = "refused" if i in (3, 6, 8) else "promoted"
+        make_generation(settings.models_dir, f"gen-{i:04d}", parent, status=status)
+        if status == "promoted":
+            promote(settings, store, f"gen-{i:04d}", actor="test", why="x")
+            parent = f"gen-{i:04d}"
+    rollback(settings, store, "gen-0004", actor="test")   # serves 4 (parent 2); 5 and 7 served before it
+    (settings.models_dir / "gen-0001" / "evals.json").write_text("{}")
+    assert prune_ggufs(lineage, 0) == []
+    pruned = prune_ggufs(lineage, 2)
+    assert pruned == ["gen-0001", "gen-0003", "gen-0006"]   # kept: 0, 4 (active), 2 (its parent), 5 and 7
+    assert prune_ggufs(lineage, 2) == []                    # (the two newest that served), 8 (the newest)
+    left = {g.id for g in lineage.generations() if g.gguf.exists()}
+    assert left == {"gen-0000", "gen-0002", "gen-0004", "gen-0005", "gen-0007", "gen-0008"}
+    gone = lineage.generation("gen-0001")
+    assert gone.meta["status"] == "promoted" and (gone.folder / "evals.json").exists()
+    assert "keep_gguf" in gone.pruned["reason"] and gone.pruned["bytes"] > 0
+    rows = [r for r in lineage.ledger() if r["event"] == "gguf_pruned"]
+    assert [r["gen_folder"] for r in rows] == pruned and all("GB freed" in r["reason"] for r in rows)
+    for target in ("gen-0001", "gen-0003"):
+        with pytest.raises(OuroError, match="deleted on .* to bound disk use") as refused:
+            rollback(settings, store, target, actor="test")
+        assert "keep_gguf" in refused.value.hint
+    assert lineage.active_id() == "gen-0004"
+    assert promote(settings, store, "gen-0007", actor="test", why="still there")
+    from evals.report import generation_rows
+    assert [r["id"] for r in generation_rows(lineage) if r["gguf_pruned"]] == pruned   # what /lineage shows

@@ -175,7 +175,8 @@ def finish_interrupted(settings: Settings, lineage: Lineage, store: Store) -> st
     if gen.parent_id is None or "data_cutoff" not in gen.meta:
         return None      # generation 0, or not made by a cycle
     # rows of earlier attempts at this id that died or failed before it was renamed into place say nothing of it
-    own = [r.get("event") for r in rows if r["gen_folder"] == gen.id and r.get("event") not in ("died", "failed")]
+    own = [r.get("event") for r in rows
+           if r["gen_folder"] == gen.id and r.get("event") not in ("died", "failed", "gguf_pruned")]
     if any(e != "candidate" for e in own):
         return None      # promoted, held or served by hand since: its cycle finished
     meta, parent = gen.meta, lineage.generation(gen.parent_id)
@@ -242,6 +243,35 @@ def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
     for g in with_hf:
         if g.id not in protected and g.parent_id is not None:
             shutil.rmtree(g.folder / "hf", ignore_errors=True)
+            pruned.append(g.id)
+    return pruned
+
+
+SERVED_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback")   # ledger rows that moved the pointer to a gen
+
+
+def prune_ggufs(lineage: Lineage, keep: int) -> list[str]:
+    """Delete the GGUFs of all but generation 0, the active generation, its parent, the newest
+    generation and the `keep` newest that ever served (`keep_gguf`; 0: prune nothing), each with a
+    note and a ledger row (`gguf_pruned`). A daily cycle otherwise keeps a model file a day: ~1.5 TB
+    in six months for an 8B in Q8_0. Under the pointer lock, so nothing is promoted meanwhile."""
+    if keep <= 0:
+        return []
+    served = {r["gen_folder"] for r in lineage.ledger() if r.get("event") in SERVED_EVENTS}
+    pruned = []
+    with lineage.pointer_lock():
+        gens = lineage.generations()
+        active = lineage.active()
+        protected = {active.id, active.parent_id, gens[-1].id} | {g.id for g in gens if g.parent_id is None}
+        protected |= {g.id for g in [g for g in gens if g.id in served][-keep:]}
+        for g in gens:
+            if g.id in protected or g.pruned is not None or not g.gguf.exists():
+                continue
+            why = (f"not among the {keep} newest generations that served (keep_gguf)" if g.id in served
+                   else "a candidate that never served, older than the newest")
+            freed = g.prune_gguf(why)
+            lineage.append_ledger({"gen_folder": g.id, "event": "gguf_pruned", "child_sha": g.sha256,
+                                   "reason": f"{why}; {freed / 1e9:.2f} GB freed", "actor": "cycle"})
             pruned.append(g.id)
     return pruned
 
@@ -396,6 +426,8 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     elif not gate.passed:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
     prune_full_precision(lineage, settings.keep_full_precision)
+    for gen_id in prune_ggufs(lineage, settings.keep_gguf):
+        store.log_event("gguf_pruned", detail={"gen": gen_id})
     return report
 
 
