@@ -155,7 +155,7 @@ async def test_with_an_allow_list_a_stranger_gets_nothing_from_any_command_or_bu
             queries.append(await bot.press(EVE, chat, mid, data))
             queries.append(await bot.press(EVE, EVE, mid, data))
         said = [p.get("text") for m, p in bot.tg.calls[eve_calls:] if m == "sendMessage"]
-        assert said == [NOT_ALLOWED] * (len(COMMANDS) + 1)            # her private chat only; silence in groups
+        assert said == [NOT_ALLOWED]   # once, in her private chat (silence in groups, then for the hour)
         assert all(bot.answer_to(q)[0]["text"] == NOT_ALLOWED for q in queries)
         assert [m for m, _ in bot.tg.calls[eve_calls:]] == ["sendMessage"] * len(said) + ["answerCallbackQuery"] * len(
             queries)
@@ -163,9 +163,23 @@ async def test_with_an_allow_list_a_stranger_gets_nothing_from_any_command_or_bu
         db = bot.store.database
         for table, column in (("turns", "user_id"), ("users", "id"), ("ratings", "user_id"), ("chats", "id")):
             assert db.query(f"SELECT * FROM {table} WHERE {column} = ?", (EVE,)) == [], table
-        kinds = {e["kind"] for e in db.query("SELECT kind FROM events WHERE user_id = ?", (EVE,))}
-        assert kinds == {"user_refused"} and bot.store.user_data_counts(ANN)["messages"] == 1
+        kinds = [e["kind"] for e in db.query("SELECT kind FROM events WHERE user_id = ?", (EVE,))]
+        assert kinds == ["user_refused"] and bot.store.user_data_counts(ANN)["messages"] == 1   # one record
         assert bot.errors == []
+
+
+async def test_a_strangers_flood_gets_one_refusal_and_one_record_an_hour(tmp_path):
+    """Not answered message for message (the bot would flood back), nor an audit row each; their chatter
+    in a group does not use up the private refusal they have not seen yet."""
+    async with offline_bot(tmp_path / "data", allowed_user_ids=[ANN]) as bot:
+        for i in range(5):
+            await bot.say(EVE, f"chatter {i}", chat=GROUP)
+        for i in range(20):
+            await bot.say(EVE, f"let me in {i}")
+        said = [p.get("text") for m, p in bot.tg.calls if m == "sendMessage"]
+        assert said == [NOT_ALLOWED]
+        assert [e["kind"] for e in bot.store.events(limit=100) if e["user_id"] == EVE] == ["user_refused"]
+        assert bot.store.user_data_counts(EVE)["messages"] == 0 and bot.errors == []
 
 
 async def test_a_refusal_that_cannot_be_delivered_still_stops_the_stranger(tmp_path):
