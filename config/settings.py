@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     top_k: int = Field(40, ge=0, description="Top-k sampling (0 = off).")
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Penalty on repeated tokens.")
     seed: int | None = Field(None, description="Sampling seed; set it for reproducible replies.")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores).")
+    n_threads: int | None = Field(None, ge=1, description=(
+        "CPU threads llama.cpp writes with (default: half the cores; prompts are read with all of them)."))
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1 = all; needs a CUDA build).")
     cycle_gpu_offload: bool = Field(True, description=(
         "The learning cycle's own llama.cpp models (evals, self-refinement, contrast pairs) go whole onto the "
