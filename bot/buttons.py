@@ -21,6 +21,7 @@ from telegram.ext import ContextTypes
 from bot import keyboards
 from bot.addressing import topic_of
 from bot.drafts import DraftChats
+from bot.edits import answer_pressed
 from bot.errors import ErrorSink
 from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
@@ -80,19 +81,19 @@ class ButtonHandlers:
             value = 1 if press.action == keyboards.RATE_UP else -1
             result = self.conversation.rate(turn.id, query.from_user.id, value)
             ask = value == -1 and result != "same"
-            await query.answer(ASK_REASON if ask else {"new": "Thanks for rating!", "changed": "Rating changed.",
-                                                       "same": "Already noted."}[result])
+            await answer_pressed(query, ASK_REASON if ask else {"new": "Thanks for rating!", "changed": "Rating changed.",
+                                                                "same": "Already noted."}[result])
             if result != "same":
                 await self._markup(query, keyboards.reply_keyboard(turn.id, rated=value, ask_reason=ask))
         elif press.action == keyboards.REASON:
             if not self.conversation.give_reason(turn.id, query.from_user.id, press.reason):
                 await query.answer(REASON_NOT_DOWN)
                 return
-            await query.answer(REASON_NOTED.format(REASONS[press.reason]))
+            await answer_pressed(query, REASON_NOTED.format(REASONS[press.reason]))
             await self._markup(query, keyboards.reply_keyboard(turn.id, rated=-1))
         elif press.action == keyboards.CORRECT:
             self.conversation.ask_for_correction(turn.chat_id, query.from_user.id, turn.id)
-            await query.answer()
+            await answer_pressed(query)   # late (Telegram gave up on it): the prompt must still go out
             await self._prompt_correction(query, context, turn)
         elif press.action == keyboards.REGENERATE:
             await self._regenerate(query, context, turn)
@@ -133,7 +134,7 @@ class ButtonHandlers:
             await query.answer(REGEN_BUSY)
             return
         async with place:
-            await query.answer("Trying again…")
+            await answer_pressed(query, "Trying again…")
             await self._second_take(query, context, turn)
 
     async def _second_take(self, query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, turn: TurnRef) -> None:

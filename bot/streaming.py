@@ -1,7 +1,9 @@
 """A reply that streams into Telegram: throttled edits (or a native draft), split past 4096 characters.
 
-Telegram tolerates about one edit per second per chat, so text produced by the model is
-buffered and shown at most every `interval` seconds. Once a reply outgrows one message, the
+Telegram tolerates about one edit per second per chat, and about twenty a minute in a group, so
+text produced by the model is buffered and shown at most every `interval` seconds (at least
+GROUP_INTERVAL_S in a group). An update refused by flood control is skipped, not waited for: the
+next comes once the wait is over, and only the final text and buttons wait out what Telegram asked. Once a reply outgrows one message, the
 finished part stays as it is and the rest continues in a new message; the keyboard goes on
 the last one. In a forum every message goes to the topic it answers (`thread_id`), even when the
 message it replies to is gone.
@@ -27,11 +29,12 @@ from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
 from bot.addressing import topic_of
 from bot.drafts import DraftChats
-from bot.retry import call_with_retry
+from bot.retry import MAX_FLOOD_WAIT_S, call_with_retry, flood_wait
 from bot.splitting import TELEGRAM_LIMIT, split_text
 
 log = logging.getLogger(__name__)
 CURSOR = " ▌"
+GROUP_INTERVAL_S = 3.0   # twenty updates a minute: Telegram's pace for a group
 
 
 class StreamingReply:
@@ -41,7 +44,7 @@ class StreamingReply:
         self.chat_id = chat_id
         self.reply_to = reply_to
         self.thread_id = thread_id   # a forum topic (bot/addressing.py topic_of): every piece lands there
-        self.interval = interval
+        self.interval = max(interval, GROUP_INTERVAL_S) if chat_id < 0 else interval
         self.limit = limit - len(CURSOR)
         self.text = ""
         self.message_ids: list[int] = []
@@ -100,6 +103,9 @@ class StreamingReply:
             self._changed.clear()
             try:
                 await self._flush(streaming=True)
+            except RetryAfter as exc:   # flood control: this update is skipped, the next waits it out
+                self._last_call = time.monotonic() + flood_wait(exc)
+                log.info("chat %s: flood control, next update in %.0f s", self.chat_id, flood_wait(exc))
             except Exception:  # a failed intermediate edit is not worth a lost reply
                 log.warning("intermediate edit failed", exc_info=True)
 
@@ -113,13 +119,20 @@ class StreamingReply:
         await self.stop()
         if text is not None:
             self.text = text
+        pending = self._last_call - time.monotonic()   # a flood wait an update ran into: sooner is refused
+        if pending > 0:
+            await asyncio.sleep(min(pending, MAX_FLOOD_WAIT_S))
         await self._flush(streaming=False)
         ids = list(self.message_ids)
         if before_markup is not None:
             before_markup(ids)
         if markup is not None and ids:
-            await call_with_retry(lambda: self.bot.edit_message_reply_markup(
-                chat_id=self.chat_id, message_id=ids[-1], reply_markup=markup))
+            try:
+                await call_with_retry(lambda: self.bot.edit_message_reply_markup(
+                    chat_id=self.chat_id, message_id=ids[-1], reply_markup=markup))
+            except BadRequest as exc:   # a retry after a timed-out call that had in fact been applied
+                if "not modified" not in str(exc).lower():
+                    raise
         return ids
 
     async def _flush(self, *, streaming: bool) -> None:
@@ -131,14 +144,16 @@ class StreamingReply:
                     and await self._draft(i, piece if self.text.strip() else ""):
                 continue
             shown = piece + (CURSOR if streaming and last else "")
+            flood = 0.0 if streaming else MAX_FLOOD_WAIT_S   # an update is not worth a flood wait: the next one is
             if i < len(self.message_ids):
                 if i < len(self._shown) and self._shown[i] == shown:
                     continue
-                await self._edit(self.message_ids[i], shown)
+                await self._edit(self.message_ids[i], shown, flood)
                 self._shown[i] = shown
             else:
                 msg = await call_with_retry(lambda s=shown: self.bot.send_message(
-                    self.chat_id, s, message_thread_id=self.thread_id, reply_parameters=self._reply_parameters()))
+                    self.chat_id, s, message_thread_id=self.thread_id, reply_parameters=self._reply_parameters()),
+                    max_flood_wait=flood)
                 self.message_ids.append(msg.message_id)
                 self._shown.append(shown)
             self._last_call = time.monotonic()
@@ -160,8 +175,7 @@ class StreamingReply:
             await self.bot.send_message_draft(self.chat_id, self._draft_id + piece, text,
                                               message_thread_id=self.thread_id)
         except RetryAfter as exc:
-            wait = exc.retry_after.total_seconds() if hasattr(exc.retry_after, "total_seconds") else exc.retry_after
-            self._last_call = time.monotonic() + float(wait)
+            self._last_call = time.monotonic() + flood_wait(exc)
             return True
         except BadRequest as exc:
             return self._refused(exc)
@@ -181,10 +195,10 @@ class StreamingReply:
         self.drafts = None
         return False
 
-    async def _edit(self, message_id: int, text: str) -> None:
+    async def _edit(self, message_id: int, text: str, max_flood_wait: float = MAX_FLOOD_WAIT_S) -> None:
         try:
             await call_with_retry(lambda: self.bot.edit_message_text(
-                text, chat_id=self.chat_id, message_id=message_id))
+                text, chat_id=self.chat_id, message_id=message_id), max_flood_wait=max_flood_wait)
         except BadRequest as exc:
             if "not modified" not in str(exc).lower():
                 raise

@@ -3,11 +3,14 @@ editing; a server that refuses drafts costs one call, and the reply still arrive
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from telegram.error import BadRequest, RetryAfter, TimedOut
 
 from bot.drafts import DraftChats
-from bot.streaming import StreamingReply
+from bot.streaming import GROUP_INTERVAL_S, StreamingReply
 from tests.helpers.fakes import FakeEngine
 
 ANN, BOB = 1001, 1002
@@ -69,6 +72,64 @@ async def test_a_refused_draft_falls_back_to_editing_at_once():
     assert bot.calls == [("draft", "one"), ("send", "one ▌"), ("edit", "one two ▌"), ("edit", "one two")]
     assert not drafts.allowed(ANN)
     assert StreamingReply(bot, ANN, drafts=drafts).drafts is None     # the chat's next reply edits too
+
+
+class FloodedBot(ScriptedBot):
+    """Its first edit is refused by flood control for `wait` seconds; records when each call came."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__()
+        self.wait, self.times = wait, []
+
+    async def send_message(self, chat_id: int, text: str, **kw):
+        self.times.append(time.monotonic())
+        return await super().send_message(chat_id, text, **kw)
+
+    async def edit_message_text(self, text: str, **kw):
+        self.times.append(time.monotonic())
+        self.calls.append(("edit", text))
+        if self.wait:
+            wait, self.wait = self.wait, 0
+            raise RetryAfter(wait)
+
+    async def edit_message_reply_markup(self, **kw):
+        self.calls.append(("buttons", ""))
+
+
+def test_a_group_is_updated_at_most_twenty_times_a_minute():
+    assert StreamingReply(ScriptedBot(), GROUP, interval=0.2).interval == GROUP_INTERVAL_S == 3.0
+    assert StreamingReply(ScriptedBot(), ANN, interval=0.2).interval == 0.2
+
+
+async def test_a_flood_wait_skips_the_updates_and_only_the_final_text_waits_it_out():
+    """Before, the refused edit was retried (stale) every 30 s at most while the reply waited behind
+    it; a wait longer than that ended with the text cut off, its cursor showing, and no buttons."""
+    bot = FloodedBot(wait=1)
+    async with StreamingReply(bot, ANN, interval=0.05) as reply:
+        reply.push("one")
+        while len(bot.calls) < 1:
+            await asyncio.sleep(0.01)
+        reply.push(" two")
+        while len(bot.calls) < 2:
+            await asyncio.sleep(0.01)
+        for word in (" three", " four"):   # within the flood wait: no update is tried
+            reply.push(word)
+            await asyncio.sleep(0.1)
+    refused_at = bot.times[1]
+    ids = await reply.finish(markup="buttons")
+    assert bot.calls == [("send", "one ▌"), ("edit", "one two ▌"), ("edit", "one two three four"), ("buttons", "")]
+    assert bot.times[2] - refused_at >= 0.95 and ids == [1]
+
+
+async def test_buttons_already_shown_when_their_call_is_retried_are_no_error():
+    """The keyboard's edit timed out after Telegram applied it; the retry is told "not modified"."""
+    class Applied(ScriptedBot):
+        async def edit_message_reply_markup(self, **kw):
+            raise BadRequest("Message is not modified: specified new message content and reply markup are "
+                             "exactly the same as a current content and reply markup of the message")
+
+    reply = StreamingReply(Applied(), ANN)
+    assert await reply.finish("done", markup="buttons") == [1]
 
 
 # --- over the emulator -------------------------------------------------------------------------

@@ -206,7 +206,8 @@ def test_sigterm_cuts_off_replies_after_the_grace_and_exits_within_ten_seconds(e
 # --- a flaky Bot API ---------------------------------------------------------------------------
 async def test_bot_api_timeouts_drops_429_and_5xx_are_retried_with_backoff_and_nothing_is_lost(emu, make_bot):
     words = " ".join(f"word{i}" for i in range(12))
-    async with make_bot(FakeEngine([words, "still here"], delay_s=1.2), telegram_timeout_s=1.0,
+    # long enough to stream on after the flood wait (an update refused by it is skipped, not retried)
+    async with make_bot(FakeEngine([words, "still here"], delay_s=4.0), telegram_timeout_s=1.0,
                         stream_drafts=False) as bot:
         store = bot.store
         emu.inject_fault("getUpdates", None, drop=True, count=2)               # polling loses its connection
