@@ -119,8 +119,10 @@ def parse_chat(body: object) -> ChatRequest:
                                     or not 0 <= temperature <= 2):
         raise _bad("temperature must be a number from 0 to 2", "temperature")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
-        raise _bad("seed must be an integer from 0 to 2147483647", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad("seed must be an integer", "seed")
+    if seed is not None:   # OpenAI takes any 64-bit integer; some clients send -1 for "random"
+        seed = None if seed < 0 else seed % (2**32 - 1)   # llama.cpp's seeds are 32-bit, 2**32 - 1 is "random"
     return ChatRequest(model=model, exchanges=exchanges, text=turns[-1][1], stream=stream, include_usage=include_usage,
                        max_tokens=max_tokens, temperature=None if temperature is None else float(temperature),
                        seed=seed)

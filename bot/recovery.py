@@ -28,11 +28,11 @@ RESEND_MANY = "Sorry — I was restarted before answering your last {} messages 
 
 async def recover_interrupted(conversation: Conversation, bot: Bot) -> None:
     """Turns left pending by a crash (being answered, or waiting their chat's turn): close them
-    and ask their authors to resend — one message per chat, naming each."""
-    by_chat: dict[int, list[dict]] = {}
+    and ask their authors to resend — one message per chat (in a group, per person), naming each."""
+    by_chat: dict[tuple[int, int], list[dict]] = {}
     for turn in conversation.interrupted_turns():
-        by_chat.setdefault(turn["chat_id"], []).append(turn)
-    for chat_id, turns in by_chat.items():
+        by_chat.setdefault((turn["chat_id"], turn["user_id"] if turn["chat_id"] < 0 else 0), []).append(turn)
+    for (chat_id, _author), turns in by_chat.items():
         snippets = ["“" + t["user_text"][:60] + ("…" if len(t["user_text"]) > 60 else "") + "”" for t in turns]
         text = RESEND.format(snippets[0]) if len(turns) == 1 else RESEND_MANY.format(len(turns), ", ".join(snippets))
         for turn in turns:

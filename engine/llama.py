@@ -165,8 +165,11 @@ class LlamaEngine:
         max_tokens = min(sampling.max_tokens, room)
         self.states.activate(chat_key)
         cached = self.states.common_prefix(tokens)
-        if sampling.seed is not None:
-            self.llm.set_seed(sampling.seed)
+        # every call sets it: the Llama keeps the last seed, so one seeded reply (🔁, an API client's
+        # `seed`) would otherwise seed every later one; LLAMA_DEFAULT_SEED asks llama.cpp for a random one
+        from llama_cpp import LLAMA_DEFAULT_SEED
+
+        self.llm.set_seed(sampling.seed if sampling.seed is not None else LLAMA_DEFAULT_SEED)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out: list[int] = []
         text_parts: list[str] = []

@@ -114,9 +114,14 @@ class Generation:
         Not for the served generation: callers hold the pointer lock and protect it (and promote
         refuses a pruned generation, under that lock)."""
         size = self.gguf.stat().st_size if self.gguf.exists() else 0
-        atomic_write_text(self.folder / PRUNED_NAME, json.dumps(
+        note = self.folder / PRUNED_NAME
+        atomic_write_text(note, json.dumps(
             {"pruned_at": now("seconds"), "reason": reason, "bytes": size, "gguf_sha256": self.meta.get("gguf_sha256")}))
-        self.gguf.unlink(missing_ok=True)
+        try:
+            self.gguf.unlink(missing_ok=True)
+        except OSError:
+            note.unlink(missing_ok=True)   # still there: still servable
+            raise
         return size
 
 

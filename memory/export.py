@@ -160,10 +160,11 @@ def _settled_reply(row: dict, policy: TrustPolicy | None, screens: Screens | Non
     correction where it could be a target itself (the turn not rejected, its author teaching directly
     or an admin approving it, through the content screens: text kept out of training as a target must
     not come back in as context), else the 🔁 reply they kept, else the reply served (what /review shows)."""
-    if row["verdict"] == "edited" and row["edited_text"] is not None \
-            and (screens is None or not screen(row["edited_text"], screens)):   # screened as a target too
-        return row["edited_text"]
     correction, verdict = row["correction"], row["verdict"]
+    if verdict == "edited" and row["edited_text"] is not None:
+        if screens is None or not screen(row["edited_text"], screens):   # screened as a target too
+            return row["edited_text"]
+        correction = None   # the admin's edit overruled it, screened or not
     if correction is not None and verdict != "rejected" \
             and (verdict == "approved" or policy is None or policy.teaches_directly(row["user_id"])) \
             and (screens is None or not screen(correction, screens)):

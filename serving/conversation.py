@@ -176,6 +176,8 @@ class Conversation:
         on_text = _on_loop(on_text)
 
         def job(engine: Engine):
+            if cancelled is not None and cancelled.is_set():   # its reader left while it waited: not even read
+                raise Cancelled("the reply's reader left")
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id,

@@ -38,6 +38,9 @@ def cycle_message(outcome: CycleOutcome, swap: SwapResult | None) -> str:
         lines.append(f"- {reason}")
     if swap is not None and not swap.ok:
         lines.append(f"⚠️ hot-swap failed: {swap.reason}")
+    if r.get("pruned"):
+        lines.append(f"Disk: deleted the GGUFs of {', '.join(r['pruned'])} (older than the keep_gguf that "
+                     "served most recently; their data and evals stay)")
     if gen and outcome.status in ("promoted", "held", "refused"):
         lines.append(f"Details: /evals {gen}")
     return "\n".join(lines)

@@ -238,7 +238,9 @@ def test_fields_that_change_the_reply_are_honoured_or_refused_never_dropped(make
     assert ask(max_completion_tokens=5, max_tokens=3).status_code == 200 and engine.samplings[-1].max_tokens == 5
     bad = ask(max_completion_tokens=0)
     assert bad.status_code == 400 and error_of(bad)["param"] == "max_completion_tokens"
-    assert error_of(ask(seed=-1))["param"] == "seed" and error_of(ask(seed="7"))["param"] == "seed"
+    assert error_of(ask(seed="7"))["param"] == "seed" and error_of(ask(seed=1.5))["param"] == "seed"
+    assert ask(seed=-1).status_code == 200 and engine.samplings[-1].seed is None        # "random", as some send
+    assert ask(seed=2**40 + 3).status_code == 200 and engine.samplings[-1].seed == (2**40 + 3) % (2**32 - 1)
 
 
 def test_feedback_reaches_the_training_export_under_the_trust_rules(make_api, tmp_path):

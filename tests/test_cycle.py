@@ -212,9 +212,10 @@ def test_full_precision_pruning_keeps_base_active_parent_and_the_newest(tmp_path
 
 
 def test_gguf_pruning_keeps_what_can_serve_again_and_a_pruned_generation_is_refused_by_name(tmp_path, store):
-    """A daily cycle makes a model file a day: all but generation 0, the active one, its parent, the
-    newest and the `keep_gguf` newest that served go, each with a note and a ledger row; promoting or
-    rolling back to one is refused with the reason, and its meta, data and evals stay."""
+    """A daily cycle makes a model file a day: all but generation 0, the active one, its parent, the one
+    it replaced, the newest and the `keep_gguf` that served most recently go, each with a note and a
+    ledger row; promoting or rolling back to one is refused with the reason, and its meta, data and
+    evals stay."""
     from lineage.promote import promote, rollback
     from tests.helpers.lineages import make_generation
     from trainer.cycle import prune_ggufs
@@ -232,10 +233,10 @@ def test_gguf_pruning_keeps_what_can_serve_again_and_a_pruned_generation_is_refu
     (settings.models_dir / "gen-0001" / "evals.json").write_text("{}")
     assert prune_ggufs(lineage, 0) == []
     pruned = prune_ggufs(lineage, 2)
-    assert pruned == ["gen-0001", "gen-0003", "gen-0006"]   # kept: 0, 4 (active), 2 (its parent), 5 and 7
-    assert prune_ggufs(lineage, 2) == []                    # (the two newest that served), 8 (the newest)
-    left = {g.id for g in lineage.generations() if g.gguf.exists()}
-    assert left == {"gen-0000", "gen-0002", "gen-0004", "gen-0005", "gen-0007", "gen-0008"}
+    assert pruned == ["gen-0001", "gen-0003", "gen-0005", "gen-0006"]   # kept: 0, 4 (active), 2 (its parent),
+    assert prune_ggufs(lineage, 2) == []                    # 7 (replaced by it; with 4 the two that served last)
+    left = {g.id for g in lineage.generations() if g.gguf.exists()}          # and 8 (the newest)
+    assert left == {"gen-0000", "gen-0002", "gen-0004", "gen-0007", "gen-0008"}
     gone = lineage.generation("gen-0001")
     assert gone.meta["status"] == "promoted" and (gone.folder / "evals.json").exists()
     assert "keep_gguf" in gone.pruned["reason"] and gone.pruned["bytes"] > 0
@@ -246,6 +247,16 @@ def test_gguf_pruning_keeps_what_can_serve_again_and_a_pruned_generation_is_refu
             rollback(settings, store, target, actor="test")
         assert "keep_gguf" in refused.value.hint
     assert lineage.active_id() == "gen-0004"
-    assert promote(settings, store, "gen-0007", actor="test", why="still there")
     from evals.report import generation_rows
     assert [r["id"] for r in generation_rows(lineage) if r["gguf_pruned"]] == pruned   # what /lineage shows
+    # gen-0004, rolled back to long after it was made, is what the live watch goes back to once 7 serves
+    assert promote(settings, store, "gen-0007", actor="test", why="still there")
+    make_generation(settings.models_dir, "gen-0009", "gen-0007", status="refused")
+    assert prune_ggufs(lineage, 1) == ["gen-0002", "gen-0008"]
+    rollback(settings, store, "gen-0004", actor="live-watch", event="auto_rollback")
+    assert lineage.active_id() == "gen-0004"
+    from serving.notices import cycle_message
+    from trainer.cycle_job import CycleOutcome
+    told = cycle_message(CycleOutcome("refused", {"gen_id": "gen-0009", "parent_id": "gen-0007",
+                                                  "pruned": ["gen-0002", "gen-0008"]}), None)
+    assert "deleted the GGUFs of gen-0002, gen-0008" in told                          # the admins are told

@@ -139,6 +139,8 @@ def test_an_admin_edit_comes_back_as_later_context_only_through_the_screens(stor
     context = {}
     for chat_id, edit in [(20, "Ask your bank."), (21, "Buy now at https://evil-coins.xyz/ref=66")]:
         first = answered(store, chat_id, admin, f"where do I buy coins? ({chat_id})", "I don't know.")
+        store.await_correction(chat_id, admin, first)
+        store.take_correction(chat_id, admin, "Ask at my shop.")   # overruled by the edit, screened or not
         store.record_review(first, admin, "edited", edit)
         later = answered(store, chat_id, admin, "thanks, anything else?", "Have a nice day!", anchor=first)
         store.rate(later, admin, 1)

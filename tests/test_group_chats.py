@@ -130,6 +130,8 @@ async def test_after_a_restart_the_resend_notice_and_a_stored_reply_answer_the_p
         store = bot.store
         lost = store.add_user_turn(chat_id=GROUP, user_id=ANN, text="are you there?", user_message_id=41,
                                    chat_type="supergroup")
+        bobs = store.add_user_turn(chat_id=GROUP, user_id=BOB, text="me too?", user_message_id=40,
+                                   chat_type="supergroup")   # another person's: a notice of his own
         cut = store.add_user_turn(chat_id=GROUP, user_id=BOB, text="tell me a joke", user_message_id=42,
                                   chat_type="supergroup")
         store.complete_turn(cut, reply_text="A joke, stored but never sent.", generation_id="gen-0000",
@@ -138,11 +140,12 @@ async def test_after_a_restart_the_resend_notice_and_a_stored_reply_answer_the_p
         private = store.add_user_turn(chat_id=ANN, user_id=ANN, text="hello?", user_message_id=43)
         await recover_interrupted(conversation, bot.app.bot)
         to_group = bot.tg.sent("sendMessage", GROUP)
-        assert [(reply_params(p) or {}).get("message_id") for p in to_group] == [41, 42]
-        assert "are you there?" in to_group[0]["text"] and to_group[1]["text"] == "A joke, stored but never sent."
+        assert [(reply_params(p) or {}).get("message_id") for p in to_group] == [41, 40, 42]
+        assert "are you there?" in to_group[0]["text"] and "me too?" not in to_group[0]["text"]
+        assert "me too?" in to_group[1]["text"] and to_group[2]["text"] == "A joke, stored but never sent."
         assert all(reply_params(p)["allow_sending_without_reply"] for p in to_group)
         assert [reply_params(p) for p in bot.tg.sent("sendMessage", ANN)] == [None]
-        assert {store.turn(t).status for t in (lost, private)} == {"failed"}
+        assert {store.turn(t).status for t in (lost, bobs, private)} == {"failed"}
         assert store.turn(cut).reply_message_ids == [max(m for (c, m) in bot.tg.messages if c == GROUP)]
 
 

@@ -55,6 +55,7 @@ class CycleReport:
     stage_peak_gpu_mb: dict = field(default_factory=dict)   # the same for GPU memory, where CUDA is
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)         # generations whose GGUF this cycle deleted (keep_gguf)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -251,19 +252,27 @@ SERVED_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback")   #
 
 
 def prune_ggufs(lineage: Lineage, keep: int) -> list[str]:
-    """Delete the GGUFs of all but generation 0, the active generation, its parent, the newest
-    generation and the `keep` newest that ever served (`keep_gguf`; 0: prune nothing), each with a
-    note and a ledger row (`gguf_pruned`). A daily cycle otherwise keeps a model file a day: ~1.5 TB
-    in six months for an 8B in Q8_0. Under the pointer lock, so nothing is promoted meanwhile."""
+    """Delete the GGUFs of all but generation 0, the active generation, its parent, the one it
+    replaced (what the live watch rolls back to), the newest generation and the `keep` that served
+    most recently (`keep_gguf`; 0: prune nothing) — by when they last served, not by number, so a
+    generation rolled back to stays — each with a note and a ledger row (`gguf_pruned`). A daily
+    cycle otherwise keeps a model file a day: ~1.5 TB in six months for an 8B in Q8_0. Under the
+    pointer lock, so nothing is promoted meanwhile."""
     if keep <= 0:
         return []
-    served = {r["gen_folder"] for r in lineage.ledger() if r.get("event") in SERVED_EVENTS}
+    last_served: dict[str, int] = {}
+    replaced = None   # the generation the pointer last moved away from
+    for i, row in enumerate(lineage.ledger()):
+        if row.get("event") in SERVED_EVENTS:
+            last_served[row["gen_folder"]] = i
+            replaced = row.get("parent_id") or replaced
+    served = sorted(last_served, key=last_served.get)
     pruned = []
     with lineage.pointer_lock():
         gens = lineage.generations()
         active = lineage.active()
-        protected = {active.id, active.parent_id, gens[-1].id} | {g.id for g in gens if g.parent_id is None}
-        protected |= {g.id for g in [g for g in gens if g.id in served][-keep:]}
+        protected = {active.id, active.parent_id, replaced, gens[-1].id} | {g.id for g in gens if g.parent_id is None}
+        protected |= set(served[-keep:])
         for g in gens:
             if g.id in protected or g.pruned is not None or not g.gguf.exists():
                 continue
@@ -426,7 +435,11 @@ def _cycle(settings: Settings, store: Store, lineage: Lineage, *, actor: str, pr
     elif not gate.passed:
         store.log_event("cycle_refused", detail={"gen": gen_id, "reasons": gate.reasons})
     prune_full_precision(lineage, settings.keep_full_precision)
-    for gen_id in prune_ggufs(lineage, settings.keep_gguf):
+    try:   # disk housekeeping: a failure here is logged, it does not undo the cycle
+        report.pruned = prune_ggufs(lineage, settings.keep_gguf)
+    except OSError:
+        log.warning("could not prune old generations' GGUFs", exc_info=True)
+    for gen_id in report.pruned:
         store.log_event("gguf_pruned", detail={"gen": gen_id})
     return report
 
