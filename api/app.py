@@ -109,6 +109,7 @@ class Api:
                 async with queue:
                     outcome = await conv.answer(turn_id, history=history, max_tokens=req.max_tokens,
                                                 temperature=req.temperature, seed=req.seed, cancelled=cancelled,
+                                                stop=req.stop,
                                                 on_text=pieces.put_nowait if req.stream else None)
             except Exception as exc:   # the store failing under it (answer stores every model failure itself)
                 log.exception("API turn %s could not be answered", turn_id)

@@ -1,9 +1,9 @@
 """Reading a chat-completion request: the conversation the client sent, the new message, and the
-few fields the bot honours (`stream`, `max_completion_tokens`/`max_tokens`, `temperature`, `seed`).
-Everything else OpenAI defines is either ignored, where it changes nothing in the reply (`user`,
-`metadata`, `store`, `top_p`…), or refused with a 400 that names it, where a client relies on it
-and would get a wrong answer without being told: stop sequences, logit bias, tools and function
-calling, several choices, log-probabilities, JSON or audio output."""
+few fields the bot honours (`stream`, `max_completion_tokens`/`max_tokens`, `temperature`, `seed`,
+`stop`). Everything else OpenAI defines is either ignored, where it changes nothing in the reply
+(`user`, `metadata`, `store`, `top_p`…), or refused with a 400 that names it, where a client relies
+on it and would get a wrong answer without being told: logit bias, tools and function calling,
+several choices, log-probabilities, JSON or audio output."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ REFUSED = {
     "top_logprobs": "log-probabilities are not available",
     "audio": "only text output is supported",
     "prediction": "predicted outputs are not supported",
-    "stop": "stop sequences are not supported (the reply ends at the model's end of turn or max_tokens)",
     "logit_bias": "logit bias is not supported",
 }
 ROLES = {"system", "developer", "user", "assistant"}
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ChatRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None            # seeds the sampler, for reproducible replies
+    stop: tuple[str, ...] = ()         # the reply ends where one of these begins (serving/stops.py)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -125,4 +127,14 @@ def parse_chat(body: object) -> ChatRequest:
         seed = None if seed < 0 else seed % (2**32 - 1)   # llama.cpp's seeds are 32-bit, 2**32 - 1 is "random"
     return ChatRequest(model=model, exchanges=exchanges, text=turns[-1][1], stream=stream, include_usage=include_usage,
                        max_tokens=max_tokens, temperature=None if temperature is None else float(temperature),
-                       seed=seed)
+                       seed=seed, stop=_stops(body.get("stop")))
+
+
+def _stops(value: object) -> tuple[str, ...]:
+    """`stop`: a string or up to MAX_STOPS of them (OpenAI's limit), each at most MAX_STOP_CHARS."""
+    stops = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
+        raise _bad(f"stop must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad(f"each stop sequence may be at most {MAX_STOP_CHARS} characters", "stop")
+    return tuple(s for s in stops if s)

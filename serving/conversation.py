@@ -27,6 +27,7 @@ from lineage.constitution import own_constitution
 from lineage.generations import Lineage
 from memory.store import Exchange, Store, TurnRef
 from serving.context import ContextTooLong, build_context, to_messages
+from serving.stops import StopSequence, StopWatch
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +125,20 @@ class Conversation:
     async def answer(self, turn_id: int, *, on_text: Callable[[str], None] | None = None,
                      history: Sequence[Exchange] | None = None, max_tokens: int | None = None,
                      temperature: float | None = None, seed: int | None = None,
-                     cancelled: threading.Event | None = None) -> Outcome:
+                     cancelled: threading.Event | None = None, stop: Sequence[str] = ()) -> Outcome:
         """Generate the reply to a stored pending turn; every failure is stored on the turn.
 
         `history`: the conversation the client sent (see `follow`) instead of the stored session.
         `max_tokens` (at most reply_max_tokens), `temperature` and `seed` override the settings' for
         this reply. `cancelled`, once set (its reader left), stops the reply at its next piece: the
-        turn is closed as failed with LEFT, no admin told."""
+        turn is closed as failed with LEFT, no admin told. `stop`: the reply ends where one of these
+        begins, none of it shown or stored (serving/stops.py)."""
         turn = self.store.turn(turn_id)
         if turn is None:   # forgotten (/forget) while it waited its chat's turn: nothing left to answer
             return Outcome(kind="gone", turn_id=turn_id)
         sampling = self.sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
         with self._replying(turn.chat_id):
-            return await self._answer(turn, on_text, history, sampling, cancelled)
+            return await self._answer(turn, on_text, history, sampling, cancelled, tuple(stop))
 
     def follow(self, who: Speaker, exchanges: Sequence[tuple[str, str]]) -> list[Exchange]:
         """For a client that sends the whole conversation with each message: the (user, reply) pairs
@@ -165,7 +167,8 @@ class Conversation:
                 del self._answering[chat_id]
 
     async def _answer(self, turn, on_text: Callable[[str], None] | None, given: Sequence[Exchange] | None,
-                      sampling: Sampling, cancelled: threading.Event | None = None) -> Outcome:
+                      sampling: Sampling, cancelled: threading.Event | None = None,
+                      stop: tuple[str, ...] = ()) -> Outcome:
         turn_id = turn.id
         if given is None:   # the window from its anchor on: build_context never reads before it
             anchor = self.store.context_start(turn.session_id)
@@ -183,8 +186,19 @@ class Conversation:
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id,
                                 speaker=turn.speaker, said_at=turn.created_at)
             engine = self.worker.route(turn.chat_id, ctx.messages)   # during a hot-swap, maybe the new model
-            completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
-                                         on_text=self.worker.guard(on_text, cancelled))
+            watch = StopWatch(stop, on_text) if stop else None
+            try:
+                completion = engine.generate(ctx.messages, chat_key=turn.chat_id, sampling=sampling,
+                                             on_text=self.worker.guard(watch.feed if watch else on_text, cancelled))
+            except StopSequence:
+                assert watch is not None
+                total = time.perf_counter() - started
+                completion = Completion(text=watch.text.strip(), prompt_tokens=engine.count_tokens(ctx.messages),
+                                        completion_tokens=watch.pieces, finish_reason="stop", total_s=total,
+                                        ttft_s=(watch.first_at - started) if watch.first_at else total)
+            else:
+                if watch is not None:
+                    watch.finish()
             return ctx, completion, engine.generation_id
 
         try:

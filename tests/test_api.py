@@ -229,7 +229,8 @@ def test_fields_that_change_the_reply_are_honoured_or_refused_never_dropped(make
         return httpx.post(f"{api.base_url}/chat/completions", headers=auth,
                           json={"model": "ouro", "messages": [{"role": "user", "content": "hi"}], **fields})
 
-    for field, value in (("stop", ["STOP"]), ("stop", "\n"), ("logit_bias", {"50256": -100}), ("n", True), ("n", 2)):
+    for field, value in (("stop", ["a"] * 5), ("stop", 7), ("stop", "x" * 300), ("logit_bias", {"50256": -100}),
+                         ("n", True), ("n", 2)):
         refused = ask(**{field: value})
         assert refused.status_code == 400 and error_of(refused)["param"] == field, (field, value)
     assert len(engine.samplings) == 0
@@ -355,6 +356,21 @@ def test_a_failing_model_is_a_500_with_the_turn_stored_and_the_server_alive(make
                                             stream=True))
     assert FAILED in str(streamed.value) and "secret internals" not in str(streamed.value)
     assert [m.id for m in client.models.list()] == ["ouro", "gen-0000"]   # still serving
+
+
+def test_stop_sequences_end_the_reply_where_they_begin_streamed_or_not(make_api):
+    api = make_api(RecordingEngine(["Thought: look it up\nObservation: the sea is wet"] * 2 + ["no stop here"]))
+    client = api.client()
+    whole = client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "q"}],
+                                           stop=["\nObservation:", "never"])
+    assert whole.choices[0].message.content == "Thought: look it up" and whole.choices[0].finish_reason == "stop"
+    assert api.store.turn(turn_of(whole.id)).reply_text == "Thought: look it up"
+    chunks = list(client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "q2"}],
+                                                 stop="\nObservation:", stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == "Thought: look it up" and [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    plain = client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "q3"}], stop=["zzz"])
+    assert plain.choices[0].message.content == "no stop here"                       # held back, then passed on
 
 
 def test_a_client_that_hangs_up_mid_stream_stops_the_reply_and_frees_its_key(make_api):

@@ -427,6 +427,33 @@ async def test_conversations_at_once_answer_as_they_do_one_at_a_time(tmp_path):
     assert replies[4] == replies[1] and all(all(r) for r in replies[1])
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_a_stop_sequence_ends_a_reply_where_it_begins_and_frees_its_slot(tmp_path, slots):
+    """An API client's `stop` (serving/stops.py) on either engine: the reply is the one the chat gets
+    without it, cut where the stop begins; nothing from the stop on is streamed or stored; the next
+    reply in that chat is answered."""
+    settings = load_settings(data_dir=tmp_path / "d", reply_max_tokens=32, temperature=0.0, top_k=1, seed=7,
+                             max_parallel=slots, n_ctx=N_CTX)
+    rt = open_runtime(settings)
+    try:
+        conv = rt.conversation
+        whole = await conv.handle_text(Speaker(chat_id=201, user_id=201), "Tell me about the sea.")
+        words = whole.text.split()
+        assert len(words) > 8, whole.text
+        stop = " " + words[5]
+        turn = conv.receive(Speaker(chat_id=202, user_id=202), "Tell me about the sea.").turn_id
+        pieces: list[str] = []
+        cut = await conv.answer(turn, stop=["never written", stop], on_text=pieces.append)
+        await asyncio.sleep(0.05)   # pieces are handed to the loop
+        expected = whole.text[:whole.text.index(stop)].strip()
+        assert cut.kind == "answered" and cut.completion.finish_reason == "stop" and cut.text == expected
+        assert "".join(pieces).strip() == expected and rt.store.turn(turn).reply_text == expected
+        again = await conv.handle_text(Speaker(chat_id=202, user_id=202), "And the moon?")
+        assert again.kind == "answered" and again.text
+    finally:
+        rt.close()
+
+
 def test_the_numbers_behind_the_exactness():
     """What the engine relies on, in logits: with a KV stream per sequence, a prompt read in one
     decode gives the same logits bit for bit whether other sequences' prompts share that decode or
