@@ -22,6 +22,7 @@ from telegram.ext import (
     CallbackQueryHandler,
     CommandHandler,
     MessageHandler,
+    SimpleUpdateProcessor,
     TypeHandler,
     filters,
 )
@@ -57,6 +58,23 @@ class Companion(Protocol):
     async def stop(self) -> None: ...
 
 
+UPDATES_AT_ONCE = 256   # python-telegram-bot's own number for concurrent_updates(True)
+
+
+class PressesFirst(SimpleUpdateProcessor):
+    """Updates handled at once, at most `max_concurrent_updates` — except button presses, which never
+    wait for a place: a message's handler keeps its place while it waits for its chat and the model,
+    so with enough chats talking a press could wait behind whole replies, and Telegram gives up on a
+    press not answered within seconds. A press does little (a row in the store, an answer); the one
+    that writes, 🔁, is bounded by the flood limit and its chat's queue."""
+
+    async def process_update(self, update: object, coroutine) -> None:
+        if isinstance(update, Update) and update.callback_query is not None:
+            await self.do_process_update(update, coroutine)
+        else:
+            await super().process_update(update, coroutine)
+
+
 def build_application(settings: Settings, store: Store, conversation: Conversation, *, token: str,
                       base_url: str | None = None, learning: bool | LearningLoop = False,
                       notices: list[str] | None = None, companions: Sequence[Companion] = ()) -> Application:
@@ -70,7 +88,7 @@ def build_application(settings: Settings, store: Store, conversation: Conversati
     review = ReviewHandlers(settings, store)   # works with or without the learning loop
     interview = InterviewHandlers(settings, store, Interviewer(settings, store, conversation))
     persona = PersonaHandlers(settings)
-    builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(True)
+    builder: ApplicationBuilder = Application.builder().token(token).concurrent_updates(PressesFirst(UPDATES_AT_ONCE))
     if base_url:
         base = base_url.rstrip("/")
         builder = builder.base_url(base).base_file_url(base.replace("/bot", "/file/bot"))

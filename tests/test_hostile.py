@@ -625,3 +625,31 @@ def test_any_text_file_parses_as_whatsapp_or_fails_cleanly(text):
             whatsapp.parse(path)
         except OuroError as exc:
             assert str(path) in str(exc)
+
+
+async def test_a_press_is_handled_while_every_place_for_updates_is_taken():
+    """Messages waiting for their chat and the model keep their places; a press must not wait behind
+    them (Telegram gives up on a press not answered within seconds)."""
+    from telegram import CallbackQuery, Update, User
+
+    from bot.app import PressesFirst
+
+    processor = PressesFirst(1)
+    await processor.initialize()
+    held = asyncio.Event()
+
+    async def waiting_message():
+        await held.wait()
+
+    async def press():
+        return "answered"
+
+    message = asyncio.create_task(processor.process_update(Update(1), waiting_message()))
+    await asyncio.sleep(0.01)
+    pressed = Update(2, callback_query=CallbackQuery("q", User(1, "Ann", False), "ci", data="x"))
+    await asyncio.wait_for(processor.process_update(pressed, press()), 2)
+    another = asyncio.create_task(processor.process_update(Update(3), press()))
+    await asyncio.sleep(0.05)
+    assert not another.done()              # other messages still wait for a place
+    held.set()
+    await asyncio.wait_for(asyncio.gather(message, another), 2)
