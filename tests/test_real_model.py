@@ -67,6 +67,22 @@ def test_greedy_reply_streams_cleanly_and_ends_the_turn(runtime):
     assert again.text == c.text  # greedy is deterministic
 
 
+def test_one_seeded_reply_does_not_seed_the_replies_after_it(runtime):
+    """llama-cpp-python keeps the last seed it was given: a 🔁 or an API client's `seed` made every
+    later unseeded reply of the one-chat engine a draw from that seed (the same prompt, the same words)."""
+    msgs = [{"role": "user", "content": "Write one sentence about the moon."}]
+    free = Sampling(temperature=1.0, top_k=100, top_p=1.0, max_tokens=24)
+    seeded = Sampling(temperature=1.0, top_k=100, top_p=1.0, max_tokens=24, seed=42)
+
+    def draw(sampling: Sampling) -> str:   # after the first, each reads the prompt the same way (cached)
+        return runtime.worker.run_sync(lambda e: e.generate(msgs, chat_key="seeds", sampling=sampling)).text
+
+    draw(seeded)
+    assert draw(seeded) == draw(seeded)                            # a seed gives the same words
+    unseeded = {draw(free) for _ in range(3)}
+    assert len(unseeded) > 1                                       # none asked: fresh draws, not seed 42's
+
+
 def _chat_a(engine, *, interrupt: bool):
     """Three turns of chat A, optionally another chat in between, then A's next turn."""
     hist = [{"role": "system", "content": "You are Ouro, a cheerful friend who loves rivers and old bridges."}]
