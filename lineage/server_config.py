@@ -20,8 +20,9 @@ from lineage.generations import Lineage
 
 
 def server_config(settings: Settings, lineage: Lineage, *, host: str = "127.0.0.1", port: int = 8080) -> dict:
-    """The config (llama-cpp-python's `ConfigFileSettings`): one model per generation, named by its id."""
-    gens = lineage.generations()
+    """The config (llama-cpp-python's `ConfigFileSettings`): one model per generation that still has
+    its GGUF (`keep_gguf` prunes old ones), named by its id."""
+    gens = [g for g in lineage.generations() if g.pruned is None]
     active = lineage.active_id()
     gens.sort(key=lambda g: g.id != active)          # stable: the active one first, then in lineage order
     threads = {"n_threads": settings.n_threads} if settings.n_threads else {}   # the file takes no nulls

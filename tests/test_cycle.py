@@ -249,6 +249,9 @@ def test_gguf_pruning_keeps_what_can_serve_again_and_a_pruned_generation_is_refu
     assert lineage.active_id() == "gen-0004"
     from evals.report import generation_rows
     assert [r["id"] for r in generation_rows(lineage) if r["gguf_pruned"]] == pruned   # what /lineage shows
+    from lineage.server_config import server_config
+    listed = {m["model_alias"] for m in server_config(settings, lineage)["models"]}
+    assert listed == left                       # an external llama-cpp-python server is offered only those
     # gen-0004, rolled back to long after it was made, is what the live watch goes back to once 7 serves
     assert promote(settings, store, "gen-0007", actor="test", why="still there")
     make_generation(settings.models_dir, "gen-0009", "gen-0007", status="refused")
