@@ -56,6 +56,7 @@ class StreamingReply:
         self._done = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_call = 0.0
+        self._flood_until = 0.0   # when a flood wait an edit or a send of this reply ran into ends
 
     def push(self, piece: str) -> None:
         """Called on the event loop with each new piece of text."""
@@ -104,7 +105,7 @@ class StreamingReply:
             try:
                 await self._flush(streaming=True)
             except RetryAfter as exc:   # flood control: this update is skipped, the next waits it out
-                self._last_call = time.monotonic() + flood_wait(exc)
+                self._last_call = self._flood_until = time.monotonic() + flood_wait(exc)
                 log.info("chat %s: flood control, next update in %.0f s", self.chat_id, flood_wait(exc))
             except Exception:  # a failed intermediate edit is not worth a lost reply
                 log.warning("intermediate edit failed", exc_info=True)
@@ -119,9 +120,9 @@ class StreamingReply:
         await self.stop()
         if text is not None:
             self.text = text
-        pending = self._last_call - time.monotonic()   # a flood wait an update ran into: sooner is refused
-        if pending > 0:
-            await asyncio.sleep(min(pending, MAX_FLOOD_WAIT_S))
+        pending = self._flood_until - time.monotonic()   # a flood wait an update ran into: sooner is refused
+        if 0 < pending <= MAX_FLOOD_WAIT_S:   # (a longer one is given up by the final call, without the wait)
+            await asyncio.sleep(pending)
         await self._flush(streaming=False)
         ids = list(self.message_ids)
         if before_markup is not None:

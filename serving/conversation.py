@@ -150,7 +150,8 @@ class Conversation:
         stored = self.store.history(session, last=max(len(exchanges), 1)) if session is not None else []
         tail = stored[len(stored) - len(exchanges):] if exchanges else []
         if exchanges and len(tail) == len(exchanges) and all(
-                ex.user_text == user and ex.reply_text == reply for ex, (user, reply) in zip(tail, exchanges, strict=True)):
+                ex.user_text == user and ex.reply_text == reply.strip()   # stored stripped, streamed as written
+                for ex, (user, reply) in zip(tail, exchanges, strict=True)):
             return tail
         if stored:
             self.reset(who)
@@ -179,6 +180,7 @@ class Conversation:
         on_text = _on_loop(on_text)
 
         def job(engine: Engine):
+            began = time.perf_counter()   # as the engines measure: from the call, not the wait for the model
             if cancelled is not None and cancelled.is_set():   # its reader left while it waited: not even read
                 raise Cancelled("the reply's reader left")
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
@@ -192,10 +194,10 @@ class Conversation:
                                              on_text=self.worker.guard(watch.feed if watch else on_text, cancelled))
             except StopSequence:
                 assert watch is not None
-                total = time.perf_counter() - started
+                total = time.perf_counter() - began
                 completion = Completion(text=watch.text.strip(), prompt_tokens=engine.count_tokens(ctx.messages),
                                         completion_tokens=watch.pieces, finish_reason="stop", total_s=total,
-                                        ttft_s=(watch.first_at - started) if watch.first_at else total)
+                                        ttft_s=(watch.first_at - began) if watch.first_at else total)
             else:
                 if watch is not None:
                     watch.finish()

@@ -373,6 +373,22 @@ def test_stop_sequences_end_the_reply_where_they_begin_streamed_or_not(make_api)
     assert plain.choices[0].message.content == "no stop here"                       # held back, then passed on
 
 
+def test_a_streamed_reply_sent_back_as_written_goes_on_with_its_stored_session(make_api):
+    """A stop leaves the streamed text with its trailing newline; the store keeps it stripped. The
+    client sends back what it was shown: that is the same conversation, not a new session."""
+    api = make_api(RecordingEngine(["Hello there.\nUser: more", "fine"]))
+    client = api.client()
+    chunks = list(client.chat.completions.create(model="ouro", messages=[{"role": "user", "content": "hi"}],
+                                                 stop="User:", stream=True))
+    shown = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert shown == "Hello there.\n"
+    later = client.chat.completions.create(model="ouro", messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": shown},
+        {"role": "user", "content": "and then?"}])
+    first, second = api.store.turn(turn_of(chunks[0].id)), api.store.turn(turn_of(later.id))
+    assert second.session_id == first.session_id and second.context_start_turn_id == first.id
+
+
 def test_a_client_that_hangs_up_mid_stream_stops_the_reply_and_frees_its_key(make_api):
     """A Stop button: the reply is not written on for nobody, the turn is closed as such (no admin told),
     and the key's next request is answered at once instead of waiting behind it."""

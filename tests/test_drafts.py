@@ -121,6 +121,28 @@ async def test_a_flood_wait_skips_the_updates_and_only_the_final_text_waits_it_o
     assert bot.times[2] - refused_at >= 0.95 and ids == [1]
 
 
+async def test_a_wait_the_final_text_cannot_use_is_not_slept_off():
+    """A draft's flood wait (another method) and one longer than the final call would wait anyway are
+    no reason to hold the chat: the final text goes at once (and, refused, is given up at once)."""
+    bot = ScriptedBot(RetryAfter(90))
+    reply = StreamingReply(bot, ANN, drafts=DraftChats())
+    reply.push("one")
+    await reply._flush(streaming=True)
+    started = time.monotonic()
+    assert await reply.finish() == [2] and time.monotonic() - started < 5
+    long = FloodedBot(wait=400)
+    async with StreamingReply(long, ANN, interval=0.01) as streaming:
+        streaming.push("one")
+        while len(long.calls) < 1:
+            await asyncio.sleep(0.01)
+        streaming.push(" two")
+        while len(long.calls) < 2:
+            await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await streaming.finish()
+    assert time.monotonic() - started < 5 and long.calls[-1] == ("edit", "one two")
+
+
 async def test_buttons_already_shown_when_their_call_is_retried_are_no_error():
     """The keyboard's edit timed out after Telegram applied it; the retry is told "not modified"."""
     class Applied(ScriptedBot):
