@@ -6,8 +6,10 @@ The running bot rewrites `run/serve.json` every few seconds (uptime, backlog, mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -61,8 +63,27 @@ def status_report(settings: Settings, store: Store, runtime: dict | None) -> dic
         "cycle": runtime.get("cycle") if runtime else None,
         "data_trigger": runtime.get("data_trigger") if runtime else None,
         "live_watch": runtime.get("live_watch") if runtime else None,
+        "disk": disk_report(settings, lineage),
         **store.stats(),
     }
+
+
+def disk_report(settings: Settings, lineage: Lineage) -> dict:
+    """What the lineage takes on disk and what is left: a daily cycle adds a model file a day, and an
+    owner running the bot for months should see it coming (`keep_gguf` bounds it)."""
+    used = 0
+    if settings.models_dir.is_dir():
+        for path in settings.models_dir.rglob("*"):
+            with contextlib.suppress(OSError):   # a cycle may remove its scratch files meanwhile
+                if path.is_file() and not path.is_symlink():
+                    used += path.stat().st_size
+    gens = lineage.generations() if settings.models_dir.is_dir() else []
+    try:
+        free = shutil.disk_usage(settings.data_dir if settings.data_dir.exists() else Path.cwd()).free
+    except OSError:
+        free = None
+    return {"models_bytes": used, "generations": len(gens), "gguf_pruned": sum(g.pruned is not None for g in gens),
+            "free_bytes": free, "keep_gguf": settings.keep_gguf}
 
 
 def _runs_on(settings: Settings) -> str:
@@ -96,5 +117,12 @@ def format_status(report: dict) -> str:
         f"Model file: {model.get('file', '—')}",
         f"SHA-256: {model.get('sha256', '—')}",
         f"Recent speed: {tps if tps is not None else '—'} tokens/s",
+        *([_disk_line(report["disk"])] if report.get("disk") else []),
         *loop,
     ])
+
+
+def _disk_line(disk: dict) -> str:
+    kept = "all GGUFs kept" if not disk["keep_gguf"] else f"{disk['gguf_pruned']} GGUFs pruned (keep_gguf {disk['keep_gguf']})"
+    free = "—" if disk["free_bytes"] is None else f"{disk['free_bytes'] / 1e9:.1f} GB free"
+    return f"Disk: models {disk['models_bytes'] / 1e9:.2f} GB over {disk['generations']} generations, {kept} · {free}"

@@ -38,6 +38,22 @@ def test_status_json_on_a_fresh_data_dir(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["serving"] is False and report["turns"] == 0 and report["queue_depth"] == 0
     assert report["runs_on"].startswith("CPU") and report["runs_on"].endswith(" (when serving)")   # n_gpu_layers 0
+    disk = report["disk"]   # what the lineage takes, and what is left, for an owner running it for months
+    assert disk["generations"] == 0 and disk["models_bytes"] == 0 and disk["free_bytes"] > 0 and disk["keep_gguf"] == 10
+
+
+def test_status_shows_what_the_lineage_takes_on_disk(tmp_path, capsys):
+    from lineage.generations import Lineage
+    from tests.helpers.lineages import make_generation
+
+    models = tmp_path / "d" / "models"
+    make_generation(models, "gen-0000", None, b"G" * 1000)
+    make_generation(models, "gen-0001", "gen-0000", b"G" * 3000)
+    Lineage(models).set_active("gen-0001")
+    Lineage(models).generation("gen-0000").prune_gguf("a test")
+    assert main(["--data-dir", str(tmp_path / "d"), "status"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Disk:"))
+    assert "over 2 generations, 1 GGUFs pruned (keep_gguf 10)" in line and "GB free" in line
 
 
 def test_bad_setting_names_the_setting(monkeypatch, capsys):
