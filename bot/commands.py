@@ -24,7 +24,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("optout", "Keep your chats out of training (what you said before included)"),
     Command("optin", "Let your chats be used for training"),
     Command("forget", "Delete everything stored about you (asks to confirm)"),
-    Command("status", "Active generation, uptime, traffic, model file and where it runs (CPU, or GPU layers), speed; next training, cycle progress",
+    Command("status", "Active generation, uptime, traffic, model file and where it runs (CPU, or GPU layers), speed, disk (models folder, GGUFs pruned, free space); next training, cycle progress",
             admin=True),
     Command("generations", "The lineage: id, parent, date, data size, eval scores, gate, active mark", admin=True),
     Command("lineage", "A chart of recall, generalization, style drift and loss across generations", admin=True),
