@@ -92,10 +92,9 @@ class Api:
         turn_id = received.turn_id
         verdict = self.flood.check(user_id)
         if verdict != ADMIT:
-            message = LIMITED.format(self.flood.messages, self.flood.window_s)
-            conv.mark_limited(turn_id, message if verdict == NOTICE else None)
-            raise ApiError(429, message, code="rate_limit_exceeded",
-                           headers={"retry-after": str(self.flood.retry_after(user_id))})
+            limited = self._limited(user_id)
+            conv.mark_limited(turn_id, limited.message if verdict == NOTICE else None)
+            raise limited
         queue = self.queues.join(user_id)
         if queue is None:
             conv.mark_busy(turn_id, QUEUE_FULL)
@@ -166,8 +165,7 @@ class Api:
         if correction is not None and self.flood.check(user_id) != ADMIT:
             # a correction is a message to learn from, stored like one: the same per-key limit as chat
             # (a rating only ever changes one row per completion and needs none)
-            raise ApiError(429, LIMITED.format(self.flood.messages, self.flood.window_s), code="rate_limit_exceeded",
-                           headers={"retry-after": str(self.flood.retry_after(user_id))})
+            raise self._limited(user_id)
         result: dict = {"id": raw_id, "object": "feedback"}
         if rating is not None:
             result["rating"] = conv.rate(turn.id, user_id, rating)
@@ -213,6 +211,11 @@ class Api:
         finally:
             if not ended:   # the response was closed under us: its client is gone
                 cancelled.set()
+
+    def _limited(self, user_id: int) -> ApiError:
+        """Over the key's flood limit: a 429 saying when its oldest message leaves the window."""
+        return ApiError(429, LIMITED.format(self.flood.messages, self.flood.window_s), code="rate_limit_exceeded",
+                        headers={"retry-after": str(self.flood.retry_after(user_id))})
 
     def _authorize(self, request: Request) -> tuple[str, int]:
         owner = key_owner(self.conversation.store, request.headers.get("authorization"))

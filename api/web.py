@@ -38,7 +38,7 @@ from config.settings import Settings
 from core.errors import OuroError
 from evals.report import generation_rows
 from lineage.generations import Lineage
-from lineage.promote import promote, rollback
+from lineage.promote import POINTER_EVENTS, promote, rollback
 from memory.store import Store
 from memory.trust import policy_for
 from serving.notices import cycle_progress
@@ -64,7 +64,7 @@ REVIEW_SOURCE_NAMES = {"correction": "✏️ corrected", "pick": "🔁 sample ke
                        "chat": "Telegram / terminal"}
 REVIEW_RATING_NAMES = {"up": "👍", "down": "👎", "none": "not rated"}
 ACTIONS = {"approve": "approved", "reject": "rejected", "edit": "edited"}
-LEDGER_EVENTS = ("base", "promote", "held", "rollback", "auto_rollback", "fallback", "swap_failed")
+LEDGER_EVENTS = (*POINTER_EVENTS, "held")   # a generation's moves the lineage page lists
 HEADERS = {"content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self' 'unsafe-inline'; "
                                       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
            "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store",

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from telegram import Bot, ReplyParameters
+from telegram import Bot
 
 from bot import keyboards
-from bot.retry import call_with_retry
 from bot.streaming import StreamingReply
 from memory.api_keys import is_api_user
 from serving.conversation import TERMINAL_CHAT_ID, Conversation
@@ -39,10 +38,8 @@ async def recover_interrupted(conversation: Conversation, bot: Bot) -> None:
             conversation.mark_failed(turn["id"], text)
         if chat_id == TERMINAL_CHAT_ID or is_api_user(chat_id):  # no Telegram side to tell
             continue
-        answering = _answering(chat_id, turns[-1]["user_message_id"])
-        try:
-            await call_with_retry(lambda c=chat_id, m=text, r=answering: bot.send_message(c, m, reply_parameters=r),
-                                  attempts=2)
+        try:   # StreamingReply: the same reply parameters as the live answer would have had
+            await StreamingReply(bot, chat_id, reply_to=_reply_to(chat_id, turns[-1]["user_message_id"])).finish(text)
         except Exception:
             log.warning("could not ask chat %s to resend", chat_id, exc_info=True)
     await deliver_interrupted(conversation, bot)
@@ -55,7 +52,7 @@ async def deliver_interrupted(conversation: Conversation, bot: Bot) -> None:
     for turn in conversation.undelivered_replies(since=since):
         if turn["chat_id"] == TERMINAL_CHAT_ID or is_api_user(turn["chat_id"]):
             continue
-        stream = StreamingReply(bot, turn["chat_id"], reply_to=None if turn["chat_id"] > 0 else turn["user_message_id"])
+        stream = StreamingReply(bot, turn["chat_id"], reply_to=_reply_to(turn["chat_id"], turn["user_message_id"]))
         try:
             await stream.finish(turn["reply_text"], markup=keyboards.reply_keyboard(turn["id"]),
                                 before_markup=lambda ids, t=turn["id"]: conversation.delivered(t, ids))
@@ -64,8 +61,6 @@ async def deliver_interrupted(conversation: Conversation, bot: Bot) -> None:
             conversation.delivered(turn["id"], stream.message_ids)   # not retried at every start
 
 
-def _answering(chat_id: int, message_id: int | None) -> ReplyParameters | None:
-    """In a group, the person's message (sent even if it is gone since); in a private chat, nothing."""
-    if chat_id > 0 or message_id is None:
-        return None
-    return ReplyParameters(message_id, allow_sending_without_reply=True)
+def _reply_to(chat_id: int, message_id: int | None) -> int | None:
+    """In a group, the person's message; in a private chat, nothing."""
+    return None if chat_id > 0 else message_id

@@ -3,9 +3,9 @@
 Telegram tolerates about one edit per second per chat, and about twenty a minute in a group, so
 text produced by the model is buffered and shown at most every `interval` seconds (at least
 GROUP_INTERVAL_S in a group). An update refused by flood control is skipped, not waited for: the
-next comes once the wait is over, and only the final text and buttons wait out what Telegram asked. Once a reply outgrows one message, the
-finished part stays as it is and the rest continues in a new message; the keyboard goes on
-the last one. In a forum every message goes to the topic it answers (`thread_id`), even when the
+next comes once the wait is over, and only the final text and buttons wait out what Telegram asked.
+Once a reply outgrows one message, the finished part stays as it is and the rest continues in a new
+message; the keyboard goes on the last one. In a forum every message goes to the topic it answers (`thread_id`), even when the
 message it replies to is gone.
 
 With `drafts` (private chats, bot/drafts.py) the part still being written is shown as a draft
@@ -128,12 +128,8 @@ class StreamingReply:
         if before_markup is not None:
             before_markup(ids)
         if markup is not None and ids:
-            try:
-                await call_with_retry(lambda: self.bot.edit_message_reply_markup(
-                    chat_id=self.chat_id, message_id=ids[-1], reply_markup=markup))
-            except BadRequest as exc:   # a retry after a timed-out call that had in fact been applied
-                if "not modified" not in str(exc).lower():
-                    raise
+            await _unless_unchanged(lambda: self.bot.edit_message_reply_markup(
+                chat_id=self.chat_id, message_id=ids[-1], reply_markup=markup), MAX_FLOOD_WAIT_S)
         return ids
 
     async def _flush(self, *, streaming: bool) -> None:
@@ -197,9 +193,15 @@ class StreamingReply:
         return False
 
     async def _edit(self, message_id: int, text: str, max_flood_wait: float = MAX_FLOOD_WAIT_S) -> None:
-        try:
-            await call_with_retry(lambda: self.bot.edit_message_text(
-                text, chat_id=self.chat_id, message_id=message_id), max_flood_wait=max_flood_wait)
-        except BadRequest as exc:
-            if "not modified" not in str(exc).lower():
-                raise
+        await _unless_unchanged(lambda: self.bot.edit_message_text(
+            text, chat_id=self.chat_id, message_id=message_id), max_flood_wait)
+
+
+async def _unless_unchanged(edit, max_flood_wait: float) -> None:
+    """An edit, retried; "not modified" is no error — a retry after a timed-out call that Telegram had
+    in fact applied, or an edit to what the message already shows."""
+    try:
+        await call_with_retry(edit, max_flood_wait=max_flood_wait)
+    except BadRequest as exc:
+        if "not modified" not in str(exc).lower():
+            raise

@@ -282,16 +282,20 @@ class InferenceWorker:
         """Stopping: jobs still queued give up at once, a reply being generated at its next piece of text."""
         self._abandon.set()
 
+    def check(self, cancelled: threading.Event | None = None) -> None:
+        """Raise Abandoned once `abandon()` was called, Cancelled once `cancelled` is set."""
+        if self._abandon.is_set():
+            raise Abandoned("the bot is stopping")
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled("the reply's reader left")
+
     def guard(self, on_text: Callable[[str], None] | None,
               cancelled: threading.Event | None = None) -> Callable[[str], None]:
         """Wrap a job's `on_text` so that generation stops once `abandon()` was called (raises
         Abandoned) or its reader left (`cancelled` set: raises Cancelled), freeing its slot."""
 
         def checked(piece: str) -> None:
-            if self._abandon.is_set():
-                raise Abandoned("the bot is stopping")
-            if cancelled is not None and cancelled.is_set():
-                raise Cancelled("the reply's reader left")
+            self.check(cancelled)
             if on_text is not None:
                 on_text(piece)
             self._between_text()

@@ -13,6 +13,9 @@ from core.files import sha256_file
 from lineage.generations import Generation, Lineage
 from memory.store import Store
 
+# the ledger events `promote` writes (its callers name them): each made a generation the active one
+POINTER_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback", "swap_failed")
+
 
 def promote(settings: Settings, store: Store, gen_id: str, *, actor: str, why: str, event: str = "promote",
             expect: str | None = None) -> bool:

@@ -181,8 +181,7 @@ class Conversation:
 
         def job(engine: Engine):
             began = time.perf_counter()   # as the engines measure: from the call, not the wait for the model
-            if cancelled is not None and cancelled.is_set():   # its reader left while it waited: not even read
-                raise Cancelled("the reply's reader left")
+            self.worker.check(cancelled)   # its reader left (or the bot stops) while it waited: not even read
             ctx = build_context(persona=self.persona, history=history, user_text=turn.user_text,
                                 count=engine.count_tokens, budget=engine.n_ctx - sampling.max_tokens,
                                 anchor=anchor, trim_to=self.settings.context_trim_to, turn_id=turn_id,
@@ -194,10 +193,7 @@ class Conversation:
                                              on_text=self.worker.guard(watch.feed if watch else on_text, cancelled))
             except StopSequence:
                 assert watch is not None
-                total = time.perf_counter() - began
-                completion = Completion(text=watch.text.strip(), prompt_tokens=engine.count_tokens(ctx.messages),
-                                        completion_tokens=watch.pieces, finish_reason="stop", total_s=total,
-                                        ttft_s=(watch.first_at - began) if watch.first_at else total)
+                completion = watch.completion(prompt_tokens=engine.count_tokens(ctx.messages), began=began)
             else:
                 if watch is not None:
                     watch.finish()

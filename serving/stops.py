@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from engine.protocol import Completion
+
 
 class StopSequence(Exception):
     """The reply reached one of its stop sequences (control flow: the reply ends there)."""
@@ -41,6 +43,13 @@ class StopWatch:
             self._pass_on(len(self.text))
             raise StopSequence
         self._pass_on(len(self.text) - self._held())
+
+    def completion(self, *, prompt_tokens: int, began: float) -> Completion:
+        """The reply as it stopped, timed from `began` (the engine call) as the engines time theirs."""
+        total = time.perf_counter() - began
+        return Completion(text=self.text.strip(), prompt_tokens=prompt_tokens, completion_tokens=self.pieces,
+                          finish_reason="stop", total_s=total,
+                          ttft_s=(self.first_at - began) if self.first_at is not None else total)
 
     def finish(self) -> None:
         """The reply ended without a stop: pass on what was held back."""

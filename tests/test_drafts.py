@@ -101,17 +101,20 @@ def test_a_group_is_updated_at_most_twenty_times_a_minute():
     assert StreamingReply(ScriptedBot(), ANN, interval=0.2).interval == 0.2
 
 
+async def stream_one_two(bot: FloodedBot, reply: StreamingReply) -> None:
+    """Stream "one" (a send), then " two" (the edit Telegram refuses), each once the last was tried."""
+    for n, word in enumerate(("one", " two"), start=1):
+        reply.push(word)
+        while len(bot.calls) < n:
+            await asyncio.sleep(0.01)
+
+
 async def test_a_flood_wait_skips_the_updates_and_only_the_final_text_waits_it_out():
     """Before, the refused edit was retried (stale) every 30 s at most while the reply waited behind
     it; a wait longer than that ended with the text cut off, its cursor showing, and no buttons."""
     bot = FloodedBot(wait=1)
     async with StreamingReply(bot, ANN, interval=0.05) as reply:
-        reply.push("one")
-        while len(bot.calls) < 1:
-            await asyncio.sleep(0.01)
-        reply.push(" two")
-        while len(bot.calls) < 2:
-            await asyncio.sleep(0.01)
+        await stream_one_two(bot, reply)
         for word in (" three", " four"):   # within the flood wait: no update is tried
             reply.push(word)
             await asyncio.sleep(0.1)
@@ -132,12 +135,7 @@ async def test_a_wait_the_final_text_cannot_use_is_not_slept_off():
     assert await reply.finish() == [2] and time.monotonic() - started < 5
     long = FloodedBot(wait=400)
     async with StreamingReply(long, ANN, interval=0.01) as streaming:
-        streaming.push("one")
-        while len(long.calls) < 1:
-            await asyncio.sleep(0.01)
-        streaming.push(" two")
-        while len(long.calls) < 2:
-            await asyncio.sleep(0.01)
+        await stream_one_two(long, streaming)
     started = time.monotonic()
     await streaming.finish()
     assert time.monotonic() - started < 5 and long.calls[-1] == ("edit", "one two")

@@ -27,7 +27,7 @@ from core.files import atomic_write_text, now, sha256_file
 from evals.gate import Thresholds, decide, stop_rule
 from lineage.constitution import constitution_text, write_constitution
 from lineage.generations import GGUF_NAME, Generation, Lineage
-from lineage.promote import promote
+from lineage.promote import POINTER_EVENTS, promote
 from memory import language
 from memory.export import Delta, Pair, Rated, reviewed_since, still_trainable
 from memory.screens import Screens, screens_for
@@ -248,9 +248,6 @@ def prune_full_precision(lineage: Lineage, keep: int) -> list[str]:
     return pruned
 
 
-SERVED_EVENTS = ("base", "promote", "rollback", "auto_rollback", "fallback")   # ledger rows that moved the pointer to a gen
-
-
 def prune_ggufs(lineage: Lineage, keep: int) -> list[str]:
     """Delete the GGUFs of all but generation 0, the active generation, its parent, the one it
     replaced (what the live watch rolls back to), the newest generation and the `keep` that served
@@ -260,15 +257,15 @@ def prune_ggufs(lineage: Lineage, keep: int) -> list[str]:
     pointer lock, so nothing is promoted meanwhile."""
     if keep <= 0:
         return []
-    last_served: dict[str, int] = {}
-    replaced = None   # the generation the pointer last moved away from
-    for i, row in enumerate(lineage.ledger()):
-        if row.get("event") in SERVED_EVENTS:
-            last_served[row["gen_folder"]] = i
-            replaced = row.get("parent_id") or replaced
-    served = sorted(last_served, key=last_served.get)
     pruned = []
     with lineage.pointer_lock():
+        last_served: dict[str, int] = {}
+        replaced = None   # the generation the pointer last moved away from
+        for i, row in enumerate(lineage.ledger()):
+            if row.get("event") in POINTER_EVENTS:
+                last_served[row["gen_folder"]] = i
+                replaced = row.get("parent_id") or replaced
+        served = sorted(last_served, key=last_served.get)
         gens = lineage.generations()
         active = lineage.active()
         protected = {active.id, active.parent_id, replaced, gens[-1].id} | {g.id for g in gens if g.parent_id is None}
